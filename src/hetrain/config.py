@@ -1,0 +1,313 @@
+"""Typed configuration: one dataclass per concern, TOML files, `--section.key value` overrides.
+
+Every field carries a docstring (the string literal under it); `--help` prints those same
+texts. Resolution order: dataclass defaults, then the model preset named by `model.preset`,
+then the TOML file, then command-line overrides. Unknown keys and values of the wrong type
+are ConfigErrors that name the nearest valid key or the expected type, raised before any
+work starts. This module parses and validates; it never touches files other than the one it
+is asked to read or write.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import functools
+import inspect
+import os
+import sys
+import textwrap
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+import tomli_w
+
+from hetrain.data import DataConfig
+from hetrain.errors import ConfigError
+from hetrain.model.gpt import ModelConfig
+from hetrain.model.presets import get_preset
+
+
+@dataclass
+class RunConfig:
+    """Where the run lives and how it starts."""
+
+    dir: str = "runs/default"
+    """Run directory: config.toml, metrics.jsonl, TensorBoard events, checkpoints/ and exports."""
+    seed: int = 1337
+    """Seed for weights, data order and dropout-free training; same seed, same run."""
+    device: str = "auto"
+    """'auto' (CUDA if available, else CPU), 'cpu' or 'cuda'."""
+    resume: str = ""
+    """'' starts a new run (refused if run.dir already holds checkpoints); 'auto' resumes the latest checkpoint in run.dir; or a checkpoint directory path."""
+    threads: int = 0
+    """torch intra-op threads on CPU; 0 uses every core of this machine."""
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation loop."""
+
+    steps: int = 600
+    """Optimizer steps to run (the total, counting steps done before a resume)."""
+    micro_batch: int = 16
+    """Sequences per micro-batch."""
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimizer step."""
+    seq_len: int = 128
+    """Tokens per sequence (at most model.max_seq_len)."""
+    lr: float = 3e-3
+    """Peak learning rate of AdamW."""
+    min_lr: float = 3e-4
+    """Learning rate at the end of the cosine decay."""
+    warmup_steps: int = 30
+    """Linear warmup steps from 0 to train.lr."""
+    weight_decay: float = 0.1
+    """AdamW decoupled weight decay, applied to matrices only (not norms, biases)."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.95
+    """AdamW beta2."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value; 0 disables clipping."""
+    dtype: str = "fp32"
+    """Compute dtype: 'fp32' or 'bf16' (autocast, fp32 master weights)."""
+    eval_every: int = 100
+    """Validation loss every N steps (and at the end); 0 disables."""
+    eval_batches: int = 8
+    """Micro-batches in each validation pass (always the same batches)."""
+    log_every: int = 10
+    """Print and record metrics every N steps."""
+    ckpt_every: int = 200
+    """Checkpoint every N steps (and at the end); 0 saves only at the end."""
+    keep_checkpoints: int = 2
+    """Most recent checkpoints kept in run.dir/checkpoints; older ones are deleted."""
+
+
+@dataclass
+class LogConfig:
+    """What a run reports."""
+
+    progress: bool = True
+    """Show a progress bar with ETA (on stderr)."""
+    tensorboard: bool = True
+    """Write TensorBoard events to run.dir/tb."""
+    peak_flops: float = 0.0
+    """Device peak FLOP/s for MFU; 0 takes the catalog figure on a GPU, or measures a matmul on CPU."""
+
+
+@dataclass
+class HFConfig:
+    """A Hugging Face transformers causal LM instead of a hetrain preset (needs `pip install 'hetrain[hf]'`)."""
+
+    path: str = ""
+    """Local folder with config.json (weights loaded if present), or a config.json file; '' uses the hetrain model."""
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    hf: HFConfig = field(default_factory=HFConfig)
+
+
+# --- field docs and types -----------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=None)
+def field_docs(cls: type) -> dict[str, str]:
+    """The string literal under each field of a dataclass, read from its source."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    docs = {}
+    for stmt, nxt in zip(body, body[1:]):
+        if (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)
+                and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
+                and isinstance(nxt.value.value, str)):
+            docs[stmt.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def _sections() -> dict[str, type]:
+    hints = typing.get_type_hints(Config)
+    return {f.name: hints[f.name] for f in dataclasses.fields(Config)}
+
+
+def _field_types(cls: type) -> dict[str, type]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def all_keys() -> list[str]:
+    return [f"{s}.{k}" for s, cls in _sections().items() for k in _field_types(cls)]
+
+
+def _nearest(key: str) -> str:
+    near = difflib.get_close_matches(key, all_keys(), n=1, cutoff=0.5)
+    return f" (did you mean '{near[0]}'?)" if near else " (run with --help for the list of keys)"
+
+
+def _coerce(key: str, typ: type, value):
+    """Convert a TOML value or a command-line string to the field's type, or say why not."""
+    if isinstance(value, str) and typ is not str:
+        text = value.strip()
+        try:
+            if typ is bool:
+                low = text.lower()
+                if low in ("true", "1", "yes", "on"):
+                    return True
+                if low in ("false", "0", "no", "off"):
+                    return False
+                raise ValueError
+            if typ is int:
+                return int(text.replace("_", ""))
+            if typ is float:
+                return float(text)
+        except ValueError:
+            pass
+        raise ConfigError(f"{key} expects {_type_name(typ)}, got '{value}'")
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if typ is bool and not isinstance(value, bool) or typ is not bool and isinstance(value, bool):
+        raise ConfigError(f"{key} expects {_type_name(typ)}, got {value!r}")
+    if not isinstance(value, typ):
+        raise ConfigError(f"{key} expects {_type_name(typ)}, got {value!r}")
+    return value
+
+
+def _type_name(typ: type) -> str:
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(typ, typ.__name__)
+
+
+# --- loading ------------------------------------------------------------------------------
+
+
+def parse_overrides(args: list[str]) -> dict[str, str]:
+    """['--train.steps', '10', '--run.dir=x'] -> {'train.steps': '10', 'run.dir': 'x'}."""
+    out: dict[str, str] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or "." not in arg.split("=", 1)[0]:
+            raise ConfigError(f"unexpected argument '{arg}'; overrides look like --section.key value (see --help)")
+        if "=" in arg:
+            key, value = arg[2:].split("=", 1)
+        else:
+            if i + 1 >= len(args):
+                raise ConfigError(f"{arg} needs a value, e.g. {arg} VALUE")
+            key, value = arg[2:], args[i + 1]
+            i += 1
+        out[key] = value
+        i += 1
+    return out
+
+
+def _flatten_toml(data: dict, source: str) -> dict[str, object]:
+    flat = {}
+    for section, table in data.items():
+        if not isinstance(table, dict):
+            raise ConfigError(f"{source}: top-level key '{section}' must be a [section] table{_nearest(section)}")
+        for key, value in table.items():
+            flat[f"{section}.{key}"] = value
+    return flat
+
+
+def read_toml(path: str | os.PathLike) -> dict[str, object]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file '{path}' does not exist; pass an existing TOML file to --config")
+    try:
+        return _flatten_toml(tomllib.loads(p.read_text()), str(path))
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file '{path}' is not valid TOML: {e}") from None
+
+
+def build_config(values: dict[str, object]) -> Config:
+    """A Config from flat 'section.key' values (defaults for the rest), validated."""
+    sections = _sections()
+    typed: dict[str, dict[str, object]] = {s: {} for s in sections}
+    for key, value in values.items():
+        section, _, name = key.partition(".")
+        types = _field_types(sections[section]) if section in sections else {}
+        if name not in types:
+            raise ConfigError(f"unknown config key '{key}'{_nearest(key)}")
+        typed[section][name] = _coerce(key, types[name], value)
+
+    model_values = typed.pop("model")
+    preset = model_values.get("preset", ModelConfig.preset)
+    try:
+        model = dataclasses.replace(get_preset(preset), **model_values)
+        model.validate()
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    cfg = Config(model=model, **{s: sections[s](**v) for s, v in typed.items()})
+    validate(cfg)
+    return cfg
+
+
+def load_config(path: str | None = None, overrides: list[str] | dict[str, str] | None = None) -> Config:
+    values: dict[str, object] = dict(read_toml(path)) if path else {}
+    if isinstance(overrides, list):
+        overrides = parse_overrides(overrides)
+    values.update(overrides or {})
+    return build_config(values)
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks that a single type cannot express."""
+    t = cfg.train
+    for key in ("steps", "micro_batch", "grad_accum", "seq_len", "log_every"):
+        if getattr(t, key) < 1:
+            raise ConfigError(f"train.{key} must be at least 1, got {getattr(t, key)}")
+    if t.seq_len > cfg.model.max_seq_len and not cfg.hf.path:
+        raise ConfigError(f"train.seq_len={t.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}; "
+                          f"lower --train.seq_len or raise --model.max_seq_len")
+    if t.dtype not in ("fp32", "bf16"):
+        raise ConfigError(f"train.dtype must be 'fp32' or 'bf16', got '{t.dtype}'")
+    if cfg.run.device not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"run.device must be 'auto', 'cpu' or 'cuda', got '{cfg.run.device}'")
+    if t.min_lr > t.lr:
+        raise ConfigError(f"train.min_lr={t.min_lr} is above train.lr={t.lr}; lower --train.min_lr")
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: str | os.PathLike) -> None:
+    """Write the resolved config as TOML (temporary name, then rename)."""
+    path = Path(path)
+    tmp = path.with_suffix(".toml.tmp")
+    tmp.write_text(tomli_w.dumps(to_dict(cfg)))
+    os.replace(tmp, path)
+
+
+def format_config(cfg: Config) -> str:
+    return tomli_w.dumps(to_dict(cfg)).rstrip()
+
+
+def format_help() -> str:
+    """Every key with its type, default and docstring: what `--help` prints."""
+    lines = []
+    defaults = Config()
+    for section, cls in _sections().items():
+        doc = inspect.getdoc(cls) or ""
+        lines.append(f"[{section}]  {doc.splitlines()[0] if doc else ''}")
+        docs = field_docs(cls)
+        for name, typ in _field_types(cls).items():
+            default = getattr(getattr(defaults, section), name)
+            lines.append(f"  --{section}.{name} {_type_name(typ).split()[-1].upper()} (default: {default!r})")
+            if name in docs:
+                lines.extend("      " + ln for ln in textwrap.wrap(docs[name], 88))
+        lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,160 @@
+"""Training checkpoints with torch.distributed.checkpoint, written atomically; safetensors export.
+
+A checkpoint is a directory `run_dir/checkpoints/step_XXXXXXXX/` holding the DCP files
+(model and optimizer state, RNG states) and `meta.json` (step, data reading position,
+config, plan). It is written under a temporary name and renamed into place, so an
+interrupted save never leaves a half checkpoint where a resume would look. This module
+reads and writes checkpoints; it does not decide when to save or what a run does next.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+import torch.nn as nn
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+from hetrain.errors import ConfigError
+
+CKPT_DIR = "checkpoints"
+META = "meta.json"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class CheckpointMeta:
+    step: int
+    data_state: dict
+    config: dict
+    plan: dict | None
+    saved_at: str
+    format_version: int = FORMAT_VERSION
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints (those with meta.json) in run_dir, oldest first."""
+    root = Path(run_dir) / CKPT_DIR
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_") and "." not in p.name]
+    return sorted((p for p in found if (p / META).is_file()), key=lambda p: p.name)
+
+
+@contextlib.contextmanager
+def _quiet_single_process():
+    """DCP warns on every call made without a process group; one process is a supported case."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        yield
+
+
+def _rng_state() -> dict[str, torch.Tensor]:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def save_checkpoint(run_dir: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    meta: CheckpointMeta, keep: int = 0) -> Path:
+    """Write a checkpoint atomically and return its path; keep only the newest `keep` (0: all)."""
+    root = Path(run_dir) / CKPT_DIR
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / checkpoint_name(meta.step)
+    tmp = root / f"{final.name}.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    with _quiet_single_process():
+        dcp.save({"model": model_sd, "optim": optim_sd, "rng": _rng_state()}, checkpoint_id=str(tmp))
+    # meta.json is written last: its presence marks the directory complete.
+    (tmp / META).write_text(json.dumps(meta.__dict__, indent=1, default=str))
+    if final.exists():  # re-saving a step (e.g. after a resume): swap, then drop the old one
+        old = root / f"{final.name}.old{os.getpid()}"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    if keep > 0:
+        for stale in list_checkpoints(run_dir)[:-keep]:
+            shutil.rmtree(stale, ignore_errors=True)
+    return final
+
+
+def resolve_resume(run_dir: str | os.PathLike, resume: str) -> Path | None:
+    """The checkpoint directory a `run.resume` value names, checked to exist and look complete."""
+    if not resume:
+        return None
+    if resume == "auto":
+        found = list_checkpoints(run_dir)
+        if not found:
+            raise ConfigError(f"--run.resume auto found no checkpoint in '{Path(run_dir) / CKPT_DIR}'; "
+                              f"start a new run without --run.resume, or point --run.dir at a run with checkpoints")
+        path = found[-1]
+    else:
+        path = Path(resume)
+        if not path.is_dir():
+            raise ConfigError(f"checkpoint '{resume}' does not exist; pass a checkpoint directory "
+                              f"(run_dir/{CKPT_DIR}/step_N) or 'auto' to --run.resume")
+    read_meta(path)
+    if not (path / ".metadata").is_file():
+        raise ConfigError(f"checkpoint '{path}' is incomplete or corrupt (no .metadata); "
+                          f"resume from an earlier checkpoint with --run.resume PATH")
+    return path
+
+
+def read_meta(path: Path) -> CheckpointMeta:
+    try:
+        raw = json.loads((path / META).read_text())
+        meta = CheckpointMeta(**raw)
+    except FileNotFoundError:
+        raise ConfigError(f"checkpoint '{path}' is incomplete or corrupt (no {META}); "
+                          f"resume from an earlier checkpoint with --run.resume PATH") from None
+    except (json.JSONDecodeError, TypeError) as e:
+        raise ConfigError(f"checkpoint '{path}' has a corrupt {META} ({e}); "
+                          f"resume from an earlier checkpoint with --run.resume PATH") from None
+    if meta.format_version != FORMAT_VERSION:
+        raise ConfigError(f"checkpoint '{path}' has format {meta.format_version}, this hetrain reads {FORMAT_VERSION}")
+    return meta
+
+
+def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> CheckpointMeta:
+    """Restore model, optimizer and RNG in place from a checkpoint resolved by resolve_resume."""
+    meta = read_meta(path)
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = {"model": model_sd, "optim": optim_sd, "rng": _rng_state()}
+    try:
+        with _quiet_single_process():
+            dcp.load(state, checkpoint_id=str(path))
+    except Exception as e:  # DCP raises assorted errors for truncated or mismatched files
+        raise ConfigError(f"checkpoint '{path}' could not be read ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                          f"resume from an earlier checkpoint with --run.resume PATH") from None
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    torch.set_rng_state(state["rng"]["cpu"])
+    if "cuda" in state["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["rng"]["cuda"])
+    return meta
+
+
+def export_safetensors(model: nn.Module, path: str | os.PathLike) -> Path:
+    """Model weights as safetensors (tied weights stored once), written atomically."""
+    from safetensors.torch import save_model
+
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    save_model(model, str(tmp), metadata={"format": "pt", "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    os.replace(tmp, path)
+    return path

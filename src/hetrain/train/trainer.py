@@ -1,0 +1,267 @@
+"""The training loop: data, model, AdamW with warmup and cosine decay, clipping, logging, checkpoints.
+
+Reads top to bottom like nanoGPT's train.py: set up (everything that can fail on bad input
+fails here, before any file is written), then per step: learning rate, micro-batches with
+gradient accumulation, clip, optimizer step, metrics, validation, checkpoint. Placement
+decisions (checkpointing, offload) are not made here; they arrive as techniques applied to
+the model before the loop starts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+from hetrain.config import Config, save_config, to_dict
+from hetrain.data import Data, build_data
+from hetrain.errors import ConfigError
+from hetrain.memory import MemoryAccountant
+from hetrain.model.describe import describe_model
+from hetrain.model.gpt import GPT
+from hetrain.train import checkpoint as ckpt
+from hetrain.train.metrics import MetricsLogger, device_peak_flops, fmt_bytes, format_line
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    losses: dict[int, float] = field(default_factory=dict)  # step -> training loss, every step
+    val_losses: dict[int, float] = field(default_factory=dict)
+    wall_s: float = 0.0
+    checkpoint: Path | None = None
+
+
+def lr_at(step: int, cfg: Config) -> float:
+    """Linear warmup to train.lr, then cosine decay to train.min_lr at train.steps (step counts from 0)."""
+    t = cfg.train
+    if step < t.warmup_steps:
+        return t.lr * (step + 1) / t.warmup_steps
+    progress = min(1.0, (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps))
+    return t.min_lr + 0.5 * (t.lr - t.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("run.device is 'cuda' but torch sees no CUDA device; use --run.device cpu "
+                          "or install a CUDA build of torch (README)")
+    return torch.device(name)
+
+
+def build_model(cfg: Config, vocab_size: int) -> nn.Module:
+    if cfg.hf.path:
+        from hetrain.model.hf import load_hf_model
+
+        return load_hf_model(cfg.hf.path)
+    if vocab_size > cfg.model.vocab_size:
+        raise ConfigError(f"the data has {vocab_size} token ids but model.vocab_size={cfg.model.vocab_size}; "
+                          f"set --model.vocab_size {vocab_size}")
+    return GPT(cfg.model)
+
+
+def train_flops_per_token(model: nn.Module, cfg: Config) -> float:
+    if isinstance(model, GPT):
+        return describe_model(model.cfg, 1, cfg.train.seq_len).train_flops_per_token()
+    return model.train_flops_per_token(cfg.train.seq_len)
+
+
+def make_optimizer(model: nn.Module, cfg: Config, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW; weight decay on matrices only. Fused kernels on CPU and CUDA alike."""
+    t = cfg.train
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), fused=True)
+
+
+class Trainer:
+    """Set up once (all validation first), then `fit()`."""
+
+    def __init__(self, cfg: Config, data: Data | None = None):
+        self.cfg = cfg
+        self.run_dir = Path(cfg.run.dir)
+        self.device = pick_device(cfg.run.device)
+        if self.device.type == "cpu":
+            torch.set_num_threads(cfg.run.threads or os.cpu_count() or 1)
+
+        # --- everything that can fail on user input, before any file is written ---------
+        self.resume_path = ckpt.resolve_resume(self.run_dir, cfg.run.resume)
+        if self.resume_path is None and ckpt.list_checkpoints(self.run_dir):
+            raise ConfigError(f"run dir '{self.run_dir}' already holds checkpoints; continue it with "
+                              f"--run.resume auto, or start a new run with another --run.dir")
+        self.data = data if data is not None else build_data(cfg.data, cfg.run.seed, seq_len=cfg.train.seq_len)
+        torch.manual_seed(cfg.run.seed)
+        self.model = build_model(cfg, self.data.vocab_size).to(self.device)
+        self.optimizer = make_optimizer(self.model, cfg, self.device)
+        self.step = 0
+        if self.resume_path is not None:
+            meta = ckpt.read_meta(self.resume_path)
+            self._check_compatible(meta.config)
+            meta = ckpt.load_checkpoint(self.resume_path, self.model, self.optimizer)
+            self.data.train.load_state_dict(meta.data_state)
+            self.step = meta.step
+        self.amp_dtype = torch.bfloat16 if cfg.train.dtype == "bf16" else None
+        self.accountant = MemoryAccountant(self.model, self.optimizer) if self.device.type == "cpu" else None
+        self.flops_per_token = train_flops_per_token(self.model, cfg)
+        self.peak_flops, self.peak_source = device_peak_flops(
+            self.device, self.amp_dtype or torch.float32, cfg.log.peak_flops)
+
+    def _check_compatible(self, saved: dict) -> None:
+        """A resume must train the same model on the same data; other settings may change."""
+        now = to_dict(self.cfg)
+        for section in ("model", "data", "hf"):
+            for key, value in saved.get(section, {}).items():
+                if now[section].get(key) != value:
+                    raise ConfigError(f"checkpoint '{self.resume_path}' was made with {section}.{key}={value!r}, "
+                                      f"this run has {now[section].get(key)!r}; resume with the same --{section}.{key}")
+
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def _track(self):
+        return self.accountant.track_activations() if self.accountant else contextlib.nullcontext()
+
+    @torch.no_grad()
+    def evaluate(self, batches) -> float:
+        self.model.eval()
+        total = 0.0
+        for x, y in batches:
+            with self._autocast():
+                total += self.model(x.to(self.device), y.to(self.device)).item()
+        self.model.train()
+        return total / len(batches)
+
+    def _peak_bytes(self) -> int:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device)
+        return self.accountant.peak_bytes
+
+    def _reset_peak(self) -> None:
+        self.run_peak_bytes = max(getattr(self, "run_peak_bytes", 0), self._peak_bytes())
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            self.accountant.reset_peak()
+
+    def save(self, data_state: dict) -> Path:
+        meta = ckpt.CheckpointMeta(step=self.step, data_state=data_state, config=to_dict(self.cfg), plan=None,
+                                   saved_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
+        return ckpt.save_checkpoint(self.run_dir, self.model, self.optimizer, meta, keep=self.cfg.train.keep_checkpoints)
+
+    def fit(self) -> TrainResult:
+        cfg, t = self.cfg, self.cfg.train
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, self.run_dir / "config.toml")
+        logger = MetricsLogger(self.run_dir, cfg.log.tensorboard, resume_step=self.step)
+        val_batches = self.data.val_batches(t.micro_batch, t.seq_len, t.eval_batches) if t.eval_every else []
+        tokens_per_step = t.micro_batch * t.seq_len * t.grad_accum
+        result = TrainResult(self.run_dir, self.step)
+        print(f"hetrain: {self.data.describe()}")
+        print(f"hetrain: model {self._model_name()} with {self.model.num_params() / 1e6:.2f}M parameters on "
+              f"{self.device} ({t.dtype}); {tokens_per_step:,} tokens/step; "
+              f"peak {self.peak_flops / 1e12:.3g} TFLOP/s {self.peak_source}")
+        if self.step:
+            print(f"hetrain: resumed from {self.resume_path} at step {self.step}")
+
+        bar = tqdm(total=t.steps, initial=self.step, disable=not cfg.log.progress, unit="step", dynamic_ncols=True)
+        start = time.perf_counter()
+        window_s, window_steps = 0.0, 0
+        data_state = self.data.train.state_dict()
+        saved_at = self.step if self.resume_path else -1
+        self._reset_peak()
+        try:
+            while self.step < t.steps:
+                lr = lr_at(self.step, cfg)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+                step_start = time.perf_counter()
+                loss_sum = 0.0
+                for _ in range(t.grad_accum):
+                    x, y = self.data.train.next_batch(t.micro_batch, t.seq_len)
+                    x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+                    with self._track():
+                        with self._autocast():
+                            loss = self.model(x, y) / t.grad_accum
+                        loss.backward()
+                    loss_sum += loss.item()
+                max_norm = t.grad_clip if t.grad_clip > 0 else float("inf")
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm).item()
+                self.optimizer.step()
+                self.step += 1  # the model now holds this step's update
+                if self.accountant:
+                    self.accountant.after_optimizer_step(self.optimizer)
+                self.optimizer.zero_grad(set_to_none=True)
+                if self.accountant:
+                    self.accountant.grads_cleared()
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                data_state = self.data.train.state_dict()
+                step_s = time.perf_counter() - step_start
+                window_s, window_steps = window_s + step_s, window_steps + 1
+                result.losses[self.step] = loss_sum
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_sum:.3f}")
+
+                last = self.step == t.steps
+                val_loss = None
+                if t.eval_every and (self.step % t.eval_every == 0 or last):
+                    val_loss = self.evaluate(val_batches)
+                    result.val_losses[self.step] = val_loss
+                if self.step % t.log_every == 0 or last or val_loss is not None:
+                    mean_step_s = window_s / window_steps
+                    tokens_per_s = tokens_per_step / mean_step_s
+                    record = {
+                        "step": self.step, "loss": loss_sum, "val_loss": val_loss, "lr": lr,
+                        "grad_norm": grad_norm, "tokens_per_s": tokens_per_s,
+                        "mfu": tokens_per_s * self.flops_per_token / self.peak_flops,
+                        "step_s": mean_step_s, "peak_device_bytes": self._peak_bytes(),
+                        "elapsed_s": time.perf_counter() - start,
+                    }
+                    logger.log(record)
+                    bar.write(format_line(record))
+                    window_s, window_steps = 0.0, 0
+                    self._reset_peak()
+                if last or (t.ckpt_every and self.step % t.ckpt_every == 0):
+                    result.checkpoint = self.save(data_state)
+                    saved_at = self.step
+        except KeyboardInterrupt:
+            # Between steps the state is consistent: save it so the interruption loses nothing.
+            bar.close()
+            if self.step > saved_at:
+                path = self.save(data_state)
+                print(f"\nhetrain: interrupted; saved {path}; continue with --run.resume auto")
+            logger.close()
+            raise
+        bar.close()
+        logger.close()
+        self._reset_peak()
+        result.step = self.step
+        result.wall_s = time.perf_counter() - start
+        if self.step > 0 and saved_at == self.step:
+            ckpt.export_safetensors(self.model, self.run_dir / "model.safetensors")
+        summary = f"hetrain: done: step {self.step} in {result.wall_s:.1f} s"
+        if result.val_losses:
+            summary += f"; val loss {next(iter(result.val_losses.values())):.3f} -> {list(result.val_losses.values())[-1]:.3f}"
+        print(summary + f"; peak memory {fmt_bytes(self.run_peak_bytes)}; run dir {self.run_dir}")
+        if self.accountant:
+            self.accountant.close()
+        return result
+
+    def _model_name(self) -> str:
+        return f"hf:{self.cfg.hf.path}" if self.cfg.hf.path else self.cfg.model.preset
+
+
+def train(cfg: Config) -> TrainResult:
+    return Trainer(cfg).fit()
