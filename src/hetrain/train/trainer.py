@@ -110,6 +110,7 @@ class Trainer:
             meta = ckpt.load_checkpoint(self.resume_path, self.model, self.optimizer)
             self.data.train.load_state_dict(meta.data_state)
             self.step = meta.step
+        self.run_peak_bytes = 0
         self.amp_dtype = torch.bfloat16 if cfg.train.dtype == "bf16" else None
         self.accountant = MemoryAccountant(self.model, self.optimizer) if self.device.type == "cpu" else None
         self.flops_per_token = train_flops_per_token(self.model, cfg)
@@ -149,7 +150,7 @@ class Trainer:
         return self.accountant.peak_bytes
 
     def _reset_peak(self) -> None:
-        self.run_peak_bytes = max(getattr(self, "run_peak_bytes", 0), self._peak_bytes())
+        self.run_peak_bytes = max(self.run_peak_bytes, self._peak_bytes())
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         else:
