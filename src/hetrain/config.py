@@ -104,6 +104,16 @@ class LogConfig:
 
 
 @dataclass
+class HardwareConfig:
+    """What the performance predictor assumes about the machine."""
+
+    device_kind: str = ""
+    """Catalog device kind to predict for (e.g. 'H100-SXM'); '' means this machine, from its profile."""
+    profile_dir: str = "~/.cache/hetrain/profiles"
+    """Where `hetrain profile` caches measurements, one file per machine."""
+
+
+@dataclass
 class HFConfig:
     """A Hugging Face transformers causal LM instead of a hetrain preset (needs `pip install 'hetrain[hf]'`)."""
 
@@ -118,6 +128,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)
     hf: HFConfig = field(default_factory=HFConfig)
 
 
