@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from hetrain.config import load_config
+from tests_support import tiny_overrides
 
 
 @pytest.fixture(autouse=True)
@@ -22,19 +23,6 @@ def corpus(tmp_path):
     path = tmp_path / "corpus.txt"
     path.write_text("".join(lines))
     return path
-
-
-def tiny_overrides(run_dir, corpus, **extra) -> dict[str, str]:
-    values = {
-        "run.dir": str(run_dir), "run.threads": "2", "model.preset": "tiny",
-        "data.source": "text", "data.path": str(corpus), "data.cache_dir": "",
-        "train.steps": "10", "train.micro_batch": "4", "train.seq_len": "32",
-        "train.warmup_steps": "2", "train.eval_every": "5", "train.eval_batches": "2",
-        "train.log_every": "1", "train.ckpt_every": "5", "log.progress": "false",
-        "log.tensorboard": "false", "log.peak_flops": "1e11",
-    }
-    values.update({k: str(v) for k, v in extra.items()})
-    return values
 
 
 @pytest.fixture

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 import torch.distributed.checkpoint as dcp
 import torch.nn as nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from hetrain.errors import ConfigError
@@ -139,7 +140,7 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     try:
         with _quiet_single_process():
             dcp.load(state, checkpoint_id=str(path))
-    except Exception as e:  # DCP raises assorted errors for truncated or mismatched files
+    except (Exception, CheckpointException) as e:  # DCP's own exception derives from BaseException
         raise ConfigError(f"checkpoint '{path}' could not be read ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
                           f"resume from an earlier checkpoint with --run.resume PATH") from None
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])

@@ -62,7 +62,11 @@ def build_model(cfg: Config, vocab_size: int) -> nn.Module:
     if cfg.hf.path:
         from hetrain.model.hf import load_hf_model
 
-        return load_hf_model(cfg.hf.path)
+        model = load_hf_model(cfg.hf.path)
+        if vocab_size > model.vocab_size:
+            raise ConfigError(f"the data has {vocab_size} token ids but the model at --hf.path has a vocabulary "
+                              f"of {model.vocab_size}; use a model whose vocab_size is at least {vocab_size}")
+        return model
     if vocab_size > cfg.model.vocab_size:
         raise ConfigError(f"the data has {vocab_size} token ids but model.vocab_size={cfg.model.vocab_size}; "
                           f"set --model.vocab_size {vocab_size}")

@@ -1,0 +1,59 @@
+"""`hetrain estimate`: memory and step-time breakdown of plain training, without training.
+
+Reads the analytic model description (works for a 175B preset on a laptop) and reports what
+plain data-resident training needs per device: parameters, gradients, Adam state and saved
+activations, by layer kind, with FLOPs per step. It only computes and formats; it builds no
+model and allocates no tensors.
+"""
+
+from __future__ import annotations
+
+from hetrain.config import Config
+from hetrain.model.describe import describe_model
+from hetrain.train.metrics import fmt_bytes
+
+ADAM_BYTES_PER_PARAM = 8  # exp_avg and exp_avg_sq in fp32
+
+
+def memory_breakdown(cfg: Config) -> dict[str, int]:
+    """Bytes held at the peak of a plain training step (steady state, from step 2 on)."""
+    t = cfg.train
+    b = 2 if t.dtype == "bf16" else 4
+    desc = describe_model(cfg.model, t.micro_batch, t.seq_len, compute_dtype_bytes=b)
+    params = desc.total_params
+    return {
+        "parameters (fp32)": 4 * params,
+        "gradients (fp32)": 4 * params,
+        "adam state (fp32 m, v)": ADAM_BYTES_PER_PARAM * params,
+        "activations (one micro-batch)": sum(layer.act_bytes_total for layer in desc.layers()),
+    }
+
+
+def estimate_report(cfg: Config) -> str:
+    t = cfg.train
+    b = 2 if t.dtype == "bf16" else 4
+    desc = describe_model(cfg.model, t.micro_batch, t.seq_len, compute_dtype_bytes=b)
+    tokens_per_step = t.micro_batch * t.seq_len * t.grad_accum
+    lines = [
+        f"model {cfg.model.preset}: {desc.total_params / 1e6:,.1f}M parameters, {cfg.model.n_layer} blocks; "
+        f"micro-batch {t.micro_batch} x {t.seq_len} tokens, {t.grad_accum} micro-batches/step, {t.dtype}",
+        "",
+        f"{'layer':<12}{'params':>14}{'fwd GFLOP/mb':>16}{'saved act/mb':>16}",
+    ]
+    block = desc.blocks[0]
+    rows = [(desc.embedding, 1), (block, len(desc.blocks)), (desc.head, 1)]
+    for layer, count in rows:
+        name = "block x%d" % count if layer is block else layer.name
+        lines.append(f"{name:<12}{layer.params * count:>14,}"
+                     f"{layer.fwd_flops_per_token * desc.tokens_per_microbatch * count / 1e9:>16,.2f}"
+                     f"{fmt_bytes(layer.act_bytes_total * count):>16}")
+    lines += ["", "largest saved tensors of one block (per micro-batch):"]
+    for name, nbytes in sorted(block.act_bytes.items(), key=lambda kv: -kv[1])[:6]:
+        lines.append(f"  {name:<22}{fmt_bytes(nbytes):>12}")
+    mem = memory_breakdown(cfg)
+    lines += ["", "peak device memory of plain training (everything resident):"]
+    lines += [f"  {k:<32}{fmt_bytes(v):>12}" for k, v in mem.items()]
+    lines.append(f"  {'total':<32}{fmt_bytes(sum(mem.values())):>12}")
+    flops = desc.train_flops_per_token() * tokens_per_step
+    lines += ["", f"training FLOPs per step: {flops:.3e} ({desc.train_flops_per_token():.3e} per token)"]
+    return "\n".join(lines)

@@ -1,0 +1,115 @@
+"""The command line: the required overrides work, and every bad input is one line and exit code 2."""
+
+import hashlib
+import json
+
+import pytest
+
+from hetrain.cli import main
+from tests_support import cli_args
+
+
+def snapshot(root):
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def trained_run(tmp_path, corpus):
+    run = tmp_path / "run"
+    assert main(["train", *cli_args(run, corpus, **{"train.steps": 4, "train.ckpt_every": 2})]) == 0
+    return run
+
+
+def test_train_with_required_overrides(tmp_path, corpus, capsys):
+    run = tmp_path / "custom"
+    assert main(["train", *cli_args(run, corpus), "--train.steps", "3", "--run.dir", str(run),
+                 "--model.preset", "tiny-llama"]) == 0
+    out = capsys.readouterr().out
+    assert 'preset = "tiny-llama"' in out  # the resolved config is printed
+    assert (run / "config.toml").exists()
+    assert [json.loads(ln)["step"] for ln in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+
+def test_config_file_and_override_precedence(tmp_path, corpus, capsys):
+    cfg_file = tmp_path / "c.toml"
+    cfg_file.write_text('[train]\nsteps = 2\nlr = 0.001\n')
+    run = tmp_path / "r"
+    assert main(["train", "--config", str(cfg_file), *cli_args(run, corpus, **{"train.steps": 1})]) == 0
+    saved = (run / "config.toml").read_text()
+    assert "steps = 1" in saved and "lr = 0.001" in saved
+
+
+def test_help_prints_field_docs(capsys):
+    assert main(["train", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "--train.steps" in out and "Optimizer steps to run" in out
+
+
+BAD = [
+    ({"train.stepz": "3"}, "unknown config key 'train.stepz' (did you mean 'train.steps'?)"),
+    ({"train.steps": "ten"}, "train.steps expects an integer, got 'ten'"),
+    ({"model.preset": "gpt-5"}, "unknown model preset 'gpt-5'"),
+    ({"data.path": "/nonexistent/corpus.txt"}, "does not exist"),
+    ({"run.resume": "/nonexistent/ckpt"}, "checkpoint '/nonexistent/ckpt' does not exist"),
+    ({"train.dtype": "fp8"}, "train.dtype must be 'fp32' or 'bf16'"),
+]
+
+
+@pytest.mark.parametrize("override,message", BAD)
+def test_bad_input_is_one_line_exit_2(tmp_path, corpus, capsys, override, message):
+    run = tmp_path / "run"
+    assert main(["train", *cli_args(run, corpus, **override)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("hetrain: error: ") and message in err and "\n" not in err
+    assert not run.exists()  # nothing was written
+
+
+def test_empty_corpus(tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    assert main(["train", *cli_args(tmp_path / "run", empty)]) == 2
+    assert "empty" in capsys.readouterr().err.lower()
+
+
+def test_unknown_key_in_config_file(tmp_path, corpus, capsys):
+    cfg_file = tmp_path / "c.toml"
+    cfg_file.write_text("[train]\nwarmup = 3\n")
+    assert main(["train", "--config", str(cfg_file), *cli_args(tmp_path / "run", corpus)]) == 2
+    assert "did you mean 'train.warmup_steps'?" in capsys.readouterr().err
+
+
+def test_new_run_refuses_a_dir_with_checkpoints(trained_run, corpus, capsys):
+    before = snapshot(trained_run)
+    assert main(["train", *cli_args(trained_run, corpus)]) == 2
+    assert "--run.resume auto" in capsys.readouterr().err
+    assert snapshot(trained_run) == before
+
+
+@pytest.mark.parametrize("damage", ["truncate-data", "drop-metadata", "garble-meta"])
+def test_resume_from_corrupt_checkpoint(trained_run, corpus, capsys, damage):
+    ckpt = trained_run / "checkpoints" / "step_00000004"
+    if damage == "truncate-data":
+        data_file = next(ckpt.glob("*.distcp"))
+        data_file.write_bytes(data_file.read_bytes()[:100])
+    elif damage == "drop-metadata":
+        (ckpt / ".metadata").unlink()
+    else:
+        (ckpt / "meta.json").write_text("{not json")
+    before = snapshot(trained_run)
+    assert main(["train", *cli_args(trained_run, corpus, **{"run.resume": str(ckpt), "train.steps": 6})]) == 2
+    err = capsys.readouterr().err
+    assert "corrupt" in err or "could not be read" in err
+    assert "--run.resume" in err
+    assert snapshot(trained_run) == before
+
+
+def test_resume_with_another_model_is_refused(trained_run, corpus, capsys):
+    args = cli_args(trained_run, corpus, **{"run.resume": "auto", "model.n_layer": 3})
+    assert main(["train", *args]) == 2
+    assert "model.n_layer=2" in capsys.readouterr().err
+
+
+def test_unknown_command(capsys):
+    assert main(["fly"]) == 2
+    assert "unknown command 'fly'" in capsys.readouterr().err
