@@ -17,6 +17,12 @@ USAGE = """usage: hetrain COMMAND [--config FILE.toml] [--section.key VALUE ...]
 commands:
   train      train a model (default: the 'small' preset on the Python standard library source)
   estimate   memory and step-time breakdown for a model and batch, without training
+  profile    measure this machine for the predictor (layer times, optimizer, copies, collectives)
+             and cache it under hardware.profile_dir; --no-collectives skips the all-reduce test,
+             --remeasure re-measures the machine-level figures
+  simulate   predict a step (this machine's profile, or --hardware.device_kind KIND): step time,
+             critical path, utilisation, peak memory; writes run.dir/sim_trace.json and
+             run.dir/sim_timeline.png
 
 `hetrain COMMAND --help` lists every config key with its default and meaning."""
 
@@ -58,7 +64,47 @@ def cmd_estimate(args: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "estimate": cmd_estimate}
+def cmd_profile(args: list[str]) -> int:
+    from hetrain.predict.profiler import ProfileOptions, format_profile, run_profile
+
+    flags = {"--no-collectives", "--remeasure"}
+    path, overrides = _split_config([a for a in args if a not in flags])
+    cfg = load_config(path, overrides)
+    options = ProfileOptions(collectives="--no-collectives" not in args, remeasure_machine="--remeasure" in args)
+    profile, entry, saved = run_profile(cfg, options)
+    print(format_profile(profile, entry))
+    print(f"hetrain: profile saved to {saved}")
+    return 0
+
+
+def cmd_simulate(args: list[str]) -> int:
+    from pathlib import Path
+
+    from hetrain.predict.profiler import require_profile
+    from hetrain.predict.step_graph import format_prediction, predict_step
+    from hetrain.predict.trace import plot_timeline, write_chrome_trace
+
+    path, overrides = _split_config(args)
+    cfg = load_config(path, overrides)
+    profile = None if cfg.hardware.device_kind else require_profile(cfg.hardware.profile_dir)
+    pred = predict_step(cfg, profile)
+    print(format_prediction(pred, cfg))
+    run_dir = Path(cfg.run.dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    title = (f"predicted step of {cfg.model.preset}, micro_batch={cfg.train.micro_batch} x "
+             f"{cfg.train.grad_accum}, seq_len={cfg.train.seq_len}, {cfg.train.dtype}: "
+             f"{pred.step_s * 1e3:.1f} ms ({pred.source})")
+    write_chrome_trace(pred.sim.events, run_dir / "sim_trace.json", memory=pred.sim.memory_timeline,
+                       metadata={"name": "hetrain simulate", "step_s": pred.step_s, "source": pred.source,
+                                 "peak_device_bytes": pred.peak_device_bytes})
+    pools = {p: samples for p, samples in pred.sim.memory_timeline.items() if pred.sim.peak_bytes[p] > 0}
+    plot_timeline(pred.sim.events, run_dir / "sim_timeline.png", title=title, memory=pools)
+    print(f"hetrain: wrote {run_dir / 'sim_trace.json'} (open in https://ui.perfetto.dev) and "
+          f"{run_dir / 'sim_timeline.png'}")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "estimate": cmd_estimate, "profile": cmd_profile, "simulate": cmd_simulate}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,273 @@
+"""The cost model: the duration and the bytes of every task of a training step.
+
+Two sources stand behind one interface. `ProfileCost` reads this machine's profile (per
+layer forward/backward/recompute times and saved bytes, the optimizer and clipping rates,
+copy and collective bandwidth); `RooflineCost` derives the same figures for a catalog
+device kind from its datasheet: max(FLOPs / (peak x efficiency), bytes / (memory bandwidth
+x efficiency)) plus a fixed per-layer launch overhead, with the factors of `Efficiency`.
+Planners and the step graph ask only this interface, so a plan is costed the same way
+whether the hardware was measured or looked up. This module only prices tasks: it must not
+measure (the profiler does), build graphs or schedule (step_graph and the simulator do).
+
+Micro-batch scaling: a profile entry measured at micro-batch m prices micro-batch m' by
+multiplying its times and saved bytes by m'/m. Time is close to linear in the batch once
+the matmuls are large enough to fill the device; saved bytes are linear except a few
+batch-independent tensors (position ids, the loss scalar, bf16 weight copies under
+autocast). `hetrain profile` measures the configured micro-batch, where no scaling applies.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import os
+from dataclasses import dataclass
+
+from hetrain.config import Config
+from hetrain.errors import ConfigError
+from hetrain.hardware.catalog import DeviceKind, get_kind
+from hetrain.model.describe import LayerDescription, ModelDescription, describe_model
+from hetrain.predict.profiler import LayerTiming, ModelProfile, Profile
+
+FP32_BYTES = 4
+ADAM_BYTES_PER_PARAM = 28
+"""Fused AdamW over fp32 master weights reads param, grad, exp_avg, exp_avg_sq (16 bytes) and
+writes param, exp_avg, exp_avg_sq (12 bytes)."""
+CLIP_BYTES_PER_PARAM = 12
+"""clip_grad_norm_ reads every gradient for the norm, then reads and writes it to scale it."""
+
+
+@dataclass(frozen=True)
+class Efficiency:
+    """Fractions of a datasheet peak that eager PyTorch training reaches (catalog path only)."""
+
+    matmul: float = 0.55
+    """Dense bf16/fp16 matmuls in a transformer block: 50-65% of the tensor-core peak is typical
+    of eager PyTorch on A100/H100 at these shapes (the kernels' own best is ~70-80%)."""
+    memory: float = 0.75
+    """Element-wise kernels (norms, activations, AdamW) reach ~70-80% of the HBM bandwidth."""
+    host_link: float = 0.8
+    """Pinned host<->device copies reach ~80% of the PCIe/NVLink-C2C per-direction peak."""
+    pageable: float = 0.5
+    """Pageable copies are staged through a pinned bounce buffer: about half the pinned rate."""
+    network: float = 0.7
+    """Ring all-reduce reaches ~70% of the link bandwidth at large messages."""
+    layer_launch_s: float = 50e-6
+    """Per layer and pass: ~10 kernel launches of ~5 us each in eager mode (backward: twice)."""
+    collective_latency_s: float = 20e-6
+    """Per ring hop."""
+    optimizer_call_s: float = 100e-6
+    """Python and launch overhead of one optimizer.step() or clip_grad_norm_ call."""
+
+
+def layer_kind(layer: LayerDescription) -> str:
+    """'embedding', 'block' or 'head': the unit the profiler measures."""
+    return "block" if layer.name.startswith("block.") else layer.name
+
+
+class CostModel:
+    """What every cost source answers. Times are seconds for one micro-batch of `desc`."""
+
+    source: str = ""
+
+    def fwd_s(self, layer: LayerDescription) -> float:
+        raise NotImplementedError
+
+    def bwd_s(self, layer: LayerDescription) -> float:
+        raise NotImplementedError
+
+    def recompute_s(self, layer: LayerDescription) -> float:
+        raise NotImplementedError
+
+    def act_bytes(self, layer: LayerDescription) -> int:
+        """Bytes the layer saves for backward per micro-batch."""
+        raise NotImplementedError
+
+    def optimizer_s(self, params: int, tensors: int, on: str = "device") -> float:
+        """AdamW update of `params` parameters in `tensors` tensors, without the per-call cost."""
+        raise NotImplementedError
+
+    def optimizer_call_s(self, on: str = "device") -> float:
+        raise NotImplementedError
+
+    def clip_s(self, params: int, tensors: int) -> float:
+        """One clip_grad_norm_ call over all gradients, including its host sync."""
+        raise NotImplementedError
+
+    def copy_s(self, n_bytes: int, direction: str, pinned: bool = True) -> float:
+        """Host<->device copy; direction 'h2d' or 'd2h'."""
+        raise NotImplementedError
+
+    def allreduce_s(self, n_bytes: int, world_size: int) -> float:
+        raise NotImplementedError
+
+
+class ProfileCost(CostModel):
+    """Prices tasks from this machine's measurements."""
+
+    def __init__(self, desc: ModelDescription, profile: Profile, entry: ModelProfile, cpu_threads: int):
+        self.desc, self.profile, self.entry = desc, profile, entry
+        self.scale = desc.micro_batch / entry.micro_batch
+        self.cpu_threads = cpu_threads
+        scaled = "" if self.scale == 1 else f", scaled from micro_batch={entry.micro_batch}"
+        self.source = f"profile of {profile.machine.get('hostname')} ({profile.device}{scaled})"
+
+    def _timing(self, layer: LayerDescription) -> LayerTiming:
+        return getattr(self.entry, layer_kind(layer))
+
+    def fwd_s(self, layer):
+        return self._timing(layer).fwd_s * self.scale
+
+    def bwd_s(self, layer):
+        return self._timing(layer).bwd_s * self.scale
+
+    def recompute_s(self, layer):
+        return self._timing(layer).recompute_s * self.scale
+
+    def act_bytes(self, layer):
+        return round(self._timing(layer).act_bytes * self.scale)
+
+    def optimizer_s(self, params, tensors, on="device"):
+        if on == "device":
+            return self.profile.optimizer.seconds(params, tensors, calls=0)
+        rates = self.profile.cpu_adam_params_per_s
+        threads = min(rates, key=lambda t: abs(t - self.cpu_threads))
+        return params / rates[threads]
+
+    def optimizer_call_s(self, on="device"):
+        return self.profile.optimizer.per_call_s
+
+    def clip_s(self, params, tensors):
+        return self.profile.clip.seconds(params, tensors)
+
+    def copy_s(self, n_bytes, direction, pinned=True):
+        key = f"{direction}_{'pinned' if pinned else 'pageable'}"
+        rate = self.profile.copy_bytes_per_s.get(key)
+        if not rate:
+            why = self.profile.unmeasured.get(f"copy.{key}", "absent from the profile")
+            raise ConfigError(f"copy bandwidth {key} was not measured on this machine ({why}); "
+                              f"predict for a GPU kind with --hardware.device_kind")
+        return n_bytes / rate
+
+    def allreduce_s(self, n_bytes, world_size):
+        c = self.profile.collective
+        if not c:
+            raise ConfigError("collective bandwidth was not measured; run `hetrain profile` without "
+                              "--no-collectives")
+        sizes = sorted(c["seconds_by_bytes"])
+        seconds = [c["seconds_by_bytes"][b] for b in sizes]
+        # Interpolate in log(bytes); beyond the largest size extrapolate at its bandwidth.
+        if n_bytes >= sizes[-1]:
+            t = seconds[-1] * n_bytes / sizes[-1]
+        elif n_bytes <= sizes[0]:
+            t = seconds[0]
+        else:
+            i = bisect.bisect_right(sizes, n_bytes)
+            w = (math.log(n_bytes) - math.log(sizes[i - 1])) / (math.log(sizes[i]) - math.log(sizes[i - 1]))
+            t = seconds[i - 1] + w * (seconds[i] - seconds[i - 1])
+        # A ring moves 2(n-1)/n of the message per rank: rescale from the measured world size.
+        measured = c["world_size"]
+        return t * (2 * (world_size - 1) / world_size) / (2 * (measured - 1) / measured)
+
+
+class RooflineCost(CostModel):
+    """Prices tasks for a catalog device kind from its datasheet peaks."""
+
+    def __init__(self, desc: ModelDescription, kind: DeviceKind, dtype: str,
+                 efficiency: Efficiency = Efficiency(), host: DeviceKind | None = None):
+        self.desc, self.kind, self.eff = desc, kind, efficiency
+        self.peak_flops_per_s = kind.peak_flops_per_s(dtype)
+        self.host = host or get_kind("cpu")
+        self.source = f"catalog {kind.name} ({dtype} roofline)"
+
+    def _roofline_s(self, flops: float, n_bytes: float) -> float:
+        return max(flops / (self.peak_flops_per_s * self.eff.matmul),
+                   n_bytes / (self.kind.mem_bw_bytes_per_s * self.eff.memory))
+
+    def _io_bytes(self) -> int:
+        """One residual-stream tensor (a layer's input or output) in the compute dtype."""
+        return self.desc.tokens_per_microbatch * self.desc.config.d_model * self.desc.compute_dtype_bytes
+
+    def _weight_read_bytes(self, layer: LayerDescription) -> int:
+        if layer.name == "embedding":   # a lookup reads only the rows of the batch's tokens
+            return self._io_bytes()
+        return layer.params * self.desc.compute_dtype_bytes
+
+    def fwd_s(self, layer):
+        flops = layer.fwd_flops_per_token * self.desc.tokens_per_microbatch
+        n_bytes = self._weight_read_bytes(layer) + layer.act_bytes_total + 2 * self._io_bytes()
+        return self._roofline_s(flops, n_bytes) + self.eff.layer_launch_s
+
+    def bwd_s(self, layer):
+        flops = layer.bwd_flops_per_token * self.desc.tokens_per_microbatch
+        # Weights read, fp32 gradients read-modify-written, saved tensors read, grads in and out.
+        n_bytes = (self._weight_read_bytes(layer) + 2 * FP32_BYTES * layer.params + layer.act_bytes_total
+                   + 2 * self._io_bytes())
+        return self._roofline_s(flops, n_bytes) + 2 * self.eff.layer_launch_s
+
+    def recompute_s(self, layer):
+        return self.fwd_s(layer)
+
+    def act_bytes(self, layer):
+        return layer.act_bytes_total
+
+    def optimizer_s(self, params, tensors, on="device"):
+        kind = self.kind if on == "device" else self.host
+        return params * ADAM_BYTES_PER_PARAM / (kind.mem_bw_bytes_per_s * self.eff.memory)
+
+    def optimizer_call_s(self, on="device"):
+        return self.eff.optimizer_call_s
+
+    def clip_s(self, params, tensors):
+        return (self.eff.optimizer_call_s
+                + params * CLIP_BYTES_PER_PARAM / (self.kind.mem_bw_bytes_per_s * self.eff.memory))
+
+    def copy_s(self, n_bytes, direction, pinned=True):
+        rate = self.kind.host_link_bytes_per_s * self.eff.host_link * (1.0 if pinned else self.eff.pageable)
+        return n_bytes / rate
+
+    def allreduce_s(self, n_bytes, world_size, link_bytes_per_s: float | None = None):
+        """Ring all-reduce over a link of `link_bytes_per_s` per direction (default: the kind's
+        host link, i.e. a host-staged path; pass the cluster file's figure for NVLink/RDMA)."""
+        if world_size <= 1:
+            return 0.0
+        link = link_bytes_per_s or self.kind.host_link_bytes_per_s
+        volume = 2 * (world_size - 1) / world_size * n_bytes
+        return volume / (link * self.eff.network) + 2 * (world_size - 1) * self.eff.collective_latency_s
+
+
+def compute_dtype_bytes(dtype: str) -> int:
+    return 2 if dtype == "bf16" else 4
+
+
+def describe_for(cfg: Config) -> ModelDescription:
+    return describe_model(cfg.model, cfg.train.micro_batch, cfg.train.seq_len, compute_dtype_bytes(cfg.train.dtype))
+
+
+def training_threads(cfg: Config) -> int:
+    return cfg.run.threads or os.cpu_count() or 1
+
+
+def cost_model(cfg: Config, desc: ModelDescription, profile: Profile | None = None,
+               efficiency: Efficiency = Efficiency()) -> CostModel:
+    """The cost model for `cfg`: the catalog kind when `hardware.device_kind` names one, else this
+    machine's profile (ConfigError when it has no entry for this model), else the catalog kind of
+    this machine's first GPU, or the catalog's 'cpu' kind on a CPU-only machine."""
+    kind_name = cfg.hardware.device_kind
+    if not kind_name and profile is not None:
+        # On CPU the thread count is part of the measurement; on a GPU it hardly matters.
+        threads = training_threads(cfg) if profile.device == "cpu" else None
+        entry = profile.find_model(cfg.model, desc.micro_batch, desc.seq_len, cfg.train.dtype, threads)
+        if entry is None:
+            raise ConfigError(
+                f"the profile of {profile.machine.get('hostname')} has no measurements of model "
+                f"'{cfg.model.preset}' (n_layer={cfg.model.n_layer}, d_model={cfg.model.d_model}) at "
+                f"seq_len={desc.seq_len}, dtype={cfg.train.dtype}, threads={threads or 'any'}; run `hetrain profile` "
+                f"with the same --model.*, --train.seq_len, --train.dtype and --run.threads")
+        return ProfileCost(desc, profile, entry, training_threads(cfg))
+    if not kind_name:
+        from hetrain.hardware.probe import probe
+
+        kinds = [a.kind for a in probe().accelerators if a.kind]
+        kind_name = kinds[0] if kinds else "cpu"
+    return RooflineCost(desc, get_kind(kind_name), cfg.train.dtype, efficiency)

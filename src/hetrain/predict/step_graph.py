@@ -1,0 +1,251 @@
+"""The task graph of one training step, and the predictor that simulates it.
+
+`build_step_graph` turns a model description and a cost model into simulator Tasks for the
+plain plan (everything resident on the device), in the order the trainer runs a step: for
+each micro-batch the forward of every layer, then the backward in reverse; then gradient
+clipping, the optimizer update of every layer and zero_grad. Memory events mirror what
+hetrain.memory.MemoryAccountant counts, so the simulated peak is comparable with the
+trainer's `peak_device_bytes`: the base is parameters, buffers and (in the steady state,
+from step 2 on) AdamW state; a layer's saved activations are allocated when its forward
+starts and freed when its backward ends; its gradients are allocated when its first backward
+starts and freed by zero_grad. The graph is a `StepGraph` with named tasks so that planners
+can add tasks and dependencies (weight prefetch, gradient offload, CPU Adam) to the same
+graph. This module must not measure or price anything itself (the cost model does) and must
+not run a model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from hetrain.config import Config
+from hetrain.errors import ConfigError
+from hetrain.model.describe import LayerDescription, ModelDescription
+from hetrain.model.gpt import ModelConfig
+from hetrain.predict.cost import CostModel, RooflineCost, cost_model, describe_for
+from hetrain.predict.profiler import Profile
+from hetrain.predict.simulator import SimResult, Task, simulate
+from hetrain.train.metrics import fmt_bytes
+
+FP32_BYTES = 4
+DEVICE = "device"
+HOST = "host"
+COMPUTE = "compute"
+
+
+def fwd_name(layer: str, micro_batch: int) -> str:
+    return f"fwd.{layer}.mb{micro_batch}"
+
+
+def bwd_name(layer: str, micro_batch: int) -> str:
+    return f"bwd.{layer}.mb{micro_batch}"
+
+
+def optim_name(layer: str) -> str:
+    return f"optim.{layer}"
+
+
+@dataclass(frozen=True)
+class StepGraphOptions:
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    steady_state: bool = True
+    """AdamW state exists before the step (step 2 onwards). False models the first step, where
+    the optimizer allocates its state during the update."""
+
+
+@dataclass(frozen=True)
+class StateBytes:
+    """What the trainer keeps on its device besides activations (fp32 master weights)."""
+
+    params_bytes: int
+    buffers_bytes: int
+    grad_bytes_by_layer: dict[str, int]
+    adam_bytes_by_layer: dict[str, int]
+    """exp_avg and exp_avg_sq (fp32, one element per parameter) and a 4-byte step tensor per
+    parameter tensor, as fused torch.optim.AdamW keeps them."""
+
+    @property
+    def grads_bytes(self) -> int:
+        return sum(self.grad_bytes_by_layer.values())
+
+    @property
+    def adam_bytes(self) -> int:
+        return sum(self.adam_bytes_by_layer.values())
+
+
+def param_tensors(cfg: ModelConfig) -> dict[str, int]:
+    """Parameter tensors per layer kind of hetrain's GPT (a tied output matrix is the embedding's)."""
+    norm = 1 + (1 if cfg.norm == "layernorm" and cfg.bias else 0)
+    linear = 1 + (1 if cfg.bias else 0)
+    return {"embedding": 1 + (1 if cfg.pos == "learned" else 0),
+            "block": 2 * norm + 4 * linear,
+            "head": norm + (0 if cfg.tie_embeddings else 1)}
+
+
+def _tensors(cfg: ModelConfig, layer: LayerDescription) -> int:
+    return param_tensors(cfg)["block" if layer.name.startswith("block.") else layer.name]
+
+
+def state_bytes(desc: ModelDescription) -> StateBytes:
+    cfg = desc.config
+    # Rotary tables: cos and sin of shape (max_seq_len, head_dim / 2), fp32 buffers.
+    buffers = 2 * cfg.max_seq_len * (cfg.head_dim // 2) * FP32_BYTES if cfg.pos == "rope" else 0
+    layers = desc.layers()
+    return StateBytes(
+        params_bytes=desc.total_params * FP32_BYTES,
+        buffers_bytes=buffers,
+        grad_bytes_by_layer={ly.name: ly.params * FP32_BYTES for ly in layers},
+        adam_bytes_by_layer={ly.name: 2 * ly.params * FP32_BYTES + _tensors(cfg, ly) * FP32_BYTES
+                             for ly in layers},
+    )
+
+
+@dataclass
+class StepGraph:
+    """Tasks of one step with the pools' base bytes; tasks are found and extended by name."""
+
+    tasks: list[Task]
+    base_bytes: dict[str, int]
+    state: StateBytes
+    capacities: dict[str, int] = field(default_factory=dict)
+
+    def task(self, name: str) -> Task:
+        for t in self.tasks:
+            if t.name == name:
+                return t
+        raise KeyError(f"no task named {name!r} in the step graph")
+
+    def add(self, task: Task, before: str | None = None) -> None:
+        """Append `task`, or insert it before task `before` (list order breaks priority ties)."""
+        if before is None:
+            self.tasks.append(task)
+        else:
+            self.tasks.insert(self.tasks.index(self.task(before)), task)
+
+    def add_deps(self, name: str, *deps: str) -> None:
+        t = self.task(name)
+        t.deps = tuple(dict.fromkeys((*t.deps, *deps)))
+
+    def simulate(self, mem_limit: dict[str, int] | None = None) -> SimResult:
+        return simulate(self.tasks, self.capacities, self.base_bytes, mem_limit)
+
+
+def build_step_graph(desc: ModelDescription, cost: CostModel,
+                     options: StepGraphOptions = StepGraphOptions()) -> StepGraph:
+    """The plain plan's step: everything resident on the device, run in the trainer's order."""
+    if options.grad_accum < 1:
+        raise ValueError(f"grad_accum must be at least 1, got {options.grad_accum}")
+    cfg, layers = desc.config, desc.layers()
+    state = state_bytes(desc)
+    base = state.params_bytes + state.buffers_bytes + (state.adam_bytes if options.steady_state else 0)
+    tasks: list[Task] = []
+    prev: str | None = None
+
+    def add(name: str, duration_s: float, cat: str, alloc: int = 0, free: int = 0, **args) -> None:
+        nonlocal prev
+        tasks.append(Task(name, COMPUTE, duration_s, deps=(prev,) if prev else (), cat=cat,
+                          alloc={DEVICE: alloc} if alloc else {}, free={DEVICE: free} if free else {},
+                          args=args))
+        prev = name
+
+    for mb in range(options.grad_accum):
+        for layer in layers:
+            act = cost.act_bytes(layer)
+            add(fwd_name(layer.name, mb), cost.fwd_s(layer), "fwd", alloc=act,
+                layer=layer.name, micro_batch=mb, act_bytes=act)
+        for layer in reversed(layers):
+            act = cost.act_bytes(layer)
+            grads = state.grad_bytes_by_layer[layer.name] if mb == 0 else 0
+            add(bwd_name(layer.name, mb), cost.bwd_s(layer), "bwd", alloc=grads, free=act,
+                layer=layer.name, micro_batch=mb, grad_bytes=grads)
+    total_tensors = sum(_tensors(cfg, ly) for ly in layers)
+    # The trainer clips every step (an infinite max_norm when train.grad_clip is 0).
+    add("clip_grad_norm", cost.clip_s(desc.total_params, total_tensors), "sync",
+        params=desc.total_params, tensors=total_tensors)
+    add("optim.call", cost.optimizer_call_s("device"), "optim")
+    for layer in layers:
+        adam = 0 if options.steady_state else state.adam_bytes_by_layer[layer.name]
+        add(optim_name(layer.name), cost.optimizer_s(layer.params, _tensors(cfg, layer), "device"),
+            "optim", alloc=adam, layer=layer.name, params=layer.params)
+    add("zero_grad", 0.0, "optim", free=state.grads_bytes)
+    return StepGraph(tasks, {DEVICE: base, HOST: 0}, state)
+
+
+def build_step_tasks(desc: ModelDescription, cost: CostModel, grad_accum: int = 1,
+                     options: StepGraphOptions | None = None) -> list[Task]:
+    """The tasks of `build_step_graph`; base bytes come from `state_bytes(desc)`."""
+    options = options or StepGraphOptions(grad_accum=grad_accum)
+    return build_step_graph(desc, cost, options).tasks
+
+
+@dataclass
+class Prediction:
+    step_s: float
+    peak_device_bytes: int
+    """Peak of the bytes MemoryAccountant counts (on a GPU: the tensors hetrain places)."""
+    peak_host_bytes: int
+    """Host memory the plan holds for the device (offloaded state, pinned buffers); 0 for the
+    plain plan."""
+    sim: SimResult
+    source: str
+    """Where the durations come from: this machine's profile or a catalog kind."""
+    graph: StepGraph
+    device_memory_bytes: int | None = None
+    """The catalog kind's memory when predicting for one; None on the profile path."""
+
+    def memory_breakdown(self) -> dict[str, int]:
+        """The device peak split into the base (params, buffers, adam) and what the step adds
+        on top at its peak instant (gradients allocated so far and activations in flight)."""
+        base = self.graph.base_bytes[DEVICE]
+        s = self.graph.state
+        adam = base - s.params_bytes - s.buffers_bytes
+        return {"params": s.params_bytes, "buffers": s.buffers_bytes, "adam": adam,
+                "grads+activations": self.peak_device_bytes - base}
+
+
+def predict_step(cfg: Config, profile: Profile | None = None,
+                 options: StepGraphOptions | None = None) -> Prediction:
+    """Predicted steady-state step time and peak memory of `cfg` trained with the plain plan.
+
+    Durations come from `profile` (this machine's, see hetrain.predict.profiler.load_profile)
+    unless `cfg.hardware.device_kind` names a catalog kind; with neither, from the catalog kind
+    of this machine's GPU, or the catalog's 'cpu' placeholder. ConfigError when the profile has
+    no entry for this model, sequence length and dtype, or for a Hugging Face model.
+    """
+    if cfg.hf.path:
+        raise ConfigError("the predictor describes hetrain GPT models only; unset --hf.path")
+    desc = describe_for(cfg)
+    cost = cost_model(cfg, desc, profile)
+    graph = build_step_graph(desc, cost, options or StepGraphOptions(grad_accum=cfg.train.grad_accum))
+    sim = graph.simulate()
+    return Prediction(step_s=sim.step_s, peak_device_bytes=sim.peak_bytes[DEVICE],
+                      peak_host_bytes=sim.peak_bytes.get(HOST, 0), sim=sim, source=cost.source, graph=graph,
+                      device_memory_bytes=cost.kind.memory_bytes if isinstance(cost, RooflineCost) else None)
+
+
+def format_prediction(pred: Prediction, cfg: Config) -> str:
+    """Step time, critical path by category, utilisation per resource and peak memory."""
+    t = cfg.train
+    tokens = t.micro_batch * t.seq_len * t.grad_accum
+    lines = [f"predicted step: {pred.step_s * 1e3:.2f} ms ({tokens / pred.step_s:,.0f} tokens/s); "
+             f"durations from {pred.source}"]
+    by_name = {e.name: e for e in pred.sim.events}
+    path = pred.sim.critical_path
+    per_cat: dict[str, float] = {}
+    for name in path:
+        e = by_name[name]
+        per_cat[e.cat] = per_cat.get(e.cat, 0.0) + e.dur_s
+    cats = ", ".join(f"{c} {s * 1e3:.2f} ms ({s / pred.step_s:.0%})" for c, s in per_cat.items()) if path else ""
+    lines.append(f"critical path: {len(path)} tasks, {path[0] if path else '-'} -> {path[-1] if path else '-'}; "
+                 f"{cats}")
+    longest = sorted((by_name[n] for n in path), key=lambda e: -e.dur_s)[:3]
+    lines.append("  longest on it: " + ", ".join(f"{e.name} {e.dur_s * 1e3:.2f} ms" for e in longest))
+    lines.append("utilisation: " + ", ".join(f"{r} {u:.0%}" for r, u in pred.sim.utilisation.items()))
+    parts = ", ".join(f"{k} {fmt_bytes(v)}" for k, v in pred.memory_breakdown().items())
+    lines.append(f"peak device memory: {fmt_bytes(pred.peak_device_bytes)} ({parts})")
+    if pred.device_memory_bytes and pred.peak_device_bytes > pred.device_memory_bytes:
+        lines.append(f"  does NOT fit: the device has {fmt_bytes(pred.device_memory_bytes)}; the plain plan "
+                     f"needs checkpointing, offload or more devices")
+    lines.append(f"peak host memory held by the plan: {fmt_bytes(pred.peak_host_bytes)}")
+    return "\n".join(lines)
