@@ -113,3 +113,12 @@ def test_resume_with_another_model_is_refused(trained_run, corpus, capsys):
 def test_unknown_command(capsys):
     assert main(["fly"]) == 2
     assert "unknown command 'fly'" in capsys.readouterr().err
+
+
+def test_configs_default_toml_is_the_default():
+    from pathlib import Path
+
+    from hetrain.config import load_config
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "default.toml"
+    assert load_config(str(path)) == load_config(None)

@@ -45,7 +45,7 @@ def _split_config(args: list[str]) -> tuple[str | None, list[str]]:
 def cmd_train(args: list[str]) -> int:
     from hetrain.train.trainer import Trainer
 
-    path, overrides = _split_config(args)
+    path, overrides = _split_config(["--log.trace=true" if a == "--trace" else a for a in args])
     cfg = load_config(path, overrides)
     print(format_config(cfg), flush=True)
     trainer = Trainer(cfg)

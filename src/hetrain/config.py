@@ -101,6 +101,10 @@ class LogConfig:
     """Write TensorBoard events to run.dir/tb."""
     peak_flops: float = 0.0
     """Device peak FLOP/s for MFU; 0 takes the catalog figure on a GPU, or measures a matmul on CPU."""
+    trace: bool = False
+    """Record what really ran (per block forward/backward, optimizer, data) for log.trace_steps steps after the first, into run.dir/trace.json (Chrome/Perfetto) and trace_timeline.png. `--trace` is short for `--log.trace true`."""
+    trace_steps: int = 3
+    """How many steps --trace records (starting at the second step, after warm-up)."""
 
 
 @dataclass

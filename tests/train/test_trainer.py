@@ -130,3 +130,22 @@ def test_peak_device_bytes_is_state_plus_activations(tiny_config, tmp_path):
 def test_bf16_trains(tiny_config):
     result = Trainer(tiny_config(**{"train.dtype": "bf16", "train.steps": 4, "train.eval_every": 0})).fit()
     assert all(torch.isfinite(torch.tensor(list(result.losses.values()))))
+
+
+def test_trace_records_every_block_and_changes_nothing(tiny_config, tmp_path):
+    from hetrain.predict.trace import read_chrome_trace
+
+    plain = Trainer(tiny_config(tmp_path / "plain", **{"train.steps": 4, "train.grad_accum": 2})).fit()
+    traced_cfg = tiny_config(tmp_path / "traced", **{"train.steps": 4, "train.grad_accum": 2,
+                                                      "log.trace": "true", "log.trace_steps": 2})
+    traced = Trainer(traced_cfg).fit()
+    assert traced.losses == plain.losses
+    events = read_chrome_trace(tmp_path / "traced" / "trace.json")
+    assert {e.args["step"] for e in events} == {2, 3}
+    names = [e.name for e in events if e.args["step"] == 2]
+    expected_micro = ["data", "fwd.embedding", "fwd.block0", "fwd.block1", "fwd.head",
+                      "bwd.head", "bwd.block1", "bwd.block0", "bwd.embedding"]
+    assert names == expected_micro * 2 + ["optim"]  # two micro-batches, then the update
+    for a, b in zip(events, events[1:]):
+        assert a.end_s <= b.start_s + 1e-9  # one lane, nothing overlaps on CPU
+    assert (tmp_path / "traced" / "trace_timeline.png").read_bytes()[:4] == b"\x89PNG"

@@ -28,6 +28,7 @@ from hetrain.model.describe import describe_model
 from hetrain.model.gpt import GPT
 from hetrain.train import checkpoint as ckpt
 from hetrain.train.metrics import MetricsLogger, device_peak_flops, fmt_bytes, format_line
+from hetrain.train.tracing import StepTracer
 
 
 @dataclass
@@ -118,6 +119,7 @@ class Trainer:
         self.amp_dtype = torch.bfloat16 if cfg.train.dtype == "bf16" else None
         self.accountant = MemoryAccountant(self.model, self.optimizer) if self.device.type == "cpu" else None
         self.flops_per_token = train_flops_per_token(self.model, cfg)
+        self.tracer = StepTracer(self.model, self.model.blocks, self.device) if cfg.log.trace else None
         self.peak_flops, self.peak_source = device_peak_flops(
             self.device, self.amp_dtype or torch.float32, cfg.log.peak_flops)
 
@@ -191,19 +193,26 @@ class Trainer:
                 lr = lr_at(self.step, cfg)
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
+                tr = self._tracer_for(self.step + 1)
                 step_start = time.perf_counter()
                 loss_sum = 0.0
                 for _ in range(t.grad_accum):
+                    tr.begin("data", "data")
                     x, y = self.data.train.next_batch(t.micro_batch, t.seq_len)
                     x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+                    tr.end("data")
                     with self._track():
                         with self._autocast():
                             loss = self.model(x, y) / t.grad_accum
+                        tr.begin("bwd.head", "bwd")
                         loss.backward()
+                        tr.end("bwd.embedding")
                     loss_sum += loss.item()
+                tr.begin("optim", "optim")
                 max_norm = t.grad_clip if t.grad_clip > 0 else float("inf")
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm).item()
                 self.optimizer.step()
+                tr.end("optim")
                 self.step += 1  # the model now holds this step's update
                 if self.accountant:
                     self.accountant.after_optimizer_step(self.optimizer)
@@ -252,6 +261,8 @@ class Trainer:
         bar.close()
         logger.close()
         self._reset_peak()
+        if self.tracer is not None:
+            self._write_trace()
         result.step = self.step
         result.wall_s = time.perf_counter() - start
         if self.step > 0 and saved_at == self.step:
@@ -264,8 +275,41 @@ class Trainer:
             self.accountant.close()
         return result
 
+    def _tracer_for(self, step: int):
+        """The tracer, switched on for the traced steps (2 .. 1 + log.trace_steps), or a no-op."""
+        if self.tracer is None:
+            return _NO_TRACE
+        self.tracer.active = 2 <= step <= 1 + self.cfg.log.trace_steps
+        self.tracer.step = step
+        return self.tracer
+
+    def _write_trace(self) -> None:
+        from hetrain.predict.trace import plot_timeline, summarize, write_chrome_trace
+
+        events = self.tracer.events()
+        self.tracer.close()
+        if not events:
+            print("hetrain: --trace recorded nothing (the run ended before its second step)")
+            return
+        write_chrome_trace(events, self.run_dir / "trace.json", metadata={"source": "hetrain train --trace"})
+        plot_timeline(events, self.run_dir / "trace_timeline.png", title=f"measured steps ({self.device})")
+        span = summarize(events)["span_s"]
+        print(f"hetrain: trace of {len({e.args['step'] for e in events})} steps ({span:.3f} s) in "
+              f"{self.run_dir / 'trace.json'} and trace_timeline.png")
+
     def _model_name(self) -> str:
         return f"hf:{self.cfg.hf.path}" if self.cfg.hf.path else self.cfg.model.preset
+
+
+class _NoTrace:
+    def begin(self, name: str, cat: str, lane: str = "compute") -> None:
+        pass
+
+    def end(self, name: str) -> None:
+        pass
+
+
+_NO_TRACE = _NoTrace()
 
 
 def train(cfg: Config) -> TrainResult:
