@@ -177,6 +177,7 @@ class RooflineCost(CostModel):
                  efficiency: Efficiency = Efficiency(), host: DeviceKind | None = None):
         self.desc, self.kind, self.eff = desc, kind, efficiency
         self.peak_flops_per_s = kind.peak_flops_per_s(dtype)
+        self.autocast = dtype == "bf16"  # the trainer's bf16 is autocast over fp32 master weights
         self.host = host or get_kind("cpu")
         self.source = f"catalog {kind.name} ({dtype} roofline)"
 
@@ -209,7 +210,22 @@ class RooflineCost(CostModel):
         return self.fwd_s(layer)
 
     def act_bytes(self, layer):
-        return layer.act_bytes_total
+        return layer.act_bytes_total + (self._autocast_extra_bytes(layer) if self.autocast else 0)
+
+    def _autocast_extra_bytes(self, layer: LayerDescription) -> int:
+        """What bf16 autocast over fp32 weights saves beyond the description's bf16-weight layout:
+        a bf16 copy of every matmul weight, and LayerNorm inputs and statistics in fp32 (the
+        residual stream stays fp32 and autocast runs layer_norm in fp32)."""
+        cfg, tokens = self.desc.config, self.desc.tokens_per_microbatch
+        norm = tokens * cfg.d_model * 2 + tokens * 2 * 2 if cfg.norm == "layernorm" else 0
+        if layer.name == "embedding":
+            return 0
+        if layer.name == "head":
+            return cfg.vocab_size * cfg.d_model * 2 + norm
+        kv = cfg.n_kv_head * cfg.head_dim
+        up = cfg.d_ff * (2 if cfg.mlp == "swiglu" else 1)
+        matmul_params = cfg.d_model * (cfg.d_model + 2 * kv) + cfg.d_model * cfg.d_model + cfg.d_model * up + cfg.d_ff * cfg.d_model
+        return matmul_params * 2 + 2 * norm
 
     def optimizer_s(self, params, tensors, on="device"):
         kind = self.kind if on == "device" else self.host

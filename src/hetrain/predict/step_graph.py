@@ -7,8 +7,8 @@ clipping, the optimizer update of every layer and zero_grad. Memory events mirro
 hetrain.memory.MemoryAccountant counts, so the simulated peak is comparable with the
 trainer's `peak_device_bytes`: the base is parameters, buffers and (in the steady state,
 from step 2 on) AdamW state; a layer's saved activations are allocated when its forward
-starts and freed when its backward ends; its gradients are allocated when its first backward
-starts and freed by zero_grad. The graph is a `StepGraph` with named tasks so that planners
+starts and freed when its backward ends; its gradients are allocated right after its first
+backward (a zero-duration `grad.<layer>` task) and freed by zero_grad. The graph is a `StepGraph` with named tasks so that planners
 can add tasks and dependencies (weight prefetch, gradient offload, CPU Adam) to the same
 graph. This module must not measure or price anything itself (the cost model does) and must
 not run a model.
@@ -39,6 +39,10 @@ def fwd_name(layer: str, micro_batch: int) -> str:
 
 def bwd_name(layer: str, micro_batch: int) -> str:
     return f"bwd.{layer}.mb{micro_batch}"
+
+
+def grad_name(layer: str) -> str:
+    return f"grad.{layer}"
 
 
 def optim_name(layer: str) -> str:
@@ -156,9 +160,13 @@ def build_step_graph(desc: ModelDescription, cost: CostModel,
                 layer=layer.name, micro_batch=mb, act_bytes=act)
         for layer in reversed(layers):
             act = cost.act_bytes(layer)
-            grads = state.grad_bytes_by_layer[layer.name] if mb == 0 else 0
-            add(bwd_name(layer.name, mb), cost.bwd_s(layer), "bwd", alloc=grads, free=act,
-                layer=layer.name, micro_batch=mb, grad_bytes=grads)
+            add(bwd_name(layer.name, mb), cost.bwd_s(layer), "bwd", free=act, layer=layer.name, micro_batch=mb)
+            if mb == 0:
+                # Autograd releases a node's saved tensors as soon as it has run, before the
+                # parameter's AccumulateGrad stores the new gradient: at layer granularity, the
+                # gradients appear once the layer's activations are gone. Its duration is in bwd.
+                grads = state.grad_bytes_by_layer[layer.name]
+                add(grad_name(layer.name), 0.0, "bwd", alloc=grads, layer=layer.name, grad_bytes=grads)
     total_tensors = sum(_tensors(cfg, ly) for ly in layers)
     # The trainer clips every step (an infinite max_norm when train.grad_clip is 0).
     add("clip_grad_norm", cost.clip_s(desc.total_params, total_tensors), "sync",

@@ -1,0 +1,129 @@
+"""Cost model: figures from a (hand-made) profile, and the catalog roofline checked by hand."""
+
+import dataclasses
+
+import pytest
+
+from hetrain.config import load_config
+from hetrain.errors import ConfigError
+from hetrain.hardware.catalog import get_kind
+from hetrain.model.describe import describe_model
+from hetrain.model.presets import get_preset
+from hetrain.predict.cost import Efficiency, ProfileCost, RooflineCost, cost_model, describe_for
+from hetrain.predict.profiler import LayerTiming, ModelProfile, Profile, UpdateTiming, machine_fingerprint
+
+
+def _profile(micro_batch=2) -> Profile:
+    entry = ModelProfile(
+        model=dataclasses.asdict(get_preset("tiny")), micro_batch=micro_batch, seq_len=16, dtype="fp32", threads=2,
+        embedding=LayerTiming(1e-4, 2e-4, 1e-4, 1_000), block=LayerTiming(1e-3, 2e-3, 1.1e-3, 50_000),
+        head=LayerTiming(5e-4, 1e-3, 5e-4, 9_000))
+    return Profile(
+        machine=machine_fingerprint(), device="cpu",
+        copy_bytes_per_s=dict.fromkeys(("h2d_pinned", "h2d_pageable", "d2h_pinned", "d2h_pageable")),
+        cpu_adam_params_per_s={1: 1e8, 2: 1.8e8},
+        optimizer=UpdateTiming(per_call_s=1e-4, per_tensor_s=1e-5, params_per_s=2e8),
+        clip=UpdateTiming(per_call_s=5e-5, per_tensor_s=2e-6, params_per_s=1e9),
+        collective={"backend": "gloo", "world_size": 2, "seconds_by_bytes": {1_000: 1e-4, 1_000_000: 1e-3}},
+        unmeasured={"copy.h2d_pinned": "no accelerator"}, models=[entry])
+
+
+def _cfg(**values):
+    base = {"model.preset": "tiny", "train.micro_batch": "2", "train.seq_len": "16", "run.threads": "2"}
+    return load_config(None, {**base, **{k: str(v) for k, v in values.items()}})
+
+
+def test_profile_cost_reads_the_measurements():
+    cfg = _cfg()
+    desc = describe_for(cfg)
+    cost = cost_model(cfg, desc, _profile())
+    assert isinstance(cost, ProfileCost)
+    block, emb, head = desc.blocks[1], desc.embedding, desc.head
+    assert (cost.fwd_s(block), cost.bwd_s(block), cost.recompute_s(block)) == (1e-3, 2e-3, 1.1e-3)
+    assert (cost.fwd_s(emb), cost.bwd_s(head), cost.act_bytes(head)) == (1e-4, 1e-3, 9_000)
+    assert cost.optimizer_s(1_000, 2) == pytest.approx(2 * 1e-5 + 1_000 / 2e8)
+    assert cost.optimizer_call_s() == 1e-4
+    assert cost.optimizer_s(1_000, 2, on="cpu") == pytest.approx(1_000 / 1.8e8)  # 2 threads
+    assert cost.clip_s(1_000, 10) == pytest.approx(5e-5 + 10 * 2e-6 + 1_000 / 1e9)
+
+
+def test_profile_cost_scales_linearly_with_micro_batch():
+    cfg = _cfg(**{"train.micro_batch": 6})
+    cost = cost_model(cfg, describe_for(cfg), _profile(micro_batch=2))
+    block = describe_for(cfg).blocks[0]
+    assert cost.fwd_s(block) == pytest.approx(3e-3)
+    assert cost.act_bytes(block) == 150_000
+    assert "scaled from micro_batch=2" in cost.source
+
+
+def test_profile_cost_collectives_and_missing_copies():
+    cfg = _cfg()
+    cost = cost_model(cfg, describe_for(cfg), _profile())
+    # Halfway between 1 kB and 1 MB in log(bytes) is halfway between their times.
+    assert cost.allreduce_s(31_623, 2) == pytest.approx(5.5e-4, rel=1e-4)
+    assert cost.allreduce_s(2_000_000, 2) == pytest.approx(2e-3)        # largest size's bandwidth
+    assert cost.allreduce_s(1_000_000, 4) == pytest.approx(1e-3 * 1.5)  # ring volume 2(n-1)/n
+    with pytest.raises(ConfigError, match="h2d_pinned was not measured.*no accelerator"):
+        cost.copy_s(1 << 20, "h2d")
+
+
+def test_factory_picks_catalog_or_profile_and_explains_gaps():
+    cfg = _cfg(**{"hardware.device_kind": "H100-SXM"})
+    assert isinstance(cost_model(cfg, describe_for(cfg), _profile()), RooflineCost)
+    cfg = _cfg(**{"train.seq_len": 32})
+    with pytest.raises(ConfigError, match="no measurements of model 'tiny'.*seq_len=32.*hetrain profile"):
+        cost_model(cfg, describe_for(cfg), _profile())
+    cfg = _cfg(**{"run.threads": 1})
+    with pytest.raises(ConfigError, match="threads=1"):
+        cost_model(cfg, describe_for(cfg), _profile())
+    with pytest.raises(ConfigError, match="known kinds: V100"):
+        cost_model(_cfg(**{"hardware.device_kind": "Z9000"}), describe_for(_cfg()), None)
+
+
+def test_roofline_by_hand_on_h100():
+    # GPT-2 small block, micro-batch 8 x 1024 tokens, bf16, H100 SXM: 989.4 TFLOP/s, 3350 GB/s.
+    desc = describe_model(get_preset("gpt2-small"), 8, 1024, compute_dtype_bytes=2)
+    cost = RooflineCost(desc, get_kind("H100-SXM"), "bf16")
+    block = desc.blocks[0]
+    # FLOPs/token = 2 * 7,077,888 matmul params + 2 * T * C (causal attention) = 15,728,640.
+    flops = 15_728_640 * 8192
+    compute_s = flops / (989.4e12 * 0.55)                          # 2.368e-4 s: compute-bound
+    memory_s = (7_087_872 * 2 + block.act_bytes_total + 2 * 8192 * 768 * 2) / (3350e9 * 0.75)
+    assert memory_s < compute_s
+    assert cost.fwd_s(block) == pytest.approx(compute_s + 50e-6)
+    assert cost.fwd_s(block) == pytest.approx(2.8678e-4, rel=1e-4)
+    assert cost.bwd_s(block) == pytest.approx(2 * compute_s + 100e-6)
+    assert cost.recompute_s(block) == cost.fwd_s(block)
+
+    # AdamW is memory-bound: 28 bytes per parameter over 75% of 3350 GB/s.
+    assert cost.optimizer_s(10**9, 100) == pytest.approx(28e9 / (3350e9 * 0.75))
+    # CPU Adam is priced on the catalog's 'cpu' host kind (100 GB/s declared).
+    assert cost.optimizer_s(10**9, 100, on="cpu") == pytest.approx(28e9 / (100e9 * 0.75))
+    # PCIe 5.0 x16: 64 GB/s per direction at 80%; pageable at half of that.
+    assert cost.copy_s(10**9, "h2d") == pytest.approx(1e9 / (64e9 * 0.8))
+    assert cost.copy_s(10**9, "d2h", pinned=False) == pytest.approx(1e9 / (64e9 * 0.8 * 0.5))
+    # Ring all-reduce of 1 GB over 8 ranks on a 450 GB/s link: 2*7/8 GB at 70%, 14 hops of 20 us.
+    assert cost.allreduce_s(10**9, 8, link_bytes_per_s=450e9) == pytest.approx(
+        1.75e9 / (450e9 * 0.7) + 14 * 20e-6)
+
+
+def test_roofline_small_batch_is_memory_bound():
+    desc = describe_model(get_preset("gpt2-small"), 1, 8, compute_dtype_bytes=2)
+    eff = Efficiency(layer_launch_s=0.0)
+    cost = RooflineCost(desc, get_kind("A100-80GB"), "bf16", eff)
+    block = desc.blocks[0]
+    n_bytes = 7_087_872 * 2 + block.act_bytes_total + 2 * 8 * 768 * 2   # weights dominate
+    assert cost.fwd_s(block) == pytest.approx(n_bytes / (2039e9 * 0.75))
+    assert cost.fwd_s(block) > 15_728_640 * 8 / (312e12 * 0.55)
+
+
+def test_roofline_counts_autocast_copies_in_bf16():
+    desc = describe_model(get_preset("tiny"), 4, 32, compute_dtype_bytes=2)
+    block = desc.blocks[0]
+    fp32 = RooflineCost(desc, get_kind("cpu"), "fp32")
+    bf16 = RooflineCost(desc, get_kind("cpu"), "bf16")
+    assert fp32.act_bytes(block) == block.act_bytes_total
+    # tiny: d_model 64, d_ff 256; bf16 copies of 49,152 matmul weights, and two LayerNorms whose
+    # (128 tokens x 64) inputs and (mean, rstd) are fp32 rather than bf16.
+    extra = 49_152 * 2 + 2 * (128 * 64 * 2 + 128 * 2 * 2)
+    assert bf16.act_bytes(block) == block.act_bytes_total + extra

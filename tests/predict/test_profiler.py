@@ -1,0 +1,89 @@
+"""Profiler: a tiny model measured on this machine, the per-machine cache, the wrong-machine error."""
+
+import dataclasses
+import os
+
+import pytest
+
+from hetrain.cli import main
+from hetrain.config import load_config
+from hetrain.errors import ConfigError
+from hetrain.model.describe import describe_model
+from hetrain.model.presets import get_preset
+from hetrain.predict.profiler import (
+    Profile, ProfileOptions, describe_machine, load_profile, machine_fingerprint, measure_collective,
+    profile_path, read_profile, require_profile, run_profile, save_profile,
+)
+
+
+def _values(tmp_path) -> dict[str, str]:
+    return {"model.preset": "tiny", "train.micro_batch": "2", "train.seq_len": "16", "run.threads": "2",
+            "hardware.profile_dir": str(tmp_path / "profiles")}
+
+
+def _args(tmp_path) -> list[str]:
+    return [x for k, v in _values(tmp_path).items() for x in (f"--{k}", v)]
+
+
+def test_profile_command_measures_tiny_model_and_caches_it(tmp_path, capsys):
+    assert main(["profile", "--no-collectives", *_args(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "block" in out and "head+loss" in out
+    # A CPU-only machine says plainly which figures it could not measure.
+    assert "not measured on this machine" in out and "copy.h2d_pinned" in out
+
+    profile = load_profile(tmp_path / "profiles")
+    assert profile is not None and profile.device == "cpu"
+    assert profile_path(tmp_path / "profiles", machine_fingerprint()).is_file()
+    assert profile.copy_bytes_per_s == dict.fromkeys(("h2d_pinned", "h2d_pageable", "d2h_pinned", "d2h_pageable"))
+    assert "collective" in profile.unmeasured and profile.collective is None
+    assert set(profile.cpu_adam_params_per_s) == set(range(1, (os.cpu_count() or 1) + 1))
+    assert all(rate > 0 for rate in profile.cpu_adam_params_per_s.values())
+    assert profile.optimizer.params_per_s > 0 and profile.clip.params_per_s > 0
+
+    (entry,) = profile.models
+    assert (entry.micro_batch, entry.seq_len, entry.dtype, entry.threads) == (2, 16, "fp32", 2)
+    for timing in (entry.embedding, entry.block, entry.head):
+        assert timing.fwd_s > 0 and timing.bwd_s > 0 and timing.recompute_s > 0
+    # Saved bytes are the accountant's count, which the description matches exactly in fp32.
+    desc = describe_model(get_preset("tiny"), 2, 16, compute_dtype_bytes=4)
+    assert entry.block.act_bytes == desc.blocks[0].act_bytes_total
+    assert entry.embedding.act_bytes == desc.embedding.act_bytes_total
+    assert entry.head.act_bytes == desc.head.act_bytes_total
+
+
+def test_cache_round_trip_keeps_every_model(tmp_path):
+    options = ProfileOptions(reps=1, warmup=0, collectives=False)
+    cfg = load_config(None, _values(tmp_path))
+    first, _, path = run_profile(cfg, options)
+    # A second shape is added to the same machine file; the first stays.
+    second, entry, path2 = run_profile(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seq_len=8)),
+                                       options)
+    assert path2 == path and len(second.models) == 2
+    loaded = read_profile(path)
+    assert loaded == second
+    assert loaded.find_model(cfg.model, 2, 8, "fp32", 2) == entry
+    # The nearest micro-batch is offered when the exact one was not measured.
+    assert loaded.find_model(cfg.model, 5, 8, "fp32", 2) == entry
+    assert loaded.find_model(cfg.model, 2, 8, "bf16", 2) is None
+
+
+def test_profile_from_another_machine_is_refused(tmp_path):
+    other = {**machine_fingerprint(), "hostname": "other-box", "cpu_model": "Imaginary CPU 9000"}
+    path = save_profile(Profile(machine=other, device="cpu"), tmp_path)
+    with pytest.raises(ConfigError) as err:
+        read_profile(path)
+    message = str(err.value)
+    assert "other-box" in message and describe_machine(machine_fingerprint()) in message
+    assert "re-run `hetrain profile`" in message
+    # Looking for this machine's profile names the machines the folder does have.
+    with pytest.raises(ConfigError, match="only holds profiles of other-box.*hetrain profile"):
+        require_profile(tmp_path)
+    assert load_profile(tmp_path) is None
+
+
+def test_gloo_all_reduce_between_two_local_processes():
+    result = measure_collective(ProfileOptions(reps=2, warmup=0))
+    assert result["backend"] == "gloo" and result["world_size"] == 2
+    seconds = result["seconds_by_bytes"]
+    assert len(seconds) == 3 and all(s > 0 for s in seconds.values())
