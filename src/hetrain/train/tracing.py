@@ -116,6 +116,9 @@ class StepTracer:
             torch.cuda.synchronize()
         out = [TraceEvent(name, lane, self.clock.seconds(a), self.clock.seconds(b), cat, {"step": step})
                for name, lane, cat, a, b, step in self._pending]
+        t0 = min((e.start_s for e in out), default=0.0)  # time 0 is the first traced event
+        for e in out:
+            e.start_s, e.end_s = e.start_s - t0, e.end_s - t0
         return sorted(out, key=lambda e: e.start_s)
 
     def close(self) -> None:
