@@ -118,6 +118,24 @@ class HardwareConfig:
 
 
 @dataclass
+class MemoryConfig:
+    """Memory budgets the offload planner must respect."""
+
+    device_budget: str = ""
+    """Device memory the plan may use, e.g. '24GiB', '512MiB' or a byte count; '' means all of the GPU's memory, or no limit on CPU (plain training)."""
+    host_budget: str = ""
+    """Host RAM the plan may pin for weights and optimizer state; '' means 80% of this machine's RAM."""
+
+
+@dataclass
+class PlanConfig:
+    """Which plan runs."""
+
+    file: str = ""
+    """A plan.json (from `hetrain plan`) to run as is, without re-planning; '' plans automatically."""
+
+
+@dataclass
 class HFConfig:
     """A Hugging Face transformers causal LM instead of a hetrain preset (needs `pip install 'hetrain[hf]'`)."""
 
@@ -133,6 +151,8 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     log: LogConfig = field(default_factory=LogConfig)
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
     hf: HFConfig = field(default_factory=HFConfig)
 
 
@@ -291,8 +311,32 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.dtype must be 'fp32' or 'bf16', got '{t.dtype}'")
     if cfg.run.device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"run.device must be 'auto', 'cpu' or 'cuda', got '{cfg.run.device}'")
+    parse_bytes("memory.device_budget", cfg.memory.device_budget)
+    parse_bytes("memory.host_budget", cfg.memory.host_budget)
+    if cfg.plan.file and not Path(cfg.plan.file).expanduser().is_file():
+        raise ConfigError(f"plan file '{cfg.plan.file}' does not exist; make one with `hetrain plan` or drop --plan.file")
     if t.min_lr > t.lr:
         raise ConfigError(f"train.min_lr={t.min_lr} is above train.lr={t.lr}; lower --train.min_lr")
+
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(key: str, text: str) -> int | None:
+    """'24GiB' -> 25769803776; '' -> None (no explicit budget). ConfigError naming `key` otherwise."""
+    norm = text.strip().lower().replace("_", "").replace(" ", "")
+    if not norm:
+        return None
+    number = norm.rstrip("kmgtib")
+    unit = norm[len(number):]
+    try:
+        value = float(number) * _UNITS[unit]
+    except (ValueError, KeyError):
+        raise ConfigError(f"{key} expects a size such as '24GiB', '512MiB' or a byte count, got '{text}'") from None
+    if value <= 0:
+        raise ConfigError(f"{key} must be positive, got '{text}'")
+    return int(value)
 
 
 def to_dict(cfg: Config) -> dict:
