@@ -1,0 +1,605 @@
+"""The offload engine: runs training steps of a GPT under an OffloadPlan on one device.
+
+`apply_plan(model, plan, optim_cfg, device)` takes a freshly built fp32 GPT and returns an
+OffloadEngine that owns it until `close()`. Per layer, the parameters become either plain fp32
+device parameters (a "native" layer: weights and optimizer on the device, fp32 compute, no
+extra work) or a flat compute-dtype copy, resident or streamed (weights.py), with fp32
+masters and Adam state on the device or on the host (cpu_optim.py); chosen blocks recompute
+their activations (checkpointing.py). `train_step(batches, lr, grad_clip)` is one optimizer
+step with gradient accumulation and global-norm clipping; it gives the losses and parameters
+of the textbook loop (fused AdamW, weight decay on matrices only, clip_grad_norm_). Every
+byte held on the device is counted (ledger.py) and the plan's budget is enforced. The engine
+drives the layers itself (`model.embed`, each of `model.blocks`, `model.head`), so it must not
+be used on models without that interface, and nothing else may call the model while applied.
+
+Global-norm clipping needs every gradient before any update. With grad_clip > 0 the per-
+parameter norms are taken as each layer's gradient completes (on the host for host-optimised
+layers), and the CPU updates start when backward ends, lowest layer first; the cost is that no
+update overlaps the backward of the same step, while the next step's forward still overlaps
+the updates of deeper layers. With grad_clip <= 0 a layer's CPU update starts the moment its
+last gradient lands, during backward. Either way the arithmetic is clip_grad_norm_'s.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from hetrain.hardware.probe import probe
+from hetrain.model.describe import block_act_bytes
+from hetrain.offload.checkpointing import DeviceLedger, apply_recompute
+from hetrain.offload.cpu_optim import CpuOptimizerWorker, HostLayer, OptimConfig, make_adamw, set_lr
+from hetrain.offload.weights import (Binding, FlatWeights, WeightStreamer, copy_async, host_empty, install,
+                                     slot_views, uninstall)
+from hetrain.plan.offload_plan import LayerPlan, OffloadPlan
+from hetrain.predict.trace import TraceEvent
+from hetrain.train.metrics import fmt_bytes
+
+
+@dataclass
+class StepStats:
+    loss: float
+    """Sum over micro-batches of loss / n_micro (the trainer's logged loss)."""
+    grad_norm: float
+    """Global gradient norm before clipping."""
+    peak_device_bytes: int
+    """Peak accounted device bytes during this step."""
+    step_s: float
+    update_wait_s: float
+    """Time this step's forward waited for the previous step's updates to land."""
+
+
+@dataclass
+class _Layer:
+    index: int
+    plan: LayerPlan
+    owned: list[tuple[str, nn.Parameter]]
+    """(fqn, parameter) this layer owns, in model.named_parameters() order."""
+    native: bool
+    flat: FlatWeights | None = None
+    host: HostLayer | None = None
+    master: torch.Tensor | None = None
+    """Managed layers with the optimizer on the device: the fp32 master flat there."""
+    master_grad: torch.Tensor | None = None
+    bindings: tuple = ()
+    reads: tuple = ()
+    """Flats this layer's compute reads: its own and borrowed (a tied embedding)."""
+    streamed: tuple = ()
+    recompute: bool = False
+    grads_seen: int = 0
+
+    @property
+    def name(self) -> str:
+        return self.plan.name
+
+
+def apply_plan(model: nn.Module, plan: OffloadPlan, optim_cfg: OptimConfig, device: torch.device | str,
+               compute_dtype: torch.dtype = torch.float32, trace: bool = False) -> "OffloadEngine":
+    """Apply `plan` to `model` (fp32, unmodified) and return the engine that trains it.
+
+    The order is fixed, each step relying on the one before:
+    1. check the plan against the model, the device budget and host RAM, before allocating;
+    2. placement: native parameters move to the device; managed layers get their flat compute
+       copy, fp32 masters and host stores, and their module attributes become views; every
+       later step refers to parameters where they finally live;
+    3. optimizers: fused AdamW on the device over native parameters and device masters, one per
+       host-optimised layer on the host, and the worker thread that runs those;
+    4. gradient hooks on the final leaves (native parameters, flat compute copies);
+    5. recomputation, last and innermost: it wraps only the block's own forward, so a
+       recompute re-runs the block's math and none of the engine's fetch or release work,
+       which the backward hooks do once per layer.
+    Saved-tensor accounting wraps each forward and backward in `train_step`.
+    """
+    return OffloadEngine(model, plan, optim_cfg, torch.device(device), compute_dtype, trace)
+
+
+def _layer_of(module_name: str, last: int) -> int:
+    if module_name.startswith("blocks."):
+        return int(module_name.split(".")[1]) + 1
+    return 0 if module_name in ("tok_emb", "pos_emb") else last
+
+
+class OffloadEngine:
+    """Runs training steps of one model under one plan; see `apply_plan`."""
+
+    def __init__(self, model, plan, optim_cfg, device, compute_dtype, trace):
+        for attr in ("embed", "blocks", "head", "rope", "cfg"):
+            if not hasattr(model, attr):
+                raise ValueError(f"the offload engine drives hetrain's GPT (embed, blocks, head); this model has "
+                                 f"no '{attr}'")
+        plan.validate(len(model.blocks))
+        self.model, self.plan, self.device, self.dtype = model, plan, device, compute_dtype
+        self.cuda = device.type == "cuda"
+        self.streams = {"h2d": torch.cuda.Stream(device), "d2h": torch.cuda.Stream(device)} if self.cuda else {}
+        self.trace: list[TraceEvent] | None = [] if trace else None
+        self._t0 = time.perf_counter()
+        self._threads_before = torch.get_num_threads()
+        if optim_cfg.cpu_threads > 0:
+            torch.set_num_threads(optim_cfg.cpu_threads)
+        self.optim_cfg = optim_cfg
+        self.step = 0
+        self._wait_s, self._last_micro = 0.0, True
+        self._closed = False
+        self._handles = []
+
+        last = len(model.blocks) + 1
+        self.layers = [_Layer(i, lp, [], lp.weights == "device" and lp.optim == "device"
+                              and compute_dtype == torch.float32) for i, lp in enumerate(plan.layers)]
+        homes: dict[int, list[tuple[nn.Module, str, int]]] = {}
+        for mod_name, module in model.named_modules():
+            for attr, p in module._parameters.items():
+                if p is not None:
+                    homes.setdefault(id(p), []).append((module, attr, _layer_of(mod_name, last)))
+        self._names = [name for name, _ in model.named_parameters()]
+        self._aliases = {n: n for n in self._names}  # state_dict key -> owning fqn
+        params = dict(model.named_parameters())
+        self._name_of = {id(p): name for name, p in params.items()}
+        for name, p in params.items():
+            self.layers[homes[id(p)][0][2]].owned.append((name, p))
+        for key, t in model.state_dict(keep_vars=True).items():
+            for name, p in params.items():
+                if t is p:
+                    self._aliases[key] = name
+        self._homes = homes
+        self._check_host_ram()
+
+        # 2. placement
+        self._originals = []
+        for module in model.modules():
+            for name, b in module._buffers.items():
+                if b is not None:
+                    module._buffers[name] = b.to(device)
+        pin = self.cuda
+        flats = {}
+        for layer in self.layers:
+            if layer.native:
+                for _, p in layer.owned:
+                    p.data = p.data.to(device)
+                continue
+            streamed = layer.plan.weights == "host"
+            layer.flat = flat = FlatWeights(layer.name, layer.owned, compute_dtype, device, streamed)
+            values = [p.detach() for _, p in layer.owned]
+            if layer.plan.optim == "host":
+                layer.host = HostLayer(layer.index, flat, values, optim_cfg, pin, self._record)
+                source = layer.host.upload
+            else:
+                layer.master = torch.zeros(flat.numel, dtype=torch.float32, device=device)
+                with torch.no_grad():
+                    for view, v in zip(slot_views(layer.master, flat.slots), values):
+                        view.copy_(v)
+                source = layer.master
+                if streamed:
+                    flat.host_store = host_empty(flat.numel, compute_dtype, pin)
+            with torch.no_grad():
+                (flat.host_store if streamed else flat.param.data).copy_(source)
+            for j, (_, p) in enumerate(layer.owned):
+                flats[id(p)] = (flat, j)
+                self._originals.append(p)
+                for module, attr, _ in homes[id(p)]:
+                    del module._parameters[attr]
+                p.data = torch.empty(0)
+        for layer in self.layers:  # bindings: every attribute a layer's compute reads from a flat
+            bindings = [Binding(module, attr, *flats[pid]) for pid, places in homes.items() if pid in flats
+                        for module, attr, where in places if where == layer.index]
+            layer.bindings = tuple(bindings)
+            layer.reads = tuple({id(b.flat): b.flat for b in bindings}.values())
+            layer.streamed = tuple(f for f in layer.reads if f.streamed)
+            layer.recompute = layer.plan.act == "recompute"
+        streamed_flats = [layer.flat for layer in self.layers if layer.flat is not None and layer.flat.streamed]
+        need = max((len(layer.streamed) for layer in self.layers), default=0)
+        if need > plan.weight_buffers:
+            raise ValueError(f"plan.weight_buffers={plan.weight_buffers} is too few: the head of a model with tied "
+                             f"embeddings reads the streamed embedding matrix too, so it needs {need} buffers at "
+                             f"once; set weight_buffers >= {need + plan.prefetch_depth}")
+        self.streamer = WeightStreamer(streamed_flats, plan.weight_buffers, device, self.streams.get("h2d"),
+                                       poll=self._poll, on_copy=self._on_copy)
+
+        # 3. optimizers
+        device_params = []
+        for layer in self.layers:
+            if layer.native:
+                device_params += [p for _, p in layer.owned]
+            elif layer.master is not None:
+                layer.master_views = slot_views(layer.master, layer.flat.slots)
+                device_params += layer.master_views
+        self.device_optimizer = make_adamw(device_params, optim_cfg) if device_params else None
+        self.worker = CpuOptimizerWorker() if any(layer.host for layer in self.layers) else None
+
+        # 4. gradient hooks
+        self._counted_grads: set[int] = set()
+        for layer in self.layers:
+            if layer.native:
+                for _, p in layer.owned:
+                    self._handles.append(p.register_post_accumulate_grad_hook(self._native_grad))
+            else:
+                self._handles.append(layer.flat.param.register_post_accumulate_grad_hook(
+                    functools.partial(self._flat_grad, layer)))
+
+        # 5. recomputation
+        self._recompute = apply_recompute(model.blocks, [l.index - 1 for l in self.layers if l.recompute],
+                                          self._on_recompute if trace else None)
+
+        # the ledger, with everything that lives on the device from now on
+        state_keys = set()
+        self.ledger = DeviceLedger(plan.device_budget_bytes, device, self.streamer)
+        for layer in self.layers:
+            resident = [p for _, p in layer.owned] if layer.native else [layer.master]
+            if layer.flat is not None and not layer.flat.streamed:
+                resident.append(layer.flat.param)
+            for t in resident:
+                if t is not None:
+                    state_keys.add(t.untyped_storage().data_ptr())
+                    self.ledger.add("params", t.untyped_storage().nbytes(), f"placing {layer.name}")
+        for b in model.buffers():
+            state_keys.add(b.untyped_storage().data_ptr())
+            self.ledger.add("params", b.untyped_storage().nbytes(), "placing the model's buffers")
+        self.ledger.state_ptrs = state_keys
+        self.ledger.add("weight_buffers", self.streamer.total_bytes, "allocating weight buffers")
+        if self.device_optimizer is not None:
+            state = sum(t.nbytes for s in self.device_optimizer.state.values() for t in s.values())
+            self.ledger.add("optimizer", state, "allocating Adam state on the device")
+        self._uses = [("fwd", l.index) for l in self.layers if l.streamed] + \
+                     [("bwd", l.index) for l in reversed(self.layers[1:]) if l.streamed]
+        self._act_bytes: dict[tuple[int, int], int] = {}
+        self.overall_peak_bytes = self.ledger.peak_bytes
+
+    # --- checks ------------------------------------------------------------------------------
+    def _check_host_ram(self) -> None:
+        need = 0
+        for layer in self.layers:
+            n = sum(p.numel() for _, p in layer.owned)
+            if layer.plan.optim == "host":
+                need += 4 * n * 4  # master, gradient, exp_avg, exp_avg_sq (fp32)
+            if layer.plan.weights == "host" and (layer.plan.optim == "device" or self.dtype != torch.float32):
+                need += n * self.dtype.itemsize
+        have = probe().host_ram_available_bytes
+        if need > have:
+            raise ValueError(f"the plan keeps {fmt_bytes(need)} in host memory but {fmt_bytes(have)} is available; "
+                             f"keep more layers' optimizer on the device, or free host memory")
+
+    def _poll(self) -> None:
+        if self.worker is not None:
+            self.worker.check()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("this OffloadEngine is closed; apply the plan again to train")
+
+    # --- tracing -----------------------------------------------------------------------------
+    def _record(self, name: str, lane: str, start_s: float, end_s: float, cat: str, step: int | None = None) -> None:
+        if self.trace is not None:
+            step = self.step if step is None else step
+            self.trace.append(TraceEvent(name, lane, start_s - self._t0, end_s - self._t0, cat, {"step": step}))
+
+    def _on_copy(self, flat: FlatWeights, start_s: float, end_s: float) -> None:
+        self._record(f"fetch {flat.name}", "h2d", start_s, end_s, "h2d")
+
+    def _on_recompute(self, block: int, start_s: float, end_s: float) -> None:
+        self._record(f"recompute block.{block}", "compute", start_s, end_s, "recompute")
+
+    # --- one layer, forward ------------------------------------------------------------------
+    def _compute_stream(self):
+        return torch.cuda.current_stream(self.device) if self.cuda else None
+
+    def _wait_reads(self, layer: _Layer) -> None:
+        start = time.perf_counter()
+        for flat in layer.reads:
+            if not flat.streamed:
+                flat.landing.wait(self._compute_stream(), self._poll)
+        self._wait_s += time.perf_counter() - start
+
+    def _prefetch_after(self, use: tuple[str, int]) -> None:
+        if self.plan.prefetch_depth == 0 or use not in self._uses:
+            return
+        pos = self._uses.index(use)
+        for j in range(1, self.plan.prefetch_depth + 1):
+            if pos + j >= len(self._uses) and self._last_micro:
+                return  # the next micro-batch is the next step's: its weights are not updated yet
+            _, index = self._uses[(pos + j) % len(self._uses)]
+            for flat in self.layers[index].streamed:
+                if not self.streamer.prefetch(flat):
+                    return
+
+    def _run(self, index: int, fn, *args) -> torch.Tensor:
+        layer = self.layers[index]
+        self._wait_reads(layer)
+        self._wait_s += self._acquire(layer, "fwd")
+        start = time.perf_counter()
+        install(layer.bindings)
+        out = fn(*args)
+        uninstall(layer.bindings)
+        self.streamer.release(layer.streamed, self._compute_stream())
+        self._record(f"fwd {layer.name}", "compute", start, time.perf_counter(), "fwd")
+        if out.requires_grad:
+            out.register_hook(functools.partial(self._backward_begins, index))
+        return out
+
+    def _acquire(self, layer: _Layer, phase: str) -> float:
+        start = time.perf_counter()
+        self.streamer.acquire(layer.streamed, self._compute_stream())
+        waited = time.perf_counter() - start
+        self._prefetch_after((phase, layer.index))
+        return waited
+
+    # --- one layer, backward (tensor hooks on each layer's output) ---------------------------
+    def _backward_begins(self, index: int, grad: torch.Tensor) -> None:
+        if index + 1 < len(self.layers):
+            self._backward_ends(index + 1)  # this output is the next layer's input: its backward is over
+        layer = self.layers[index]
+        if index == 0:
+            return  # the embedding's backward reads token ids, not weights
+        if layer.recompute:
+            self.ledger.add("recompute", self._recompute_bytes, f"recomputing {layer.name}")
+        self._acquire(layer, "bwd")
+        if layer.recompute:
+            install(layer.bindings)  # the recomputation reads the module's attributes
+
+    def _backward_ends(self, index: int) -> None:
+        layer = self.layers[index]
+        if layer.recompute:
+            uninstall(layer.bindings)
+            self.ledger.sub("recompute", self._recompute_bytes)
+        self.streamer.release(layer.streamed, self._compute_stream())
+
+    # --- gradients ---------------------------------------------------------------------------
+    def _native_grad(self, p: torch.Tensor) -> None:
+        if id(p) not in self._counted_grads:
+            self._counted_grads.add(id(p))
+            self.ledger.add("grads", p.grad.untyped_storage().nbytes(), "accumulating gradients")
+
+    def _flat_grad(self, layer: _Layer, leaf: torch.Tensor) -> None:
+        g, leaf.grad = leaf.grad, None
+        layer.grads_seen += 1
+        first, final = layer.grads_seen == 1, layer.grads_seen == self._n_micro
+        self.ledger.add("grads", g.nbytes, f"backward of {layer.name}")
+        if layer.host is not None:
+            layer.host.accumulate(g, first, final, self.worker, self.streams.get("d2h"))
+            if final and not self._clip:
+                self._submit_host_update(layer, None)
+        elif first:
+            layer.master_grad = g.to(torch.float32)
+            if layer.master_grad is not g:
+                self.ledger.add("grads", layer.master_grad.nbytes, f"backward of {layer.name}")
+            for view, gv in zip(layer.master_views, slot_views(layer.master_grad, layer.flat.slots)):
+                view.grad = gv
+            if layer.master_grad is g:
+                return
+        else:
+            layer.master_grad.add_(g)
+        self.ledger.sub("grads", g.nbytes)
+
+    def _submit_host_update(self, layer: _Layer, clip_coef: torch.Tensor | None) -> None:
+        layer.host.submit_update(self.worker, self._lr, clip_coef, self.streams.get("h2d"), self.step)
+
+    def _device_grads(self) -> dict[str, torch.Tensor]:
+        grads = {}
+        for layer in self.layers:
+            if layer.native:
+                grads.update((name, p.grad) for name, p in layer.owned if p.grad is not None)
+            elif layer.master is not None:
+                grads.update((name, v.grad) for (name, _), v in zip(layer.owned, layer.master_views))
+        return grads
+
+    def _global_norm(self, device_grads: dict[str, torch.Tensor]) -> torch.Tensor:
+        """clip_grad_norm_'s total: per-parameter 2-norms, stacked in model order, normed."""
+        norms = {name: torch.linalg.vector_norm(g, 2.0) for name, g in device_grads.items()}
+        for layer in self.layers:
+            if layer.host is not None:
+                norms.update(zip((name for name, _ in layer.owned), layer.host.wait_norms(self.worker)))
+        return torch.linalg.vector_norm(torch.stack([norms[n].to(self.device) for n in self._names]), 2.0)
+
+    # --- the step ----------------------------------------------------------------------------
+    def train_step(self, batches: list[tuple[torch.Tensor, torch.Tensor]], lr: float, grad_clip: float) -> StepStats:
+        """One optimizer step over `batches` (micro-batches of token ids and targets, any device).
+
+        Returns after the device update; the CPU updates may still run (plan.overlap), and the
+        next step's forward waits for each layer's own update.
+        """
+        self._check_open()
+        if not batches:
+            raise ValueError("train_step needs at least one micro-batch")
+        start = time.perf_counter()
+        self._n_micro, self._lr, self._clip, self._wait_s = len(batches), lr, grad_clip > 0, 0.0
+        for layer in self.layers:
+            layer.grads_seen = 0
+        self.ledger.reset_peak()
+        losses = []
+        for m, (x, y) in enumerate(batches):
+            self._last_micro = m == len(batches) - 1
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            with self.ledger.saving():
+                loss = self._forward(x, y) / len(batches)
+                loss.backward()
+            losses.append(loss.detach())
+        grad_norm = self._update(grad_clip)
+        if not self.plan.overlap:
+            self.synchronize()
+        self.step += 1
+        self.overall_peak_bytes = max(self.overall_peak_bytes, self.ledger.peak_bytes)
+        return StepStats(loss=sum(loss.item() for loss in losses), grad_norm=grad_norm.item(),
+                         peak_device_bytes=self.ledger.peak_bytes, step_s=time.perf_counter() - start,
+                         update_wait_s=self._wait_s)
+
+    def _forward(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        B, T = x.shape
+        if T > self.model.cfg.max_seq_len:
+            raise ValueError(f"sequence length {T} exceeds model.max_seq_len={self.model.cfg.max_seq_len}")
+        if (B, T) not in self._act_bytes:
+            self._act_bytes[(B, T)] = sum(block_act_bytes(self.model.cfg, B, T, self.dtype.itemsize).values())
+        self._recompute_bytes = self._act_bytes[(B, T)]
+        h = self._run(0, self.model.embed, x)
+        rope = self.model.rope()
+        for i, block in enumerate(self.model.blocks):
+            h = self._run(i + 1, block, h, rope)
+        return self._run(len(self.layers) - 1, self.model.head, h, y)
+
+    def _update(self, grad_clip: float) -> torch.Tensor:
+        """Clip, queue the CPU updates (lowest layer first), step the device optimizer."""
+        self.streamer.invalidate()
+        device_grads = self._device_grads()
+        total = self._global_norm(device_grads)
+        coef = None
+        if self._clip:
+            coef = torch.clamp(grad_clip / (total + 1e-6), max=1.0)
+            coef_host = coef.to("cpu")
+            for layer in self.layers:
+                if layer.host is not None:
+                    self._submit_host_update(layer, coef_host)
+        if self.device_optimizer is not None:
+            start = time.perf_counter()
+            with torch.no_grad():
+                if coef is not None:
+                    for g in device_grads.values():
+                        g.mul_(coef)
+                set_lr(self.device_optimizer, self._lr)
+                self.device_optimizer.step()
+                for layer in self.layers:
+                    if layer.master is not None:
+                        self._refresh_from_device_master(layer)
+            self._record("update device", "compute", start, time.perf_counter(), "optim")
+        self._zero_device_grads()
+        return total
+
+    def _refresh_from_device_master(self, layer: _Layer) -> None:
+        flat = layer.flat
+        if flat.streamed:
+            d2h = self.streams.get("d2h")
+            if d2h is not None:
+                d2h.wait_stream(self._compute_stream())
+            flat.landing.land(copy_async(flat.host_store, layer.master, d2h))
+        else:
+            with torch.no_grad():
+                flat.param.data.copy_(layer.master)
+
+    def _zero_device_grads(self) -> None:
+        for layer in self.layers:
+            if layer.native:
+                for _, p in layer.owned:
+                    if p.grad is not None:
+                        self.ledger.sub("grads", p.grad.untyped_storage().nbytes())
+                        p.grad = None
+            elif layer.master_grad is not None:
+                self.ledger.sub("grads", layer.master_grad.nbytes)
+                layer.master_grad = None
+                for view in layer.master_views:
+                    view.grad = None
+        self._counted_grads.clear()
+
+    # --- outside the step --------------------------------------------------------------------
+    @property
+    def peak_device_bytes(self) -> int:
+        """Peak accounted device bytes since the engine was made."""
+        return max(self.overall_peak_bytes, self.ledger.peak_bytes)
+
+    def synchronize(self) -> None:
+        """Wait until every queued CPU update and device copy has landed."""
+        if self.worker is not None:
+            self.worker.drain()
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+
+    @torch.no_grad()
+    def evaluate(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+        """Mean loss over `batches` with the current weights (waits for pending updates per layer)."""
+        self._check_open()
+        self._last_micro, self._wait_s, total = True, 0.0, 0.0
+        for x, y in batches:
+            total += self._forward(x.to(self.device), y.to(self.device)).item()
+        return total / len(batches)
+
+    def _masters(self):
+        """(fqn, fp32 master tensor, its optimizer) for every parameter, in model order."""
+        for layer in self.layers:
+            names = [name for name, _ in layer.owned]
+            if layer.native:
+                yield from ((n, p, self.device_optimizer) for n, p in layer.owned)
+            elif layer.host is not None:
+                yield from ((n, v, layer.host.optimizer) for n, v in zip(names, layer.host.master_views))
+            else:
+                yield from ((n, v, self.device_optimizer) for n, v in zip(names, layer.master_views))
+
+    def state_dict(self) -> dict:
+        """The full fp32 model and AdamW state by parameter name, after pending updates land:
+        {"model": {key: tensor}, "optim": {"state": {fqn: {step, exp_avg, exp_avg_sq}},
+        "param_groups": [...]}} (the layout of torch.distributed.checkpoint.state_dict). The
+        tensors are the engine's own: loading into them in place (e.g. dcp.load) and then
+        calling load_state_dict refreshes the compute copies."""
+        self._check_open()
+        self.synchronize()
+        masters, state = {}, {}
+        for name, t, opt in self._masters():
+            masters[name] = t.detach()
+            state[name] = dict(opt.state[t])
+        cfg = self.optim_cfg
+        groups = [{"lr": getattr(self, "_lr", 0.0), "betas": (cfg.beta1, cfg.beta2), "eps": cfg.eps,
+                   "weight_decay": wd, "params": [n for n, t in masters.items() if (t.dim() >= 2) == decay]}
+                  for wd, decay in ((cfg.weight_decay, True), (0.0, False))]
+        return {"model": {key: masters[name] for key, name in self._aliases.items()},
+                "optim": {"state": state, "param_groups": groups}}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Copy a state_dict() (from this engine, another plan, or plain training) into the
+        masters and Adam state, and refresh every compute copy."""
+        own = self.state_dict()
+        for part in ("model", "optim"):
+            if part not in state:
+                raise KeyError(f"the state has no '{part}' entry; pass what OffloadEngine.state_dict() returns")
+        missing = [k for k in own["model"] if k not in state["model"]]
+        missing += [f"optim.{n}" for n in own["optim"]["state"] if n not in state["optim"]["state"]]
+        if missing:
+            raise KeyError(f"the state lacks {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+        with torch.no_grad():
+            for key, t in own["model"].items():
+                t.copy_(state["model"][key])
+            for name, entries in own["optim"]["state"].items():
+                for k, t in entries.items():
+                    t.copy_(state["optim"]["state"][name][k])
+            for layer in self.layers:
+                if layer.host is not None:
+                    layer.host.refresh(self.streams.get("h2d"))
+                elif layer.master is not None:
+                    self._refresh_from_device_master(layer)
+        self.streamer.invalidate()
+        self.synchronize()
+
+    def close(self) -> None:
+        """Wait for pending updates, stop the worker, remove hooks and wrappers, and give the
+        model back as plain fp32 parameters on the CPU holding the trained values."""
+        if self._closed:
+            return
+        try:
+            self.synchronize()
+        finally:
+            self._closed = True
+            if self.worker is not None:
+                self.worker.close()
+            for handle in self._handles:
+                handle.remove()
+            self._handles.clear()
+            self._recompute.remove()
+            with torch.no_grad():
+                values = {name: t.detach().to("cpu", copy=True) for name, t, _ in self._masters()}
+                for name, p in self.model.named_parameters():
+                    p.data = values[name]
+                for p in self._originals:
+                    p.data = values[self._name_of[id(p)]]
+                    for module, attr, _ in self._homes[id(p)]:
+                        module.__dict__.pop(attr, None)
+                        module._parameters[attr] = p
+            for module in self.model.modules():
+                for name, b in module._buffers.items():
+                    if b is not None:
+                        module._buffers[name] = b.to("cpu")
+            if torch.get_num_threads() != self._threads_before:
+                torch.set_num_threads(self._threads_before)
+
+    def __enter__(self) -> "OffloadEngine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
