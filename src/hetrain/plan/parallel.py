@@ -1,0 +1,188 @@
+"""HETHUB-style cluster planner: the fastest hybrid-parallel plan for a cluster of mixed accelerators.
+
+`plan_cluster` checks the input, searches the plan space (hetrain.plan.parallel_search)
+under the cluster predictor (hetrain.plan.parallel_predict), predicts the chosen plan with
+the discrete-event simulator, and measures it against the upper bound: the sum over device
+kinds of the tokens/s that the best plan for that kind's devices alone reaches.
+`run_cluster_planning` is what `hetrain plan --cluster FILE` calls: it also writes
+plan.json, report.txt and timeline.png. This module plans, predicts and explains; it must
+not execute a plan.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+
+from hetrain.errors import ConfigError
+from hetrain.hardware.cluster import Cluster, cluster_to_dict, load_cluster
+from hetrain.model.describe import describe_model
+from hetrain.model.gpt import ModelConfig
+from hetrain.plan.parallel_cost import CostContext, PredictorOptions
+from hetrain.plan.parallel_plan import ClusterPlan, PipelinePlan, StagePlan
+from hetrain.plan.parallel_predict import PipelineShape, build_stages, predict_plan
+from hetrain.plan.parallel_report import format_report, write_timeline
+from hetrain.plan.parallel_search import Candidate, SearchOptions, divisors, search, split_blocks
+
+__all__ = ["ClusterPlan", "PredictorOptions", "SearchOptions", "plan_cluster", "run_cluster_planning",
+           "format_report", "load_plan", "repredict"]
+
+
+def _context(model_cfg: ModelConfig, cluster: Cluster, seq_len: int, options: PredictorOptions) -> CostContext:
+    try:
+        desc = describe_model(model_cfg, 1, seq_len)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    return CostContext(desc, cluster, options)
+
+
+def _to_plan(cand: Candidate, ctx: CostContext, model_cfg: ModelConfig, global_batch: int) -> ClusterPlan:
+    pipelines = []
+    for p in cand.pipelines:
+        stages, first = [], 0
+        for s, (st, n, r) in enumerate(zip(p.stages, p.n_blocks, p.n_recompute)):
+            stages.append(StagePlan(st.group, st.kind, st.tp, first, n, r, st.embedding, st.head))
+            first += n
+        pipelines.append(PipelinePlan(list(p.shape.groups), list(p.shape.tps), p.shape.dp,
+                                      p.shape.micro_batch, p.n_microbatches, stages))
+    used = {g for p in pipelines for g in p.groups}
+    return ClusterPlan(
+        model=dataclasses.asdict(model_cfg), cluster=cluster_to_dict(ctx.cluster),
+        global_batch=global_batch, seq_len=ctx.seq_len, options=ctx.options.to_dict(),
+        pipelines=pipelines, idle_groups=[g.name for g in ctx.cluster.groups if g.name not in used])
+
+
+def _devices_to_fit(ctx: CostContext) -> str:
+    """For each kind: how many of its devices (one pipeline, TP = node) would hold the model."""
+    needs = []
+    for group in ctx.cluster.groups:
+        tp = max(t for t in divisors(group.devices_per_node) if ctx.desc.config.n_head % t == 0)
+        found = None
+        for nodes in range(1, ctx.n_blocks + 1):
+            sized = dataclasses.replace(group, nodes=nodes)
+            trial = CostContext(ctx.desc, Cluster("trial", [sized]), ctx.options)
+            n_stages = nodes * group.devices_per_node // tp
+            if n_stages > ctx.n_blocks:
+                break
+            shape = PipelineShape((group.name,), (tp,), 1, 1)
+            if split_blocks(build_stages(trial, shape, n_stages), ctx.n_blocks) is not None:
+                found = nodes
+                break
+        have = f"the cluster has {group.devices}"
+        if found is None:
+            needs.append(f"{group.kind.name}: no count fits (even one block per node of "
+                         f"{group.devices_per_node} does not fit); {have}")
+        else:
+            needs.append(f"{group.kind.name}: at least {found * group.devices_per_node} "
+                         f"({found} nodes of {group.devices_per_node}); {have}")
+    return "; ".join(needs)
+
+
+def _fits_some_batch(ctx: CostContext) -> list[int]:
+    """Data-parallel degrees of one-group pipelines that fit memory at micro-batch 1 (any batch)."""
+    fitting = set()
+    for group in ctx.cluster.groups:
+        for tp in divisors(group.devices_per_node):
+            if ctx.desc.config.n_head % tp:
+                continue
+            for dp in divisors(group.devices // tp):
+                n_stages = group.devices // (dp * tp)
+                if n_stages > ctx.n_blocks or dp in fitting:
+                    continue
+                shape = PipelineShape((group.name,), (tp,), dp, 1)
+                if split_blocks(build_stages(ctx, shape, n_stages), ctx.n_blocks) is not None:
+                    fitting.add(dp)
+    return sorted(fitting)
+
+
+def _search_or_explain(ctx: CostContext, global_batch: int, opts: SearchOptions):
+    cand, stats = search(ctx, global_batch, opts)
+    if cand is not None:
+        return cand, stats
+    name = ctx.desc.config.preset
+    params_b = ctx.desc.total_params / 1e9
+    fitting = _fits_some_batch(ctx)
+    if fitting:
+        raise ConfigError(
+            f"global batch {global_batch} cannot be divided into micro-batches on cluster '{ctx.cluster.name}': "
+            f"plans that fit need data-parallel degree x micro-batch to divide it, with data-parallel "
+            f"degrees {', '.join(map(str, fitting))}; use a multiple of {fitting[0]}")
+    raise ConfigError(
+        f"model '{name}' ({params_b:.1f}B parameters, seq_len {ctx.seq_len}) fits no plan on cluster "
+        f"'{ctx.cluster.name}'; devices of one kind that would hold it: {_devices_to_fit(ctx)}")
+
+
+def plan_cluster(model_cfg: ModelConfig, cluster: Cluster, global_batch: int, seq_len: int,
+                 options: PredictorOptions = PredictorOptions(), search_options: SearchOptions = SearchOptions(),
+                 upper_bound: bool = True) -> ClusterPlan:
+    """The fastest plan found that fits every device; ConfigError when none exists.
+
+    The chosen plan is predicted with the discrete-event simulator (plan.prediction). With
+    `upper_bound`, each device kind's devices are also planned alone for the same batch, and
+    the plan's tokens/s is compared with the sum of theirs (plan.upper_bound).
+    """
+    if global_batch < 1:
+        raise ConfigError(f"global batch must be >= 1, got {global_batch}")
+    start = time.perf_counter()
+    ctx = _context(model_cfg, cluster, seq_len, options)
+    cand, stats = _search_or_explain(ctx, global_batch, search_options)
+    search_s = time.perf_counter() - start
+    plan = _to_plan(cand, ctx, model_cfg, global_batch)
+    prediction, _ = predict_plan(plan, ctx)
+    plan.prediction = prediction.to_dict()
+    plan.search = {"search_s": search_s, "predict_s": time.perf_counter() - start - search_s,
+                   "layouts": stats.layouts, "shapes": stats.shapes, "shapes_split": stats.shapes_split,
+                   "candidates_predicted": stats.candidates_predicted, "refine_moves": stats.refine_moves,
+                   "notes": stats.notes}
+    if upper_bound:
+        ub_start = time.perf_counter()
+        plan.upper_bound = _upper_bound(ctx, global_batch, search_options)
+        plan.upper_bound["efficiency"] = prediction.tokens_per_s / plan.upper_bound["tokens_per_s"]
+        plan.search["upper_bound_s"] = time.perf_counter() - ub_start
+    return plan
+
+
+def _upper_bound(ctx: CostContext, global_batch: int, search_options: SearchOptions) -> dict:
+    """Tokens/s of the best plan of each kind's devices alone (same model and batch), and their sum."""
+    kinds: dict[str, list[str]] = {}
+    for g in ctx.cluster.groups:
+        kinds.setdefault(g.kind.name, []).append(g.name)
+    tokens = global_batch * ctx.seq_len
+    per_kind = {}
+    for kind, names in kinds.items():
+        sub = ctx.cluster.subcluster(names)
+        cand, _ = search(CostContext(ctx.desc, sub, ctx.options), global_batch, search_options)
+        if cand is not None:
+            per_kind[kind] = {"tokens_per_s": tokens / cand.step_s, "fits": True, "step_s": cand.step_s}
+        else:
+            # The kind cannot train the model alone: count what its compute could do at the
+            # predictor's efficiency, so that the sum stays an upper bound.
+            flops_per_s = sum(g.devices * g.kind.peak_flops_per_s(ctx.options.compute_dtype) for g in sub.groups)
+            per_kind[kind] = {"tokens_per_s": flops_per_s * ctx.options.compute_efficiency
+                              / ctx.desc.train_flops_per_token(), "fits": False, "step_s": None}
+    return {"kinds": per_kind, "tokens_per_s": sum(v["tokens_per_s"] for v in per_kind.values())}
+
+
+def repredict(plan: ClusterPlan) -> ClusterPlan:
+    """The same plan with its prediction recomputed from its own data."""
+    prediction, _ = predict_plan(plan)
+    return dataclasses.replace(plan, prediction=prediction.to_dict())
+
+
+def load_plan(path) -> ClusterPlan:
+    return ClusterPlan.load(path)
+
+
+def run_cluster_planning(model_cfg: ModelConfig, cluster_path, global_batch: int, seq_len: int, out_dir) -> ClusterPlan:
+    """Plan for the cluster file and write plan.json, report.txt and timeline.png to out_dir."""
+    cluster = load_cluster(cluster_path)
+    plan = plan_cluster(model_cfg, cluster, global_batch, seq_len)
+    out_dir = os.fspath(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    plan.save(os.path.join(out_dir, "plan.json"))
+    with open(os.path.join(out_dir, "report.txt"), "w", encoding="utf-8") as f:
+        f.write(format_report(plan) + "\n")
+    write_timeline(plan, os.path.join(out_dir, "timeline.png"))
+    return plan
+

@@ -1,0 +1,220 @@
+"""Cost model of the cluster planner: what a layer costs on a device kind, and what links cost.
+
+Compute is a roofline on the catalog peak: a layer's forward takes max(FLOPs / (peak x
+compute_efficiency), bytes touched / (memory bandwidth x memory_bw_efficiency)), its
+backward twice the FLOPs and twice the bytes. Tensor parallelism (Megatron style, with
+sequence parallelism) divides FLOPs, weights and saved activations by the degree and adds
+two all-reduces of the block's output per block in the forward and two in the backward.
+Links are alpha-beta: a message of n bytes takes latency + n / (bandwidth x
+link_efficiency); a ring all-reduce over k ranks moves 2(k-1)/k of the bytes over its
+slowest edge with 2(k-1) latencies. Traffic between groups uses a declared direct link,
+otherwise it is relayed through host memory (device to host, network, host to device, one
+after the other). This module prices single operations; it must not schedule them (the
+pipeline predictor does) nor choose anything (the search does).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from hetrain.hardware.cluster import Cluster, Group
+from hetrain.model.describe import LayerDescription, ModelDescription
+
+
+@dataclass(frozen=True)
+class PredictorOptions:
+    """Efficiency factors and accounting rules of the cluster predictor (saved with each plan)."""
+
+    compute_dtype: str = "bf16"
+    """Dtype whose catalog peak bounds compute (bf16 falls back to fp16 on kinds without it)."""
+    compute_efficiency: float = 0.6
+    """Fraction of the dense peak that a transformer block's kernels reach."""
+    memory_bw_efficiency: float = 0.8
+    """Fraction of the memory bandwidth that memory-bound kernels and the optimizer reach."""
+    link_efficiency: float = 0.8
+    """Fraction of a link's nominal bandwidth that collectives and point-to-point reach."""
+    state_bytes_per_param: int = 18
+    """bf16 weight 2 + fp32 gradient accumulator 4 + fp32 master weight 4 + Adam moments 8."""
+    grad_reduce_bytes_per_param: int = 4
+    """Gradients are reduced across data-parallel replicas in fp32."""
+    optimizer_bytes_per_param: int = 30
+    """Bytes AdamW reads and writes per parameter (grad, master, moments in; master, moments, bf16 weight out)."""
+    memory_reserve_fraction: float = 0.08
+    """Device memory kept free for the runtime, communication buffers and fragmentation."""
+    host_staging_latency_s: float = 20e-6
+    """Extra latency of relaying a message through host memory (two copies and a handoff)."""
+    max_micro_batch: int = 16
+    """Largest micro-batch the search tries (powers of two up to it)."""
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass(frozen=True)
+class LayerCosts:
+    """One layer on one device of a tensor-parallel group, for one micro-batch."""
+
+    fwd_s: float
+    bwd_s: float
+    params: int
+    """Parameters one device holds."""
+    act_bytes: int
+    """Bytes one device saves for backward."""
+    ckpt_bytes: int
+    """Bytes one device keeps instead when the layer is recomputed (its input)."""
+    model_flops: float
+    """Useful forward+backward FLOPs of the whole layer (all TP ranks), for MFU."""
+
+
+@dataclass(frozen=True)
+class Path:
+    """A point-to-point path: a message of n bytes takes latency_s + n * s_per_byte."""
+
+    s_per_byte: float
+    latency_s: float
+
+    def time_s(self, n_bytes: float) -> float:
+        return self.latency_s + n_bytes * self.s_per_byte if n_bytes > 0 else 0.0
+
+
+def ring_allreduce_s(n_bytes: float, n_ranks: int, path: Path) -> float:
+    """Ring all-reduce of n_bytes per rank over n_ranks whose slowest edge is `path`."""
+    if n_ranks <= 1 or n_bytes <= 0:
+        return 0.0
+    return 2 * (n_ranks - 1) * (path.latency_s + n_bytes / n_ranks * path.s_per_byte)
+
+
+@dataclass(frozen=True)
+class StageKit:
+    """Costs of every layer type on one device of `group` at TP degree `tp` and one micro-batch size."""
+
+    group: Group
+    tp: int
+    micro_batch: int
+    block: LayerCosts
+    embedding: LayerCosts
+    head: LayerCosts
+    tied_head_params: int
+    """Parameters the last stage also holds when embeddings are tied and the pipeline has >1 stage."""
+    boundary_bytes: int
+    """Bytes one device sends to the next stage per micro-batch (the activation, split over TP)."""
+    capacity_bytes: int
+    """Device memory a plan may use."""
+
+
+@dataclass
+class CostContext:
+    """Everything the costs depend on besides the plan; caches StageKits for the search."""
+
+    desc: ModelDescription
+    """Description at micro_batch=1; activation bytes scale linearly with the micro-batch."""
+    cluster: Cluster
+    options: PredictorOptions
+    kits: dict = field(default_factory=dict)
+
+    @property
+    def n_blocks(self) -> int:
+        return len(self.desc.blocks)
+
+    @property
+    def seq_len(self) -> int:
+        return self.desc.seq_len
+
+    def kit(self, group: Group, tp: int, micro_batch: int) -> StageKit:
+        key = (group.name, tp, micro_batch)
+        if key not in self.kits:
+            self.kits[key] = _make_kit(self, group, tp, micro_batch)
+        return self.kits[key]
+
+    def intra_path(self, group: Group) -> Path:
+        return Path(1.0 / (group.intra_node_bytes_per_s * self.options.link_efficiency),
+                    group.intra_node_latency_s)
+
+    def inter_path(self, group: Group, sharing_devices: float) -> Path:
+        """Between nodes of one group, when `sharing_devices` of a node send at once."""
+        bw = group.inter_node_bytes_per_s / max(sharing_devices, 1.0) * self.options.link_efficiency
+        return Path(1.0 / min(bw, group.intra_node_bytes_per_s * self.options.link_efficiency),
+                    group.inter_node_latency_s)
+
+    def cross_path(self, a: Group, b: Group) -> Path:
+        """From a device of group a to one of group b: a direct link, or relayed via host memory."""
+        eff = self.options.link_efficiency
+        link = self.cluster.link_between(a.name, b.name)
+        if link is not None:
+            per_device = link.bytes_per_s / max(a.devices_per_node, b.devices_per_node)
+            return Path(1.0 / (per_device * eff), link.latency_s)
+        net = min(a.inter_node_bytes_per_s / a.devices_per_node, b.inter_node_bytes_per_s / b.devices_per_node)
+        s_per_byte = (1.0 / a.kind.host_link_bytes_per_s + 1.0 / net + 1.0 / b.kind.host_link_bytes_per_s) / eff
+        latency_s = max(a.inter_node_latency_s, b.inter_node_latency_s) + self.options.host_staging_latency_s
+        return Path(s_per_byte, latency_s)
+
+
+def _layer_costs(ctx: CostContext, layer: LayerDescription, group: Group, tp: int, micro_batch: int,
+                 fwd_allreduces: int, bwd_allreduces: int, allreduce_s: float) -> LayerCosts:
+    opts, kind = ctx.options, group.kind
+    tokens = micro_batch * ctx.seq_len
+    flops_per_s = kind.peak_flops_per_s(opts.compute_dtype) * opts.compute_efficiency
+    bytes_per_s = kind.mem_bw_bytes_per_s * opts.memory_bw_efficiency
+    act_bytes = layer.act_bytes_total * micro_batch // tp
+    touched_bytes = layer.params * ctx.desc.compute_dtype_bytes / tp + act_bytes
+    fwd_s = max(layer.fwd_flops_per_token * tokens / tp / flops_per_s, touched_bytes / bytes_per_s)
+    bwd_s = max(layer.bwd_flops_per_token * tokens / tp / flops_per_s, 2 * touched_bytes / bytes_per_s)
+    return LayerCosts(
+        fwd_s=fwd_s + fwd_allreduces * allreduce_s,
+        bwd_s=bwd_s + bwd_allreduces * allreduce_s,
+        params=-(-layer.params // tp),
+        act_bytes=act_bytes,
+        ckpt_bytes=ctx.desc.embedding.boundary_bytes * micro_batch // tp,
+        model_flops=(layer.fwd_flops_per_token + layer.bwd_flops_per_token) * tokens,
+    )
+
+
+def _make_kit(ctx: CostContext, group: Group, tp: int, micro_batch: int) -> StageKit:
+    desc = ctx.desc
+    boundary_bytes = desc.embedding.boundary_bytes * micro_batch
+    # Megatron TP: the attention and MLP outputs are all-reduced in forward (g), the inputs'
+    # gradients in backward (f); inside one node over its fast links.
+    tp_allreduce_s = ring_allreduce_s(boundary_bytes, tp, ctx.intra_path(group))
+    tied = desc.config.tie_embeddings
+    return StageKit(
+        group=group, tp=tp, micro_batch=micro_batch,
+        block=_layer_costs(ctx, desc.blocks[0], group, tp, micro_batch, 2, 2, tp_allreduce_s),
+        embedding=_layer_costs(ctx, desc.embedding, group, tp, micro_batch, 1, 0, tp_allreduce_s),
+        head=_layer_costs(ctx, desc.head, group, tp, micro_batch, 0, 1, tp_allreduce_s),
+        tied_head_params=-(-desc.config.vocab_size * desc.config.d_model // tp) if tied else 0,
+        boundary_bytes=boundary_bytes // tp,
+        capacity_bytes=int(group.kind.memory_bytes * (1.0 - ctx.options.memory_reserve_fraction)),
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# Placement inside a group. A group's devices are numbered node by node. A pipeline that
+# uses `stages` stages of the group, replicated `dp` times at TP degree `tp`, puts local
+# stage j, replica r, TP rank k on device (j * dp + r) * tp + k: TP ranks are adjacent (one
+# node, since tp divides devices_per_node), then the data-parallel replicas of a stage
+# (Megatron's tp-dp-pp order), so gradient rings stay inside a node when they can.
+
+def _nodes_spanned(first: int, count: int, per_node: int) -> int:
+    return (first + count - 1) // per_node - first // per_node + 1
+
+
+def dp_path(ctx: CostContext, group: Group, dp: int, tp: int, local_stage: int) -> Path:
+    """Slowest edge of the gradient ring of one stage's `dp` replicas."""
+    dpn = group.devices_per_node
+    first = local_stage * dp * tp
+    if _nodes_spanned(first, dp * tp, dpn) == 1:
+        return ctx.intra_path(group)
+    # Ring members per node: the fewest in any node the ring touches. Each ring crossing a
+    # node boundary uses one share of that node's network, shared by the node's rings.
+    head = (dpn - first % dpn) // tp
+    tail = ((first + dp * tp - 1) % dpn + 1) // tp
+    members = max(1, min(head, tail, dpn // tp))
+    return ctx.inter_path(group, dpn / members)
+
+
+def pp_path(ctx: CostContext, group: Group, dp: int, tp: int, local_stage: int) -> Path:
+    """From local stage j to j+1 of the same group (the slowest replica's pair)."""
+    dpn = group.devices_per_node
+    if _nodes_spanned(local_stage * dp * tp, 2 * dp * tp, dpn) == 1:
+        return ctx.intra_path(group)
+    return ctx.inter_path(group, dpn)  # every device of the node may be sending at once

@@ -1,0 +1,102 @@
+"""The cluster Plan format: plain dataclasses that save to JSON and load back.
+
+A ClusterPlan is everything needed to re-predict (and later to execute) a hybrid-parallel
+plan without re-planning: the model shape, the cluster (as data, so the plan travels
+without its cluster file), the batch shape, the predictor's options, and one PipelinePlan
+per pipeline shape, each replicated `dp` times, with its stages in order. The predicted
+figures are stored too, for reading; loading re-predicts and they must agree. This module
+only holds and converts data: it must not predict or search.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+
+PLAN_FORMAT = "hetrain.cluster_plan/1"
+
+
+@dataclass
+class StagePlan:
+    """One pipeline stage: a contiguous run of blocks on `tp` devices of one group."""
+
+    group: str
+    kind: str
+    tp: int
+    first_block: int
+    n_blocks: int
+    n_recompute_blocks: int
+    """How many of the stage's blocks drop their activations and recompute them in backward."""
+    embedding: bool = False
+    head: bool = False
+
+
+@dataclass
+class PipelinePlan:
+    """A pipeline shape replicated `dp` times; each replica takes micro_batch x n_microbatches samples."""
+
+    groups: list[str]
+    """Groups in stage order; each group's stages are contiguous."""
+    tp: list[int]
+    """Tensor-parallel degree per group of `groups`."""
+    dp: int
+    micro_batch: int
+    n_microbatches: int
+    stages: list[StagePlan]
+
+    @property
+    def samples_per_step(self) -> int:
+        return self.dp * self.micro_batch * self.n_microbatches
+
+    @property
+    def devices(self) -> int:
+        return self.dp * sum(s.tp for s in self.stages)
+
+
+@dataclass
+class ClusterPlan:
+    model: dict
+    """ModelConfig fields."""
+    cluster: dict
+    """The cluster as cluster-file data (hetrain.hardware.cluster.cluster_to_dict)."""
+    global_batch: int
+    seq_len: int
+    options: dict
+    """PredictorOptions fields."""
+    pipelines: list[PipelinePlan]
+    idle_groups: list[str] = field(default_factory=list)
+    prediction: dict = field(default_factory=dict)
+    """Predicted figures (PlanPrediction.to_dict()), stored for reading."""
+    upper_bound: dict = field(default_factory=dict)
+    """Per kind, the tokens/s of the best plan for that kind's devices alone, and their sum."""
+    search: dict = field(default_factory=dict)
+    """How the plan was found: search time, candidates examined."""
+
+    def to_dict(self) -> dict:
+        return {"format": PLAN_FORMAT, **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_dict(cls, doc: dict) -> "ClusterPlan":
+        doc = dict(doc)
+        fmt = doc.pop("format", PLAN_FORMAT)
+        if fmt != PLAN_FORMAT:
+            raise ValueError(f"not a cluster plan of format {PLAN_FORMAT}: {fmt}")
+        pipelines = [PipelinePlan(**{**p, "stages": [StagePlan(**s) for s in p["stages"]]})
+                     for p in doc.pop("pipelines")]
+        return cls(pipelines=pipelines, **doc)
+
+    def save(self, path) -> None:
+        """Write the plan as JSON (atomically: a temporary file, then a rename)."""
+        path = os.fspath(path)
+        tmp = path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(self.to_dict(), f, indent=1)
+            f.write("\n")
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path) -> "ClusterPlan":
+        with open(os.fspath(path), encoding="utf-8") as f:
+            return cls.from_dict(json.load(f))

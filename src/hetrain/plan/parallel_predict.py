@@ -1,0 +1,415 @@
+"""Predictor for cluster plans: step time, memory per device and a timeline of one step.
+
+A plan is a set of pipelines, each replicated `dp` times. One replica of a pipeline is
+modelled stage by stage (one device of each stage stands for its TP group): forward and
+backward per micro-batch from the cost model, a blocking send of the activation (forward)
+or its gradient (backward) charged to the sending stage, the 1F1B schedule (warm-up
+forwards, one-forward-one-backward, cool-down backwards), then the gradient reduction of
+each stage (a ring over its dp replicas, plus an exchange between pipelines when the plan
+has several) and its optimizer step. Peak memory per device is weights, gradients, master
+weights and Adam state of the stage's layers, plus the activations of the micro-batches in
+flight (1F1B keeps min(m, S - s) of them on stage s), plus one layer's working set. The
+search uses `pipeline_step_s` (a direct recurrence over the schedule) and reporting uses the
+discrete-event simulator on the same tasks; tests hold the two equal. This module predicts
+a given plan: it must not choose anything.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+from hetrain.hardware.cluster import Group, cluster_from_dict
+from hetrain.model.describe import describe_model
+from hetrain.model.gpt import ModelConfig
+from hetrain.plan.parallel_cost import CostContext, Path, PredictorOptions, dp_path, pp_path, ring_allreduce_s
+from hetrain.plan.parallel_plan import ClusterPlan, PipelinePlan, StagePlan
+from hetrain.predict.simulator import Task, simulate
+from hetrain.predict.trace import TraceEvent
+
+
+@dataclass(frozen=True)
+class PipelineShape:
+    """Which groups form a pipeline (in stage order), their TP degrees, replicas and micro-batch."""
+
+    groups: tuple[str, ...]
+    tps: tuple[int, ...]
+    dp: int
+    micro_batch: int
+
+
+@dataclass
+class StageModel:
+    """One stage of one replica as the predictor sees it: per-device costs as functions of its blocks."""
+
+    group: str
+    kind: str
+    tp: int
+    embedding: bool
+    head: bool
+    block_fwd_s: float
+    block_bwd_s: float
+    fixed_fwd_s: float
+    """Embedding/head forward."""
+    fixed_bwd_s: float
+    send_fwd_s: float
+    """Sending one micro-batch's activation to the next stage (0 on the last)."""
+    send_bwd_s: float
+    """Sending one micro-batch's input gradient to the previous stage (0 on the first)."""
+    block_state_bytes: int
+    block_act_bytes: int
+    block_ckpt_bytes: int
+    fixed_state_bytes: int
+    fixed_act_bytes: int
+    workspace_bytes: int
+    inflight: int
+    capacity_bytes: int
+    block_params: int
+    fixed_params: int
+    dp: int
+    dp_path: Path
+    n_pipelines: int
+    cross_path: Path | None
+    grad_bytes_per_param: int
+    optim_s_per_param: float
+    block_model_flops: float
+    fixed_model_flops: float
+
+    def static_bytes(self, n_blocks: int) -> int:
+        return self.fixed_state_bytes + n_blocks * self.block_state_bytes + self.workspace_bytes
+
+    def act_bytes_per_microbatch(self, n_blocks: int, n_recompute: int) -> int:
+        return (self.fixed_act_bytes + (n_blocks - n_recompute) * self.block_act_bytes
+                + n_recompute * self.block_ckpt_bytes)
+
+    def peak_bytes(self, n_blocks: int, n_recompute: int) -> int:
+        return self.static_bytes(n_blocks) + self.inflight * self.act_bytes_per_microbatch(n_blocks, n_recompute)
+
+    def min_recompute(self, n_blocks: int) -> int | None:
+        """Fewest blocks to recompute so the stage fits its device; None when nothing fits."""
+        over = self.peak_bytes(n_blocks, 0) - self.capacity_bytes
+        if over <= 0:
+            return 0
+        saved_per_block = self.inflight * (self.block_act_bytes - self.block_ckpt_bytes)
+        if saved_per_block <= 0:
+            return None
+        r = -(-over // saved_per_block)
+        return r if r <= n_blocks else None
+
+    def max_blocks(self) -> int:
+        """Most blocks that fit with every block recomputed."""
+        room = self.capacity_bytes - self.fixed_state_bytes - self.workspace_bytes - self.inflight * self.fixed_act_bytes
+        per_block = self.block_state_bytes + self.inflight * self.block_ckpt_bytes
+        return max(-1, room // per_block) if room >= 0 else -1
+
+    def fwd_s(self, n_blocks: int) -> float:
+        return self.fixed_fwd_s + n_blocks * self.block_fwd_s + self.send_fwd_s
+
+    def bwd_s(self, n_blocks: int, n_recompute: int) -> float:
+        return self.fixed_bwd_s + n_blocks * self.block_bwd_s + n_recompute * self.block_fwd_s + self.send_bwd_s
+
+    def params(self, n_blocks: int) -> int:
+        return self.fixed_params + n_blocks * self.block_params
+
+    def sync_s(self, n_blocks: int) -> float:
+        grad_bytes = self.params(n_blocks) * self.grad_bytes_per_param
+        sync_s = ring_allreduce_s(grad_bytes, self.dp, self.dp_path)
+        if self.cross_path is not None:
+            sync_s += ring_allreduce_s(grad_bytes / self.dp, self.n_pipelines, self.cross_path)
+        return sync_s
+
+    def optim_s(self, n_blocks: int) -> float:
+        return self.params(n_blocks) * self.optim_s_per_param
+
+
+def stage_counts(ctx: CostContext, shape: PipelineShape) -> list[int]:
+    """Stages each group of the shape contributes (its devices / (dp x tp))."""
+    return [ctx.cluster.group(g).devices // (shape.dp * tp) for g, tp in zip(shape.groups, shape.tps)]
+
+
+def build_stages(ctx: CostContext, shape: PipelineShape, n_microbatches: int,
+                 other_groups: tuple[str, ...] = (), n_pipelines: int = 1) -> list[StageModel]:
+    """The StageModels of one replica.
+
+    `other_groups` are the groups of the plan's other pipelines and `n_pipelines` how many
+    pipelines the plan has: gradients are also exchanged with those, over the slowest path.
+    """
+    opts = ctx.options
+    groups = [ctx.cluster.group(g) for g in shape.groups]
+    counts = stage_counts(ctx, shape)
+    slots: list[tuple[Group, int, int]] = [(g, tp, j) for g, tp, n in zip(groups, shape.tps, counts) for j in range(n)]
+    n_stages = len(slots)
+    others = [ctx.cluster.group(g) for g in other_groups]
+    stages = []
+    for s, (group, tp, j) in enumerate(slots):
+        kit = ctx.kit(group, tp, shape.micro_batch)
+        first, last = s == 0, s == n_stages - 1
+        send_fwd = send_bwd = 0.0
+        if not last:
+            nxt_group, nxt_tp, _ = slots[s + 1]
+            path = pp_path(ctx, group, shape.dp, tp, j) if nxt_group is group else ctx.cross_path(group, nxt_group)
+            send_fwd = path.time_s(kit.boundary_bytes * tp / min(tp, nxt_tp))
+        if not first:
+            prv_group, prv_tp, _ = slots[s - 1]
+            path = pp_path(ctx, group, shape.dp, tp, j - 1) if prv_group is group else ctx.cross_path(group, prv_group)
+            send_bwd = path.time_s(kit.boundary_bytes * tp / min(tp, prv_tp))
+        fixed = [layer for layer, on in ((kit.embedding, first), (kit.head, last)) if on]
+        head_params = kit.tied_head_params if (last and n_stages > 1) else 0
+        fixed_params = sum(layer.params for layer in fixed) + head_params
+        cross = None
+        if others:
+            cross = max((ctx.cross_path(group, o) for o in others), key=lambda p: (p.s_per_byte, p.latency_s))
+        stages.append(StageModel(
+            group=group.name, kind=group.kind.name, tp=tp, embedding=first, head=last,
+            block_fwd_s=kit.block.fwd_s, block_bwd_s=kit.block.bwd_s,
+            fixed_fwd_s=sum(layer.fwd_s for layer in fixed), fixed_bwd_s=sum(layer.bwd_s for layer in fixed),
+            send_fwd_s=send_fwd, send_bwd_s=send_bwd,
+            block_state_bytes=kit.block.params * opts.state_bytes_per_param,
+            block_act_bytes=kit.block.act_bytes, block_ckpt_bytes=kit.block.ckpt_bytes,
+            fixed_state_bytes=fixed_params * opts.state_bytes_per_param,
+            fixed_act_bytes=sum(layer.act_bytes for layer in fixed),
+            # One layer's working set in backward (a recomputed block's activations, the
+            # logits' gradient on the last stage) and the send/receive buffers.
+            workspace_bytes=kit.block.act_bytes + (kit.head.act_bytes if last else 0) + 2 * kit.boundary_bytes,
+            inflight=min(n_microbatches, n_stages - s),
+            capacity_bytes=kit.capacity_bytes,
+            block_params=kit.block.params, fixed_params=fixed_params,
+            dp=shape.dp, dp_path=dp_path(ctx, group, shape.dp, tp, j),
+            n_pipelines=n_pipelines if others else 1, cross_path=cross,
+            grad_bytes_per_param=opts.grad_reduce_bytes_per_param,
+            optim_s_per_param=opts.optimizer_bytes_per_param / (group.kind.mem_bw_bytes_per_s * opts.memory_bw_efficiency),
+            block_model_flops=kit.block.model_flops,
+            fixed_model_flops=sum(layer.model_flops for layer in fixed),
+        ))
+    return stages
+
+
+def one_f_one_b_orders(n_stages: int, n_microbatches: int) -> list[list[tuple[bool, int]]]:
+    """Per stage, its operations in 1F1B order as (is_forward, micro-batch)."""
+    orders = []
+    for s in range(n_stages):
+        warmup = min(n_stages - s - 1, n_microbatches)
+        ops = [(True, i) for i in range(warmup)]
+        for i in range(n_microbatches - warmup):
+            ops.append((True, warmup + i))
+            ops.append((False, i))
+        ops.extend((False, i) for i in range(n_microbatches - warmup, n_microbatches))
+        orders.append(ops)
+    return orders
+
+
+def one_f_one_b_end_s(fwd_s: list[float], bwd_s: list[float], n_microbatches: int) -> list[float]:
+    """End time of each stage's last operation under 1F1B, sends inside fwd/bwd, from time 0.
+
+    The same schedule as `one_f_one_b_orders`, walked without building it: stage s runs
+    min(S - s - 1, m) warm-up forwards, then a forward whenever it has done as many
+    backwards as forwards beyond the warm-up, else a backward.
+    """
+    n_stages, m = len(fwd_s), n_microbatches
+    f_end = [[-1.0] * m for _ in range(n_stages)]
+    b_end = [[-1.0] * m for _ in range(n_stages)]
+    clock = [0.0] * n_stages
+    n_fwd = [0] * n_stages
+    n_bwd = [0] * n_stages
+    warmup = [min(n_stages - s - 1, m) for s in range(n_stages)]
+    remaining = n_stages * 2 * m
+    sweep = list(range(n_stages))
+    while remaining:
+        progressed = remaining
+        for s in sweep:
+            f_prev = f_end[s - 1] if s > 0 else None
+            b_next = b_end[s + 1] if s < n_stages - 1 else f_end[s]
+            mine_f, mine_b, w, t = f_end[s], b_end[s], warmup[s], clock[s]
+            nf, nb = n_fwd[s], n_bwd[s]
+            f_s, b_s = fwd_s[s], bwd_s[s]
+            while nb < m:
+                if nf < m and nf - w <= nb:
+                    ready = f_prev[nf] if f_prev is not None else 0.0
+                    if ready < 0:
+                        break
+                    t = mine_f[nf] = (t if t > ready else ready) + f_s
+                    nf += 1
+                else:
+                    ready = b_next[nb]
+                    if ready < 0:
+                        break
+                    t = mine_b[nb] = (t if t > ready else ready) + b_s
+                    nb += 1
+                remaining -= 1
+            clock[s], n_fwd[s], n_bwd[s] = t, nf, nb
+        if remaining == progressed:
+            raise RuntimeError("1F1B schedule deadlocked")  # cannot happen for valid inputs
+        sweep.reverse()
+    return clock
+
+
+def pipeline_step_s(stages: list[StageModel], n_blocks: list[int], n_recompute: list[int], n_microbatches: int) -> float:
+    """Step time of one pipeline: 1F1B, then each stage's gradient sync and optimizer step."""
+    fwd = [st.fwd_s(n) for st, n in zip(stages, n_blocks)]
+    bwd = [st.bwd_s(n, r) for st, n, r in zip(stages, n_blocks, n_recompute)]
+    ends = one_f_one_b_end_s(fwd, bwd, n_microbatches)
+    return max(e + st.sync_s(n) + st.optim_s(n) for e, st, n in zip(ends, stages, n_blocks))
+
+
+# ---------------------------------------------------------------------------------------
+# Full prediction of a saved plan, through the discrete-event simulator.
+
+@dataclass
+class StagePrediction:
+    pipeline: int
+    stage: int
+    group: str
+    kind: str
+    tp: int
+    dp: int
+    n_blocks: int
+    n_recompute_blocks: int
+    fwd_s: float
+    """Per micro-batch, including the send to the next stage."""
+    bwd_s: float
+    """Per micro-batch, including recomputation and the send to the previous stage."""
+    sync_s: float
+    optim_s: float
+    peak_bytes: int
+    capacity_bytes: int
+
+
+@dataclass
+class KindPrediction:
+    kind: str
+    devices: int
+    idle_devices: int
+    model_tflops_per_device: float
+    """Useful model FLOP/s (no recomputation) per busy device, in TFLOP/s."""
+    mfu: float
+    """model_tflops_per_device over the kind's dense peak."""
+    peak_bytes: int
+    capacity_bytes: int
+
+
+@dataclass
+class PlanPrediction:
+    step_s: float
+    tokens_per_s: float
+    model_tflops_per_s: float
+    pipeline_step_s: list[float]
+    stages: list[StagePrediction] = field(default_factory=list)
+    kinds: dict[str, KindPrediction] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def context_for(plan: ClusterPlan) -> CostContext:
+    cfg = ModelConfig(**plan.model)
+    desc = describe_model(cfg, 1, plan.seq_len)
+    return CostContext(desc, cluster_from_dict(plan.cluster), PredictorOptions(**plan.options))
+
+
+def shape_of(pipe: PipelinePlan) -> PipelineShape:
+    return PipelineShape(tuple(pipe.groups), tuple(pipe.tp), pipe.dp, pipe.micro_batch)
+
+
+def _pipeline_tasks(p: int, stages: list[StageModel], plans: list[StagePlan], m: int) -> tuple[list[Task], dict, dict]:
+    """Tasks of one replica: per stage a chain in 1F1B order; activations allocate on their stage's pool."""
+    tasks: list[Task] = []
+    lanes = [f"P{p} S{s} {st.group} tp{st.tp}" for s, st in enumerate(stages)]
+    base = {lane: st.static_bytes(sp.n_blocks) for lane, st, sp in zip(lanes, stages, plans)}
+    done_f: dict[tuple[int, int], str] = {}  # (stage, mb) -> task the next stage waits for
+    done_b: dict[tuple[int, int], str] = {}
+    last_on: dict[int, str] = {}
+
+    def add(s: int, name: str, dur: float, deps: list[str], cat: str, **kw) -> str:
+        full = f"P{p}.S{s}.{name}"
+        chain = [last_on[s]] if s in last_on else []
+        tasks.append(Task(full, lanes[s], dur, tuple(chain + deps), cat=cat, **kw))
+        last_on[s] = full
+        return full
+
+    orders = one_f_one_b_orders(len(stages), m)
+    positions = [0] * len(stages)
+    remaining = sum(len(o) for o in orders)
+    while remaining:  # emit in a dependency-respecting order so deps always exist already
+        for s, st in enumerate(stages):
+            sp = plans[s]
+            act = {lanes[s]: st.act_bytes_per_microbatch(sp.n_blocks, sp.n_recompute_blocks)}
+            while positions[s] < len(orders[s]):
+                fwd, i = orders[s][positions[s]]
+                if fwd:
+                    if s > 0 and (s - 1, i) not in done_f:
+                        break
+                    dep = [done_f[(s - 1, i)]] if s > 0 else []
+                    name = add(s, f"F{i}", st.fwd_s(sp.n_blocks) - st.send_fwd_s, dep, "fwd", alloc=act)
+                    if st.send_fwd_s > 0:
+                        name = add(s, f"sendF{i}", st.send_fwd_s, [], "comm")
+                    done_f[(s, i)] = name
+                else:
+                    if s < len(stages) - 1 and (s + 1, i) not in done_b:
+                        break
+                    dep = [done_b[(s + 1, i)]] if s < len(stages) - 1 else []
+                    if sp.n_recompute_blocks:
+                        add(s, f"R{i}", sp.n_recompute_blocks * st.block_fwd_s, dep, "recompute")
+                        dep = []
+                    compute = st.bwd_s(sp.n_blocks, 0) - st.send_bwd_s
+                    name = add(s, f"B{i}", compute, dep, "bwd", free=act)
+                    if st.send_bwd_s > 0:
+                        name = add(s, f"sendB{i}", st.send_bwd_s, [], "comm")
+                    done_b[(s, i)] = name
+                positions[s] += 1
+                remaining -= 1
+    for s, (st, sp) in enumerate(zip(stages, plans)):
+        if st.sync_s(sp.n_blocks) > 0:
+            add(s, "sync", st.sync_s(sp.n_blocks), [], "sync")
+        add(s, "optim", st.optim_s(sp.n_blocks), [], "optim")
+    return tasks, base, dict(zip(lanes, stages))
+
+
+def predict_plan(plan: ClusterPlan, ctx: CostContext | None = None) -> tuple[PlanPrediction, list[TraceEvent]]:
+    """Simulate every pipeline of the plan; the step ends when the slowest pipeline's optimizer does."""
+    ctx = ctx or context_for(plan)
+    opts = ctx.options
+    all_groups = [g for pipe in plan.pipelines for g in pipe.groups]
+    events: list[TraceEvent] = []
+    stage_preds: list[StagePrediction] = []
+    pipe_steps: list[float] = []
+    flops_by_kind: dict[str, float] = {}
+    busy_by_kind: dict[str, int] = {}
+    peak_by_kind: dict[str, tuple[int, int]] = {}
+    for p, pipe in enumerate(plan.pipelines):
+        others = tuple(g for g in all_groups if g not in pipe.groups)
+        stages = build_stages(ctx, shape_of(pipe), pipe.n_microbatches, others, len(plan.pipelines))
+        tasks, base, _ = _pipeline_tasks(p, stages, pipe.stages, pipe.n_microbatches)
+        result = simulate(tasks, base_bytes=base)
+        pipe_steps.append(result.step_s)
+        events.extend(result.events)
+        for s, (st, sp) in enumerate(zip(stages, pipe.stages)):
+            peak = result.peak_bytes[f"P{p} S{s} {st.group} tp{st.tp}"]
+            stage_preds.append(StagePrediction(
+                p, s, st.group, st.kind, st.tp, pipe.dp, sp.n_blocks, sp.n_recompute_blocks,
+                st.fwd_s(sp.n_blocks), st.bwd_s(sp.n_blocks, sp.n_recompute_blocks),
+                st.sync_s(sp.n_blocks), st.optim_s(sp.n_blocks), peak, st.capacity_bytes))
+            samples = pipe.dp * pipe.n_microbatches
+            flops = samples * (sp.n_blocks * st.block_model_flops + st.fixed_model_flops)
+            flops_by_kind[st.kind] = flops_by_kind.get(st.kind, 0.0) + flops
+            busy_by_kind[st.kind] = busy_by_kind.get(st.kind, 0) + pipe.dp * st.tp
+            old = peak_by_kind.get(st.kind, (0, st.capacity_bytes))
+            peak_by_kind[st.kind] = max(old, (peak, st.capacity_bytes), key=lambda x: x[0] / x[1])
+    step_s = max(pipe_steps)
+    devices_by_kind: dict[str, int] = {}
+    kind_of = {g.kind.name: g.kind for g in ctx.cluster.groups}
+    for g in ctx.cluster.groups:
+        devices_by_kind[g.kind.name] = devices_by_kind.get(g.kind.name, 0) + g.devices
+    kinds = {}
+    for kind, total in devices_by_kind.items():
+        busy = busy_by_kind.get(kind, 0)
+        per_device = flops_by_kind.get(kind, 0.0) / step_s / busy if busy else 0.0
+        peak_flops = kind_of[kind].peak_flops_per_s(opts.compute_dtype)
+        peak, cap = peak_by_kind.get(kind, (0, 0))
+        kinds[kind] = KindPrediction(kind, busy, total - busy, per_device / 1e12, per_device / peak_flops, peak, cap)
+    tokens = plan.global_batch * plan.seq_len
+    total_flops = sum(flops_by_kind.values())
+    prediction = PlanPrediction(step_s, tokens / step_s, total_flops / step_s / 1e12, pipe_steps, stage_preds, kinds)
+    if not math.isfinite(step_s):
+        raise ValueError("plan predicts a non-finite step time")
+    return prediction, events

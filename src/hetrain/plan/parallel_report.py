@@ -1,0 +1,81 @@
+"""Human-readable output of a cluster plan: the text report and the timeline PNG.
+
+`format_report` turns a ClusterPlan (with its stored prediction and upper bound) into the
+table a user reads to see what the planner chose and why it is fast; `write_timeline`
+draws one step of every pipeline's first replica, one lane per stage. This module only
+formats and draws: it must not change or re-plan anything (the timeline re-runs the
+predictor to get its events, and nothing else).
+"""
+
+from __future__ import annotations
+
+from hetrain.hardware.catalog import GIB
+from hetrain.plan.parallel_plan import ClusterPlan
+from hetrain.plan.parallel_predict import predict_plan
+
+
+def _si(x: float) -> str:
+    return f"{x:,.0f}"
+
+
+def format_report(plan: ClusterPlan) -> str:
+    """The plan as text: pipelines, stages, per-kind throughput and memory, efficiency, search cost."""
+    pred, model, cluster = plan.prediction, plan.model, plan.cluster
+    n_devices = sum(g["nodes"] * g["devices_per_node"] for g in cluster["group"])
+    lines = [
+        f"Cluster plan: model {model.get('preset', '?')} ({model['n_layer']} blocks, d_model {model['d_model']}), "
+        f"global batch {plan.global_batch} x seq_len {plan.seq_len} on cluster '{cluster['name']}' ({n_devices} devices)",
+        f"Predicted step {pred['step_s']:.3f} s, {_si(pred['tokens_per_s'])} tokens/s, "
+        f"{_si(pred['model_tflops_per_s'])} model TFLOP/s in total",
+    ]
+    ub = plan.upper_bound
+    if ub:
+        parts = []
+        for kind, v in ub["kinds"].items():
+            how = "" if v["fits"] else " (does not fit alone: its compute at the predictor's efficiency)"
+            parts.append(f"{kind} alone {_si(v['tokens_per_s'])}{how}")
+        lines.append(f"Efficiency against the upper bound: {100 * ub['efficiency']:.1f}% "
+                     f"(upper bound {_si(ub['tokens_per_s'])} tokens/s = {' + '.join(parts)})")
+    lines += ["", "Pipelines (each replicated dp times; stages in order)"]
+    for p, pipe in enumerate(plan.pipelines):
+        tps = ", ".join(f"{g} tp {t}" for g, t in zip(pipe.groups, pipe.tp))
+        lines.append(f"  P{p}: {' -> '.join(pipe.groups)}; dp {pipe.dp}; {tps}; {len(pipe.stages)} stages; "
+                     f"micro-batch {pipe.micro_batch} x {pipe.n_microbatches} micro-batches "
+                     f"= {pipe.samples_per_step} samples per step; {pipe.devices} devices; "
+                     f"predicted {pred['pipeline_step_s'][p]:.3f} s")
+    if plan.idle_groups:
+        lines.append(f"  idle groups: {', '.join(plan.idle_groups)}")
+    lines += ["", "Stages (one replica)",
+              "  pipe stage  group        kind          tp  blocks       recomp  fwd ms   bwd ms   sync ms  "
+              "peak GiB / usable"]
+    for st, sp in zip(pred["stages"], (s for pipe in plan.pipelines for s in pipe.stages)):
+        blocks = f"{sp.first_block}-{sp.first_block + sp.n_blocks - 1}" + ("+emb" if sp.embedding else "") \
+            + ("+head" if sp.head else "")
+        lines.append(f"  P{st['pipeline']:<3} S{st['stage']:<4} {st['group']:<12} {st['kind']:<13} {st['tp']:<3} "
+                     f"{blocks:<12} {st['n_recompute_blocks']:<7} {1e3 * st['fwd_s']:<8.1f} "
+                     f"{1e3 * st['bwd_s']:<8.1f} {1e3 * st['sync_s']:<8.1f} "
+                     f"{st['peak_bytes'] / GIB:.1f} / {st['capacity_bytes'] / GIB:.1f}")
+    lines += ["", "Device kinds",
+              "  kind           busy  idle  TFLOP/s/device  MFU     peak memory"]
+    for kind, k in pred["kinds"].items():
+        mem = f"{k['peak_bytes'] / GIB:.1f} of {k['capacity_bytes'] / GIB:.1f} GiB" if k["devices"] else "-"
+        lines.append(f"  {kind:<14} {k['devices']:<5} {k['idle_devices']:<5} "
+                     f"{k['model_tflops_per_device']:<15.1f} {100 * k['mfu']:<6.1f}% {mem}")
+    s = plan.search
+    if s:
+        ub_time = f"; upper-bound searches {s['upper_bound_s']:.2f} s" if "upper_bound_s" in s else ""
+        lines += ["", f"Search: {s['search_s']:.2f} s to find the plan, {s['predict_s']:.2f} s to simulate it"
+                      f"{ub_time}; {s['layouts']} pipeline layouts, {s['shapes']} shapes, {s['shapes_split']} split, "
+                      f"{s['candidates_predicted']} predicted, {s['refine_moves']} refinement moves"]
+        lines += [f"  note: {n}" for n in s.get("notes", [])]
+    return "\n".join(lines)
+
+
+def write_timeline(plan: ClusterPlan, path) -> None:
+    """Draw one predicted step of every pipeline's first replica as a PNG."""
+    from hetrain.predict.trace import plot_timeline
+
+    pred, events = predict_plan(plan)
+    title = (f"{plan.model.get('preset', 'model')} on {plan.cluster['name']}: one step, "
+             f"{pred.step_s:.3f} s predicted (first replica of each pipeline)")
+    plot_timeline(events, path, title)

@@ -1,0 +1,358 @@
+"""Search for the fastest cluster plan that fits memory on every device.
+
+The space: the groups that take part (a group is used whole or not at all) are split into
+pipelines, each an ordered sequence of groups; a pipeline has one TP degree per group
+(dividing the node), a replica count dp that divides every member group evenly (each group
+contributes devices / (dp x tp) stages), a micro-batch size (powers of two) and a number of
+micro-batches; the global batch is shared among pipelines. Each stage takes a contiguous
+run of blocks (the first also the embedding, the last the head) and recomputes the fewest
+blocks its memory demands. The search, per pipeline shape:
+  1. a lower bound (continuous layer split, no memory limit) orders and prunes shapes;
+  2. the layer split minimises the bottleneck stage exactly (greedy levels), then the sum
+     of stage times at that bottleneck; its closed form sum + (m-1) x max + tail is an
+     upper bound of the simulated step;
+  3. the best shapes are predicted with the 1F1B recurrence and refined by moving single
+     blocks between stages (and batch between pipelines) while the prediction improves.
+With several pipelines, the batch split comes from a min-max allocation over per-shape
+time curves. This module searches; it must not predict by any other rule than
+hetrain.plan.parallel_predict.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from hetrain.plan.parallel_cost import CostContext
+from hetrain.plan.parallel_predict import PipelineShape, StageModel, build_stages, pipeline_step_s, stage_counts
+from hetrain.plan.parallel_split import bottleneck_lower_bound_s, closed_form_s, shape_estimate_s, shape_lower_bound_s, split_blocks
+
+
+@dataclass
+class PipelineChoice:
+    shape: PipelineShape
+    n_microbatches: int
+    stages: list[StageModel]
+    n_blocks: list[int]
+    n_recompute: list[int]
+
+
+@dataclass
+class Candidate:
+    pipelines: list[PipelineChoice]
+    bound_s: float
+    """Closed-form upper bound of the step (sum + (m-1) x max + tail, slowest pipeline)."""
+    lower_s: float
+    """Lower bound of the step of any split of these shapes."""
+    step_s: float = math.inf
+    """Predicted step (1F1B recurrence)."""
+
+
+@dataclass
+class SearchStats:
+    layouts: int = 0
+    shapes: int = 0
+    shapes_split: int = 0
+    candidates_predicted: int = 0
+    refine_moves: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------
+# The space.
+
+def divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def pipeline_layouts(group_names: list[str], max_orders: int = 24) -> list[tuple[tuple[str, ...], ...]]:
+    """Every non-empty subset of groups, split into pipelines, each pipeline in every order.
+
+    With many groups the count explodes; beyond `max_orders` orders of one block only the
+    first `max_orders` permutations (in the file's order) are kept.
+    """
+    layouts = []
+    for size in range(1, len(group_names) + 1):
+        for subset in itertools.combinations(group_names, size):
+            for partition in _set_partitions(list(subset)):
+                orders = [list(itertools.islice(itertools.permutations(block), max_orders)) for block in partition]
+                layouts.extend(tuple(choice) for choice in itertools.product(*orders))
+    return layouts
+
+
+def _set_partitions(items: list[str]):
+    if not items:
+        yield []
+        return
+    first, rest = items[0], items[1:]
+    for part in _set_partitions(rest):
+        for i in range(len(part)):
+            yield part[:i] + [[first, *part[i]]] + part[i + 1:]
+        yield [[first], *part]
+
+
+def micro_batches(ctx: CostContext) -> list[int]:
+    out, b = [], 1
+    while b <= ctx.options.max_micro_batch:
+        out.append(b)
+        b *= 2
+    return out
+
+
+def pipeline_shapes(ctx: CostContext, groups: tuple[str, ...]) -> list[PipelineShape]:
+    """All shapes of one pipeline over `groups`: TP per group, dp, micro-batch; at most one stage per block."""
+    gs = [ctx.cluster.group(g) for g in groups]
+    n_head = ctx.desc.config.n_head
+    tp_choices = [[t for t in divisors(g.devices_per_node) if n_head % t == 0] for g in gs]
+    shapes = []
+    for tps in itertools.product(*tp_choices):
+        per = [g.devices // t for g, t in zip(gs, tps)]
+        for dp in divisors(math.gcd(*per)):
+            if sum(p // dp for p in per) > ctx.n_blocks:
+                continue
+            shapes.extend(PipelineShape(groups, tps, dp, b) for b in micro_batches(ctx))
+    return shapes
+
+
+# ---------------------------------------------------------------------------------------
+# Bounds and the layer split.
+
+def choose_pipeline(ctx: CostContext, shape: PipelineShape, m: int, others: tuple[str, ...],
+                    n_pipelines: int) -> PipelineChoice | None:
+    stages = build_stages(ctx, shape, m, others, n_pipelines)
+    split = split_blocks(stages, ctx.n_blocks)
+    if split is None:
+        return None
+    return PipelineChoice(shape, m, stages, *split)
+
+
+def candidate_bound_s(pipes: list[PipelineChoice]) -> float:
+    return max(closed_form_s(p.stages, p.n_blocks, p.n_recompute, p.n_microbatches) for p in pipes)
+
+
+def predict_candidate(c: Candidate) -> float:
+    c.step_s = max(pipeline_step_s(p.stages, p.n_blocks, p.n_recompute, p.n_microbatches) for p in c.pipelines)
+    return c.step_s
+
+
+# ---------------------------------------------------------------------------------------
+# Local refinement under the predictor.
+
+def _block_moves(n: list[int], work: list[float], full: bool) -> list[tuple[int, int]]:
+    S = len(n)
+    if full:
+        return [(i, j) for i in range(S) for j in range(S) if i != j and n[i] > 1]
+    by_work = sorted(range(S), key=lambda s: work[s])
+    heavy, light = by_work[-2:], by_work[:2]
+    moves = {(i, j) for i in heavy for j in {*light, i - 1, i + 1} if 0 <= j < S and j != i and n[i] > 1}
+    return sorted(moves)
+
+
+def refine(c: Candidate, ctx: CostContext, max_rounds: int = 20, full_below_stages: int = 16,
+           moves_predicted: int = 4, stats: SearchStats | None = None) -> Candidate:
+    """Move single blocks between stages of the slowest pipeline while the predicted step improves.
+
+    Each round ranks the possible moves by their closed-form bound, predicts the best
+    `moves_predicted` of them and takes the best improvement.
+    """
+    if not math.isfinite(c.step_s):
+        predict_candidate(c)
+    for _ in range(max_rounds):
+        steps = [pipeline_step_s(p.stages, p.n_blocks, p.n_recompute, p.n_microbatches) for p in c.pipelines]
+        k = max(range(len(steps)), key=lambda i: steps[i])
+        pipe = c.pipelines[k]
+        work = [st.fwd_s(a) + st.bwd_s(a, b) for st, a, b in zip(pipe.stages, pipe.n_blocks, pipe.n_recompute)]
+        ranked = []
+        for i, j in _block_moves(pipe.n_blocks, work, len(pipe.stages) <= full_below_stages):
+            n = list(pipe.n_blocks)
+            n[i] -= 1
+            n[j] += 1
+            r = [st.min_recompute(a) for st, a in zip(pipe.stages, n)]
+            if None not in r:
+                ranked.append((closed_form_s(pipe.stages, n, r, pipe.n_microbatches), len(ranked), n, r))
+        ranked.sort(key=lambda e: (e[0], e[1]))
+        best = (steps[k], None)
+        for _, _, n, r in ranked[:moves_predicted]:
+            if stats:
+                stats.refine_moves += 1
+            step = pipeline_step_s(pipe.stages, n, r, pipe.n_microbatches)
+            if step < best[0] * (1 - 1e-12):
+                best = (step, (n, r))
+        if best[1] is None:
+            break
+        pipe.n_blocks, pipe.n_recompute = best[1]
+        predict_candidate(c)
+    return c
+
+
+# ---------------------------------------------------------------------------------------
+# Several pipelines: share the global batch so that the slowest finishes first.
+
+def allocate_batch(curves: list[np.ndarray], global_batch: int) -> tuple[float, list[int]] | None:
+    """Split global_batch into x_k > 0 (curves[k][x] = time of pipeline k for x samples) minimising the max."""
+    best = curves[0].copy()
+    back: list[np.ndarray] = []
+    for curve in curves[1:]:
+        combined = np.full(global_batch + 1, np.inf)
+        arg = np.zeros(global_batch + 1, dtype=np.int64)
+        for x in range(2, global_batch + 1):
+            y = np.arange(1, x)                        # samples of the pipelines so far
+            values = np.maximum(best[y], curve[x - y])
+            i = int(np.argmin(values))
+            combined[x], arg[x] = values[i], y[i]
+        back.append(arg)
+        best = combined
+    if not np.isfinite(best[global_batch]):
+        return None
+    shares, x = [], global_batch
+    for arg in reversed(back):
+        y = int(arg[x])
+        shares.append(x - y)
+        x = y
+    shares.append(x)
+    return float(best[global_batch]), list(reversed(shares))
+
+
+# ---------------------------------------------------------------------------------------
+# The search.
+
+@dataclass(frozen=True)
+class SearchOptions:
+    """Effort limits of the search (the space itself is fixed by the module docstring)."""
+
+    split_top: int = 400
+    """Single-pipeline shapes split at most (best estimate first; all of them on small clusters)."""
+    predict_top: int = 48
+    """Candidates (best closed-form bound first) predicted with the 1F1B recurrence."""
+    refine_top: int = 4
+    """Best predicted candidates refined by moving blocks."""
+    shapes_per_pipeline: int = 12
+    """With several pipelines: shapes per pipeline kept (best per-sample lower bound first)."""
+
+
+def _single_pipeline_candidates(ctx: CostContext, layouts, global_batch: int, opts: "SearchOptions",
+                                stats: SearchStats) -> list[Candidate]:
+    """Shapes ranked by estimate, split while their lower bound can still beat the best bound found."""
+    entries = []
+    for layout in layouts:
+        for shape in pipeline_shapes(ctx, layout[0]):
+            stats.shapes += 1
+            samples = shape.dp * shape.micro_batch
+            if global_batch % samples:
+                continue
+            m = global_batch // samples
+            lower = shape_lower_bound_s(ctx, shape, m)
+            if math.isfinite(lower):
+                entries.append((shape_estimate_s(ctx, shape, m), len(entries), lower, shape, m))
+    entries.sort(key=lambda e: (e[0], e[1]))
+    pool, best_bound = [], math.inf
+    for i, (_, _, lower, shape, m) in enumerate(entries):
+        if lower >= best_bound:
+            continue
+        if stats.shapes_split == opts.split_top:
+            left = sum(1 for e in entries[i:] if e[2] < best_bound)
+            stats.notes.append(f"split the {opts.split_top} best-estimated shapes; {left} more had a lower "
+                               f"bound under the best found and were not split")
+            break
+        stats.shapes_split += 1
+        choice = choose_pipeline(ctx, shape, m, (), 1)
+        if choice is None:
+            continue
+        cand = Candidate([choice], candidate_bound_s([choice]), lower)
+        best_bound = min(best_bound, cand.bound_s)
+        pool.append(cand)
+    return pool
+
+
+def _multi_pipeline_candidate(ctx: CostContext, layout, global_batch: int, opts: SearchOptions,
+                              best_bound: float, stats: SearchStats) -> Candidate | None:
+    n_pipes = len(layout)
+    n_devices = sum(ctx.cluster.group(g).devices for groups in layout for g in groups)
+    kept: list[list[PipelineShape]] = []
+    best_rate = 0.0  # samples/s the pipelines reach at most together (steady state, lower bound of time)
+    for groups in layout:
+        share = global_batch * sum(ctx.cluster.group(g).devices for g in groups) / n_devices
+        rated, rate = [], 0.0
+        for shape in pipeline_shapes(ctx, groups):
+            stats.shapes += 1
+            samples = shape.dp * shape.micro_batch
+            m_guess = max(1, round(share / samples))
+            estimate = shape_estimate_s(ctx, shape, m_guess)
+            if math.isfinite(estimate):
+                rated.append((estimate / (m_guess * samples), len(rated), shape))
+                rate = max(rate, samples / bottleneck_lower_bound_s(ctx, shape))
+        if not rated:
+            return None
+        rated.sort(key=lambda e: (e[0], e[1]))
+        best_rate += rate
+        kept.append([shape for _, _, shape in rated[:opts.shapes_per_pipeline]])
+    if global_batch / best_rate >= best_bound:
+        return None
+    curves, argmins = [], []
+    for k, shapes in enumerate(kept):
+        others = tuple(g for j, gs in enumerate(layout) if j != k for g in gs)
+        curve = np.full(global_batch + 1, np.inf)
+        arg = np.full(global_batch + 1, -1, dtype=np.int64)
+        for i, shape in enumerate(shapes):
+            samples = shape.dp * shape.micro_batch
+            n_stages = sum(stage_counts(ctx, shape))
+            stats.shapes_split += 1
+            choice = choose_pipeline(ctx, shape, n_stages, others, n_pipes)  # worst-case in-flight memory
+            if choice is None:
+                continue
+            work = [st.fwd_s(a) + st.bwd_s(a, b) for st, a, b in zip(choice.stages, choice.n_blocks, choice.n_recompute)]
+            tail = max(st.sync_s(a) + st.optim_s(a) for st, a in zip(choice.stages, choice.n_blocks))
+            xs = np.arange(samples, global_batch + 1, samples)
+            times = sum(work) + (xs // samples - 1) * max(work) + tail
+            better = times < curve[xs]
+            curve[xs[better]], arg[xs[better]] = times[better], i
+        curves.append(curve)
+        argmins.append(arg)
+    allocation = allocate_batch(curves, global_batch)
+    if allocation is None:
+        return None
+    _, shares = allocation
+    pipes = []
+    for k, (groups, x) in enumerate(zip(layout, shares)):
+        shape = kept[k][int(argmins[k][x])]
+        others = tuple(g for j, gs in enumerate(layout) if j != k for g in gs)
+        choice = choose_pipeline(ctx, shape, x // (shape.dp * shape.micro_batch), others, n_pipes)
+        if choice is None:
+            return None
+        pipes.append(choice)
+    return Candidate(pipes, candidate_bound_s(pipes), global_batch / best_rate)
+
+
+def search(ctx: CostContext, global_batch: int, opts: SearchOptions = SearchOptions()) -> tuple[Candidate | None, SearchStats]:
+    """The fastest plan found for the cluster, or None when no shape fits memory and divides the batch."""
+    stats = SearchStats()
+    layouts = pipeline_layouts([g.name for g in ctx.cluster.groups])
+    stats.layouts = len(layouts)
+    pool = _single_pipeline_candidates(ctx, [lay for lay in layouts if len(lay) == 1], global_batch, opts, stats)
+    best_bound = min((c.bound_s for c in pool), default=math.inf)
+    for layout in (lay for lay in layouts if len(lay) > 1):
+        cand = _multi_pipeline_candidate(ctx, layout, global_batch, opts, best_bound, stats)
+        if cand is not None:
+            pool.append(cand)
+            best_bound = min(best_bound, cand.bound_s)
+    if not pool:
+        return None, stats
+    pool.sort(key=lambda c: c.bound_s)
+    best_step = math.inf
+    predicted = []
+    for cand in pool:
+        if cand.lower_s >= best_step:
+            continue
+        if len(predicted) == opts.predict_top:
+            stats.notes.append(f"predicted the {opts.predict_top} best of {len(pool)} candidates by bound")
+            break
+        best_step = min(best_step, predict_candidate(cand))
+        predicted.append(cand)
+    stats.candidates_predicted = len(predicted)
+    predicted.sort(key=lambda c: c.step_s)
+    for cand in predicted[:opts.refine_top]:
+        refine(cand, ctx, stats=stats)
+    return min(predicted, key=lambda c: c.step_s), stats

@@ -1,0 +1,113 @@
+import dataclasses
+import math
+import textwrap
+
+import pytest
+
+from hetrain.hardware.cluster import parse_cluster
+from hetrain.model.describe import describe_model
+from hetrain.plan.parallel import plan_cluster
+from hetrain.plan.parallel_cost import CostContext, PredictorOptions, dp_path, ring_allreduce_s, Path
+from hetrain.plan.parallel_predict import (PipelineShape, build_stages, context_for, one_f_one_b_end_s,
+                                           pipeline_step_s, predict_plan, shape_of)
+
+from .test_parallel_search import CASES, model, two_kinds
+
+
+def test_uniform_1f1b_is_m_plus_s_minus_1_slots():
+    for n_stages in (1, 2, 4, 7):
+        for m in (1, 3, 8, 20):
+            ends = one_f_one_b_end_s([1.0] * n_stages, [2.0] * n_stages, m)
+            assert max(ends) == pytest.approx((m + n_stages - 1) * 3.0)
+            assert ends[0] == max(ends)  # the first stage runs the last backward
+
+
+def test_1f1b_bottleneck_sets_the_steady_state():
+    # Last stage twice as slow: warm-up fills it, then it sets the pace.
+    ends = one_f_one_b_end_s([1.0, 1.0, 2.0], [2.0, 2.0, 4.0], 10)
+    assert max(ends) == pytest.approx(3 + 3 + 10 * 6)  # its first input after 2 forwards; back through 2 backwards
+
+
+def _plan(name):
+    cfg, cluster, global_batch, seq_len = CASES[name]
+    return plan_cluster(cfg, cluster, global_batch, seq_len, PredictorOptions(max_micro_batch=4), upper_bound=False)
+
+
+@pytest.mark.parametrize("name", ["separate-pipelines", "recompute", "16-devices"])
+def test_recurrence_equals_event_simulation(name):
+    plan = _plan(name)
+    ctx = context_for(plan)
+    pred, events = predict_plan(plan, ctx)
+    all_groups = [g for p in plan.pipelines for g in p.groups]
+    for p, pipe in enumerate(plan.pipelines):
+        others = tuple(g for g in all_groups if g not in pipe.groups)
+        stages = build_stages(ctx, shape_of(pipe), pipe.n_microbatches, others, len(plan.pipelines))
+        n = [s.n_blocks for s in pipe.stages]
+        r = [s.n_recompute_blocks for s in pipe.stages]
+        assert pipeline_step_s(stages, n, r, pipe.n_microbatches) == pytest.approx(pred.pipeline_step_s[p], rel=1e-12)
+        # Peak memory: the simulator's allocations against the 1F1B in-flight formula.
+        for s, (st, k, rk) in enumerate(zip(stages, n, r)):
+            sp = next(x for x in pred.stages if x.pipeline == p and x.stage == s)
+            assert sp.peak_bytes == st.peak_bytes(k, rk)
+            assert sp.peak_bytes <= sp.capacity_bytes
+            assert st.inflight == min(pipe.n_microbatches, len(stages) - s)
+    assert pred.step_s == max(pred.pipeline_step_s)
+    assert max(e.end_s for e in events) == pytest.approx(pred.step_s, rel=1e-12)
+    cats = {e.cat for e in events}
+    assert {"fwd", "bwd", "optim"} <= cats
+    if name == "recompute":
+        assert "recompute" in cats
+
+
+def test_single_device_step_is_work_plus_optimizer():
+    cluster = parse_cluster(textwrap.dedent("""\
+        [[group]]
+        name = "g"
+        kind = "H100-SXM"
+        nodes = 1
+        devices_per_node = 1
+        intra_node_gbytes_per_s = 450
+        inter_node_gbytes_per_s = 50
+        """))
+    ctx = CostContext(describe_model(model(1024, 4), 1, 1024), cluster, PredictorOptions())
+    (st,) = build_stages(ctx, PipelineShape(("g",), (1,), 1, 2), 5)
+    assert st.embedding and st.head and st.send_fwd_s == st.send_bwd_s == 0.0 and st.sync_s(4) == 0.0
+    expected = 5 * (st.fwd_s(4) + st.bwd_s(4, 0)) + st.optim_s(4)
+    assert pipeline_step_s([st], [4], [0], 5) == pytest.approx(expected)
+    # Roofline: a block's forward is FLOP-bound at this size.
+    kit = ctx.kit(cluster.groups[0], 1, 2)
+    flops = ctx.desc.blocks[0].fwd_flops_per_token * 2 * 1024
+    assert kit.block.fwd_s == pytest.approx(flops / (989.4e12 * 0.6))
+
+
+def test_tensor_parallel_divides_compute_and_adds_allreduces():
+    cluster = two_kinds(1, 4, 1, 4)
+    ctx = CostContext(describe_model(model(4096, 4), 1, 2048), cluster, PredictorOptions())
+    a = cluster.group("a")
+    one, four = ctx.kit(a, 1, 1), ctx.kit(a, 4, 1)
+    allreduce = ring_allreduce_s(ctx.desc.blocks[0].boundary_bytes, 4, ctx.intra_path(a))
+    assert four.block.fwd_s == pytest.approx(one.block.fwd_s / 4 + 2 * allreduce)
+    assert four.block.params == -(-one.block.params // 4)
+    assert four.block.act_bytes == one.block.act_bytes // 4
+
+
+def test_links_direct_beats_host_staged_and_rings_leave_the_node():
+    staged = CostContext(None, two_kinds(1, 4, 1, 4), PredictorOptions())
+    linked = CostContext(None, two_kinds(1, 4, 1, 4, link=True), PredictorOptions())
+    a, b = staged.cluster.group("a"), staged.cluster.group("b")
+    assert staged.cross_path(a, b).time_s(1e8) > linked.cross_path(a, b).time_s(1e8)
+    # Host-staged: device->host, network, host->device one after the other.
+    expected = (1 / a.kind.host_link_bytes_per_s + 1 / (12.5e9 / 4) + 1 / b.kind.host_link_bytes_per_s) / 0.8
+    assert staged.cross_path(a, b).s_per_byte == pytest.approx(expected)
+    # Gradient ring: inside one node while the replicas fit it, over the network beyond.
+    group = two_kinds(4, 4, 1, 4).group("a")
+    ctx = CostContext(None, two_kinds(4, 4, 1, 4), PredictorOptions())
+    assert dp_path(ctx, group, 4, 1, 0) == ctx.intra_path(group)
+    assert dp_path(ctx, group, 8, 1, 0).s_per_byte > ctx.intra_path(group).s_per_byte
+
+
+def test_ring_allreduce_formula():
+    path = Path(s_per_byte=1e-9, latency_s=1e-6)
+    assert ring_allreduce_s(1e9, 1, path) == 0.0
+    assert ring_allreduce_s(1e9, 4, path) == pytest.approx(2 * 3 * (1e-6 + 0.25))
+    assert math.isclose(ring_allreduce_s(0, 8, path), 0.0)

@@ -1,0 +1,171 @@
+import dataclasses
+import itertools
+import math
+import textwrap
+
+import pytest
+
+from hetrain.hardware.cluster import parse_cluster
+from hetrain.model.describe import describe_model
+from hetrain.model.gpt import ModelConfig
+from hetrain.plan.parallel_cost import CostContext, PredictorOptions
+from hetrain.plan.parallel_predict import PipelineShape, build_stages, pipeline_step_s
+from hetrain.plan.parallel_search import divisors, pipeline_layouts, pipeline_shapes, search
+
+
+# Exhaustive enumeration of the planner's space: the oracle of the search tests.
+def compositions(total: int, parts: int):
+    """Every way to write total as an ordered sum of `parts` positive integers."""
+    for cuts in itertools.combinations(range(1, total), parts - 1):
+        bounds = (0, *cuts, total)
+        yield [bounds[i + 1] - bounds[i] for i in range(parts)]
+
+
+def best_pipeline_step(ctx, shape, m, others, n_pipes):
+    stages = build_stages(ctx, shape, m, others, n_pipes)
+    best = math.inf
+    for n in compositions(ctx.n_blocks, len(stages)):
+        r = [st.min_recompute(k) for st, k in zip(stages, n)]
+        if None in r:
+            continue
+        best = min(best, pipeline_step_s(stages, n, r, m))
+    return best
+
+
+def exhaustive_best_step(ctx, global_batch: int) -> float:
+    """The best predicted step over every layout, shape, batch allocation and layer split."""
+    best = math.inf
+    for layout in pipeline_layouts([g.name for g in ctx.cluster.groups]):
+        options = []  # per pipeline: {samples: best step}
+        for k, groups in enumerate(layout):
+            others = tuple(g for j, gs in enumerate(layout) if j != k for g in gs)
+            per_samples = {}
+            for shape in pipeline_shapes(ctx, groups):
+                unit = shape.dp * shape.micro_batch
+                for m in range(1, global_batch // unit + 1):
+                    step = best_pipeline_step(ctx, shape, m, others, len(layout))
+                    per_samples[unit * m] = min(per_samples.get(unit * m, math.inf), step)
+            options.append(per_samples)
+        for shares in itertools.product(*(sorted(o) for o in options)):
+            if sum(shares) == global_batch:
+                best = min(best, max(o[x] for o, x in zip(options, shares)))
+    return best
+
+
+MODEL = ModelConfig(preset="test-6", n_layer=6, d_model=1024, n_head=8, n_kv_head=8, d_ff=4096,
+                    max_seq_len=2048, vocab_size=32000, pos="rope", norm="rmsnorm", mlp="swiglu",
+                    tie_embeddings=False, bias=False)
+OPTIONS = PredictorOptions(max_micro_batch=4)
+
+
+def two_kinds(a_nodes, a_per_node, b_nodes, b_per_node, a_mem=None, b_mem=None, link=False):
+    text = textwrap.dedent(f"""\
+        name = "small"
+        [[group]]
+        name = "a"
+        kind = "A100-40GB"
+        nodes = {a_nodes}
+        devices_per_node = {a_per_node}
+        intra_node_gbytes_per_s = 300
+        inter_node_gbytes_per_s = 25
+        {f"memory_gib = {a_mem}" if a_mem else ""}
+        [[group]]
+        name = "b"
+        kind = "MI250X-GCD"
+        nodes = {b_nodes}
+        devices_per_node = {b_per_node}
+        intra_node_gbytes_per_s = 100
+        inter_node_gbytes_per_s = 12.5
+        {f"memory_gib = {b_mem}" if b_mem else ""}
+        """)
+    if link:
+        text += '[[link]]\ngroups = ["a", "b"]\ngbytes_per_s = 25\n'
+    return parse_cluster(text, "small.toml")
+
+
+def model(d_model: int, n_layer: int) -> ModelConfig:
+    return dataclasses.replace(MODEL, n_layer=n_layer, d_model=d_model, n_head=16, n_kv_head=8,
+                               d_ff=int(3.5 * d_model))
+
+
+CASES = {
+    # name: (model, cluster, global batch, seq_len)
+    "separate-pipelines": (model(1024, 4), two_kinds(2, 2, 2, 2, link=True), 48, 2048),
+    "recompute": (model(4096, 6), two_kinds(1, 4, 1, 4, a_mem=4, b_mem=4), 16, 1024),
+    "cross-kind-pipeline": (model(4096, 8), two_kinds(2, 2, 1, 4), 16, 2048),
+    "16-devices": (model(2048, 6), two_kinds(2, 4, 2, 4, a_mem=6, b_mem=4), 32, 2048),
+    "per-group-micro-batch": (model(512, 6), two_kinds(1, 2, 2, 4, link=True), 48, 2048),
+}
+
+
+def _search_case(name):
+    cfg, cluster, global_batch, seq_len = CASES[name]
+    ctx = CostContext(describe_model(cfg, 1, seq_len), cluster, OPTIONS)
+    return ctx, global_batch, search(ctx, global_batch)[0]
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_search_equals_exhaustive_enumeration(name):
+    ctx, global_batch, cand = _search_case(name)
+    assert ctx.cluster.devices <= 16 and len({g.kind.name for g in ctx.cluster.groups}) == 2
+    best = exhaustive_best_step(ctx, global_batch)
+    assert math.isfinite(best)
+    assert cand.step_s == pytest.approx(best, rel=1e-12)
+
+
+def test_exhaustive_cases_cover_the_space():
+    chosen = {name: _search_case(name)[2] for name in CASES}
+    assert len(chosen["separate-pipelines"].pipelines) == 2
+    assert any(sum(p.n_recompute) for p in chosen["recompute"].pipelines)
+    assert len(chosen["cross-kind-pipeline"].pipelines[0].shape.groups) == 2
+    mbs = {p.shape.micro_batch for p in chosen["per-group-micro-batch"].pipelines}
+    assert len(mbs) == 2
+
+
+def megatron_uniform_best(ctx, global_batch) -> float:
+    """Best uniform Megatron-style config: TP inside a node, PP dividing the blocks evenly, no or full recompute."""
+    (group,) = ctx.cluster.groups
+    best = math.inf
+    for tp in divisors(group.devices_per_node):
+        if ctx.desc.config.n_head % tp:
+            continue
+        for pp in divisors(ctx.n_blocks):
+            if (group.devices // tp) % pp:
+                continue
+            dp = group.devices // (tp * pp)
+            for b in (1, 2, 4, 8, 16):
+                if global_batch % (dp * b):
+                    continue
+                m = global_batch // (dp * b)
+                stages = build_stages(ctx, PipelineShape((group.name,), (tp,), dp, b), m)
+                n = [ctx.n_blocks // pp] * pp
+                for recompute_all in (False, True):
+                    r = [k if recompute_all else 0 for k in n]
+                    if all(st.peak_bytes(k, rk) <= st.capacity_bytes for st, k, rk in zip(stages, n, r)):
+                        best = min(best, pipeline_step_s(stages, n, r, m))
+    return best
+
+
+@pytest.mark.parametrize("kind,nodes,per_node,preset_layers,memory_gib,global_batch", [
+    ("A100-40GB", 2, 8, 30, 12, 64),  # 30 blocks: uniform stages cannot use 4 stages
+    ("A100-80GB", 2, 8, 24, None, 64),
+    ("H100-SXM", 4, 8, 32, 24, 128),
+    ("RTX-4090", 2, 4, 12, None, 32),
+])
+def test_homogeneous_never_worse_than_uniform_megatron(kind, nodes, per_node, preset_layers, memory_gib, global_batch):
+    cluster = parse_cluster(textwrap.dedent(f"""\
+        [[group]]
+        name = "g"
+        kind = "{kind}"
+        nodes = {nodes}
+        devices_per_node = {per_node}
+        intra_node_gbytes_per_s = 300
+        inter_node_gbytes_per_s = 100
+        {f"memory_gib = {memory_gib}" if memory_gib else ""}
+        """), "homogeneous.toml")
+    cfg = dataclasses.replace(MODEL, n_layer=preset_layers, d_model=4096, n_head=32, n_kv_head=32, d_ff=11008)
+    ctx = CostContext(describe_model(cfg, 1, 2048), cluster, PredictorOptions())
+    uniform = megatron_uniform_best(ctx, global_batch)
+    cand, _ = search(ctx, global_batch)
+    assert math.isfinite(uniform)
+    assert cand.step_s <= uniform * (1 + 1e-12)
