@@ -56,6 +56,9 @@ class StepGraphOptions:
     steady_state: bool = True
     """AdamW state exists before the step (step 2 onwards). False models the first step, where
     the optimizer allocates its state during the update."""
+    optimizer_param_groups: int = 2
+    """torch.optim runs its update once per parameter group; the trainer's AdamW has two
+    (decayed matrices, and norms/biases without decay)."""
 
 
 @dataclass(frozen=True)
@@ -171,7 +174,8 @@ def build_step_graph(desc: ModelDescription, cost: CostModel,
     # The trainer clips every step (an infinite max_norm when train.grad_clip is 0).
     add("clip_grad_norm", cost.clip_s(desc.total_params, total_tensors), "sync",
         params=desc.total_params, tensors=total_tensors)
-    add("optim.call", cost.optimizer_call_s("device"), "optim")
+    add("optim.call", cost.optimizer_call_s("device") * options.optimizer_param_groups, "optim",
+        param_groups=options.optimizer_param_groups)
     for layer in layers:
         adam = 0 if options.steady_state else state.adam_bytes_by_layer[layer.name]
         add(optim_name(layer.name), cost.optimizer_s(layer.params, _tensors(cfg, layer), "device"),
