@@ -87,7 +87,7 @@ def test_errors_name_file_and_line(old, new, message, line_needle):
 
 def test_missing_key_points_at_the_group_header():
     text = GOOD.replace("inter_node_gbytes_per_s = 100\n", "", 1)
-    with pytest.raises(ConfigError, match=r"bad.toml:3: group 1 'a' lacks required key 'inter_node_gbytes_per_s'"):
+    with pytest.raises(ConfigError, match=r"bad.toml:3: group 1 'a': lacks required key 'inter_node_gbytes_per_s'"):
         parse_cluster(text, "bad.toml")
 
 

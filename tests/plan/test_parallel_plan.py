@@ -7,7 +7,8 @@ import pytest
 from hetrain.errors import ConfigError
 from hetrain.hardware.cluster import load_cluster, parse_cluster
 from hetrain.model.presets import get_preset
-from hetrain.plan.parallel import ClusterPlan, format_report, load_plan, plan_cluster, repredict, run_cluster_planning
+from hetrain.plan.parallel import (ClusterPlan, SearchOptions, format_report, load_plan, plan_cluster, repredict,
+                                   run_cluster_planning)
 from hetrain.plan.parallel_cost import PredictorOptions
 
 from .test_parallel_search import CASES, model, two_kinds
@@ -33,7 +34,7 @@ def test_plan_round_trip_re_predicts_the_same_numbers(tmp_path):
 
 
 def test_plan_is_plain_json_with_the_plan_fields(tmp_path):
-    plan = plan_cluster(model(1024, 4), SMALL, 16, 1024, upper_bound=False)
+    plan = plan_cluster(model(1024, 4), SMALL, 16, 1024, search_options=SearchOptions(upper_bound=False))
     plan.save(tmp_path / "plan.json")
     doc = json.loads((tmp_path / "plan.json").read_text())
     assert doc["format"] == "hetrain.cluster_plan/1"

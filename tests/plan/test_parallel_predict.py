@@ -6,7 +6,7 @@ import pytest
 
 from hetrain.hardware.cluster import parse_cluster
 from hetrain.model.describe import describe_model
-from hetrain.plan.parallel import plan_cluster
+from hetrain.plan.parallel import SearchOptions, plan_cluster
 from hetrain.plan.parallel_cost import CostContext, PredictorOptions, dp_path, ring_allreduce_s, Path
 from hetrain.plan.parallel_predict import (PipelineShape, build_stages, context_for, one_f_one_b_end_s,
                                            pipeline_step_s, predict_plan, shape_of)
@@ -30,7 +30,8 @@ def test_1f1b_bottleneck_sets_the_steady_state():
 
 def _plan(name):
     cfg, cluster, global_batch, seq_len = CASES[name]
-    return plan_cluster(cfg, cluster, global_batch, seq_len, PredictorOptions(max_micro_batch=4), upper_bound=False)
+    return plan_cluster(cfg, cluster, global_batch, seq_len, PredictorOptions(max_micro_batch=4),
+                        SearchOptions(upper_bound=False))
 
 
 @pytest.mark.parametrize("name", ["separate-pipelines", "recompute", "16-devices"])

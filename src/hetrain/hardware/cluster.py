@@ -174,26 +174,39 @@ class _Reporter:
         return ConfigError(f"{at}: {message}")
 
 
-def _check_keys(raw: dict, allowed: tuple[str, ...], what: str, rep: _Reporter, table: str, index: int) -> None:
-    for key in raw:
-        if key not in allowed:
-            near = difflib.get_close_matches(key, allowed, n=1)
-            hint = f" (did you mean '{near[0]}'?)" if near else ""
-            raise rep.error(f"unknown key '{key}' in {what}{hint}; valid keys: {', '.join(allowed)}",
-                            table, index, key)
+@dataclass
+class _Table:
+    """One [[group]] or [[link]] table of the file, for checks that name it and its line."""
 
+    raw: dict
+    kind: str
+    """"group" or "link"."""
+    index: int
+    what: str
+    """How messages name it: "group 2 'h100'"."""
+    rep: _Reporter
 
-def _number(raw: dict, key: str, what: str, rep: _Reporter, table: str, index: int,
-            integer: bool = False, allow_zero: bool = False) -> float:
-    value = raw[key]
-    ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
-    if isinstance(value, bool) or not ok_type:
-        expected = "an integer" if integer else "a number"
-        raise rep.error(f"{what}: {key} must be {expected}, got {value!r}", table, index, key)
-    if value < 0 or (value == 0 and not allow_zero):
-        bound = ">= 0" if allow_zero else "> 0"
-        raise rep.error(f"{what}: {key} must be {bound}, got {value!r}", table, index, key)
-    return value
+    def error(self, message: str, key: str | None = None) -> ConfigError:
+        return self.rep.error(f"{self.what}: {message}", self.kind, self.index, key)
+
+    def check_keys(self, allowed: tuple[str, ...], required: tuple[str, ...]) -> None:
+        for key in self.raw:
+            if key not in allowed:
+                near = difflib.get_close_matches(key, allowed, n=1)
+                hint = f" (did you mean '{near[0]}'?)" if near else ""
+                raise self.error(f"unknown key '{key}'{hint}; valid keys: {', '.join(allowed)}", key)
+        for key in required:
+            if key not in self.raw:
+                raise self.error(f"lacks required key '{key}'")
+
+    def number(self, key: str, integer: bool = False, allow_zero: bool = False) -> float:
+        value = self.raw[key]
+        ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
+        if isinstance(value, bool) or not ok_type:
+            raise self.error(f"{key} must be {'an integer' if integer else 'a number'}, got {value!r}", key)
+        if value < 0 or (value == 0 and not allow_zero):
+            raise self.error(f"{key} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}", key)
+        return value
 
 
 def _kind_with_overrides(kind: DeviceKind, raw: dict) -> DeviceKind:
@@ -210,24 +223,21 @@ def _kind_with_overrides(kind: DeviceKind, raw: dict) -> DeviceKind:
 
 
 def _parse_group(raw: dict, index: int, rep: _Reporter) -> Group:
-    what = f"group {index + 1}" + (f" '{raw['name']}'" if isinstance(raw.get("name"), str) else "")
-    _check_keys(raw, _GROUP_KEYS, what, rep, "group", index)
-    for key in _GROUP_REQUIRED:
-        if key not in raw:
-            raise rep.error(f"{what} lacks required key '{key}'", "group", index)
+    name = f" '{raw['name']}'" if isinstance(raw.get("name"), str) else ""
+    t = _Table(raw, "group", index, f"group {index + 1}{name}", rep)
+    t.check_keys(_GROUP_KEYS, _GROUP_REQUIRED)
     if not isinstance(raw["name"], str) or not raw["name"]:
-        raise rep.error(f"{what}: name must be a non-empty string", "group", index, "name")
+        raise t.error("name must be a non-empty string", "name")
     if not isinstance(raw["kind"], str):
-        raise rep.error(f"{what}: kind must be a string", "group", index, "kind")
+        raise t.error("kind must be a string", "kind")
     try:
         kind = get_kind(raw["kind"])
     except ConfigError as err:
-        raise rep.error(f"{what}: {err}", "group", index, "kind") from None
-    num = {k: _number(raw, k, what, rep, "group", index, integer=k in ("nodes", "devices_per_node"))
-           for k in _GROUP_REQUIRED[2:]}
+        raise t.error(str(err), "kind") from None
+    num = {k: t.number(k, integer=k in ("nodes", "devices_per_node")) for k in _GROUP_REQUIRED[2:]}
     for key, default in _GROUP_DEFAULTS.items():
-        num[key] = _number(raw, key, what, rep, "group", index, allow_zero=True) if key in raw else default
-    overrides = {k: _number(raw, k, what, rep, "group", index) for k in _GROUP_OVERRIDES if k in raw}
+        num[key] = t.number(key, allow_zero=True) if key in raw else default
+    overrides = {k: t.number(k) for k in _GROUP_OVERRIDES if k in raw}
     return Group(
         name=raw["name"],
         kind=_kind_with_overrides(kind, overrides),
@@ -242,26 +252,20 @@ def _parse_group(raw: dict, index: int, rep: _Reporter) -> Group:
 
 
 def _parse_link(raw: dict, index: int, names: list[str], rep: _Reporter) -> Link:
-    what = f"link {index + 1}"
-    _check_keys(raw, _LINK_KEYS, what, rep, "link", index)
-    for key in _LINK_REQUIRED:
-        if key not in raw:
-            raise rep.error(f"{what} lacks required key '{key}'", "link", index)
+    t = _Table(raw, "link", index, f"link {index + 1}", rep)
+    t.check_keys(_LINK_KEYS, _LINK_REQUIRED)
     pair = raw["groups"]
     if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(g, str) for g in pair)):
-        raise rep.error(f"{what}: groups must be a list of two group names", "link", index, "groups")
+        raise t.error("groups must be a list of two group names", "groups")
     for g in pair:
         if g not in names:
             near = difflib.get_close_matches(g, names, n=1)
             hint = f" (did you mean '{near[0]}'?)" if near else ""
-            raise rep.error(f"{what} names unknown group '{g}'{hint}; groups: {', '.join(names)}",
-                            "link", index, "groups")
+            raise t.error(f"names unknown group '{g}'{hint}; groups: {', '.join(names)}", "groups")
     if pair[0] == pair[1]:
-        raise rep.error(f"{what} joins group '{pair[0]}' to itself; links are between two groups",
-                        "link", index, "groups")
-    bw = _number(raw, "gbytes_per_s", what, rep, "link", index)
-    lat = _number(raw, "latency_us", what, rep, "link", index, allow_zero=True) if "latency_us" in raw \
-        else _LINK_DEFAULTS["latency_us"]
+        raise t.error(f"joins group '{pair[0]}' to itself; links are between two groups", "groups")
+    bw = t.number("gbytes_per_s")
+    lat = t.number("latency_us", allow_zero=True) if "latency_us" in raw else _LINK_DEFAULTS["latency_us"]
     return Link((pair[0], pair[1]), bw * GIGA, lat * _US)
 
 

@@ -41,7 +41,7 @@ def _to_plan(cand: Candidate, ctx: CostContext, model_cfg: ModelConfig, global_b
     pipelines = []
     for p in cand.pipelines:
         stages, first = [], 0
-        for s, (st, n, r) in enumerate(zip(p.stages, p.n_blocks, p.n_recompute)):
+        for st, n, r in zip(p.stages, p.n_blocks, p.n_recompute):
             stages.append(StagePlan(st.group, st.kind, st.tp, first, n, r, st.embedding, st.head))
             first += n
         pipelines.append(PipelinePlan(list(p.shape.groups), list(p.shape.tps), p.shape.dp,
@@ -114,13 +114,13 @@ def _search_or_explain(ctx: CostContext, global_batch: int, opts: SearchOptions)
 
 
 def plan_cluster(model_cfg: ModelConfig, cluster: Cluster, global_batch: int, seq_len: int,
-                 options: PredictorOptions = PredictorOptions(), search_options: SearchOptions = SearchOptions(),
-                 upper_bound: bool = True) -> ClusterPlan:
+                 options: PredictorOptions = PredictorOptions(),
+                 search_options: SearchOptions = SearchOptions()) -> ClusterPlan:
     """The fastest plan found that fits every device; ConfigError when none exists.
 
     The chosen plan is predicted with the discrete-event simulator (plan.prediction). With
-    `upper_bound`, each device kind's devices are also planned alone for the same batch, and
-    the plan's tokens/s is compared with the sum of theirs (plan.upper_bound).
+    search_options.upper_bound, each device kind's devices are also planned alone for the
+    same batch, and the plan's tokens/s is compared with the sum of theirs (plan.upper_bound).
     """
     if global_batch < 1:
         raise ConfigError(f"global batch must be >= 1, got {global_batch}")
@@ -135,7 +135,7 @@ def plan_cluster(model_cfg: ModelConfig, cluster: Cluster, global_batch: int, se
                    "layouts": stats.layouts, "shapes": stats.shapes, "shapes_split": stats.shapes_split,
                    "candidates_predicted": stats.candidates_predicted, "refine_moves": stats.refine_moves,
                    "notes": stats.notes}
-    if upper_bound:
+    if search_options.upper_bound:
         ub_start = time.perf_counter()
         plan.upper_bound = _upper_bound(ctx, global_batch, search_options)
         plan.upper_bound["efficiency"] = prediction.tokens_per_s / plan.upper_bound["tokens_per_s"]

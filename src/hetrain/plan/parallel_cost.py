@@ -150,7 +150,8 @@ class CostContext:
 
 
 def _layer_costs(ctx: CostContext, layer: LayerDescription, group: Group, tp: int, micro_batch: int,
-                 fwd_allreduces: int, bwd_allreduces: int, allreduce_s: float) -> LayerCosts:
+                 comm_s: tuple[float, float]) -> LayerCosts:
+    """Roofline times of `layer`, plus `comm_s` = (forward, backward) tensor-parallel communication."""
     opts, kind = ctx.options, group.kind
     tokens = micro_batch * ctx.seq_len
     flops_per_s = kind.peak_flops_per_s(opts.compute_dtype) * opts.compute_efficiency
@@ -160,8 +161,8 @@ def _layer_costs(ctx: CostContext, layer: LayerDescription, group: Group, tp: in
     fwd_s = max(layer.fwd_flops_per_token * tokens / tp / flops_per_s, touched_bytes / bytes_per_s)
     bwd_s = max(layer.bwd_flops_per_token * tokens / tp / flops_per_s, 2 * touched_bytes / bytes_per_s)
     return LayerCosts(
-        fwd_s=fwd_s + fwd_allreduces * allreduce_s,
-        bwd_s=bwd_s + bwd_allreduces * allreduce_s,
+        fwd_s=fwd_s + comm_s[0],
+        bwd_s=bwd_s + comm_s[1],
         params=-(-layer.params // tp),
         act_bytes=act_bytes,
         ckpt_bytes=ctx.desc.embedding.boundary_bytes * micro_batch // tp,
@@ -178,9 +179,10 @@ def _make_kit(ctx: CostContext, group: Group, tp: int, micro_batch: int) -> Stag
     tied = desc.config.tie_embeddings
     return StageKit(
         group=group, tp=tp, micro_batch=micro_batch,
-        block=_layer_costs(ctx, desc.blocks[0], group, tp, micro_batch, 2, 2, tp_allreduce_s),
-        embedding=_layer_costs(ctx, desc.embedding, group, tp, micro_batch, 1, 0, tp_allreduce_s),
-        head=_layer_costs(ctx, desc.head, group, tp, micro_batch, 0, 1, tp_allreduce_s),
+        block=_layer_costs(ctx, desc.blocks[0], group, tp, micro_batch, (2 * tp_allreduce_s, 2 * tp_allreduce_s)),
+        # Vocabulary-parallel embedding: its output is all-reduced; the head's input gradient too.
+        embedding=_layer_costs(ctx, desc.embedding, group, tp, micro_batch, (tp_allreduce_s, 0.0)),
+        head=_layer_costs(ctx, desc.head, group, tp, micro_batch, (0.0, tp_allreduce_s)),
         tied_head_params=-(-desc.config.vocab_size * desc.config.d_model // tp) if tied else 0,
         boundary_bytes=boundary_bytes // tp,
         capacity_bytes=int(group.kind.memory_bytes * (1.0 - ctx.options.memory_reserve_fraction)),

@@ -311,7 +311,7 @@ def shape_of(pipe: PipelinePlan) -> PipelineShape:
     return PipelineShape(tuple(pipe.groups), tuple(pipe.tp), pipe.dp, pipe.micro_batch)
 
 
-def _pipeline_tasks(p: int, stages: list[StageModel], plans: list[StagePlan], m: int) -> tuple[list[Task], dict, dict]:
+def _pipeline_tasks(p: int, stages: list[StageModel], plans: list[StagePlan], m: int) -> tuple[list[Task], dict]:
     """Tasks of one replica: per stage a chain in 1F1B order; activations allocate on their stage's pool."""
     tasks: list[Task] = []
     lanes = [f"P{p} S{s} {st.group} tp{st.tp}" for s, st in enumerate(stages)]
@@ -362,7 +362,7 @@ def _pipeline_tasks(p: int, stages: list[StageModel], plans: list[StagePlan], m:
         if st.sync_s(sp.n_blocks) > 0:
             add(s, "sync", st.sync_s(sp.n_blocks), [], "sync")
         add(s, "optim", st.optim_s(sp.n_blocks), [], "optim")
-    return tasks, base, dict(zip(lanes, stages))
+    return tasks, base
 
 
 def predict_plan(plan: ClusterPlan, ctx: CostContext | None = None) -> tuple[PlanPrediction, list[TraceEvent]]:
@@ -379,7 +379,7 @@ def predict_plan(plan: ClusterPlan, ctx: CostContext | None = None) -> tuple[Pla
     for p, pipe in enumerate(plan.pipelines):
         others = tuple(g for g in all_groups if g not in pipe.groups)
         stages = build_stages(ctx, shape_of(pipe), pipe.n_microbatches, others, len(plan.pipelines))
-        tasks, base, _ = _pipeline_tasks(p, stages, pipe.stages, pipe.n_microbatches)
+        tasks, base = _pipeline_tasks(p, stages, pipe.stages, pipe.n_microbatches)
         result = simulate(tasks, base_bytes=base)
         pipe_steps.append(result.step_s)
         events.extend(result.events)

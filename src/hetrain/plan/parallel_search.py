@@ -6,15 +6,17 @@ pipelines, each an ordered sequence of groups; a pipeline has one TP degree per 
 contributes devices / (dp x tp) stages), a micro-batch size (powers of two) and a number of
 micro-batches; the global batch is shared among pipelines. Each stage takes a contiguous
 run of blocks (the first also the embedding, the last the head) and recomputes the fewest
-blocks its memory demands. The search, per pipeline shape:
-  1. a lower bound (continuous layer split, no memory limit) orders and prunes shapes;
-  2. the layer split minimises the bottleneck stage exactly (greedy levels), then the sum
-     of stage times at that bottleneck; its closed form sum + (m-1) x max + tail is an
-     upper bound of the simulated step;
-  3. the best shapes are predicted with the 1F1B recurrence and refined by moving single
-     blocks between stages (and batch between pipelines) while the prediction improves.
+blocks its memory demands. The search:
+  1. every shape gets a quick group-level estimate (which orders them) and a valid lower
+     bound (which prunes them, hetrain.plan.parallel_split);
+  2. shapes in estimate order get their layer split (bottleneck first, then the sum of
+     stage times); its closed form sum + (m-1) x max + tail bounds the predicted step from
+     above, and a shape whose lower bound cannot beat the best such bound is skipped;
+  3. the candidates with the best bounds are predicted with the 1F1B recurrence, and the
+     best few refined by moving single blocks between stages (and samples between
+     pipelines) while the prediction improves.
 With several pipelines, the batch split comes from a min-max allocation over per-shape
-time curves. This module searches; it must not predict by any other rule than
+time curves (sum + (m-1) x max + tail as a function of the samples). This module searches; it must not predict by any other rule than
 hetrain.plan.parallel_predict.
 """
 
@@ -151,12 +153,34 @@ def _block_moves(n: list[int], work: list[float], full: bool) -> list[tuple[int,
     return sorted(moves)
 
 
+def _batch_moves(c: Candidate, ctx: CostContext, slowest: int) -> list[list[PipelineChoice]]:
+    """Give the slowest pipeline's samples to another (the least multiple both micro-batchings allow)."""
+    options = []
+    src = c.pipelines[slowest]
+    unit_src = src.shape.dp * src.shape.micro_batch
+    for j, dst in enumerate(c.pipelines):
+        unit_dst = dst.shape.dp * dst.shape.micro_batch
+        amount = math.lcm(unit_src, unit_dst)
+        if j == slowest or src.n_microbatches * unit_src - amount < unit_src:
+            continue
+        pipes = list(c.pipelines)
+        for k, delta in ((slowest, -amount), (j, amount)):
+            p = c.pipelines[k]
+            others = tuple(g for i, q in enumerate(c.pipelines) if i != k for g in q.shape.groups)
+            m = p.n_microbatches + delta // (p.shape.dp * p.shape.micro_batch)
+            pipes[k] = choose_pipeline(ctx, p.shape, m, others, len(c.pipelines))
+        if None not in pipes:
+            options.append(pipes)
+    return options
+
+
 def refine(c: Candidate, ctx: CostContext, max_rounds: int = 20, full_below_stages: int = 16,
            moves_predicted: int = 4, stats: SearchStats | None = None) -> Candidate:
-    """Move single blocks between stages of the slowest pipeline while the predicted step improves.
+    """Move single blocks between stages of the slowest pipeline, or samples from it to another
+    pipeline, while the predicted step improves.
 
-    Each round ranks the possible moves by their closed-form bound, predicts the best
-    `moves_predicted` of them and takes the best improvement.
+    Each round ranks the block moves by their closed-form bound, predicts the best
+    `moves_predicted` of them and every batch move, and takes the best improvement.
     """
     if not math.isfinite(c.step_s):
         predict_candidate(c)
@@ -174,16 +198,22 @@ def refine(c: Candidate, ctx: CostContext, max_rounds: int = 20, full_below_stag
             if None not in r:
                 ranked.append((closed_form_s(pipe.stages, n, r, pipe.n_microbatches), len(ranked), n, r))
         ranked.sort(key=lambda e: (e[0], e[1]))
-        best = (steps[k], None)
+        best_step, best_pipes = c.step_s, None
         for _, _, n, r in ranked[:moves_predicted]:
-            if stats:
-                stats.refine_moves += 1
-            step = pipeline_step_s(pipe.stages, n, r, pipe.n_microbatches)
-            if step < best[0] * (1 - 1e-12):
-                best = (step, (n, r))
-        if best[1] is None:
+            pipes = list(c.pipelines)
+            pipes[k] = PipelineChoice(pipe.shape, pipe.n_microbatches, pipe.stages, n, r)
+            step = max(steps[:k] + [pipeline_step_s(pipe.stages, n, r, pipe.n_microbatches)] + steps[k + 1:])
+            if step < best_step * (1 - 1e-12):
+                best_step, best_pipes = step, pipes
+        for pipes in _batch_moves(c, ctx, k) if len(c.pipelines) > 1 else []:
+            step = max(pipeline_step_s(p.stages, p.n_blocks, p.n_recompute, p.n_microbatches) for p in pipes)
+            if step < best_step * (1 - 1e-12):
+                best_step, best_pipes = step, pipes
+        if stats:
+            stats.refine_moves += min(len(ranked), moves_predicted) + (len(c.pipelines) - 1)
+        if best_pipes is None:
             break
-        pipe.n_blocks, pipe.n_recompute = best[1]
+        c.pipelines = best_pipes
         predict_candidate(c)
     return c
 
@@ -230,7 +260,9 @@ class SearchOptions:
     refine_top: int = 4
     """Best predicted candidates refined by moving blocks."""
     shapes_per_pipeline: int = 12
-    """With several pipelines: shapes per pipeline kept (best per-sample lower bound first)."""
+    """With several pipelines: shapes per pipeline kept (best estimated time per sample first)."""
+    upper_bound: bool = True
+    """Also plan each device kind alone, for the efficiency against the upper bound."""
 
 
 def _single_pipeline_candidates(ctx: CostContext, layouts, global_batch: int, opts: "SearchOptions",
