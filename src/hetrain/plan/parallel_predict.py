@@ -20,6 +20,8 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from hetrain.hardware.cluster import Group, cluster_from_dict
 from hetrain.model.describe import describe_model
 from hetrain.model.gpt import ModelConfig
@@ -200,48 +202,49 @@ def one_f_one_b_orders(n_stages: int, n_microbatches: int) -> list[list[tuple[bo
 
 
 def one_f_one_b_end_s(fwd_s: list[float], bwd_s: list[float], n_microbatches: int) -> list[float]:
-    """End time of each stage's last operation under 1F1B, sends inside fwd/bwd, from time 0.
+    """End time of each stage's last operation under 1F1B (sends inside fwd/bwd), from time 0.
 
-    The same schedule as `one_f_one_b_orders`, walked without building it: stage s runs
-    min(S - s - 1, m) warm-up forwards, then a forward whenever it has done as many
-    backwards as forwards beyond the warm-up, else a backward.
+    The schedule of `one_f_one_b_orders`, computed round by round over all stages at once.
+    Warm-up forward j runs down the stages that have it, each after its predecessor's.
+    Round i runs each stage's next forward (after its predecessor's previous one: no chain
+    within the round) and then backward i from the last stage to the first; a chain
+    x_s = max(a_s, x_{s+1}) + B_s is a cumulative maximum over suffix sums. Rounds in which
+    every stage has a forward apply the same max-plus map, so once a round shifts every
+    time by the same amount, all later such rounds do too, and they are skipped to the last.
     """
-    n_stages, m = len(fwd_s), n_microbatches
-    f_end = [[-1.0] * m for _ in range(n_stages)]
-    b_end = [[-1.0] * m for _ in range(n_stages)]
-    clock = [0.0] * n_stages
-    n_fwd = [0] * n_stages
-    n_bwd = [0] * n_stages
-    warmup = [min(n_stages - s - 1, m) for s in range(n_stages)]
-    remaining = n_stages * 2 * m
-    sweep = list(range(n_stages))
-    while remaining:
-        progressed = remaining
-        for s in sweep:
-            f_prev = f_end[s - 1] if s > 0 else None
-            b_next = b_end[s + 1] if s < n_stages - 1 else f_end[s]
-            mine_f, mine_b, w, t = f_end[s], b_end[s], warmup[s], clock[s]
-            nf, nb = n_fwd[s], n_bwd[s]
-            f_s, b_s = fwd_s[s], bwd_s[s]
-            while nb < m:
-                if nf < m and nf - w <= nb:
-                    ready = f_prev[nf] if f_prev is not None else 0.0
-                    if ready < 0:
-                        break
-                    t = mine_f[nf] = (t if t > ready else ready) + f_s
-                    nf += 1
-                else:
-                    ready = b_next[nb]
-                    if ready < 0:
-                        break
-                    t = mine_b[nb] = (t if t > ready else ready) + b_s
-                    nb += 1
-                remaining -= 1
-            clock[s], n_fwd[s], n_bwd[s] = t, nf, nb
-        if remaining == progressed:
-            raise RuntimeError("1F1B schedule deadlocked")  # cannot happen for valid inputs
-        sweep.reverse()
-    return clock
+    m = n_microbatches
+    fwd, bwd = np.asarray(fwd_s, dtype=float), np.asarray(bwd_s, dtype=float)
+    n_stages = len(fwd)
+    warmup = np.minimum(n_stages - 1 - np.arange(n_stages), m)
+    clock = np.zeros(n_stages)          # end of the latest operation of each stage
+    last_fwd = np.zeros(n_stages)       # end of its latest forward
+    fwd_through = np.cumsum(fwd)        # forward times of stages 0..s
+    fwd_before = fwd_through - fwd
+    bwd_from = np.cumsum(bwd[::-1])[::-1]  # backward times of stages s..S-1
+    bwd_after = bwd_from - bwd
+    for j in range(int(warmup[0])):
+        k = int(np.count_nonzero(warmup > j))  # stages 0..k-1 run warm-up forward j
+        clock[:k] = last_fwd[:k] = fwd_through[:k] + np.maximum.accumulate(clock[:k] - fwd_before[:k])
+    full_rounds = m - int(warmup[0])
+    previous = None
+    i = 0
+    while i < m:
+        has_fwd = i + warmup < m
+        after_prev = np.maximum(clock, np.concatenate(([0.0], last_fwd[:-1]))) + fwd
+        clock = np.where(has_fwd, after_prev, clock)
+        last_fwd = np.where(has_fwd, after_prev, last_fwd)
+        clock = bwd_from + np.maximum.accumulate((clock - bwd_after)[::-1])[::-1]
+        if i < full_rounds - 1:
+            state = np.concatenate((clock, last_fwd))
+            if previous is not None and np.ptp(state - previous) <= 1e-13 * state.max():
+                skip = full_rounds - 1 - i
+                shift = skip * (state[0] - previous[0])
+                clock, last_fwd = clock + shift, last_fwd + shift
+                i += skip
+                state = None
+            previous = state
+        i += 1
+    return clock.tolist()
 
 
 def pipeline_step_s(stages: list[StageModel], n_blocks: list[int], n_recompute: list[int], n_microbatches: int) -> float:
