@@ -90,6 +90,10 @@ class CpuOptimizerWorker:
             finally:
                 self._queue.task_done()
 
+    @property
+    def failed(self) -> bool:
+        return self._error is not None
+
     def check(self) -> None:
         if self._error is not None:
             raise RuntimeError(f"the CPU optimizer worker failed: {self._error!r}") from self._error
@@ -134,11 +138,13 @@ class HostLayer:
         self.norms: list[torch.Tensor] | None = None
         self.norms_ready = threading.Event()
 
-    @property
-    def host_bytes(self) -> int:
-        state = sum(t.nbytes for s in self.optimizer.state.values() for t in s.values())
-        extra = (self.upload.nbytes if self.upload is not self.master else 0) + (self.staging.nbytes if self.staging is not None else 0)
-        return self.master.nbytes + self.grad.nbytes + state + extra
+    @staticmethod
+    def estimate_host_bytes(numel: int, n_params: int, dtype: torch.dtype, pin: bool) -> int:
+        """Host bytes a HostLayer of `numel` flat elements will hold (checked before allocating):
+        fp32 master, gradient, exp_avg and exp_avg_sq, step counters, the compute-dtype upload
+        copy when it is not the master, and the pinned gradient staging on CUDA."""
+        compute = numel * dtype.itemsize
+        return 16 * numel + 4 * n_params + (compute if dtype != torch.float32 else 0) + (compute if pin else 0)
 
     # --- gradients -----------------------------------------------------------------------
     def _add(self, g: torch.Tensor, first: bool, final: bool) -> None:

@@ -22,7 +22,6 @@ last gradient lands, during backward. Either way the arithmetic is clip_grad_nor
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import time
 from dataclasses import dataclass
@@ -32,10 +31,10 @@ import torch.nn as nn
 
 from hetrain.hardware.probe import probe
 from hetrain.model.describe import block_act_bytes
-from hetrain.offload.checkpointing import DeviceLedger, apply_recompute
+from hetrain.offload.checkpointing import DeviceBudgetError, DeviceLedger, apply_recompute
 from hetrain.offload.cpu_optim import CpuOptimizerWorker, HostLayer, OptimConfig, make_adamw, set_lr
-from hetrain.offload.weights import (Binding, FlatWeights, WeightStreamer, copy_async, host_empty, install,
-                                     slot_views, uninstall)
+from hetrain.offload.weights import (Binding, DeviceMaster, FlatWeights, WeightStreamer, flat_layout, host_empty,
+                                     install, uninstall)
 from hetrain.plan.offload_plan import LayerPlan, OffloadPlan
 from hetrain.predict.trace import TraceEvent
 from hetrain.train.metrics import fmt_bytes
@@ -61,16 +60,14 @@ class _Layer:
     owned: list[tuple[str, nn.Parameter]]
     """(fqn, parameter) this layer owns, in model.named_parameters() order."""
     native: bool
+    recompute: bool
     flat: FlatWeights | None = None
     host: HostLayer | None = None
-    master: torch.Tensor | None = None
-    """Managed layers with the optimizer on the device: the fp32 master flat there."""
-    master_grad: torch.Tensor | None = None
+    dev: DeviceMaster | None = None
     bindings: tuple = ()
     reads: tuple = ()
-    """Flats this layer's compute reads: its own and borrowed (a tied embedding)."""
+    """Flats this layer's compute reads: its own and borrowed ones (a tied embedding)."""
     streamed: tuple = ()
-    recompute: bool = False
     grads_seen: int = 0
 
     @property
@@ -80,20 +77,22 @@ class _Layer:
 
 def apply_plan(model: nn.Module, plan: OffloadPlan, optim_cfg: OptimConfig, device: torch.device | str,
                compute_dtype: torch.dtype = torch.float32, trace: bool = False) -> "OffloadEngine":
-    """Apply `plan` to `model` (fp32, unmodified) and return the engine that trains it.
+    """Apply `plan` to `model` (an fp32 GPT, unmodified) and return the engine that trains it.
 
     The order is fixed, each step relying on the one before:
-    1. check the plan against the model, the device budget and host RAM, before allocating;
+    1. check the plan against the model, the device budget and host RAM, before anything is
+       allocated or moved, so a plan that cannot run leaves the model untouched;
     2. placement: native parameters move to the device; managed layers get their flat compute
        copy, fp32 masters and host stores, and their module attributes become views; every
        later step refers to parameters where they finally live;
     3. optimizers: fused AdamW on the device over native parameters and device masters, one per
        host-optimised layer on the host, and the worker thread that runs those;
-    4. gradient hooks on the final leaves (native parameters, flat compute copies);
+    4. gradient hooks on the final autograd leaves (native parameters, flat compute copies);
     5. recomputation, last and innermost: it wraps only the block's own forward, so a
        recompute re-runs the block's math and none of the engine's fetch or release work,
        which the backward hooks do once per layer.
-    Saved-tensor accounting wraps each forward and backward in `train_step`.
+    Saved-tensor accounting wraps each forward and backward in `train_step`. `trace=True`
+    records what ran as TraceEvents in `engine.trace` (lanes compute, h2d, d2h, cpu_optim).
     """
     return OffloadEngine(model, plan, optim_cfg, torch.device(device), compute_dtype, trace)
 
@@ -113,154 +112,152 @@ class OffloadEngine:
                 raise ValueError(f"the offload engine drives hetrain's GPT (embed, blocks, head); this model has "
                                  f"no '{attr}'")
         plan.validate(len(model.blocks))
-        self.model, self.plan, self.device, self.dtype = model, plan, device, compute_dtype
+        self.model, self.plan, self.optim_cfg, self.device, self.dtype = model, plan, optim_cfg, device, compute_dtype
         self.cuda = device.type == "cuda"
         self.streams = {"h2d": torch.cuda.Stream(device), "d2h": torch.cuda.Stream(device)} if self.cuda else {}
         self.trace: list[TraceEvent] | None = [] if trace else None
         self._t0 = time.perf_counter()
+        self.step, self._lr, self._wait_s, self._last_micro = 0, 0.0, 0.0, True
+        self._closed, self._broken, self._handles = False, None, []
+        self._inspect()
+        self._check()  # 1
+        self._place()  # 2
+        device_params = [p for l in self.layers if l.native for _, p in l.owned]
+        device_params += [v for l in self.layers if l.dev is not None for v in l.dev.views]
+        self.device_optimizer = make_adamw(device_params, optim_cfg) if device_params else None  # 3
+        self.worker = CpuOptimizerWorker() if any(l.host is not None for l in self.layers) else None
+        self._counted_grads: set[int] = set()  # 4
+        for layer in self.layers:
+            if layer.native:
+                self._handles += [p.register_post_accumulate_grad_hook(self._native_grad) for _, p in layer.owned]
+            else:
+                self._handles.append(layer.flat.param.register_post_accumulate_grad_hook(
+                    functools.partial(self._flat_grad, layer)))
+        self._recompute = apply_recompute(model.blocks, [l.index - 1 for l in self.layers if l.recompute],
+                                          self._on_recompute if trace else None)  # 5
+        self._count_device_state()
+        self._uses = [("fwd", l.index) for l in self.layers if l.streamed] + \
+                     [("bwd", l.index) for l in reversed(self.layers[1:]) if l.streamed]
+        self._act_bytes: dict[tuple[int, int], int] = {}
         self._threads_before = torch.get_num_threads()
         if optim_cfg.cpu_threads > 0:
             torch.set_num_threads(optim_cfg.cpu_threads)
-        self.optim_cfg = optim_cfg
-        self.step = 0
-        self._wait_s, self._last_micro = 0.0, True
-        self._closed = False
-        self._handles = []
 
-        last = len(model.blocks) + 1
-        self.layers = [_Layer(i, lp, [], lp.weights == "device" and lp.optim == "device"
-                              and compute_dtype == torch.float32) for i, lp in enumerate(plan.layers)]
-        homes: dict[int, list[tuple[nn.Module, str, int]]] = {}
-        for mod_name, module in model.named_modules():
+    # --- setup -------------------------------------------------------------------------------
+    def _inspect(self) -> None:
+        """Which layer owns each parameter, and every (module, attribute) that holds it."""
+        last = len(self.model.blocks) + 1
+        native = self.dtype == torch.float32
+        self.layers = [_Layer(i, lp, [], native and lp.weights == "device" and lp.optim == "device",
+                              lp.act == "recompute") for i, lp in enumerate(self.plan.layers)]
+        self._homes: dict[int, list[tuple[nn.Module, str, int]]] = {}
+        for mod_name, module in self.model.named_modules():
             for attr, p in module._parameters.items():
                 if p is not None:
-                    homes.setdefault(id(p), []).append((module, attr, _layer_of(mod_name, last)))
-        self._names = [name for name, _ in model.named_parameters()]
-        self._aliases = {n: n for n in self._names}  # state_dict key -> owning fqn
-        params = dict(model.named_parameters())
+                    self._homes.setdefault(id(p), []).append((module, attr, _layer_of(mod_name, last)))
+        params = dict(self.model.named_parameters())
+        self._names = list(params)
         self._name_of = {id(p): name for name, p in params.items()}
+        self._owner = {id(p): self._homes[id(p)][0][2] for p in params.values()}
         for name, p in params.items():
-            self.layers[homes[id(p)][0][2]].owned.append((name, p))
-        for key, t in model.state_dict(keep_vars=True).items():
-            for name, p in params.items():
-                if t is p:
-                    self._aliases[key] = name
-        self._homes = homes
-        self._check_host_ram()
+            self.layers[self._owner[id(p)]].owned.append((name, p))
+        # state_dict keys -> parameter names (a tied matrix has two keys)
+        self._aliases = {key: self._name_of[id(t)] for key, t in self.model.state_dict(keep_vars=True).items()
+                         if id(t) in self._name_of}
 
-        # 2. placement
-        self._originals = []
-        for module in model.modules():
+    def _check(self) -> None:
+        """Everything the plan needs, against the buffers, the device budget and host RAM."""
+        streamed = {l.index for l in self.layers if l.plan.weights == "host"}
+        need = max(len({self._owner[pid] for pid, places in self._homes.items()
+                        for *_, where in places if where == l.index} & streamed) for l in self.layers)
+        if need > self.plan.weight_buffers:
+            raise ValueError(f"plan.weight_buffers={self.plan.weight_buffers} is too few: the head of a model with tied "
+                             f"embeddings reads the streamed embedding matrix too, so it needs {need} buffers at "
+                             f"once; set weight_buffers >= {need + self.plan.prefetch_depth}")
+        device_bytes, host_bytes, largest = sum(b.nbytes for b in self.model.buffers()), 0, 0
+        for layer in self.layers:
+            numel, n_params = flat_layout(layer.owned)[1], len(layer.owned)
+            adam_bytes = 8 * sum(p.numel() for _, p in layer.owned) + 4 * n_params
+            compute_bytes = numel * self.dtype.itemsize
+            if layer.native:
+                device_bytes += 4 * sum(p.numel() for _, p in layer.owned) + adam_bytes
+            elif layer.plan.optim == "device":
+                device_bytes += 4 * numel + adam_bytes
+                host_bytes += compute_bytes if layer.plan.weights == "host" else 0
+            else:
+                host_bytes += HostLayer.estimate_host_bytes(numel, n_params, self.dtype, self.cuda)
+            if not layer.native and layer.plan.weights == "device":
+                device_bytes += compute_bytes
+            if layer.plan.weights == "host":
+                largest = max(largest, compute_bytes)
+        self.static_device_bytes = device_bytes + self.plan.weight_buffers * largest
+        budget = self.plan.device_budget_bytes
+        if budget is not None and self.static_device_bytes > budget:
+            raise DeviceBudgetError(f"the plan keeps {fmt_bytes(self.static_device_bytes)} on {self.device} before "
+                                    f"any activation (weights, fp32 masters and Adam state on the device, weight "
+                                    f"buffers), over its device budget of {fmt_bytes(budget)}; plan again for this "
+                                    f"budget (hetrain plan)")
+        have = probe().host_ram_available_bytes
+        if host_bytes > have:
+            raise ValueError(f"the plan keeps {fmt_bytes(host_bytes)} in host memory (masters, Adam state, weight "
+                             f"stores) but {fmt_bytes(have)} is available; keep more layers on the device")
+
+    def _place(self) -> None:
+        """Parameters to their homes: native ones to the device, managed layers into flats."""
+        for module in self.model.modules():
             for name, b in module._buffers.items():
                 if b is not None:
-                    module._buffers[name] = b.to(device)
-        pin = self.cuda
-        flats = {}
+                    module._buffers[name] = b.to(self.device)
+        flats, self._originals = {}, []
         for layer in self.layers:
             if layer.native:
                 for _, p in layer.owned:
-                    p.data = p.data.to(device)
+                    p.data = p.data.to(self.device)
                 continue
             streamed = layer.plan.weights == "host"
-            layer.flat = flat = FlatWeights(layer.name, layer.owned, compute_dtype, device, streamed)
+            layer.flat = flat = FlatWeights(layer.name, layer.owned, self.dtype, self.device, streamed)
             values = [p.detach() for _, p in layer.owned]
             if layer.plan.optim == "host":
-                layer.host = HostLayer(layer.index, flat, values, optim_cfg, pin, self._record)
+                layer.host = HostLayer(layer.index, flat, values, self.optim_cfg, self.cuda, self._record)
                 source = layer.host.upload
             else:
-                layer.master = torch.zeros(flat.numel, dtype=torch.float32, device=device)
-                with torch.no_grad():
-                    for view, v in zip(slot_views(layer.master, flat.slots), values):
-                        view.copy_(v)
-                source = layer.master
+                layer.dev = DeviceMaster(flat, values, self.device)
+                source = layer.dev.master
                 if streamed:
-                    flat.host_store = host_empty(flat.numel, compute_dtype, pin)
+                    flat.host_store = host_empty(flat.numel, self.dtype, self.cuda)
             with torch.no_grad():
                 (flat.host_store if streamed else flat.param.data).copy_(source)
             for j, (_, p) in enumerate(layer.owned):
                 flats[id(p)] = (flat, j)
                 self._originals.append(p)
-                for module, attr, _ in homes[id(p)]:
+                for module, attr, _ in self._homes[id(p)]:
                     del module._parameters[attr]
-                p.data = torch.empty(0)
-        for layer in self.layers:  # bindings: every attribute a layer's compute reads from a flat
-            bindings = [Binding(module, attr, *flats[pid]) for pid, places in homes.items() if pid in flats
-                        for module, attr, where in places if where == layer.index]
-            layer.bindings = tuple(bindings)
-            layer.reads = tuple({id(b.flat): b.flat for b in bindings}.values())
+                p.data = torch.empty(0)  # the values live in the masters now
+        for layer in self.layers:  # every attribute a layer's compute reads from a flat
+            layer.bindings = tuple(Binding(module, attr, *flats[pid]) for pid, places in self._homes.items()
+                                   if pid in flats for module, attr, where in places if where == layer.index)
+            layer.reads = tuple({id(b.flat): b.flat for b in layer.bindings}.values())
             layer.streamed = tuple(f for f in layer.reads if f.streamed)
-            layer.recompute = layer.plan.act == "recompute"
-        streamed_flats = [layer.flat for layer in self.layers if layer.flat is not None and layer.flat.streamed]
-        need = max((len(layer.streamed) for layer in self.layers), default=0)
-        if need > plan.weight_buffers:
-            raise ValueError(f"plan.weight_buffers={plan.weight_buffers} is too few: the head of a model with tied "
-                             f"embeddings reads the streamed embedding matrix too, so it needs {need} buffers at "
-                             f"once; set weight_buffers >= {need + plan.prefetch_depth}")
-        self.streamer = WeightStreamer(streamed_flats, plan.weight_buffers, device, self.streams.get("h2d"),
+        streamed = [l.flat for l in self.layers if l.flat is not None and l.flat.streamed]
+        self.streamer = WeightStreamer(streamed, self.plan.weight_buffers, self.device, self.streams.get("h2d"),
                                        poll=self._poll, on_copy=self._on_copy)
 
-        # 3. optimizers
-        device_params = []
+    def _count_device_state(self) -> None:
+        """The ledger starts with everything that now lives on the device for good."""
+        self.ledger = DeviceLedger(self.plan.device_budget_bytes, self.device, self.streamer)
+        resident = list(self.model.buffers())
         for layer in self.layers:
-            if layer.native:
-                device_params += [p for _, p in layer.owned]
-            elif layer.master is not None:
-                layer.master_views = slot_views(layer.master, layer.flat.slots)
-                device_params += layer.master_views
-        self.device_optimizer = make_adamw(device_params, optim_cfg) if device_params else None
-        self.worker = CpuOptimizerWorker() if any(layer.host for layer in self.layers) else None
-
-        # 4. gradient hooks
-        self._counted_grads: set[int] = set()
-        for layer in self.layers:
-            if layer.native:
-                for _, p in layer.owned:
-                    self._handles.append(p.register_post_accumulate_grad_hook(self._native_grad))
-            else:
-                self._handles.append(layer.flat.param.register_post_accumulate_grad_hook(
-                    functools.partial(self._flat_grad, layer)))
-
-        # 5. recomputation
-        self._recompute = apply_recompute(model.blocks, [l.index - 1 for l in self.layers if l.recompute],
-                                          self._on_recompute if trace else None)
-
-        # the ledger, with everything that lives on the device from now on
-        state_keys = set()
-        self.ledger = DeviceLedger(plan.device_budget_bytes, device, self.streamer)
-        for layer in self.layers:
-            resident = [p for _, p in layer.owned] if layer.native else [layer.master]
-            if layer.flat is not None and not layer.flat.streamed:
-                resident.append(layer.flat.param)
-            for t in resident:
-                if t is not None:
-                    state_keys.add(t.untyped_storage().data_ptr())
-                    self.ledger.add("params", t.untyped_storage().nbytes(), f"placing {layer.name}")
-        for b in model.buffers():
-            state_keys.add(b.untyped_storage().data_ptr())
-            self.ledger.add("params", b.untyped_storage().nbytes(), "placing the model's buffers")
-        self.ledger.state_ptrs = state_keys
+            resident += [p for _, p in layer.owned] if layer.native else []
+            resident += [layer.dev.master] if layer.dev is not None else []
+            resident += [layer.flat.param] if layer.flat is not None and not layer.flat.streamed else []
+        for t in resident:
+            self.ledger.state_ptrs.add(t.untyped_storage().data_ptr())
+            self.ledger.add("params", t.untyped_storage().nbytes(), "placing the weights")
         self.ledger.add("weight_buffers", self.streamer.total_bytes, "allocating weight buffers")
         if self.device_optimizer is not None:
             state = sum(t.nbytes for s in self.device_optimizer.state.values() for t in s.values())
             self.ledger.add("optimizer", state, "allocating Adam state on the device")
-        self._uses = [("fwd", l.index) for l in self.layers if l.streamed] + \
-                     [("bwd", l.index) for l in reversed(self.layers[1:]) if l.streamed]
-        self._act_bytes: dict[tuple[int, int], int] = {}
         self.overall_peak_bytes = self.ledger.peak_bytes
-
-    # --- checks ------------------------------------------------------------------------------
-    def _check_host_ram(self) -> None:
-        need = 0
-        for layer in self.layers:
-            n = sum(p.numel() for _, p in layer.owned)
-            if layer.plan.optim == "host":
-                need += 4 * n * 4  # master, gradient, exp_avg, exp_avg_sq (fp32)
-            if layer.plan.weights == "host" and (layer.plan.optim == "device" or self.dtype != torch.float32):
-                need += n * self.dtype.itemsize
-        have = probe().host_ram_available_bytes
-        if need > have:
-            raise ValueError(f"the plan keeps {fmt_bytes(need)} in host memory but {fmt_bytes(have)} is available; "
-                             f"keep more layers' optimizer on the device, or free host memory")
 
     def _poll(self) -> None:
         if self.worker is not None:
@@ -269,6 +266,9 @@ class OffloadEngine:
     def _check_open(self) -> None:
         if self._closed:
             raise RuntimeError("this OffloadEngine is closed; apply the plan again to train")
+        if self._broken is not None:
+            raise RuntimeError(f"an earlier step failed ({self._broken!r}) and left the engine mid-step; close() it "
+                               f"and apply the plan again") from self._broken
 
     # --- tracing -----------------------------------------------------------------------------
     def _record(self, name: str, lane: str, start_s: float, end_s: float, cat: str, step: int | None = None) -> None:
@@ -286,29 +286,31 @@ class OffloadEngine:
     def _compute_stream(self):
         return torch.cuda.current_stream(self.device) if self.cuda else None
 
-    def _wait_reads(self, layer: _Layer) -> None:
-        start = time.perf_counter()
-        for flat in layer.reads:
-            if not flat.streamed:
-                flat.landing.wait(self._compute_stream(), self._poll)
-        self._wait_s += time.perf_counter() - start
-
     def _prefetch_after(self, use: tuple[str, int]) -> None:
         if self.plan.prefetch_depth == 0 or use not in self._uses:
             return
         pos = self._uses.index(use)
         for j in range(1, self.plan.prefetch_depth + 1):
             if pos + j >= len(self._uses) and self._last_micro:
-                return  # the next micro-batch is the next step's: its weights are not updated yet
+                return  # the next use belongs to the next step, whose weights are not updated yet
             _, index = self._uses[(pos + j) % len(self._uses)]
             for flat in self.layers[index].streamed:
                 if not self.streamer.prefetch(flat):
                     return
 
+    def _acquire(self, layer: _Layer, phase: str) -> None:
+        """Wait for the layer's weights (updates landed, streamed copies fetched), fetch ahead."""
+        start = time.perf_counter()
+        for flat in layer.reads:
+            if not flat.streamed:
+                flat.landing.wait(self._compute_stream(), self._poll)
+        self.streamer.acquire(layer.streamed, self._compute_stream())
+        self._wait_s += time.perf_counter() - start
+        self._prefetch_after((phase, layer.index))
+
     def _run(self, index: int, fn, *args) -> torch.Tensor:
         layer = self.layers[index]
-        self._wait_reads(layer)
-        self._wait_s += self._acquire(layer, "fwd")
+        self._acquire(layer, "fwd")
         start = time.perf_counter()
         install(layer.bindings)
         out = fn(*args)
@@ -318,13 +320,6 @@ class OffloadEngine:
         if out.requires_grad:
             out.register_hook(functools.partial(self._backward_begins, index))
         return out
-
-    def _acquire(self, layer: _Layer, phase: str) -> float:
-        start = time.perf_counter()
-        self.streamer.acquire(layer.streamed, self._compute_stream())
-        waited = time.perf_counter() - start
-        self._prefetch_after((phase, layer.index))
-        return waited
 
     # --- one layer, backward (tensor hooks on each layer's output) ---------------------------
     def _backward_begins(self, index: int, grad: torch.Tensor) -> None:
@@ -353,6 +348,8 @@ class OffloadEngine:
             self.ledger.add("grads", p.grad.untyped_storage().nbytes(), "accumulating gradients")
 
     def _flat_grad(self, layer: _Layer, leaf: torch.Tensor) -> None:
+        """A managed layer's gradient for one micro-batch: into its fp32 accumulator (host or
+        device); on the last micro-batch without clipping, its CPU update starts right away."""
         g, leaf.grad = leaf.grad, None
         layer.grads_seen += 1
         first, final = layer.grads_seen == 1, layer.grads_seen == self._n_micro
@@ -361,16 +358,8 @@ class OffloadEngine:
             layer.host.accumulate(g, first, final, self.worker, self.streams.get("d2h"))
             if final and not self._clip:
                 self._submit_host_update(layer, None)
-        elif first:
-            layer.master_grad = g.to(torch.float32)
-            if layer.master_grad is not g:
-                self.ledger.add("grads", layer.master_grad.nbytes, f"backward of {layer.name}")
-            for view, gv in zip(layer.master_views, slot_views(layer.master_grad, layer.flat.slots)):
-                view.grad = gv
-            if layer.master_grad is g:
-                return
         else:
-            layer.master_grad.add_(g)
+            self.ledger.add("grads", layer.dev.accumulate(g, first), f"backward of {layer.name}")
         self.ledger.sub("grads", g.nbytes)
 
     def _submit_host_update(self, layer: _Layer, clip_coef: torch.Tensor | None) -> None:
@@ -381,8 +370,8 @@ class OffloadEngine:
         for layer in self.layers:
             if layer.native:
                 grads.update((name, p.grad) for name, p in layer.owned if p.grad is not None)
-            elif layer.master is not None:
-                grads.update((name, v.grad) for (name, _), v in zip(layer.owned, layer.master_views))
+            elif layer.dev is not None:
+                grads.update((name, v.grad) for (name, _), v in zip(layer.owned, layer.dev.views))
         return grads
 
     def _global_norm(self, device_grads: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -391,7 +380,7 @@ class OffloadEngine:
         for layer in self.layers:
             if layer.host is not None:
                 norms.update(zip((name for name, _ in layer.owned), layer.host.wait_norms(self.worker)))
-        return torch.linalg.vector_norm(torch.stack([norms[n].to(self.device) for n in self._names]), 2.0)
+        return torch.linalg.vector_norm(torch.stack([norms[n].to(self.device) for n in self._names if n in norms]), 2.0)
 
     # --- the step ----------------------------------------------------------------------------
     def train_step(self, batches: list[tuple[torch.Tensor, torch.Tensor]], lr: float, grad_clip: float) -> StepStats:
@@ -409,16 +398,20 @@ class OffloadEngine:
             layer.grads_seen = 0
         self.ledger.reset_peak()
         losses = []
-        for m, (x, y) in enumerate(batches):
-            self._last_micro = m == len(batches) - 1
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            with self.ledger.saving():
-                loss = self._forward(x, y) / len(batches)
-                loss.backward()
-            losses.append(loss.detach())
-        grad_norm = self._update(grad_clip)
-        if not self.plan.overlap:
-            self.synchronize()
+        try:
+            for m, (x, y) in enumerate(batches):
+                self._last_micro = m == len(batches) - 1
+                x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+                with self.ledger.saving():
+                    loss = self._forward(x, y) / len(batches)
+                    loss.backward()
+                losses.append(loss.detach())
+            grad_norm = self._update(grad_clip)
+            if not self.plan.overlap:
+                self.synchronize()
+        except BaseException as e:
+            self._broken = e  # buffers, hooks and gradients are mid-step: no further step is safe
+            raise
         self.step += 1
         self.overall_peak_bytes = max(self.overall_peak_bytes, self.ledger.peak_bytes)
         return StepStats(loss=sum(loss.item() for loss in losses), grad_norm=grad_norm.item(),
@@ -443,9 +436,8 @@ class OffloadEngine:
         self.streamer.invalidate()
         device_grads = self._device_grads()
         total = self._global_norm(device_grads)
-        coef = None
-        if self._clip:
-            coef = torch.clamp(grad_clip / (total + 1e-6), max=1.0)
+        coef = torch.clamp(grad_clip / (total + 1e-6), max=1.0) if self._clip else None
+        if coef is not None:
             coef_host = coef.to("cpu")
             for layer in self.layers:
                 if layer.host is not None:
@@ -459,36 +451,19 @@ class OffloadEngine:
                 set_lr(self.device_optimizer, self._lr)
                 self.device_optimizer.step()
                 for layer in self.layers:
-                    if layer.master is not None:
-                        self._refresh_from_device_master(layer)
+                    if layer.dev is not None:
+                        layer.dev.refresh(self.streams.get("d2h"), self._compute_stream())
             self._record("update device", "compute", start, time.perf_counter(), "optim")
-        self._zero_device_grads()
-        return total
-
-    def _refresh_from_device_master(self, layer: _Layer) -> None:
-        flat = layer.flat
-        if flat.streamed:
-            d2h = self.streams.get("d2h")
-            if d2h is not None:
-                d2h.wait_stream(self._compute_stream())
-            flat.landing.land(copy_async(flat.host_store, layer.master, d2h))
-        else:
-            with torch.no_grad():
-                flat.param.data.copy_(layer.master)
-
-    def _zero_device_grads(self) -> None:
-        for layer in self.layers:
+        for layer in self.layers:  # zero_grad(set_to_none=True) of the device side
             if layer.native:
                 for _, p in layer.owned:
                     if p.grad is not None:
                         self.ledger.sub("grads", p.grad.untyped_storage().nbytes())
                         p.grad = None
-            elif layer.master_grad is not None:
-                self.ledger.sub("grads", layer.master_grad.nbytes)
-                layer.master_grad = None
-                for view in layer.master_views:
-                    view.grad = None
+            elif layer.dev is not None:
+                self.ledger.sub("grads", layer.dev.zero_grad())
         self._counted_grads.clear()
+        return total
 
     # --- outside the step --------------------------------------------------------------------
     @property
@@ -521,7 +496,7 @@ class OffloadEngine:
             elif layer.host is not None:
                 yield from ((n, v, layer.host.optimizer) for n, v in zip(names, layer.host.master_views))
             else:
-                yield from ((n, v, self.device_optimizer) for n, v in zip(names, layer.master_views))
+                yield from ((n, v, self.device_optimizer) for n, v in zip(names, layer.dev.views))
 
     def state_dict(self) -> dict:
         """The full fp32 model and AdamW state by parameter name, after pending updates land:
@@ -562,8 +537,8 @@ class OffloadEngine:
             for layer in self.layers:
                 if layer.host is not None:
                     layer.host.refresh(self.streams.get("h2d"))
-                elif layer.master is not None:
-                    self._refresh_from_device_master(layer)
+                elif layer.dev is not None:
+                    layer.dev.refresh(self.streams.get("d2h"), self._compute_stream())
         self.streamer.invalidate()
         self.synchronize()
 
@@ -572,31 +547,35 @@ class OffloadEngine:
         model back as plain fp32 parameters on the CPU holding the trained values."""
         if self._closed:
             return
+        self._closed = True
+        failure = None
         try:
             self.synchronize()
-        finally:
-            self._closed = True
-            if self.worker is not None:
-                self.worker.close()
-            for handle in self._handles:
-                handle.remove()
-            self._handles.clear()
-            self._recompute.remove()
-            with torch.no_grad():
-                values = {name: t.detach().to("cpu", copy=True) for name, t, _ in self._masters()}
-                for name, p in self.model.named_parameters():
-                    p.data = values[name]
-                for p in self._originals:
-                    p.data = values[self._name_of[id(p)]]
-                    for module, attr, _ in self._homes[id(p)]:
-                        module.__dict__.pop(attr, None)
-                        module._parameters[attr] = p
-            for module in self.model.modules():
-                for name, b in module._buffers.items():
-                    if b is not None:
-                        module._buffers[name] = b.to("cpu")
-            if torch.get_num_threads() != self._threads_before:
-                torch.set_num_threads(self._threads_before)
+        except RuntimeError as e:
+            failure = e
+        if self.worker is not None:
+            self.worker.close()
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._recompute.remove()
+        with torch.no_grad():
+            values = {name: t.detach().to("cpu", copy=True) for name, t, _ in self._masters()}
+            for name, p in self.model.named_parameters():
+                p.data = values[name]
+            for p in self._originals:
+                p.data = values[self._name_of[id(p)]]
+                for module, attr, _ in self._homes[id(p)]:
+                    module.__dict__.pop(attr, None)
+                    module._parameters[attr] = p
+        for module in self.model.modules():
+            for name, b in module._buffers.items():
+                if b is not None:
+                    module._buffers[name] = b.to("cpu")
+        if torch.get_num_threads() != self._threads_before:
+            torch.set_num_threads(self._threads_before)
+        if failure is not None and not (self.worker is not None and self.worker.failed):
+            raise failure  # a failed worker was already reported by the step that met it
 
     def __enter__(self) -> "OffloadEngine":
         return self

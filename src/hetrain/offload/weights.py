@@ -149,6 +149,50 @@ class FlatWeights:
             return [pieces[j].view(s.shape) for j, s in zip(self.piece_of_slot, self.slots)]
 
 
+class DeviceMaster:
+    """The fp32 master of a managed layer whose optimizer runs on the device, with its fp32
+    gradient accumulator; `refresh` writes the master into the compute copy forward reads."""
+
+    def __init__(self, flat: FlatWeights, values: list[torch.Tensor], device: torch.device):
+        self.flat = flat
+        self.master = torch.zeros(flat.numel, dtype=torch.float32, device=device)
+        self.views = slot_views(self.master, flat.slots)
+        with torch.no_grad():
+            for view, value in zip(self.views, values):
+                view.copy_(value)
+        self.grad: torch.Tensor | None = None
+
+    def accumulate(self, g: torch.Tensor, first: bool) -> int:
+        """Add one micro-batch's flat gradient; returns the bytes newly allocated for the sum."""
+        with torch.no_grad():
+            if not first:
+                self.grad.add_(g)
+                return 0
+            self.grad = torch.empty_like(self.master)
+            self.grad.copy_(g)
+        for view, grad in zip(self.views, slot_views(self.grad, self.flat.slots)):
+            view.grad = grad
+        return self.grad.nbytes
+
+    def zero_grad(self) -> int:
+        """Drop the gradient; returns the bytes freed."""
+        freed = self.grad.nbytes if self.grad is not None else 0
+        self.grad = None
+        for view in self.views:
+            view.grad = None
+        return freed
+
+    def refresh(self, d2h_stream=None, compute_stream=None) -> None:
+        """Master -> the resident compute flat, or -> the host store of a streamed one."""
+        if self.flat.streamed:
+            if d2h_stream is not None:
+                d2h_stream.wait_stream(compute_stream)
+            self.flat.landing.land(copy_async(self.flat.host_store, self.master, d2h_stream))
+        else:
+            with torch.no_grad():
+                self.flat.param.data.copy_(self.master)
+
+
 @dataclass
 class Binding:
     """A module attribute that shows one slot of a flat (a layer's own or a borrowed one)."""
