@@ -339,10 +339,22 @@ def test_budget_is_enforced_to_the_byte(shape):
         engine_run(plan, steps=2)
 
 
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_check_before_allocation_predicts_the_ledger_exactly(seed, dtype):
+    # apply_plan refuses a plan from arithmetic alone; that arithmetic must be what it then holds.
+    for cfg in (CFG, LLAMA):
+        engine = apply_plan(GPT(cfg), _random_plan(seed), OPTIM, "cpu", compute_dtype=dtype)
+        assert engine.static_device_bytes == engine.ledger.current_bytes
+        engine.close()
+
+
 def test_budget_below_the_resident_state_fails_before_any_step():
     plan = OffloadPlan.resident(4, device_budget_bytes=100_000)
+    model = GPT(CFG)
     with pytest.raises(DeviceBudgetError, match="before any activation"):
-        apply_plan(GPT(CFG), plan, OPTIM, "cpu")
+        apply_plan(model, plan, OPTIM, "cpu")
+    assert len(list(model.parameters())) == 27 and "forward" not in model.blocks[0].__dict__  # untouched
 
 
 def test_tied_head_reading_a_streamed_embedding_needs_two_buffers():

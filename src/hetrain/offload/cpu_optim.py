@@ -62,6 +62,38 @@ def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
+def training_state(masters: list[tuple[str, torch.Tensor, torch.optim.Optimizer]], aliases: dict[str, str],
+                   cfg: OptimConfig, lr: float) -> dict:
+    """{"model": {state_dict key: fp32 master}, "optim": {"state": {name: {step, exp_avg,
+    exp_avg_sq}}, "param_groups": [...]}}, the layout of torch.distributed.checkpoint's
+    get_state_dict, from (parameter name, master, its optimizer) triples. The tensors are the
+    live ones, so loading in place into them restores the state."""
+    model = {name: t.detach() for name, t, _ in masters}
+    state = {name: dict(opt.state[t]) for name, t, opt in masters}
+    groups = [{"lr": lr, "betas": (cfg.beta1, cfg.beta2), "eps": cfg.eps, "weight_decay": wd,
+               "params": [n for n, t in model.items() if (t.dim() >= 2) == decay]}
+              for wd, decay in ((cfg.weight_decay, True), (0.0, False))]
+    return {"model": {key: model[name] for key, name in aliases.items()},
+            "optim": {"state": state, "param_groups": groups}}
+
+
+def copy_training_state(dst: dict, src: dict) -> None:
+    """Copy `src` into the live tensors of `dst` (both in `training_state`'s layout)."""
+    for part in ("model", "optim"):
+        if part not in src:
+            raise KeyError(f"the state has no '{part}' entry; pass what OffloadEngine.state_dict() returns")
+    missing = [k for k in dst["model"] if k not in src["model"]]
+    missing += [f"optim.{n}" for n in dst["optim"]["state"] if n not in src["optim"]["state"]]
+    if missing:
+        raise KeyError(f"the state lacks {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+    with torch.no_grad():
+        for key, t in dst["model"].items():
+            t.copy_(src["model"][key])
+        for name, entries in dst["optim"]["state"].items():
+            for k, t in entries.items():
+                t.copy_(src["optim"]["state"][name][k])
+
+
 class CpuOptimizerWorker:
     """One thread running tasks from a priority queue; a failed task is re-raised in the
     caller at its next `check()` (every wait on a landing calls it)."""

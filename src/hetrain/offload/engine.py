@@ -32,9 +32,10 @@ import torch.nn as nn
 from hetrain.hardware.probe import probe
 from hetrain.model.describe import block_act_bytes
 from hetrain.offload.checkpointing import DeviceBudgetError, DeviceLedger, apply_recompute
-from hetrain.offload.cpu_optim import CpuOptimizerWorker, HostLayer, OptimConfig, make_adamw, set_lr
-from hetrain.offload.weights import (Binding, DeviceMaster, FlatWeights, WeightStreamer, flat_layout, host_empty,
-                                     install, uninstall)
+from hetrain.offload.cpu_optim import (CpuOptimizerWorker, HostLayer, OptimConfig, copy_training_state, make_adamw,
+                                       set_lr, training_state)
+from hetrain.offload.weights import (Binding, DeviceMaster, FlatWeights, ModelLayout, WeightStreamer, flat_layout,
+                                     host_empty, install, uninstall)
 from hetrain.plan.offload_plan import LayerPlan, OffloadPlan
 from hetrain.predict.trace import TraceEvent
 from hetrain.train.metrics import fmt_bytes
@@ -136,8 +137,10 @@ class OffloadEngine:
         self._recompute = apply_recompute(model.blocks, [l.index - 1 for l in self.layers if l.recompute],
                                           self._on_recompute if trace else None)  # 5
         self._count_device_state()
-        self._uses = [("fwd", l.index) for l in self.layers if l.streamed] + \
-                     [("bwd", l.index) for l in reversed(self.layers[1:]) if l.streamed]
+        # Uses of streamed weights in a micro-batch: forward in order, then backward in reverse
+        # (the embedding's backward reads no weights); prefetch walks this list, cyclically.
+        self.streamer.schedule = [(("fwd", l.index), l.streamed) for l in self.layers if l.streamed] + \
+                                 [(("bwd", l.index), l.streamed) for l in reversed(self.layers[1:]) if l.streamed]
         self._act_bytes: dict[tuple[int, int], int] = {}
         self._threads_before = torch.get_num_threads()
         if optim_cfg.cpu_threads > 0:
@@ -145,31 +148,17 @@ class OffloadEngine:
 
     # --- setup -------------------------------------------------------------------------------
     def _inspect(self) -> None:
-        """Which layer owns each parameter, and every (module, attribute) that holds it."""
         last = len(self.model.blocks) + 1
+        self.layout = ModelLayout(self.model, lambda name: _layer_of(name, last))
         native = self.dtype == torch.float32
-        self.layers = [_Layer(i, lp, [], native and lp.weights == "device" and lp.optim == "device",
+        self.layers = [_Layer(i, lp, self.layout.owned(i), native and lp.weights == "device" and lp.optim == "device",
                               lp.act == "recompute") for i, lp in enumerate(self.plan.layers)]
-        self._homes: dict[int, list[tuple[nn.Module, str, int]]] = {}
-        for mod_name, module in self.model.named_modules():
-            for attr, p in module._parameters.items():
-                if p is not None:
-                    self._homes.setdefault(id(p), []).append((module, attr, _layer_of(mod_name, last)))
-        params = dict(self.model.named_parameters())
-        self._names = list(params)
-        self._name_of = {id(p): name for name, p in params.items()}
-        self._owner = {id(p): self._homes[id(p)][0][2] for p in params.values()}
-        for name, p in params.items():
-            self.layers[self._owner[id(p)]].owned.append((name, p))
-        # state_dict keys -> parameter names (a tied matrix has two keys)
-        self._aliases = {key: self._name_of[id(t)] for key, t in self.model.state_dict(keep_vars=True).items()
-                         if id(t) in self._name_of}
 
     def _check(self) -> None:
         """Everything the plan needs, against the buffers, the device budget and host RAM."""
         streamed = {l.index for l in self.layers if l.plan.weights == "host"}
-        need = max(len({self._owner[pid] for pid, places in self._homes.items()
-                        for *_, where in places if where == l.index} & streamed) for l in self.layers)
+        need = max(len({self.layout.owner[pid] for pid, *_ in self.layout.read_by(l.index)} & streamed)
+                   for l in self.layers)
         if need > self.plan.weight_buffers:
             raise ValueError(f"plan.weight_buffers={self.plan.weight_buffers} is too few: the head of a model with tied "
                              f"embeddings reads the streamed embedding matrix too, so it needs {need} buffers at "
@@ -208,7 +197,7 @@ class OffloadEngine:
             for name, b in module._buffers.items():
                 if b is not None:
                     module._buffers[name] = b.to(self.device)
-        flats, self._originals = {}, []
+        flats = {}
         for layer in self.layers:
             if layer.native:
                 for _, p in layer.owned:
@@ -229,13 +218,11 @@ class OffloadEngine:
                 (flat.host_store if streamed else flat.param.data).copy_(source)
             for j, (_, p) in enumerate(layer.owned):
                 flats[id(p)] = (flat, j)
-                self._originals.append(p)
-                for module, attr, _ in self._homes[id(p)]:
-                    del module._parameters[attr]
+                self.layout.take(p)
                 p.data = torch.empty(0)  # the values live in the masters now
         for layer in self.layers:  # every attribute a layer's compute reads from a flat
-            layer.bindings = tuple(Binding(module, attr, *flats[pid]) for pid, places in self._homes.items()
-                                   if pid in flats for module, attr, where in places if where == layer.index)
+            layer.bindings = tuple(Binding(module, attr, *flats[pid]) for pid, module, attr in
+                                   self.layout.read_by(layer.index) if pid in flats)
             layer.reads = tuple({id(b.flat): b.flat for b in layer.bindings}.values())
             layer.streamed = tuple(f for f in layer.reads if f.streamed)
         streamed = [l.flat for l in self.layers if l.flat is not None and l.flat.streamed]
@@ -286,18 +273,6 @@ class OffloadEngine:
     def _compute_stream(self):
         return torch.cuda.current_stream(self.device) if self.cuda else None
 
-    def _prefetch_after(self, use: tuple[str, int]) -> None:
-        if self.plan.prefetch_depth == 0 or use not in self._uses:
-            return
-        pos = self._uses.index(use)
-        for j in range(1, self.plan.prefetch_depth + 1):
-            if pos + j >= len(self._uses) and self._last_micro:
-                return  # the next use belongs to the next step, whose weights are not updated yet
-            _, index = self._uses[(pos + j) % len(self._uses)]
-            for flat in self.layers[index].streamed:
-                if not self.streamer.prefetch(flat):
-                    return
-
     def _acquire(self, layer: _Layer, phase: str) -> None:
         """Wait for the layer's weights (updates landed, streamed copies fetched), fetch ahead."""
         start = time.perf_counter()
@@ -306,7 +281,7 @@ class OffloadEngine:
                 flat.landing.wait(self._compute_stream(), self._poll)
         self.streamer.acquire(layer.streamed, self._compute_stream())
         self._wait_s += time.perf_counter() - start
-        self._prefetch_after((phase, layer.index))
+        self.streamer.prefetch_after((phase, layer.index), self.plan.prefetch_depth, wrap=not self._last_micro)
 
     def _run(self, index: int, fn, *args) -> torch.Tensor:
         layer = self.layers[index]
@@ -380,7 +355,8 @@ class OffloadEngine:
         for layer in self.layers:
             if layer.host is not None:
                 norms.update(zip((name for name, _ in layer.owned), layer.host.wait_norms(self.worker)))
-        return torch.linalg.vector_norm(torch.stack([norms[n].to(self.device) for n in self._names if n in norms]), 2.0)
+        return torch.linalg.vector_norm(torch.stack([norms[n].to(self.device) for n in self.layout.params
+                                                     if n in norms]), 2.0)
 
     # --- the step ----------------------------------------------------------------------------
     def train_step(self, batches: list[tuple[torch.Tensor, torch.Tensor]], lr: float, grad_clip: float) -> StepStats:
@@ -499,46 +475,23 @@ class OffloadEngine:
                 yield from ((n, v, self.device_optimizer) for n, v in zip(names, layer.dev.views))
 
     def state_dict(self) -> dict:
-        """The full fp32 model and AdamW state by parameter name, after pending updates land:
-        {"model": {key: tensor}, "optim": {"state": {fqn: {step, exp_avg, exp_avg_sq}},
-        "param_groups": [...]}} (the layout of torch.distributed.checkpoint.state_dict). The
-        tensors are the engine's own: loading into them in place (e.g. dcp.load) and then
-        calling load_state_dict refreshes the compute copies."""
+        """The full fp32 model and AdamW state by parameter name, after pending updates land,
+        in the layout of torch.distributed.checkpoint's get_state_dict (cpu_optim.training_state).
+        The tensors are the engine's own: load into them in place (e.g. dcp.load), then call
+        load_state_dict to refresh the compute copies."""
         self._check_open()
         self.synchronize()
-        masters, state = {}, {}
-        for name, t, opt in self._masters():
-            masters[name] = t.detach()
-            state[name] = dict(opt.state[t])
-        cfg = self.optim_cfg
-        groups = [{"lr": getattr(self, "_lr", 0.0), "betas": (cfg.beta1, cfg.beta2), "eps": cfg.eps,
-                   "weight_decay": wd, "params": [n for n, t in masters.items() if (t.dim() >= 2) == decay]}
-                  for wd, decay in ((cfg.weight_decay, True), (0.0, False))]
-        return {"model": {key: masters[name] for key, name in self._aliases.items()},
-                "optim": {"state": state, "param_groups": groups}}
+        return training_state(list(self._masters()), self.layout.aliases, self.optim_cfg, self._lr)
 
     def load_state_dict(self, state: dict) -> None:
         """Copy a state_dict() (from this engine, another plan, or plain training) into the
         masters and Adam state, and refresh every compute copy."""
-        own = self.state_dict()
-        for part in ("model", "optim"):
-            if part not in state:
-                raise KeyError(f"the state has no '{part}' entry; pass what OffloadEngine.state_dict() returns")
-        missing = [k for k in own["model"] if k not in state["model"]]
-        missing += [f"optim.{n}" for n in own["optim"]["state"] if n not in state["optim"]["state"]]
-        if missing:
-            raise KeyError(f"the state lacks {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
-        with torch.no_grad():
-            for key, t in own["model"].items():
-                t.copy_(state["model"][key])
-            for name, entries in own["optim"]["state"].items():
-                for k, t in entries.items():
-                    t.copy_(state["optim"]["state"][name][k])
-            for layer in self.layers:
-                if layer.host is not None:
-                    layer.host.refresh(self.streams.get("h2d"))
-                elif layer.dev is not None:
-                    layer.dev.refresh(self.streams.get("d2h"), self._compute_stream())
+        copy_training_state(self.state_dict(), state)
+        for layer in self.layers:
+            if layer.host is not None:
+                layer.host.refresh(self.streams.get("h2d"))
+            elif layer.dev is not None:
+                layer.dev.refresh(self.streams.get("d2h"), self._compute_stream())
         self.streamer.invalidate()
         self.synchronize()
 
@@ -561,13 +514,10 @@ class OffloadEngine:
         self._recompute.remove()
         with torch.no_grad():
             values = {name: t.detach().to("cpu", copy=True) for name, t, _ in self._masters()}
-            for name, p in self.model.named_parameters():
+            for name, p in self.layout.params.items():
                 p.data = values[name]
-            for p in self._originals:
-                p.data = values[self._name_of[id(p)]]
-                for module, attr, _ in self._homes[id(p)]:
-                    module.__dict__.pop(attr, None)
-                    module._parameters[attr] = p
+                if self.layers[self.layout.owner[id(p)]].flat is not None:
+                    self.layout.give_back(p)
         for module in self.model.modules():
             for name, b in module._buffers.items():
                 if b is not None:

@@ -193,6 +193,43 @@ class DeviceMaster:
                 self.flat.param.data.copy_(self.master)
 
 
+class ModelLayout:
+    """Which layer owns each parameter, and every module attribute that holds it (a tied
+    matrix is held by the embedding and by the head). `layer_of` maps a module's qualified
+    name to its layer index; a parameter belongs to the layer of its first holder."""
+
+    def __init__(self, model: nn.Module, layer_of: Callable[[str], int]):
+        self.homes: dict[int, list[tuple[nn.Module, str, int]]] = {}
+        for module_name, module in model.named_modules():
+            for attr, p in module._parameters.items():
+                if p is not None:
+                    self.homes.setdefault(id(p), []).append((module, attr, layer_of(module_name)))
+        self.params = dict(model.named_parameters())
+        self.name_of = {id(p): name for name, p in self.params.items()}
+        self.owner = {pid: places[0][2] for pid, places in self.homes.items()}
+        # state_dict keys -> parameter names (a tied matrix has two keys)
+        self.aliases = {key: self.name_of[id(t)] for key, t in model.state_dict(keep_vars=True).items()
+                        if id(t) in self.name_of}
+
+    def owned(self, layer: int) -> list[tuple[str, nn.Parameter]]:
+        return [(name, p) for name, p in self.params.items() if self.owner[id(p)] == layer]
+
+    def read_by(self, layer: int) -> list[tuple[int, nn.Module, str]]:
+        """(parameter id, module, attribute) for every parameter attribute inside `layer`."""
+        return [(pid, module, attr) for pid, places in self.homes.items() for module, attr, where in places
+                if where == layer]
+
+    def take(self, p: nn.Parameter) -> None:
+        """Unregister `p` from every module that holds it (views will stand in for it)."""
+        for module, attr, _ in self.homes[id(p)]:
+            del module._parameters[attr]
+
+    def give_back(self, p: nn.Parameter) -> None:
+        for module, attr, _ in self.homes[id(p)]:
+            module.__dict__.pop(attr, None)
+            module._parameters[attr] = p
+
+
 @dataclass
 class Binding:
     """A module attribute that shows one slot of a flat (a layer's own or a borrowed one)."""
@@ -261,6 +298,8 @@ class WeightStreamer:
         self._pending = [False] * len(self.buffers)  # prefetched, not yet acquired
         self._clock = 0
         self.copies = 0
+        self.schedule: list[tuple[object, tuple[FlatWeights, ...]]] = []
+        """(use key, flats it reads) in the order of one micro-batch; prefetch walks it."""
 
     @property
     def total_bytes(self) -> int:
@@ -332,6 +371,20 @@ class WeightStreamer:
         self._fetch(flat, i)
         self._pending[i] = True
         return True
+
+    def prefetch_after(self, key, depth: int, wrap: bool) -> None:
+        """Fetch the flats of the `depth` uses after `key` in the schedule; past its end only if
+        `wrap` (the next micro-batch of the same step: its weights are current)."""
+        keys = [k for k, _ in self.schedule]
+        if depth == 0 or key not in keys:
+            return
+        pos = keys.index(key)
+        for j in range(pos + 1, pos + 1 + depth):
+            if j >= len(keys) and not wrap:
+                return
+            for flat in self.schedule[j % len(keys)][1]:
+                if not self.prefetch(flat):
+                    return
 
     def invalidate(self) -> None:
         """Forget every cached flat nothing holds (their host stores are about to change)."""
