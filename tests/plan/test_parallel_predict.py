@@ -143,3 +143,16 @@ def test_1f1b_recurrence_matches_a_plain_walk_of_the_schedule():
             fwd, bwd = [1.0] * n_stages, [2.0] * n_stages
         expected = _reference_1f1b(fwd, bwd, m)
         assert one_f_one_b_end_s(fwd, bwd, m) == pytest.approx(expected, rel=1e-12)
+
+
+def test_lower_bound_behind_the_pruning_holds():
+    # Stage s cannot finish before the earlier stages' work plus m times its own; the
+    # search's lower bound is built on this.
+    rng = random.Random(1)
+    for _ in range(500):
+        n_stages, m = rng.randint(1, 8), rng.randint(1, 40)
+        fwd = [rng.uniform(0.1, 2.0) for _ in range(n_stages)]
+        bwd = [rng.uniform(0.1, 4.0) for _ in range(n_stages)]
+        work = [f + b for f, b in zip(fwd, bwd)]
+        bound = max(sum(work[:s]) + m * work[s] for s in range(n_stages))
+        assert max(one_f_one_b_end_s(fwd, bwd, m)) >= bound * (1 - 1e-12)

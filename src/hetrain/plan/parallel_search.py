@@ -8,15 +8,15 @@ micro-batches; the global batch is shared among pipelines. Each stage takes a co
 run of blocks (the first also the embedding, the last the head) and recomputes the fewest
 blocks its memory demands. The search:
   1. every shape gets a quick group-level estimate (which orders them) and a valid lower
-     bound (which prunes them, hetrain.plan.parallel_split);
+     bound of its predicted step (which prunes them, hetrain.plan.parallel_split);
   2. shapes in estimate order get their layer split (bottleneck first, then the sum of
-     stage times); its closed form sum + (m-1) x max + tail bounds the predicted step from
-     above, and a shape whose lower bound cannot beat the best such bound is skipped;
-  3. the candidates with the best bounds are predicted with the 1F1B recurrence, and the
-     best few refined by moving single blocks between stages (and samples between
-     pipelines) while the prediction improves.
+     stage times) and are predicted with the 1F1B recurrence; a shape whose lower bound
+     cannot beat the best prediction so far is skipped;
+  3. the best few candidates are refined by moving single blocks between stages (and
+     samples between pipelines) while the prediction improves.
 With several pipelines, the batch split comes from a min-max allocation over per-shape
-time curves (sum + (m-1) x max + tail as a function of the samples). This module searches; it must not predict by any other rule than
+time curves (sum + (m-1) x max + tail as a function of the samples).
+This module searches; it must not predict by any other rule than
 hetrain.plan.parallel_predict.
 """
 
@@ -45,12 +45,10 @@ class PipelineChoice:
 @dataclass
 class Candidate:
     pipelines: list[PipelineChoice]
-    bound_s: float
-    """Closed-form upper bound of the step (sum + (m-1) x max + tail, slowest pipeline)."""
     lower_s: float
     """Lower bound of the step of any split of these shapes."""
     step_s: float = math.inf
-    """Predicted step (1F1B recurrence)."""
+    """Predicted step (1F1B recurrence), slowest pipeline."""
 
 
 @dataclass
@@ -129,10 +127,6 @@ def choose_pipeline(ctx: CostContext, shape: PipelineShape, m: int, others: tupl
     if split is None:
         return None
     return PipelineChoice(shape, m, stages, *split)
-
-
-def candidate_bound_s(pipes: list[PipelineChoice]) -> float:
-    return max(closed_form_s(p.stages, p.n_blocks, p.n_recompute, p.n_microbatches) for p in pipes)
 
 
 def predict_candidate(c: Candidate) -> float:
@@ -255,8 +249,6 @@ class SearchOptions:
 
     split_top: int = 400
     """Single-pipeline shapes split at most (best estimate first; all of them on small clusters)."""
-    predict_top: int = 48
-    """Candidates (best closed-form bound first) predicted with the 1F1B recurrence."""
     refine_top: int = 4
     """Best predicted candidates refined by moving blocks."""
     shapes_per_pipeline: int = 12
@@ -267,7 +259,7 @@ class SearchOptions:
 
 def _single_pipeline_candidates(ctx: CostContext, layouts, global_batch: int, opts: "SearchOptions",
                                 stats: SearchStats) -> list[Candidate]:
-    """Shapes ranked by estimate, split while their lower bound can still beat the best bound found."""
+    """Shapes ranked by estimate, split and predicted while their lower bound can still beat the best."""
     entries = []
     for layout in layouts:
         for shape in pipeline_shapes(ctx, layout[0]):
@@ -280,12 +272,12 @@ def _single_pipeline_candidates(ctx: CostContext, layouts, global_batch: int, op
             if math.isfinite(lower):
                 entries.append((shape_estimate_s(ctx, shape, m), len(entries), lower, shape, m))
     entries.sort(key=lambda e: (e[0], e[1]))
-    pool, best_bound = [], math.inf
+    pool, best_step = [], math.inf
     for i, (_, _, lower, shape, m) in enumerate(entries):
-        if lower >= best_bound:
+        if lower >= best_step:
             continue
         if stats.shapes_split == opts.split_top:
-            left = sum(1 for e in entries[i:] if e[2] < best_bound)
+            left = sum(1 for e in entries[i:] if e[2] < best_step)
             stats.notes.append(f"split the {opts.split_top} best-estimated shapes; {left} more had a lower "
                                f"bound under the best found and were not split")
             break
@@ -293,14 +285,14 @@ def _single_pipeline_candidates(ctx: CostContext, layouts, global_batch: int, op
         choice = choose_pipeline(ctx, shape, m, (), 1)
         if choice is None:
             continue
-        cand = Candidate([choice], candidate_bound_s([choice]), lower)
-        best_bound = min(best_bound, cand.bound_s)
+        cand = Candidate([choice], lower)
+        best_step = min(best_step, predict_candidate(cand))
         pool.append(cand)
     return pool
 
 
 def _multi_pipeline_candidate(ctx: CostContext, layout, global_batch: int, opts: SearchOptions,
-                              best_bound: float, stats: SearchStats) -> Candidate | None:
+                              best_step: float, stats: SearchStats) -> Candidate | None:
     n_pipes = len(layout)
     n_devices = sum(ctx.cluster.group(g).devices for groups in layout for g in groups)
     kept: list[list[PipelineShape]] = []
@@ -321,7 +313,7 @@ def _multi_pipeline_candidate(ctx: CostContext, layout, global_batch: int, opts:
         rated.sort(key=lambda e: (e[0], e[1]))
         best_rate += rate
         kept.append([shape for _, _, shape in rated[:opts.shapes_per_pipeline]])
-    if global_batch / best_rate >= best_bound:
+    if global_batch / best_rate >= best_step:
         return None
     curves, argmins = [], []
     for k, shapes in enumerate(kept):
@@ -355,7 +347,9 @@ def _multi_pipeline_candidate(ctx: CostContext, layout, global_batch: int, opts:
         if choice is None:
             return None
         pipes.append(choice)
-    return Candidate(pipes, candidate_bound_s(pipes), global_batch / best_rate)
+    cand = Candidate(pipes, global_batch / best_rate)
+    predict_candidate(cand)
+    return cand
 
 
 def search(ctx: CostContext, global_batch: int, opts: SearchOptions = SearchOptions()) -> tuple[Candidate | None, SearchStats]:
@@ -364,27 +358,16 @@ def search(ctx: CostContext, global_batch: int, opts: SearchOptions = SearchOpti
     layouts = pipeline_layouts([g.name for g in ctx.cluster.groups])
     stats.layouts = len(layouts)
     pool = _single_pipeline_candidates(ctx, [lay for lay in layouts if len(lay) == 1], global_batch, opts, stats)
-    best_bound = min((c.bound_s for c in pool), default=math.inf)
+    best_step = min((c.step_s for c in pool), default=math.inf)
     for layout in (lay for lay in layouts if len(lay) > 1):
-        cand = _multi_pipeline_candidate(ctx, layout, global_batch, opts, best_bound, stats)
+        cand = _multi_pipeline_candidate(ctx, layout, global_batch, opts, best_step, stats)
         if cand is not None:
             pool.append(cand)
-            best_bound = min(best_bound, cand.bound_s)
+            best_step = min(best_step, cand.step_s)
     if not pool:
         return None, stats
-    pool.sort(key=lambda c: c.bound_s)
-    best_step = math.inf
-    predicted = []
-    for cand in pool:
-        if cand.lower_s >= best_step:
-            continue
-        if len(predicted) == opts.predict_top:
-            stats.notes.append(f"predicted the {opts.predict_top} best of {len(pool)} candidates by bound")
-            break
-        best_step = min(best_step, predict_candidate(cand))
-        predicted.append(cand)
-    stats.candidates_predicted = len(predicted)
-    predicted.sort(key=lambda c: c.step_s)
-    for cand in predicted[:opts.refine_top]:
+    stats.candidates_predicted = len(pool)
+    pool.sort(key=lambda c: c.step_s)
+    for cand in pool[:opts.refine_top]:
         refine(cand, ctx, stats=stats)
-    return min(predicted, key=lambda c: c.step_s), stats
+    return min(pool, key=lambda c: c.step_s), stats

@@ -143,7 +143,11 @@ def split_blocks(stages: list[StageModel], n_blocks: int) -> tuple[list[int], li
 
 
 def closed_form_s(stages: list[StageModel], n: list[int], r: list[int], m: int) -> float:
-    """sum + (m - 1) x max of stage times, plus the slowest tail: an upper bound of the 1F1B step."""
+    """sum + (m - 1) x max of stage times plus the slowest tail: the textbook estimate of a 1F1B step.
+
+    Cheap, and close to the prediction for balanced stages; the search ranks block moves
+    and shares the batch among pipelines with it, and decides with the prediction.
+    """
     work = [st.fwd_s(k) + st.bwd_s(k, rk) for st, k, rk in zip(stages, n, r)]
     tail = max(st.sync_s(k) + st.optim_s(k) for st, k in zip(stages, n))
     return sum(work) + (m - 1) * max(work) + tail
