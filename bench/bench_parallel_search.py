@@ -3,8 +3,9 @@
 Each cluster has the proportions of configs/clusters/mixed.toml (a quarter A100-80GB, a
 quarter H100-SXM, half MI250X dies, nodes of 8, the same links). For each size and model the
 benchmark plans a step of `--global-batch` sequences of `--seq-len` tokens and prints the
-time to find the plan, to simulate it, and to plan each kind alone for the upper bound,
-next to the predicted throughput and the efficiency against that bound. It runs on a CPU;
+wall time to find the plan, to simulate it, and to plan each kind alone for the upper
+bound, the CPU time of all three (steadier than wall time on a shared machine), and the
+predicted throughput and efficiency against that bound. It runs on a CPU;
 nothing here needs a GPU.
 
     python bench/bench_parallel_search.py [--sizes 64,256,1024] [--models llama2-70b,llama-140b]
@@ -67,14 +68,14 @@ def main() -> None:
     args = parser.parse_args()
     print(f"# {datetime.date.today()} {platform.processor() or platform.machine()}, python {platform.python_version()}")
     print(f"# global batch {args.global_batch} x seq_len {args.seq_len}")
-    header = (f"{'model':<12} {'devices':>7} {'search s':>9} {'simulate s':>10} {'bound s':>8} "
+    header = (f"{'model':<12} {'devices':>7} {'search s':>9} {'simulate s':>10} {'bound s':>8} {'cpu s':>6} "
               f"{'step s':>8} {'tokens/s':>10} {'eff %':>6}  plan")
     print(header)
     for name in args.models.split(","):
         cfg = get_preset(name)
         for n in (int(s) for s in args.sizes.split(",")):
             cluster = mixed_cluster(n)
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             try:
                 plan = plan_cluster(cfg, cluster, args.global_batch, args.seq_len)
             except ConfigError as err:
@@ -83,7 +84,8 @@ def main() -> None:
             s, pred = plan.search, plan.prediction
             layout = " | ".join(f"{'->'.join(p.groups)} dp{p.dp} x{len(p.stages)}st mb{p.micro_batch}x{p.n_microbatches}"
                                 for p in plan.pipelines)
-            print(f"{name:<12} {n:>7} {s['search_s']:>9.2f} {s['predict_s']:>10.2f} {s['upper_bound_s']:>8.2f} "
+            cpu_s = time.process_time() - cpu_start
+            print(f"{name:<12} {n:>7} {s['search_s']:>9.2f} {s['predict_s']:>10.2f} {s['upper_bound_s']:>8.2f} {cpu_s:>6.2f} "
                   f"{pred['step_s']:>8.3f} {pred['tokens_per_s']:>10,.0f} "
                   f"{100 * plan.upper_bound['efficiency']:>6.1f}  {layout}", flush=True)
 

@@ -100,6 +100,25 @@ def test_links_direct_beats_host_staged_and_rings_leave_the_node():
     # Host-staged: device->host, network, host->device one after the other.
     expected = (1 / a.kind.host_link_bytes_per_s + 1 / (12.5e9 / 4) + 1 / b.kind.host_link_bytes_per_s) / 0.8
     assert staged.cross_path(a, b).s_per_byte == pytest.approx(expected)
+    # Two groups of one kind talk over the network directly (their own collective library).
+    same = CostContext(None, parse_cluster(textwrap.dedent("""\
+        [[group]]
+        name = "x"
+        kind = "H100-SXM"
+        nodes = 1
+        devices_per_node = 8
+        intra_node_gbytes_per_s = 450
+        inter_node_gbytes_per_s = 400
+        [[group]]
+        name = "y"
+        kind = "H100-SXM"
+        nodes = 1
+        devices_per_node = 8
+        intra_node_gbytes_per_s = 450
+        inter_node_gbytes_per_s = 400
+        """)), PredictorOptions())
+    x, y = same.cluster.groups
+    assert same.cross_path(x, y).s_per_byte == pytest.approx(1 / (400e9 / 8 * 0.8))
     # Gradient ring: inside one node while the replicas fit it, over the network beyond.
     group = two_kinds(4, 4, 1, 4).group("a")
     ctx = CostContext(None, two_kinds(4, 4, 1, 4), PredictorOptions())

@@ -23,7 +23,8 @@ from hetrain.plan.parallel_cost import CostContext, PredictorOptions
 from hetrain.plan.parallel_plan import ClusterPlan, PipelinePlan, StagePlan
 from hetrain.plan.parallel_predict import PipelineShape, build_stages, predict_plan
 from hetrain.plan.parallel_report import format_report, write_timeline
-from hetrain.plan.parallel_search import Candidate, SearchOptions, divisors, search, split_blocks
+from hetrain.plan.parallel_search import Candidate, SearchOptions, divisors, search
+from hetrain.plan.parallel_split import split_blocks
 
 __all__ = ["ClusterPlan", "PredictorOptions", "SearchOptions", "plan_cluster", "run_cluster_planning",
            "format_report", "load_plan", "repredict"]
@@ -71,8 +72,8 @@ def _devices_to_fit(ctx: CostContext) -> str:
                 break
         have = f"the cluster has {group.devices}"
         if found is None:
-            needs.append(f"{group.kind.name}: no count fits (even one block per node of "
-                         f"{group.devices_per_node} does not fit); {have}")
+            needs.append(f"{group.kind.name}: no count (not even one block per stage of "
+                         f"{tp} devices fits); {have}")
         else:
             needs.append(f"{group.kind.name}: at least {found * group.devices_per_node} "
                          f"({found} nodes of {group.devices_per_node}); {have}")

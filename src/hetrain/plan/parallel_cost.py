@@ -137,13 +137,16 @@ class CostContext:
                     group.inter_node_latency_s)
 
     def cross_path(self, a: Group, b: Group) -> Path:
-        """From a device of group a to one of group b: a direct link, or relayed via host memory."""
+        """From a device of group a to one of group b: a declared link; the network when both
+        are of one kind (its own collective library spans them); else relayed via host memory."""
         eff = self.options.link_efficiency
         link = self.cluster.link_between(a.name, b.name)
         if link is not None:
             per_device = link.bytes_per_s / max(a.devices_per_node, b.devices_per_node)
             return Path(1.0 / (per_device * eff), link.latency_s)
         net = min(a.inter_node_bytes_per_s / a.devices_per_node, b.inter_node_bytes_per_s / b.devices_per_node)
+        if a.kind.name == b.kind.name:
+            return Path(1.0 / (net * eff), max(a.inter_node_latency_s, b.inter_node_latency_s))
         s_per_byte = (1.0 / a.kind.host_link_bytes_per_s + 1.0 / net + 1.0 / b.kind.host_link_bytes_per_s) / eff
         latency_s = max(a.inter_node_latency_s, b.inter_node_latency_s) + self.options.host_staging_latency_s
         return Path(s_per_byte, latency_s)
