@@ -18,12 +18,14 @@ import dataclasses
 import hashlib
 import json
 import os
+import platform
 import socket
 import statistics
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -116,9 +118,12 @@ class Profile:
 
 @dataclass
 class ProfileOptions:
-    reps: int = 11
+    reps: int = 12
     """Timed repetitions per figure; the median is kept."""
-    warmup: int = 3
+    warmup: int = 2
+    """Untimed runs before each figure's timed ones (per round for layer timings)."""
+    rounds: int = 3
+    """Layer timings: the layers take turns this many times, reps/rounds repetitions each."""
     collectives: bool = True
     """Measure gloo/NCCL all-reduce between 2 local processes (a few seconds)."""
     remeasure_machine: bool = False
@@ -129,15 +134,11 @@ class ProfileOptions:
 
 
 def _cpu_model() -> str:
-    try:
+    with contextlib.suppress(OSError):
         with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
             for line in f:
                 if line.startswith("model name"):
                     return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
     return platform.processor() or "unknown"
 
 
@@ -171,22 +172,16 @@ def save_profile(profile: Profile, profile_dir: str | os.PathLike) -> Path:
 
 
 def _from_dict(doc: dict) -> Profile:
-    def update(d):
-        return UpdateTiming(**d) if d else None
-
-    models = [ModelProfile(**{**m, "embedding": LayerTiming(**m["embedding"]),
-                              "block": LayerTiming(**m["block"]), "head": LayerTiming(**m["head"])})
-              for m in doc.get("models", [])]
-    collective = doc.get("collective")
-    if collective:
-        collective = {**collective, "seconds_by_bytes": {int(k): v for k, v in
-                                                         collective["seconds_by_bytes"].items()}}
-    return Profile(
-        machine=doc["machine"], device=doc["device"], measured_at=doc.get("measured_at", ""),
-        copy_bytes_per_s=dict(doc.get("copy_bytes_per_s", {})),
-        cpu_adam_params_per_s={int(k): v for k, v in doc.get("cpu_adam_params_per_s", {}).items()},
-        optimizer=update(doc.get("optimizer")), clip=update(doc.get("clip")), collective=collective,
-        unmeasured=dict(doc.get("unmeasured", {})), models=models)
+    """The inverse of dataclasses.asdict, with JSON's string keys turned back into ints."""
+    doc = {k: v for k, v in doc.items() if k != "version"}
+    doc["models"] = [ModelProfile(**{**m, **{k: LayerTiming(**m[k]) for k in ("embedding", "block", "head")}})
+                     for m in doc["models"]]
+    doc["cpu_adam_params_per_s"] = {int(k): v for k, v in doc["cpu_adam_params_per_s"].items()}
+    for key in ("optimizer", "clip"):
+        doc[key] = UpdateTiming(**doc[key]) if doc[key] else None
+    if doc["collective"]:
+        doc["collective"]["seconds_by_bytes"] = {int(k): v for k, v in doc["collective"]["seconds_by_bytes"].items()}
+    return Profile(**doc)
 
 
 def read_profile(path: str | os.PathLike, machine: dict | None = None) -> Profile:
@@ -194,12 +189,11 @@ def read_profile(path: str | os.PathLike, machine: dict | None = None) -> Profil
     (default: this one), since its timings would describe the wrong hardware."""
     try:
         doc = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
+        if doc.get("version") != PROFILE_VERSION:
+            raise ValueError(f"format version {doc.get('version')}, this hetrain reads {PROFILE_VERSION}")
+        profile = _from_dict(doc)
+    except (OSError, ValueError, KeyError, TypeError) as e:
         raise ConfigError(f"cannot read profile '{path}': {e}; re-run `hetrain profile`") from None
-    if doc.get("version") != PROFILE_VERSION:
-        raise ConfigError(f"profile '{path}' has format version {doc.get('version')}, this hetrain "
-                          f"reads {PROFILE_VERSION}; re-run `hetrain profile`")
-    profile = _from_dict(doc)
     here = machine or machine_fingerprint()
     if profile.machine != here:
         raise ConfigError(f"profile '{path}' was measured on {describe_machine(profile.machine)}, but this "
@@ -234,9 +228,11 @@ def require_profile(profile_dir: str | os.PathLike, machine: dict | None = None)
 # --- timing helpers ------------------------------------------------------------------------
 
 
-def _sync(device: torch.device) -> None:
+def _now(device: torch.device) -> float:
+    """perf_counter once the device has finished its queued work."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 def _median_s(fn, device: torch.device, reps: int, warmup: int, before=None) -> float:
@@ -247,78 +243,74 @@ def _median_s(fn, device: torch.device, reps: int, warmup: int, before=None) -> 
     for _ in range(reps):
         if before is not None:
             before()
-        _sync(device)
-        t0 = time.perf_counter()
+        t0 = _now(device)
         fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
+        times.append(_now(device) - t0)
     return statistics.median(times)
 
 
 @dataclass
 class _Bench:
-    """How layers are timed: device, autocast dtype, accountant, repetitions."""
+    """How layers are timed: device, autocast dtype, the accountant and whether its hooks run."""
 
     device: torch.device
     amp_dtype: torch.dtype | None
     accountant: MemoryAccountant
     track: bool
-    reps: int
-    warmup: int
 
     def autocast(self):
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
 
-    def tracked(self):
-        return self.accountant.track_activations() if self.track else contextlib.nullcontext()
-
-    def time_layer(self, forward, grad_out, leaves: list[torch.Tensor], params) -> LayerTiming:
-        """forward() -> output; backward with `grad_out` (None for a scalar loss)."""
-        fwd, bwd, act = [], [], 0
-        for rep in range(self.warmup + self.reps):
-            for t in (*leaves, *params):
+    def sample(self, layer: "_Layer", reps: int, warmup: int, samples: dict[str, list[float]]) -> None:
+        """Append `reps` forward, backward and recompute times of `layer` (after `warmup` runs) to
+        `samples`; the first run ever also counts the saved bytes, with the accountant's hooks
+        even where timed runs go without them (on a GPU, as the trainer does)."""
+        for rep in range(warmup + reps):
+            for t in (*layer.leaves, *layer.params):
                 t.grad = None
             self.accountant.grads_cleared()
-            with self.tracked():
-                _sync(self.device)
-                t0 = time.perf_counter()
+            count = layer.act_bytes is None
+            with self.accountant.track_activations() if self.track or count else contextlib.nullcontext():
+                t0 = _now(self.device)
                 with self.autocast():
-                    out = forward()
-                _sync(self.device)
-                t1 = time.perf_counter()
-                act = self.accountant.act_bytes
-                out.backward(grad_out)
-                _sync(self.device)
-                t2 = time.perf_counter()
+                    out = layer.forward()
+                t1 = _now(self.device)
+                if count:
+                    layer.act_bytes = self.accountant.act_bytes
+                out.backward(layer.grad_out)
+                t2 = _now(self.device)
             del out
-            if rep >= self.warmup:
-                fwd.append(t1 - t0)
-                bwd.append(t2 - t1)
-        if not self.track:  # count the saved bytes once, outside the timed runs
-            with self.accountant.track_activations(), self.autocast():
-                out = forward()
-                act = self.accountant.act_bytes
-            del out
-        with torch.enable_grad():
-            def recompute():
-                with self.autocast():
-                    forward()
-            recompute_s = _median_s(recompute, self.device, self.reps, self.warmup)
-        for t in (*leaves, *params):
+            with self.autocast():   # recompute: the forward again, recorded, without the hooks
+                layer.forward()
+            t3 = _now(self.device)
+            if rep >= warmup:
+                for key, seconds in (("fwd", t1 - t0), ("bwd", t2 - t1), ("recompute", t3 - t2)):
+                    samples.setdefault(key, []).append(seconds)
+        for t in (*layer.leaves, *layer.params):
             t.grad = None
-        return LayerTiming(statistics.median(fwd), statistics.median(bwd), recompute_s, int(act))
+
+
+@dataclass
+class _Layer:
+    forward: Callable[[], torch.Tensor]
+    grad_out: torch.Tensor | None
+    """Gradient of the output for backward; None for the scalar loss."""
+    leaves: list[torch.Tensor]
+    params: list[torch.Tensor]
+    act_bytes: int | None = None
 
 
 def profile_model(model_cfg: ModelConfig, micro_batch: int, seq_len: int, dtype: str,
                   device: torch.device, options: ProfileOptions) -> ModelProfile:
-    """Time the embedding, one block and the head of `model_cfg` for one micro-batch."""
+    """Time the embedding, one block and the head of `model_cfg` for one micro-batch.
+
+    The layers take turns over `options.rounds` rounds, so that each figure's samples span the
+    whole measurement and a burst of another process's work cannot take most of them."""
     torch.manual_seed(0)
     model = GPT(model_cfg).to(device)
     amp = torch.bfloat16 if dtype == "bf16" else None
     acct = MemoryAccountant(model)
-    bench = _Bench(device, amp, acct, device.type == "cpu", options.reps, options.warmup)
+    bench = _Bench(device, amp, acct, device.type == "cpu")
     try:
         idx = torch.randint(0, model_cfg.vocab_size, (micro_batch, seq_len), device=device)
         with torch.no_grad():
@@ -326,15 +318,24 @@ def profile_model(model_cfg: ModelConfig, micro_batch: int, seq_len: int, dtype:
         h = h0.clone().requires_grad_()   # the residual stream stays fp32 under autocast
         grad_h = torch.randn_like(h0)
         rope, block = model.rope(), model.blocks[0]
-        emb_params = [*model.tok_emb.parameters(), *(model.pos_emb.parameters() if model.pos_emb else ())]
-        embedding = bench.time_layer(lambda: model.embed(idx), grad_h, [], emb_params)
-        block_t = bench.time_layer(lambda: block(h, rope), grad_h, [h], list(block.parameters()))
-        head_params = [*model.norm_f.parameters(), model.lm_head.weight]
-        head = bench.time_layer(lambda: model.head(h, idx), None, [h], head_params)
+        layers = {
+            "embedding": _Layer(lambda: model.embed(idx), grad_h, [],
+                                [*model.tok_emb.parameters(), *(model.pos_emb.parameters() if model.pos_emb else ())]),
+            "block": _Layer(lambda: block(h, rope), grad_h, [h], list(block.parameters())),
+            "head": _Layer(lambda: model.head(h, idx), None, [h], [*model.norm_f.parameters(), model.lm_head.weight]),
+        }
+        samples: dict[str, dict[str, list[float]]] = {name: {} for name in layers}
+        rounds = max(1, min(options.rounds, options.reps))
+        for r in range(rounds):
+            for name, layer in layers.items():
+                reps = options.reps // rounds + (1 if r < options.reps % rounds else 0)
+                bench.sample(layer, reps, options.warmup, samples[name])
     finally:
         acct.close()
+    timings = {name: LayerTiming(*(statistics.median(samples[name][k]) for k in ("fwd", "bwd", "recompute")),
+                                 act_bytes=int(layers[name].act_bytes)) for name in layers}
     return ModelProfile(dataclasses.asdict(model_cfg), micro_batch, seq_len, dtype, torch.get_num_threads(),
-                        embedding, block_t, head)
+                        **timings)
 
 
 # --- machine-level figures ----------------------------------------------------------------
@@ -350,47 +351,31 @@ def _cache_flusher(device: torch.device):
     return lambda: buf.fill_(1)
 
 
-def _adam_s(device: torch.device, numels: list[int], reps: int, warmup: int) -> float:
+def _update_s(what: str, device: torch.device, numels: list[int], options: ProfileOptions) -> float:
+    """Median seconds of a fused AdamW step ('adam') or clip_grad_norm_ ('clip') over fresh
+    tensors of `numels` elements with gradients, caches flushed before each rep on CPU."""
     params = [torch.nn.Parameter(torch.randn(n, device=device)) for n in numels]
     for p in params:
         p.grad = torch.randn_like(p)
-    opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
-    return _median_s(opt.step, device, reps, warmup, _cache_flusher(device))
+    if what == "adam":
+        fn = torch.optim.AdamW(params, lr=1e-4, fused=True).step
+    else:
+        def fn():
+            torch.nn.utils.clip_grad_norm_(params, 1.0).item()
+    return _median_s(fn, device, options.reps, options.warmup, _cache_flusher(device))
 
 
-def _clip_s(device: torch.device, numels: list[int], reps: int, warmup: int) -> float:
-    params = [torch.nn.Parameter(torch.randn(n, device=device)) for n in numels]
-    for p in params:
-        p.grad = torch.randn_like(p)
-    return _median_s(lambda: torch.nn.utils.clip_grad_norm_(params, 1.0).item(), device, reps, warmup,
-                     _cache_flusher(device))
-
-
-def _fit_update(timer, device: torch.device, options: ProfileOptions) -> UpdateTiming:
+def _fit_update(what: str, device: torch.device, options: ProfileOptions) -> UpdateTiming:
     """Per-call, per-tensor and per-parameter costs from three shapes of tensor list: one small
     tensor (the call), many small ones (the per-tensor cost), one large one (the rate; its
     call overhead is well under 1% of its time and is left in, erring on the slow side)."""
-    reps, warmup = options.reps, options.warmup
-    one_small = timer(device, [SMALL_TENSOR_NUMEL], reps, warmup)
-    many_small = timer(device, [SMALL_TENSOR_NUMEL] * MANY_TENSORS, reps, warmup)
-    one_large = timer(device, [ADAM_RATE_PARAMS], reps, warmup)
+    one_small = _update_s(what, device, [SMALL_TENSOR_NUMEL], options)
+    many_small = _update_s(what, device, [SMALL_TENSOR_NUMEL] * MANY_TENSORS, options)
+    one_large = _update_s(what, device, [ADAM_RATE_PARAMS], options)
     params_per_s = ADAM_RATE_PARAMS / one_large
     per_tensor_s = max(0.0, (many_small - one_small) / (MANY_TENSORS - 1) - SMALL_TENSOR_NUMEL / params_per_s)
     per_call_s = max(0.0, one_small - per_tensor_s - SMALL_TENSOR_NUMEL / params_per_s)
     return UpdateTiming(per_call_s, per_tensor_s, params_per_s)
-
-
-def _cpu_adam_curve(options: ProfileOptions) -> dict[int, float]:
-    before = torch.get_num_threads()
-    rates = {}
-    try:
-        for threads in range(1, (os.cpu_count() or 1) + 1):
-            torch.set_num_threads(threads)
-            rates[threads] = ADAM_RATE_PARAMS / _adam_s(torch.device("cpu"), [ADAM_RATE_PARAMS],
-                                                        options.reps, options.warmup)
-    finally:
-        torch.set_num_threads(before)
-    return rates
 
 
 def _copy_rates(device: torch.device, options: ProfileOptions) -> dict[str, float]:
@@ -404,7 +389,7 @@ def _copy_rates(device: torch.device, options: ProfileOptions) -> dict[str, floa
     return rates
 
 
-def _allreduce_worker(rank: int, world: int, port: int, out_path: str, reps: int) -> None:
+def _allreduce_worker(rank: int, world: int, port: int, results, reps: int) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
@@ -413,57 +398,44 @@ def _allreduce_worker(rank: int, world: int, port: int, out_path: str, reps: int
         seconds = {}
         for n_bytes in COLLECTIVE_SIZES_BYTES:
             buf = torch.ones(n_bytes // 4)
-            for _ in range(2):
-                dist.all_reduce(buf)
-            times = []
-            for _ in range(reps):
-                dist.barrier()
-                t0 = time.perf_counter()
-                dist.all_reduce(buf)
-                times.append(time.perf_counter() - t0)
-            seconds[n_bytes] = statistics.median(times)
+            seconds[n_bytes] = _median_s(lambda: dist.all_reduce(buf), torch.device("cpu"), reps, 2,
+                                         before=dist.barrier)
         if rank == 0:
-            Path(out_path).write_text(json.dumps(seconds))
+            results.put(seconds)
     finally:
         dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def measure_collective(options: ProfileOptions, world: int = 2) -> dict:
     """gloo all-reduce between `world` local processes; seconds by message bytes."""
     import torch.multiprocessing as mp
 
-    with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "allreduce.json")
-        mp.spawn(_allreduce_worker, args=(world, _free_port(), out, options.reps), nprocs=world, join=True)
-        seconds = {int(k): v for k, v in json.loads(Path(out).read_text()).items()}
-    return {"backend": "gloo", "world_size": world, "seconds_by_bytes": seconds}
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:   # a free localhost port
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    results = mp.get_context("spawn").SimpleQueue()
+    mp.spawn(_allreduce_worker, args=(world, port, results, options.reps), nprocs=world, join=True)
+    return {"backend": "gloo", "world_size": world, "seconds_by_bytes": results.get()}
 
 
 def measure_machine(profile: Profile, device: torch.device, options: ProfileOptions) -> None:
-    """Fill the machine-level figures of `profile` in place."""
-    unmeasured = {}
-    profile.cpu_adam_params_per_s = _cpu_adam_curve(options)
-    profile.optimizer = _fit_update(_adam_s, device, options)
-    profile.clip = _fit_update(_clip_s, device, options)
+    """Fill the machine-level figures of `profile` in place (collectives: see measure_collective)."""
+    before = torch.get_num_threads()
+    try:
+        for threads in range(1, (os.cpu_count() or 1) + 1):
+            torch.set_num_threads(threads)
+            profile.cpu_adam_params_per_s[threads] = ADAM_RATE_PARAMS / _update_s(
+                "adam", torch.device("cpu"), [ADAM_RATE_PARAMS], options)
+    finally:
+        torch.set_num_threads(before)
+    profile.optimizer = _fit_update("adam", device, options)
+    profile.clip = _fit_update("clip", device, options)
     if device.type == "cuda":
         profile.copy_bytes_per_s = _copy_rates(device, options)
     else:
-        profile.copy_bytes_per_s = {k: None for k in ("h2d_pinned", "h2d_pageable", "d2h_pinned", "d2h_pageable")}
-        for k in profile.copy_bytes_per_s:
-            unmeasured[f"copy.{k}"] = "no accelerator: this machine has no host-device link to copy over"
-    if options.collectives:
-        profile.collective = measure_collective(options)
-    elif profile.collective is None:
-        unmeasured["collective"] = "skipped (--no-collectives)"
-    if device.type == "cuda":
-        unmeasured["collective.nccl"] = "one GPU per node here; the gloo figure is host-to-host only"
-    profile.unmeasured = unmeasured
+        profile.copy_bytes_per_s = dict.fromkeys(("h2d_pinned", "h2d_pageable", "d2h_pinned", "d2h_pageable"))
+        profile.unmeasured.update({f"copy.{k}": "no accelerator: this machine has no host-device link to copy over"
+                                   for k in profile.copy_bytes_per_s})
     profile.measured_at = time.strftime("%Y-%m-%dT%H:%M:%S")
 
 
@@ -482,8 +454,13 @@ def run_profile(cfg: Config, options: ProfileOptions | None = None) -> tuple[Pro
         profile = load_profile(cfg.hardware.profile_dir, machine)
         if profile is None:
             profile = Profile(machine=machine, device="cpu" if device.type == "cpu" else machine["gpu"])
-        if options.remeasure_machine or profile.optimizer is None or (options.collectives and not profile.collective):
+        if options.remeasure_machine or profile.optimizer is None:
             measure_machine(profile, device, options)
+        if options.collectives and (options.remeasure_machine or profile.collective is None):
+            profile.collective = measure_collective(options)
+            profile.unmeasured.pop("collective", None)
+        elif profile.collective is None:
+            profile.unmeasured["collective"] = "skipped (--no-collectives)"
         entry = profile_model(cfg.model, cfg.train.micro_batch, cfg.train.seq_len, cfg.train.dtype, device, options)
     finally:
         torch.set_num_threads(before)
@@ -493,32 +470,26 @@ def run_profile(cfg: Config, options: ProfileOptions | None = None) -> tuple[Pro
     return profile, entry, save_profile(profile, cfg.hardware.profile_dir)
 
 
-def format_profile(profile: Profile, entry: ModelProfile | None = None) -> str:
+def format_profile(profile: Profile, entry: ModelProfile) -> str:
     """A table of the figures, and a list of what could not be measured and why."""
-    lines = [f"machine: {describe_machine(profile.machine)}; measured {profile.measured_at}"]
-    if entry is not None:
-        lines += [f"model {entry.model['preset']} (n_layer={entry.model['n_layer']}, d_model="
-                  f"{entry.model['d_model']}), micro_batch={entry.micro_batch}, seq_len={entry.seq_len}, "
-                  f"dtype={entry.dtype}, threads={entry.threads}",
-                  f"  {'layer':<10} {'fwd ms':>9} {'bwd ms':>9} {'recompute ms':>13} {'saved MiB':>10}"]
-        for name, t in (("embedding", entry.embedding), ("block", entry.block), ("head+loss", entry.head)):
-            lines.append(f"  {name:<10} {t.fwd_s * 1e3:9.3f} {t.bwd_s * 1e3:9.3f} {t.recompute_s * 1e3:13.3f} "
-                         f"{t.act_bytes / 2**20:10.2f}")
+    m = entry.model
+    lines = [f"machine: {describe_machine(profile.machine)}; measured {profile.measured_at}",
+             f"model {m['preset']} (n_layer={m['n_layer']}, d_model={m['d_model']}), micro_batch="
+             f"{entry.micro_batch}, seq_len={entry.seq_len}, dtype={entry.dtype}, threads={entry.threads}",
+             f"  {'layer':<10} {'fwd ms':>9} {'bwd ms':>9} {'recompute ms':>13} {'saved MiB':>10}"]
+    for name, t in (("embedding", entry.embedding), ("block", entry.block), ("head+loss", entry.head)):
+        lines.append(f"  {name:<10} {t.fwd_s * 1e3:9.3f} {t.bwd_s * 1e3:9.3f} {t.recompute_s * 1e3:13.3f} "
+                     f"{t.act_bytes / 2**20:10.2f}")
     for label, u in (("device AdamW step", profile.optimizer), ("clip_grad_norm_", profile.clip)):
-        if u is not None:
-            lines.append(f"{label}: {u.params_per_s / 1e6:.1f} M params/s, {u.per_tensor_s * 1e6:.1f} us/tensor, "
-                         f"{u.per_call_s * 1e6:.1f} us/call")
-    if profile.cpu_adam_params_per_s:
-        curve = ", ".join(f"{t} thr {r / 1e6:.0f}M/s" for t, r in sorted(profile.cpu_adam_params_per_s.items()))
-        lines.append(f"CPU fused AdamW: {curve}")
-    for name, rate in profile.copy_bytes_per_s.items():
-        lines.append(f"copy {name}: " + (f"{rate / 1e9:.2f} GB/s" if rate else "not measured"))
+        lines.append(f"{label}: {u.params_per_s / 1e6:.1f} M params/s, {u.per_tensor_s * 1e6:.1f} us/tensor, "
+                     f"{u.per_call_s * 1e6:.1f} us/call")
+    lines.append("CPU fused AdamW: " + ", ".join(f"{t} threads {r / 1e6:.0f} M params/s"
+                                                 for t, r in sorted(profile.cpu_adam_params_per_s.items())))
+    lines += [f"copy {name}: {rate / 1e9:.2f} GB/s" for name, rate in profile.copy_bytes_per_s.items() if rate]
     if profile.collective:
         c = profile.collective
-        sizes = ", ".join(f"{b / 2**20:g} MiB {b / s / 1e9:.2f} GB/s"
-                          for b, s in sorted(c["seconds_by_bytes"].items()))
-        lines.append(f"all-reduce ({c['backend']}, {c['world_size']} processes, algorithm bandwidth): {sizes}")
-    if profile.unmeasured:
-        lines.append("not measured on this machine:")
-        lines += [f"  {k}: {why}" for k, why in profile.unmeasured.items()]
+        lines.append(f"all-reduce ({c['backend']}, {c['world_size']} processes, algorithm bandwidth): " + ", ".join(
+            f"{b / 2**20:g} MiB {b / s / 1e9:.2f} GB/s" for b, s in sorted(c["seconds_by_bytes"].items())))
+    lines.append("not measured on this machine:" if profile.unmeasured else "everything was measured")
+    lines += [f"  {k}: {why}" for k, why in profile.unmeasured.items()]
     return "\n".join(lines)
