@@ -24,6 +24,7 @@ def _profile(micro_batch=2) -> Profile:
         cpu_adam_params_per_s={1: 1e8, 2: 1.8e8},
         optimizer=UpdateTiming(per_call_s=1e-4, per_tensor_s=1e-5, params_per_s=2e8),
         clip=UpdateTiming(per_call_s=5e-5, per_tensor_s=2e-6, params_per_s=1e9),
+        grad_accumulate=UpdateTiming(per_call_s=0.0, per_tensor_s=1e-6, params_per_s=5e8),
         collective={"backend": "gloo", "world_size": 2, "seconds_by_bytes": {1_000: 1e-4, 1_000_000: 1e-3}},
         unmeasured={"copy.h2d_pinned": "no accelerator"}, models=[entry])
 
@@ -45,6 +46,7 @@ def test_profile_cost_reads_the_measurements():
     assert cost.optimizer_call_s() == 1e-4
     assert cost.optimizer_s(1_000, 2, on="cpu") == pytest.approx(1_000 / 1.8e8)  # 2 threads
     assert cost.clip_s(1_000, 10) == pytest.approx(5e-5 + 10 * 2e-6 + 1_000 / 1e9)
+    assert cost.grad_accumulate_s(1_000, 2) == pytest.approx(2 * 1e-6 + 1_000 / 5e8)
 
 
 def test_profile_cost_scales_linearly_with_micro_batch():
@@ -97,6 +99,8 @@ def test_roofline_by_hand_on_h100():
 
     # AdamW is memory-bound: 28 bytes per parameter over 75% of 3350 GB/s.
     assert cost.optimizer_s(10**9, 100) == pytest.approx(28e9 / (3350e9 * 0.75))
+    # Accumulating into a held gradient: 12 bytes per parameter.
+    assert cost.grad_accumulate_s(10**9, 100) == pytest.approx(12e9 / (3350e9 * 0.75))
     # CPU Adam is priced on the catalog's 'cpu' host kind (100 GB/s declared).
     assert cost.optimizer_s(10**9, 100, on="cpu") == pytest.approx(28e9 / (100e9 * 0.75))
     # PCIe 5.0 x16: 64 GB/s per direction at 80%; pageable at half of that.

@@ -1,6 +1,5 @@
 """Profiler: a tiny model measured on this machine, the per-machine cache, the wrong-machine error."""
 
-import dataclasses
 import os
 
 import pytest
@@ -25,23 +24,22 @@ def _args(tmp_path) -> list[str]:
     return [x for k, v in _values(tmp_path).items() for x in (f"--{k}", v)]
 
 
-def test_profile_command_measures_tiny_model_and_caches_it(tmp_path, capsys):
-    assert main(["profile", "--no-collectives", *_args(tmp_path)]) == 0
-    out = capsys.readouterr().out
-    assert "block" in out and "head+loss" in out
-    # A CPU-only machine says plainly which figures it could not measure.
-    assert "not measured on this machine" in out and "copy.h2d_pinned" in out
+FAST = ProfileOptions(reps=3, warmup=1, rounds=1, collectives=False)
 
-    profile = load_profile(tmp_path / "profiles")
-    assert profile is not None and profile.device == "cpu"
-    assert profile_path(tmp_path / "profiles", machine_fingerprint()).is_file()
+
+def test_profile_measures_tiny_model_and_caches_it(tmp_path):
+    profile, entry, path = run_profile(load_config(None, _values(tmp_path)), FAST)
+    assert path == profile_path(tmp_path / "profiles", machine_fingerprint()) and path.is_file()
+    assert profile.device == "cpu"
+    # A CPU-only machine records what it cannot measure as absent, with the reason.
     assert profile.copy_bytes_per_s == dict.fromkeys(("h2d_pinned", "h2d_pageable", "d2h_pinned", "d2h_pageable"))
+    assert "no accelerator" in profile.unmeasured["copy.h2d_pinned"]
     assert "collective" in profile.unmeasured and profile.collective is None
     assert set(profile.cpu_adam_params_per_s) == set(range(1, (os.cpu_count() or 1) + 1))
     assert all(rate > 0 for rate in profile.cpu_adam_params_per_s.values())
-    assert profile.optimizer.params_per_s > 0 and profile.clip.params_per_s > 0
+    for update in (profile.optimizer, profile.clip, profile.grad_accumulate):
+        assert update.params_per_s > 0 and update.per_tensor_s >= 0 and update.per_call_s >= 0
 
-    (entry,) = profile.models
     assert (entry.micro_batch, entry.seq_len, entry.dtype, entry.threads) == (2, 16, "fp32", 2)
     for timing in (entry.embedding, entry.block, entry.head):
         assert timing.fwd_s > 0 and timing.bwd_s > 0 and timing.recompute_s > 0
@@ -51,21 +49,24 @@ def test_profile_command_measures_tiny_model_and_caches_it(tmp_path, capsys):
     assert entry.embedding.act_bytes == desc.embedding.act_bytes_total
     assert entry.head.act_bytes == desc.head.act_bytes_total
 
+    # Round trip; a second shape joins the same machine file and the first stays.
+    assert read_profile(path) == profile
+    cfg = load_config(None, {**_values(tmp_path), "train.seq_len": "8"})
+    second, entry8, path2 = run_profile(cfg, FAST)
+    assert path2 == path and len(second.models) == 2 and read_profile(path) == second
+    assert second.find_model(cfg.model, 2, 8, "fp32", 2) == entry8
+    assert second.find_model(cfg.model, 5, 8, "fp32", 2) == entry8   # nearest micro-batch
+    assert second.find_model(cfg.model, 2, 8, "bf16", 2) is None
 
-def test_cache_round_trip_keeps_every_model(tmp_path):
-    options = ProfileOptions(reps=1, warmup=0, collectives=False)
-    cfg = load_config(None, _values(tmp_path))
-    first, _, path = run_profile(cfg, options)
-    # A second shape is added to the same machine file; the first stays.
-    second, entry, path2 = run_profile(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seq_len=8)),
-                                       options)
-    assert path2 == path and len(second.models) == 2
-    loaded = read_profile(path)
-    assert loaded == second
-    assert loaded.find_model(cfg.model, 2, 8, "fp32", 2) == entry
-    # The nearest micro-batch is offered when the exact one was not measured.
-    assert loaded.find_model(cfg.model, 5, 8, "fp32", 2) == entry
-    assert loaded.find_model(cfg.model, 2, 8, "bf16", 2) is None
+
+def test_profile_command_prints_the_table(tmp_path, capsys):
+    run_profile(load_config(None, _values(tmp_path)), FAST)   # machine-level figures now cached
+    assert main(["profile", "--no-collectives", *_args(tmp_path), "--train.dtype", "bf16"]) == 0
+    out = capsys.readouterr().out
+    assert "block" in out and "head+loss" in out and "dtype=bf16" in out
+    assert "not measured on this machine" in out and "copy.h2d_pinned" in out
+    profile = load_profile(tmp_path / "profiles")
+    assert [m.dtype for m in profile.models] == ["fp32", "bf16"]
 
 
 def test_profile_from_another_machine_is_refused(tmp_path):

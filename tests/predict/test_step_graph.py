@@ -59,6 +59,10 @@ def test_serial_plan_runs_in_trainer_order_and_takes_the_sum_of_its_tasks():
     assert "grad.head" in names and "grad.head.mb1" not in names  # gradients appear once per step
     assert names[-1] == "zero_grad" and names.index("clip_grad_norm") < names.index("optim.block.0")
     graph = build_step_graph(desc, cost, StepGraphOptions(grad_accum=2))
+    block = desc.blocks[0]
+    # The second micro-batch's backward also adds into the gradients the first one left.
+    assert graph.task("bwd.block.0.mb0").duration_s == cost.bwd_s(block)
+    assert graph.task("bwd.block.0.mb1").duration_s == cost.bwd_s(block) + cost.grad_accumulate_s(block.params, 6)
     sim = graph.simulate()
     assert sim.step_s == pytest.approx(sum(t.duration_s for t in tasks), rel=1e-12)
     assert [e.name for e in sim.events] == names

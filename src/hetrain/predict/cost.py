@@ -35,6 +35,8 @@ ADAM_BYTES_PER_PARAM = 28
 writes param, exp_avg, exp_avg_sq (12 bytes)."""
 CLIP_BYTES_PER_PARAM = 12
 """clip_grad_norm_ reads every gradient for the norm, then reads and writes it to scale it."""
+ACCUMULATE_BYTES_PER_PARAM = 12
+"""Accumulating into a held fp32 gradient reads it and the new one, and writes it."""
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,10 @@ class CostModel:
         """One clip_grad_norm_ call over all gradients, including its host sync."""
         raise NotImplementedError
 
+    def grad_accumulate_s(self, params: int, tensors: int) -> float:
+        """Adding one micro-batch's gradients into held ones (every micro-batch after the first)."""
+        raise NotImplementedError
+
     def copy_s(self, n_bytes: int, direction: str, pinned: bool = True) -> float:
         """Host<->device copy; direction 'h2d' or 'd2h'."""
         raise NotImplementedError
@@ -139,6 +145,9 @@ class ProfileCost(CostModel):
 
     def clip_s(self, params, tensors):
         return self.profile.clip.seconds(params, tensors)
+
+    def grad_accumulate_s(self, params, tensors):
+        return self.profile.grad_accumulate.seconds(params, tensors, calls=0)
 
     def copy_s(self, n_bytes, direction, pinned=True):
         key = f"{direction}_{'pinned' if pinned else 'pageable'}"
@@ -237,6 +246,9 @@ class RooflineCost(CostModel):
     def clip_s(self, params, tensors):
         return (self.eff.optimizer_call_s
                 + params * CLIP_BYTES_PER_PARAM / (self.kind.mem_bw_bytes_per_s * self.eff.memory))
+
+    def grad_accumulate_s(self, params, tensors):
+        return params * ACCUMULATE_BYTES_PER_PARAM / (self.kind.mem_bw_bytes_per_s * self.eff.memory)
 
     def copy_s(self, n_bytes, direction, pinned=True):
         rate = self.kind.host_link_bytes_per_s * self.eff.host_link * (1.0 if pinned else self.eff.pageable)

@@ -37,7 +37,7 @@ from hetrain.model.gpt import GPT, ModelConfig
 PROFILE_VERSION = 1
 ADAM_RATE_PARAMS = 1 << 21        # one tensor of 2M fp32 parameters (32 MiB of state + grad)
 SMALL_TENSOR_NUMEL = 1024
-MANY_TENSORS = 128
+MANY_TENSORS = 64
 COPY_BYTES = 64 << 20
 CACHE_FLUSH_BYTES = 64 << 20      # twice the 32 MiB L3 of current server CPUs
 COLLECTIVE_SIZES_BYTES = (64 << 10, 1 << 20, 16 << 20)
@@ -103,6 +103,8 @@ class Profile:
     """The device's fused AdamW step, at the training thread count."""
     clip: UpdateTiming | None = None
     """clip_grad_norm_ over the gradients, including its .item() host sync."""
+    grad_accumulate: UpdateTiming | None = None
+    """Adding a micro-batch's gradients into the held ones (AccumulateGrad after the first)."""
     collective: dict | None = None
     """{'backend', 'world_size', 'seconds_by_bytes': {bytes: all-reduce seconds}}."""
     unmeasured: dict[str, str] = field(default_factory=dict)
@@ -177,8 +179,8 @@ def _from_dict(doc: dict) -> Profile:
     doc["models"] = [ModelProfile(**{**m, **{k: LayerTiming(**m[k]) for k in ("embedding", "block", "head")}})
                      for m in doc["models"]]
     doc["cpu_adam_params_per_s"] = {int(k): v for k, v in doc["cpu_adam_params_per_s"].items()}
-    for key in ("optimizer", "clip"):
-        doc[key] = UpdateTiming(**doc[key]) if doc[key] else None
+    for key in ("optimizer", "clip", "grad_accumulate"):
+        doc[key] = UpdateTiming(**doc[key]) if doc.get(key) else None
     if doc["collective"]:
         doc["collective"]["seconds_by_bytes"] = {int(k): v for k, v in doc["collective"]["seconds_by_bytes"].items()}
     return Profile(**doc)
@@ -352,16 +354,22 @@ def _cache_flusher(device: torch.device):
 
 
 def _update_s(what: str, device: torch.device, numels: list[int], options: ProfileOptions) -> float:
-    """Median seconds of a fused AdamW step ('adam') or clip_grad_norm_ ('clip') over fresh
+    """Median seconds of a fused AdamW step ('adam'), clip_grad_norm_ ('clip') or a gradient
+    accumulation ('accumulate', one in-place add per tensor as AccumulateGrad does) over fresh
     tensors of `numels` elements with gradients, caches flushed before each rep on CPU."""
     params = [torch.nn.Parameter(torch.randn(n, device=device)) for n in numels]
     for p in params:
         p.grad = torch.randn_like(p)
+    new_grads = [torch.randn_like(p) for p in params] if what == "accumulate" else []
     if what == "adam":
         fn = torch.optim.AdamW(params, lr=1e-4, fused=True).step
-    else:
+    elif what == "clip":
         def fn():
             torch.nn.utils.clip_grad_norm_(params, 1.0).item()
+    else:
+        def fn():
+            for p, g in zip(params, new_grads):
+                p.grad.add_(g)
     return _median_s(fn, device, options.reps, options.warmup, _cache_flusher(device))
 
 
@@ -430,6 +438,7 @@ def measure_machine(profile: Profile, device: torch.device, options: ProfileOpti
         torch.set_num_threads(before)
     profile.optimizer = _fit_update("adam", device, options)
     profile.clip = _fit_update("clip", device, options)
+    profile.grad_accumulate = _fit_update("accumulate", device, options)
     if device.type == "cuda":
         profile.copy_bytes_per_s = _copy_rates(device, options)
     else:
@@ -454,7 +463,7 @@ def run_profile(cfg: Config, options: ProfileOptions | None = None) -> tuple[Pro
         profile = load_profile(cfg.hardware.profile_dir, machine)
         if profile is None:
             profile = Profile(machine=machine, device="cpu" if device.type == "cpu" else machine["gpu"])
-        if options.remeasure_machine or profile.optimizer is None:
+        if options.remeasure_machine or profile.grad_accumulate is None:
             measure_machine(profile, device, options)
         if options.collectives and (options.remeasure_machine or profile.collective is None):
             profile.collective = measure_collective(options)
@@ -480,7 +489,8 @@ def format_profile(profile: Profile, entry: ModelProfile) -> str:
     for name, t in (("embedding", entry.embedding), ("block", entry.block), ("head+loss", entry.head)):
         lines.append(f"  {name:<10} {t.fwd_s * 1e3:9.3f} {t.bwd_s * 1e3:9.3f} {t.recompute_s * 1e3:13.3f} "
                      f"{t.act_bytes / 2**20:10.2f}")
-    for label, u in (("device AdamW step", profile.optimizer), ("clip_grad_norm_", profile.clip)):
+    for label, u in (("device AdamW step", profile.optimizer), ("clip_grad_norm_", profile.clip),
+                     ("gradient accumulation", profile.grad_accumulate)):
         lines.append(f"{label}: {u.params_per_s / 1e6:.1f} M params/s, {u.per_tensor_s * 1e6:.1f} us/tensor, "
                      f"{u.per_call_s * 1e6:.1f} us/call")
     lines.append("CPU fused AdamW: " + ", ".join(f"{t} threads {r / 1e6:.0f} M params/s"

@@ -163,7 +163,10 @@ def build_step_graph(desc: ModelDescription, cost: CostModel,
                 layer=layer.name, micro_batch=mb, act_bytes=act)
         for layer in reversed(layers):
             act = cost.act_bytes(layer)
-            add(bwd_name(layer.name, mb), cost.bwd_s(layer), "bwd", free=act, layer=layer.name, micro_batch=mb)
+            # After the first micro-batch, AccumulateGrad adds into the held gradients.
+            accumulate_s = cost.grad_accumulate_s(layer.params, _tensors(cfg, layer)) if mb else 0.0
+            add(bwd_name(layer.name, mb), cost.bwd_s(layer) + accumulate_s, "bwd", free=act,
+                layer=layer.name, micro_batch=mb)
             if mb == 0:
                 # Autograd releases a node's saved tensors as soon as it has run, before the
                 # parameter's AccumulateGrad stores the new gradient: at layer granularity, the
