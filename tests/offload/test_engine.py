@@ -2,10 +2,11 @@
 
 The reference is GPT + torch.optim.AdamW(fused=True) with weight decay on matrices only,
 warmup-cosine learning rate, grad accumulation 2 and clip_grad_norm_(1.0). Every plan (each
-of the 8 per-block choices on all blocks, prefix/suffix shapes, every placement of the
-embedding and head, random per-layer plans, cross-iteration overlap on and off) must give the
-same losses and parameters after 10 steps, to 1e-6 relative. The rest checks the device
-budget accounting, the update/forward ordering under overlap, checkpoints and clean-up.
+of the 8 per-block choices on all blocks, prefix/suffix shapes, all pairs of embedding and
+head placements with tied weights, random per-layer plans, an untied rotary model, bf16
+compute, cross-iteration overlap on and off) must give the same losses and parameters after
+10 steps, to 1e-6 relative. The rest checks the device budget accounting, the order of CPU
+updates and forwards under overlap, checkpoints and clean-up.
 """
 
 import dataclasses
@@ -47,7 +48,7 @@ BATCHES = make_batches()
 
 
 def reference_run(cfg, clip=1.0, steps=STEPS, batches=BATCHES):
-    """The textbook loop, with the compute in bf16 copies when `compute` is given."""
+    """The textbook loop: fused AdamW, two param groups, clip_grad_norm_ (inf when clip <= 0)."""
     torch.manual_seed(0)
     model = GPT(cfg)
     decay = [p for p in model.parameters() if p.dim() >= 2]
@@ -121,7 +122,7 @@ def test_uniform_block_choices_train_like_plain_pytorch(triple):
     assert_same_training(engine_run(block_plan([triple] * 4)), reference())
 
 
-SHAPES = [(1, 1, 1), (2, 3, 1), (3, 1, 2), (1, 2, 3), (4, 2, 2), (0, 4, 4)]
+SHAPES = [(1, 1, 1), (2, 3, 1), (3, 1, 2), (0, 4, 4)]
 
 
 @pytest.mark.parametrize("recompute,stream,cpu_optim", SHAPES)
@@ -131,15 +132,19 @@ def test_prefix_suffix_plans_train_like_plain_pytorch(recompute, stream, cpu_opt
 
 
 PLACES = list(itertools.product(("device", "host"), ("device", "host")))
+# An orthogonal array over (embedding weights, embedding optim, head weights, head optim):
+# every pair of choices of any two of the four appears, all-device and all-host included.
+EDGE_PLANS = [(0, 0, 0, 0), (0, 0, 1, 1), (0, 1, 0, 1), (0, 1, 1, 0),
+              (1, 0, 0, 1), (1, 0, 1, 0), (1, 1, 0, 0), (1, 1, 1, 1)]
 
 
-@pytest.mark.parametrize("emb", PLACES, ids=["emb-" + "-".join(p) for p in PLACES])
-@pytest.mark.parametrize("head", PLACES, ids=["head-" + "-".join(p) for p in PLACES])
-def test_embedding_and_head_placements_with_tied_weights(emb, head):
+@pytest.mark.parametrize("choice", EDGE_PLANS, ids=["".join("dh"[c] for c in row) for row in EDGE_PLANS])
+def test_embedding_and_head_placements_with_tied_weights(choice):
     # The tied matrix belongs to the embedding; the head reads it wherever it lives.
     plan = OffloadPlan.prefix_suffix(4, recompute=1, stream=1, cpu_optim=1, weight_buffers=3)
-    plan.layer("embedding").weights, plan.layer("embedding").optim = emb
-    plan.layer("head").weights, plan.layer("head").optim = head
+    places = [("device", "host")[c] for c in choice]
+    plan.layer("embedding").weights, plan.layer("embedding").optim = places[:2]
+    plan.layer("head").weights, plan.layer("head").optim = places[2:]
     assert_same_training(engine_run(plan), reference())
 
 
@@ -155,7 +160,7 @@ def _random_plan(seed: int) -> OffloadPlan:
     return plan
 
 
-@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("seed", range(4))
 def test_random_per_layer_plans_train_like_plain_pytorch(seed):
     assert_same_training(engine_run(_random_plan(seed)), reference())
 
@@ -257,13 +262,33 @@ def test_forward_never_reads_a_weight_before_its_update_lands():
     assert overlapped, "the next step's forward never started before the previous step's last update ended"
 
 
-def test_updates_run_lowest_layer_first():
+def test_cpu_updates_are_served_lowest_layer_first():
+    """Without clipping, updates are queued during backward from the head down; the worker
+    serves the queue lowest layer first. A blocker task holds the worker from the first update
+    of a step until all six are queued, so the queue's order alone decides (a FIFO would run
+    the head first and the embedding last)."""
     plan = OffloadPlan.prefix_suffix(4, cpu_optim=4)
     plan.layer("embedding").optim = plan.layer("head").optim = "host"
-    *_, engine, _ = engine_run(plan, trace=True, steps=3)
+
+    def hold_worker(engine):
+        submit, queued, all_queued = engine.worker.submit, [], threading.Event()
+
+        def holding_submit(priority, fn):
+            if priority[1] == 1:  # an update
+                queued.append(priority[0])
+                if len(queued) % 6 == 1:
+                    all_queued.clear()
+                    submit((-1, 0), lambda: all_queued.wait(10))
+                if len(queued) % 6 == 0:
+                    all_queued.set()
+            return submit(priority, fn)
+
+        engine.worker.submit = holding_submit
+
+    *_, engine, _ = engine_run(plan, clip=0.0, trace=True, steps=3, setup=hold_worker)
     for step in range(3):
         order = [e.name for e in sorted(engine.trace, key=lambda e: e.start_s)
-                 if e.cat == "optim" and e.args["step"] == step and e.lane == "cpu_optim"]
+                 if e.lane == "cpu_optim" and e.args["step"] == step]
         assert order == [f"update {layer.name}" for layer in plan.layers]
 
 

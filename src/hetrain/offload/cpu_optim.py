@@ -11,7 +11,8 @@ still updating. After stepping, the worker writes the master into the compute co
 device reads (the streamed layer's host store, or the resident device flat) and marks it
 landed; every reader waits for that landing, so no forward reads a weight before its update.
 The worker never touches the autograd graph, and nothing may read a layer's master, host
-store or resident flat between its `submit_update` and its landing.
+store or resident flat between its `submit_update` and its landing. The AdamW construction and
+the checkpoint layout of masters and Adam state are shared with the device optimizer.
 """
 
 from __future__ import annotations
@@ -228,11 +229,22 @@ class HostLayer:
     def submit_update(self, worker: CpuOptimizerWorker, lr: float, clip_coef: torch.Tensor | None,
                       h2d_stream=None, step: int = 0) -> None:
         """Queue this layer's AdamW step (after scaling by `clip_coef`) and the refresh of the
-        compute copy; readers of the copy wait on `flat.landing`."""
+        compute copy; readers of the copy wait on `flat.landing`.
+
+        On CUDA two fences are taken now, in launch order: the copy stream's (fetches still
+        reading the host store must finish before the worker overwrites it) and the compute
+        stream's (kernels still reading the resident flat must finish before the upload)."""
         self.flat.landing.begin()
+        fetches_done = reads_done = None
+        if h2d_stream is not None:
+            fetches_done, reads_done = torch.cuda.Event(), torch.cuda.Event()
+            fetches_done.record(h2d_stream)
+            reads_done.record(torch.cuda.current_stream(h2d_stream.device))
 
         def update() -> None:
             start = time.perf_counter()
+            if fetches_done is not None:
+                fetches_done.synchronize()
             with torch.no_grad():
                 if clip_coef is not None:
                     self.grad.mul_(clip_coef)
@@ -240,7 +252,8 @@ class HostLayer:
                 self.optimizer.step()
                 if self.upload is not self.master:
                     self.upload.copy_(self.master)
-                event = None if self.flat.streamed else copy_async(self.flat.param.data, self.upload, h2d_stream)
+                event = None if self.flat.streamed else copy_async(self.flat.param.data, self.upload, h2d_stream,
+                                                                   after=[reads_done])
             if self.trace:
                 self.trace(f"update {self.flat.name}", "cpu_optim", start, time.perf_counter(), "optim", step)
             self.flat.landing.land(event)

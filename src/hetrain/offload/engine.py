@@ -3,21 +3,22 @@
 `apply_plan(model, plan, optim_cfg, device)` takes a freshly built fp32 GPT and returns an
 OffloadEngine that owns it until `close()`. Per layer, the parameters become either plain fp32
 device parameters (a "native" layer: weights and optimizer on the device, fp32 compute, no
-extra work) or a flat compute-dtype copy, resident or streamed (weights.py), with fp32
-masters and Adam state on the device or on the host (cpu_optim.py); chosen blocks recompute
-their activations (checkpointing.py). `train_step(batches, lr, grad_clip)` is one optimizer
-step with gradient accumulation and global-norm clipping; it gives the losses and parameters
-of the textbook loop (fused AdamW, weight decay on matrices only, clip_grad_norm_). Every
-byte held on the device is counted (ledger.py) and the plan's budget is enforced. The engine
-drives the layers itself (`model.embed`, each of `model.blocks`, `model.head`), so it must not
-be used on models without that interface, and nothing else may call the model while applied.
+extra work) or a flat compute-dtype copy, resident or streamed (weights.py), with fp32 masters
+and Adam state on the device or on the host (cpu_optim.py); chosen blocks recompute their
+activations (checkpointing.py). `train_step(batches, lr, grad_clip)` is one optimizer step
+with gradient accumulation and global-norm clipping, giving the losses and parameters of the
+textbook loop (fused AdamW, weight decay on matrices only, clip_grad_norm_). Every byte held
+on the device is counted (checkpointing.DeviceLedger) and the plan's budget is enforced. The
+engine drives the layers itself (`model.embed`, each of `model.blocks`, `model.head`): it must
+not be used on models without that interface, and nothing else may call the model meanwhile.
 
-Global-norm clipping needs every gradient before any update. With grad_clip > 0 the per-
-parameter norms are taken as each layer's gradient completes (on the host for host-optimised
-layers), and the CPU updates start when backward ends, lowest layer first; the cost is that no
-update overlaps the backward of the same step, while the next step's forward still overlaps
-the updates of deeper layers. With grad_clip <= 0 a layer's CPU update starts the moment its
-last gradient lands, during backward. Either way the arithmetic is clip_grad_norm_'s.
+Global-norm clipping needs every gradient before any update. The norms of host-optimised
+layers are taken on the host as their last gradient lands, the others' when backward ends;
+with grad_clip > 0 the CPU updates start once the global norm is known, lowest layer first.
+The cost: no CPU update overlaps the backward of its own step (the next step's forward still
+overlaps the updates of deeper layers). With grad_clip <= 0 a layer's CPU update starts the
+moment its last gradient lands, during backward. Either way the arithmetic is
+clip_grad_norm_'s, so results do not depend on the choice.
 """
 
 from __future__ import annotations
@@ -50,8 +51,9 @@ class StepStats:
     peak_device_bytes: int
     """Peak accounted device bytes during this step."""
     step_s: float
-    update_wait_s: float
-    """Time this step's forward waited for the previous step's updates to land."""
+    weight_wait_s: float
+    """Time spent waiting for weights: updates of the previous step to land and, where
+    copies are synchronous (CPU), fetches of streamed weights."""
 
 
 @dataclass
@@ -273,6 +275,9 @@ class OffloadEngine:
     def _compute_stream(self):
         return torch.cuda.current_stream(self.device) if self.cuda else None
 
+    def _copy_fences(self) -> tuple:
+        return (self._compute_stream(), self.streams["h2d"]) if self.cuda else ()
+
     def _acquire(self, layer: _Layer, phase: str) -> None:
         """Wait for the layer's weights (updates landed, streamed copies fetched), fetch ahead."""
         start = time.perf_counter()
@@ -392,7 +397,7 @@ class OffloadEngine:
         self.overall_peak_bytes = max(self.overall_peak_bytes, self.ledger.peak_bytes)
         return StepStats(loss=sum(loss.item() for loss in losses), grad_norm=grad_norm.item(),
                          peak_device_bytes=self.ledger.peak_bytes, step_s=time.perf_counter() - start,
-                         update_wait_s=self._wait_s)
+                         weight_wait_s=self._wait_s)
 
     def _forward(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         B, T = x.shape
@@ -428,7 +433,7 @@ class OffloadEngine:
                 self.device_optimizer.step()
                 for layer in self.layers:
                     if layer.dev is not None:
-                        layer.dev.refresh(self.streams.get("d2h"), self._compute_stream())
+                        layer.dev.refresh(self.streams.get("d2h"), self._copy_fences())
             self._record("update device", "compute", start, time.perf_counter(), "optim")
         for layer in self.layers:  # zero_grad(set_to_none=True) of the device side
             if layer.native:
@@ -491,7 +496,7 @@ class OffloadEngine:
             if layer.host is not None:
                 layer.host.refresh(self.streams.get("h2d"))
             elif layer.dev is not None:
-                layer.dev.refresh(self.streams.get("d2h"), self._compute_stream())
+                layer.dev.refresh(self.streams.get("d2h"), self._copy_fences())
         self.streamer.invalidate()
         self.synchronize()
 

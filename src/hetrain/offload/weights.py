@@ -1,17 +1,18 @@
-"""Compute-dtype weights of managed layers: one flat tensor per layer, resident or streamed.
+"""Weights of managed layers: one flat tensor per layer, resident on the device or streamed.
 
-A layer the engine manages (any layer that is not plain fp32 parameters resident on the
-device) keeps its parameters as one flat compute-dtype tensor, `FlatWeights.param`: the
-autograd leaf whose gradient is the layer's whole gradient in one piece. The module's
-attributes (`attn.qkv.weight`, ...) become views of it, made again before every use so each
-forward builds its own graph. A resident flat lives on the device for good. A streamed flat
-lives in host memory (`host_store`, pinned on CUDA) and is copied into one of a few
-preallocated device buffers before each forward and backward use: on a copy stream with
-events on CUDA, as a plain tensor copy on CPU (the CPU "device" is the same memory, so the
-copy is real and the engine counts its buffer). Tensors that autograd saves out of a buffer
-are saved as references (layer, offset, shape) and resolved in backward wherever the layer
-was fetched then. This module moves and tracks weights; it must not update them, decide
-placement, or keep gradients.
+A layer the engine manages (any layer that is not plain fp32 parameters on the device) keeps
+its parameters as one flat compute-dtype tensor, `FlatWeights.param`: the autograd leaf whose
+gradient is the layer's whole gradient in one piece. The module attributes (`attn.qkv.weight`,
+...) become views of it, made again before every use so each forward builds its own graph
+(`ModelLayout` knows which modules hold which parameter, a tied matrix included). A resident
+flat lives on the device for good. A streamed flat lives in host memory (`host_store`, pinned
+on CUDA) and is copied into one of a few preallocated device buffers before each forward and
+backward use (`WeightStreamer`): on a copy stream with events on CUDA, as a plain tensor copy
+on CPU (the CPU "device" is the same memory, so the copy is real and its buffer is counted).
+Tensors autograd saves out of a buffer are saved as references (layer, offset, shape) and
+resolved in backward wherever the layer was fetched then. `DeviceMaster` holds the fp32 master
+and gradient of a layer whose optimizer runs on the device. This module places, views, moves
+and tracks weights; it must not run an optimizer or decide placement.
 """
 
 from __future__ import annotations
@@ -182,11 +183,13 @@ class DeviceMaster:
             view.grad = None
         return freed
 
-    def refresh(self, d2h_stream=None, compute_stream=None) -> None:
-        """Master -> the resident compute flat, or -> the host store of a streamed one."""
+    def refresh(self, d2h_stream=None, after_streams=()) -> None:
+        """Master -> the resident compute flat, or -> the host store of a streamed one; on CUDA
+        the copy waits for `after_streams` (the optimizer's stream, and the copy stream whose
+        fetches may still read the store)."""
         if self.flat.streamed:
-            if d2h_stream is not None:
-                d2h_stream.wait_stream(compute_stream)
+            for stream in after_streams if d2h_stream is not None else ():
+                d2h_stream.wait_stream(stream)
             self.flat.landing.land(copy_async(self.flat.host_store, self.master, d2h_stream))
         else:
             with torch.no_grad():
