@@ -9,8 +9,10 @@ from hetrain.errors import ConfigError
 from hetrain.hardware.catalog import get_kind
 from hetrain.model.describe import describe_model
 from hetrain.model.presets import get_preset
-from hetrain.predict.cost import Efficiency, ProfileCost, RooflineCost, cost_model, describe_for
-from hetrain.predict.profiler import LayerTiming, ModelProfile, Profile, UpdateTiming, machine_fingerprint
+from hetrain.predict.cost import (
+    Efficiency, LayerTiming, ModelProfile, Profile, ProfileCost, RooflineCost, UpdateTiming, cost_model, describe_for,
+)
+from hetrain.predict.profiler import machine_fingerprint
 
 
 def _profile(micro_batch=2) -> Profile:

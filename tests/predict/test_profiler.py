@@ -9,8 +9,9 @@ from hetrain.config import load_config
 from hetrain.errors import ConfigError
 from hetrain.model.describe import describe_model
 from hetrain.model.presets import get_preset
+from hetrain.predict.cost import Profile
 from hetrain.predict.profiler import (
-    Profile, ProfileOptions, describe_machine, load_profile, machine_fingerprint, measure_collective,
+    ProfileOptions, describe_machine, load_profile, machine_fingerprint, measure_collective,
     profile_path, read_profile, require_profile, run_profile, save_profile,
 )
 

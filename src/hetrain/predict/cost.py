@@ -1,6 +1,8 @@
 """The cost model: the duration and the bytes of every task of a training step.
 
-Two sources stand behind one interface. `ProfileCost` reads this machine's profile (per
+This module also defines the `Profile` format, the contract between what the profiler
+(hetrain.predict.profiler) measures and what the cost model reads. Two sources stand behind
+one interface. `ProfileCost` reads this machine's profile (per
 layer forward/backward/recompute times and saved bytes, the optimizer and clipping rates,
 copy and collective bandwidth); `RooflineCost` derives the same figures for a catalog
 device kind from its datasheet: max(FLOPs / (peak x efficiency), bytes / (memory bandwidth
@@ -19,15 +21,16 @@ autocast). `hetrain profile` measures the configured micro-batch, where no scali
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from hetrain.config import Config
 from hetrain.errors import ConfigError
 from hetrain.hardware.catalog import DeviceKind, get_kind
 from hetrain.model.describe import LayerDescription, ModelDescription, describe_model
-from hetrain.predict.profiler import LayerTiming, ModelProfile, Profile
+from hetrain.model.gpt import ModelConfig
 
 FP32_BYTES = 4
 ADAM_BYTES_PER_PARAM = 28
@@ -37,6 +40,87 @@ CLIP_BYTES_PER_PARAM = 12
 """clip_grad_norm_ reads every gradient for the norm, then reads and writes it to scale it."""
 ACCUMULATE_BYTES_PER_PARAM = 12
 """Accumulating into a held fp32 gradient reads it and the new one, and writes it."""
+
+
+# --- the profile: what the profiler measures (hetrain.predict.profiler) and ProfileCost reads ---
+
+
+@dataclass
+class LayerTiming:
+    """One layer for one micro-batch, timed as the trainer runs it (median of `reps`)."""
+
+    fwd_s: float
+    bwd_s: float
+    recompute_s: float
+    """The forward re-run with autograd recording, as torch.utils.checkpoint does in backward."""
+    act_bytes: int
+    """Bytes saved for backward, counted by hetrain.memory.MemoryAccountant."""
+
+
+@dataclass
+class ModelProfile:
+    """Per-layer timings of one model shape at one micro-batch, sequence length, dtype, thread count."""
+
+    model: dict
+    micro_batch: int
+    seq_len: int
+    dtype: str
+    threads: int
+    embedding: LayerTiming
+    block: LayerTiming
+    """Every block of a hetrain GPT has the same shape, so one block stands for all."""
+    head: LayerTiming
+    """Final norm, output projection and cross-entropy loss."""
+
+    def matches(self, model_cfg: ModelConfig, seq_len: int, dtype: str, threads: int | None) -> bool:
+        """Same shape, sequence length and dtype, and `threads` unless it is None."""
+        return (self.model == dataclasses.asdict(model_cfg) and self.seq_len == seq_len
+                and self.dtype == dtype and threads in (None, self.threads))
+
+
+@dataclass
+class UpdateTiming:
+    """Time of a call over a list of tensors: per_call_s + per_tensor_s * tensors + params / params_per_s."""
+
+    per_call_s: float
+    per_tensor_s: float
+    params_per_s: float
+
+    def seconds(self, params: int, tensors: int, calls: int = 1) -> float:
+        return calls * self.per_call_s + tensors * self.per_tensor_s + params / self.params_per_s
+
+
+@dataclass
+class Profile:
+    machine: dict
+    """Fingerprint: hostname, cpu_model, cores, torch, gpu ('' on a CPU-only machine)."""
+    device: str
+    """Where the model runs: 'cpu' or the GPU's name."""
+    measured_at: str = ""
+    copy_bytes_per_s: dict[str, float | None] = field(default_factory=dict)
+    """h2d_pinned, h2d_pageable, d2h_pinned, d2h_pageable; None where not measurable."""
+    cpu_adam_params_per_s: dict[int, float] = field(default_factory=dict)
+    """Fused torch.optim.AdamW on CPU, parameters/s by torch thread count."""
+    optimizer: UpdateTiming | None = None
+    """The device's fused AdamW step, at the training thread count."""
+    clip: UpdateTiming | None = None
+    """clip_grad_norm_ over the gradients, including its .item() host sync."""
+    grad_accumulate: UpdateTiming | None = None
+    """Adding a micro-batch's gradients into the held ones (AccumulateGrad after the first)."""
+    collective: dict | None = None
+    """{'backend', 'world_size', 'seconds_by_bytes': {bytes: all-reduce seconds}}."""
+    unmeasured: dict[str, str] = field(default_factory=dict)
+    """Figure -> why it could not be measured here."""
+    models: list[ModelProfile] = field(default_factory=list)
+
+    def find_model(self, model_cfg: ModelConfig, micro_batch: int, seq_len: int, dtype: str,
+                   threads: int | None) -> ModelProfile | None:
+        """The entry for this shape at `micro_batch`, else the one at the nearest micro-batch."""
+        same = [m for m in self.models if m.matches(model_cfg, seq_len, dtype, threads)]
+        return min(same, key=lambda m: (abs(m.micro_batch - micro_batch), -m.micro_batch), default=None)
+
+
+# --- the cost model ---------------------------------------------------------------------
 
 
 @dataclass(frozen=True)

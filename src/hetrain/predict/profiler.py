@@ -5,10 +5,11 @@ it (per layer forward, backward and recompute under the trainer's autocast and, 
 memory accountant's hooks; the device optimizer step and gradient clipping), plus the
 machine-level rates the planners need (copy bandwidth per direction, pinned and pageable;
 fused CPU AdamW parameters/s per thread count; collective bandwidth of the available
-backend). Results live in one JSON file per machine under `hardware.profile_dir`, keyed by a
-fingerprint (hostname, CPU model, cores, torch version, GPU name) and written atomically. It
-must not predict or plan, and it never invents a figure: what it cannot measure on this
-machine is recorded as absent, with the reason, in `Profile.unmeasured`.
+backend). Results, in the `Profile` format of hetrain.predict.cost, live in one JSON file per
+machine under `hardware.profile_dir`, keyed by a fingerprint (hostname, CPU model, cores,
+torch version, GPU name) and written atomically. It must not predict or plan, and it never
+invents a figure: what it cannot measure on this machine is recorded as absent, with the
+reason, in `Profile.unmeasured`.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import socket
 import statistics
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -33,6 +34,7 @@ from hetrain.config import Config
 from hetrain.errors import ConfigError
 from hetrain.memory import MemoryAccountant
 from hetrain.model.gpt import GPT, ModelConfig
+from hetrain.predict.cost import LayerTiming, ModelProfile, Profile, UpdateTiming
 
 PROFILE_VERSION = 1
 ADAM_RATE_PARAMS = 1 << 21        # one tensor of 2M fp32 parameters (32 MiB of state + grad)
@@ -41,81 +43,6 @@ MANY_TENSORS = 64
 COPY_BYTES = 64 << 20
 CACHE_FLUSH_BYTES = 64 << 20      # twice the 32 MiB L3 of current server CPUs
 COLLECTIVE_SIZES_BYTES = (64 << 10, 1 << 20, 16 << 20)
-
-
-@dataclass
-class LayerTiming:
-    """One layer for one micro-batch, timed as the trainer runs it (median of `reps`)."""
-
-    fwd_s: float
-    bwd_s: float
-    recompute_s: float
-    """The forward re-run with autograd recording, as torch.utils.checkpoint does in backward."""
-    act_bytes: int
-    """Bytes saved for backward, counted by hetrain.memory.MemoryAccountant."""
-
-
-@dataclass
-class ModelProfile:
-    """Per-layer timings of one model shape at one micro-batch, sequence length, dtype, thread count."""
-
-    model: dict
-    micro_batch: int
-    seq_len: int
-    dtype: str
-    threads: int
-    embedding: LayerTiming
-    block: LayerTiming
-    """Every block of a hetrain GPT has the same shape, so one block stands for all."""
-    head: LayerTiming
-    """Final norm, output projection and cross-entropy loss."""
-
-    def matches(self, model_cfg: ModelConfig, seq_len: int, dtype: str, threads: int | None) -> bool:
-        """Same shape, sequence length and dtype, and `threads` unless it is None."""
-        return (self.model == dataclasses.asdict(model_cfg) and self.seq_len == seq_len
-                and self.dtype == dtype and threads in (None, self.threads))
-
-
-@dataclass
-class UpdateTiming:
-    """Time of a call over a list of tensors: per_call_s + per_tensor_s * tensors + params / params_per_s."""
-
-    per_call_s: float
-    per_tensor_s: float
-    params_per_s: float
-
-    def seconds(self, params: int, tensors: int, calls: int = 1) -> float:
-        return calls * self.per_call_s + tensors * self.per_tensor_s + params / self.params_per_s
-
-
-@dataclass
-class Profile:
-    machine: dict
-    """Fingerprint: hostname, cpu_model, cores, torch, gpu ('' on a CPU-only machine)."""
-    device: str
-    """Where the model runs: 'cpu' or the GPU's name."""
-    measured_at: str = ""
-    copy_bytes_per_s: dict[str, float | None] = field(default_factory=dict)
-    """h2d_pinned, h2d_pageable, d2h_pinned, d2h_pageable; None where not measurable."""
-    cpu_adam_params_per_s: dict[int, float] = field(default_factory=dict)
-    """Fused torch.optim.AdamW on CPU, parameters/s by torch thread count."""
-    optimizer: UpdateTiming | None = None
-    """The device's fused AdamW step, at the training thread count."""
-    clip: UpdateTiming | None = None
-    """clip_grad_norm_ over the gradients, including its .item() host sync."""
-    grad_accumulate: UpdateTiming | None = None
-    """Adding a micro-batch's gradients into the held ones (AccumulateGrad after the first)."""
-    collective: dict | None = None
-    """{'backend', 'world_size', 'seconds_by_bytes': {bytes: all-reduce seconds}}."""
-    unmeasured: dict[str, str] = field(default_factory=dict)
-    """Figure -> why it could not be measured here."""
-    models: list[ModelProfile] = field(default_factory=list)
-
-    def find_model(self, model_cfg: ModelConfig, micro_batch: int, seq_len: int, dtype: str,
-                   threads: int | None) -> ModelProfile | None:
-        """The entry for this shape at `micro_batch`, else the one at the nearest micro-batch."""
-        same = [m for m in self.models if m.matches(model_cfg, seq_len, dtype, threads)]
-        return min(same, key=lambda m: (abs(m.micro_batch - micro_batch), -m.micro_batch), default=None)
 
 
 @dataclass
@@ -209,12 +136,11 @@ def load_profile(profile_dir: str | os.PathLike, machine: dict | None = None) ->
     return read_profile(path, machine) if path.is_file() else None
 
 
-def require_profile(profile_dir: str | os.PathLike, machine: dict | None = None) -> Profile:
+def require_profile(profile_dir: str | os.PathLike) -> Profile:
     """This machine's profile; ConfigError saying how to make one (and naming the machines whose
     profiles the folder does hold) when there is none."""
-    here = machine or machine_fingerprint()
-    profile = load_profile(profile_dir, here)
-    if profile is not None:
+    here = machine_fingerprint()
+    if (profile := load_profile(profile_dir, here)) is not None:
         return profile
     folder = Path(os.path.expanduser(os.fspath(profile_dir)))
     others = []
@@ -344,13 +270,10 @@ def profile_model(model_cfg: ModelConfig, micro_batch: int, seq_len: int, dtype:
 
 
 def _cache_flusher(device: torch.device):
-    """On CPU, a function that evicts the caches by writing CACHE_FLUSH_BYTES: in a training step,
-    forward and backward have pushed the optimizer's tensors out of the caches before the
-    update, and timing it warm would be up to 2x optimistic for models that fit in L3."""
-    if device.type != "cpu":
-        return None
-    buf = torch.empty(CACHE_FLUSH_BYTES, dtype=torch.uint8)
-    return lambda: buf.fill_(1)
+    """On CPU, a function that evicts the caches: in a training step, forward and backward have
+    pushed the optimizer's tensors out before the update; timed warm, it was up to 2x faster."""
+    buf = torch.empty(CACHE_FLUSH_BYTES, dtype=torch.uint8) if device.type == "cpu" else None
+    return (lambda: buf.fill_(1)) if buf is not None else None
 
 
 def _update_s(what: str, device: torch.device, numels: list[int], options: ProfileOptions) -> float:

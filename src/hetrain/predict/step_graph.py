@@ -22,8 +22,7 @@ from hetrain.config import Config
 from hetrain.errors import ConfigError
 from hetrain.model.describe import LayerDescription, ModelDescription
 from hetrain.model.gpt import ModelConfig
-from hetrain.predict.cost import CostModel, RooflineCost, cost_model, describe_for
-from hetrain.predict.profiler import Profile
+from hetrain.predict.cost import CostModel, Profile, RooflineCost, cost_model, describe_for
 from hetrain.predict.simulator import SimResult, Task, simulate
 from hetrain.train.metrics import fmt_bytes
 
