@@ -304,6 +304,28 @@ def test_worker_failure_surfaces_in_the_training_step():
     assert not engine.worker._thread.is_alive()
 
 
+# --- streaming -------------------------------------------------------------------------------
+def test_head_weights_are_fetched_once_per_step():
+    # The head's backward follows its forward, and nothing else streams: the buffer keeps the
+    # head across micro-batches, and only a step's updates make it stale.
+    plan = OffloadPlan.resident(4, weight_buffers=1, prefetch_depth=0)
+    plan.layer("head").weights = "host"
+    *_, engine, _ = engine_run(plan, steps=3)
+    assert engine.streamer.copies == 3
+
+
+@pytest.mark.parametrize("depth", [0, 1, 2])
+def test_prefetch_fetches_the_next_blocks_before_they_run(depth):
+    plan = OffloadPlan.prefix_suffix(4, stream=4, prefetch_depth=depth, weight_buffers=depth + 1)
+    *_, engine, _ = engine_run(plan, trace=True, steps=1)
+    events = [e for e in engine.trace if e.args["step"] == 0]
+    first = {}
+    for e in events:
+        first.setdefault(e.name, e)
+    ahead = [i for i in range(1, 4) if first[f"fetch block.{i}"].start_s < first["fwd block.0"].start_s]
+    assert ahead == list(range(1, 1 + depth))
+
+
 # --- device memory ---------------------------------------------------------------------------
 def test_resident_plan_counts_what_the_memory_accountant_counts():
     _, _, engine, stats = engine_run(OffloadPlan.resident(4), steps=3)
@@ -389,9 +411,11 @@ def test_tied_head_reading_a_streamed_embedding_needs_two_buffers():
         apply_plan(GPT(CFG), plan, OPTIM, "cpu")
 
 
-def test_plan_for_another_model_is_refused():
+def test_plan_for_another_model_or_dtype_is_refused():
     with pytest.raises(ValueError, match="the plan has 3 blocks but the model has 4"):
         apply_plan(GPT(CFG), OffloadPlan.resident(3), OPTIM, "cpu")
+    with pytest.raises(ValueError, match="fp16 would need loss scaling"):
+        apply_plan(GPT(CFG), OffloadPlan.resident(4), OPTIM, "cpu", compute_dtype=torch.float16)
 
 
 # --- state, evaluation, clean-up -------------------------------------------------------------

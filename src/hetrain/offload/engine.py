@@ -114,6 +114,9 @@ class OffloadEngine:
             if not hasattr(model, attr):
                 raise ValueError(f"the offload engine drives hetrain's GPT (embed, blocks, head); this model has "
                                  f"no '{attr}'")
+        if compute_dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"compute dtype {compute_dtype} is not supported: use torch.float32 or torch.bfloat16 "
+                             f"(fp16 would need loss scaling, which the engine does not do)")
         plan.validate(len(model.blocks))
         self.model, self.plan, self.optim_cfg, self.device, self.dtype = model, plan, optim_cfg, device, compute_dtype
         self.cuda = device.type == "cuda"
