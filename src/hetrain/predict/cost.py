@@ -1,15 +1,15 @@
 """The cost model: the duration and the bytes of every task of a training step.
 
-This module also defines the `Profile` format, the contract between what the profiler
-(hetrain.predict.profiler) measures and what the cost model reads. Two sources stand behind
-one interface. `ProfileCost` reads this machine's profile (per
-layer forward/backward/recompute times and saved bytes, the optimizer and clipping rates,
-copy and collective bandwidth); `RooflineCost` derives the same figures for a catalog
-device kind from its datasheet: max(FLOPs / (peak x efficiency), bytes / (memory bandwidth
-x efficiency)) plus a fixed per-layer launch overhead, with the factors of `Efficiency`.
-Planners and the step graph ask only this interface, so a plan is costed the same way
-whether the hardware was measured or looked up. This module only prices tasks: it must not
-measure (the profiler does), build graphs or schedule (step_graph and the simulator do).
+Two sources stand behind one interface. `ProfileCost` reads this machine's profile (per
+layer forward/backward/recompute times and saved bytes, the optimizer, clipping and gradient
+accumulation rates, copy and collective bandwidth); `RooflineCost` derives the same figures
+for a catalog device kind from its datasheet: max(FLOPs / (peak x efficiency), bytes /
+(memory bandwidth x efficiency)) plus a fixed per-layer launch overhead, with the factors of
+`Efficiency`. Planners and the step graph ask only this interface, so a plan is costed the
+same way whether the hardware was measured or looked up. The `Profile` dataclasses are
+defined here too: they are the contract between what hetrain.predict.profiler measures and
+what this module reads. This module only prices tasks: it must not measure (the profiler
+does), build graphs or schedule (step_graph and the simulator do).
 
 Micro-batch scaling: a profile entry measured at micro-batch m prices micro-batch m' by
 multiplying its times and saved bytes by m'/m. Time is close to linear in the batch once

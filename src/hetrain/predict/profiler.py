@@ -393,6 +393,9 @@ def run_profile(cfg: Config, options: ProfileOptions | None = None) -> tuple[Pro
             profile.unmeasured.pop("collective", None)
         elif profile.collective is None:
             profile.unmeasured["collective"] = "skipped (--no-collectives)"
+        if torch.cuda.device_count() < 2:
+            profile.unmeasured["collective.nccl"] = (f"needs 2 GPUs, this machine has {torch.cuda.device_count()}; "
+                                                     "the all-reduce figure is gloo between host processes")
         entry = profile_model(cfg.model, cfg.train.micro_batch, cfg.train.seq_len, cfg.train.dtype, device, options)
     finally:
         torch.set_num_threads(before)

@@ -188,7 +188,8 @@ def build_step_graph(desc: ModelDescription, cost: CostModel,
 
 def build_step_tasks(desc: ModelDescription, cost: CostModel, grad_accum: int = 1,
                      options: StepGraphOptions | None = None) -> list[Task]:
-    """The tasks of `build_step_graph`; base bytes come from `state_bytes(desc)`."""
+    """The tasks of `build_step_graph`. Simulate them with the graph's base bytes: parameters,
+    buffers and AdamW state of `state_bytes(desc)` in the "device" pool (see build_step_graph)."""
     options = options or StepGraphOptions(grad_accum=grad_accum)
     return build_step_graph(desc, cost, options).tasks
 
