@@ -122,3 +122,20 @@ def test_configs_default_toml_is_the_default():
 
     path = Path(__file__).resolve().parents[1] / "configs" / "default.toml"
     assert load_config(str(path)) == load_config(None)
+
+
+def test_plan_cluster_writes_plan_report_timeline(tmp_path, capsys):
+    from pathlib import Path
+
+    small = Path(__file__).resolve().parents[1] / "configs" / "clusters" / "mixed.toml"
+    out = tmp_path / "plan"
+    assert main(["plan", "--cluster", str(small), "--model.preset", "gpt2-small", "--train.seq_len", "1024",
+                 "--plan.global_batch", "64", "--run.dir", str(out)]) == 0
+    assert "Efficiency against the upper bound" in capsys.readouterr().out
+    for name in ("plan.json", "report.txt", "timeline.png"):
+        assert (out / name).stat().st_size > 0
+
+
+def test_plan_without_cluster_is_a_clear_error(capsys):
+    assert main(["plan", "--model.preset", "tiny", "--train.seq_len", "32"]) == 2
+    assert "--cluster FILE" in capsys.readouterr().err

@@ -133,6 +133,10 @@ class PlanConfig:
 
     file: str = ""
     """A plan.json (from `hetrain plan`) to run as is, without re-planning; '' plans automatically."""
+    cluster: str = ""
+    """A cluster file (TOML, see configs/clusters/mixed.toml) for `hetrain plan`: plan data/tensor/pipeline parallelism over it. `--cluster FILE` is short for this."""
+    global_batch: int = 1024
+    """Sequences per optimizer step across the whole cluster (cluster planning)."""
 
 
 @dataclass
@@ -313,6 +317,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"run.device must be 'auto', 'cpu' or 'cuda', got '{cfg.run.device}'")
     parse_bytes("memory.device_budget", cfg.memory.device_budget)
     parse_bytes("memory.host_budget", cfg.memory.host_budget)
+    if cfg.plan.cluster and not Path(cfg.plan.cluster).expanduser().is_file():
+        raise ConfigError(f"cluster file '{cfg.plan.cluster}' does not exist; pass an existing TOML file to --cluster")
+    if cfg.plan.global_batch < 1:
+        raise ConfigError(f"plan.global_batch must be at least 1, got {cfg.plan.global_batch}")
     if cfg.plan.file and not Path(cfg.plan.file).expanduser().is_file():
         raise ConfigError(f"plan file '{cfg.plan.file}' does not exist; make one with `hetrain plan` or drop --plan.file")
     if t.min_lr > t.lr:
