@@ -137,7 +137,8 @@ def test_trace_records_every_block_and_changes_nothing(tiny_config, tmp_path):
 
     plain = Trainer(tiny_config(tmp_path / "plain", **{"train.steps": 4, "train.grad_accum": 2})).fit()
     traced_cfg = tiny_config(tmp_path / "traced", **{"train.steps": 4, "train.grad_accum": 2,
-                                                      "log.trace": "true", "log.trace_steps": 2})
+                                                      "log.trace": "true", "log.trace_steps": 2,
+                                                      "hardware.profile_dir": str(tmp_path / "profiles")})
     traced = Trainer(traced_cfg).fit()
     assert traced.losses == plain.losses
     events = read_chrome_trace(tmp_path / "traced" / "trace.json")
@@ -149,3 +150,8 @@ def test_trace_records_every_block_and_changes_nothing(tiny_config, tmp_path):
     for a, b in zip(events, events[1:]):
         assert a.end_s <= b.start_s + 1e-9  # one lane, nothing overlaps on CPU
     assert (tmp_path / "traced" / "trace_timeline.png").read_bytes()[:4] == b"\x89PNG"
+    # --trace profiled the model, so every record carries the prediction beside the measurement;
+    # the peak memory prediction is exact (the same accounting), the time one depends on the machine.
+    records = [json.loads(ln) for ln in (tmp_path / "traced" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["predicted_step_s"] > 0 for r in records)
+    assert records[-1]["predicted_peak_device_bytes"] == records[-1]["peak_device_bytes"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import statistics
 import os
 import time
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ class TrainResult:
     step: int
     losses: dict[int, float] = field(default_factory=dict)  # step -> training loss, every step
     val_losses: dict[int, float] = field(default_factory=dict)
+    step_times_s: list[float] = field(default_factory=list)  # every step of this process
     wall_s: float = 0.0
     checkpoint: Path | None = None
 
@@ -120,8 +122,31 @@ class Trainer:
         self.accountant = MemoryAccountant(self.model, self.optimizer) if self.device.type == "cpu" else None
         self.flops_per_token = train_flops_per_token(self.model, cfg)
         self.tracer = StepTracer(self.model, self.model.blocks, self.device) if cfg.log.trace else None
+        self.prediction = self._predict()
         self.peak_flops, self.peak_source = device_peak_flops(
             self.device, self.amp_dtype or torch.float32, cfg.log.peak_flops)
+
+    def _predict(self):
+        """The predictor's step time and peak for this run, to print beside the measurement.
+
+        From this machine's cached profile (`hetrain profile`); with --trace and no profile
+        entry for this model, the model is profiled now (seconds for small models). On a GPU
+        without a profile, from the catalog's figures for it. None where neither applies (a
+        Hugging Face model, or a CPU run without a profile and without --trace).
+        """
+        if self.cfg.hf.path:
+            return None
+        from hetrain.predict.profiler import load_profile, run_profile
+        from hetrain.predict.step_graph import predict_step
+
+        profile = load_profile(self.cfg.hardware.profile_dir) if not self.cfg.hardware.device_kind else None
+        try:
+            return predict_step(self.cfg, profile)
+        except ConfigError:  # the profile has no entry for this model
+            if not self.cfg.log.trace:
+                return None
+        profile, _, _ = run_profile(self.cfg)
+        return predict_step(self.cfg, profile)
 
     def _check_compatible(self, saved: dict) -> None:
         """A resume must train the same model on the same data; other settings may change."""
@@ -179,6 +204,9 @@ class Trainer:
         print(f"hetrain: model {self._model_name()} with {self.model.num_params() / 1e6:.2f}M parameters on "
               f"{self.device} ({t.dtype}); {tokens_per_step:,} tokens/step; "
               f"peak {self.peak_flops / 1e12:.3g} TFLOP/s {self.peak_source}")
+        if self.prediction is not None:
+            print(f"hetrain: predicted step {1000 * self.prediction.step_s:.1f} ms, peak "
+                  f"{fmt_bytes(self.prediction.peak_device_bytes)} (from {self.prediction.source})")
         if self.step:
             print(f"hetrain: resumed from {self.resume_path} at step {self.step}")
 
@@ -225,6 +253,7 @@ class Trainer:
                 step_s = time.perf_counter() - step_start
                 window_s, window_steps = window_s + step_s, window_steps + 1
                 result.losses[self.step] = loss_sum
+                result.step_times_s.append(step_s)
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_sum:.3f}")
 
@@ -243,6 +272,9 @@ class Trainer:
                         "step_s": mean_step_s, "peak_device_bytes": self._peak_bytes(),
                         "elapsed_s": time.perf_counter() - start,
                     }
+                    if self.prediction is not None:
+                        record["predicted_step_s"] = self.prediction.step_s
+                        record["predicted_peak_device_bytes"] = self.prediction.peak_device_bytes
                     logger.log(record)
                     bar.write(format_line(record))
                     window_s, window_steps = 0.0, 0
@@ -271,6 +303,12 @@ class Trainer:
         if result.val_losses:
             summary += f"; val loss {next(iter(result.val_losses.values())):.3f} -> {list(result.val_losses.values())[-1]:.3f}"
         print(summary + f"; peak memory {fmt_bytes(self.run_peak_bytes)}; run dir {self.run_dir}")
+        if self.prediction is not None and result.step_times_s:
+            measured = statistics.median(result.step_times_s[1:] or result.step_times_s)  # skip warm-up
+            print(f"hetrain: predicted vs measured: step {1000 * self.prediction.step_s:.1f} ms vs "
+                  f"{1000 * measured:.1f} ms median (x{measured / self.prediction.step_s:.2f}); peak "
+                  f"{fmt_bytes(self.prediction.peak_device_bytes)} vs {fmt_bytes(self.run_peak_bytes)} "
+                  f"(x{self.run_peak_bytes / self.prediction.peak_device_bytes:.2f})")
         if self.accountant:
             self.accountant.close()
         return result
