@@ -1,10 +1,16 @@
 """Shared fixtures: a small corpus and a fast config, so every trainer test runs in seconds on CPU."""
 
-import pytest
-import torch
+import os
 
-from hetrain.config import load_config
-from tests_support import tiny_overrides
+# OpenMP threads spin while waiting by default, which stalls every parallel op when other
+# processes hold the cores; read once when torch loads, so it is set before the import.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from hetrain.config import load_config  # noqa: E402
+from tests_support import tiny_overrides  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

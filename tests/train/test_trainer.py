@@ -42,7 +42,10 @@ def test_trainer_equals_plain_pytorch(tiny_config):
     ref_losses, ref_model = plain_pytorch_losses(cfg, cfg.train.steps)
     assert [result.losses[s] for s in range(1, 11)] == pytest.approx(ref_losses, rel=1e-6)
     trained = GPT(cfg.model)
-    ckpt.load_checkpoint(result.checkpoint, trained, torch.optim.AdamW(trained.parameters(), fused=True))
+    opt = torch.optim.AdamW(trained.parameters(), fused=True)
+    state = ckpt.training_state(trained, opt)
+    ckpt.load_checkpoint(result.checkpoint, state)
+    ckpt.apply_training_state(trained, opt, state)
     for (name, p), q in zip(trained.named_parameters(), ref_model.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7, msg=name)
 

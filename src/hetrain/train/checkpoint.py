@@ -69,17 +69,27 @@ def _rng_state() -> dict[str, torch.Tensor]:
     return state
 
 
-def save_checkpoint(run_dir: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    meta: CheckpointMeta, keep: int = 0) -> Path:
-    """Write a checkpoint atomically and return its path; keep only the newest `keep` (0: all)."""
+def training_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """{'model': ..., 'optim': ...} by parameter name: what a checkpoint holds (DCP's layout)."""
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    return {"model": model_sd, "optim": optim_sd}
+
+
+def apply_training_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+
+def save_checkpoint(run_dir: str | os.PathLike, state: dict, meta: CheckpointMeta, keep: int = 0) -> Path:
+    """Write `state` ({'model', 'optim'}, see training_state) atomically; return the path.
+
+    Only the newest `keep` checkpoints are kept (0: all)."""
     root = Path(run_dir) / CKPT_DIR
     root.mkdir(parents=True, exist_ok=True)
     final = root / checkpoint_name(meta.step)
     tmp = root / f"{final.name}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    model_sd, optim_sd = get_state_dict(model, optimizer)
     with _quiet_single_process():
-        dcp.save({"model": model_sd, "optim": optim_sd, "rng": _rng_state()}, checkpoint_id=str(tmp))
+        dcp.save({**state, "rng": _rng_state()}, checkpoint_id=str(tmp))
     # meta.json is written last: its presence marks the directory complete.
     (tmp / META).write_text(json.dumps(meta.__dict__, indent=1, default=str))
     if final.exists():  # re-saving a step (e.g. after a resume): swap, then drop the old one
@@ -132,18 +142,17 @@ def read_meta(path: Path) -> CheckpointMeta:
     return meta
 
 
-def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> CheckpointMeta:
-    """Restore model, optimizer and RNG in place from a checkpoint resolved by resolve_resume."""
+def load_checkpoint(path: Path, state: dict) -> CheckpointMeta:
+    """Load a checkpoint resolved by resolve_resume into `state`'s tensors in place (the dict
+    training_state or an engine's state_dict returns) and restore the RNG."""
     meta = read_meta(path)
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    state = {"model": model_sd, "optim": optim_sd, "rng": _rng_state()}
+    state = {**state, "rng": _rng_state()}
     try:
         with _quiet_single_process():
             dcp.load(state, checkpoint_id=str(path))
     except (Exception, CheckpointException) as e:  # DCP's own exception derives from BaseException
         raise ConfigError(f"checkpoint '{path}' could not be read ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
                           f"resume from an earlier checkpoint with --run.resume PATH") from None
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     torch.set_rng_state(state["rng"]["cpu"])
     if "cuda" in state["rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["rng"]["cuda"])

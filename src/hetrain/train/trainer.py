@@ -33,6 +33,15 @@ from hetrain.train.tracing import StepTracer
 
 
 @dataclass
+class Predicted:
+    """A prediction to print beside the measurement (hetrain.predict's Prediction has these too)."""
+
+    step_s: float
+    peak_device_bytes: int
+    source: str
+
+
+@dataclass
 class TrainResult:
     run_dir: Path
     step: int
@@ -107,24 +116,79 @@ class Trainer:
             raise ConfigError(f"run dir '{self.run_dir}' already holds checkpoints; continue it with "
                               f"--run.resume auto, or start a new run with another --run.dir")
         self.data = data if data is not None else build_data(cfg.data, cfg.run.seed, seq_len=cfg.train.seq_len)
+        self.plan = self._resolve_plan()
         torch.manual_seed(cfg.run.seed)
-        self.model = build_model(cfg, self.data.vocab_size).to(self.device)
-        self.optimizer = make_optimizer(self.model, cfg, self.device)
+        self.engine = None
+        if self.plan is None:
+            self.model = build_model(cfg, self.data.vocab_size).to(self.device)
+            self.optimizer = make_optimizer(self.model, cfg, self.device)
+        else:
+            # The engine places every tensor itself: the model starts as plain fp32 on the CPU.
+            from hetrain.offload import OptimConfig, apply_plan
+
+            self.model, self.optimizer = build_model(cfg, self.data.vocab_size), None
+            t = cfg.train
+            try:
+                self.engine = apply_plan(self.model, self.plan, OptimConfig(t.weight_decay, t.beta1, t.beta2,
+                                         cpu_threads=cfg.run.threads or os.cpu_count() or 1), self.device,
+                                         torch.bfloat16 if t.dtype == "bf16" else torch.float32)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
         self.step = 0
         if self.resume_path is not None:
             meta = ckpt.read_meta(self.resume_path)
             self._check_compatible(meta.config)
-            meta = ckpt.load_checkpoint(self.resume_path, self.model, self.optimizer)
+            state = self._training_state()
+            meta = ckpt.load_checkpoint(self.resume_path, state)
+            if self.engine is not None:
+                self.engine.load_state_dict(state)
+            else:
+                ckpt.apply_training_state(self.model, self.optimizer, state)
             self.data.train.load_state_dict(meta.data_state)
             self.step = meta.step
         self.run_peak_bytes = 0
-        self.amp_dtype = torch.bfloat16 if cfg.train.dtype == "bf16" else None
-        self.accountant = MemoryAccountant(self.model, self.optimizer) if self.device.type == "cpu" else None
+        self.amp_dtype = torch.bfloat16 if cfg.train.dtype == "bf16" and self.engine is None else None
+        self.accountant = (MemoryAccountant(self.model, self.optimizer)
+                           if self.device.type == "cpu" and self.engine is None else None)
         self.flops_per_token = train_flops_per_token(self.model, cfg)
-        self.tracer = StepTracer(self.model, self.model.blocks, self.device) if cfg.log.trace else None
+        self.tracer = (StepTracer(self.model, self.model.blocks, self.device)
+                       if cfg.log.trace and self.engine is None else None)
         self.prediction = self._predict()
         self.peak_flops, self.peak_source = device_peak_flops(
             self.device, self.amp_dtype or torch.float32, cfg.log.peak_flops)
+
+    def _resolve_plan(self):
+        """The offload plan to run: --plan.file as is, or planned for --memory.device_budget; None
+        for plain training (no budget given)."""
+        from hetrain.config import parse_bytes
+        from hetrain.plan.offload_plan import OffloadPlan
+
+        cfg = self.cfg
+        budget = parse_bytes("memory.device_budget", cfg.memory.device_budget)
+        if not cfg.plan.file and budget is None:
+            return None
+        if cfg.hf.path:
+            raise ConfigError("offload plans drive hetrain's GPT blocks; unset --hf.path, or drop "
+                              "--plan.file and --memory.device_budget to train the Hugging Face model plainly")
+        if cfg.plan.file:
+            try:
+                plan = OffloadPlan.load(cfg.plan.file)
+                plan.validate(cfg.model.n_layer)
+            except ValueError as e:
+                raise ConfigError(f"plan file '{cfg.plan.file}': {e}") from None
+            if budget is not None:
+                plan.device_budget_bytes = budget
+        else:
+            from hetrain.plan.offload_planner import host_budget_bytes, plan_offload
+
+            plan = plan_offload(cfg, budget, host_budget_bytes(cfg))
+        print(plan.table() if hasattr(plan, "table") else plan)
+        return plan
+
+    def _training_state(self) -> dict:
+        if self.engine is not None:
+            return self.engine.state_dict()
+        return ckpt.training_state(self.model, self.optimizer)
 
     def _predict(self):
         """The predictor's step time and peak for this run, to print beside the measurement.
@@ -136,6 +200,10 @@ class Trainer:
         """
         if self.cfg.hf.path:
             return None
+        if self.plan is not None:
+            if not self.plan.predicted_step_s:
+                return None
+            return Predicted(self.plan.predicted_step_s, self.plan.predicted_peak_device_bytes, "the offload plan")
         from hetrain.predict.profiler import load_profile, run_profile
         from hetrain.predict.step_graph import predict_step
 
@@ -167,6 +235,8 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, batches) -> float:
+        if self.engine is not None:
+            return self.engine.evaluate(batches)
         self.model.eval()
         total = 0.0
         for x, y in batches:
@@ -176,12 +246,16 @@ class Trainer:
         return total / len(batches)
 
     def _peak_bytes(self) -> int:
+        if self.engine is not None:
+            return self.engine.peak_device_bytes
         if self.device.type == "cuda":
             return torch.cuda.max_memory_allocated(self.device)
         return self.accountant.peak_bytes
 
     def _reset_peak(self) -> None:
         self.run_peak_bytes = max(self.run_peak_bytes, self._peak_bytes())
+        if self.engine is not None:
+            return  # the engine's peak is since it was made (its ledger checks the budget per step)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         else:
@@ -190,7 +264,7 @@ class Trainer:
     def save(self, data_state: dict) -> Path:
         meta = ckpt.CheckpointMeta(step=self.step, data_state=data_state, config=to_dict(self.cfg), plan=None,
                                    saved_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
-        return ckpt.save_checkpoint(self.run_dir, self.model, self.optimizer, meta, keep=self.cfg.train.keep_checkpoints)
+        return ckpt.save_checkpoint(self.run_dir, self._training_state(), meta, keep=self.cfg.train.keep_checkpoints)
 
     def fit(self) -> TrainResult:
         cfg, t = self.cfg, self.cfg.train
@@ -219,34 +293,15 @@ class Trainer:
         try:
             while self.step < t.steps:
                 lr = lr_at(self.step, cfg)
-                for group in self.optimizer.param_groups:
-                    group["lr"] = lr
                 tr = self._tracer_for(self.step + 1)
                 step_start = time.perf_counter()
-                loss_sum = 0.0
-                for _ in range(t.grad_accum):
-                    tr.begin("data", "data")
-                    x, y = self.data.train.next_batch(t.micro_batch, t.seq_len)
-                    x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-                    tr.end("data")
-                    with self._track():
-                        with self._autocast():
-                            loss = self.model(x, y) / t.grad_accum
-                        tr.begin("bwd.head", "bwd")
-                        loss.backward()
-                        tr.end("bwd.embedding")
-                    loss_sum += loss.item()
-                tr.begin("optim", "optim")
-                max_norm = t.grad_clip if t.grad_clip > 0 else float("inf")
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm).item()
-                self.optimizer.step()
-                tr.end("optim")
-                self.step += 1  # the model now holds this step's update
-                if self.accountant:
-                    self.accountant.after_optimizer_step(self.optimizer)
-                self.optimizer.zero_grad(set_to_none=True)
-                if self.accountant:
-                    self.accountant.grads_cleared()
+                if self.engine is not None:
+                    batches = [self.data.train.next_batch(t.micro_batch, t.seq_len) for _ in range(t.grad_accum)]
+                    stats = self.engine.train_step(batches, lr, t.grad_clip)
+                    self.step += 1
+                    loss_sum, grad_norm = stats.loss, stats.grad_norm
+                else:
+                    loss_sum, grad_norm = self._plain_step(tr, lr)
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)
                 data_state = self.data.train.state_dict()
@@ -286,8 +341,11 @@ class Trainer:
             # Between steps the state is consistent: save it so the interruption loses nothing.
             bar.close()
             if self.step > saved_at:
-                path = self.save(data_state)
-                print(f"\nhetrain: interrupted; saved {path}; continue with --run.resume auto")
+                try:
+                    path = self.save(data_state)
+                    print(f"\nhetrain: interrupted; saved {path}; continue with --run.resume auto")
+                except RuntimeError as e:  # an engine stopped mid-step holds no consistent state
+                    print(f"\nhetrain: interrupted mid-step ({e}); the last checkpoint stands")
             logger.close()
             raise
         bar.close()
@@ -297,6 +355,8 @@ class Trainer:
             self._write_trace()
         result.step = self.step
         result.wall_s = time.perf_counter() - start
+        if self.engine is not None:
+            self.engine.close()  # the model is plain fp32 on the CPU again, holding the trained values
         if self.step > 0 and saved_at == self.step:
             ckpt.export_safetensors(self.model, self.run_dir / "model.safetensors")
         summary = f"hetrain: done: step {self.step} in {result.wall_s:.1f} s"
@@ -312,6 +372,37 @@ class Trainer:
         if self.accountant:
             self.accountant.close()
         return result
+
+    def _plain_step(self, tr, lr: float) -> tuple[float, float]:
+        """Forward and backward over the micro-batches, clip, update: the textbook step."""
+        t = self.cfg.train
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = 0.0
+        for _ in range(t.grad_accum):
+            tr.begin("data", "data")
+            x, y = self.data.train.next_batch(t.micro_batch, t.seq_len)
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            tr.end("data")
+            with self._track():
+                with self._autocast():
+                    loss = self.model(x, y) / t.grad_accum
+                tr.begin("bwd.head", "bwd")
+                loss.backward()
+                tr.end("bwd.embedding")
+            loss_sum += loss.item()
+        tr.begin("optim", "optim")
+        max_norm = t.grad_clip if t.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm).item()
+        self.optimizer.step()
+        self.step += 1  # the model now holds this step's update
+        tr.end("optim")
+        if self.accountant:
+            self.accountant.after_optimizer_step(self.optimizer)
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.accountant:
+            self.accountant.grads_cleared()
+        return loss_sum, grad_norm
 
     def _tracer_for(self, step: int):
         """The tracer, switched on for the traced steps (2 .. 1 + log.trace_steps), or a no-op."""

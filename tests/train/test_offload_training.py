@@ -1,0 +1,49 @@
+"""Training through an offload plan equals plain training, end to end through the trainer."""
+
+import json
+
+import pytest
+import torch
+
+from hetrain.plan.offload_plan import OffloadPlan
+from hetrain.train.trainer import Trainer
+
+
+@pytest.fixture
+def mixed_plan(tmp_path):
+    # Block 0 recomputed with streamed weights, block 1 updated on the CPU, overlap on.
+    plan = OffloadPlan.prefix_suffix(2, recompute=1, stream=1, cpu_optim=1)
+    path = tmp_path / "plan.json"
+    plan.save(path)
+    return path
+
+
+def test_plan_file_trains_the_same_model(tiny_config, tmp_path, mixed_plan):
+    plain = Trainer(tiny_config(tmp_path / "plain", **{"train.grad_accum": 2})).fit()
+    planned = Trainer(tiny_config(tmp_path / "planned", **{"train.grad_accum": 2, "plan.file": mixed_plan})).fit()
+    steps = sorted(plain.losses)
+    assert [planned.losses[s] for s in steps] == pytest.approx([plain.losses[s] for s in steps], rel=1e-6)
+    from safetensors.torch import load_file
+
+    a, b = load_file(tmp_path / "plain" / "model.safetensors"), load_file(tmp_path / "planned" / "model.safetensors")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-6, atol=1e-7)
+    record = json.loads((tmp_path / "planned" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert record["peak_device_bytes"] > 0
+
+
+def test_resume_under_a_plan_equals_uninterrupted(tiny_config, tmp_path, mixed_plan):
+    straight = Trainer(tiny_config(tmp_path / "a", **{"plan.file": mixed_plan})).fit()
+    step5 = tmp_path / "a" / "checkpoints" / "step_00000005"
+    resumed = Trainer(tiny_config(tmp_path / "b", **{"plan.file": mixed_plan, "run.resume": step5})).fit()
+    for step in range(6, 11):
+        assert resumed.losses[step] == pytest.approx(straight.losses[step], rel=1e-6)
+
+
+def test_plan_for_another_model_is_refused(tiny_config, tmp_path, capsys):
+    from hetrain.errors import ConfigError
+
+    path = tmp_path / "p4.json"
+    OffloadPlan.resident(4).save(path)
+    with pytest.raises(ConfigError, match="the plan has 4 blocks but the model has 2"):
+        Trainer(tiny_config(**{"plan.file": path}))
