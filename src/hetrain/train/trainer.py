@@ -179,9 +179,11 @@ class Trainer:
             if budget is not None:
                 plan.device_budget_bytes = budget
         else:
-            from hetrain.plan.offload_planner import host_budget_bytes, plan_offload
+            from hetrain.hardware.probe import probe
+            from hetrain.plan.offload_planner import plan_offload
 
-            plan = plan_offload(cfg, budget, host_budget_bytes(cfg))
+            host = parse_bytes("memory.host_budget", cfg.memory.host_budget) or int(0.8 * probe().host_ram_bytes)
+            plan = plan_offload(cfg, budget, host)
         print(plan.table() if hasattr(plan, "table") else plan)
         return plan
 
