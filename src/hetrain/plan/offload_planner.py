@@ -1,0 +1,249 @@
+"""The offload planner: the fastest per-layer placement that fits the device and host budgets.
+
+`plan_offload(cfg, device_budget_bytes, host_budget_bytes)` prices every layer with the cost
+model (offload_graph.layer_terms), solves the linear model of offload_milp.py for its best
+few assignments (HiGHS through scipy.optimize.milp, each further one excluded by a no-good
+cut), simulates each candidate's step on the offload step graph, and returns the candidate
+the simulator finds fastest as an OffloadPlan, with the MILP's and the simulator's figures and
+a paragraph saying which constraint binds and what each choice buys. A model that fits no plan
+is a ConfigError giving the smallest device budget and host RAM that would fit.
+`run_offload_planning(cfg, out_dir)` is what `hetrain plan` runs: budgets from the config,
+the table printed, plan.json written. This module decides and explains; it must not execute
+plans (the offload engine does) or price tasks itself (the cost model does).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from hetrain.config import Config, parse_bytes
+from hetrain.errors import ConfigError
+from hetrain.plan.offload_graph import (Choice, OffloadPrices, OffloadSimulation, StepSettings, offload_prices,
+                                        plan_of, simulate_offload)
+from hetrain.plan.offload_milp import OffloadModel, Solution
+from hetrain.plan.offload_plan import OffloadPlan
+from hetrain.predict.cost import CostModel, ProfileCost, RooflineCost, compute_dtype_bytes, cost_model, describe_for
+from hetrain.train.metrics import fmt_bytes
+
+MIB = 2**20
+HOST_BUDGET_FRACTION = 0.8
+"""Default host budget: this share of the machine's RAM (config: memory.host_budget)."""
+
+
+@dataclass(frozen=True)
+class PlannerOptions:
+    """Search settings of the offload planner."""
+
+    candidates: int = 5
+    """MILP solutions checked in the simulator (the best, then the next ones by no-good cuts)."""
+    mip_rel_gap: float = 1e-4
+    """HiGHS stops once its solution is proven within this fraction of the linear model's
+    optimum; well below the linear model's own error against the simulator."""
+    time_limit_s: float = 10.0
+    """Per MILP solve; the best solution found so far is used past it."""
+    weight_buffers: int = 2
+    prefetch_depth: int = 1
+    overlap: bool = True
+    """Cross-iteration overlap of the CPU updates with the next forward."""
+    async_copies: bool | None = None
+    """Copies on their own streams; None: yes on a GPU, no when the device is the CPU."""
+
+
+def _runs_on_gpu(cost: CostModel) -> bool:
+    if isinstance(cost, RooflineCost):
+        return cost.kind.name != "cpu"
+    if isinstance(cost, ProfileCost):
+        return cost.profile.device != "cpu"
+    return True
+
+
+def default_cost(cfg: Config) -> CostModel:
+    """This machine's profile when it has the model, else the catalog kind (see cost_model)."""
+    from hetrain.predict.profiler import load_profile
+
+    desc = describe_for(cfg)
+    profile = None if cfg.hardware.device_kind else load_profile(cfg.hardware.profile_dir)
+    try:
+        return cost_model(cfg, desc, profile)
+    except ConfigError:
+        if profile is None:
+            raise
+        return cost_model(cfg, desc, None)
+
+
+def step_settings(cfg: Config, cost: CostModel, options: PlannerOptions) -> StepSettings:
+    async_copies = _runs_on_gpu(cost) if options.async_copies is None else options.async_copies
+    return StepSettings(grad_accum=cfg.train.grad_accum, clip=cfg.train.grad_clip > 0, overlap=options.overlap,
+                        async_copies=async_copies, weight_buffers=options.weight_buffers,
+                        prefetch_depth=options.prefetch_depth,
+                        compute_dtype_bytes=compute_dtype_bytes(cfg.train.dtype),
+                        tied_embeddings=cfg.model.tie_embeddings)
+
+
+def plan_offload(cfg: Config, device_budget_bytes: int | None, host_budget_bytes: int | None,
+                 cost: CostModel | None = None, options: PlannerOptions = PlannerOptions()) -> OffloadPlan:
+    """The fastest plan for `cfg`'s model and batch within the budgets (None: no limit).
+
+    ConfigError when no plan fits, naming the smallest device budget and host RAM that would.
+    """
+    if cfg.hf.path:
+        raise ConfigError("the offload planner plans hetrain GPT models only; unset --hf.path")
+    start = time.perf_counter()
+    cost = cost or default_cost(cfg)
+    desc = describe_for(cfg)
+    prices = offload_prices(desc, cost, step_settings(cfg, cost, options))
+    model = OffloadModel(prices, device_budget_bytes, host_budget_bytes)
+    found = model.best(options.candidates, options.time_limit_s, options.mip_rel_gap)
+    solve_s = time.perf_counter() - start
+    if not found:
+        raise ConfigError(_no_fit_message(cfg, prices, device_budget_bytes, host_budget_bytes))
+    sims = [simulate_offload(prices, sol.choice) for sol in found]
+    best = min(range(len(found)), key=lambda i: (sims[i].step_s, i))
+    sol, sim = found[best], sims[best]
+    plan = plan_of(sol.choice, prefetch_depth=options.prefetch_depth, weight_buffers=options.weight_buffers,
+                   overlap=options.overlap, device_budget_bytes=device_budget_bytes)
+    for layer, nbytes in zip(plan.layers, layer_peak_bytes(prices, sol)):
+        layer.predicted_device_bytes = nbytes
+    for layer, t, (_, _, c) in zip(plan.layers, prices.terms, sol.choice):
+        layer.predicted_s = sim.layer_compute_s.get(layer.name, 0.0) + (0 if c else t.optim_device_s)
+    plan.predicted_step_s = sim.step_s
+    plan.predicted_peak_device_bytes = math.ceil(sol.peak_device_bytes)
+    plan.predicted_host_bytes = math.ceil(sol.host_bytes)
+    plan.note = explain(prices, sol, sim, device_budget_bytes, host_budget_bytes, len(found))
+    plan.search = {
+        "solver": "HiGHS (scipy.optimize.milp)", "cost_source": cost.source, "time_s": round(time.perf_counter() - start, 4),
+        "milp_time_s": round(solve_s, 4), "mip_rel_gap": options.mip_rel_gap, "chosen_candidate": best,
+        "milp_step_s": sol.step_s, "simulated_step_s": sim.step_s, "simulated_peak_device_bytes": sim.peak_device_bytes,
+        "candidates": [{"milp_step_s": f.step_s, "simulated_step_s": s.step_s, "summary": plan_of(f.choice).summary()}
+                       for f, s in zip(found, sims)],
+        "loads_s": sol.loads_s, "stall_s": sol.stall_s,
+    }
+    plan.validate(len(desc.blocks))
+    return plan
+
+
+def layer_peak_bytes(prices: OffloadPrices, sol: Solution) -> list[int]:
+    """Each layer's device bytes at the linear model's peak instant (the backward of
+    `sol.peak_layer`): state, saved activations of the layers before, held gradients of the
+    layers after, and the peak layer's recomputation and gradient in flight. With the model's
+    buffers and the weight buffer pool they add up to the predicted peak."""
+    st, p = prices.settings, sol.peak_layer
+    out = []
+    for l, (t, (r, s, c)) in enumerate(zip(prices.terms, sol.choice)):
+        n = t.device_state_bytes(s, c, st)
+        if l <= p:
+            n += t.saved_recompute_bytes if r else t.saved_keep_bytes
+        if not c and (l >= p or st.grad_accum > 1):
+            n += t.grad_bytes
+        if l == p:
+            n += r * t.recompute_bytes + t.grad_transient_bytes(s, c, st)
+        out.append(n)
+    return out
+
+
+def _names(prices: OffloadPrices, choice: Choice, k: int) -> list[str]:
+    return [t.name for t, ch in zip(prices.terms, choice) if ch[k]]
+
+
+def _listing(names: list[str]) -> str:
+    if len(names) <= 4:
+        return ", ".join(names)
+    return f"{len(names)} layers ({names[0]} ... {names[-1]})"
+
+
+def explain(prices: OffloadPrices, sol: Solution, sim: OffloadSimulation, device_budget_bytes: int | None,
+            host_budget_bytes: int | None, n_candidates: int) -> str:
+    """One paragraph: which constraint binds, what each kind of choice frees and costs, what
+    bounds the step, and the MILP's against the simulator's step time."""
+    st, terms, choice = prices.settings, prices.terms, sol.choice
+    parts = []
+    budget = f"of the {fmt_bytes(device_budget_bytes)} device budget" if device_budget_bytes else "(no device budget)"
+    binds = device_budget_bytes and sol.peak_device_bytes >= 0.98 * device_budget_bytes
+    parts.append(f"The device peak is {fmt_bytes(sol.peak_device_bytes)} {budget}, reached in the backward of "
+                 f"{terms[sol.peak_layer].name}; the budget {'binds' if binds else 'does not bind'}. Host memory "
+                 f"holds {fmt_bytes(sol.host_bytes)}" + (f" of {fmt_bytes(host_budget_bytes)}" if host_budget_bytes
+                                                          else "") + ".")
+    recompute, stream, cpu = (_names(prices, choice, k) for k in range(3))
+    if recompute:
+        freed = sum(t.saved_keep_bytes - t.saved_recompute_bytes for t, ch in zip(terms, choice) if ch[0])
+        cost_s = st.grad_accum * sum(t.recompute_s for t, ch in zip(terms, choice) if ch[0])
+        parts.append(f"Recomputing {_listing(recompute)} frees {fmt_bytes(freed)} of saved activations for "
+                     f"{cost_s * 1e3:.1f} ms of extra compute per step.")
+    if stream:
+        freed = sum(t.compute_bytes for t, ch in zip(terms, choice) if ch[1])
+        pool = st.weight_buffers * max(t.compute_bytes for t, ch in zip(terms, choice) if ch[1])
+        parts.append(f"Streaming the weights of {_listing(stream)} frees {fmt_bytes(freed - pool)} net of the "
+                     f"{fmt_bytes(pool)} buffer pool and moves {sol.loads_s['h2d']:.3f} s of host-to-device copies "
+                     f"per step.")
+    if cpu:
+        freed = sum(4 * t.flat_numel + t.adam_bytes + t.grad_bytes for t, ch in zip(terms, choice) if ch[2])
+        parts.append(f"Updating {_listing(cpu)} on the CPU frees {fmt_bytes(freed)} of fp32 masters, Adam state and "
+                     f"gradients for {sol.loads_s['cpu_optim']:.3f} s of CPU work per step, of which "
+                     f"{sol.stall_s:.3f} s cannot overlap the next forward.")
+    if not (recompute or stream or cpu):
+        parts.append("Everything stays on the device: plain training fits.")
+    bound = max(sol.loads_s, key=sol.loads_s.get)
+    loads = ", ".join(f"{k} {v:.3f} s" for k, v in sol.loads_s.items() if v)
+    parts.append(f"The step is bound by {bound} ({loads}); the MILP predicts {sol.step_s:.3f} s and the simulator "
+                 f"{sim.step_s:.3f} s for this plan, the fastest in simulation of {n_candidates} MILP candidates.")
+    return " ".join(parts)
+
+
+def _no_fit_message(cfg: Config, prices: OffloadPrices, device_budget_bytes: int | None,
+                    host_budget_bytes: int | None) -> str:
+    """Why no plan fits, with the smallest device budget (and the host RAM it needs) and, when
+    the device budget is enough, the smallest host RAM at that budget."""
+    least = OffloadModel(prices, None, None, objective="peak").solve(mip_rel_gap=1e-6)
+    min_device = _round_up(least.peak_device_bytes)
+    host_at_min = OffloadModel(prices, min_device, None, objective="host").solve(mip_rel_gap=1e-6)
+    what = (f"model {cfg.model.preset} (n_layer={cfg.model.n_layer}, d_model={cfg.model.d_model}) at "
+            f"micro_batch={cfg.train.micro_batch}, seq_len={cfg.train.seq_len}, dtype={cfg.train.dtype}")
+    msg = (f"no offload plan fits {what} in a device budget of "
+           f"{fmt_bytes(device_budget_bytes) if device_budget_bytes else 'no limit'} and a host budget of "
+           f"{fmt_bytes(host_budget_bytes) if host_budget_bytes else 'no limit'}: the smallest device budget any plan "
+           f"fits is {fmt_bytes(min_device)} ({min_device} bytes, with {fmt_bytes(_round_up(host_at_min.host_bytes))} "
+           f"of host RAM)")
+    if device_budget_bytes is None or device_budget_bytes >= min_device:
+        need = OffloadModel(prices, device_budget_bytes, None, objective="host").solve(mip_rel_gap=1e-6)
+        host = _round_up(need.host_bytes)
+        msg += (f", and with the device budget given, plans need at least {fmt_bytes(host)} ({host} bytes) of host "
+                f"RAM; raise --memory.host_budget")
+    else:
+        msg += "; raise --memory.device_budget"
+    return msg + ", or lower --train.micro_batch or --train.seq_len"
+
+
+def _round_up(n_bytes: float) -> int:
+    return int(math.ceil(n_bytes / MIB) * MIB)
+
+
+def budgets_from_config(cfg: Config) -> tuple[int | None, int]:
+    """(device budget, host budget) from memory.*: '' is the GPU's memory (no limit on CPU) and
+    HOST_BUDGET_FRACTION of this machine's RAM."""
+    from hetrain.hardware.probe import probe
+
+    device = parse_bytes("memory.device_budget", cfg.memory.device_budget)
+    host = parse_bytes("memory.host_budget", cfg.memory.host_budget)
+    if device is None or host is None:
+        machine = probe()
+        if device is None and cfg.run.device != "cpu" and machine.accelerators:
+            device = machine.accelerators[0].memory_bytes
+        if host is None:
+            host = int(HOST_BUDGET_FRACTION * machine.host_ram_bytes)
+    return device, host
+
+
+def run_offload_planning(cfg: Config, out_dir: str | os.PathLike, cost: CostModel | None = None) -> OffloadPlan:
+    """Plan for the budgets of `cfg.memory`, print the table, write `out_dir/plan.json`."""
+    device, host = budgets_from_config(cfg)
+    plan = plan_offload(cfg, device, host, cost)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    plan.save(out / "plan.json")
+    print(plan.table())
+    print(f"hetrain: plan written to {out / 'plan.json'} (planned in {plan.search['time_s']:.2f} s)")
+    return plan
