@@ -147,6 +147,7 @@ class Trainer:
             self.data.train.load_state_dict(meta.data_state)
             self.step = meta.step
         self.run_peak_bytes = 0
+        self._warned_mfu = False
         self.amp_dtype = torch.bfloat16 if cfg.train.dtype == "bf16" and self.engine is None else None
         self.accountant = (MemoryAccountant(self.model, self.optimizer)
                            if self.device.type == "cpu" and self.engine is None else None)
@@ -334,6 +335,11 @@ class Trainer:
                         record["predicted_peak_device_bytes"] = self.prediction.peak_device_bytes
                     logger.log(record)
                     bar.write(format_line(record))
+                    if record["mfu"] > 1 and not self._warned_mfu:
+                        self._warned_mfu = True
+                        bar.write(f"hetrain: MFU above 100% means the peak ({self.peak_source}) understates this "
+                                  f"device, e.g. measured while other work held the cores; declare it with "
+                                  f"--log.peak_flops")
                     window_s, window_steps = 0.0, 0
                     self._reset_peak()
                 if last or (t.ckpt_every and self.step % t.ckpt_every == 0):
