@@ -211,11 +211,14 @@ class Trainer:
         from hetrain.predict.step_graph import predict_step
 
         profile = load_profile(self.cfg.hardware.profile_dir) if not self.cfg.hardware.device_kind else None
-        try:
-            return predict_step(self.cfg, profile)
-        except ConfigError:  # the profile has no entry for this model
-            if not self.cfg.log.trace:
-                return None
+        guess_only = profile is None and not self.cfg.hardware.device_kind and self.device.type == "cpu"
+        if not guess_only:  # a profile, a named catalog kind, or this GPU's catalog figures
+            try:
+                return predict_step(self.cfg, profile)
+            except ConfigError:  # the profile has no entry for this model
+                pass
+        if not self.cfg.log.trace:
+            return None  # the catalog's CPU placeholder is no prediction worth printing
         profile, _, _ = run_profile(self.cfg)
         return predict_step(self.cfg, profile)
 
