@@ -208,7 +208,10 @@ class _Buffers:
         self.clock = 0
 
     def where(self, layer: int) -> int | None:
-        return next((i for i, o in enumerate(self.occupant) if o == layer), None)
+        for i, occupant in enumerate(self.occupant):
+            if occupant == layer:
+                return i
+        return None
 
     def victim(self, demand: bool) -> int | None:
         free = [i for i in range(len(self.occupant)) if self.holds[i] == 0 and (demand or not self.pending[i])]
@@ -248,6 +251,8 @@ class _Builder:
         self.buffers = _Buffers(settings.weight_buffers)
         self.fetched_by: dict[int, str] = {}
         self.landing: dict[int, str] = {}  # layer -> task after which its weights are current
+        # On a CPU device the worker thread shares the cores with the main thread.
+        self.worker = CPU_OPTIM if settings.async_copies else COMPUTE
         self.fetches = 0
         self.order = 0.0  # copy priority: issue order, so the h2d queue serves the next use first
         last = len(terms) - 1
@@ -256,11 +261,10 @@ class _Builder:
             self.reads[last].append(0)  # the head multiplies by the embedding matrix
         # The streamer's schedule: uses of streamed weights in forward, then backward in reverse
         # (the embedding's backward reads no weights).
-        self.uses = ([("fwd", l) for l in range(len(terms)) if self._streamed_reads(l)]
-                     + [("bwd", l) for l in range(last, 0, -1) if self._streamed_reads(l)])
-
-    def _streamed_reads(self, layer: int) -> list[int]:
-        return [l for l in self.reads[layer] if self.choice[l][1]]
+        self.streamed_reads = [[r for r in reads if choice[r][1]] for reads in self.reads]
+        self.uses = ([("fwd", l) for l in range(len(terms)) if self.streamed_reads[l]]
+                     + [("bwd", l) for l in range(last, 0, -1) if self.streamed_reads[l]])
+        self.use_index = {use: i for i, use in enumerate(self.uses)}
 
     def compute(self, name: str, duration_s: float, cat: str, deps=(), alloc: int = 0, free: int = 0,
                 layer: int | None = None) -> str:
@@ -295,7 +299,7 @@ class _Builder:
 
     def acquire(self, phase: str, layer: int, tag: str, wrap: bool) -> list[str]:
         """Demand fetches, holds, then the prefetch of the next uses; the fetch tasks to wait for."""
-        streamed = self._streamed_reads(layer)
+        streamed = self.streamed_reads[layer]
         for flat in streamed:
             i = self.buffers.where(flat)
             if i is None:
@@ -304,11 +308,11 @@ class _Builder:
             self.buffers.hold(i)
         waits = [self.fetched_by[flat] for flat in streamed]
         if streamed and self.settings.prefetch_depth:
-            pos = self.uses.index((phase, layer))
+            pos = self.use_index[(phase, layer)]
             for j in range(pos + 1, pos + 1 + self.settings.prefetch_depth):
                 if j >= len(self.uses) and not wrap:
                     break
-                ahead = self._streamed_reads(self.uses[j % len(self.uses)][1])
+                ahead = self.streamed_reads[self.uses[j % len(self.uses)][1]]
                 if not all(self._prefetch(flat, tag) for flat in ahead):
                     break
         return waits
@@ -324,7 +328,7 @@ class _Builder:
         return True
 
     def release(self, layer: int, by: str) -> None:
-        for flat in self._streamed_reads(layer):
+        for flat in self.streamed_reads[layer]:
             self.buffers.release(flat, by)
 
     # --- one step ----------------------------------------------------------------------------
@@ -385,7 +389,7 @@ class _Builder:
         if not self.settings.async_copies:
             return self.compute(f"{tag}.grad_to_host.{t.name}", t.host_accumulate_s, "d2h", layer=l)
         copy = self.copy(f"{tag}.grad_to_host.{t.name}", t.d2h_s, D2H, (bwd,), l)
-        self.tasks.append(Task(f"{tag}.accumulate.{t.name}", CPU_OPTIM, t.host_accumulate_s, (copy,),
+        self.tasks.append(Task(f"{tag}.accumulate.{t.name}", self.worker, t.host_accumulate_s, (copy,),
                                priority=2 * l, cat="accumulate", args={"layer": t.name}))
         return f"{tag}.accumulate.{t.name}"
 
@@ -394,7 +398,7 @@ class _Builder:
         t, s = self.terms[l], self.choice[l][1]
         sync_upload = 0.0 if s or self.settings.async_copies else t.h2d_s
         name = f"s{k}.update.{t.name}"
-        self.tasks.append(Task(name, CPU_OPTIM, t.optim_host_s + sync_upload, deps, priority=2 * l + 1,
+        self.tasks.append(Task(name, self.worker, t.optim_host_s + sync_upload, deps, priority=2 * l + 1,
                                cat="optim", args={"layer": t.name}))
         self.landing[l] = name
         if not s and self.settings.async_copies:

@@ -76,6 +76,7 @@ class OffloadModel:
         self.integer: list[int] = []
         self.defs: list[tuple[int, str, list[_Expr]]] = []
         self.cuts: list[Choice] = []
+        self._defs_compiled: list = []
         terms, n_layers = prices.terms, len(prices.terms)
         self.byte_unit = float(max(self._resident_bytes(), 1))
         self.time_unit = max(sum(t.fwd_s + t.bwd_s for t in terms) * prices.settings.grad_accum, 1e-12)
@@ -161,7 +162,31 @@ class OffloadModel:
         self.host = self._define("host", "eq", [host], ub=host_ub)
 
     # --- time --------------------------------------------------------------------------------
+    def _cumulative(self, name: str, per_layer: list[_Expr]) -> list[int]:
+        """Variables holding the running sums of `per_layer` (in layer order)."""
+        out, prev = [], None
+        for l, e in enumerate(per_layer):
+            if prev is not None:
+                e.add(prev, 1)
+            prev = self._define(f"{name}{l}", "eq", [e], lb=-INF)
+            out.append(prev)
+        return out
+
+    def _running_max(self, name: str, per_layer: list[_Expr]) -> list[int]:
+        """Variables holding max(expr_0 .. expr_l) for each layer l."""
+        out, prev = [], None
+        for l, e in enumerate(per_layer):
+            exprs = [e] + ([_Expr().add(prev, 1)] if prev is not None else [])
+            prev = self._define(f"{name}{l}", "max", exprs, lb=-INF)
+            out.append(prev)
+        return out
+
     def _time(self) -> None:
+        """The step as the main thread sees it, counted from the end of the previous step's
+        backward: the wait for the global norm, the norm and the device update, the first
+        micro-batch's forward (each layer waits for its CPU update to land and for its weight
+        fetch), the backward (each layer waits for its fetch), further micro-batches; plus the
+        loads of the copy engines and the CPU worker, which bound the step from below too."""
         p, st, U = self.prices, self.prices.settings, self.time_unit
         terms, L, n = p.terms, len(p.terms), st.grad_accum
         s, c, z, r = self.s, self.c, self.z, self.r
@@ -169,88 +194,182 @@ class OffloadModel:
         for l, t in enumerate(terms):
             device_optim.add(c[l], -t.optim_device_s / U)
         self.device_optim = self._define("device_optim", "eq", [device_optim])
-        # Cumulative CPU update work in priority order (lowest layer first), and the latest any
-        # of layers 0..l can finish relative to the moment the updates may start.
-        updates, prev, latest = [], None, None
-        bwd_before_s = 0.0
-        for l, t in enumerate(terms):
-            e = _Expr().add(c[l], t.optim_host_s / U)
-            if not st.async_copies:  # the worker uploads a resident copy itself
-                e.add(c[l], t.h2d_s / U).add(z[l], -t.h2d_s / U)
-            if prev is not None:
-                e.add(prev, 1)
-            prev = self._define(f"cpu_done{l}", "eq", [e])
-            # Without clipping, layer l's update may start once the backward of layers < l remains.
-            head_start = 0.0 if st.clip else (bwd_before_s + p.norm_s)
-            exprs = [_Expr(-head_start / U).add(prev, 1)] + ([_Expr().add(latest, 1)] if latest is not None else [])
-            latest = self._define(f"cpu_latest{l}", "max", exprs, lb=-INF)
-            updates.append(latest)
-            bwd_before_s += t.bwd_s
-        stall_exprs = []
-        fwd_before_s = 0.0
-        for l, t in enumerate(terms):
-            e = _Expr(-fwd_before_s / U if st.overlap else 0.0).add(updates[l], 1).add(self.device_optim, -1)
-            if st.async_copies:
-                e.add(c[l], t.h2d_s / U)  # the upload (or fetch) of its updated weights
-            stall_exprs.append(e)
-            fwd_before_s += t.fwd_s
-        self.stall = self._define("stall", "max", stall_exprs)
-
-        compute = _Expr((n * sum(t.fwd_s + t.bwd_s for t in terms) + p.norm_s) / U)
-        compute.add(self.device_optim, 1).add(self.stall, 1)
+        # Layer l's last gradient lands bwd_before[l] before the backward ends: the backward
+        # (and recomputation) of the layers below it is still to run.
+        below = [_Expr()] + [_Expr(t.bwd_s / U).add(r[l], t.recompute_s / U) for l, t in enumerate(terms[:-1])]
+        bwd_before = self._cumulative("bwd_before", below)
+        # The CPU worker serves the lowest layer first: layers 0..l are done no earlier than any
+        # layer k <= l is released plus the work of layers 0..k (all released at or after it).
+        update_work = [_Expr().add(c[l], t.optim_host_s / U) for l, t in enumerate(terms)]
+        if not st.async_copies:  # the worker uploads a resident copy itself
+            for l, t in enumerate(terms):
+                update_work[l].add(c[l], t.h2d_s / U).add(z[l], -t.h2d_s / U)
+        updates = self._cumulative("cpu_update", update_work)
+        start = _Expr((p.norm_s) / U).add(self.device_optim, 1)  # when the next forward may start
+        land = _Expr(p.norm_s / U)  # when the clipped CPU updates start
+        accums = None
+        if st.async_copies:
+            # The global norm needs every host accumulation of the last micro-batch; those of the
+            # layers the backward reaches last run past its end.
+            accums = self._cumulative("cpu_accumulate", [_Expr().add(c[l], t.host_accumulate_s / U)
+                                                         for l, t in enumerate(terms)])
+            self.norm_wait = self._define("norm_wait", "max", [
+                _Expr().add(bwd_before[l], -1).add(accums[l], 1).add(c[l], t.d2h_s / U) for l, t in enumerate(terms)])
+            start.add(self.norm_wait, 1)
+            land.add(self.norm_wait, 1)
+        if st.clip:
+            latest = self._running_max("cpu_latest", [_Expr(land.const, dict(land.coefs)).add(u, 1) for u in updates])
+        else:  # each update may start once its gradient is in, during the backward
+            work = [_Expr().add(bwd_before[l], -1).add(updates[l], 1) for l in range(L)]
+            for l in range(L):
+                if accums is not None:
+                    work[l].add(accums[l], 1)
+            latest = self._running_max("cpu_latest", work)
+        landed = [_Expr().add(latest[l], 1).add(c[l], t.h2d_s / U if st.async_copies else 0.0)
+                  for l, t in enumerate(terms)]
+        if not st.overlap:  # the step returns once every update has landed
+            start = _Expr(start.const, dict(start.coefs))
+            first = self._define("all_landed", "max", [start, *landed])
+            start, landed = _Expr().add(first, 1), []
+        forward_end = self._forward("fwd", start, landed)
+        backward = self._backward()
+        compute = _Expr().add(forward_end, 1).add(backward, n)
+        if n > 1:
+            compute.add(self._forward("fwd_next", _Expr(), []), n - 1)
+        # What the main thread does, without its waits: compute below, plus copies without streams.
+        work = _Expr((p.norm_s + n * sum(t.fwd_s + t.bwd_s for t in terms)) / U).add(self.device_optim, 1)
         h2d, d2h, cpu = _Expr(), _Expr(), _Expr()
         for l, t in enumerate(terms):
-            compute.add(r[l], n * t.recompute_s / U)
+            work.add(r[l], n * t.recompute_s / U)
             if n > 1:
-                compute.const += (n - 1) * t.device_accumulate_s / U
-                compute.add(c[l], -(n - 1) * t.device_accumulate_s / U)
+                for e in (compute, work):
+                    e.const += (n - 1) * t.device_accumulate_s / U
+                    e.add(c[l], -(n - 1) * t.device_accumulate_s / U)
             cpu.add(c[l], t.optim_host_s / U)
             if st.async_copies:
-                compute.add(s[l], n * self._fetch_stall_s(l) / U)
                 h2d.add(s[l], n * t.fetches_per_microbatch * t.h2d_s / U).add(c[l], t.h2d_s / U).add(z[l], -t.h2d_s / U)
                 d2h.add(c[l], n * t.d2h_s / U).add(s[l], t.d2h_s / U).add(z[l], -t.d2h_s / U)
                 cpu.add(c[l], n * t.host_accumulate_s / U)
-            else:  # copies run on the thread that asks: fetches, gradient offload, refresh on the main one
-                compute.add(s[l], n * t.fetches_per_microbatch * t.h2d_s / U)
-                compute.add(c[l], n * t.host_accumulate_s / U)
+            else:  # fetches, gradient offload and the host store's refresh run on the main thread
                 compute.add(s[l], t.d2h_s / U).add(z[l], -t.d2h_s / U)
+                work.add(s[l], t.d2h_s / U).add(z[l], -t.d2h_s / U)
+                work.add(c[l], n * t.host_accumulate_s / U)
+                for v, coef in self._fetch_s(l).coefs.items():
+                    compute.add(v, n * coef)
+                    work.add(v, n * coef)
+                if 0 < l < len(terms) - 1:
+                    work.add(s[l], n * t.h2d_s / U)  # the backward's fetch
                 cpu.add(c[l], t.h2d_s / U).add(z[l], -t.h2d_s / U)
-        if st.async_copies:  # the first streamed use of a step is fetched on demand
-            big = max(p.terms, key=lambda t: t.compute_bytes)
-            compute.add(self.m, self.byte_unit * big.h2d_s / big.compute_bytes / U)
-        self.loads = {name: self._define(f"load_{name}", "eq", [e])
-                      for name, e in (("compute", compute), ("h2d", h2d), ("d2h", d2h), ("cpu_optim", cpu))}
+        loads = [("compute", compute), ("h2d", h2d), ("d2h", d2h), ("cpu_optim", cpu)]
+        if not st.async_copies:
+            # On a CPU device the worker and the main thread share the cores: their work adds up.
+            cores = _Expr(work.const + cpu.const, dict(work.coefs))
+            for v, coef in cpu.coefs.items():
+                cores.add(v, coef)
+            loads = [("compute", compute), ("cpu_optim", cpu), ("cores", cores)]
+        self.loads = {name: self._define(f"load_{name}", "eq", [e]) for name, e in loads}
         self.step = self._define("step", "max", [_Expr().add(v, 1) for v in self.loads.values()])
+        wait = _Expr(-work.const, {v: -coef for v, coef in work.coefs.items()}).add(self.loads["compute"], 1)
+        self.stall = self._define("waits", "eq", [wait], lb=-INF)
 
-    def _fetch_stall_s(self, l: int) -> float:
-        """Per micro-batch, what a streamed layer's fetches can add to the compute chain: each
-        fetch is issued as the previous layer starts computing (prefetch depth 1), so at most
-        the part of the copy longer than that layer's compute shows."""
-        terms, last = self.prices.terms, len(self.prices.terms) - 1
-        t = terms[l]
-        if l == 0:
-            stall = t.h2d_s + (max(0.0, t.h2d_s - terms[last - 1].fwd_s) if self.prices.settings.tied_embeddings else 0)
-        elif l == last:
-            stall = max(0.0, t.h2d_s - terms[l - 1].fwd_s)
-        else:
-            stall = max(0.0, t.h2d_s - terms[l - 1].fwd_s) + max(0.0, t.h2d_s - terms[l + 1].bwd_s)
-        return stall
+    def _fetch_s(self, l: int) -> _Expr:
+        """Host-to-device time of what layer l reads from host memory (its own weights, and the
+        embedding matrix for a tied head)."""
+        terms, U = self.prices.terms, self.time_unit
+        e = _Expr().add(self.s[l], terms[l].h2d_s / U)
+        if self.prices.settings.tied_embeddings and l == len(terms) - 1:
+            e.add(self.s[0], terms[0].h2d_s / U)
+        return e
+
+    def _forward(self, name: str, start: _Expr, landed: list[_Expr]) -> int:
+        """The time a forward ends, the later of two chains from `start`. Landing: layer l runs
+        after layer l-1 and after its CPU update has landed (`landed[l]`, first micro-batch
+        only). Fetching: layer l runs after layer l-1 and after its weights are fetched, a copy
+        issued as layer l-1 starts (prefetch depth 1). Taking the later of the two, rather than
+        one chain with both waits, misses a fetch wait that follows an update wait; in exchange
+        interior blocks stay interchangeable (see `_break_symmetry`), which is what makes large
+        models solve fast. On a CPU device fetches run on the main thread and are added to the
+        step outside the chains."""
+        terms, U = self.prices.terms, self.time_unit
+        ends = []
+        chains = [("land", landed)] + ([("fetch", None)] if self.prices.settings.async_copies else [])
+        for chain, waits in chains:
+            prev = None
+            for l, t in enumerate(terms):
+                if prev is None:
+                    exprs = [_Expr(start.const, dict(start.coefs))]
+                    if chain == "fetch":
+                        for v, coef in self._fetch_s(l).coefs.items():
+                            exprs[0].add(v, coef)
+                else:
+                    exprs = [_Expr(terms[l - 1].fwd_s / U).add(prev, 1)]
+                    if chain == "fetch":
+                        exprs.append(self._fetch_s(l).add(prev, 1))
+                if waits:
+                    exprs.append(waits[l])
+                prev = self._define(f"{name}_{chain}{l}", "max", exprs, lb=-INF)
+            ends.append(_Expr(terms[-1].fwd_s / U).add(prev, 1))
+        return self._define(f"{name}_end", "max", ends, lb=-INF)
+
+    def _backward(self) -> int:
+        """A backward's duration, head first: layer l's backward starts once layer l+1 has
+        recomputed (when it does) and run its backward, or once layer l's weights are fetched,
+        whichever is later; the fetch is issued as layer l+1's backward starts, and the model
+        counts it against layer l+1's backward alone, not its recomputation (conservative, and it
+        keeps interior blocks interchangeable, see `_break_symmetry`). On a CPU device copies and
+        the host gradient work run on the main thread and add up. The head's weights are still
+        in their buffer from its forward; the embedding's backward reads none."""
+        p, U, sync = self.prices, self.time_unit, not self.prices.settings.async_copies
+        terms, last = p.terms, len(p.terms) - 1
+        prev = self._define(f"bwd_start{last}", "max", [_Expr()], lb=-INF)
+        for l in range(last - 1, -1, -1):
+            k = l + 1
+            done = _Expr().add(prev, 1).add(self.r[k], terms[k].recompute_s / U)
+            run = _Expr(done.const + terms[k].bwd_s / U, dict(done.coefs))
+            fetch = _Expr(done.const, dict(done.coefs)).add(self.s[l], terms[l].h2d_s / U) if l > 0 else None
+            if sync:
+                run.add(self.c[k], terms[k].host_accumulate_s / U)
+                if fetch is not None:
+                    run.add(self.s[l], terms[l].h2d_s / U)
+                fetch = None
+            prev = self._define(f"bwd_start{l}", "max", [run] + ([fetch] if fetch is not None else []), lb=-INF)
+        end = _Expr(terms[0].bwd_s / U).add(prev, 1)
+        if sync:
+            end.add(self.c[0], terms[0].host_accumulate_s / U)
+        return self._define("bwd_end", "eq", [end])
 
     def _break_symmetry(self) -> None:
-        """Order the interior blocks (all but the first and last, whose neighbours differ), which
-        the model prices identically except for their position. Exchanging the (s, c) pairs of
-        interior blocks i < j with c_i = 1, c_j = 0 is never worse: the CPU work due before
-        each forward shrinks, a device-optimised gradient is held over fewer backward positions,
-        and everything else is the same (docs/offload.md gives the argument). So some optimum
-        updates a suffix of the interior blocks on the CPU: c_i <= c_(i+1). Within one optimizer
-        placement the streamed blocks come first, s_(i+1) <= s_i; in fp32 only among CPU-updated
-        blocks, since a streamed device-optimised fp32 block holds a gradient copy that a
-        resident one does not, at its own backward position."""
+        """Order the interior blocks (all but the first and last, whose neighbours differ),
+        which the model prices identically except for their position. Two exchanges between
+        interior blocks i < j are never worse (docs/offload.md gives the argument): moving the
+        pair (weights, optimizer) of a CPU-updated block i and a device-updated block j past
+        each other, so the CPU update moves from i to j (the CPU work due before each forward
+        layer only shrinks, a device gradient is held over fewer backward positions); and, among
+        blocks with the same optimizer placement, moving streaming from j to i (in fp32 only
+        among CPU-updated blocks: a streamed device-updated fp32 block holds a gradient copy at
+        its own backward position that a resident one does not). So some optimum updates a
+        suffix of the interior blocks on the CPU, c_i <= c_(i+1), and within each optimizer
+        placement streams first, s_(i+1) <= s_i + (c_(i+1) - c_i) (fp32: + (1 - c_i)).
+        Third, recomputation moves from block i+1 to block i: position i+1 of the backward
+        then holds A (a block's saved activations) less, position i holds the boundary B more
+        and is then at most position i+1's old value when A covers the difference of the
+        gradient and gradient copy held at i and at i+1; it always does among CPU-updated
+        blocks, and for all blocks when A >= G + (4F in fp32), G the device gradient held per
+        block with one micro-batch. So recomputation is a prefix: r_(i+1) <= r_i (+ 1 - c_i)."""
+        st = self.prices.settings
+        fp32 = st.fp32
         interior = [l for l, t in enumerate(self.prices.terms) if t.is_block][1:-1]
         for i, j in zip(interior, interior[1:]):
+            t = self.prices.terms[i]
+            held_diff = (t.grad_bytes if st.grad_accum == 1 else 0) + (t.compute_bytes if fp32 else 0)
+            e = _Expr().add(self.r[i], 1).add(self.r[j], -1)
+            if t.saved_keep_bytes < held_diff:
+                e.const += 1
+                e.add(self.c[i], -1)
+            self.orderings.append(e)
             self.orderings.append(_Expr().add(self.c[j], 1).add(self.c[i], -1))
             e = _Expr().add(self.s[i], 1).add(self.s[j], -1)
-            if self.prices.settings.fp32:
+            if fp32:
                 e.const += 1
                 e.add(self.c[i], -1)
             else:
@@ -275,9 +394,8 @@ class OffloadModel:
         picks = np.array(choices, dtype=float).reshape(len(choices), -1, 3)
         for k, group in enumerate((self.r, self.s, self.c)):
             x[:, group] = picks[:, :, k]
-        for var, kind, exprs in self.defs:
-            vals = [e.const + x[:, list(e.coefs)] @ np.fromiter(e.coefs.values(), float) if e.coefs
-                    else np.full(len(choices), e.const) for e in exprs]
+        for var, kind, parts in self._compiled():
+            vals = [const + x[:, idx] @ coefs for const, idx, coefs in parts]
             if kind == "eq":
                 x[:, var] = vals[0]
             elif kind == "max":
@@ -285,6 +403,13 @@ class OffloadModel:
             else:
                 x[:, var] = np.minimum.reduce([np.full(len(choices), self.ub[var]), *vals])
         return x
+
+    def _compiled(self) -> list[tuple[int, str, list[tuple[float, np.ndarray, np.ndarray]]]]:
+        if len(self._defs_compiled) != len(self.defs):
+            self._defs_compiled = [(var, kind, [(e.const, np.fromiter(e.coefs, int, len(e.coefs)),
+                                                 np.fromiter(e.coefs.values(), float, len(e.coefs))) for e in exprs])
+                                   for var, kind, exprs in self.defs]
+        return self._defs_compiled
 
     def feasible(self, x: np.ndarray, rel_tol: float = 1e-9) -> np.ndarray:
         """Which rows of `values()` fit both budgets."""
@@ -295,14 +420,26 @@ class OffloadModel:
         return obj.const + x[:, list(obj.coefs)] @ np.fromiter(obj.coefs.values(), float)
 
     def evaluate(self, choice: Choice, solve_s: float = 0.0) -> Solution:
-        x = self.values([choice])
-        pos = [e.const + sum(coef * x[0, v] for v, coef in e.coefs.items()) for e in self.positions]
-        row = x[0]
-        return Solution(choice=choice, objective=float(self.objective_values(x)[0]),
-                        step_s=row[self.step] * self.time_unit, peak_device_bytes=row[self.peak] * self.byte_unit,
-                        host_bytes=row[self.host] * self.byte_unit,
-                        loads_s={k: float(row[v]) * self.time_unit for k, v in self.loads.items()},
-                        stall_s=row[self.stall] * self.time_unit, peak_layer=int(np.argmax(pos)), solve_s=solve_s)
+        """`choice` and its figures under the model (the closed form of `values`, for one row)."""
+        x = [0.0] * len(self.names)
+        for l, (r, s, c) in enumerate(choice):
+            x[self.r[l]], x[self.s[l]], x[self.c[l]] = float(r), float(s), float(c)
+        for var, kind, exprs in self.defs:
+            vals = [e.const + sum(coef * x[v] for v, coef in e.coefs.items()) for e in exprs]
+            if kind == "eq":
+                x[var] = vals[0]
+            elif kind == "max":
+                x[var] = max(self.lb[var], *vals)
+            else:
+                x[var] = min(self.ub[var], *vals)
+        pos = [e.const + sum(coef * x[v] for v, coef in e.coefs.items()) for e in self.positions]
+        objective = self.objective()
+        return Solution(choice=choice,
+                        objective=objective.const + sum(coef * x[v] for v, coef in objective.coefs.items()),
+                        step_s=x[self.step] * self.time_unit, peak_device_bytes=x[self.peak] * self.byte_unit,
+                        host_bytes=x[self.host] * self.byte_unit,
+                        loads_s={k: x[v] * self.time_unit for k, v in self.loads.items()},
+                        stall_s=x[self.stall] * self.time_unit, peak_layer=int(np.argmax(pos)), solve_s=solve_s)
 
     def _matrix(self) -> tuple[coo_array, np.ndarray, np.ndarray]:
         rows, cols, vals, lo, hi = [], [], [], [], []
@@ -356,18 +493,53 @@ class OffloadModel:
                        for l in range(len(self.prices.terms)))
         return self.evaluate(choice, solve_s)
 
+    def polish(self, sol: Solution) -> Solution:
+        """Single-decision descent in closed form: undo or make one choice at a time while that
+        lowers the objective and fits. The solver stops within its gap of the optimum; this
+        removes what the gap lets through, such as a stream or a recomputation that buys
+        nothing."""
+        current, value = sol.choice, sol.objective
+        while True:
+            flips = []
+            for l, triple in enumerate(current):
+                for k in range(3):
+                    if k == 0 and self.ub[self.r[l]] == 0 or self.ub[(self.r, self.s, self.c)[k][l]] == 0:
+                        continue
+                    new = list(triple)
+                    new[k] = 1 - new[k]
+                    flips.append(current[:l] + (tuple(new),) + current[l + 1:])
+            if not flips:
+                break
+            x = self.values(flips)
+            scores = np.where(self.feasible(x), self.objective_values(x), np.inf)
+            best = int(np.argmin(scores))
+            if not scores[best] < value - 1e-12 * max(1.0, abs(value)):
+                break
+            current, value = flips[best], float(scores[best])
+        return sol if current == sol.choice else self.evaluate(current, sol.solve_s)
+
     def best(self, k: int, time_limit_s: float = 30.0, mip_rel_gap: float = 1e-6) -> list[Solution]:
         """Up to `k` best assignments in the MILP's order, each with other weight or optimizer
-        placements than the ones before (a no-good cut over s and c; recomputation is then
-        chosen afresh: assignments that differ only in which blocks recompute have the same
-        time in the model and in the simulator). Assignments the closed form finds over a
-        budget (solver round-off) are cut and skipped."""
+        placements than the ones before: a no-good cut over s and c. Recomputation is left out
+        of the cut: for given placements the MILP already picks it, and the simulator prices it
+        as the model does (compute on the main thread), so variants in recomputation alone
+        would tell little. Assignments the closed form finds over a budget (solver round-off)
+        are cut and skipped."""
         found: list[Solution] = []
-        while len(found) < k:
+        for _ in range(2 * k):
+            if len(found) == k:
+                break
             sol = self.solve(time_limit_s, mip_rel_gap)
             if sol is None:
                 break
             self.cuts.append(sol.choice)
-            if self.feasible(self.values([sol.choice]))[0]:
+            if not found:  # the best one is what the planner will most likely use
+                sol = self.polish(sol)
+                self.cuts.append(sol.choice)
+            if any(f.choice == sol.choice for f in found):
+                continue
+            fits = (sol.peak_device_bytes <= self.ub[self.peak] * self.byte_unit * (1 + 1e-9)
+                    and sol.host_bytes <= self.ub[self.host] * self.byte_unit * (1 + 1e-9))
+            if fits:
                 found.append(sol)
         return found

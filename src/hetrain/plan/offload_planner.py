@@ -29,7 +29,7 @@ from hetrain.plan.offload_plan import OffloadPlan
 from hetrain.predict.cost import CostModel, ProfileCost, RooflineCost, compute_dtype_bytes, cost_model, describe_for
 from hetrain.train.metrics import fmt_bytes
 
-MIB = 2**20
+KIB = 2**10
 HOST_BUDGET_FRACTION = 0.8
 """Default host budget: this share of the machine's RAM (config: memory.host_budget)."""
 
@@ -38,9 +38,9 @@ HOST_BUDGET_FRACTION = 0.8
 class PlannerOptions:
     """Search settings of the offload planner."""
 
-    candidates: int = 5
+    candidates: int = 3
     """MILP solutions checked in the simulator (the best, then the next ones by no-good cuts)."""
-    mip_rel_gap: float = 1e-4
+    mip_rel_gap: float = 5e-3
     """HiGHS stops once its solution is proven within this fraction of the linear model's
     optimum; well below the linear model's own error against the simulator."""
     time_limit_s: float = 10.0
@@ -113,7 +113,8 @@ def plan_offload(cfg: Config, device_budget_bytes: int | None, host_budget_bytes
     plan.predicted_step_s = sim.step_s
     plan.predicted_peak_device_bytes = math.ceil(sol.peak_device_bytes)
     plan.predicted_host_bytes = math.ceil(sol.host_bytes)
-    plan.note = explain(prices, sol, sim, device_budget_bytes, host_budget_bytes, len(found))
+    resident = model.evaluate(((0, 0, 0),) * len(prices.terms))
+    plan.note = explain(prices, sol, sim, resident, Budgets(device_budget_bytes, host_budget_bytes), len(found))
     plan.search = {
         "solver": "HiGHS (scipy.optimize.milp)", "cost_source": cost.source, "time_s": round(time.perf_counter() - start, 4),
         "milp_time_s": round(solve_s, 4), "mip_rel_gap": options.mip_rel_gap, "chosen_candidate": best,
@@ -155,41 +156,66 @@ def _listing(names: list[str]) -> str:
     return f"{len(names)} layers ({names[0]} ... {names[-1]})"
 
 
-def explain(prices: OffloadPrices, sol: Solution, sim: OffloadSimulation, device_budget_bytes: int | None,
-            host_budget_bytes: int | None, n_candidates: int) -> str:
-    """One paragraph: which constraint binds, what each kind of choice frees and costs, what
-    bounds the step, and the MILP's against the simulator's step time."""
+def fmt_s(seconds: float) -> str:
+    return f"{seconds:.3f} s" if seconds >= 1 else f"{seconds * 1e3:.1f} ms"
+
+
+LOAD_NAMES = {"compute": "the device's main thread", "h2d": "host-to-device copies",
+              "d2h": "device-to-host copies", "cpu_optim": "the CPU optimizer",
+              "cores": "the host cores (main thread and CPU optimizer share them)"}
+
+
+@dataclass(frozen=True)
+class Budgets:
+    device_bytes: int | None
+    host_bytes: int | None
+
+
+def explain(prices: OffloadPrices, sol: Solution, sim: OffloadSimulation, resident: Solution, budgets: Budgets,
+            n_candidates: int) -> str:
+    """One paragraph: what plain training would need, which constraint binds, what each kind of
+    choice frees and costs, what bounds the step, and the MILP's and the simulator's step time."""
     st, terms, choice = prices.settings, prices.terms, sol.choice
-    parts = []
-    budget = f"of the {fmt_bytes(device_budget_bytes)} device budget" if device_budget_bytes else "(no device budget)"
-    binds = device_budget_bytes and sol.peak_device_bytes >= 0.98 * device_budget_bytes
-    parts.append(f"The device peak is {fmt_bytes(sol.peak_device_bytes)} {budget}, reached in the backward of "
-                 f"{terms[sol.peak_layer].name}; the budget {'binds' if binds else 'does not bind'}. Host memory "
-                 f"holds {fmt_bytes(sol.host_bytes)}" + (f" of {fmt_bytes(host_budget_bytes)}" if host_budget_bytes
-                                                          else "") + ".")
+    device, host = budgets.device_bytes, budgets.host_bytes
+    parts = [f"Plain training would hold {fmt_bytes(resident.peak_device_bytes)} on the device at its peak "
+             f"(step {fmt_s(resident.step_s)} in the model)" + (
+                 f", over the {fmt_bytes(device)} budget." if device and resident.peak_device_bytes > device
+                 else (f", within the {fmt_bytes(device)} budget." if device else "; there is no device budget."))]
+    where = f"in the backward of {terms[sol.peak_layer].name}"
+    if device:
+        binds = sol.peak_device_bytes >= 0.98 * device
+        parts.append(f"This plan peaks at {fmt_bytes(sol.peak_device_bytes)} {where} "
+                     f"({sol.peak_device_bytes / device:.0%} of the budget{', which binds' if binds else ''}).")
+    else:
+        parts.append(f"This plan peaks at {fmt_bytes(sol.peak_device_bytes)} {where}.")
+    host_note = f"Host memory holds {fmt_bytes(sol.host_bytes)}"
+    if host:
+        host_note += f" of the {fmt_bytes(host)} host budget" + (", which binds" if sol.host_bytes >= 0.98 * host else "")
+    parts.append(host_note + ".")
     recompute, stream, cpu = (_names(prices, choice, k) for k in range(3))
     if recompute:
         freed = sum(t.saved_keep_bytes - t.saved_recompute_bytes for t, ch in zip(terms, choice) if ch[0])
         cost_s = st.grad_accum * sum(t.recompute_s for t, ch in zip(terms, choice) if ch[0])
         parts.append(f"Recomputing {_listing(recompute)} frees {fmt_bytes(freed)} of saved activations for "
-                     f"{cost_s * 1e3:.1f} ms of extra compute per step.")
+                     f"{fmt_s(cost_s)} of extra compute per step.")
     if stream:
         freed = sum(t.compute_bytes for t, ch in zip(terms, choice) if ch[1])
         pool = st.weight_buffers * max(t.compute_bytes for t, ch in zip(terms, choice) if ch[1])
+        copies_s = st.grad_accum * sum(t.fetches_per_microbatch * t.h2d_s for t, ch in zip(terms, choice) if ch[1])
         parts.append(f"Streaming the weights of {_listing(stream)} frees {fmt_bytes(freed - pool)} net of the "
-                     f"{fmt_bytes(pool)} buffer pool and moves {sol.loads_s['h2d']:.3f} s of host-to-device copies "
-                     f"per step.")
+                     f"{fmt_bytes(pool)} buffer pool for {fmt_s(copies_s)} of host-to-device copies per step.")
     if cpu:
         freed = sum(4 * t.flat_numel + t.adam_bytes + t.grad_bytes for t, ch in zip(terms, choice) if ch[2])
-        parts.append(f"Updating {_listing(cpu)} on the CPU frees {fmt_bytes(freed)} of fp32 masters, Adam state and "
-                     f"gradients for {sol.loads_s['cpu_optim']:.3f} s of CPU work per step, of which "
-                     f"{sol.stall_s:.3f} s cannot overlap the next forward.")
+        parts.append(f"Updating {_listing(cpu)} on the CPU frees {fmt_bytes(freed)} of fp32 masters, Adam state "
+                     f"and gradients for {fmt_s(sol.loads_s['cpu_optim'])} of CPU work per step.")
     if not (recompute or stream or cpu):
-        parts.append("Everything stays on the device: plain training fits.")
+        parts.append("Everything stays on the device.")
     bound = max(sol.loads_s, key=sol.loads_s.get)
-    loads = ", ".join(f"{k} {v:.3f} s" for k, v in sol.loads_s.items() if v)
-    parts.append(f"The step is bound by {bound} ({loads}); the MILP predicts {sol.step_s:.3f} s and the simulator "
-                 f"{sim.step_s:.3f} s for this plan, the fastest in simulation of {n_candidates} MILP candidates.")
+    loads = ", ".join(f"{LOAD_NAMES[k]} {fmt_s(v)}" for k, v in sol.loads_s.items() if v > 0)
+    parts.append(f"The step is bound by {LOAD_NAMES[bound]} ({loads})" + (
+        f"; the main thread waits {fmt_s(sol.stall_s)} of it for CPU updates, the global norm or weight fetches"
+        if sol.stall_s > 1e-3 * sol.step_s else "") + f". The MILP predicts {fmt_s(sol.step_s)} and the simulator "
+                 f"{fmt_s(sim.step_s)} for this plan, the fastest in simulation of {n_candidates} MILP candidates.")
     return " ".join(parts)
 
 
@@ -218,7 +244,7 @@ def _no_fit_message(cfg: Config, prices: OffloadPrices, device_budget_bytes: int
 
 
 def _round_up(n_bytes: float) -> int:
-    return int(math.ceil(n_bytes / MIB) * MIB)
+    return int(math.ceil(n_bytes / KIB) * KIB)
 
 
 def budgets_from_config(cfg: Config) -> tuple[int | None, int]:
