@@ -518,18 +518,21 @@ class OffloadModel:
             current, value = flips[best], float(scores[best])
         return sol if current == sol.choice else self.evaluate(current, sol.solve_s)
 
-    def best(self, k: int, time_limit_s: float = 30.0, mip_rel_gap: float = 1e-6) -> list[Solution]:
+    def best(self, k: int, time_limit_s: float = 30.0, mip_rel_gap: float = 1e-6,
+             later_gap: float | None = None) -> list[Solution]:
         """Up to `k` best assignments in the MILP's order, each with other weight or optimizer
         placements than the ones before: a no-good cut over s and c. Recomputation is left out
         of the cut: for given placements the MILP already picks it, and the simulator prices it
         as the model does (compute on the main thread), so variants in recomputation alone
-        would tell little. Assignments the closed form finds over a budget (solver round-off)
-        are cut and skipped."""
+        would tell little. The first is solved to `mip_rel_gap` and polished, the others (for
+        the simulator to compare) to `later_gap` (default: the same). Assignments the closed
+        form finds over a budget (solver round-off) are cut and skipped."""
         found: list[Solution] = []
         for _ in range(2 * k):
             if len(found) == k:
                 break
-            sol = self.solve(time_limit_s, mip_rel_gap)
+            gap = mip_rel_gap if not found or later_gap is None else later_gap
+            sol = self.solve(time_limit_s, gap)
             if sol is None:
                 break
             self.cuts.append(sol.choice)
