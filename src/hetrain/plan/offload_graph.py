@@ -401,8 +401,7 @@ class _Builder:
         self.tasks.append(Task(name, self.worker, t.optim_host_s + sync_upload, deps, priority=2 * l + 1,
                                cat="optim", args={"layer": t.name}))
         self.landing[l] = name
-        if not s and self.settings.async_copies:
-            self.order += 1
+        if not s and self.settings.async_copies:  # uploads go first on the copy stream
             self.landing[l] = f"s{k}.upload.{t.name}"
             self.tasks.append(Task(self.landing[l], H2D, t.h2d_s, (name,), priority=-1e9 + l, cat="h2d",
                                    args={"layer": t.name}))

@@ -54,9 +54,10 @@ class Solution:
     peak_device_bytes: float
     host_bytes: float
     loads_s: dict[str, float]
-    """compute (with stalls), h2d, d2h, cpu_optim."""
-    stall_s: float
-    """Wait of the next forward for CPU updates that did not fit in the overlap window."""
+    """Seconds per step of each resource: compute (the main thread, waits included), h2d, d2h,
+    cpu_optim; on a CPU device, cores (main thread and worker together) instead of the copies."""
+    waits_s: float
+    """Of compute, the main thread's waits: for CPU updates to land, the global norm, fetches."""
     peak_layer: int
     """Index of the layer whose backward holds the device peak."""
     solve_s: float = 0.0
@@ -78,7 +79,9 @@ class OffloadModel:
         self.cuts: list[Choice] = []
         self._defs_compiled: list = []
         terms, n_layers = prices.terms, len(prices.terms)
-        self.byte_unit = float(max(self._resident_bytes(), 1))
+        resident_bytes = prices.static_device_bytes(((0, 0, 0),) * n_layers) + sum(
+            t.saved_keep_bytes + t.grad_bytes for t in terms)
+        self.byte_unit = float(max(resident_bytes, 1))
         self.time_unit = max(sum(t.fwd_s + t.bwd_s for t in terms) * prices.settings.grad_accum, 1e-12)
         self.r = [self._var(f"r{l}", ub=1.0 if terms[l].is_block else 0.0, integer=True) for l in range(n_layers)]
         self.s = [self._var(f"s{l}", ub=1.0, integer=True) for l in range(n_layers)]
@@ -102,11 +105,6 @@ class OffloadModel:
         self.defs.append((var, kind, exprs))
         return var
 
-    def _resident_bytes(self) -> int:
-        p = self.prices
-        return p.static_device_bytes(((0, 0, 0),) * len(p.terms)) + sum(
-            t.saved_keep_bytes + t.grad_bytes for t in p.terms)
-
     # --- memory ------------------------------------------------------------------------------
     def _memory(self, device_budget_bytes: float | None, host_budget_bytes: float | None) -> None:
         p, st, B = self.prices, self.prices.settings, self.byte_unit
@@ -128,21 +126,13 @@ class OffloadModel:
             host.add(s, t.compute_bytes / B).add(z, -t.compute_bytes / B).add(c, t.host_optim_bytes(st) / B)
         self.static = self._define("static_device", "eq", [static])
         # Saved activations accumulate in forward: keep -> what the block saves, recompute -> its input.
-        self.saved, prev = [], None
-        for l, t in enumerate(terms):
-            e = _Expr(t.saved_keep_bytes / B).add(self.r[l], -(t.saved_keep_bytes - t.saved_recompute_bytes) / B)
-            if prev is not None:
-                e.add(prev, 1)
-            prev = self._define(f"saved{l}", "eq", [e])
-            self.saved.append(prev)
-        # Device-optimised gradients appear in backward and stay until the update; with several
-        # micro-batches, every one is held from the first micro-batch on.
-        grads, prev = [0] * L, None
-        for l in range(L - 1, -1, -1):
-            e = _Expr(terms[l].grad_bytes / B).add(self.c[l], -terms[l].grad_bytes / B)
-            if prev is not None:
-                e.add(prev, 1)
-            grads[l] = prev = self._define(f"grads{l}", "eq", [e])
+        self.saved = self._cumulative("saved", [
+            _Expr(t.saved_keep_bytes / B).add(self.r[l], -(t.saved_keep_bytes - t.saved_recompute_bytes) / B)
+            for l, t in enumerate(terms)])
+        # Device-optimised gradients appear in backward (head first) and stay until the update;
+        # with several micro-batches every one is held from the first micro-batch on.
+        grads = self._cumulative("grads", [_Expr(t.grad_bytes / B).add(self.c[l], -t.grad_bytes / B)
+                                           for l, t in reversed(list(enumerate(terms)))])[::-1]
         if st.grad_accum > 1:
             grads = [grads[0]] * L
         positions = []
@@ -163,7 +153,7 @@ class OffloadModel:
 
     # --- time --------------------------------------------------------------------------------
     def _cumulative(self, name: str, per_layer: list[_Expr]) -> list[int]:
-        """Variables holding the running sums of `per_layer` (in layer order)."""
+        """Variables holding the running sums of `per_layer`, in the order given."""
         out, prev = [], None
         for l, e in enumerate(per_layer):
             if prev is not None:
@@ -270,7 +260,7 @@ class OffloadModel:
         self.loads = {name: self._define(f"load_{name}", "eq", [e]) for name, e in loads}
         self.step = self._define("step", "max", [_Expr().add(v, 1) for v in self.loads.values()])
         wait = _Expr(-work.const, {v: -coef for v, coef in work.coefs.items()}).add(self.loads["compute"], 1)
-        self.stall = self._define("waits", "eq", [wait], lb=-INF)
+        self.waits = self._define("waits", "eq", [wait], lb=-INF)
 
     def _fetch_s(self, l: int) -> _Expr:
         """Host-to-device time of what layer l reads from host memory (its own weights, and the
@@ -282,14 +272,12 @@ class OffloadModel:
         return e
 
     def _forward(self, name: str, start: _Expr, landed: list[_Expr]) -> int:
-        """The time a forward ends, the later of two chains from `start`. Landing: layer l runs
-        after layer l-1 and after its CPU update has landed (`landed[l]`, first micro-batch
-        only). Fetching: layer l runs after layer l-1 and after its weights are fetched, a copy
-        issued as layer l-1 starts (prefetch depth 1). Taking the later of the two, rather than
-        one chain with both waits, misses a fetch wait that follows an update wait; in exchange
-        interior blocks stay interchangeable (see `_break_symmetry`), which is what makes large
-        models solve fast. On a CPU device fetches run on the main thread and are added to the
-        step outside the chains."""
+        """The end of a forward, the later of two chains from `start`: layer l runs after layer
+        l-1 and after its CPU update landed (`landed[l]`, first micro-batch only); or after
+        layer l-1 and after its weights were fetched, a copy issued as layer l-1 starts
+        (prefetch depth 1). The later of two chains misses a fetch wait that follows an update
+        wait; in exchange interior blocks stay interchangeable (`_break_symmetry`). On a CPU
+        device fetches run on the main thread and are added outside the chains."""
         terms, U = self.prices.terms, self.time_unit
         ends = []
         chains = [("land", landed)] + ([("fetch", None)] if self.prices.settings.async_copies else [])
@@ -339,23 +327,18 @@ class OffloadModel:
         return self._define("bwd_end", "eq", [end])
 
     def _break_symmetry(self) -> None:
-        """Order the interior blocks (all but the first and last, whose neighbours differ),
-        which the model prices identically except for their position. Two exchanges between
-        interior blocks i < j are never worse (docs/offload.md gives the argument): moving the
-        pair (weights, optimizer) of a CPU-updated block i and a device-updated block j past
-        each other, so the CPU update moves from i to j (the CPU work due before each forward
-        layer only shrinks, a device gradient is held over fewer backward positions); and, among
-        blocks with the same optimizer placement, moving streaming from j to i (in fp32 only
-        among CPU-updated blocks: a streamed device-updated fp32 block holds a gradient copy at
-        its own backward position that a resident one does not). So some optimum updates a
-        suffix of the interior blocks on the CPU, c_i <= c_(i+1), and within each optimizer
-        placement streams first, s_(i+1) <= s_i + (c_(i+1) - c_i) (fp32: + (1 - c_i)).
-        Third, recomputation moves from block i+1 to block i: position i+1 of the backward
-        then holds A (a block's saved activations) less, position i holds the boundary B more
-        and is then at most position i+1's old value when A covers the difference of the
-        gradient and gradient copy held at i and at i+1; it always does among CPU-updated
-        blocks, and for all blocks when A >= G + (4F in fp32), G the device gradient held per
-        block with one micro-batch. So recomputation is a prefix: r_(i+1) <= r_i (+ 1 - c_i)."""
+        """Rows that keep one of many equivalent optima. The model prices the interior blocks
+        (all but the first and last, whose neighbours differ) identically except for their
+        position, and three exchanges between them are never worse (docs/offload.md gives the
+        arguments): a CPU-updated block i and a device-updated block j > i trade their (weights,
+        optimizer) pairs; among blocks with the same optimizer placement streaming moves to the
+        earlier one (in fp32 among CPU-updated blocks only); recomputation moves from block i+1
+        to block i, always when a block's saved activations A exceed what block i holds over
+        block i+1 in its backward (its gradient G with one micro-batch, plus the gradient copy
+        4F in fp32), else among CPU-updated blocks. Applied until none applies, they end at
+        an optimum where the CPU updates a suffix, c_i <= c_(i+1); streaming comes first within
+        an optimizer placement, s_(i+1) <= s_i + c_(i+1) - c_i (fp32: s_i + 1 - c_i); and
+        recomputation is a prefix, r_(i+1) <= r_i (+ 1 - c_i when A is below G + 4F)."""
         st = self.prices.settings
         fp32 = st.fp32
         interior = [l for l, t in enumerate(self.prices.terms) if t.is_block][1:-1]
@@ -439,7 +422,7 @@ class OffloadModel:
                         step_s=x[self.step] * self.time_unit, peak_device_bytes=x[self.peak] * self.byte_unit,
                         host_bytes=x[self.host] * self.byte_unit,
                         loads_s={k: x[v] * self.time_unit for k, v in self.loads.items()},
-                        stall_s=x[self.stall] * self.time_unit, peak_layer=int(np.argmax(pos)), solve_s=solve_s)
+                        waits_s=x[self.waits] * self.time_unit, peak_layer=int(np.argmax(pos)), solve_s=solve_s)
 
     def _matrix(self) -> tuple[coo_array, np.ndarray, np.ndarray]:
         rows, cols, vals, lo, hi = [], [], [], [], []
@@ -492,57 +475,3 @@ class OffloadModel:
         choice = tuple((round(res.x[self.r[l]]), round(res.x[self.s[l]]), round(res.x[self.c[l]]))
                        for l in range(len(self.prices.terms)))
         return self.evaluate(choice, solve_s)
-
-    def polish(self, sol: Solution) -> Solution:
-        """Single-decision descent in closed form: undo or make one choice at a time while that
-        lowers the objective and fits. The solver stops within its gap of the optimum; this
-        removes what the gap lets through, such as a stream or a recomputation that buys
-        nothing."""
-        current, value = sol.choice, sol.objective
-        while True:
-            flips = []
-            for l, triple in enumerate(current):
-                for k in range(3):
-                    if k == 0 and self.ub[self.r[l]] == 0 or self.ub[(self.r, self.s, self.c)[k][l]] == 0:
-                        continue
-                    new = list(triple)
-                    new[k] = 1 - new[k]
-                    flips.append(current[:l] + (tuple(new),) + current[l + 1:])
-            if not flips:
-                break
-            x = self.values(flips)
-            scores = np.where(self.feasible(x), self.objective_values(x), np.inf)
-            best = int(np.argmin(scores))
-            if not scores[best] < value - 1e-12 * max(1.0, abs(value)):
-                break
-            current, value = flips[best], float(scores[best])
-        return sol if current == sol.choice else self.evaluate(current, sol.solve_s)
-
-    def best(self, k: int, time_limit_s: float = 30.0, mip_rel_gap: float = 1e-6,
-             later_gap: float | None = None) -> list[Solution]:
-        """Up to `k` best assignments in the MILP's order, each with other weight or optimizer
-        placements than the ones before: a no-good cut over s and c. Recomputation is left out
-        of the cut: for given placements the MILP already picks it, and the simulator prices it
-        as the model does (compute on the main thread), so variants in recomputation alone
-        would tell little. The first is solved to `mip_rel_gap` and polished, the others (for
-        the simulator to compare) to `later_gap` (default: the same). Assignments the closed
-        form finds over a budget (solver round-off) are cut and skipped."""
-        found: list[Solution] = []
-        for _ in range(2 * k):
-            if len(found) == k:
-                break
-            gap = mip_rel_gap if not found or later_gap is None else later_gap
-            sol = self.solve(time_limit_s, gap)
-            if sol is None:
-                break
-            self.cuts.append(sol.choice)
-            if not found:  # the best one is what the planner will most likely use
-                sol = self.polish(sol)
-                self.cuts.append(sol.choice)
-            if any(f.choice == sol.choice for f in found):
-                continue
-            fits = (sol.peak_device_bytes <= self.ub[self.peak] * self.byte_unit * (1 + 1e-9)
-                    and sol.host_bytes <= self.ub[self.host] * self.byte_unit * (1 + 1e-9))
-            if fits:
-                found.append(sol)
-        return found

@@ -21,6 +21,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from hetrain.config import Config, parse_bytes
 from hetrain.errors import ConfigError
 from hetrain.plan.offload_graph import (Choice, OffloadPrices, OffloadSimulation, StepSettings, offload_prices,
@@ -100,7 +102,7 @@ def plan_offload(cfg: Config, device_budget_bytes: int | None, host_budget_bytes
     desc = describe_for(cfg)
     prices = offload_prices(desc, cost, step_settings(cfg, cost, options))
     model = OffloadModel(prices, device_budget_bytes, host_budget_bytes)
-    found = model.best(options.candidates, options.time_limit_s, options.mip_rel_gap, options.candidate_gap)
+    found = candidates(model, options)
     solve_s = time.perf_counter() - start
     if not found:
         raise ConfigError(_no_fit_message(cfg, prices, device_budget_bytes, host_budget_bytes))
@@ -128,11 +130,62 @@ def plan_offload(cfg: Config, device_budget_bytes: int | None, host_budget_bytes
         "simulated_step_s": sim.step_s, "simulated_peak_device_bytes": sim.peak_device_bytes,
         "candidates": [{"milp_step_s": f.step_s, "simulated_step_s": s.step_s, "summary": plan_of(f.choice).summary()}
                        for f, s in zip(found, sims)],
-        "loads_s": sol.loads_s, "main_thread_waits_s": sol.stall_s,
+        "loads_s": sol.loads_s, "main_thread_waits_s": sol.waits_s,
     }
     plan.validate(len(desc.blocks))
     plan.search["time_s"] = round(time.perf_counter() - start, 4)
     return plan
+
+
+def polish(model: OffloadModel, sol: Solution) -> Solution:
+    """Single-decision descent in closed form: make or undo one choice at a time while that lowers
+    the objective and fits. HiGHS stops within its gap of the optimum; this removes what the gap
+    lets through, such as a stream or a recomputation that buys nothing."""
+    current, value = sol.choice, sol.objective
+    while True:
+        flips = []
+        for l, triple in enumerate(current):
+            for k, group in enumerate((model.r, model.s, model.c)):
+                if model.ub[group[l]] == 0:  # recomputing the embedding or the head, pinned layers
+                    continue
+                new = list(triple)
+                new[k] = 1 - new[k]
+                flips.append(current[:l] + (tuple(new),) + current[l + 1:])
+        if not flips:
+            break
+        x = model.values(flips)
+        scores = np.where(model.feasible(x), model.objective_values(x), np.inf)
+        best = int(np.argmin(scores))
+        if not scores[best] < value - 1e-12 * max(1.0, abs(value)):
+            break
+        current, value = flips[best], float(scores[best])
+    return sol if current == sol.choice else model.evaluate(current, sol.solve_s)
+
+
+def candidates(model: OffloadModel, options: PlannerOptions) -> list[Solution]:
+    """Up to `options.candidates` solutions in the MILP's order, each with other weight or
+    optimizer placements than the ones before (a no-good cut over s and c). Recomputation is
+    left out of the cut: for given placements the MILP already picks it, and the simulator
+    prices it as the model does (compute on the main thread), so variants in recomputation alone
+    would tell little. The first is solved to `mip_rel_gap` and polished, the others, there for
+    the simulator to compare, to `candidate_gap`. A solution the closed form finds over a budget
+    (solver round-off) is cut and skipped."""
+    found: list[Solution] = []
+    for _ in range(2 * options.candidates):
+        if len(found) == options.candidates:
+            break
+        sol = model.solve(options.time_limit_s, options.candidate_gap if found else options.mip_rel_gap)
+        if sol is None:
+            break
+        model.cuts.append(sol.choice)
+        if not found:
+            sol = polish(model, sol)
+            model.cuts.append(sol.choice)
+        if any(f.choice == sol.choice for f in found):
+            continue
+        if model.feasible(model.values([sol.choice]))[0]:
+            found.append(sol)
+    return found
 
 
 def _streaming_settings(prices: OffloadPrices, sol: Solution, sim: OffloadSimulation,
@@ -187,9 +240,8 @@ def fmt_s(seconds: float) -> str:
     return f"{seconds:.3f} s" if seconds >= 1 else f"{seconds * 1e3:.1f} ms"
 
 
-LOAD_NAMES = {"compute": "the device's main thread", "h2d": "host-to-device copies",
-              "d2h": "device-to-host copies", "cpu_optim": "the CPU optimizer",
-              "cores": "the host cores (main thread and CPU optimizer share them)"}
+LOAD_NAMES = {"compute": "the main thread", "h2d": "host-to-device copies", "d2h": "device-to-host copies",
+              "cpu_optim": "the CPU optimizer", "cores": "the host cores (main thread and CPU optimizer together)"}
 
 
 @dataclass(frozen=True)
@@ -238,10 +290,11 @@ def explain(prices: OffloadPrices, sol: Solution, sim: OffloadSimulation, reside
     if not (recompute or stream or cpu):
         parts.append("Everything stays on the device.")
     bound = max(sol.loads_s, key=sol.loads_s.get)
-    loads = ", ".join(f"{LOAD_NAMES[k]} {fmt_s(v)}" for k, v in sol.loads_s.items() if v > 0)
+    loads = ", ".join(f"{k} {fmt_s(v)}" for k, v in sol.loads_s.items() if v > 0)
     parts.append(f"The step is bound by {LOAD_NAMES[bound]} ({loads})" + (
-        f"; the main thread waits {fmt_s(sol.stall_s)} of it for CPU updates, the global norm or weight fetches"
-        if sol.stall_s > 1e-3 * sol.step_s else "") + f". The MILP predicts {fmt_s(sol.step_s)} and the simulator "
+        f"; {fmt_s(sol.waits_s)} of the main thread's time is waiting for CPU updates, the global norm or weight "
+        f"fetches"
+        if sol.waits_s > 1e-3 * sol.step_s else "") + f". The MILP predicts {fmt_s(sol.step_s)} and the simulator "
                  f"{fmt_s(sim.step_s)} for this plan, the fastest in simulation of {n_candidates} MILP candidates.")
     return " ".join(parts)
 
