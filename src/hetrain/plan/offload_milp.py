@@ -30,6 +30,8 @@ does the least work (no copy, recomputation or CPU update that buys nothing)."""
 PEAK_WEIGHT = 1e-4
 """Objective weight of the device peak (in budget units): then the one with the most headroom."""
 INF = math.inf
+BUDGET_MARGIN = 1e-6
+"""Scaled units by which the solver's budgets are tighter than the closed form's."""
 
 
 @dataclass
@@ -464,7 +466,12 @@ class OffloadModel:
         obj = np.zeros(len(self.names))
         for v, coef in self.objective().coefs.items():
             obj[v] = coef
-        res = milp(obj, integrality=np.array(self.integer), bounds=Bounds(self.lb, self.ub),
+        # HiGHS may exceed a row by its feasibility tolerance (1e-7 in these scaled units): keep
+        # the budgets that much tighter, so its solutions fit in the closed form too.
+        ub = list(self.ub)
+        for v in (self.peak, self.host):
+            ub[v] -= BUDGET_MARGIN
+        res = milp(obj, integrality=np.array(self.integer), bounds=Bounds(self.lb, ub),
                    constraints=LinearConstraint(a.tocsr(), lo, hi),
                    options={"time_limit": time_limit_s, "mip_rel_gap": mip_rel_gap, "presolve": True})
         solve_s = time.perf_counter() - start

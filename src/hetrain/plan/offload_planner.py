@@ -27,7 +27,7 @@ from hetrain.config import Config, parse_bytes
 from hetrain.errors import ConfigError
 from hetrain.plan.offload_graph import (Choice, OffloadPrices, OffloadSimulation, StepSettings, offload_prices,
                                         plan_of, simulate_offload)
-from hetrain.plan.offload_milp import OffloadModel, Solution
+from hetrain.plan.offload_milp import BUDGET_MARGIN, OffloadModel, Solution
 from hetrain.plan.offload_plan import OffloadPlan
 from hetrain.predict.cost import CostModel, ProfileCost, RooflineCost, compute_dtype_bytes, cost_model, describe_for
 from hetrain.train.metrics import fmt_bytes
@@ -303,19 +303,21 @@ def _no_fit_message(cfg: Config, prices: OffloadPrices, device_budget_bytes: int
                     host_budget_bytes: int | None) -> str:
     """Why no plan fits, with the smallest device budget (and the host RAM it needs) and, when
     the device budget is enough, the smallest host RAM at that budget."""
-    least = OffloadModel(prices, None, None, objective="peak").solve(mip_rel_gap=1e-6)
-    min_device = _round_up(least.peak_device_bytes)
+    least_model = OffloadModel(prices, None, None, objective="peak")
+    least = least_model.solve(mip_rel_gap=1e-6)
+    slack = 2 * BUDGET_MARGIN * least_model.byte_unit  # the solver keeps budgets this much tighter
+    min_device = _round_up(least.peak_device_bytes + slack)
     host_at_min = OffloadModel(prices, min_device, None, objective="host").solve(mip_rel_gap=1e-6)
     what = (f"model {cfg.model.preset} (n_layer={cfg.model.n_layer}, d_model={cfg.model.d_model}) at "
             f"micro_batch={cfg.train.micro_batch}, seq_len={cfg.train.seq_len}, dtype={cfg.train.dtype}")
     msg = (f"no offload plan fits {what} in a device budget of "
            f"{fmt_bytes(device_budget_bytes) if device_budget_bytes else 'no limit'} and a host budget of "
            f"{fmt_bytes(host_budget_bytes) if host_budget_bytes else 'no limit'}: the smallest device budget any plan "
-           f"fits is {fmt_bytes(min_device)} ({min_device} bytes, with {fmt_bytes(_round_up(host_at_min.host_bytes))} "
+           f"fits is {fmt_bytes(min_device)} ({min_device} bytes, with {fmt_bytes(_round_up(host_at_min.host_bytes + slack))} "
            f"of host RAM)")
     if device_budget_bytes is None or device_budget_bytes >= min_device:
         need = OffloadModel(prices, device_budget_bytes, None, objective="host").solve(mip_rel_gap=1e-6)
-        host = _round_up(need.host_bytes)
+        host = _round_up(need.host_bytes + slack)
         msg += (f", and with the device budget given, plans need at least {fmt_bytes(host)} ({host} bytes) of host "
                 f"RAM; raise --memory.host_budget")
     else:
