@@ -136,6 +136,27 @@ def test_plan_cluster_writes_plan_report_timeline(tmp_path, capsys):
         assert (out / name).stat().st_size > 0
 
 
-def test_plan_without_cluster_is_a_clear_error(capsys):
-    assert main(["plan", "--model.preset", "tiny", "--train.seq_len", "32"]) == 2
-    assert "--cluster FILE" in capsys.readouterr().err
+def test_plan_without_cluster_plans_offload_for_the_budget(tmp_path, capsys):
+    from hetrain.config import load_config
+    from hetrain.plan.offload_plan import OffloadPlan
+    from hetrain.plan.offload_planner import default_cost, plain_peak_bytes
+
+    args = ["--model.preset", "tiny", "--train.seq_len", "32", "--train.micro_batch", "4",
+            "--hardware.device_kind", "cpu", "--run.dir", str(tmp_path / "p")]
+    assert main(["plan", "--memory.device_budget", "60%"] + args) == 0
+    out = capsys.readouterr().out
+    assert "block.1" in out and "predicted: step" in out and "60% of the" in out
+    plan = OffloadPlan.load(tmp_path / "p" / "plan.json")
+    cfg = load_config(None, args[:-2])
+    assert plan.device_budget_bytes == int(0.6 * plain_peak_bytes(cfg, default_cost(cfg)))
+    assert plan.predicted_peak_device_bytes <= plan.device_budget_bytes
+
+
+@pytest.mark.parametrize("budget, message", [("lots", "expects 'auto', 'none', a share such as '60%'"),
+                                             ("150%", "must be in (0%, 100%]"),
+                                             ("1KiB", "the smallest device budget any plan fits is")])
+def test_plan_with_a_bad_or_too_small_budget_writes_nothing(tmp_path, capsys, budget, message):
+    assert main(["plan", "--model.preset", "tiny", "--train.seq_len", "32", "--hardware.device_kind", "cpu",
+                 "--memory.device_budget", budget, "--run.dir", str(tmp_path / "p")]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "p").exists()

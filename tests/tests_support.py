@@ -9,7 +9,7 @@ def tiny_overrides(run_dir, corpus, **extra) -> dict[str, str]:
         "train.steps": "10", "train.micro_batch": "4", "train.seq_len": "32",
         "train.warmup_steps": "2", "train.eval_every": "5", "train.eval_batches": "2",
         "train.log_every": "1", "train.ckpt_every": "5", "log.progress": "false",
-        "log.tensorboard": "false", "log.peak_flops": "1e11",
+        "log.tensorboard": "false", "log.peak_flops": "1e11", "memory.device_budget": "none",
     }
     values.update({k: str(v) for k, v in extra.items()})
     return values

@@ -17,8 +17,11 @@ USAGE = """usage: hetrain COMMAND [--config FILE.toml] [--section.key VALUE ...]
 commands:
   train      train a model (default: the 'small' preset on the Python standard library source)
   estimate   memory and step-time breakdown for a model and batch, without training
-  plan       --cluster FILE: the fastest data/tensor/pipeline-parallel plan for a cluster of mixed
-             accelerators; writes run.dir/plan.json, report.txt and timeline.png
+  plan       the fastest offload plan for one device under memory.device_budget and
+             memory.host_budget (per block: recompute, stream weights, CPU optimizer); prints
+             the table, writes run.dir/plan.json for `hetrain train --plan.file`.
+             With --cluster FILE: the fastest data/tensor/pipeline-parallel plan for a cluster
+             of mixed accelerators; writes run.dir/plan.json, report.txt and timeline.png
   profile    measure this machine for the predictor (layer times, optimizer, copies, collectives)
              and cache it under hardware.profile_dir; --no-collectives skips the all-reduce test,
              --remeasure re-measures the machine-level figures
@@ -110,7 +113,10 @@ def cmd_plan(args: list[str]) -> int:
     path, overrides = _split_config(["--plan.cluster" if a == "--cluster" else a for a in args])
     cfg = load_config(path, overrides)
     if not cfg.plan.cluster:
-        raise ConfigError("hetrain plan needs a cluster file: --cluster FILE (e.g. configs/clusters/mixed.toml)")
+        from hetrain.plan.offload_planner import run_offload_planning
+
+        run_offload_planning(cfg, cfg.run.dir)
+        return 0
     from hetrain.plan.parallel import format_report, run_cluster_planning
 
     plan = run_cluster_planning(cfg.model, cfg.plan.cluster, cfg.plan.global_batch, cfg.train.seq_len, cfg.run.dir)

@@ -121,8 +121,8 @@ class HardwareConfig:
 class MemoryConfig:
     """Memory budgets the offload planner must respect."""
 
-    device_budget: str = ""
-    """Device memory the plan may use, e.g. '24GiB', '512MiB' or a byte count; '' means all of the GPU's memory, or no limit on CPU (plain training)."""
+    device_budget: str = "auto"
+    """Device memory the plan may use: a size ('24GiB', '512MiB', a byte count); a share of what plain training would hold for this model and batch ('60%'); 'none' for no limit (plain training); 'auto' for 90% of the GPU's memory on a GPU (plain training when the model fits), and 50% of plain training's need on a CPU, which has no device memory to detect, so that the offload engine runs there too."""
     host_budget: str = ""
     """Host RAM the plan may pin for weights and optimizer state; '' means 80% of this machine's RAM."""
 
@@ -315,7 +315,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.dtype must be 'fp32' or 'bf16', got '{t.dtype}'")
     if cfg.run.device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"run.device must be 'auto', 'cpu' or 'cuda', got '{cfg.run.device}'")
-    parse_bytes("memory.device_budget", cfg.memory.device_budget)
+    parse_device_budget(cfg.memory.device_budget)
     parse_bytes("memory.host_budget", cfg.memory.host_budget)
     if cfg.plan.cluster and not Path(cfg.plan.cluster).expanduser().is_file():
         raise ConfigError(f"cluster file '{cfg.plan.cluster}' does not exist; pass an existing TOML file to --cluster")
@@ -345,6 +345,28 @@ def parse_bytes(key: str, text: str) -> int | None:
     if value <= 0:
         raise ConfigError(f"{key} must be positive, got '{text}'")
     return int(value)
+
+
+def parse_device_budget(text: str) -> tuple[str, float]:
+    """memory.device_budget: ('auto', 0), ('none', 0) for 'none' or '', ('share', f) for 'N%'
+    (N% of what plain training would hold), ('bytes', n) for a size. ConfigError otherwise."""
+    norm = text.strip().lower()
+    if norm in ("auto", "none", ""):
+        return ("none" if norm in ("none", "") else "auto"), 0
+    if norm.endswith("%"):
+        try:
+            share = float(norm[:-1]) / 100
+        except ValueError:
+            share = -1.0
+        if not 0 < share <= 1:
+            raise ConfigError(f"memory.device_budget as a share of plain training's need must be in (0%, 100%], "
+                              f"got '{text}'")
+        return "share", share
+    try:
+        return "bytes", parse_bytes("memory.device_budget", text)
+    except ConfigError:
+        raise ConfigError(f"memory.device_budget expects 'auto', 'none', a share such as '60%', or a size such as "
+                          f"'24GiB' or '512MiB', got '{text}'") from None
 
 
 def to_dict(cfg: Config) -> dict:

@@ -285,3 +285,42 @@ def test_96_block_model_plans_within_a_second():
     elapsed_s = time.perf_counter() - start
     assert elapsed_s < 2.0, f"planning took {elapsed_s:.2f} s"
     assert plan.n_blocks == 96 and plan.predicted_peak_device_bytes <= 40 * GIB
+
+
+# --- budgets from the config ------------------------------------------------------------------------
+
+
+def test_default_job_plan_mixes_every_kind_of_decision():
+    from hetrain.plan.offload_planner import plain_peak_bytes, plan_for_config
+
+    cfg = load_config(None, {"run.device": "cpu"})  # the default job, as on a machine without a GPU
+    cost = cost_for(cfg, "cpu")
+    plan = plan_for_config(cfg, cost)
+    assert plan.device_budget_bytes == int(0.5 * plain_peak_bytes(cfg, cost))
+    assert plan.predicted_peak_device_bytes <= plan.device_budget_bytes
+    assert any(l.act == "recompute" for l in plan.layers)
+    assert any(l.weights == "host" for l in plan.layers)
+    assert any(l.optim == "host" for l in plan.layers)
+    assert "auto on a CPU: 50% of the" in plan.note
+
+
+def test_device_budget_forms(monkeypatch):
+    from hetrain.plan import offload_planner
+    from hetrain.plan.offload_planner import plain_peak_bytes, plan_for_config
+
+    cfg = config(run__device="cpu")
+    cost = cost_for(cfg, "cpu")
+    plain = plain_peak_bytes(cfg, cost)
+    assert plan_for_config(config(memory__device_budget="none"), cost) is None
+    assert plan_for_config(config(memory__device_budget="70%"), cost).device_budget_bytes == int(0.7 * plain)
+    assert plan_for_config(config(memory__device_budget="3MiB"), cost).device_budget_bytes == 3 * 2**20
+    # 'auto' on a GPU: 90% of its memory; plain training (None) when the model fits there.
+    monkeypatch.setattr(offload_planner, "_gpu_memory_bytes", lambda cfg: 80 * GIB)
+    assert plan_for_config(config(), cost) is None
+    monkeypatch.setattr(offload_planner, "_gpu_memory_bytes", lambda cfg: int(plain / 0.9 * 0.6))
+    plan = plan_for_config(config(), cost)
+    assert plan.device_budget_bytes == int(0.9 * int(plain / 0.9 * 0.6))
+    assert plan.predicted_peak_device_bytes <= plan.device_budget_bytes
+    # A share above what the GPU holds is capped at the GPU's budget.
+    plan = plan_for_config(config(memory__device_budget="100%"), cost)
+    assert plan.device_budget_bytes == int(0.9 * int(plain / 0.9 * 0.6)) and "capped at 90%" in plan.note

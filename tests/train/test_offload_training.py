@@ -47,3 +47,21 @@ def test_plan_for_another_model_is_refused(tiny_config, tmp_path, capsys):
     OffloadPlan.resident(4).save(path)
     with pytest.raises(ConfigError, match="the plan has 4 blocks but the model has 2"):
         Trainer(tiny_config(**{"plan.file": path}))
+
+
+def test_auto_budget_on_cpu_plans_prints_and_trains_the_same_model(tiny_config, tmp_path, capsys):
+    plain = Trainer(tiny_config(tmp_path / "plain", **{"hardware.device_kind": "cpu"})).fit()
+    capsys.readouterr()
+    auto = Trainer(tiny_config(tmp_path / "auto", **{"memory.device_budget": "auto", "run.device": "cpu",
+                                                     "hardware.device_kind": "cpu"}))
+    out = capsys.readouterr().out
+    assert "pred. memory" in out and "auto on a CPU: 50% of the" in out
+    assert auto.plan is not None and auto.plan.predicted_peak_device_bytes <= auto.plan.device_budget_bytes
+    auto = auto.fit()
+    steps = sorted(plain.losses)
+    assert [auto.losses[s] for s in steps] == pytest.approx([plain.losses[s] for s in steps], rel=1e-6)
+    from safetensors.torch import load_file
+
+    a, b = load_file(tmp_path / "plain" / "model.safetensors"), load_file(tmp_path / "auto" / "model.safetensors")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-6, atol=1e-7)

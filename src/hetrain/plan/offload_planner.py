@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hetrain.config import Config, parse_bytes
+from hetrain.config import Config, parse_bytes, parse_device_budget
 from hetrain.errors import ConfigError
 from hetrain.plan.offload_graph import (Choice, OffloadPrices, OffloadSimulation, StepSettings, offload_prices,
                                         plan_of, simulate_offload)
@@ -35,6 +35,12 @@ from hetrain.train.metrics import fmt_bytes
 KIB = 2**10
 HOST_BUDGET_FRACTION = 0.8
 """Default host budget: this share of the machine's RAM (config: memory.host_budget)."""
+GPU_BUDGET_FRACTION = 0.9
+"""memory.device_budget 'auto' on a GPU: this share of its memory; the rest is left to the CUDA
+context, the allocator's fragmentation and the kernels' workspaces, which the plan does not count."""
+AUTO_CPU_SHARE = 0.5
+"""memory.device_budget 'auto' on a CPU: this share of what plain training would hold. Small
+enough that the default job's plan mixes recomputation, streamed weights and CPU updates."""
 
 
 @dataclass(frozen=True)
@@ -48,6 +54,10 @@ class PlannerOptions:
     optimum; well below the linear model's own error against the simulator."""
     candidate_gap: float = 1e-2
     """The gap for the candidates after the first: they are there for the simulator to compare."""
+    switch_margin: float = 0.01
+    """A later candidate replaces the MILP's optimum only when the simulator finds it faster by
+    more than this fraction: below it the two models disagree by less than their error, and the
+    optimum does the least work."""
     time_limit_s: float = 10.0
     """Per MILP solve; the best solution found so far is used past it."""
     weight_buffers: int = 2
@@ -108,6 +118,8 @@ def plan_offload(cfg: Config, device_budget_bytes: int | None, host_budget_bytes
         raise ConfigError(_no_fit_message(cfg, prices, device_budget_bytes, host_budget_bytes))
     sims = [simulate_offload(prices, sol.choice) for sol in found]
     best = min(range(len(found)), key=lambda i: (sims[i].step_s, i))
+    if sims[best].step_s >= sims[0].step_s * (1 - options.switch_margin):
+        best = 0
     sol, sim = found[best], sims[best]
     streaming, sim, extra_bytes = _streaming_settings(prices, sol, sim, device_budget_bytes)
     plan = plan_of(sol.choice, prefetch_depth=streaming.prefetch_depth, weight_buffers=streaming.weight_buffers,
@@ -120,7 +132,8 @@ def plan_offload(cfg: Config, device_budget_bytes: int | None, host_budget_bytes
     plan.predicted_peak_device_bytes = math.ceil(sol.peak_device_bytes) + extra_bytes
     plan.predicted_host_bytes = math.ceil(sol.host_bytes)
     resident = model.evaluate(((0, 0, 0),) * len(prices.terms))
-    plan.note = explain(prices, sol, sim, resident, Budgets(device_budget_bytes, host_budget_bytes), len(found))
+    plan.note = explain(prices, sol, sim, resident, Budgets(device_budget_bytes, host_budget_bytes), len(found), best,
+                        options.switch_margin)
     if extra_bytes:
         plan.note += (f" A third weight buffer ({fmt_bytes(extra_bytes)}) fits and lets the engine fetch two uses "
                       f"ahead, which the simulator finds faster.")
@@ -138,9 +151,10 @@ def plan_offload(cfg: Config, device_budget_bytes: int | None, host_budget_bytes
 
 
 def polish(model: OffloadModel, sol: Solution) -> Solution:
-    """Single-decision descent in closed form: make or undo one choice at a time while that lowers
-    the objective and fits. HiGHS stops within its gap of the optimum; this removes what the gap
-    lets through, such as a stream or a recomputation that buys nothing."""
+    """Single-decision descent in closed form: make or undo one choice at a time (or stop
+    streaming altogether, which also frees the buffer pool) while that lowers the objective and
+    fits. HiGHS stops within its gap of the optimum; this removes what the gap lets through, such
+    as a stream or a recomputation that buys nothing."""
     current, value = sol.choice, sol.objective
     while True:
         flips = []
@@ -151,6 +165,8 @@ def polish(model: OffloadModel, sol: Solution) -> Solution:
                 new = list(triple)
                 new[k] = 1 - new[k]
                 flips.append(current[:l] + (tuple(new),) + current[l + 1:])
+        if sum(s for _, s, _ in current) > 1:  # the buffer pool is freed only when no layer streams
+            flips.append(tuple((r, 0, c) for r, _, c in current))
         if not flips:
             break
         x = model.values(flips)
@@ -251,7 +267,7 @@ class Budgets:
 
 
 def explain(prices: OffloadPrices, sol: Solution, sim: OffloadSimulation, resident: Solution, budgets: Budgets,
-            n_candidates: int) -> str:
+            n_candidates: int, chosen: int = 0, margin: float = 0.01) -> str:
     """One paragraph: what plain training would need, which constraint binds, what each kind of
     choice frees and costs, what bounds the step, and the MILP's and the simulator's step time."""
     st, terms, choice = prices.settings, prices.terms, sol.choice
@@ -295,7 +311,9 @@ def explain(prices: OffloadPrices, sol: Solution, sim: OffloadSimulation, reside
         f"; {fmt_s(sol.waits_s)} of the main thread's time is waiting for CPU updates, the global norm or weight "
         f"fetches"
         if sol.waits_s > 1e-3 * sol.step_s else "") + f". The MILP predicts {fmt_s(sol.step_s)} and the simulator "
-                 f"{fmt_s(sim.step_s)} for this plan, the fastest in simulation of {n_candidates} MILP candidates.")
+                 f"{fmt_s(sim.step_s)} for this plan" + (
+                     f", the fastest in simulation of {n_candidates} MILP candidates by more than {margin:.0%}." if chosen
+                     else f"; no other of {n_candidates} MILP candidates simulates more than {margin:.0%} faster."))
     return " ".join(parts)
 
 
@@ -329,26 +347,72 @@ def _round_up(n_bytes: float) -> int:
     return int(math.ceil(n_bytes / KIB) * KIB)
 
 
-def budgets_from_config(cfg: Config) -> tuple[int | None, int]:
-    """(device budget, host budget) from memory.*: '' is the GPU's memory (no limit on CPU) and
-    HOST_BUDGET_FRACTION of this machine's RAM."""
+def plain_peak_bytes(cfg: Config, cost: CostModel) -> int:
+    """What plain training of `cfg`'s model and batch holds on the device at its peak: the
+    resident plan's peak under the planner's model (equal to hetrain.memory's count on CPU)."""
+    prices = offload_prices(describe_for(cfg), cost, step_settings(cfg, cost, PlannerOptions()))
+    return math.ceil(OffloadModel(prices, None, None).evaluate(((0, 0, 0),) * len(prices.terms)).peak_device_bytes)
+
+
+def _gpu_memory_bytes(cfg: Config) -> int | None:
+    if cfg.run.device == "cpu":
+        return None
     from hetrain.hardware.probe import probe
 
-    device = parse_bytes("memory.device_budget", cfg.memory.device_budget)
+    accelerators = probe().accelerators
+    return accelerators[0].memory_bytes if accelerators else None
+
+
+def resolve_budgets(cfg: Config, cost: CostModel) -> tuple[int | None, int, str]:
+    """(device budget or None for no limit, host budget, how the device budget was chosen) from
+    memory.*: see MemoryConfig; the host budget defaults to HOST_BUDGET_FRACTION of the RAM."""
+    from hetrain.hardware.probe import probe
+
+    kind, value = parse_device_budget(cfg.memory.device_budget)
     host = parse_bytes("memory.host_budget", cfg.memory.host_budget)
-    if device is None or host is None:
-        machine = probe()
-        if device is None and cfg.run.device != "cpu" and machine.accelerators:
-            device = machine.accelerators[0].memory_bytes
-        if host is None:
-            host = int(HOST_BUDGET_FRACTION * machine.host_ram_bytes)
-    return device, host
+    if host is None:
+        host = int(HOST_BUDGET_FRACTION * probe().host_ram_bytes)
+    if kind == "none":
+        return None, host, "no device limit (memory.device_budget none)"
+    if kind == "bytes":
+        return int(value), host, f"memory.device_budget {cfg.memory.device_budget}"
+    gpu = _gpu_memory_bytes(cfg)
+    if kind == "auto" and gpu is not None:
+        return int(GPU_BUDGET_FRACTION * gpu), host, (
+            f"auto: {GPU_BUDGET_FRACTION:.0%} of the GPU's {fmt_bytes(gpu)}")
+    share = AUTO_CPU_SHARE if kind == "auto" else value
+    plain = plain_peak_bytes(cfg, cost)
+    budget = int(share * plain)
+    how = f"{share:.0%} of the {fmt_bytes(plain)} plain training would hold"
+    if kind == "auto":
+        how = f"auto on a CPU: {how}; --memory.device_budget none trains plainly"
+    if gpu is not None and budget > GPU_BUDGET_FRACTION * gpu:
+        budget = int(GPU_BUDGET_FRACTION * gpu)
+        how += f", capped at {GPU_BUDGET_FRACTION:.0%} of the GPU's {fmt_bytes(gpu)}"
+    return budget, host, how
+
+
+def plan_for_config(cfg: Config, cost: CostModel | None = None) -> OffloadPlan | None:
+    """The plan `hetrain train` runs for memory.*: None for plain training (device budget 'none',
+    or 'auto' on a GPU whose budget holds the whole model), else the planned OffloadPlan."""
+    cost = cost or default_cost(cfg)
+    device, host, how = resolve_budgets(cfg, cost)
+    if device is None:
+        return None
+    plan = plan_offload(cfg, device, host, cost)
+    if cfg.memory.device_budget.strip().lower() == "auto" and _gpu_memory_bytes(cfg) is not None and not any(
+            l.act == "recompute" or l.weights == "host" or l.optim == "host" for l in plan.layers):
+        return None
+    plan.note = f"Device budget {fmt_bytes(device)}: {how}. " + plan.note
+    return plan
 
 
 def run_offload_planning(cfg: Config, out_dir: str | os.PathLike, cost: CostModel | None = None) -> OffloadPlan:
     """Plan for the budgets of `cfg.memory`, print the table, write `out_dir/plan.json`."""
-    device, host = budgets_from_config(cfg)
+    cost = cost or default_cost(cfg)
+    device, host, how = resolve_budgets(cfg, cost)
     plan = plan_offload(cfg, device, host, cost)
+    plan.note = f"Device budget {fmt_bytes(device) if device else 'unlimited'}: {how}. " + plan.note
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     plan.save(out / "plan.json")

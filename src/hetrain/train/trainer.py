@@ -159,33 +159,33 @@ class Trainer:
             self.device, self.amp_dtype or torch.float32, cfg.log.peak_flops)
 
     def _resolve_plan(self):
-        """The offload plan to run: --plan.file as is, or planned for --memory.device_budget; None
-        for plain training (no budget given)."""
-        from hetrain.config import parse_bytes
+        """The offload plan to run: --plan.file as is, or planned for memory.device_budget; None
+        for plain training (see plan_for_config)."""
+        from hetrain.config import parse_device_budget
         from hetrain.plan.offload_plan import OffloadPlan
 
         cfg = self.cfg
-        budget = parse_bytes("memory.device_budget", cfg.memory.device_budget)
-        if not cfg.plan.file and budget is None:
-            return None
+        kind, budget = parse_device_budget(cfg.memory.device_budget)
         if cfg.hf.path:
-            raise ConfigError("offload plans drive hetrain's GPT blocks; unset --hf.path, or drop "
-                              "--plan.file and --memory.device_budget to train the Hugging Face model plainly")
+            if cfg.plan.file or kind in ("bytes", "share"):
+                raise ConfigError("offload plans drive hetrain's GPT blocks; drop --plan.file and set "
+                                  "--memory.device_budget auto to train the Hugging Face model plainly")
+            return None  # Hugging Face models train plainly under 'auto' and 'none
         if cfg.plan.file:
             try:
                 plan = OffloadPlan.load(cfg.plan.file)
                 plan.validate(cfg.model.n_layer)
             except ValueError as e:
                 raise ConfigError(f"plan file '{cfg.plan.file}': {e}") from None
-            if budget is not None:
-                plan.device_budget_bytes = budget
+            if kind == "bytes":
+                plan.device_budget_bytes = int(budget)
         else:
-            from hetrain.hardware.probe import probe
-            from hetrain.plan.offload_planner import plan_offload
+            from hetrain.plan.offload_planner import plan_for_config
 
-            host = parse_bytes("memory.host_budget", cfg.memory.host_budget) or int(0.8 * probe().host_ram_bytes)
-            plan = plan_offload(cfg, budget, host)
-        print(plan.table() if hasattr(plan, "table") else plan)
+            plan = plan_for_config(cfg)
+            if plan is None:
+                return None
+        print(plan.table(), flush=True)
         return plan
 
     def _training_state(self) -> dict:
