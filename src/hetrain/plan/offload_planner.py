@@ -77,17 +77,27 @@ def _runs_on_gpu(cost: CostModel) -> bool:
 
 
 def default_cost(cfg: Config) -> CostModel:
-    """This machine's profile when it has the model, else the catalog kind (see cost_model)."""
-    from hetrain.predict.profiler import load_profile
+    """This machine's profile when it has the model, else the catalog kind (see cost_model). On
+    a CPU device with no profile of this model and no --hardware.device_kind, the model is
+    profiled now (seconds for small models, cached): the catalog's CPU entry is a placeholder
+    whose times are off by several fold, and a plan should be priced by what this machine does."""
+    from hetrain.predict.profiler import ProfileOptions, load_profile, run_profile
 
     desc = describe_for(cfg)
-    profile = None if cfg.hardware.device_kind else load_profile(cfg.hardware.profile_dir)
-    try:
-        return cost_model(cfg, desc, profile)
-    except ConfigError:
-        if profile is None:
-            raise
+    if cfg.hardware.device_kind:
         return cost_model(cfg, desc, None)
+    profile = load_profile(cfg.hardware.profile_dir)
+    if profile is not None:
+        try:
+            return cost_model(cfg, desc, profile)
+        except ConfigError:  # the profile has no entry for this model
+            pass
+    if _gpu_memory_bytes(cfg) is not None:
+        return cost_model(cfg, desc, None)  # the catalog's figures for this GPU
+    print("hetrain: profiling this model on this CPU for the planner (once; cached under hardware.profile_dir)",
+          flush=True)
+    profile, _, _ = run_profile(cfg, ProfileOptions(collectives=False))
+    return cost_model(cfg, desc, profile)
 
 
 def step_settings(cfg: Config, cost: CostModel, options: PlannerOptions) -> StepSettings:

@@ -121,12 +121,14 @@ class Trainer:
         self.engine = None
         if self.plan is None:
             self.model = build_model(cfg, self.data.vocab_size).to(self.device)
+            self.n_params = self.model.num_params()
             self.optimizer = make_optimizer(self.model, cfg, self.device)
         else:
             # The engine places every tensor itself: the model starts as plain fp32 on the CPU.
             from hetrain.offload import OptimConfig, apply_plan
 
             self.model, self.optimizer = build_model(cfg, self.data.vocab_size), None
+            self.n_params = self.model.num_params()  # counted before the engine takes the weights over
             t = cfg.train
             try:
                 self.engine = apply_plan(self.model, self.plan, OptimConfig(t.weight_decay, t.beta1, t.beta2,
@@ -281,7 +283,7 @@ class Trainer:
         tokens_per_step = t.micro_batch * t.seq_len * t.grad_accum
         result = TrainResult(self.run_dir, self.step)
         print(f"hetrain: {self.data.describe()}")
-        print(f"hetrain: model {self._model_name()} with {self.model.num_params() / 1e6:.2f}M parameters on "
+        print(f"hetrain: model {self._model_name()} with {self.n_params / 1e6:.2f}M parameters on "
               f"{self.device} ({t.dtype}); {tokens_per_step:,} tokens/step; "
               f"peak {self.peak_flops / 1e12:.3g} TFLOP/s {self.peak_source}")
         if self.prediction is not None:
