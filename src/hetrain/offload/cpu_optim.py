@@ -43,11 +43,14 @@ class OptimConfig:
     optimizer and the host side of the step share it. 0 leaves the current setting."""
 
 
-def make_adamw(params: list[torch.Tensor], cfg: OptimConfig) -> torch.optim.AdamW:
+def make_adamw(params: list[torch.Tensor], cfg: OptimConfig, decay_flags: list[bool] | None = None
+               ) -> torch.optim.AdamW:
     """Fused AdamW with the trainer's two groups, its state made now rather than at the first
-    step, so the state's bytes are counted from the start and a checkpoint can load into it."""
-    decay = [p for p in params if p.dim() >= 2]
-    rest = [p for p in params if p.dim() < 2]
+    step, so the state's bytes are counted from the start and a checkpoint can load into it.
+    Weight decay goes to matrices (dim >= 2), or where `decay_flags` says (pieces of a flat)."""
+    flags = decay_flags if decay_flags is not None else [p.dim() >= 2 for p in params]
+    decay = [p for p, f in zip(params, flags) if f]
+    rest = [p for p, f in zip(params, flags) if not f]
     groups = [g for g in ({"params": decay, "weight_decay": cfg.weight_decay},
                           {"params": rest, "weight_decay": 0.0}) if g["params"]]
     opt = torch.optim.AdamW(groups, lr=0.0, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=True)
@@ -63,14 +66,14 @@ def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
-def training_state(masters: list[tuple[str, torch.Tensor, torch.optim.Optimizer]], aliases: dict[str, str],
+def training_state(masters: list[tuple[str, torch.Tensor, dict]], aliases: dict[str, str],
                    cfg: OptimConfig, lr: float) -> dict:
     """{"model": {state_dict key: fp32 master}, "optim": {"state": {name: {step, exp_avg,
     exp_avg_sq}}, "param_groups": [...]}}, the layout of torch.distributed.checkpoint's
-    get_state_dict, from (parameter name, master, its optimizer) triples. The tensors are the
-    live ones, so loading in place into them restores the state."""
+    get_state_dict, from (parameter name, master, its AdamW state) triples. The tensors are the
+    live ones where the engine holds whole parameters, so loading in place restores the state."""
     model = {name: t.detach() for name, t, _ in masters}
-    state = {name: dict(opt.state[t]) for name, t, opt in masters}
+    state = {name: dict(entries) for name, _, entries in masters}
     groups = [{"lr": lr, "betas": (cfg.beta1, cfg.beta2), "eps": cfg.eps, "weight_decay": wd,
                "params": [n for n, t in model.items() if (t.dim() >= 2) == decay]}
               for wd, decay in ((cfg.weight_decay, True), (0.0, False))]
@@ -166,6 +169,9 @@ class HostLayer:
         if flat.streamed:
             flat.host_store = self.upload
         self.staging = host_empty(flat.numel, flat.dtype, pin) if pin else None
+        self._init_events()
+
+    def _init_events(self) -> None:
         self._staging_free = threading.Event()
         self._staging_free.set()
         self.norms: list[torch.Tensor] | None = None
@@ -183,12 +189,25 @@ class HostLayer:
     def _add(self, g: torch.Tensor, first: bool, final: bool) -> None:
         with torch.no_grad():
             if first:
-                self.grad.copy_(g)
+                self.grad[:g.numel()].copy_(g)
             else:
-                self.grad.add_(g)
+                self.grad[:g.numel()].add_(g)
             if final:
-                self.norms = [torch.linalg.vector_norm(v, 2.0) for v in self.grad_views]
+                self.norms = self._norms()
                 self.norms_ready.set()
+
+    def _norms(self) -> list[torch.Tensor]:
+        """Per-parameter 2-norms of the accumulated gradient, in slot order."""
+        return [torch.linalg.vector_norm(v, 2.0) for v in self.grad_views]
+
+    def _own(self, g: torch.Tensor) -> torch.Tensor:
+        """The part of a full flat gradient this layer accumulates (all of it here)."""
+        return g
+
+    def _publish(self) -> None:
+        """Write the updated master into the compute-dtype copy the device reads."""
+        if self.upload is not self.master:
+            self.upload.copy_(self.master)
 
     def accumulate(self, g: torch.Tensor, first: bool, final: bool, worker: CpuOptimizerWorker,
                    d2h_stream=None) -> None:
@@ -200,6 +219,7 @@ class HostLayer:
         """
         if final:
             self.norms_ready.clear()
+        g = self._own(g)
         start = time.perf_counter()
         if d2h_stream is None:
             self._add(g, first, final)
@@ -210,12 +230,13 @@ class HostLayer:
             worker.check()
         self._staging_free.clear()
         d2h_stream.wait_stream(torch.cuda.current_stream(g.device))
-        done = copy_async(self.staging, g, d2h_stream)
+        staging = self.staging[:g.numel()]
+        done = copy_async(staging, g, d2h_stream)
         g.record_stream(d2h_stream)
 
         def land() -> None:
             done.synchronize()
-            self._add(self.staging, first, final)
+            self._add(staging, first, final)
             self._staging_free.set()
 
         worker.submit((self.index, 0), land)
@@ -250,8 +271,7 @@ class HostLayer:
                     self.grad.mul_(clip_coef)
                 set_lr(self.optimizer, lr)
                 self.optimizer.step()
-                if self.upload is not self.master:
-                    self.upload.copy_(self.master)
+                self._publish()
                 event = None if self.flat.streamed else copy_async(self.flat.param.data, self.upload, h2d_stream,
                                                                    after=[reads_done])
             if self.trace:
@@ -263,7 +283,19 @@ class HostLayer:
     def refresh(self, h2d_stream=None) -> None:
         """Write the master into the compute copy now (after loading a checkpoint)."""
         with torch.no_grad():
-            if self.upload is not self.master:
-                self.upload.copy_(self.master)
+            self._publish()
             event = None if self.flat.streamed else copy_async(self.flat.param.data, self.upload, h2d_stream)
         self.flat.landing.land(event)
+
+    # --- state ---------------------------------------------------------------------------
+    def full_state(self) -> tuple[list[torch.Tensor], list[dict]]:
+        """Per parameter, in slot order: the fp32 master and its AdamW state (live tensors)."""
+        return self.master_views, [self.optimizer.state[v] for v in self.master_views]
+
+    def load_full(self, masters: list[torch.Tensor], states: list[dict]) -> None:
+        """Copy whole-parameter masters and AdamW states into this layer's (then `refresh`)."""
+        with torch.no_grad():
+            for view, value, state in zip(self.master_views, masters, states):
+                view.copy_(value)
+                for k, t in self.optimizer.state[view].items():
+                    t.copy_(state[k])

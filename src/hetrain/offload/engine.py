@@ -28,6 +28,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
 from hetrain.hardware.probe import probe
@@ -35,6 +36,7 @@ from hetrain.model.describe import block_act_bytes
 from hetrain.offload.checkpointing import DeviceBudgetError, DeviceLedger, apply_recompute
 from hetrain.offload.cpu_optim import (CpuOptimizerWorker, HostLayer, OptimConfig, copy_training_state, make_adamw,
                                        set_lr, training_state)
+from hetrain.offload.sharded import DataParallel, ShardedHostLayer
 from hetrain.offload.weights import (Binding, DeviceMaster, FlatWeights, ModelLayout, WeightStreamer, flat_layout,
                                      host_empty, install, uninstall)
 from hetrain.plan.offload_plan import LayerPlan, OffloadPlan
@@ -79,7 +81,8 @@ class _Layer:
 
 
 def apply_plan(model: nn.Module, plan: OffloadPlan, optim_cfg: OptimConfig, device: torch.device | str,
-               compute_dtype: torch.dtype = torch.float32, trace: bool = False) -> "OffloadEngine":
+               compute_dtype: torch.dtype = torch.float32, trace: bool = False,
+               data_parallel: DataParallel | None = None) -> "OffloadEngine":
     """Apply `plan` to `model` (an fp32 GPT, unmodified) and return the engine that trains it.
 
     The order is fixed, each step relying on the one before:
@@ -96,8 +99,11 @@ def apply_plan(model: nn.Module, plan: OffloadPlan, optim_cfg: OptimConfig, devi
        which the backward hooks do once per layer.
     Saved-tensor accounting wraps each forward and backward in `train_step`. `trace=True`
     records what ran as TraceEvents in `engine.trace` (lanes compute, h2d, d2h, cpu_optim).
+    With `data_parallel` (DataParallel.create() on every rank) gradients are averaged across
+    ranks and host optimizer state is sharded (sharded.py); every rank must apply the same plan
+    to the same initial model, and call train_step, state_dict and close together.
     """
-    return OffloadEngine(model, plan, optim_cfg, torch.device(device), compute_dtype, trace)
+    return OffloadEngine(model, plan, optim_cfg, torch.device(device), compute_dtype, trace, data_parallel)
 
 
 def _layer_of(module_name: str, last: int) -> int:
@@ -109,7 +115,7 @@ def _layer_of(module_name: str, last: int) -> int:
 class OffloadEngine:
     """Runs training steps of one model under one plan; see `apply_plan`."""
 
-    def __init__(self, model, plan, optim_cfg, device, compute_dtype, trace):
+    def __init__(self, model, plan, optim_cfg, device, compute_dtype, trace, data_parallel=None):
         for attr in ("embed", "blocks", "head", "rope", "cfg"):
             if not hasattr(model, attr):
                 raise ValueError(f"the offload engine drives hetrain's GPT (embed, blocks, head); this model has "
@@ -119,6 +125,7 @@ class OffloadEngine:
                              f"(fp16 would need loss scaling, which the engine does not do)")
         plan.validate(len(model.blocks))
         self.model, self.plan, self.optim_cfg, self.device, self.dtype = model, plan, optim_cfg, device, compute_dtype
+        self.dp = data_parallel
         self.cuda = device.type == "cuda"
         self.streams = {"h2d": torch.cuda.Stream(device), "d2h": torch.cuda.Stream(device)} if self.cuda else {}
         self.trace: list[TraceEvent] | None = [] if trace else None
@@ -179,7 +186,8 @@ class OffloadEngine:
                 device_bytes += 4 * numel + adam_bytes
                 host_bytes += compute_bytes if layer.plan.weights == "host" else 0
             else:
-                host_bytes += HostLayer.estimate_host_bytes(numel, n_params, self.dtype, self.cuda)
+                host_bytes += (ShardedHostLayer.estimate_host_bytes(numel, n_params, self.dtype, self.cuda, self.dp.world)
+                               if self.dp else HostLayer.estimate_host_bytes(numel, n_params, self.dtype, self.cuda))
             if not layer.native and layer.plan.weights == "device":
                 device_bytes += compute_bytes
             if layer.plan.weights == "host":
@@ -212,7 +220,9 @@ class OffloadEngine:
             layer.flat = flat = FlatWeights(layer.name, layer.owned, self.dtype, self.device, streamed)
             values = [p.detach() for _, p in layer.owned]
             if layer.plan.optim == "host":
-                layer.host = HostLayer(layer.index, flat, values, self.optim_cfg, self.cuda, self._record)
+                layer.host = (ShardedHostLayer(layer.index, flat, values, self.optim_cfg, self.cuda, self.dp, self._record)
+                              if self.dp else HostLayer(layer.index, flat, values, self.optim_cfg, self.cuda,
+                                                        self._record))
                 source = layer.host.upload
             else:
                 layer.dev = DeviceMaster(flat, values, self.device)
@@ -334,12 +344,14 @@ class OffloadEngine:
         """A managed layer's gradient for one micro-batch: into its fp32 accumulator (host or
         device); on the last micro-batch without clipping, its CPU update starts right away."""
         g, leaf.grad = leaf.grad, None
+        if self.dp:
+            self.dp.average_(g)
         layer.grads_seen += 1
         first, final = layer.grads_seen == 1, layer.grads_seen == self._n_micro
         self.ledger.add("grads", g.nbytes, f"backward of {layer.name}")
         if layer.host is not None:
             layer.host.accumulate(g, first, final, self.worker, self.streams.get("d2h"))
-            if final and not self._clip:
+            if final and not self._clip and not self.dp:  # ranks queue their updates in one order: _update
                 self._submit_host_update(layer, None)
         else:
             self.ledger.add("grads", layer.dev.accumulate(g, first), f"backward of {layer.name}")
@@ -360,9 +372,15 @@ class OffloadEngine:
     def _global_norm(self, device_grads: dict[str, torch.Tensor]) -> torch.Tensor:
         """clip_grad_norm_'s total: per-parameter 2-norms, stacked in model order, normed."""
         norms = {name: torch.linalg.vector_norm(g, 2.0) for name, g in device_grads.items()}
+        host = {}
         for layer in self.layers:
             if layer.host is not None:
-                norms.update(zip((name for name, _ in layer.owned), layer.host.wait_norms(self.worker)))
+                host.update(zip((name for name, _ in layer.owned), layer.host.wait_norms(self.worker)))
+        if self.dp and host:  # partial squared norms of each rank's chunks
+            squares = torch.stack(list(host.values())).to(self.device)
+            dist.all_reduce(squares, group=self.dp.group)
+            host = dict(zip(host, squares.sqrt()))
+        norms.update(host)
         return torch.linalg.vector_norm(torch.stack([norms[n].to(self.device) for n in self.layout.params
                                                      if n in norms]), 2.0)
 
@@ -419,10 +437,16 @@ class OffloadEngine:
         """Clip, queue the CPU updates (lowest layer first), step the device optimizer."""
         self.streamer.invalidate()
         device_grads = self._device_grads()
+        if self.dp:  # managed layers' gradients were averaged as they came
+            for layer in self.layers:
+                if layer.native:
+                    for _, p in layer.owned:
+                        if p.grad is not None:
+                            self.dp.average_(p.grad)
         total = self._global_norm(device_grads)
         coef = torch.clamp(grad_clip / (total + 1e-6), max=1.0) if self._clip else None
-        if coef is not None:
-            coef_host = coef.to("cpu")
+        if coef is not None or self.dp:
+            coef_host = coef.to("cpu") if coef is not None else None
             for layer in self.layers:
                 if layer.host is not None:
                     self._submit_host_update(layer, coef_host)
@@ -476,11 +500,11 @@ class OffloadEngine:
         for layer in self.layers:
             names = [name for name, _ in layer.owned]
             if layer.native:
-                yield from ((n, p, self.device_optimizer) for n, p in layer.owned)
+                yield from ((n, p, self.device_optimizer.state[p]) for n, p in layer.owned)
             elif layer.host is not None:
-                yield from ((n, v, layer.host.optimizer) for n, v in zip(names, layer.host.master_views))
+                yield from zip(names, *layer.host.full_state())
             else:
-                yield from ((n, v, self.device_optimizer) for n, v in zip(names, layer.dev.views))
+                yield from ((n, v, self.device_optimizer.state[v]) for n, v in zip(names, layer.dev.views))
 
     def state_dict(self) -> dict:
         """The full fp32 model and AdamW state by parameter name, after pending updates land,
@@ -495,6 +519,13 @@ class OffloadEngine:
         """Copy a state_dict() (from this engine, another plan, or plain training) into the
         masters and Adam state, and refresh every compute copy."""
         copy_training_state(self.state_dict(), state)
+        if self.dp:  # the state_dict of a sharded layer is a gathered copy: load the chunks
+            key_of = {name: key for key, name in self.layout.aliases.items()}
+            for layer in self.layers:
+                if layer.host is not None:
+                    names = [name for name, _ in layer.owned]
+                    layer.host.load_full([state["model"][key_of[n]] for n in names],
+                                         [state["optim"]["state"][n] for n in names])
         for layer in self.layers:
             if layer.host is not None:
                 layer.host.refresh(self.streams.get("h2d"))
