@@ -7,6 +7,7 @@ starts. This module parses arguments and dispatches; the work lives in the packa
 
 from __future__ import annotations
 
+import os
 import sys
 
 from hetrain.config import format_config, format_help, load_config
@@ -52,6 +53,8 @@ def cmd_train(args: list[str]) -> int:
 
     path, overrides = _split_config(["--log.trace=true" if a == "--trace" else a for a in args])
     cfg = load_config(path, overrides)
+    if int(os.environ.get("RANK", "0")) > 0:  # under torchrun, rank 0 speaks for all; errors still reach stderr
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
     print(format_config(cfg), flush=True)
     trainer = Trainer(cfg)
     try:

@@ -89,7 +89,8 @@ def save_checkpoint(run_dir: str | os.PathLike, state: dict, meta: CheckpointMet
     tmp = root / f"{final.name}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     with _quiet_single_process():
-        dcp.save({**state, "rng": _rng_state()}, checkpoint_id=str(tmp))
+        # One writer (rank 0 under data parallelism, which holds the full state): no collectives.
+        dcp.save({**state, "rng": _rng_state()}, checkpoint_id=str(tmp), no_dist=True)
     # meta.json is written last: its presence marks the directory complete.
     (tmp / META).write_text(json.dumps(meta.__dict__, indent=1, default=str))
     if final.exists():  # re-saving a step (e.g. after a resume): swap, then drop the old one
@@ -149,7 +150,7 @@ def load_checkpoint(path: Path, state: dict) -> CheckpointMeta:
     state = {**state, "rng": _rng_state()}
     try:
         with _quiet_single_process():
-            dcp.load(state, checkpoint_id=str(path))
+            dcp.load(state, checkpoint_id=str(path), no_dist=True)  # every rank reads the whole state
     except (Exception, CheckpointException) as e:  # DCP's own exception derives from BaseException
         raise ConfigError(f"checkpoint '{path}' could not be read ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
                           f"resume from an earlier checkpoint with --run.resume PATH") from None

@@ -62,12 +62,30 @@ def lr_at(step: int, cfg: Config) -> float:
 
 
 def pick_device(name: str) -> torch.device:
+    local = int(os.environ.get("LOCAL_RANK", "0"))  # one GPU per process under torchrun
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and torch.cuda.is_available():
+        return torch.device("cuda", local % torch.cuda.device_count())
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("run.device is 'cuda' but torch sees no CUDA device; use --run.device cpu "
                           "or install a CUDA build of torch (README)")
     return torch.device(name)
+
+
+def init_distributed(device: torch.device) -> tuple[int, int]:
+    """(rank, world size): under torchrun (WORLD_SIZE > 1) the process group is made here, NCCL
+    on GPUs and gloo on CPU; (0, 1) for one process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size()
 
 
 def build_model(cfg: Config, vocab_size: int) -> nn.Module:
@@ -108,7 +126,13 @@ class Trainer:
         self.run_dir = Path(cfg.run.dir)
         self.device = pick_device(cfg.run.device)
         if self.device.type == "cpu":
-            torch.set_num_threads(cfg.run.threads or os.cpu_count() or 1)
+            torch.set_num_threads(cfg.run.threads or max(1, (os.cpu_count() or 1) // int(os.environ.get(
+                "LOCAL_WORLD_SIZE", "1"))))
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and cfg.hf.path:
+            raise ConfigError("data parallelism under torchrun runs hetrain's GPT through the offload engine; "
+                              "train a Hugging Face model (--hf.path) in one process")
+        self.rank, self.world = init_distributed(self.device)
+        self.is_main = self.rank == 0
 
         # --- everything that can fail on user input, before any file is written ---------
         self.resume_path = ckpt.resolve_resume(self.run_dir, cfg.run.resume)
@@ -130,10 +154,15 @@ class Trainer:
             self.model, self.optimizer = build_model(cfg, self.data.vocab_size), None
             self.n_params = self.model.num_params()  # counted before the engine takes the weights over
             t = cfg.train
+            dp = None
+            if self.world > 1:
+                from hetrain.offload.sharded import DataParallel
+
+                dp = DataParallel.create()
             try:
-                self.engine = apply_plan(self.model, self.plan, OptimConfig(t.weight_decay, t.beta1, t.beta2,
-                                         cpu_threads=cfg.run.threads or os.cpu_count() or 1), self.device,
-                                         torch.bfloat16 if t.dtype == "bf16" else torch.float32)
+                self.engine = apply_plan(self.model, self.plan, OptimConfig(
+                    t.weight_decay, t.beta1, t.beta2, cpu_threads=torch.get_num_threads()), self.device,
+                    torch.bfloat16 if t.dtype == "bf16" else torch.float32, data_parallel=dp)
             except ValueError as e:
                 raise ConfigError(str(e)) from None
         self.step = 0
@@ -184,7 +213,13 @@ class Trainer:
         else:
             from hetrain.plan.offload_planner import plan_for_config
 
-            plan = plan_for_config(cfg)
+            plan = plan_for_config(cfg) if self.is_main else None
+            if self.world > 1:  # rank 0 plans (and profiles, if need be) for all
+                import torch.distributed as dist
+
+                box = [plan]
+                dist.broadcast_object_list(box, src=0)
+                plan = box[0] or OffloadPlan.resident(cfg.model.n_layer)  # the engine averages gradients
             if plan is None:
                 return None
         print(plan.table(), flush=True)
@@ -272,15 +307,37 @@ class Trainer:
     def save(self, data_state: dict) -> Path:
         meta = ckpt.CheckpointMeta(step=self.step, data_state=data_state, config=to_dict(self.cfg), plan=None,
                                    saved_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
-        return ckpt.save_checkpoint(self.run_dir, self._training_state(), meta, keep=self.cfg.train.keep_checkpoints)
+        state = self._training_state()  # under data parallelism, gathered on every rank
+        path = None
+        if self.is_main:
+            path = ckpt.save_checkpoint(self.run_dir, state, meta, keep=self.cfg.train.keep_checkpoints)
+        self._barrier()
+        return path or ckpt.list_checkpoints(self.run_dir)[-1]
+
+    def _barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def _mean_over_ranks(self, value: float) -> float:
+        if self.world == 1:
+            return value
+        import torch.distributed as dist
+
+        t = torch.tensor([value], dtype=torch.float64, device=self.device if self.device.type == "cuda" else "cpu")
+        dist.all_reduce(t)
+        return t.item() / self.world
 
     def fit(self) -> TrainResult:
         cfg, t = self.cfg, self.cfg.train
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, self.run_dir / "config.toml")
-        logger = MetricsLogger(self.run_dir, cfg.log.tensorboard, resume_step=self.step)
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / "config.toml")
+        self._barrier()
+        logger = MetricsLogger(self.run_dir, cfg.log.tensorboard, resume_step=self.step) if self.is_main else None
         val_batches = self.data.val_batches(t.micro_batch, t.seq_len, t.eval_batches) if t.eval_every else []
-        tokens_per_step = t.micro_batch * t.seq_len * t.grad_accum
+        tokens_per_step = t.micro_batch * t.seq_len * t.grad_accum * self.world
         result = TrainResult(self.run_dir, self.step)
         print(f"hetrain: {self.data.describe()}")
         print(f"hetrain: model {self._model_name()} with {self.n_params / 1e6:.2f}M parameters on "
@@ -292,7 +349,10 @@ class Trainer:
         if self.step:
             print(f"hetrain: resumed from {self.resume_path} at step {self.step}")
 
-        bar = tqdm(total=t.steps, initial=self.step, disable=not cfg.log.progress, unit="step", dynamic_ncols=True)
+        if self.world > 1:
+            print(f"hetrain: data parallel over {self.world} ranks; host optimizer state sharded {self.world} ways")
+        bar = tqdm(total=t.steps, initial=self.step, disable=not (cfg.log.progress and self.is_main), unit="step",
+                   dynamic_ncols=True)
         start = time.perf_counter()
         window_s, window_steps = 0.0, 0
         data_state = self.data.train.state_dict()
@@ -304,10 +364,12 @@ class Trainer:
                 tr = self._tracer_for(self.step + 1)
                 step_start = time.perf_counter()
                 if self.engine is not None:
-                    batches = [self.data.train.next_batch(t.micro_batch, t.seq_len) for _ in range(t.grad_accum)]
-                    stats = self.engine.train_step(batches, lr, t.grad_clip)
+                    # Every rank reads the same stream and takes its own slice of the global batch.
+                    batches = [self.data.train.next_batch(t.micro_batch, t.seq_len)
+                               for _ in range(t.grad_accum * self.world)]
+                    stats = self.engine.train_step(batches[self.rank::self.world], lr, t.grad_clip)
                     self.step += 1
-                    loss_sum, grad_norm = stats.loss, stats.grad_norm
+                    loss_sum, grad_norm = self._mean_over_ranks(stats.loss), stats.grad_norm
                 else:
                     loss_sum, grad_norm = self._plain_step(tr, lr)
                 if self.device.type == "cuda":
@@ -338,7 +400,8 @@ class Trainer:
                     if self.prediction is not None:
                         record["predicted_step_s"] = self.prediction.step_s
                         record["predicted_peak_device_bytes"] = self.prediction.peak_device_bytes
-                    logger.log(record)
+                    if logger is not None:
+                        logger.log(record)
                     bar.write(format_line(record))
                     if record["mfu"] > 1 and not self._warned_mfu:
                         self._warned_mfu = True
@@ -353,16 +416,18 @@ class Trainer:
         except KeyboardInterrupt:
             # Between steps the state is consistent: save it so the interruption loses nothing.
             bar.close()
-            if self.step > saved_at:
+            if self.step > saved_at and self.world == 1:  # ranks stop at different points: no collective save
                 try:
                     path = self.save(data_state)
                     print(f"\nhetrain: interrupted; saved {path}; continue with --run.resume auto")
                 except RuntimeError as e:  # an engine stopped mid-step holds no consistent state
                     print(f"\nhetrain: interrupted mid-step ({e}); the last checkpoint stands")
-            logger.close()
+            if logger is not None:
+                logger.close()
             raise
         bar.close()
-        logger.close()
+        if logger is not None:
+            logger.close()
         self._reset_peak()
         if self.tracer is not None:
             self._write_trace()
@@ -370,7 +435,7 @@ class Trainer:
         result.wall_s = time.perf_counter() - start
         if self.engine is not None:
             self.engine.close()  # the model is plain fp32 on the CPU again, holding the trained values
-        if self.step > 0 and saved_at == self.step:
+        if self.step > 0 and saved_at == self.step and self.is_main:
             ckpt.export_safetensors(self.model, self.run_dir / "model.safetensors")
         summary = f"hetrain: done: step {self.step} in {result.wall_s:.1f} s"
         if result.val_losses:
