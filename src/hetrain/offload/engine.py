@@ -5,12 +5,15 @@ OffloadEngine that owns it until `close()`. Per layer, the parameters become eit
 device parameters (a "native" layer: weights and optimizer on the device, fp32 compute, no
 extra work) or a flat compute-dtype copy, resident or streamed (weights.py), with fp32 masters
 and Adam state on the device or on the host (cpu_optim.py); chosen blocks recompute their
-activations (checkpointing.py). `train_step(batches, lr, grad_clip)` is one optimizer step
-with gradient accumulation and global-norm clipping, giving the losses and parameters of the
-textbook loop (fused AdamW, weight decay on matrices only, clip_grad_norm_). Every byte held
-on the device is counted (checkpointing.DeviceLedger) and the plan's budget is enforced. The
-engine drives the layers itself (`model.embed`, each of `model.blocks`, `model.head`): it must
-not be used on models without that interface, and nothing else may call the model meanwhile.
+activations (checkpointing.py). The plan is resolved into per-layer records (layers.py) and
+its static bytes checked before anything moves (footprint.py); the state of record is read,
+loaded and given back to the model at close by state.py. `train_step(batches, lr, grad_clip)`
+is one optimizer step with gradient accumulation and global-norm clipping, giving the losses
+and parameters of the textbook loop (fused AdamW, weight decay on matrices only,
+clip_grad_norm_). Every byte held on the device is counted (checkpointing.DeviceLedger) and
+the plan's budget is enforced. The engine drives the layers itself (`model.embed`, each of
+`model.blocks`, `model.head`): it must not be used on models without that interface, and
+nothing else may call the model meanwhile.
 
 Global-norm clipping needs every gradient before any update. The norms of host-optimised
 layers are taken on the host as their last gradient lands, the others' when backward ends;
@@ -31,17 +34,16 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from hetrain.hardware.probe import probe
 from hetrain.model.describe import block_act_bytes
-from hetrain.offload.checkpointing import DeviceBudgetError, DeviceLedger, apply_recompute
-from hetrain.offload.cpu_optim import (CpuOptimizerWorker, HostLayer, OptimConfig, copy_training_state, make_adamw,
-                                       set_lr, training_state)
+from hetrain.offload.checkpointing import DeviceLedger, apply_recompute
+from hetrain.offload.cpu_optim import CpuOptimizerWorker, HostLayer, OptimConfig, make_adamw, set_lr
+from hetrain.offload.footprint import check_footprint, check_weight_buffers
+from hetrain.offload.layers import Layer, resolve_layers
 from hetrain.offload.sharded import DataParallel, ShardedHostLayer
-from hetrain.offload.weights import (Binding, DeviceMaster, FlatWeights, ModelLayout, WeightStreamer, flat_layout,
-                                     host_empty, install, uninstall)
-from hetrain.plan.offload_plan import LayerPlan, OffloadPlan
+from hetrain.offload.state import gather_state, give_back_model, load_state
+from hetrain.offload.weights import Binding, DeviceMaster, FlatWeights, WeightStreamer, host_empty, install, uninstall
+from hetrain.plan.offload_plan import OffloadPlan
 from hetrain.predict.trace import TraceEvent
-from hetrain.train.metrics import fmt_bytes
 
 
 @dataclass
@@ -56,28 +58,6 @@ class StepStats:
     weight_wait_s: float
     """Time spent waiting for weights: updates of the previous step to land and, where
     copies are synchronous (CPU), fetches of streamed weights."""
-
-
-@dataclass
-class _Layer:
-    index: int
-    plan: LayerPlan
-    owned: list[tuple[str, nn.Parameter]]
-    """(fqn, parameter) this layer owns, in model.named_parameters() order."""
-    native: bool
-    recompute: bool
-    flat: FlatWeights | None = None
-    host: HostLayer | None = None
-    dev: DeviceMaster | None = None
-    bindings: tuple = ()
-    reads: tuple = ()
-    """Flats this layer's compute reads: its own and borrowed ones (a tied embedding)."""
-    streamed: tuple = ()
-    grads_seen: int = 0
-
-    @property
-    def name(self) -> str:
-        return self.plan.name
 
 
 def apply_plan(model: nn.Module, plan: OffloadPlan, optim_cfg: OptimConfig, device: torch.device | str,
@@ -106,12 +86,6 @@ def apply_plan(model: nn.Module, plan: OffloadPlan, optim_cfg: OptimConfig, devi
     return OffloadEngine(model, plan, optim_cfg, torch.device(device), compute_dtype, trace, data_parallel)
 
 
-def _layer_of(module_name: str, last: int) -> int:
-    if module_name.startswith("blocks."):
-        return int(module_name.split(".")[1]) + 1
-    return 0 if module_name in ("tok_emb", "pos_emb") else last
-
-
 class OffloadEngine:
     """Runs training steps of one model under one plan; see `apply_plan`."""
 
@@ -132,8 +106,9 @@ class OffloadEngine:
         self._t0 = time.perf_counter()
         self.step, self._lr, self._wait_s, self._last_micro = 0, 0.0, 0.0, True
         self._closed, self._broken, self._handles = False, None, []
-        self._inspect()
-        self._check()  # 1
+        self.layout, self.layers = resolve_layers(model, plan, compute_dtype)
+        check_weight_buffers(plan, self.layout, self.layers)  # 1
+        self.static_device_bytes = check_footprint(model, plan, self.layers, compute_dtype, device, data_parallel)
         self._place()  # 2
         device_params = [p for l in self.layers if l.native for _, p in l.owned]
         device_params += [v for l in self.layers if l.dev is not None for v in l.dev.views]
@@ -159,51 +134,6 @@ class OffloadEngine:
             torch.set_num_threads(optim_cfg.cpu_threads)
 
     # --- setup -------------------------------------------------------------------------------
-    def _inspect(self) -> None:
-        last = len(self.model.blocks) + 1
-        self.layout = ModelLayout(self.model, lambda name: _layer_of(name, last))
-        native = self.dtype == torch.float32
-        self.layers = [_Layer(i, lp, self.layout.owned(i), native and lp.weights == "device" and lp.optim == "device",
-                              lp.act == "recompute") for i, lp in enumerate(self.plan.layers)]
-
-    def _check(self) -> None:
-        """Everything the plan needs, against the buffers, the device budget and host RAM."""
-        streamed = {l.index for l in self.layers if l.plan.weights == "host"}
-        need = max(len({self.layout.owner[pid] for pid, *_ in self.layout.read_by(l.index)} & streamed)
-                   for l in self.layers)
-        if need > self.plan.weight_buffers:
-            raise ValueError(f"plan.weight_buffers={self.plan.weight_buffers} is too few: the head of a model with tied "
-                             f"embeddings reads the streamed embedding matrix too, so it needs {need} buffers at "
-                             f"once; set weight_buffers >= {need + self.plan.prefetch_depth}")
-        device_bytes, host_bytes, largest = sum(b.nbytes for b in self.model.buffers()), 0, 0
-        for layer in self.layers:
-            numel, n_params = flat_layout(layer.owned)[1], len(layer.owned)
-            adam_bytes = 8 * sum(p.numel() for _, p in layer.owned) + 4 * n_params
-            compute_bytes = numel * self.dtype.itemsize
-            if layer.native:
-                device_bytes += 4 * sum(p.numel() for _, p in layer.owned) + adam_bytes
-            elif layer.plan.optim == "device":
-                device_bytes += 4 * numel + adam_bytes
-                host_bytes += compute_bytes if layer.plan.weights == "host" else 0
-            else:
-                host_bytes += (ShardedHostLayer.estimate_host_bytes(numel, n_params, self.dtype, self.cuda, self.dp.world)
-                               if self.dp else HostLayer.estimate_host_bytes(numel, n_params, self.dtype, self.cuda))
-            if not layer.native and layer.plan.weights == "device":
-                device_bytes += compute_bytes
-            if layer.plan.weights == "host":
-                largest = max(largest, compute_bytes)
-        self.static_device_bytes = device_bytes + self.plan.weight_buffers * largest
-        budget = self.plan.device_budget_bytes
-        if budget is not None and self.static_device_bytes > budget:
-            raise DeviceBudgetError(f"the plan keeps {fmt_bytes(self.static_device_bytes)} on {self.device} before "
-                                    f"any activation (weights, fp32 masters and Adam state on the device, weight "
-                                    f"buffers), over its device budget of {fmt_bytes(budget)}; plan again for this "
-                                    f"budget (hetrain plan)")
-        have = probe().host_ram_available_bytes
-        if host_bytes > have:
-            raise ValueError(f"the plan keeps {fmt_bytes(host_bytes)} in host memory (masters, Adam state, weight "
-                             f"stores) but {fmt_bytes(have)} is available; keep more layers on the device")
-
     def _place(self) -> None:
         """Parameters to their homes: native ones to the device, managed layers into flats."""
         for module in self.model.modules():
@@ -291,7 +221,7 @@ class OffloadEngine:
     def _copy_fences(self) -> tuple:
         return (self._compute_stream(), self.streams["h2d"]) if self.cuda else ()
 
-    def _acquire(self, layer: _Layer, phase: str) -> None:
+    def _acquire(self, layer: Layer, phase: str) -> None:
         """Wait for the layer's weights (updates landed, streamed copies fetched), fetch ahead."""
         start = time.perf_counter()
         for flat in layer.reads:
@@ -340,7 +270,7 @@ class OffloadEngine:
             self._counted_grads.add(id(p))
             self.ledger.add("grads", p.grad.untyped_storage().nbytes(), "accumulating gradients")
 
-    def _flat_grad(self, layer: _Layer, leaf: torch.Tensor) -> None:
+    def _flat_grad(self, layer: Layer, leaf: torch.Tensor) -> None:
         """A managed layer's gradient for one micro-batch: into its fp32 accumulator (host or
         device); on the last micro-batch without clipping, its CPU update starts right away."""
         g, leaf.grad = leaf.grad, None
@@ -357,7 +287,7 @@ class OffloadEngine:
             self.ledger.add("grads", layer.dev.accumulate(g, first), f"backward of {layer.name}")
         self.ledger.sub("grads", g.nbytes)
 
-    def _submit_host_update(self, layer: _Layer, clip_coef: torch.Tensor | None) -> None:
+    def _submit_host_update(self, layer: Layer, clip_coef: torch.Tensor | None) -> None:
         layer.host.submit_update(self.worker, self._lr, clip_coef, self.streams.get("h2d"), self.step)
 
     def _device_grads(self) -> dict[str, torch.Tensor]:
@@ -495,17 +425,6 @@ class OffloadEngine:
             total += self._forward(x.to(self.device), y.to(self.device)).item()
         return total / len(batches)
 
-    def _masters(self):
-        """(fqn, fp32 master tensor, its optimizer) for every parameter, in model order."""
-        for layer in self.layers:
-            names = [name for name, _ in layer.owned]
-            if layer.native:
-                yield from ((n, p, self.device_optimizer.state[p]) for n, p in layer.owned)
-            elif layer.host is not None:
-                yield from zip(names, *layer.host.full_state())
-            else:
-                yield from ((n, v, self.device_optimizer.state[v]) for n, v in zip(names, layer.dev.views))
-
     def state_dict(self) -> dict:
         """The full fp32 model and AdamW state by parameter name, after pending updates land,
         in the layout of torch.distributed.checkpoint's get_state_dict (cpu_optim.training_state).
@@ -513,19 +432,12 @@ class OffloadEngine:
         load_state_dict to refresh the compute copies."""
         self._check_open()
         self.synchronize()
-        return training_state(list(self._masters()), self.layout.aliases, self.optim_cfg, self._lr)
+        return gather_state(self.layers, self.layout, self.device_optimizer, self.optim_cfg, self._lr)
 
     def load_state_dict(self, state: dict) -> None:
         """Copy a state_dict() (from this engine, another plan, or plain training) into the
         masters and Adam state, and refresh every compute copy."""
-        copy_training_state(self.state_dict(), state)
-        if self.dp:  # the state_dict of a sharded layer is a gathered copy: load the chunks
-            key_of = {name: key for key, name in self.layout.aliases.items()}
-            for layer in self.layers:
-                if layer.host is not None:
-                    names = [name for name, _ in layer.owned]
-                    layer.host.load_full([state["model"][key_of[n]] for n in names],
-                                         [state["optim"]["state"][n] for n in names])
+        load_state(self.layers, self.layout, self.state_dict(), state, self.dp)
         for layer in self.layers:
             if layer.host is not None:
                 layer.host.refresh(self.streams.get("h2d"))
@@ -551,16 +463,7 @@ class OffloadEngine:
             handle.remove()
         self._handles.clear()
         self._recompute.remove()
-        with torch.no_grad():
-            values = {name: t.detach().to("cpu", copy=True) for name, t, _ in self._masters()}
-            for name, p in self.layout.params.items():
-                p.data = values[name]
-                if self.layers[self.layout.owner[id(p)]].flat is not None:
-                    self.layout.give_back(p)
-        for module in self.model.modules():
-            for name, b in module._buffers.items():
-                if b is not None:
-                    module._buffers[name] = b.to("cpu")
+        give_back_model(self.model, self.layers, self.layout, self.device_optimizer)
         if torch.get_num_threads() != self._threads_before:
             torch.set_num_threads(self._threads_before)
         if failure is not None and not (self.worker is not None and self.worker.failed):
