@@ -4,7 +4,7 @@
 placement, seconds of each task) from the model description and the cost model; the offload
 planner's MILP (offload_milp.py) and `build_offload_graph` both read these same terms, so the
 linear model and the simulator cannot drift apart on a coefficient. The byte rules are the
-offload engine's own (OffloadEngine._check, HostLayer.estimate_host_bytes, the DeviceLedger
+offload engine's own (footprint.check_footprint, HostLayer.estimate_host_bytes, the DeviceLedger
 categories). `build_offload_graph` replays what the engine does for two consecutive steps, on
 the resources "compute", "h2d", "d2h" and "cpu_optim": forward and backward per micro-batch,
 weight fetches through the engine's buffer pool with its prefetch rule (replayed on task
@@ -121,7 +121,7 @@ class LayerTerms:
         return 16 * self.flat_numel + FP32_BYTES * self.tensors + extra
 
     def device_state_bytes(self, stream: int, cpu_optim: int, settings: StepSettings) -> int:
-        """Device bytes held for good (OffloadEngine._check): fp32 masters and Adam state of a
+        """Device bytes held for good (footprint.check_footprint): fp32 masters and Adam state of a
         device-optimised layer, the compute copy of a resident one (in fp32 the master is it)."""
         device_optim = 1 - cpu_optim
         if settings.fp32:
