@@ -373,9 +373,22 @@ def _gpu_memory_bytes(cfg: Config) -> int | None:
     return accelerators[0].memory_bytes if accelerators else None
 
 
-def resolve_budgets(cfg: Config, cost: CostModel) -> tuple[int | None, int, str]:
-    """(device budget or None for no limit, host budget, how the device budget was chosen) from
-    memory.*: see MemoryConfig; the host budget defaults to HOST_BUDGET_FRACTION of the RAM."""
+@dataclass(frozen=True)
+class ConfigBudgets:
+    """The budgets memory.* resolves to, and how the device budget was chosen."""
+
+    device_bytes: int | None
+    """None: no limit."""
+    host_bytes: int
+    how: str
+    plain_when_resident: bool
+    """'auto' on a GPU: plain training when the plan offloads nothing."""
+
+
+def resolve_budgets(cfg: Config, cost: CostModel | None = None) -> ConfigBudgets:
+    """The budgets of memory.* (see MemoryConfig); the host budget defaults to
+    HOST_BUDGET_FRACTION of the RAM. The cost model (default_cost when None) is used only for a
+    share of plain training's need."""
     from hetrain.hardware.probe import probe
 
     kind, value = parse_device_budget(cfg.memory.device_budget)
@@ -383,15 +396,15 @@ def resolve_budgets(cfg: Config, cost: CostModel) -> tuple[int | None, int, str]
     if host is None:
         host = int(HOST_BUDGET_FRACTION * probe().host_ram_bytes)
     if kind == "none":
-        return None, host, "no device limit (memory.device_budget none)"
+        return ConfigBudgets(None, host, "no device limit (memory.device_budget none)", False)
     if kind == "bytes":
-        return int(value), host, f"memory.device_budget {cfg.memory.device_budget}"
+        return ConfigBudgets(int(value), host, f"memory.device_budget {cfg.memory.device_budget}", False)
     gpu = _gpu_memory_bytes(cfg)
     if kind == "auto" and gpu is not None:
-        return int(GPU_BUDGET_FRACTION * gpu), host, (
-            f"auto: {GPU_BUDGET_FRACTION:.0%} of the GPU's {fmt_bytes(gpu)}")
+        return ConfigBudgets(int(GPU_BUDGET_FRACTION * gpu), host,
+                             f"auto: {GPU_BUDGET_FRACTION:.0%} of the GPU's {fmt_bytes(gpu)}", True)
     share = AUTO_CPU_SHARE if kind == "auto" else value
-    plain = plain_peak_bytes(cfg, cost)
+    plain = plain_peak_bytes(cfg, cost or default_cost(cfg))
     budget = int(share * plain)
     how = f"{share:.0%} of the {fmt_bytes(plain)} plain training would hold"
     if kind == "auto":
@@ -399,30 +412,34 @@ def resolve_budgets(cfg: Config, cost: CostModel) -> tuple[int | None, int, str]
     if gpu is not None and budget > GPU_BUDGET_FRACTION * gpu:
         budget = int(GPU_BUDGET_FRACTION * gpu)
         how += f", capped at {GPU_BUDGET_FRACTION:.0%} of the GPU's {fmt_bytes(gpu)}"
-    return budget, host, how
+    return ConfigBudgets(budget, host, how, False)
+
+
+def _plan_for_budgets(cfg: Config, budgets: ConfigBudgets, cost: CostModel | None) -> OffloadPlan:
+    plan = plan_offload(cfg, budgets.device_bytes, budgets.host_bytes, cost or default_cost(cfg))
+    device = fmt_bytes(budgets.device_bytes) if budgets.device_bytes else "unlimited"
+    plan.note = f"Device budget {device}: {budgets.how}. " + plan.note
+    return plan
 
 
 def plan_for_config(cfg: Config, cost: CostModel | None = None) -> OffloadPlan | None:
     """The plan `hetrain train` runs for memory.*: None for plain training (device budget 'none',
     or 'auto' on a GPU whose budget holds the whole model), else the planned OffloadPlan."""
+    if parse_device_budget(cfg.memory.device_budget)[0] == "none":
+        return None  # before any cost model: plain training needs no profile
     cost = cost or default_cost(cfg)
-    device, host, how = resolve_budgets(cfg, cost)
-    if device is None:
-        return None
-    plan = plan_offload(cfg, device, host, cost)
-    if cfg.memory.device_budget.strip().lower() == "auto" and _gpu_memory_bytes(cfg) is not None and not any(
+    budgets = resolve_budgets(cfg, cost)
+    plan = _plan_for_budgets(cfg, budgets, cost)
+    if budgets.plain_when_resident and not any(
             l.act == "recompute" or l.weights == "host" or l.optim == "host" for l in plan.layers):
         return None
-    plan.note = f"Device budget {fmt_bytes(device)}: {how}. " + plan.note
     return plan
 
 
 def run_offload_planning(cfg: Config, out_dir: str | os.PathLike, cost: CostModel | None = None) -> OffloadPlan:
     """Plan for the budgets of `cfg.memory`, print the table, write `out_dir/plan.json`."""
     cost = cost or default_cost(cfg)
-    device, host, how = resolve_budgets(cfg, cost)
-    plan = plan_offload(cfg, device, host, cost)
-    plan.note = f"Device budget {fmt_bytes(device) if device else 'unlimited'}: {how}. " + plan.note
+    plan = _plan_for_budgets(cfg, resolve_budgets(cfg, cost), cost)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     plan.save(out / "plan.json")
