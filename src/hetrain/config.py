@@ -31,6 +31,7 @@ import tomli_w
 
 from hetrain.data import DataConfig
 from hetrain.errors import ConfigError
+from hetrain.files import write_atomic
 from hetrain.model.gpt import ModelConfig
 from hetrain.model.presets import get_preset
 
@@ -375,10 +376,7 @@ def to_dict(cfg: Config) -> dict:
 
 def save_config(cfg: Config, path: str | os.PathLike) -> None:
     """Write the resolved config as TOML (temporary name, then rename)."""
-    path = Path(path)
-    tmp = path.with_suffix(".toml.tmp")
-    tmp.write_text(tomli_w.dumps(to_dict(cfg)))
-    os.replace(tmp, path)
+    write_atomic(path, tomli_w.dumps(to_dict(cfg)))
 
 
 def format_config(cfg: Config) -> str:

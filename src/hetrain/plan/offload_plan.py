@@ -20,6 +20,7 @@ import json
 import os
 from dataclasses import dataclass, field
 
+from hetrain.files import write_atomic
 from hetrain.train.metrics import fmt_bytes
 
 PLAN_FORMAT = "hetrain.offload_plan/1"
@@ -195,12 +196,7 @@ class OffloadPlan:
     def save(self, path) -> None:
         """Write the plan as JSON, atomically (a temporary file, then a rename)."""
         self.validate()
-        path = os.fspath(path)
-        tmp = f"{path}.tmp{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(self.to_dict(), f, indent=1)
-            f.write("\n")
-        os.replace(tmp, path)
+        write_atomic(path, json.dumps(self.to_dict(), indent=1) + "\n")
 
     @classmethod
     def load(cls, path) -> "OffloadPlan":

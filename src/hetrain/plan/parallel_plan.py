@@ -15,6 +15,8 @@ import json
 import os
 from dataclasses import dataclass, field
 
+from hetrain.files import write_atomic
+
 PLAN_FORMAT = "hetrain.cluster_plan/1"
 
 
@@ -89,12 +91,7 @@ class ClusterPlan:
 
     def save(self, path) -> None:
         """Write the plan as JSON (atomically: a temporary file, then a rename)."""
-        path = os.fspath(path)
-        tmp = path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(self.to_dict(), f, indent=1)
-            f.write("\n")
-        os.replace(tmp, path)
+        write_atomic(path, json.dumps(self.to_dict(), indent=1) + "\n")
 
     @classmethod
     def load(cls, path) -> "ClusterPlan":

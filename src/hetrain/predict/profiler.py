@@ -22,7 +22,6 @@ import os
 import platform
 import socket
 import statistics
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +31,7 @@ import torch
 
 from hetrain.config import Config
 from hetrain.errors import ConfigError
+from hetrain.files import write_atomic
 from hetrain.memory import MemoryAccountant
 from hetrain.model.gpt import GPT, ModelConfig
 from hetrain.predict.cost import LayerTiming, ModelProfile, Profile, UpdateTiming
@@ -93,11 +93,7 @@ def save_profile(profile: Profile, profile_dir: str | os.PathLike) -> Path:
     path = profile_path(profile_dir, profile.machine)
     path.parent.mkdir(parents=True, exist_ok=True)
     doc = {"version": PROFILE_VERSION, **dataclasses.asdict(profile)}
-    fd, tmp = tempfile.mkstemp(prefix=".profile-", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(doc, f, indent=1)
-    os.replace(tmp, path)
-    return path
+    return write_atomic(path, json.dumps(doc, indent=1))
 
 
 def _from_dict(doc: dict) -> Profile:

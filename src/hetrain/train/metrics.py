@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from hetrain.files import write_atomic
+
 
 def fmt_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
@@ -71,9 +73,7 @@ class MetricsLogger:
             # Drop records past the checkpoint we resume from: those steps are run again.
             kept = [ln for ln in self.path.read_text().splitlines()
                     if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
-            tmp = self.path.with_suffix(".jsonl.tmp")
-            tmp.write_text("".join(ln + "\n" for ln in kept))
-            os.replace(tmp, self.path)
+            write_atomic(self.path, "".join(ln + "\n" for ln in kept))
         self._file = open(self.path, "a")
         self._tb = None
         if tensorboard:
