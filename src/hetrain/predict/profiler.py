@@ -370,7 +370,7 @@ def measure_machine(profile: Profile, device: torch.device, options: ProfileOpti
 def run_profile(cfg: Config, options: ProfileOptions | None = None) -> tuple[Profile, ModelProfile, Path]:
     """Measure `cfg`'s model at its micro-batch, sequence length and dtype on this machine (and the
     machine-level figures when the cache lacks them), merge into the cache, save it."""
-    from hetrain.train.trainer import pick_device
+    from hetrain.train.distributed import pick_device
 
     options = options or ProfileOptions()
     device = pick_device(cfg.run.device)

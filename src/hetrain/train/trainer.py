@@ -28,6 +28,7 @@ from hetrain.memory import MemoryAccountant
 from hetrain.model.describe import describe_model
 from hetrain.model.gpt import GPT
 from hetrain.train import checkpoint as ckpt
+from hetrain.train.distributed import init_ranks, launched_world, pick_device, processes_on_this_node
 from hetrain.train.metrics import MetricsLogger, device_peak_flops, fmt_bytes, format_line
 from hetrain.train.tracing import StepTracer
 
@@ -59,33 +60,6 @@ def lr_at(step: int, cfg: Config) -> float:
         return t.lr * (step + 1) / t.warmup_steps
     progress = min(1.0, (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps))
     return t.min_lr + 0.5 * (t.lr - t.min_lr) * (1 + math.cos(math.pi * progress))
-
-
-def pick_device(name: str) -> torch.device:
-    local = int(os.environ.get("LOCAL_RANK", "0"))  # one GPU per process under torchrun
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and torch.cuda.is_available():
-        return torch.device("cuda", local % torch.cuda.device_count())
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("run.device is 'cuda' but torch sees no CUDA device; use --run.device cpu "
-                          "or install a CUDA build of torch (README)")
-    return torch.device(name)
-
-
-def init_distributed(device: torch.device) -> tuple[int, int]:
-    """(rank, world size): under torchrun (WORLD_SIZE > 1) the process group is made here, NCCL
-    on GPUs and gloo on CPU; (0, 1) for one process."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return dist.get_rank(), dist.get_world_size()
 
 
 def build_model(cfg: Config, vocab_size: int) -> nn.Module:
@@ -126,13 +100,12 @@ class Trainer:
         self.run_dir = Path(cfg.run.dir)
         self.device = pick_device(cfg.run.device)
         if self.device.type == "cpu":
-            torch.set_num_threads(cfg.run.threads or max(1, (os.cpu_count() or 1) // int(os.environ.get(
-                "LOCAL_WORLD_SIZE", "1"))))
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and cfg.hf.path:
+            torch.set_num_threads(cfg.run.threads or max(1, (os.cpu_count() or 1) // processes_on_this_node()))
+        if launched_world() > 1 and cfg.hf.path:
             raise ConfigError("data parallelism under torchrun runs hetrain's GPT through the offload engine; "
                               "train a Hugging Face model (--hf.path) in one process")
-        self.rank, self.world = init_distributed(self.device)
-        self.is_main = self.rank == 0
+        self.ranks = init_ranks(self.device)
+        self.rank, self.world, self.is_main = self.ranks.rank, self.ranks.world, self.ranks.is_main
 
         # --- everything that can fail on user input, before any file is written ---------
         self.resume_path = ckpt.resolve_resume(self.run_dir, cfg.run.resume)
@@ -213,13 +186,9 @@ class Trainer:
         else:
             from hetrain.plan.offload_planner import plan_for_config
 
-            plan = plan_for_config(cfg) if self.is_main else None
-            if self.world > 1:  # rank 0 plans (and profiles, if need be) for all
-                import torch.distributed as dist
-
-                box = [plan]
-                dist.broadcast_object_list(box, src=0)
-                plan = box[0] or OffloadPlan.resident(cfg.model.n_layer)  # the engine averages gradients
+            plan = self.ranks.from_main(plan_for_config(cfg) if self.is_main else None)  # rank 0 plans for all
+            if plan is None and self.world > 1:
+                plan = OffloadPlan.resident(cfg.model.n_layer)  # the engine averages the gradients
             if plan is None:
                 return None
         print(plan.table(), flush=True)
@@ -311,30 +280,15 @@ class Trainer:
         path = None
         if self.is_main:
             path = ckpt.save_checkpoint(self.run_dir, state, meta, keep=self.cfg.train.keep_checkpoints)
-        self._barrier()
+        self.ranks.barrier()
         return path or ckpt.list_checkpoints(self.run_dir)[-1]
-
-    def _barrier(self) -> None:
-        if self.world > 1:
-            import torch.distributed as dist
-
-            dist.barrier()
-
-    def _mean_over_ranks(self, value: float) -> float:
-        if self.world == 1:
-            return value
-        import torch.distributed as dist
-
-        t = torch.tensor([value], dtype=torch.float64, device=self.device if self.device.type == "cuda" else "cpu")
-        dist.all_reduce(t)
-        return t.item() / self.world
 
     def fit(self) -> TrainResult:
         cfg, t = self.cfg, self.cfg.train
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.toml")
-        self._barrier()
+        self.ranks.barrier()
         logger = MetricsLogger(self.run_dir, cfg.log.tensorboard, resume_step=self.step) if self.is_main else None
         val_batches = self.data.val_batches(t.micro_batch, t.seq_len, t.eval_batches) if t.eval_every else []
         tokens_per_step = t.micro_batch * t.seq_len * t.grad_accum * self.world
@@ -369,7 +323,7 @@ class Trainer:
                                for _ in range(t.grad_accum * self.world)]
                     stats = self.engine.train_step(batches[self.rank::self.world], lr, t.grad_clip)
                     self.step += 1
-                    loss_sum, grad_norm = self._mean_over_ranks(stats.loss), stats.grad_norm
+                    loss_sum, grad_norm = self.ranks.mean(stats.loss), stats.grad_norm
                 else:
                     loss_sum, grad_norm = self._plain_step(tr, lr)
                 if self.device.type == "cuda":
