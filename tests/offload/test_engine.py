@@ -351,6 +351,49 @@ def test_resident_plan_counts_what_the_memory_accountant_counts():
     assert [s.peak_device_bytes for s in stats[1:]] == peaks[1:]
 
 
+def _count_packs(packs: list):
+    def setup(engine):
+        pack = engine.ledger._pack
+        engine.ledger._pack = lambda t: (packs.append(engine.step), pack(t))[1]
+    return setup
+
+
+@pytest.mark.parametrize("shape", [(0, 0, 0), (2, 0, 0), (0, 0, 2), (4, 2, 2)])
+def test_counting_a_layer_at_a_time_bounds_the_per_tensor_count(shape):
+    # After the first micro-batch of a shape, no saved-tensor hook runs unless weights are
+    # streamed; the count by layer stays at or above the count by tensor, by less than a layer.
+    plan = OffloadPlan.prefix_suffix(4, *shape)
+    by_layer, exact = [], []
+    _, _, engine, stats = engine_run(plan, steps=3, setup=_count_packs(by_layer))
+    _, _, _, exact_stats = engine_run(plan, steps=3, setup=lambda e: (setattr(e.activations, "per_tensor", True),
+                                                                     _count_packs(exact)(e)))
+    measured = engine.activations.by_shape[(MICRO, SEQ)]
+    assert len(measured) == len(engine.layers) and sum(measured) > 0 and min(measured) >= 0
+    if shape[1]:  # streamed weights: the hooks stay on for every micro-batch
+        assert engine.activations.per_tensor and len(by_layer) == len(exact)
+    else:
+        assert set(by_layer) == {0} and len(by_layer) * 3 * ACCUM == len(exact)
+    for s, e in zip(stats, exact_stats):
+        assert e.peak_device_bytes <= s.peak_device_bytes <= e.peak_device_bytes + max(measured)
+
+
+def test_a_new_batch_shape_is_measured_before_it_is_counted_by_layer():
+    torch.manual_seed(0)
+    engine = apply_plan(GPT(CFG), OffloadPlan.prefix_suffix(4, recompute=2), OPTIM, "cpu")
+    try:
+        g = torch.Generator().manual_seed(0)
+        peaks = {}
+        for seq in (SEQ, SEQ // 2, SEQ, SEQ // 2):
+            batch = [(torch.randint(0, 256, (MICRO, seq), generator=g),) * 2]
+            peaks.setdefault(seq, []).append(engine.train_step(batch, 1e-3, 1.0).peak_device_bytes)
+        assert set(engine.activations.by_shape) == {(MICRO, SEQ), (MICRO, SEQ // 2)}
+        assert sum(engine.activations.by_shape[(MICRO, SEQ // 2)]) < sum(engine.activations.by_shape[(MICRO, SEQ)])
+        assert peaks[SEQ // 2][1] < peaks[SEQ][1]
+        assert engine.ledger.bytes["activations"] == 0 and engine.ledger.bytes["grads"] == 0
+    finally:
+        engine.close()
+
+
 def test_offloading_lowers_the_peak_and_buffers_are_counted():
     resident = engine_run(OffloadPlan.resident(4), steps=2)
     offloaded = engine_run(OffloadPlan.prefix_suffix(4, 4, 4, 4, weight_buffers=2), steps=2)

@@ -13,7 +13,9 @@ mask.
 `DeviceLedger` counts what the offload engine holds on its device. It lives here because the
 part of that count that needs care is activations: tensors saved for backward (saved-tensor
 hooks) and the tensors a recomputed block holds during its backward. It only counts; it
-never frees or moves anything.
+never frees or moves anything. `LayerActivations` keeps that count cheap: a saved-tensor hook
+costs ~20 us of Python per tensor, which a short step notices, so the first micro-batch of
+each shape is counted tensor by tensor and later ones a layer at a time from that measurement.
 """
 
 from __future__ import annotations
@@ -116,9 +118,10 @@ class DeviceLedger:
     DeviceBudgetError the moment the total passes the budget.
 
     Categories: params (resident compute weights, device masters, model buffers),
-    weight_buffers (the streaming pool), optimizer (Adam state on the device), grads,
-    activations (tensors saved for backward, counted by saved-tensor hooks as hetrain.memory
-    does, deduplicated by storage and released when autograd frees them) and recompute (a
+    weight_buffers (the streaming pool), optimizer (Adam state on the device), grads (a
+    native layer's from the start of its backward), activations (tensors saved for backward,
+    counted by saved-tensor hooks as hetrain.memory does, deduplicated by storage and released
+    when autograd frees them; or a layer at a time by LayerActivations) and recompute (a
     recomputed block's saved tensors, held from the start of its backward to its end: they
     are saved inside torch.utils.checkpoint's own hooks, so their size comes from the model
     description, which tests check against the measured bytes). Tensors saved out of a
@@ -188,3 +191,64 @@ class DeviceLedger:
     def saving(self):
         """Count tensors saved for backward inside this block until autograd frees them."""
         return torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+
+
+class LayerActivations:
+    """The activations a micro-batch saves, counted tensor by tensor or a layer at a time.
+
+    The first micro-batch of each (batch, sequence) shape runs under the ledger's saved-tensor
+    hooks, and the bytes first counted during each layer's forward are noted (the loss scaling
+    after the head counts as the head's). Later micro-batches of that shape run without hooks:
+    each layer's measured bytes are added when its forward ends and taken away when its
+    backward ends (the whole remainder when backward returns). The forward is counted exactly
+    at every layer boundary; in backward a layer's bytes are held until its backward is over,
+    where autograd frees them op by op, so the count is an upper bound there, never below what
+    the hooks count. A tensor counted in layer i is only saved by layers i and later, so layer
+    i's backward, the last of those, is the latest it can be freed. `per_tensor=True` keeps
+    the hooks on for every micro-batch: the engine needs them when weights are streamed, to
+    turn tensors saved out of a weight buffer into references.
+    """
+
+    def __init__(self, ledger: DeviceLedger, n_layers: int, per_tensor: bool):
+        self.ledger, self.n_layers, self.per_tensor = ledger, n_layers, per_tensor
+        self.by_shape: dict[tuple[int, ...], list[int]] = {}
+        self._shape: tuple[int, ...] = ()
+        self._replay: list[int] | None = None
+        self._marks: list[int] | None = None
+        self._held: dict[int, int] = {}
+
+    def micro_batch(self, shape: tuple[int, ...]):
+        """The counting context of one micro-batch's forward and backward."""
+        self._shape = shape
+        self._replay = None if self.per_tensor else self.by_shape.get(shape)
+        if self._replay is not None:
+            return contextlib.nullcontext()
+        self._marks = [self.ledger.bytes["activations"]] if shape not in self.by_shape else None
+        return self.ledger.saving()
+
+    def forward_done(self, index: int, name: str) -> None:
+        """Layer `index` finished its forward with autograd recording."""
+        if self._replay is not None:
+            self._held[index] = self._replay[index]
+            self.ledger.add("activations", self._replay[index], f"saving activations of {name}")
+        elif self._marks is not None:
+            self._marks.append(self.ledger.bytes["activations"])
+
+    def backward_starts(self) -> None:
+        """The loss is ready: whatever was saved since the head's forward is the head's."""
+        if self._marks is not None and len(self._marks) == self.n_layers + 1:
+            self._marks[-1] = self.ledger.bytes["activations"]
+
+    def backward_done(self, index: int) -> None:
+        """Layer `index` finished its backward."""
+        nbytes = self._held.pop(index, None)
+        if nbytes is not None:
+            self.ledger.sub("activations", nbytes)
+
+    def micro_batch_done(self) -> None:
+        """Backward returned: nothing it saved is held any more."""
+        for index in list(self._held):
+            self.backward_done(index)
+        if self._marks is not None and len(self._marks) == self.n_layers + 1:
+            self.by_shape[self._shape] = [b - a for a, b in zip(self._marks, self._marks[1:])]
+        self._replay = self._marks = None

@@ -35,7 +35,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from hetrain.model.describe import block_act_bytes
-from hetrain.offload.checkpointing import DeviceLedger, apply_recompute
+from hetrain.offload.checkpointing import DeviceLedger, LayerActivations, apply_recompute
 from hetrain.offload.cpu_optim import CpuOptimizerWorker, HostLayer, OptimConfig, make_adamw, set_lr
 from hetrain.offload.footprint import check_footprint, check_weight_buffers
 from hetrain.offload.layers import Layer, resolve_layers
@@ -73,11 +73,12 @@ def apply_plan(model: nn.Module, plan: OffloadPlan, optim_cfg: OptimConfig, devi
        later step refers to parameters where they finally live;
     3. optimizers: fused AdamW on the device over native parameters and device masters, one per
        host-optimised layer on the host, and the worker thread that runs those;
-    4. gradient hooks on the final autograd leaves (native parameters, flat compute copies);
+    4. gradient hooks on the flat compute copies (native parameters need none: their
+       gradients are counted from the start of their layer's backward);
     5. recomputation, last and innermost: it wraps only the block's own forward, so a
        recompute re-runs the block's math and none of the engine's fetch or release work,
        which the backward hooks do once per layer.
-    Saved-tensor accounting wraps each forward and backward in `train_step`. `trace=True`
+    Activations are counted per micro-batch in `train_step` (checkpointing.LayerActivations). `trace=True`
     records what ran as TraceEvents in `engine.trace` (lanes compute, h2d, d2h, cpu_optim).
     With `data_parallel` (DataParallel.create() on every rank) gradients are averaged across
     ranks and host optimizer state is sharded (sharded.py); every rank must apply the same plan
@@ -104,7 +105,7 @@ class OffloadEngine:
         self.streams = {"h2d": torch.cuda.Stream(device), "d2h": torch.cuda.Stream(device)} if self.cuda else {}
         self.trace: list[TraceEvent] | None = [] if trace else None
         self._t0 = time.perf_counter()
-        self.step, self._lr, self._wait_s, self._last_micro = 0, 0.0, 0.0, True
+        self.step, self._lr, self._wait_s, self._first_micro, self._last_micro = 0, 0.0, 0.0, True, True
         self._closed, self._broken, self._handles = False, None, []
         self.layout, self.layers = resolve_layers(model, plan, compute_dtype)
         check_weight_buffers(plan, self.layout, self.layers)  # 1
@@ -114,16 +115,19 @@ class OffloadEngine:
         device_params += [v for l in self.layers if l.dev is not None for v in l.dev.views]
         self.device_optimizer = make_adamw(device_params, optim_cfg) if device_params else None  # 3
         self.worker = CpuOptimizerWorker() if any(l.host is not None for l in self.layers) else None
-        self._counted_grads: set[int] = set()  # 4
-        for layer in self.layers:
-            if layer.native:
-                self._handles += [p.register_post_accumulate_grad_hook(self._native_grad) for _, p in layer.owned]
-            else:
+        for layer in self.layers:  # 4
+            if not layer.native:
                 self._handles.append(layer.flat.param.register_post_accumulate_grad_hook(
                     functools.partial(self._flat_grad, layer)))
+        # A native layer's fp32 gradients, counted from its backward's start to the update (a
+        # tied matrix is the embedding's, and autograd accumulates it once, in that backward).
+        self._native_grad_bytes = [sum(p.numel() * p.element_size() for _, p in l.owned) if l.native else 0
+                                   for l in self.layers]
+        self._native_grads_held = 0
         self._recompute = apply_recompute(model.blocks, [l.index - 1 for l in self.layers if l.recompute],
                                           self._on_recompute if trace else None)  # 5
         self._count_device_state()
+        self.activations = LayerActivations(self.ledger, len(self.layers), per_tensor=bool(self.streamer.flats))
         # Uses of streamed weights in a micro-batch: forward in order, then backward in reverse
         # (the embedding's backward reads no weights); prefetch walks this list, cyclically.
         self.streamer.schedule = [(("fwd", l.index), l.streamed) for l in self.layers if l.streamed] + \
@@ -241,6 +245,7 @@ class OffloadEngine:
         self.streamer.release(layer.streamed, self._compute_stream())
         self._record(f"fwd {layer.name}", "compute", start, time.perf_counter(), "fwd")
         if out.requires_grad:
+            self.activations.forward_done(index, layer.name)
             out.register_hook(functools.partial(self._backward_begins, index))
         return out
 
@@ -249,6 +254,9 @@ class OffloadEngine:
         if index + 1 < len(self.layers):
             self._backward_ends(index + 1)  # this output is the next layer's input: its backward is over
         layer = self.layers[index]
+        if self._first_micro and self._native_grad_bytes[index]:
+            self._native_grads_held += self._native_grad_bytes[index]
+            self.ledger.add("grads", self._native_grad_bytes[index], f"backward of {layer.name}")
         if index == 0:
             return  # the embedding's backward reads token ids, not weights
         if layer.recompute:
@@ -259,17 +267,13 @@ class OffloadEngine:
 
     def _backward_ends(self, index: int) -> None:
         layer = self.layers[index]
+        self.activations.backward_done(index)
         if layer.recompute:
             uninstall(layer.bindings)
             self.ledger.sub("recompute", self._recompute_bytes)
         self.streamer.release(layer.streamed, self._compute_stream())
 
     # --- gradients ---------------------------------------------------------------------------
-    def _native_grad(self, p: torch.Tensor) -> None:
-        if id(p) not in self._counted_grads:
-            self._counted_grads.add(id(p))
-            self.ledger.add("grads", p.grad.untyped_storage().nbytes(), "accumulating gradients")
-
     def _flat_grad(self, layer: Layer, leaf: torch.Tensor) -> None:
         """A managed layer's gradient for one micro-batch: into its fp32 accumulator (host or
         device); on the last micro-batch without clipping, its CPU update starts right away."""
@@ -332,11 +336,13 @@ class OffloadEngine:
         losses = []
         try:
             for m, (x, y) in enumerate(batches):
-                self._last_micro = m == len(batches) - 1
+                self._first_micro, self._last_micro = m == 0, m == len(batches) - 1
                 x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-                with self.ledger.saving():
+                with self.activations.micro_batch(tuple(x.shape)):
                     loss = self._forward(x, y) / len(batches)
+                    self.activations.backward_starts()
                     loss.backward()
+                self.activations.micro_batch_done()
                 losses.append(loss.detach())
             grad_norm = self._update(grad_clip)
             if not self.plan.overlap:
@@ -395,12 +401,11 @@ class OffloadEngine:
         for layer in self.layers:  # zero_grad(set_to_none=True) of the device side
             if layer.native:
                 for _, p in layer.owned:
-                    if p.grad is not None:
-                        self.ledger.sub("grads", p.grad.untyped_storage().nbytes())
-                        p.grad = None
+                    p.grad = None
             elif layer.dev is not None:
                 self.ledger.sub("grads", layer.dev.zero_grad())
-        self._counted_grads.clear()
+        self.ledger.sub("grads", self._native_grads_held)
+        self._native_grads_held = 0
         return total
 
     # --- outside the step --------------------------------------------------------------------

@@ -357,11 +357,12 @@ class _Builder:
                                  alloc=t[l].recompute_bytes, layer=l)
                 saved = (t[l].saved_recompute_bytes + t[l].recompute_bytes) if r else t[l].saved_keep_bytes
                 accumulate = t[l].device_accumulate_s if mb and not c else 0.0
-                bwd = self.compute(f"{tag}.bwd.{t[l].name}", t[l].bwd_s + accumulate, "bwd", waits, free=saved,
-                                   layer=l)
-                if not c and mb == 0:
-                    grads_held += t[l].grad_bytes
-                    self.compute(f"{tag}.grad.{t[l].name}", 0.0, "bwd", alloc=t[l].grad_bytes, layer=l)
+                # A device-optimised layer's gradient is held from the start of its first backward
+                # (the engine's count), while its saved tensors are freed only as the backward ends.
+                grad = t[l].grad_bytes if not c and mb == 0 else 0
+                grads_held += grad
+                bwd = self.compute(f"{tag}.bwd.{t[l].name}", t[l].bwd_s + accumulate, "bwd", waits, alloc=grad,
+                                   free=saved, layer=l)
                 if c:
                     host_done[l] = self._offload_grad(tag, l, bwd)
                     if not st.clip and mb == st.grad_accum - 1:
