@@ -23,6 +23,9 @@ quiet. OMP_WAIT_POLICY is PASSIVE unless the environment sets it (run with
 OMP_WAIT_POLICY=ACTIVE to compare).
 
     .venv/bin/python bench/bench_offload_engine.py [--rounds 60] [--steps-per-round 1] [--warmup 2] [--only NAME ...]
+        [--plot docs/figures/offload_engine_overhead.png]
+
+--plot draws the ratios of this run (noise, resident, mixed per configuration, and the 5% line).
 """
 
 from __future__ import annotations
@@ -212,6 +215,34 @@ def print_row(r: dict) -> None:
           f"{r['mixed_s'] / r['plain_s']:6.3f} {r['mixed_loss_diff']:9.1e} {r['other_load']:6.0%}{flag}", flush=True)
 
 
+def plot_ratios(rows: list[dict], path: str, title: str) -> None:
+    """Bars of noise, resident and mixed ratios per configuration, with the 1.05 bound."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = {"noise (plain again)": "again_s", "resident plan": "resident_s", "mixed plan": "mixed_s"}
+    fig, ax = plt.subplots(figsize=(9, 4.2))
+    width = 0.8 / len(series)
+    for j, (label, key) in enumerate(series.items()):
+        xs = [i + (j - (len(series) - 1) / 2) * width for i in range(len(rows))]
+        ratios = [r[key] / r["plain_s"] for r in rows]
+        bars = ax.bar(xs, ratios, width, label=label)
+        ax.bar_label(bars, labels=[f"{v:.3f}" for v in ratios], fontsize=7, padding=2)
+    ax.axhline(RESIDENT_TARGET, color="black", linestyle="--", linewidth=1, label=f"{RESIDENT_TARGET:.2f} bound")
+    ax.axhline(1.0, color="grey", linewidth=0.6)
+    ax.set_xticks(range(len(rows)), [f"{r['config']}\nplain {r['plain_s'] * 1e3:.1f} ms" for r in rows], fontsize=8)
+    ax.set_ylabel("median step / plain loop's")
+    ax.set_ylim(0.9, max(1.3, max(r["mixed_s"] / r["plain_s"] for r in rows) * 1.08))
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def machine_line() -> str:
     model = "unknown CPU"
     try:
@@ -235,10 +266,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="*", choices=list(CONFIGS), help="run only these configurations")
     parser.add_argument("--max-wait", type=float, default=20.0,
                         help="before each configuration, wait up to this many seconds for other processes to go quiet")
+    parser.add_argument("--plot", metavar="PNG", help="write a bar chart of this run's ratios to this file")
     args = parser.parse_args(argv)
     if args.warmup >= args.rounds * args.steps_per_round:
         parser.error("--warmup leaves no timed step; raise --rounds or --steps-per-round")
     torch.set_num_threads(args.threads)
+    machine = f"{os.cpu_count()} cores, torch {torch.__version__}, {datetime.date.today().isoformat()}"
     print(machine_line())
     print(f"{args.rounds} rounds x {args.steps_per_round} steps per contender, first {args.warmup} not timed; "
           f"median step times; ratio = engine / plain; noise = plain again / plain")
@@ -254,6 +287,10 @@ def main(argv: list[str] | None = None) -> int:
     within = [r["config"] for r in rows if r["resident_s"] / r["plain_s"] <= RESIDENT_TARGET]
     print(f"resident plan within {RESIDENT_TARGET:.2f} x plain: {len(within)}/{len(rows)} configurations; "
           f"load average {os.getloadavg()[0]:.2f} at the end")
+    if args.plot:
+        plot_ratios(rows, args.plot, f"offload engine over a plain PyTorch loop, CPU ({machine}); {args.rounds} "
+                                     f"interleaved rounds")
+        print(f"plot: {args.plot}")
     return 0
 
 

@@ -198,7 +198,7 @@ class HostLayer:
 
     def _norms(self) -> list[torch.Tensor]:
         """Per-parameter 2-norms of the accumulated gradient, in slot order."""
-        return [torch.linalg.vector_norm(v, 2.0) for v in self.grad_views]
+        return list(torch._foreach_norm(self.grad_views, 2.0))
 
     def _own(self, g: torch.Tensor) -> torch.Tensor:
         """The part of a full flat gradient this layer accumulates (all of it here)."""
