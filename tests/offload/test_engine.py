@@ -367,7 +367,8 @@ def test_counting_a_layer_at_a_time_bounds_the_per_tensor_count(shape):
     _, _, engine, stats = engine_run(plan, steps=3, setup=_count_packs(by_layer))
     _, _, _, exact_stats = engine_run(plan, steps=3, setup=lambda e: (setattr(e.activations, "per_tensor", True),
                                                                      _count_packs(exact)(e)))
-    measured = engine.activations.by_shape[(MICRO, SEQ)]
+    assert len(engine.activations.by_shape) == 1  # one shape: measured once
+    measured = next(iter(engine.activations.by_shape.values()))
     assert len(measured) == len(engine.layers) and sum(measured) > 0 and min(measured) >= 0
     if shape[1]:  # streamed weights: the hooks stay on for every micro-batch
         assert engine.activations.per_tensor and len(by_layer) == len(exact)
@@ -384,12 +385,27 @@ def test_a_new_batch_shape_is_measured_before_it_is_counted_by_layer():
         g = torch.Generator().manual_seed(0)
         peaks = {}
         for seq in (SEQ, SEQ // 2, SEQ, SEQ // 2):
-            batch = [(torch.randint(0, 256, (MICRO, seq), generator=g),) * 2]
+            batch = [(torch.randint(0, 256, (MICRO, seq), generator=g), torch.randint(0, 256, (MICRO, seq), generator=g))]
             peaks.setdefault(seq, []).append(engine.train_step(batch, 1e-3, 1.0).peak_device_bytes)
-        assert set(engine.activations.by_shape) == {(MICRO, SEQ), (MICRO, SEQ // 2)}
-        assert sum(engine.activations.by_shape[(MICRO, SEQ // 2)]) < sum(engine.activations.by_shape[(MICRO, SEQ)])
+        saved = {key[0]: sum(per_layer) for key, per_layer in engine.activations.by_shape.items()}
+        assert len(engine.activations.by_shape) == 2 and set(saved) == {(MICRO, SEQ), (MICRO, SEQ // 2)}
+        assert saved[(MICRO, SEQ // 2)] < saved[(MICRO, SEQ)]
         assert peaks[SEQ // 2][1] < peaks[SEQ][1]
         assert engine.ledger.bytes["activations"] == 0 and engine.ledger.bytes["grads"] == 0
+    finally:
+        engine.close()
+
+
+def test_inputs_sharing_a_storage_are_measured_apart():
+    # Autograd saves a tensor once however often it is saved: x is y saves less than x and y.
+    torch.manual_seed(0)
+    engine = apply_plan(GPT(CFG), OffloadPlan.resident(4), OPTIM, "cpu")
+    try:
+        t = torch.randint(0, 256, (MICRO, SEQ))
+        engine.train_step([(t, t)], 1e-3, 1.0)
+        engine.train_step([(t, t.clone())], 1e-3, 1.0)
+        (alias, shared), (apart, separate) = sorted(engine.activations.by_shape.items(), key=lambda kv: not kv[0][-1])
+        assert alias[-1] and not apart[-1] and sum(shared) < sum(separate)
     finally:
         engine.close()
 

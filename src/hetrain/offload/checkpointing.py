@@ -196,7 +196,7 @@ class DeviceLedger:
 class LayerActivations:
     """The activations a micro-batch saves, counted tensor by tensor or a layer at a time.
 
-    The first micro-batch of each (batch, sequence) shape runs under the ledger's saved-tensor
+    The first micro-batch of each shape (`key`: the inputs' shapes, dtypes and aliasing) runs under the ledger's saved-tensor
     hooks, and the bytes first counted during each layer's forward are noted (the loss scaling
     after the head counts as the head's). Later micro-batches of that shape run without hooks:
     each layer's measured bytes are added when its forward ends and taken away when its
@@ -211,14 +211,24 @@ class LayerActivations:
 
     def __init__(self, ledger: DeviceLedger, n_layers: int, per_tensor: bool):
         self.ledger, self.n_layers, self.per_tensor = ledger, n_layers, per_tensor
-        self.by_shape: dict[tuple[int, ...], list[int]] = {}
-        self._shape: tuple[int, ...] = ()
+        self.by_shape: dict[tuple, list[int]] = {}
+        """Per-layer saved bytes by micro-batch key (key())."""
+        self._shape: tuple = ()
         self._replay: list[int] | None = None
         self._marks: list[int] | None = None
         self._held: dict[int, int] = {}
 
-    def micro_batch(self, shape: tuple[int, ...]):
-        """The counting context of one micro-batch's forward and backward."""
+    @staticmethod
+    def key(x: torch.Tensor, y: torch.Tensor | None) -> tuple:
+        """What the saved bytes of a micro-batch depend on besides the model: the shapes and
+        dtypes of its inputs and whether they share a storage (then it is saved once)."""
+        if y is None:
+            return (tuple(x.shape), x.dtype)
+        shared = x.untyped_storage().data_ptr() == y.untyped_storage().data_ptr()
+        return (tuple(x.shape), x.dtype, tuple(y.shape), y.dtype, shared)
+
+    def micro_batch(self, shape: tuple):
+        """The counting context of one micro-batch's forward and backward; `shape` is key(x, y)."""
         self._shape = shape
         self._replay = None if self.per_tensor else self.by_shape.get(shape)
         if self._replay is not None:

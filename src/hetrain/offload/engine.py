@@ -119,8 +119,9 @@ class OffloadEngine:
             if not layer.native:
                 self._handles.append(layer.flat.param.register_post_accumulate_grad_hook(
                     functools.partial(self._flat_grad, layer)))
-        # A native layer's fp32 gradients, counted from its backward's start to the update (a
-        # tied matrix is the embedding's, and autograd accumulates it once, in that backward).
+        # A native layer's fp32 gradients, counted from its backward's start to the update. A tied
+        # matrix is the embedding's: counted from the embedding's backward, though the head's part
+        # of its gradient is buffered by autograd from the head's backward on (not counted).
         self._native_grad_bytes = [sum(p.numel() * p.element_size() for _, p in l.owned) if l.native else 0
                                    for l in self.layers]
         self._native_grads_held = 0
@@ -251,7 +252,7 @@ class OffloadEngine:
             out.grad_fn.register_prehook(functools.partial(self._backward_begins, index))
         return out
 
-    # --- one layer, backward (tensor hooks on each layer's output) ---------------------------
+    # --- one layer, backward (pre-hooks on the node of each layer's output) ------------------
     def _backward_begins(self, index: int, grad_outputs: tuple) -> None:
         if index + 1 < len(self.layers):
             self._backward_ends(index + 1)  # this output is the next layer's input: its backward is over
@@ -340,7 +341,7 @@ class OffloadEngine:
             for m, (x, y) in enumerate(batches):
                 self._first_micro, self._last_micro = m == 0, m == len(batches) - 1
                 x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-                with self.activations.micro_batch(tuple(x.shape)):
+                with self.activations.micro_batch(self.activations.key(x, y)):
                     loss = self._forward(x, y) / len(batches)
                     self.activations.backward_starts()
                     loss.backward()
