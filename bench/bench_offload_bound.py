@@ -48,9 +48,9 @@ from hetrain.plan.offload_planner import PlannerOptions, plain_peak_bytes, plan_
 from hetrain.predict.cost import cost_model, describe_for  # noqa: E402
 from hetrain.predict.profiler import ProfileOptions, run_profile  # noqa: E402
 from hetrain.train.metrics import fmt_bytes  # noqa: E402
-from hetrain.train.trainer import make_optimizer  # noqa: E402
 
-# bench/ is on sys.path when this file runs as a script: share the load measurement.
+# bench/ is on sys.path when this file runs as a script: share the load measurement and the plain loop.
+from bench_offload_engine import PlainLoop  # noqa: E402
 from bench_predictor import OtherLoad, wait_for_quiet  # noqa: E402
 
 SEED = 1337
@@ -88,23 +88,13 @@ def sync(device: torch.device) -> None:
 
 def plain_step_s(cfg: Config, device: torch.device, data: list, warmup: int) -> float:
     """The textbook loop on the device at full memory: seconds per step after `warmup`."""
-    torch.manual_seed(SEED)
-    dtype = torch.bfloat16 if cfg.train.dtype == "bf16" else torch.float32
-    model = GPT(cfg.model).to(device)
-    optimizer = make_optimizer(model, cfg, device)
+    loop = PlainLoop(cfg, device)
     times = []
-    for x, y in data:
+    for batch in data:
         start = time.perf_counter()
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            loss = model(x.to(device), y.to(device))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        loss.item()
+        loop.step(batch, cfg.train.lr, cfg.train.grad_clip)
         sync(device)
         times.append(time.perf_counter() - start)
-    del model, optimizer
     return statistics.median(times[warmup:])
 
 
@@ -213,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     configs = GPU_CONFIGS if device.type == "cuda" else CPU_CONFIGS
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--fraction", type=float, default=0.25, help="device budget as a share of plain training's peak")
+    parser.add_argument("--fraction", type=float, default=0.25,
+                        help="device budget as a share of plain training's peak")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per contender")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     parser.add_argument("--only", nargs="*", choices=list(configs), help="run only these configurations")

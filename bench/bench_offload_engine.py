@@ -92,18 +92,21 @@ def make_batches(cfg: Config, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]
 
 
 class PlainLoop:
-    """The textbook step, as the trainer's plain path does it."""
+    """The textbook step, as the trainer's plain path does it (bf16 under autocast)."""
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, device: torch.device = torch.device("cpu")):
         torch.manual_seed(SEED)
-        self.model = GPT(cfg.model)
-        self.optimizer = make_optimizer(self.model, cfg, torch.device("cpu"))
+        self.device = device
+        self.amp = torch.bfloat16 if cfg.train.dtype == "bf16" else None
+        self.model = GPT(cfg.model).to(device)
+        self.optimizer = make_optimizer(self.model, cfg, device)
 
     def step(self, batch: tuple[torch.Tensor, torch.Tensor], lr: float, grad_clip: float) -> float:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        x, y = batch
-        loss = self.model(x, y)
+        x, y = (t.to(self.device) for t in batch)
+        with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
+            loss = self.model(x, y)
         loss.backward()
         loss_value = loss.item()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), grad_clip)

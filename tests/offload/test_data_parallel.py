@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from hetrain.model.gpt import GPT
-from hetrain.offload import OptimConfig, apply_plan
+from hetrain.offload import apply_plan
 from hetrain.offload.sharded import DataParallel, ShardedHostLayer
 from hetrain.plan.offload_plan import OffloadPlan
 from test_engine import BATCHES, CFG, OPTIM, STEPS, lr_at, reference

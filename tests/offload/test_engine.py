@@ -385,7 +385,8 @@ def test_a_new_batch_shape_is_measured_before_it_is_counted_by_layer():
         g = torch.Generator().manual_seed(0)
         peaks = {}
         for seq in (SEQ, SEQ // 2, SEQ, SEQ // 2):
-            batch = [(torch.randint(0, 256, (MICRO, seq), generator=g), torch.randint(0, 256, (MICRO, seq), generator=g))]
+            x, y = (torch.randint(0, 256, (MICRO, seq), generator=g) for _ in range(2))
+            batch = [(x, y)]
             peaks.setdefault(seq, []).append(engine.train_step(batch, 1e-3, 1.0).peak_device_bytes)
         saved = {key[0]: sum(per_layer) for key, per_layer in engine.activations.by_shape.items()}
         assert len(engine.activations.by_shape) == 2 and set(saved) == {(MICRO, SEQ), (MICRO, SEQ // 2)}

@@ -196,11 +196,11 @@ class DeviceLedger:
 class LayerActivations:
     """The activations a micro-batch saves, counted tensor by tensor or a layer at a time.
 
-    The first micro-batch of each shape (`key`: the inputs' shapes, dtypes and aliasing) runs under the ledger's saved-tensor
-    hooks, and the bytes first counted during each layer's forward are noted (the loss scaling
-    after the head counts as the head's). Later micro-batches of that shape run without hooks:
-    each layer's measured bytes are added when its forward ends and taken away when its
-    backward ends (the whole remainder when backward returns). The forward is counted exactly
+    The first micro-batch of each shape (`key`: the inputs' shapes, dtypes and aliasing) runs
+    under the ledger's saved-tensor hooks, and the bytes first counted during each layer's
+    forward are noted (the loss scaling after the head counts as the head's). Later
+    micro-batches of that shape run without hooks: each layer's measured bytes are added when
+    its forward ends and taken away when its backward ends (the whole remainder when backward returns). The forward is counted exactly
     at every layer boundary; in backward a layer's bytes are held until its backward is over,
     where autograd frees them op by op, so the count is an upper bound there, never below what
     the hooks count. A tensor counted in layer i is only saved by layers i and later, so layer
@@ -213,7 +213,7 @@ class LayerActivations:
         self.ledger, self.n_layers, self.per_tensor = ledger, n_layers, per_tensor
         self.by_shape: dict[tuple, list[int]] = {}
         """Per-layer saved bytes by micro-batch key (key())."""
-        self._shape: tuple = ()
+        self._key: tuple = ()
         self._replay: list[int] | None = None
         self._marks: list[int] | None = None
         self._held: dict[int, int] = {}
@@ -227,13 +227,13 @@ class LayerActivations:
         shared = x.untyped_storage().data_ptr() == y.untyped_storage().data_ptr()
         return (tuple(x.shape), x.dtype, tuple(y.shape), y.dtype, shared)
 
-    def micro_batch(self, shape: tuple):
-        """The counting context of one micro-batch's forward and backward; `shape` is key(x, y)."""
-        self._shape = shape
-        self._replay = None if self.per_tensor else self.by_shape.get(shape)
+    def micro_batch(self, key: tuple):
+        """The counting context of one micro-batch's forward and backward; `key` is key(x, y)."""
+        self._key = key
+        self._replay = None if self.per_tensor else self.by_shape.get(key)
         if self._replay is not None:
             return contextlib.nullcontext()
-        self._marks = [self.ledger.bytes["activations"]] if shape not in self.by_shape else None
+        self._marks = [self.ledger.bytes["activations"]] if key not in self.by_shape else None
         return self.ledger.saving()
 
     def forward_done(self, index: int, name: str) -> None:
@@ -260,5 +260,5 @@ class LayerActivations:
         for index in list(self._held):
             self.backward_done(index)
         if self._marks is not None and len(self._marks) == self.n_layers + 1:
-            self.by_shape[self._shape] = [b - a for a, b in zip(self._marks, self._marks[1:])]
+            self.by_shape[self._key] = [b - a for a, b in zip(self._marks, self._marks[1:])]
         self._replay = self._marks = None

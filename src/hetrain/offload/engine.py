@@ -78,8 +78,8 @@ def apply_plan(model: nn.Module, plan: OffloadPlan, optim_cfg: OptimConfig, devi
     5. recomputation, last and innermost: it wraps only the block's own forward, so a
        recompute re-runs the block's math and none of the engine's fetch or release work,
        which the backward hooks do once per layer.
-    Activations are counted per micro-batch in `train_step` (checkpointing.LayerActivations). `trace=True`
-    records what ran as TraceEvents in `engine.trace` (lanes compute, h2d, d2h, cpu_optim).
+    Activations are counted per micro-batch in `train_step` (checkpointing.LayerActivations).
+    `trace=True` records what ran as TraceEvents in `engine.trace` (lanes compute, h2d, d2h, cpu_optim).
     With `data_parallel` (DataParallel.create() on every rank) gradients are averaged across
     ranks and host optimizer state is sharded (sharded.py); every rank must apply the same plan
     to the same initial model, and call train_step, state_dict and close together.

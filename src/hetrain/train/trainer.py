@@ -174,7 +174,7 @@ class Trainer:
             if cfg.plan.file or kind in ("bytes", "share"):
                 raise ConfigError("offload plans drive hetrain's GPT blocks; drop --plan.file and set "
                                   "--memory.device_budget auto to train the Hugging Face model plainly")
-            return None  # Hugging Face models train plainly under 'auto' and 'none
+            return None  # Hugging Face models train plainly under 'auto' and 'none'
         if cfg.plan.file:
             try:
                 plan = OffloadPlan.load(cfg.plan.file)
