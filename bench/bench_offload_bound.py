@@ -20,7 +20,7 @@ Runs on CUDA when there is a GPU (bf16 compute, fp32 masters), else on the CPU (
 budget enforced by the engine's ledger).
 
     .venv/bin/python bench/bench_offload_bound.py [--fraction 0.25] [--steps 20] [--warmup 3]
-        [--only NAME ...] [--plot docs/figures/offload_bound_cpu.png]
+        [--only NAME ...] [--plot docs/figures/offload_bound_cpu.png] [--json rows.json]
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as bench_offload_engine.p
 
 import argparse  # noqa: E402
 import datetime  # noqa: E402
+import json  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
@@ -209,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     parser.add_argument("--only", nargs="*", choices=list(configs), help="run only these configurations")
     parser.add_argument("--plot", metavar="PNG", help="write a bar chart of this run to this file")
+    parser.add_argument("--json", help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
     if not 0 < args.fraction <= 1 or args.steps < 1 or args.warmup < 0:
         parser.error("--fraction must be in (0, 1], --steps at least 1, --warmup at least 0")
@@ -222,6 +224,9 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.only or list(configs):
         rows.append(measure(name, configs[name], device, args.fraction, args.steps, args.warmup))
         print_row(rows[-1])
+        if args.json:  # after every row, so a run stopped part-way keeps what it measured
+            with open(args.json, "w", encoding="utf-8") as f:
+                json.dump(rows, f, indent=1)
     for r in rows:
         if "plan" in r:
             loads = ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in r["loads"].items() if v > 0)

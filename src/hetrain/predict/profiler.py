@@ -229,9 +229,11 @@ def profile_model(model_cfg: ModelConfig, micro_batch: int, seq_len: int, dtype:
     """Time the embedding, one block and the head of `model_cfg` for one micro-batch.
 
     The layers take turns over `options.rounds` rounds, so that each figure's samples span the
-    whole measurement and a burst of another process's work cannot take most of them."""
+    whole measurement and a burst of another process's work cannot take most of them. The model
+    built for it has one block: the blocks are identical, so a model of any depth is profiled in
+    the memory of one block, its embedding and its head."""
     torch.manual_seed(0)
-    model = GPT(model_cfg).to(device)
+    model = GPT(dataclasses.replace(model_cfg, n_layer=1)).to(device)
     amp = torch.bfloat16 if dtype == "bf16" else None
     acct = MemoryAccountant(model)
     bench = _Bench(device, amp, acct, device.type == "cpu")

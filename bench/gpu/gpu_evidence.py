@@ -1,0 +1,453 @@
+"""Every GPU check and peer comparison of hetrain in one command, each step in a process of its
+own under its own time limit, so that one failure or hang loses that step and nothing else.
+
+Steps, in the order they run (the most informative first, so a short lease still yields them):
+1. `tests`: the GPU tests (`pytest -m gpu`);
+2. `peers`: hetrain against FSDP2 with CPU offload, DeepSpeed ZeRO-Offload (ZeRO-2 with the
+   optimizer on the CPU) and ZeRO-3 with parameters and optimizer on the CPU: same model, batch
+   and GPU memory cap (bench/gpu/systems.py), tokens/s and hetrain's ratio to each;
+3. `bound`: the offload engine at a quarter of plain training's memory against its plan's lower
+   bound (bench/bench_offload_bound.py);
+4. `predictor`: predicted against measured step time and peak memory (bench/bench_predictor.py);
+5. `capacity`: the largest model each system trains under a fixed cap, by doubling then
+   bisection over the number of blocks at a fixed width, within the time left;
+6. `mixed`: a job with one CUDA stage and one CPU stage (skipped until the cluster runtime exists).
+
+Modes: `full` (the sizes worth reporting, about 8 minutes on one H200), `quick` (the same steps
+at small sizes on the GPU, a smoke test of a couple of minutes) and `dry` (tiny sizes on the CPU;
+steps that need a GPU report why they were skipped). Writes `results.json` (everything, with
+the machine, torch version and date) and `results.md` (the tables) into --out.
+
+    python bench/gpu/gpu_evidence.py --mode full --out OUT [--deadline-s 470]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+PY = sys.executable
+GIB = 2**30
+
+# Per mode: the sizes of every step. Budgets in seconds are each step's own limit; `capacity`
+# takes what is left before the deadline.
+MODES: dict[str, dict] = {
+    "dry": {
+        "tests_s": 120,
+        "peers": {"model": {"model.preset": "tiny", "model.n_layer": "4"}, "micro_batch": 4, "seq_len": 32,
+                  "cap_gib": None, "steps": 3, "warmup": 1, "limit_s": 150},
+        "bound": {"only": ["L8 d256 b8 s128"], "steps": 2, "warmup": 1, "limit_s": 90},
+        "predictor": {"only": ["L2-d128-b8-s64"], "steps": 4, "limit_s": 90},
+        "capacity": {"width": {"model.preset": "tiny"}, "micro_batch": 2, "seq_len": 32, "cap_gib": None,
+                     "start_layers": 1, "max_layers": 2, "trial_s": 60, "min_s": 20},
+    },
+    "quick": {
+        "tests_s": 120,
+        "peers": {"model": {"model.preset": "gpt2-small"}, "micro_batch": 2, "seq_len": 256, "cap_gib": 3.0,
+                  "steps": 1, "warmup": 1, "limit_s": 60},
+        "bound": {"only": ["gpt2-medium b8 s1024"], "steps": 1, "warmup": 1, "limit_s": 60},
+        "predictor": {"only": ["gpt2-small b8 s1024"], "steps": 3, "limit_s": 60},
+        "capacity": {"width": {"model.preset": "gpt2-small"}, "micro_batch": 2, "seq_len": 256, "cap_gib": 1.0,
+                     "start_layers": 8, "max_layers": 32, "trial_s": 30, "min_s": 20},
+    },
+    "full": {
+        "tests_s": 150,
+        "peers": {"model": {"model.preset": "gpt3-1.3b"}, "micro_batch": 8, "seq_len": 1024, "cap_gib": 16.0,
+                  "steps": 4, "warmup": 2, "limit_s": 110},
+        "bound": {"only": None, "steps": 4, "warmup": 2, "limit_s": 170},
+        "predictor": {"only": None, "steps": 8, "limit_s": 120},
+        "capacity": {"width": {"model.preset": "gpt3-1.3b"}, "micro_batch": 4, "seq_len": 1024, "cap_gib": 8.0,
+                     "start_layers": 12, "max_layers": 96, "trial_s": 60, "min_s": 30},
+    },
+}
+SYSTEM_ORDER = ("hetrain", "zero2-offload", "zero3-offload", "fsdp2-offload")
+HOST_PARAM_BYTES = 20  # host bytes per parameter a trial may take (fp32 master, Adam, grads, bf16 copy)
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def run_limited(cmd: list[str], limit_s: float, env: dict | None = None) -> dict:
+    """Run `cmd` in its own process group, echoing its output; kill the group at `limit_s`."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines: list[str] = []
+    timed_out = False
+    try:
+        out, _ = proc.communicate(timeout=max(1.0, limit_s))
+    except subprocess.TimeoutExpired:
+        timed_out = True
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+    for line in (out or "").splitlines():
+        lines.append(line)
+        print("    " + line, flush=True)
+    return {"rc": proc.returncode, "timed_out": timed_out, "seconds": round(time.perf_counter() - start, 1),
+            "tail": "\n".join(lines[-25:])}
+
+
+def machine() -> dict:
+    import torch
+
+    info = {"date": datetime.date.today().isoformat(), "time_utc": datetime.datetime.now(datetime.timezone.utc)
+            .strftime("%H:%M"), "torch": torch.__version__, "cuda": torch.version.cuda, "python":
+            platform.python_version(), "cpu_cores": os.cpu_count(), "host_ram_gib": round(
+                os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB, 1)}
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            info["cpu"] = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), "")
+    except OSError:
+        info["cpu"] = ""
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        info.update(gpu=p.name, gpu_memory_gib=round(p.total_memory / GIB, 1))
+        try:
+            info["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                            capture_output=True, text=True, timeout=20).stdout.strip()
+        except (OSError, subprocess.TimeoutExpired):
+            info["driver"] = ""
+    try:
+        info["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                        text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        info["commit"] = ""
+    try:
+        import deepspeed
+
+        info["deepspeed"] = deepspeed.__version__
+    except Exception as e:  # noqa: BLE001 - any import failure means: not available
+        info["deepspeed"] = f"not available ({type(e).__name__})"
+    return info
+
+
+# --- the steps ---------------------------------------------------------------------------
+
+
+def step_tests(cfg: dict, work: Path, cuda: bool) -> dict:
+    junit = work / "gpu-tests.xml"
+    res = run_limited([PY, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", f"--junitxml={junit}",
+                       "tests/offload/test_engine_cuda.py", "tests/train/test_training_cuda.py"], cfg["tests_s"])
+    counts = {k: int(v) for v, k in re.findall(r"(\d+) (passed|failed|skipped|error|errors)", res["tail"])}
+    failed = re.findall(r"^(?:FAILED|ERROR) (\S+)", res["tail"], flags=re.M)
+    ok = res["rc"] == 0 and not res["timed_out"]
+    status = "ok" if ok and cuda else ("skipped" if ok else "failed")
+    return {"status": status, "counts": counts, "failed": failed, **res,
+            **({} if cuda else {"reason": "no CUDA device: the GPU tests skip themselves"})}
+
+
+def step_peers(cfg: dict, work: Path, cuda: bool, profile_dir: str) -> dict:
+    c = cfg["peers"]
+    rows = []
+    for system in SYSTEM_ORDER:
+        out = work / f"peer-{system}.json"
+        cmd = [PY, str(ROOT / "bench/gpu/systems.py"), "--system", system, "--model", json.dumps(c["model"]),
+               "--micro-batch", str(c["micro_batch"]), "--seq-len", str(c["seq_len"]), "--steps", str(c["steps"]),
+               "--warmup", str(c["warmup"]), "--profile-dir", profile_dir, "--json", str(out)]
+        if c["cap_gib"] is not None and cuda:
+            cmd += ["--cap-gib", str(c["cap_gib"])]
+        log(f"peers: {system}")
+        res = run_limited(cmd, c["limit_s"])
+        row = json.loads(out.read_text()) if out.is_file() else {
+            "system": system, "ok": False, "error": "timed out" if res["timed_out"] else f"exit {res['rc']}"}
+        row["wall_s"] = res["seconds"]
+        rows.append(row)
+    base = next((r for r in rows if r["system"] == "hetrain" and r.get("ok")), None)
+    for r in rows:
+        if base and r.get("ok") and r["system"] != "hetrain":
+            r["hetrain_ratio"] = base["tokens_per_s"] / r["tokens_per_s"]
+    broken = [r["system"] for r in rows if not r.get("ok") and not r.get("error", "").startswith("skipped")]
+    out = {"status": "failed" if base is None else ("partial" if broken else "ok"), "setting": c, "rows": rows}
+    if broken:
+        out["error"] = f"did not run: {', '.join(broken)}"
+    if not cuda:
+        out["reason"] = "dry run on the CPU: code paths only, no figure"
+    return out
+
+
+def step_bench(script: str, args: list[str], limit_s: float, work: Path, name: str, cuda: bool) -> dict:
+    part = work / f"{name}.json"
+    res = run_limited([PY, str(ROOT / "bench" / script), *args, "--json", str(part)], limit_s)
+    rows = json.loads(part.read_text()) if part.is_file() else []
+    ok = res["rc"] == 0 and not res["timed_out"] and rows
+    out = {"status": "ok" if ok else "failed", "rows": rows, **res}
+    if not cuda:
+        out["reason"] = "dry run on the CPU: CPU sizes, checked for running only"
+    return out
+
+
+def step_bound(cfg: dict, work: Path, cuda: bool, out_dir: Path) -> dict:
+    c = cfg["bound"]
+    args = ["--steps", str(c["steps"]), "--warmup", str(c["warmup"])]
+    if c["only"]:
+        args += ["--only", *c["only"]]
+    if cuda:
+        args += ["--plot", str(out_dir / "bound.png")]
+    return step_bench("bench_offload_bound.py", args, c["limit_s"], work, "bound", cuda)
+
+
+def step_predictor(cfg: dict, work: Path, cuda: bool) -> dict:
+    c = cfg["predictor"]
+    args = ["--steps", str(c["steps"]), "--retries", "0", "--max-wait", "1"]
+    if c["only"]:
+        args += ["--only", *c["only"]]
+    return step_bench("bench_predictor.py", args, c["limit_s"], work, "predictor", cuda)
+
+
+def capacity_trial(c: dict, system: str, n_layer: int, limit_s: float, work: Path, profile_dir: str,
+                   cuda: bool) -> dict:
+    out = work / f"cap-{system}-{n_layer}.json"
+    model = {**c["width"], "model.n_layer": str(n_layer)}
+    cmd = [PY, str(ROOT / "bench/gpu/systems.py"), "--system", system, "--model", json.dumps(model),
+           "--micro-batch", str(c["micro_batch"]), "--seq-len", str(c["seq_len"]), "--steps", "1", "--warmup", "1",
+           "--fast-init", "--profile-dir", profile_dir, "--json", str(out),
+           "--host-budget-gib", str(round(0.8 * host_ram_gib(), 1))]
+    if c["cap_gib"] is not None and cuda:
+        cmd += ["--cap-gib", str(c["cap_gib"])]
+    res = run_limited(cmd, limit_s)
+    if out.is_file():
+        row = json.loads(out.read_text())
+        return {"n_layer": n_layer, "ok": row["ok"], "oom": row["oom"], "params": row["params"],
+                "error": row["error"][:200], "seconds": res["seconds"]}
+    return {"n_layer": n_layer, "ok": False, "oom": False, "params": 0, "seconds": res["seconds"],
+            "timed_out": res["timed_out"], "error": "timed out" if res["timed_out"] else f"exit {res['rc']}"}
+
+
+def host_ram_gib() -> float:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
+
+
+def layer_params(c: dict) -> tuple[int, int]:
+    """Parameters of one block and of the rest (embeddings, final norm) at the capacity width."""
+    from hetrain.config import load_config
+    from hetrain.model.describe import describe_model
+
+    cfg = load_config(None, {**c["width"], "model.n_layer": "2", "train.seq_len": str(c["seq_len"])})
+    d = describe_model(cfg.model, c["micro_batch"], c["seq_len"])
+    per_block = d.blocks[0].params
+    return per_block, d.total_params - 2 * per_block
+
+
+def search_capacity(c: dict, system: str, deadline: float, work: Path, profile_dir: str, cuda: bool) -> dict:
+    """Doubling from start_layers until a trial fails, then bisection between the largest
+    success and the smallest failure, until they meet or the time is up. A size whose host
+    memory (HOST_PARAM_BYTES per parameter) would pass 80% of RAM is not tried. A trial that
+    runs out of time or fails other than by running out of memory says nothing about memory:
+    the search stops there, and the largest success is a lower bound."""
+    per_block, rest = layer_params(c)
+    max_by_host = int((0.8 * host_ram_gib() * GIB / HOST_PARAM_BYTES - rest) // per_block)
+    top = min(c["max_layers"], max_by_host)
+    trials: list[dict] = []
+    good, bad = 0, None
+    n = min(c["start_layers"], top)
+    while time.perf_counter() < deadline - 5:
+        trial = capacity_trial(c, system, n, min(c["trial_s"], deadline - time.perf_counter()), work,
+                               profile_dir, cuda)
+        trials.append(trial)
+        log(f"capacity {system}: {n} blocks -> {'ok' if trial['ok'] else trial['error'][:80]}")
+        if not trial["ok"] and not trial["oom"]:  # a time-out or an error is no verdict on memory
+            break
+        if trial["ok"]:
+            good = max(good, n)
+        else:
+            bad = n if bad is None else min(bad, n)
+        if bad is None:
+            if n >= top:
+                break
+            n = min(2 * n, top)
+        else:
+            if bad - good <= 1 or (good == 0 and bad <= 1):
+                break
+            n = (good + bad) // 2 if good else max(1, bad // 2)
+            if n in {t["n_layer"] for t in trials}:
+                break
+    largest = max((t for t in trials if t["ok"]), key=lambda t: t["n_layer"], default=None)
+    return {"system": system, "largest_layers": largest["n_layer"] if largest else 0,
+            "largest_params": largest["params"] if largest else 0, "smallest_failed_layers": bad,
+            "searched_to": top, "exact": bad is not None and bad - good <= 1,
+            "hit_search_top": bad is None and good >= top, "trials": trials, "per_block_params": per_block}
+
+
+def step_capacity(cfg: dict, work: Path, cuda: bool, profile_dir: str, deadline: float) -> dict:
+    c = cfg["capacity"]
+    systems = [s for s in SYSTEM_ORDER if s in ("hetrain", "zero2-offload", "zero3-offload", "fsdp2-offload")]
+    rows = []
+    for i, system in enumerate(systems):
+        share = (deadline - time.perf_counter()) / (len(systems) - i)
+        if share < 10:
+            rows.append({"system": system, "skipped": "no time left"})
+            continue
+        rows.append(search_capacity(c, system, time.perf_counter() + share, work, profile_dir, cuda))
+    base = next((r for r in rows if r["system"] == "hetrain" and r.get("largest_params")), None)
+    for r in rows:
+        if base and r.get("largest_params") and r["system"] != "hetrain":
+            r["hetrain_ratio"] = base["largest_params"] / r["largest_params"]
+    out = {"status": "ok" if base else "failed", "setting": c, "rows": rows}
+    if not cuda:
+        out["reason"] = "dry run on the CPU: no memory cap to reach; the search's code path only"
+    return out
+
+
+def wait_for_build(path: Path, limit_s: float) -> str:
+    """The background build's last line once it wrote 'exit N', or a note that it did not finish."""
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < limit_s:
+        text = path.read_text(errors="replace") if path.is_file() else ""
+        if m := re.search(r"^exit (\d+)$", text, flags=re.M):
+            log(f"DeepSpeed CPU Adam build: exit {m.group(1)} (waited {time.perf_counter() - t0:.0f} s)")
+            return f"exit {m.group(1)}"
+        time.sleep(1.0)
+    return f"not finished after waiting {limit_s:.0f} s"
+
+
+# --- report ------------------------------------------------------------------------------
+
+
+def gib(n: float | None) -> str:
+    return "-" if not n else f"{n / GIB:.2f} GiB"
+
+
+def markdown(results: dict) -> str:
+    m = results["machine"]
+    lines = [f"# hetrain GPU evidence ({results['mode']})", "",
+             f"{m.get('gpu', 'no GPU')}, driver {m.get('driver', '-')}; {m.get('cpu', '')}, {m['cpu_cores']} cores, "
+             f"{m['host_ram_gib']} GiB RAM; torch {m['torch']} (CUDA {m['cuda']}), Python {m['python']}, "
+             f"DeepSpeed {m['deepspeed']}; {m['date']} {m['time_utc']} UTC; hetrain {m['commit']}", "",
+             "| step | status | seconds | note |", "| --- | --- | --- | --- |"]
+    for name, s in results["steps"].items():
+        note = s.get("reason") or s.get("error") or ""
+        if name == "tests":
+            note = ", ".join(f"{v} {k}" for k, v in s.get("counts", {}).items()) + (
+                f"; failed: {', '.join(s['failed'])}" if s.get("failed") else "")
+        lines.append(f"| {name} | {s['status']} | {s.get('seconds', '-')} | {note} |")
+    peers = results["steps"].get("peers")
+    if peers and peers.get("rows"):
+        st = peers["setting"]
+        lines += ["", f"## Peers: {st['model']}, micro-batch {st['micro_batch']} x {st['seq_len']} tokens, "
+                  f"GPU cap {st['cap_gib']} GiB", "",
+                  "| system | tokens/s | step s | hetrain / this | max allocated | setup s | note |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        for r in peers["rows"]:
+            ratio = f"{r['hetrain_ratio']:.2f}" if "hetrain_ratio" in r else "-"
+            note = r.get("error") or r.get("notes", {}).get("plan", "")
+            lines.append(f"| {r['system']} | {r.get('tokens_per_s', 0):,.0f} | {r.get('step_s', 0):.3f} | {ratio} | "
+                         f"{gib(r.get('max_allocated_bytes'))} | {r.get('setup_s', 0):.1f} | {note} |")
+    bound = results["steps"].get("bound")
+    if bound and bound.get("rows"):
+        lines += ["", "## Offload engine at a quarter of plain training's memory, against its plan's lower bound", "",
+                  "| config | params | budget | bound ms (by) | engine ms | ratio | predicted ms | ledger peak | "
+                  "allocator peak | plain ms |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for r in bound["rows"]:
+            if "engine_s" not in r:
+                lines.append(f"| {r['config']} | {r['params'] / 1e6:.0f}M | {gib(r['budget'])} | "
+                             f"{r.get('error', 'did not run')} |||||||")
+                continue
+            lines.append(f"| {r['config']} | {r['params'] / 1e6:.0f}M | {gib(r['budget'])} | "
+                         f"{r['bound_s'] * 1e3:.1f} ({r['bound_by']}) | {r['engine_s'] * 1e3:.1f} | "
+                         f"{r['engine_s'] / r['bound_s']:.2f} | {r['predicted_s'] * 1e3:.1f} | {gib(r['ledger_peak'])} | "
+                         f"{gib(r.get('allocator_peak'))} | {r['plain_s'] * 1e3:.1f} |")
+    pred = results["steps"].get("predictor")
+    if pred and pred.get("rows"):
+        lines += ["", "## Predictor: predicted against measured", "",
+                  "| config | pred step ms | meas step ms | ratio | pred peak | meas peak | ratio |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        for r in pred["rows"]:
+            lines.append(f"| {r['config']} | {r['pred_step_s'] * 1e3:.1f} | {r['meas_step_s'] * 1e3:.1f} | "
+                         f"{r['pred_step_s'] / r['meas_step_s']:.3f} | {gib(r['pred_peak_bytes'])} | "
+                         f"{gib(r['meas_peak_bytes'])} | {r['pred_peak_bytes'] / r['meas_peak_bytes']:.3f} |")
+    cap = results["steps"].get("capacity")
+    if cap and cap.get("rows"):
+        st = cap["setting"]
+        lines += ["", f"## Largest model under a {st['cap_gib']} GiB cap ({st['width']}, blocks varied, "
+                  f"micro-batch {st['micro_batch']} x {st['seq_len']})", "",
+                  "| system | largest trained | params | smallest failed | exact | hetrain / this | trials |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        for r in cap["rows"]:
+            if "skipped" in r:
+                lines.append(f"| {r['system']} | skipped: {r['skipped']} ||||||")
+                continue
+            ratio = f"{r['hetrain_ratio']:.2f}" if "hetrain_ratio" in r else "-"
+            failed = r["smallest_failed_layers"] if r["smallest_failed_layers"] is not None else (
+                f"none up to {r['searched_to']}")
+            lines.append(f"| {r['system']} | {r['largest_layers']} blocks | {r['largest_params'] / 1e9:.2f}B | "
+                         f"{failed} | {'yes' if r['exact'] else 'no'} | {ratio} | {len(r['trials'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--mode", choices=list(MODES), default="full")
+    p.add_argument("--out", required=True, help="folder for results.json, results.md and the plot")
+    p.add_argument("--deadline-s", type=float, default=470.0, help="seconds from now when the last step must end")
+    p.add_argument("--wait-file", help="before the peers, wait (up to 120 s) until this file holds a line "
+                   "'exit N': run_all.sh's background build of DeepSpeed's CPU Adam")
+    p.add_argument("--steps", nargs="*", default=["tests", "peers", "bound", "predictor", "capacity", "mixed"],
+                   help="run only these steps")
+    a = p.parse_args(argv)
+    start = time.perf_counter()
+    deadline = start + a.deadline_s
+    out_dir = Path(a.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    import torch
+
+    cuda = torch.cuda.is_available()
+    if a.mode != "dry" and not cuda:
+        p.error(f"--mode {a.mode} needs a CUDA device; use --dry-run on a machine without one")
+    cfg = MODES[a.mode]
+    results = {"mode": a.mode, "machine": machine(), "steps": {}}
+    log(f"machine: {json.dumps(results['machine'])}")
+
+    def save() -> None:
+        results["seconds"] = round(time.perf_counter() - start, 1)
+        (out_dir / "results.json").write_text(json.dumps(results, indent=1))
+        (out_dir / "results.md").write_text(markdown(results))
+
+    with tempfile.TemporaryDirectory(prefix="hetrain-gpu-") as tmp:
+        work = Path(tmp)
+        profile_dir = str(work / "profiles")
+        plan = [("tests", lambda: step_tests(cfg, work, cuda)),
+                ("peers", lambda: step_peers(cfg, work, cuda, profile_dir)),
+                ("bound", lambda: step_bound(cfg, work, cuda, out_dir)),
+                ("predictor", lambda: step_predictor(cfg, work, cuda)),
+                ("capacity", lambda: step_capacity(cfg, work, cuda, profile_dir, deadline)),
+                ("mixed", lambda: {"status": "skipped", "reason": "needs the cluster runtime (pipeline stages "
+                                   "across device kinds), which hetrain does not have yet"})]
+        for name, fn in plan:
+            if name not in a.steps:
+                continue
+            if time.perf_counter() > deadline - (cfg["capacity"]["min_s"] if name == "capacity" else 10):
+                results["steps"][name] = {"status": "skipped", "reason": "no time left before the deadline"}
+                save()
+                continue
+            if name == "peers" and a.wait_file:
+                results["deepspeed_build"] = wait_for_build(Path(a.wait_file), 120.0)
+            log(f"step {name}")
+            t0 = time.perf_counter()
+            try:
+                results["steps"][name] = fn()
+            except Exception as e:  # noqa: BLE001 - a broken step is reported; the others still run
+                results["steps"][name] = {"status": "failed", "error": f"{type(e).__name__}: {e}"}
+            results["steps"][name].setdefault("seconds", round(time.perf_counter() - t0, 1))
+            log(f"step {name}: {results['steps'][name]['status']} in {results['steps'][name]['seconds']} s")
+            save()
+    save()
+    print(markdown(results), flush=True)
+    failed = [n for n, s in results["steps"].items() if s["status"] == "failed"]
+    log(f"done in {results['seconds']} s; failed steps: {', '.join(failed) or 'none'}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
