@@ -20,7 +20,7 @@ def test_dry_run_runs_every_step_and_writes_the_report(tmp_path):
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     results = json.loads((tmp_path / "results.json").read_text())
     steps = results["steps"]
-    assert list(steps) == ["tests", "peers", "bound", "predictor", "capacity", "mixed"]
+    assert list(steps) == ["tests", "peers", "predictor", "capacity", "bound", "mixed"]
     assert steps["tests"]["status"] in ("ok", "skipped")  # the GPU tests skip themselves on a CPU
     for name in ("peers", "bound", "predictor", "capacity"):
         assert steps[name]["status"] == "ok", (name, steps[name])
@@ -37,3 +37,7 @@ def test_dry_run_runs_every_step_and_writes_the_report(tmp_path):
     report = (tmp_path / "results.md").read_text()
     assert "| peers | ok |" in report and "hetrain" in report
     assert "run_all.sh: exit 0" in (tmp_path / "log.txt").read_text()
+    # hetrain's traces of its peers row: the engine's lanes and torch.profiler's step.
+    lanes = {e.get("tid") for e in json.loads((tmp_path / "engine_trace.json").read_text())["traceEvents"]}
+    assert len(lanes) >= 2
+    assert (tmp_path / "hetrain_torch_trace.json.gz").stat().st_size > 0

@@ -1,16 +1,19 @@
 """Every GPU check and peer comparison of hetrain in one command, each step in a process of its
 own under its own time limit, so that one failure or hang loses that step and nothing else.
 
-Steps, in the order they run (the most informative first, so a short lease still yields them):
+Steps, in the order they run (the most informative first, so a short lease still yields them;
+each under its own limit, and none past the deadline):
 1. `tests`: the GPU tests (`pytest -m gpu`);
 2. `peers`: hetrain against FSDP2 with CPU offload, DeepSpeed ZeRO-Offload (ZeRO-2 with the
    optimizer on the CPU) and ZeRO-3 with parameters and optimizer on the CPU: same model, batch
-   and GPU memory cap (bench/gpu/systems.py), tokens/s and hetrain's ratio to each;
-3. `bound`: the offload engine at a quarter of plain training's memory against its plan's lower
-   bound (bench/bench_offload_bound.py);
-4. `predictor`: predicted against measured step time and peak memory (bench/bench_predictor.py);
-5. `capacity`: the largest model each system trains under a fixed cap, by doubling then
-   bisection over the number of blocks at a fixed width, within the time left;
+   and GPU memory cap (bench/gpu/systems.py), tokens/s and hetrain's ratio to each; then one
+   more step of each under torch.profiler (the device's busy share), and hetrain's traces
+   (its engine's lanes, and the profiler's) into the output folder;
+3. `predictor`: predicted against measured step time and peak memory (bench/bench_predictor.py);
+4. `capacity`: the largest model each system trains under a fixed cap, by doubling then
+   bisection over the number of blocks at a fixed width;
+5. `bound`: the offload engine at a quarter of plain training's memory against its plan's lower
+   bound (bench/bench_offload_bound.py), as many sizes as the time left allows;
 6. `mixed`: a job with one CUDA stage and one CPU stage (skipped until the cluster runtime exists).
 
 Modes: `full` (the sizes worth reporting, about 8 minutes on one H200), `quick` (the same steps
@@ -29,11 +32,13 @@ import json
 import os
 import platform
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -50,7 +55,7 @@ MODES: dict[str, dict] = {
         "bound": {"only": ["L8 d256 b8 s128"], "steps": 2, "warmup": 1, "limit_s": 90},
         "predictor": {"only": ["L2-d128-b8-s64"], "steps": 4, "limit_s": 90},
         "capacity": {"width": {"model.preset": "tiny"}, "micro_batch": 2, "seq_len": 32, "cap_gib": None,
-                     "start_layers": 1, "max_layers": 2, "trial_s": 60, "min_s": 20},
+                     "start_layers": 1, "max_layers": 2, "trial_s": 60, "min_s": 20, "limit_s": 90},
     },
     "quick": {
         "tests_s": 120,
@@ -59,16 +64,16 @@ MODES: dict[str, dict] = {
         "bound": {"only": ["gpt2-medium b8 s1024"], "steps": 1, "warmup": 1, "limit_s": 60},
         "predictor": {"only": ["gpt2-small b8 s1024"], "steps": 3, "limit_s": 60},
         "capacity": {"width": {"model.preset": "gpt2-small"}, "micro_batch": 2, "seq_len": 256, "cap_gib": 1.0,
-                     "start_layers": 8, "max_layers": 32, "trial_s": 30, "min_s": 20},
+                     "start_layers": 8, "max_layers": 32, "trial_s": 30, "min_s": 20, "limit_s": 60},
     },
     "full": {
         "tests_s": 150,
         "peers": {"model": {"model.preset": "gpt3-1.3b"}, "micro_batch": 8, "seq_len": 1024, "cap_gib": 16.0,
-                  "steps": 4, "warmup": 2, "limit_s": 110},
-        "bound": {"only": None, "steps": 4, "warmup": 2, "limit_s": 170},
+                  "steps": 3, "warmup": 2, "limit_s": 100},
+        "bound": {"only": None, "steps": 3, "warmup": 2, "limit_s": 240},
         "predictor": {"only": None, "steps": 8, "limit_s": 120},
         "capacity": {"width": {"model.preset": "gpt3-1.3b"}, "micro_batch": 4, "seq_len": 1024, "cap_gib": 8.0,
-                     "start_layers": 12, "max_layers": 96, "trial_s": 60, "min_s": 30},
+                     "start_layers": 12, "max_layers": 96, "trial_s": 60, "min_s": 30, "limit_s": 100},
     },
 }
 SYSTEM_ORDER = ("hetrain", "zero2-offload", "zero3-offload", "fsdp2-offload")
@@ -79,10 +84,32 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def run_limited(cmd: list[str], limit_s: float, env: dict | None = None) -> dict:
-    """Run `cmd` in its own process group, echoing its output; kill the group at `limit_s`."""
+@dataclass
+class Run:
+    """What every step needs: the sizes of the mode, where to work and write, the deadline."""
+
+    cfg: dict
+    cuda: bool
+    work: Path
+    """Scratch folder (parts, profiles, traces); removed at the end."""
+    out: Path
+    deadline: float
+    """perf_counter() time by which the whole run must end; no step's limit reaches past it."""
+
+    @property
+    def profile_dir(self) -> str:
+        return str(self.work / "profiles")
+
+    def left_s(self) -> float:
+        return self.deadline - time.perf_counter()
+
+
+def run_limited(run: Run, cmd: list[str], limit_s: float) -> dict:
+    """Run `cmd` in its own process group, echoing its output; kill the group at `limit_s` or
+    at the run's deadline, whichever comes first."""
+    limit_s = min(limit_s, run.left_s() - 2)
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     lines: list[str] = []
     timed_out = False
@@ -136,34 +163,46 @@ def machine() -> dict:
 # --- the steps ---------------------------------------------------------------------------
 
 
-def step_tests(cfg: dict, work: Path, cuda: bool) -> dict:
-    junit = work / "gpu-tests.xml"
-    res = run_limited([PY, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", f"--junitxml={junit}",
-                       "tests/offload/test_engine_cuda.py", "tests/train/test_training_cuda.py"], cfg["tests_s"])
+def systems_cmd(run: Run, system: str, model: dict, c: dict, out: Path, *extra: str) -> list[str]:
+    """bench/gpu/systems.py for one system at the sizes in `c` (micro_batch, seq_len, cap_gib)."""
+    cmd = [PY, str(ROOT / "bench/gpu/systems.py"), "--system", system, "--model", json.dumps(model),
+           "--micro-batch", str(c["micro_batch"]), "--seq-len", str(c["seq_len"]), "--profile-dir", run.profile_dir,
+           "--json", str(out), *extra]
+    if c["cap_gib"] is not None and run.cuda:
+        cmd += ["--cap-gib", str(c["cap_gib"])]
+    return cmd
+
+
+def step_tests(run: Run) -> dict:
+    res = run_limited(run, [PY, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider",
+                            "tests/offload/test_engine_cuda.py", "tests/train/test_training_cuda.py"],
+                      run.cfg["tests_s"])
     counts = {k: int(v) for v, k in re.findall(r"(\d+) (passed|failed|skipped|error|errors)", res["tail"])}
     failed = re.findall(r"^(?:FAILED|ERROR) (\S+)", res["tail"], flags=re.M)
     ok = res["rc"] == 0 and not res["timed_out"]
-    status = "ok" if ok and cuda else ("skipped" if ok else "failed")
+    status = "ok" if ok and run.cuda else ("skipped" if ok else "failed")
     return {"status": status, "counts": counts, "failed": failed, **res,
-            **({} if cuda else {"reason": "no CUDA device: the GPU tests skip themselves"})}
+            **({} if run.cuda else {"reason": "no CUDA device: the GPU tests skip themselves"})}
 
 
-def step_peers(cfg: dict, work: Path, cuda: bool, profile_dir: str) -> dict:
-    c = cfg["peers"]
+def step_peers(run: Run) -> dict:
+    """Every system at the same sizes and cap; each one more step under torch.profiler (not
+    timed), hetrain's traces kept in the output folder."""
+    c = run.cfg["peers"]
+    traces = run.work / "traces"
     rows = []
     for system in SYSTEM_ORDER:
-        out = work / f"peer-{system}.json"
-        cmd = [PY, str(ROOT / "bench/gpu/systems.py"), "--system", system, "--model", json.dumps(c["model"]),
-               "--micro-batch", str(c["micro_batch"]), "--seq-len", str(c["seq_len"]), "--steps", str(c["steps"]),
-               "--warmup", str(c["warmup"]), "--profile-dir", profile_dir, "--json", str(out)]
-        if c["cap_gib"] is not None and cuda:
-            cmd += ["--cap-gib", str(c["cap_gib"])]
+        out = run.work / f"peer-{system}.json"
         log(f"peers: {system}")
-        res = run_limited(cmd, c["limit_s"])
+        res = run_limited(run, systems_cmd(run, system, c["model"], c, out, "--steps", str(c["steps"]), "--warmup",
+                                           str(c["warmup"]), "--trace-dir", str(traces)), c["limit_s"])
         row = json.loads(out.read_text()) if out.is_file() else {
             "system": system, "ok": False, "error": "timed out" if res["timed_out"] else f"exit {res['rc']}"}
         row["wall_s"] = res["seconds"]
         rows.append(row)
+    for name in ("engine_trace.json", "engine_timeline.png", "hetrain_torch_trace.json.gz"):
+        if (traces / name).is_file():
+            shutil.copy(traces / name, run.out / name)
     base = next((r for r in rows if r["system"] == "hetrain" and r.get("ok")), None)
     for r in rows:
         if base and r.get("ok") and r["system"] != "hetrain":
@@ -172,51 +211,48 @@ def step_peers(cfg: dict, work: Path, cuda: bool, profile_dir: str) -> dict:
     out = {"status": "failed" if base is None else ("partial" if broken else "ok"), "setting": c, "rows": rows}
     if broken:
         out["error"] = f"did not run: {', '.join(broken)}"
-    if not cuda:
+    if not run.cuda:
         out["reason"] = "dry run on the CPU: code paths only, no figure"
     return out
 
 
-def step_bench(script: str, args: list[str], limit_s: float, work: Path, name: str, cuda: bool) -> dict:
-    part = work / f"{name}.json"
-    res = run_limited([PY, str(ROOT / "bench" / script), *args, "--json", str(part)], limit_s)
+def step_bench(run: Run, script: str, args: list[str], limit_s: float, name: str) -> dict:
+    part = run.work / f"{name}.json"
+    res = run_limited(run, [PY, str(ROOT / "bench" / script), *args, "--json", str(part)], limit_s)
     rows = json.loads(part.read_text()) if part.is_file() else []
     ok = res["rc"] == 0 and not res["timed_out"] and rows
-    out = {"status": "ok" if ok else "failed", "rows": rows, **res}
-    if not cuda:
+    out = {"status": "ok" if ok else ("partial" if rows else "failed"), "rows": rows, **res}
+    if not run.cuda:
         out["reason"] = "dry run on the CPU: CPU sizes, checked for running only"
+    elif res["timed_out"]:
+        out["error"] = f"stopped at its limit after {len(rows)} rows"
     return out
 
 
-def step_bound(cfg: dict, work: Path, cuda: bool, out_dir: Path) -> dict:
-    c = cfg["bound"]
+def step_bound(run: Run) -> dict:
+    c = run.cfg["bound"]
     args = ["--steps", str(c["steps"]), "--warmup", str(c["warmup"])]
     if c["only"]:
         args += ["--only", *c["only"]]
-    if cuda:
-        args += ["--plot", str(out_dir / "bound.png")]
-    return step_bench("bench_offload_bound.py", args, c["limit_s"], work, "bound", cuda)
+    if run.cuda:
+        args += ["--plot", str(run.out / "bound.png")]
+    return step_bench(run, "bench_offload_bound.py", args, c["limit_s"], "bound")
 
 
-def step_predictor(cfg: dict, work: Path, cuda: bool) -> dict:
-    c = cfg["predictor"]
+def step_predictor(run: Run) -> dict:
+    c = run.cfg["predictor"]
     args = ["--steps", str(c["steps"]), "--retries", "0", "--max-wait", "1"]
     if c["only"]:
         args += ["--only", *c["only"]]
-    return step_bench("bench_predictor.py", args, c["limit_s"], work, "predictor", cuda)
+    return step_bench(run, "bench_predictor.py", args, c["limit_s"], "predictor")
 
 
-def capacity_trial(c: dict, system: str, n_layer: int, limit_s: float, work: Path, profile_dir: str,
-                   cuda: bool) -> dict:
-    out = work / f"cap-{system}-{n_layer}.json"
-    model = {**c["width"], "model.n_layer": str(n_layer)}
-    cmd = [PY, str(ROOT / "bench/gpu/systems.py"), "--system", system, "--model", json.dumps(model),
-           "--micro-batch", str(c["micro_batch"]), "--seq-len", str(c["seq_len"]), "--steps", "1", "--warmup", "1",
-           "--fast-init", "--profile-dir", profile_dir, "--json", str(out),
-           "--host-budget-gib", str(round(0.8 * host_ram_gib(), 1))]
-    if c["cap_gib"] is not None and cuda:
-        cmd += ["--cap-gib", str(c["cap_gib"])]
-    res = run_limited(cmd, limit_s)
+def capacity_trial(run: Run, system: str, n_layer: int, limit_s: float) -> dict:
+    c = run.cfg["capacity"]
+    out = run.work / f"cap-{system}-{n_layer}.json"
+    cmd = systems_cmd(run, system, {**c["width"], "model.n_layer": str(n_layer)}, c, out, "--steps", "1",
+                      "--warmup", "1", "--fast-init", "--host-budget-gib", str(round(0.8 * host_ram_gib(), 1)))
+    res = run_limited(run, cmd, limit_s)
     if out.is_file():
         row = json.loads(out.read_text())
         return {"n_layer": n_layer, "ok": row["ok"], "oom": row["oom"], "params": row["params"],
@@ -240,21 +276,21 @@ def layer_params(c: dict) -> tuple[int, int]:
     return per_block, d.total_params - 2 * per_block
 
 
-def search_capacity(c: dict, system: str, deadline: float, work: Path, profile_dir: str, cuda: bool) -> dict:
+def search_capacity(run: Run, system: str, until: float) -> dict:
     """Doubling from start_layers until a trial fails, then bisection between the largest
-    success and the smallest failure, until they meet or the time is up. A size whose host
-    memory (HOST_PARAM_BYTES per parameter) would pass 80% of RAM is not tried. A trial that
-    runs out of time or fails other than by running out of memory says nothing about memory:
-    the search stops there, and the largest success is a lower bound."""
+    success and the smallest failure, until they meet or `until` (a perf_counter time). A size
+    whose host memory (HOST_PARAM_BYTES per parameter) would pass 80% of RAM is not tried. A
+    trial that runs out of time or fails other than by running out of memory says nothing
+    about memory: the search stops there, and the largest success is a lower bound."""
+    c = run.cfg["capacity"]
     per_block, rest = layer_params(c)
     max_by_host = int((0.8 * host_ram_gib() * GIB / HOST_PARAM_BYTES - rest) // per_block)
     top = min(c["max_layers"], max_by_host)
     trials: list[dict] = []
     good, bad = 0, None
     n = min(c["start_layers"], top)
-    while time.perf_counter() < deadline - 5:
-        trial = capacity_trial(c, system, n, min(c["trial_s"], deadline - time.perf_counter()), work,
-                               profile_dir, cuda)
+    while time.perf_counter() < until - 5:
+        trial = capacity_trial(run, system, n, min(c["trial_s"], until - time.perf_counter()))
         trials.append(trial)
         log(f"capacity {system}: {n} blocks -> {'ok' if trial['ok'] else trial['error'][:80]}")
         if not trial["ok"] and not trial["oom"]:  # a time-out or an error is no verdict on memory
@@ -268,7 +304,7 @@ def search_capacity(c: dict, system: str, deadline: float, work: Path, profile_d
                 break
             n = min(2 * n, top)
         else:
-            if bad - good <= 1 or (good == 0 and bad <= 1):
+            if bad - good <= 1:
                 break
             n = (good + bad) // 2 if good else max(1, bad // 2)
             if n in {t["n_layer"] for t in trials}:
@@ -280,22 +316,22 @@ def search_capacity(c: dict, system: str, deadline: float, work: Path, profile_d
             "hit_search_top": bad is None and good >= top, "trials": trials, "per_block_params": per_block}
 
 
-def step_capacity(cfg: dict, work: Path, cuda: bool, profile_dir: str, deadline: float) -> dict:
-    c = cfg["capacity"]
-    systems = [s for s in SYSTEM_ORDER if s in ("hetrain", "zero2-offload", "zero3-offload", "fsdp2-offload")]
+def step_capacity(run: Run) -> dict:
+    """Each system searches in an equal share of the step's limit (or of the time left)."""
     rows = []
-    for i, system in enumerate(systems):
-        share = (deadline - time.perf_counter()) / (len(systems) - i)
+    until = time.perf_counter() + min(run.cfg["capacity"]["limit_s"], run.left_s())
+    for i, system in enumerate(SYSTEM_ORDER):
+        share = (until - time.perf_counter()) / (len(SYSTEM_ORDER) - i)
         if share < 10:
             rows.append({"system": system, "skipped": "no time left"})
             continue
-        rows.append(search_capacity(c, system, time.perf_counter() + share, work, profile_dir, cuda))
+        rows.append(search_capacity(run, system, time.perf_counter() + share))
     base = next((r for r in rows if r["system"] == "hetrain" and r.get("largest_params")), None)
     for r in rows:
         if base and r.get("largest_params") and r["system"] != "hetrain":
             r["hetrain_ratio"] = base["largest_params"] / r["largest_params"]
-    out = {"status": "ok" if base else "failed", "setting": c, "rows": rows}
-    if not cuda:
+    out = {"status": "ok" if base else "failed", "setting": run.cfg["capacity"], "rows": rows}
+    if not run.cuda:
         out["reason"] = "dry run on the CPU: no memory cap to reach; the search's code path only"
     return out
 
@@ -337,13 +373,18 @@ def markdown(results: dict) -> str:
         st = peers["setting"]
         lines += ["", f"## Peers: {st['model']}, micro-batch {st['micro_batch']} x {st['seq_len']} tokens, "
                   f"GPU cap {st['cap_gib']} GiB", "",
-                  "| system | tokens/s | step s | hetrain / this | max allocated | setup s | note |",
-                  "| --- | --- | --- | --- | --- | --- | --- |"]
+                  "| system | tokens/s | step s | hetrain / this | max allocated | device busy | setup s | note |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
         for r in peers["rows"]:
             ratio = f"{r['hetrain_ratio']:.2f}" if "hetrain_ratio" in r else "-"
-            note = r.get("error") or r.get("notes", {}).get("plan", "")
+            notes = r.get("notes", {})
+            busy = notes.get("profiled_step", {}).get("device_busy_share")
+            note = r.get("error") or notes.get("plan", "")
+            if "weight_wait_s" in notes:
+                note += f"; main thread waited for weights {max(notes['weight_wait_s'][-3:]):.3f} s per step"
             lines.append(f"| {r['system']} | {r.get('tokens_per_s', 0):,.0f} | {r.get('step_s', 0):.3f} | {ratio} | "
-                         f"{gib(r.get('max_allocated_bytes'))} | {r.get('setup_s', 0):.1f} | {note} |")
+                         f"{gib(r.get('max_allocated_bytes'))} | {'-' if busy is None else f'{busy:.0%}'} | "
+                         f"{r.get('setup_s', 0):.1f} | {note} |")
     bound = results["steps"].get("bound")
     if bound and bound.get("rows"):
         lines += ["", "## Offload engine at a quarter of plain training's memory, against its plan's lower bound", "",
@@ -386,6 +427,47 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot_peers(results: dict, path: Path) -> None:
+    """Tokens/s of each system in the peers step, with hetrain's ratio over each bar."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    peers, m = results["steps"]["peers"], results["machine"]
+    rows = [r for r in peers["rows"] if r.get("ok")]
+    if not rows:
+        return
+    st = peers["setting"]
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    bars = ax.bar([r["system"] for r in rows], [r["tokens_per_s"] for r in rows],
+                  color=["tab:green" if r["system"] == "hetrain" else "tab:gray" for r in rows])
+    ax.bar_label(bars, labels=[f"hetrain x{r['hetrain_ratio']:.2f}" if "hetrain_ratio" in r else
+                               f"{r['tokens_per_s']:,.0f}" for r in rows], fontsize=8, padding=2)
+    ax.set_ylabel("tokens/s")
+    ax.set_title(f"{st['model'].get('model.preset', st['model'])}, batch {st['micro_batch']}x{st['seq_len']}, "
+                 f"GPU cap {st['cap_gib']} GiB\n{m.get('gpu', 'CPU')}, torch {m['torch']}, {m['date']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def replot(results_path: Path, out_dir: Path) -> None:
+    """results.md and the plots again from a results.json (bound.png needs the bound rows)."""
+    from bench_offload_bound import plot as plot_bound
+
+    results = json.loads(results_path.read_text())
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "results.md").write_text(markdown(results))
+    if results["steps"].get("peers", {}).get("rows"):
+        plot_peers(results, out_dir / "peers.png")
+    bound = results["steps"].get("bound", {}).get("rows")
+    if bound:
+        m = results["machine"]
+        plot_bound(bound, str(out_dir / "bound.png"), f"offload engine at 25% of plain training's memory "
+                   f"({m.get('gpu', 'CPU')}, torch {m['torch']}, {m['date']})")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--mode", choices=list(MODES), default="full")
@@ -393,11 +475,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--deadline-s", type=float, default=470.0, help="seconds from now when the last step must end")
     p.add_argument("--wait-file", help="before the peers, wait (up to 120 s) until this file holds a line "
                    "'exit N': run_all.sh's background build of DeepSpeed's CPU Adam")
-    p.add_argument("--steps", nargs="*", default=["tests", "peers", "bound", "predictor", "capacity", "mixed"],
-                   help="run only these steps")
+    p.add_argument("--steps", nargs="*", default=["tests", "peers", "predictor", "capacity", "bound", "mixed"],
+                   help="run only these steps, in this order")
+    p.add_argument("--replot", metavar="RESULTS_JSON", help="only write results.md and the plots from this "
+                   "results.json into --out")
     a = p.parse_args(argv)
+    if a.replot:
+        replot(Path(a.replot), Path(a.out))
+        return 0
     start = time.perf_counter()
-    deadline = start + a.deadline_s
     out_dir = Path(a.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     import torch
@@ -414,34 +500,33 @@ def main(argv: list[str] | None = None) -> int:
         (out_dir / "results.json").write_text(json.dumps(results, indent=1))
         (out_dir / "results.md").write_text(markdown(results))
 
+    steps = {"tests": step_tests, "peers": step_peers, "bound": step_bound, "predictor": step_predictor,
+             "capacity": step_capacity,
+             "mixed": lambda run: {"status": "skipped", "reason": "needs the cluster runtime (pipeline stages "
+                                   "across device kinds), which hetrain does not have yet"}}
+    unknown = sorted(set(a.steps) - set(steps))
+    if unknown:
+        p.error(f"unknown steps {unknown}; choose from {list(steps)}")
     with tempfile.TemporaryDirectory(prefix="hetrain-gpu-") as tmp:
-        work = Path(tmp)
-        profile_dir = str(work / "profiles")
-        plan = [("tests", lambda: step_tests(cfg, work, cuda)),
-                ("peers", lambda: step_peers(cfg, work, cuda, profile_dir)),
-                ("bound", lambda: step_bound(cfg, work, cuda, out_dir)),
-                ("predictor", lambda: step_predictor(cfg, work, cuda)),
-                ("capacity", lambda: step_capacity(cfg, work, cuda, profile_dir, deadline)),
-                ("mixed", lambda: {"status": "skipped", "reason": "needs the cluster runtime (pipeline stages "
-                                   "across device kinds), which hetrain does not have yet"})]
-        for name, fn in plan:
-            if name not in a.steps:
-                continue
-            if time.perf_counter() > deadline - (cfg["capacity"]["min_s"] if name == "capacity" else 10):
+        run = Run(cfg, cuda, Path(tmp), out_dir, start + a.deadline_s)
+        for name in a.steps:
+            if run.left_s() < (cfg["capacity"]["min_s"] if name == "capacity" else 10):
                 results["steps"][name] = {"status": "skipped", "reason": "no time left before the deadline"}
                 save()
                 continue
             if name == "peers" and a.wait_file:
-                results["deepspeed_build"] = wait_for_build(Path(a.wait_file), 120.0)
+                results["deepspeed_build"] = wait_for_build(Path(a.wait_file), min(120.0, run.left_s() / 4))
             log(f"step {name}")
             t0 = time.perf_counter()
             try:
-                results["steps"][name] = fn()
+                results["steps"][name] = steps[name](run)
             except Exception as e:  # noqa: BLE001 - a broken step is reported; the others still run
                 results["steps"][name] = {"status": "failed", "error": f"{type(e).__name__}: {e}"}
             results["steps"][name].setdefault("seconds", round(time.perf_counter() - t0, 1))
             log(f"step {name}: {results['steps'][name]['status']} in {results['steps'][name]['seconds']} s")
             save()
+            if name == "peers" and run.cuda:
+                plot_peers(results, out_dir / "peers.png")
     save()
     print(markdown(results), flush=True)
     failed = [n for n, s in results["steps"].items() if s["status"] == "failed"]

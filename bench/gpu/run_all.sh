@@ -5,11 +5,12 @@
 # says what each step does). Each step runs under its own time limit; results.json, results.md,
 # log.txt and the plots land in the output folder.
 #
-#   bash bench/gpu/run_all.sh [--dry-run | --quick] [--out DIR] [--deadline-s S]
+#   bash bench/gpu/run_all.sh [--dry-run | --quick] [--out DIR] [--deadline-s S] [--steps NAME ...]
 #
 # --dry-run: every step on the CPU at tiny sizes (what CI runs, so the script cannot rot);
 # --quick: every step on the GPU at small sizes (a smoke test, about two minutes);
-# default: the full sizes, finishing within --deadline-s (470 s) of the start.
+# default: the full sizes, finishing within --deadline-s (470 s) of the start;
+# --steps: only these steps, in this order (tests peers bound predictor capacity mixed).
 #
 # It installs nothing from the internet. It uses $PYTHON, else the python3 on the PATH when it
 # has torch, else .venv/bin/python; hetrain runs from this checkout (src/ on PYTHONPATH). Missing packages
@@ -27,7 +28,8 @@ while [ $# -gt 0 ]; do
     --quick) mode=quick ;;
     --out) out=$2; shift ;;
     --deadline-s) deadline=$2; shift ;;
-    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+    --steps) steps=(); while [ $# -gt 1 ] && [ "${2#--}" = "$2" ]; do steps+=("$2"); shift; done ;;
+    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
     *) echo "run_all.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -54,14 +56,17 @@ export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-/tmp/hetrain-torch-extension
 # DeepSpeed compiles its CPU Adam on first use (a minute of the CPU's time): build it now, in the
 # background, while the GPU tests (which time nothing) run.
 if [ "$mode" != dry ] && "$py" -c "import deepspeed" 2>/dev/null; then
+  prebuild=$(mktemp /tmp/hetrain-deepspeed-build.XXXX)
   ( "$py" -c "from deepspeed.ops.op_builder import CPUAdamBuilder; CPUAdamBuilder().load()" \
-      > "$out/deepspeed-build.txt" 2>&1; echo "exit $?" >> "$out/deepspeed-build.txt" ) &
-  prebuild="$out/deepspeed-build.txt"
+      > "$prebuild" 2>&1; echo "exit $?" >> "$prebuild" ) &
 fi
 
 elapsed=$(( $(date +%s) - start ))
 "$py" bench/gpu/gpu_evidence.py --mode "$mode" --out "$out" --deadline-s $(( deadline - elapsed )) \
-  ${prebuild:+--wait-file "$prebuild"} 2>&1 | tee -a "$log"
+  ${prebuild:+--wait-file "$prebuild"} ${steps:+--steps "${steps[@]}"} 2>&1 | tee -a "$log"
 rc=${PIPESTATUS[0]}
+if [ -n "${prebuild:-}" ]; then
+  { echo "--- DeepSpeed CPU Adam build (background) ---"; cat "$prebuild"; } >> "$log"
+fi
 echo "run_all.sh: exit $rc after $(( $(date +%s) - start )) s; results in $out" | tee -a "$log"
 exit "$rc"

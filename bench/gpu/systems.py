@@ -65,6 +65,10 @@ class RunSpec:
     """Fill weights with constants instead of the model's random init (capacity trials:
     the memory a step takes does not depend on the values, the time to build a model does)."""
     host_budget_bytes: int | None = None
+    trace_dir: str | None = None
+    """After the timed steps, one more step under torch.profiler: its Chrome trace (gzipped) and
+    the device's busy time land here; for hetrain also the engine's own lanes (compute, h2d,
+    d2h, cpu_optim) over every step, as a Chrome trace and a timeline plot."""
 
 
 @dataclass
@@ -191,12 +195,27 @@ def setup_hetrain(spec: RunSpec, device: torch.device, result: RunResult):
     model = build_model(cfg.model, spec.fast_init)
     result.params = sum(p.numel() for p in model.parameters())
     optim = OptimConfig(WEIGHT_DECAY, *BETAS, EPS, cpu_threads=torch.get_num_threads())
-    engine = apply_plan(model, plan, optim, device, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    engine = apply_plan(model, plan, optim, device, torch.bfloat16 if device.type == "cuda" else torch.float32,
+                        trace=bool(spec.trace_dir))
+
+    waits = result.notes.setdefault("weight_wait_s", [])
 
     def step(x, y):
-        return engine.train_step([(x, y)], LR, CLIP).loss
+        stats = engine.train_step([(x, y)], LR, CLIP)
+        waits.append(round(stats.weight_wait_s, 4))
+        return stats.loss
 
-    return step, engine.synchronize, engine.close
+    def close():
+        if engine.trace is not None and spec.trace_dir:
+            from hetrain.predict.trace import plot_timeline, write_chrome_trace
+
+            write_chrome_trace(engine.trace, Path(spec.trace_dir) / "engine_trace.json",
+                               metadata={"source": "bench/gpu/systems.py", "plan": plan.summary()})
+            plot_timeline(engine.trace, Path(spec.trace_dir) / "engine_timeline.png",
+                          title=f"hetrain engine, {plan.summary()}")
+        engine.close()
+
+    return step, engine.synchronize, close
 
 
 def setup_fsdp2(spec: RunSpec, device: torch.device, result: RunResult):
@@ -285,6 +304,32 @@ def setup_deepspeed(spec: RunSpec, device: torch.device, result: RunResult, stag
     return step, torch.cuda.synchronize if cuda else (lambda: None), close
 
 
+def profile_one_step(step, sync, batch, device: torch.device, trace_dir: Path, system: str) -> dict:
+    """One more step under torch.profiler: wall time, the device's busy time (the sum of its
+    kernels' own times, copies included) and their ratio; the trace, gzipped, into trace_dir."""
+    import gzip
+    import shutil
+
+    from torch.profiler import ProfilerActivity, profile
+
+    trace_dir.mkdir(parents=True, exist_ok=True)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sync()
+    with profile(activities=activities) as prof:
+        start = time.perf_counter()
+        step(*batch)
+        sync()
+        wall_s = time.perf_counter() - start
+    busy_us = sum(getattr(e, "self_device_time_total", 0) for e in prof.key_averages())
+    raw = trace_dir / f"{system}_torch_trace.json"
+    prof.export_chrome_trace(str(raw))
+    with open(raw, "rb") as src, gzip.open(f"{raw}.gz", "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    raw.unlink()
+    return {"wall_s": wall_s, "device_busy_s": busy_us / 1e6, "device_busy_share": busy_us / 1e6 / wall_s,
+            "trace": f"{raw.name}.gz"}
+
+
 def setup(spec: RunSpec, device: torch.device, result: RunResult):
     if spec.system == "hetrain":
         return setup_hetrain(spec, device, result)
@@ -300,7 +345,7 @@ def run(spec: RunSpec) -> RunResult:
                        if device.type == "cuda" else f"CPU, {os.cpu_count()} cores"))
     if device.type == "cuda" and spec.cap_bytes is not None:
         total = torch.cuda.get_device_properties(device).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, spec.cap_bytes / total), device)
+        torch.cuda.set_per_process_memory_fraction(min(1.0, spec.cap_bytes / total), device.index or 0)
         torch.cuda.reset_peak_memory_stats(device)
     close = None
     t0 = time.perf_counter()
@@ -323,6 +368,9 @@ def run(spec: RunSpec) -> RunResult:
         result.ok = all(math.isfinite(l) for l in result.losses) or spec.fast_init
         if not result.ok:
             result.error = f"non-finite loss: {result.losses}"
+        elif spec.trace_dir:
+            result.notes["profiled_step"] = profile_one_step(step, sync, data[-1], device, Path(spec.trace_dir),
+                                                             spec.system)
     except torch.OutOfMemoryError as e:
         result.oom, result.error = True, f"out of memory: {str(e).splitlines()[0][:300]}"
     except Exception as e:  # noqa: BLE001 - every failure is a row of the report, with its reason
@@ -354,11 +402,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile-dir", default=os.path.expanduser("~/.cache/hetrain/profiles"))
     p.add_argument("--fast-init", action="store_true")
     p.add_argument("--host-budget-gib", type=float, default=None)
+    p.add_argument("--trace-dir", help="profile one more step with torch.profiler into this folder "
+                   "(and, for hetrain, write the engine's own trace)")
     p.add_argument("--json", help="write the result here")
     a = p.parse_args(argv)
     spec = RunSpec(a.system, json.loads(a.model), a.micro_batch, a.seq_len,
                    None if a.cap_gib is None else int(a.cap_gib * 2**30), a.steps, a.warmup, a.profile_dir,
-                   a.fast_init, None if a.host_budget_gib is None else int(a.host_budget_gib * 2**30))
+                   a.fast_init, None if a.host_budget_gib is None else int(a.host_budget_gib * 2**30),
+                   a.trace_dir)
     result = asdict(run(spec))
     if a.json:
         Path(a.json).write_text(json.dumps(result, indent=1))
