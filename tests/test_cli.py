@@ -53,6 +53,11 @@ BAD = [
     ({"data.path": "/nonexistent/corpus.txt"}, "does not exist"),
     ({"run.resume": "/nonexistent/ckpt"}, "checkpoint '/nonexistent/ckpt' does not exist"),
     ({"train.dtype": "fp8"}, "train.dtype must be 'fp32' or 'bf16'"),
+    ({"train.ckpt_every": "-1"}, "train.ckpt_every must be 0 or more"),
+    ({"train.keep_checkpoints": "-1"}, "train.keep_checkpoints must be 0 or more"),
+    ({"train.lr": "-1"}, "train.lr must be positive"),
+    ({"hardware.device_kind": "FOO-9000"}, "unknown device kind 'FOO-9000'"),
+    ({"run.dist_timeout_s": "0"}, "run.dist_timeout_s must be positive"),
 ]
 
 
@@ -63,6 +68,39 @@ def test_bad_input_is_one_line_exit_2(tmp_path, corpus, capsys, override, messag
     err = capsys.readouterr().err.strip()
     assert err.startswith("hetrain: error: ") and message in err and "\n" not in err
     assert not run.exists()  # nothing was written
+
+
+@pytest.mark.parametrize("command", ["train", "plan"])
+@pytest.mark.parametrize("where", ["file", "under-file"])
+def test_a_run_dir_that_cannot_be_a_folder_is_one_line_exit_2(tmp_path, corpus, capsys, command, where):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    run = blocker if where == "file" else blocker / "run"
+    args = cli_args(run, corpus, **{"hardware.device_kind": "cpu"})
+    assert main([command, *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("hetrain: error: run.dir") and "pass a folder path to --run.dir" in err and "\n" not in err
+    assert blocker.read_text() == "not a folder"
+
+
+def test_estimate_refuses_an_unknown_device_kind(capsys):
+    assert main(["estimate", "--hardware.device_kind", "FOO-9000"]) == 2
+    assert "unknown device kind 'FOO-9000'; known kinds: V100" in capsys.readouterr().err
+
+
+def test_a_short_context_preset_trains_with_the_default_sequence_length(tmp_path, corpus):
+    # tiny's max_seq_len is 64, under the default seq_len of 128: the default follows the model.
+    assert main(["train", "--model.preset", "tiny", "--run.dir", str(tmp_path / "r"), "--train.steps", "1",
+                 "--data.source", "text", "--data.path", str(corpus), "--log.progress", "false",
+                 "--log.tensorboard", "false", "--memory.device_budget", "none", "--train.micro_batch", "2"]) == 0
+    assert "seq_len = 64" in (tmp_path / "r" / "config.toml").read_text()
+
+
+def test_help_headings_are_sentences_not_reprs(capsys):
+    assert main(["train", "--help"]) == 0
+    headings = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("[")]
+    assert len(headings) == 9 and all("(" not in h.split("]", 1)[1][:3] for h in headings)
+    assert "[data]  The training corpus and how it is read." in headings
 
 
 def test_empty_corpus(tmp_path, capsys):

@@ -11,7 +11,8 @@ import os
 import sys
 
 from hetrain.config import format_config, format_help, load_config
-from hetrain.errors import ConfigError
+from hetrain.errors import ConfigError, RankLost
+from hetrain.files import check_output_dir
 
 USAGE = """usage: hetrain COMMAND [--config FILE.toml] [--section.key VALUE ...]
 
@@ -94,6 +95,7 @@ def cmd_simulate(args: list[str]) -> int:
 
     path, overrides = _split_config(args)
     cfg = load_config(path, overrides)
+    check_output_dir(cfg.run.dir, "run.dir")
     profile = None if cfg.hardware.device_kind else require_profile(cfg.hardware.profile_dir)
     pred = predict_step(cfg, profile)
     print(format_prediction(pred, cfg))
@@ -115,6 +117,7 @@ def cmd_simulate(args: list[str]) -> int:
 def cmd_plan(args: list[str]) -> int:
     path, overrides = _split_config(["--plan.cluster" if a == "--cluster" else a for a in args])
     cfg = load_config(path, overrides)
+    check_output_dir(cfg.run.dir, "run.dir")
     if not cfg.plan.cluster:
         from hetrain.plan.offload_planner import run_offload_planning
 
@@ -150,6 +153,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"hetrain: error: {e}", file=sys.stderr)
         return 2
+    except RankLost as e:
+        print(f"hetrain: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # a file the run needs could not be read or written (disk full, permissions)
+        where = f" '{e.filename}'" if e.filename else ""
+        print(f"hetrain: error: {e.strerror or e}{where}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -50,6 +50,8 @@ class RunConfig:
     """'' starts a new run (refused if run.dir already holds checkpoints); 'auto' resumes the latest checkpoint in run.dir; or a checkpoint directory path."""
     threads: int = 0
     """torch intra-op threads on CPU; 0 uses every core of this machine."""
+    dist_timeout_s: float = 300.0
+    """Under torchrun: how long any rank waits for the others in a collective before the job ends with a message naming the ranks that did not answer."""
 
 
 @dataclass
@@ -63,13 +65,15 @@ class TrainConfig:
     grad_accum: int = 1
     """Micro-batches accumulated per optimizer step."""
     seq_len: int = 128
-    """Tokens per sequence (at most model.max_seq_len)."""
+    """Tokens per sequence (at most model.max_seq_len); when not given, 128 or the model's max_seq_len if that is smaller."""
     lr: float = 3e-3
     """Peak learning rate of AdamW."""
     min_lr: float = 3e-4
     """Learning rate at the end of the cosine decay."""
     warmup_steps: int = 30
     """Linear warmup steps from 0 to train.lr."""
+    decay_steps: int = 0
+    """Step at which the cosine decay reaches train.min_lr (then stays there); 0 means train.steps. Set it when a run will be extended: a resume with more train.steps then keeps the schedule the first steps ran under."""
     weight_decay: float = 0.1
     """AdamW decoupled weight decay, applied to matrices only (not norms, biases)."""
     beta1: float = 0.9
@@ -89,7 +93,7 @@ class TrainConfig:
     ckpt_every: int = 200
     """Checkpoint every N steps (and at the end); 0 saves only at the end."""
     keep_checkpoints: int = 2
-    """Most recent checkpoints kept in run.dir/checkpoints; older ones are deleted."""
+    """Most recent checkpoints kept in run.dir/checkpoints; older ones are deleted; 0 keeps all."""
 
 
 @dataclass
@@ -290,6 +294,8 @@ def build_config(values: dict[str, object]) -> Config:
         model.validate()
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    if "seq_len" not in typed["train"] and TrainConfig.seq_len > model.max_seq_len:
+        typed["train"]["seq_len"] = model.max_seq_len  # the default, fitted to a short-context model
     cfg = Config(model=model, **{s: sections[s](**v) for s, v in typed.items()})
     validate(cfg)
     return cfg
@@ -309,6 +315,25 @@ def validate(cfg: Config) -> None:
     for key in ("steps", "micro_batch", "grad_accum", "seq_len", "log_every"):
         if getattr(t, key) < 1:
             raise ConfigError(f"train.{key} must be at least 1, got {getattr(t, key)}")
+    for key, meaning in (("ckpt_every", "0 saves only at the end"), ("keep_checkpoints", "0 keeps all"),
+                         ("eval_every", "0 disables evaluation"), ("warmup_steps", "0 starts at train.lr"),
+                         ("decay_steps", "0 decays over train.steps")):
+        if getattr(t, key) < 0:
+            raise ConfigError(f"train.{key} must be 0 or more ({meaning}), got {getattr(t, key)}")
+    for key, value in (("train.eval_batches", t.eval_batches), ("log.trace_steps", cfg.log.trace_steps)):
+        if value < 1:
+            raise ConfigError(f"{key} must be at least 1, got {value}")
+    if t.lr <= 0:
+        raise ConfigError(f"train.lr must be positive, got {t.lr}")
+    if t.min_lr < 0:
+        raise ConfigError(f"train.min_lr must be 0 or more, got {t.min_lr}")
+    if t.grad_clip < 0:
+        raise ConfigError(f"train.grad_clip must be 0 (off) or positive, got {t.grad_clip}")
+    if not (0 <= t.beta1 < 1 and 0 <= t.beta2 < 1) or t.weight_decay < 0:
+        raise ConfigError(f"AdamW needs 0 <= train.beta1, train.beta2 < 1 and train.weight_decay >= 0; got "
+                          f"{t.beta1}, {t.beta2}, {t.weight_decay}")
+    if cfg.run.dist_timeout_s <= 0:
+        raise ConfigError(f"run.dist_timeout_s must be positive, got {cfg.run.dist_timeout_s}")
     if t.seq_len > cfg.model.max_seq_len and not cfg.hf.path:
         raise ConfigError(f"train.seq_len={t.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}; "
                           f"lower --train.seq_len or raise --model.max_seq_len")
@@ -316,6 +341,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.dtype must be 'fp32' or 'bf16', got '{t.dtype}'")
     if cfg.run.device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"run.device must be 'auto', 'cpu' or 'cuda', got '{cfg.run.device}'")
+    if cfg.hardware.device_kind:
+        from hetrain.hardware.catalog import get_kind
+
+        get_kind(cfg.hardware.device_kind)  # ConfigError naming the nearest kinds
     parse_device_budget(cfg.memory.device_budget)
     parse_bytes("memory.host_budget", cfg.memory.host_budget)
     if cfg.plan.cluster and not Path(cfg.plan.cluster).expanduser().is_file():
@@ -388,8 +417,10 @@ def format_help() -> str:
     lines = []
     defaults = Config()
     for section, cls in _sections().items():
-        doc = inspect.getdoc(cls) or ""
-        lines.append(f"[{section}]  {doc.splitlines()[0] if doc else ''}")
+        # A dataclass without a docstring gets its signature as __doc__: not a heading.
+        doc = cls.__dict__.get("__doc__") or ""
+        heading = "" if doc.startswith(f"{cls.__name__}(") else inspect.cleandoc(doc).splitlines()[0]
+        lines.append(f"[{section}]  {heading}".rstrip())
         docs = field_docs(cls)
         for name, typ in _field_types(cls).items():
             default = getattr(getattr(defaults, section), name)

@@ -40,6 +40,8 @@ STDLIB_SKIP_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__", "
 
 @dataclass
 class DataConfig:
+    """The training corpus and how it is read."""
+
     source: str = "stdlib"
     """Corpus: 'stdlib' (Python standard library source on this machine), 'text' (.txt/.jsonl file or directory), 'bin' (pre-tokenized uint16/uint32 .bin), 'hf' (datasets.save_to_disk folder)."""
     path: str = ""

@@ -252,14 +252,14 @@ def test_forward_never_reads_a_weight_before_its_update_lands():
         updates = {e.args["step"]: e for e in trace if e.name == f"update {layer.name}"}
         first_fwd = {}
         for e in trace:
-            if e.name == f"fwd {layer.name}":
+            if e.name == f"fwd {layer.name} mb0":
                 first_fwd.setdefault(e.args["step"], e)
         assert sorted(updates) == list(range(STEPS))
         for step in range(1, STEPS):
             assert first_fwd[step].start_s >= updates[step - 1].end_s, (layer.name, step)
     head_updates = {e.args["step"]: e for e in trace if e.name == "update head"}
     for e in trace:
-        if e.name == "fwd embedding" and e.args["step"] >= 1:
+        if e.name == "fwd embedding mb0" and e.args["step"] >= 1:
             overlapped |= e.start_s < head_updates[e.args["step"] - 1].end_s
     assert overlapped, "the next step's forward never started before the previous step's last update ended"
 
@@ -324,7 +324,7 @@ def test_prefetch_fetches_the_next_blocks_before_they_run(depth):
     first = {}
     for e in events:
         first.setdefault(e.name, e)
-    ahead = [i for i in range(1, 4) if first[f"fetch block.{i}"].start_s < first["fwd block.0"].start_s]
+    ahead = [i for i in range(1, 4) if first[f"fetch block.{i}"].start_s < first["fwd block.0 mb0"].start_s]
     assert ahead == list(range(1, 1 + depth))
 
 

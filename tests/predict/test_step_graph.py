@@ -53,16 +53,16 @@ def test_serial_plan_runs_in_trainer_order_and_takes_the_sum_of_its_tasks():
     desc, cost = _tiny_cost()
     tasks = build_step_tasks(desc, cost, grad_accum=2)
     names = [t.name for t in tasks]
-    assert names[:4] == ["fwd.embedding.mb0", "fwd.block.0.mb0", "fwd.block.1.mb0", "fwd.head.mb0"]
-    assert names[4:6] == ["bwd.head.mb0", "grad.head"]
-    assert names.index("fwd.embedding.mb1") > names.index("bwd.embedding.mb0")
-    assert "grad.head" in names and "grad.head.mb1" not in names  # gradients appear once per step
-    assert names[-1] == "zero_grad" and names.index("clip_grad_norm") < names.index("optim.block.0")
+    assert names[:4] == ["fwd embedding mb0", "fwd block.0 mb0", "fwd block.1 mb0", "fwd head mb0"]
+    assert names[4:6] == ["bwd head mb0", "grad head"]
+    assert names.index("fwd embedding mb1") > names.index("bwd embedding mb0")
+    assert "grad head" in names and "grad head mb1" not in names  # gradients appear once per step
+    assert names[-1] == "zero_grad" and names.index("norm") < names.index("optim block.0")
     graph = build_step_graph(desc, cost, StepGraphOptions(grad_accum=2))
     block = desc.blocks[0]
     # The second micro-batch's backward also adds into the gradients the first one left.
-    assert graph.task("bwd.block.0.mb0").duration_s == cost.bwd_s(block)
-    assert graph.task("bwd.block.0.mb1").duration_s == cost.bwd_s(block) + cost.grad_accumulate_s(block.params, 6)
+    assert graph.task("bwd block.0 mb0").duration_s == cost.bwd_s(block)
+    assert graph.task("bwd block.0 mb1").duration_s == cost.bwd_s(block) + cost.grad_accumulate_s(block.params, 6)
     sim = graph.simulate()
     assert sim.step_s == pytest.approx(sum(t.duration_s for t in tasks), rel=1e-12)
     assert [e.name for e in sim.events] == names
@@ -106,15 +106,15 @@ def test_graph_is_extensible_by_name():
     # What an offload planner does: a weight prefetch on its own lane that a forward waits for.
     desc, cost = _tiny_cost()
     graph = build_step_graph(desc, cost)
-    graph.add(Task("h2d.w.block.1", "h2d", 1.0, cat="h2d"), before="fwd.block.1.mb0")
-    graph.add_deps("fwd.block.1.mb0", "h2d.w.block.1")
+    graph.add(Task("h2d.w.block.1", "h2d", 1.0, cat="h2d"), before="fwd block.1 mb0")
+    graph.add_deps("fwd block.1 mb0", "h2d.w.block.1")
     sim = graph.simulate()
     compute = [t for t in graph.tasks if t.resource == "compute"]
-    after = compute[[t.name for t in compute].index("fwd.block.1.mb0"):]
-    assert {e.name: e.start_s for e in sim.events}["fwd.block.1.mb0"] == 1.0
+    after = compute[[t.name for t in compute].index("fwd block.1 mb0"):]
+    assert {e.name: e.start_s for e in sim.events}["fwd block.1 mb0"] == 1.0
     assert sim.step_s == pytest.approx(1.0 + sum(t.duration_s for t in after))
     with pytest.raises(KeyError, match="no task named"):
-        graph.task("fwd.block.9.mb0")
+        graph.task("fwd block.9 mb0")
 
 
 def test_96_block_model_predicts_in_well_under_a_second():
@@ -135,7 +135,7 @@ def test_simulate_command_writes_trace_and_png(tmp_path, capsys):
     assert "predicted step:" in out and "critical path:" in out and "utilisation: compute" in out
     assert "peak device memory:" in out
     events = read_chrome_trace(run_dir / "sim_trace.json")
-    assert {e.lane for e in events} == {"compute"} and events[0].name == "fwd.embedding.mb0"
+    assert {e.lane for e in events} == {"compute"} and events[0].name == "fwd embedding mb0"
     assert (run_dir / "sim_timeline.png").read_bytes()[:8] == PNG_MAGIC
 
 

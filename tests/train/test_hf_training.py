@@ -43,3 +43,20 @@ def test_hf_llama_same_loss_curve_as_plain_pytorch(tiny_config, llama_dir):
         losses.append(loss.item())
     assert [result.losses[s] for s in range(1, cfg.train.steps + 1)] == pytest.approx(losses, rel=1e-5)
     assert losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_hf_resume_is_exact(tiny_config, tmp_path, llama_dir, family):
+    """Nothing between loading a checkpoint and the first step draws from the global RNG (the
+    start-up peak-FLOPs measurement once did), so a resumed run repeats the same steps."""
+    path = llama_dir
+    if family == "gpt2":
+        cfg = transformers.GPT2Config(vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=64)
+        cfg.save_pretrained(tmp_path / "gpt2")
+        path = tmp_path / "gpt2"
+    measured = {"hf.path": str(path), "log.peak_flops": 0}  # MFU from a matmul measured at start-up
+    straight = Trainer(tiny_config(tmp_path / "a", **measured)).fit()
+    step5 = tmp_path / "a" / "checkpoints" / "step_00000005"
+    resumed = Trainer(tiny_config(tmp_path / "b", **measured, **{"run.resume": str(step5)})).fit()
+    assert [resumed.losses[s] for s in range(6, 11)] == pytest.approx([straight.losses[s] for s in range(6, 11)],
+                                                                       rel=1e-6)

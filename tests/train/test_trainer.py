@@ -147,9 +147,10 @@ def test_trace_records_every_block_and_changes_nothing(tiny_config, tmp_path):
     events = read_chrome_trace(tmp_path / "traced" / "trace.json")
     assert {e.args["step"] for e in events} == {2, 3}
     names = [e.name for e in events if e.args["step"] == 2]
-    expected_micro = ["data", "fwd.embedding", "fwd.block0", "fwd.block1", "fwd.head",
-                      "bwd.head", "bwd.block1", "bwd.block0", "bwd.embedding"]
-    assert names == expected_micro * 2 + ["optim"]  # two micro-batches, then the update
+    expected = [f"{what} mb{m}" for m in (0, 1) for what in (
+        "data", "fwd embedding", "fwd block.0", "fwd block.1", "fwd head",
+        "bwd head", "bwd block.1", "bwd block.0", "bwd embedding")]
+    assert names == expected + ["optim"]  # two micro-batches, then the update
     for a, b in zip(events, events[1:]):
         assert a.end_s <= b.start_s + 1e-9  # one lane, nothing overlaps on CPU
     assert (tmp_path / "traced" / "trace_timeline.png").read_bytes()[:4] == b"\x89PNG"

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from hetrain.offload.weights import FlatWeights, copy_async, host_empty, slot_views
+from hetrain.predict.trace import task_name
 
 
 @dataclass
@@ -66,6 +67,14 @@ def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
+def adamw_group_settings(cfg: OptimConfig, lr: float) -> dict:
+    """Every field of a param_group of the AdamW that make_adamw builds (amsgrad, foreach,
+    fused, ...), read off a real one, so a state in training_state's layout loads into a plain
+    torch.optim.AdamW (the trainer's) as well as into the engine's."""
+    group = make_adamw([torch.zeros(1)], cfg).param_groups[0]
+    return {**{k: v for k, v in group.items() if k != "params"}, "lr": lr}
+
+
 def training_state(masters: list[tuple[str, torch.Tensor, dict]], aliases: dict[str, str],
                    cfg: OptimConfig, lr: float) -> dict:
     """{"model": {state_dict key: fp32 master}, "optim": {"state": {name: {step, exp_avg,
@@ -74,8 +83,8 @@ def training_state(masters: list[tuple[str, torch.Tensor, dict]], aliases: dict[
     live ones where the engine holds whole parameters, so loading in place restores the state."""
     model = {name: t.detach() for name, t, _ in masters}
     state = {name: dict(entries) for name, _, entries in masters}
-    groups = [{"lr": lr, "betas": (cfg.beta1, cfg.beta2), "eps": cfg.eps, "weight_decay": wd,
-               "params": [n for n, t in model.items() if (t.dim() >= 2) == decay]}
+    settings = adamw_group_settings(cfg, lr)
+    groups = [{**settings, "weight_decay": wd, "params": [n for n, t in model.items() if (t.dim() >= 2) == decay]}
               for wd, decay in ((cfg.weight_decay, True), (0.0, False))]
     return {"model": {key: model[name] for key, name in aliases.items()},
             "optim": {"state": state, "param_groups": groups}}
@@ -224,7 +233,7 @@ class HostLayer:
         if d2h_stream is None:
             self._add(g, first, final)
             if self.trace:
-                self.trace(f"grad {self.flat.name}", "d2h", start, time.perf_counter(), "d2h")
+                self.trace(task_name("grad_to_host", self.flat.name), "d2h", start, time.perf_counter(), "d2h")
             return
         while not self._staging_free.wait(timeout=0.05):
             worker.check()
@@ -275,7 +284,7 @@ class HostLayer:
                 event = None if self.flat.streamed else copy_async(self.flat.param.data, self.upload, h2d_stream,
                                                                    after=[reads_done])
             if self.trace:
-                self.trace(f"update {self.flat.name}", "cpu_optim", start, time.perf_counter(), "optim", step)
+                self.trace(task_name("update", self.flat.name), "cpu_optim", start, time.perf_counter(), "optim", step)
             self.flat.landing.land(event)
 
         worker.submit((self.index, 1), update)

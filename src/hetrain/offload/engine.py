@@ -43,7 +43,7 @@ from hetrain.offload.sharded import DataParallel, ShardedHostLayer
 from hetrain.offload.state import gather_state, give_back_model, load_state
 from hetrain.offload.weights import Binding, DeviceMaster, FlatWeights, WeightStreamer, host_empty, install, uninstall
 from hetrain.plan.offload_plan import OffloadPlan
-from hetrain.predict.trace import TraceEvent
+from hetrain.predict.trace import TraceEvent, task_name
 
 
 @dataclass
@@ -106,6 +106,7 @@ class OffloadEngine:
         self.trace: list[TraceEvent] | None = [] if trace else None
         self._t0 = time.perf_counter()
         self.step, self._lr, self._wait_s, self._first_micro, self._last_micro = 0, 0.0, 0.0, True, True
+        self._micro, self._bwd_start = 0, {}
         self._closed, self._broken, self._handles = False, None, []
         self.layout, self.layers = resolve_layers(model, plan, compute_dtype)
         check_weight_buffers(plan, self.layout, self.layers)  # 1
@@ -214,10 +215,17 @@ class OffloadEngine:
             self.trace.append(TraceEvent(name, lane, start_s - self._t0, end_s - self._t0, cat, {"step": step}))
 
     def _on_copy(self, flat: FlatWeights, start_s: float, end_s: float) -> None:
-        self._record(f"fetch {flat.name}", "h2d", start_s, end_s, "h2d")
+        self._record(task_name("fetch", flat.name), "h2d", start_s, end_s, "h2d")
 
     def _on_recompute(self, block: int, start_s: float, end_s: float) -> None:
-        self._record(f"recompute block.{block}", "compute", start_s, end_s, "recompute")
+        self._record(task_name("recompute", f"block.{block}", self._micro), "compute", start_s, end_s, "recompute")
+        self._bwd_start[block + 1] = end_s  # the layer's backward proper starts after its recomputation
+
+    def _record_bwd(self, index: int) -> None:
+        start = self._bwd_start.pop(index, None)
+        if start is not None:
+            self._record(task_name("bwd", self.layers[index].name, self._micro), "compute", start,
+                         time.perf_counter(), "bwd")
 
     # --- one layer, forward ------------------------------------------------------------------
     def _compute_stream(self):
@@ -244,7 +252,7 @@ class OffloadEngine:
         out = fn(*args)
         uninstall(layer.bindings)
         self.streamer.release(layer.streamed, self._compute_stream())
-        self._record(f"fwd {layer.name}", "compute", start, time.perf_counter(), "fwd")
+        self._record(task_name("fwd", layer.name, self._micro), "compute", start, time.perf_counter(), "fwd")
         if out.requires_grad:
             self.activations.forward_done(index, layer.name)
             # The node that made the output runs first in this layer's backward (a tensor hook
@@ -256,6 +264,8 @@ class OffloadEngine:
     def _backward_begins(self, index: int, grad_outputs: tuple) -> None:
         if index + 1 < len(self.layers):
             self._backward_ends(index + 1)  # this output is the next layer's input: its backward is over
+        if self.trace is not None:
+            self._bwd_start[index] = time.perf_counter()
         layer = self.layers[index]
         if self._first_micro and self._native_grad_bytes[index]:
             self._native_grads_held += self._native_grad_bytes[index]
@@ -269,6 +279,7 @@ class OffloadEngine:
             install(layer.bindings)  # the recomputation reads the module's attributes
 
     def _backward_ends(self, index: int) -> None:
+        self._record_bwd(index)
         layer = self.layers[index]
         self.activations.backward_done(index)
         if layer.recompute:
@@ -339,12 +350,13 @@ class OffloadEngine:
         losses = []
         try:
             for m, (x, y) in enumerate(batches):
-                self._first_micro, self._last_micro = m == 0, m == len(batches) - 1
+                self._first_micro, self._last_micro, self._micro = m == 0, m == len(batches) - 1, m
                 x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
                 with self.activations.micro_batch(self.activations.key(x, y)):
                     loss = self._forward(x, y) / len(batches)
                     self.activations.backward_starts()
                     loss.backward()
+                    self._record_bwd(0)  # the embedding's backward ends with backward()
                 self.activations.micro_batch_done()
                 losses.append(loss.detach())
             grad_norm = self._update(grad_clip)
@@ -399,7 +411,7 @@ class OffloadEngine:
                 for layer in self.layers:
                     if layer.dev is not None:
                         layer.dev.refresh(self.streams.get("d2h"), self._copy_fences())
-            self._record("update device", "compute", start, time.perf_counter(), "optim")
+            self._record(task_name("optim"), "compute", start, time.perf_counter(), "optim")
         for layer in self.layers:  # zero_grad(set_to_none=True) of the device side
             if layer.native:
                 for _, p in layer.owned:

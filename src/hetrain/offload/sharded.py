@@ -21,6 +21,8 @@ would compute, to rounding.
 
 from __future__ import annotations
 
+import datetime
+
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -43,14 +45,17 @@ class DataParallel:
     rank: int
 
     @classmethod
-    def create(cls, group: dist.ProcessGroup | None = None) -> "DataParallel":
-        """From an initialised torch.distributed (collective: every rank must call it)."""
+    def create(cls, group: dist.ProcessGroup | None = None, timeout_s: float | None = None) -> "DataParallel":
+        """From an initialised torch.distributed (collective: every rank must call it); the
+        worker's group waits `timeout_s` per collective (None: torch's default)."""
         if not dist.is_initialized():
             raise ValueError("data parallelism needs torch.distributed initialised (torchrun, then "
                              "dist.init_process_group)")
         group = group or dist.group.WORLD
         ranks = dist.get_process_group_ranks(group)
-        return cls(group, dist.new_group(ranks, backend="gloo"), dist.get_world_size(group), dist.get_rank(group))
+        timeout = None if timeout_s is None else datetime.timedelta(seconds=timeout_s)
+        return cls(group, dist.new_group(ranks, backend="gloo", timeout=timeout), dist.get_world_size(group),
+                   dist.get_rank(group))
 
     def average_(self, t: torch.Tensor) -> None:
         """In place: the mean of `t` over the ranks."""

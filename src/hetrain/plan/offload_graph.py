@@ -24,6 +24,7 @@ from hetrain.model.describe import ModelDescription
 from hetrain.plan.offload_plan import OffloadPlan
 from hetrain.predict.cost import ACCUMULATE_BYTES_PER_PARAM, ADAM_BYTES_PER_PARAM, CostModel
 from hetrain.predict.simulator import SimResult, Task
+from hetrain.predict.trace import task_name
 from hetrain.predict.step_graph import DEVICE, HOST, StateBytes, StepGraph, param_tensors, state_bytes
 
 FP32_BYTES = 4
@@ -248,6 +249,7 @@ class _Builder:
         terms, settings = self.terms, self.settings
         self.tasks: list[Task] = []
         self.prev: str | None = None  # the main thread's last compute task
+        self.k = 0  # the step being built
         self.buffers = _Buffers(settings.weight_buffers)
         self.fetched_by: dict[int, str] = {}
         self.landing: dict[int, str] = {}  # layer -> task after which its weights are current
@@ -269,7 +271,7 @@ class _Builder:
     def compute(self, name: str, duration_s: float, cat: str, deps=(), alloc: int = 0, free: int = 0,
                 layer: int | None = None) -> str:
         chain = (self.prev,) if self.prev else ()
-        args = {} if layer is None else {"layer": self.terms[layer].name}
+        args = {"step": self.k} if layer is None else {"layer": self.terms[layer].name, "step": self.k}
         self.tasks.append(Task(name, COMPUTE, duration_s, tuple(d for d in (*chain, *deps) if d), cat=cat,
                                alloc={DEVICE: alloc} if alloc else {}, free={DEVICE: free} if free else {},
                                args=args))
@@ -283,7 +285,7 @@ class _Builder:
         self.order += 1
         chain = (self.prev,) if self.prev else ()
         self.tasks.append(Task(name, lane, duration_s, tuple(d for d in (*chain, *deps) if d), priority=self.order,
-                               cat=lane, args={"layer": self.terms[layer].name}))
+                               cat=lane, args={"layer": self.terms[layer].name, "step": self.k}))
         return name
 
     # --- streamed weights ------------------------------------------------------------------
@@ -294,7 +296,7 @@ class _Builder:
         self.buffers.take(i, layer)
         deps = (self.buffers.released_by[i], self.landing.get(layer))
         self.fetches += 1
-        self.fetched_by[layer] = self.copy(f"{tag}.fetch{self.fetches}.{self.terms[layer].name}",
+        self.fetched_by[layer] = self.copy(f"{task_name('fetch', self.terms[layer].name)} @{tag}.{self.fetches}",
                                            self.terms[layer].h2d_s, H2D, deps, layer)
 
     def acquire(self, phase: str, layer: int, tag: str, wrap: bool) -> list[str]:
@@ -333,19 +335,20 @@ class _Builder:
 
     # --- one step ----------------------------------------------------------------------------
     def step(self, k: int) -> str:
+        self.k = k  # every task of this step carries it in its args
         t, ch, st = self.terms, self.choice, self.settings
         last = len(t) - 1
         grads_held = 0
         host_done: dict[int, str] = {}
         for mb in range(st.grad_accum):
-            tag, wrap = f"s{k}.mb{mb}", mb < st.grad_accum - 1
+            tag, wrap = f"{k}.mb{mb}", mb < st.grad_accum - 1
             for l in range(len(t)):
                 waits = self.acquire("fwd", l, f"{tag}.fwd", wrap)
                 if mb == 0:
                     waits += [self.landing[r] for r in self.reads[l] if not ch[r][1] and r in self.landing]
                 r = ch[l][0]
                 saved = t[l].saved_recompute_bytes if r else t[l].saved_keep_bytes
-                name = self.compute(f"{tag}.fwd.{t[l].name}", t[l].fwd_s, "fwd", waits, alloc=saved, layer=l)
+                name = self.compute(task_name("fwd", t[l].name, mb, step=k), t[l].fwd_s, "fwd", waits, alloc=saved, layer=l)
                 self.release(l, name)
             for l in range(last, -1, -1):
                 r, s, c = ch[l]
@@ -353,7 +356,7 @@ class _Builder:
                     self.release(l + 1, self.prev)
                 waits = self.acquire("bwd", l, f"{tag}.bwd", wrap) if l > 0 else []
                 if r:
-                    self.compute(f"{tag}.recompute.{t[l].name}", t[l].recompute_s, "recompute", waits,
+                    self.compute(task_name("recompute", t[l].name, mb, step=k), t[l].recompute_s, "recompute", waits,
                                  alloc=t[l].recompute_bytes, layer=l)
                 saved = (t[l].saved_recompute_bytes + t[l].recompute_bytes) if r else t[l].saved_keep_bytes
                 accumulate = t[l].device_accumulate_s if mb and not c else 0.0
@@ -361,51 +364,52 @@ class _Builder:
                 # (the engine's count), while its saved tensors are freed only as the backward ends.
                 grad = t[l].grad_bytes if not c and mb == 0 else 0
                 grads_held += grad
-                bwd = self.compute(f"{tag}.bwd.{t[l].name}", t[l].bwd_s + accumulate, "bwd", waits, alloc=grad,
+                bwd = self.compute(task_name("bwd", t[l].name, mb, step=k), t[l].bwd_s + accumulate, "bwd", waits, alloc=grad,
                                    free=saved, layer=l)
                 if c:
-                    host_done[l] = self._offload_grad(tag, l, bwd)
+                    host_done[l] = self._offload_grad(k, mb, l, bwd)
                     if not st.clip and mb == st.grad_accum - 1:
                         self._update(k, l, (host_done[l],))
         # The global norm needs every host layer's last gradient; the clipped updates start after it.
-        norm = self.compute(f"s{k}.norm", self.prices.norm_s, "sync", tuple(host_done.values()))
+        norm = self.compute(task_name("norm", step=k), self.prices.norm_s, "sync", tuple(host_done.values()))
         self.buffers.invalidate()
         if st.clip:
             for l in sorted(host_done):
                 self._update(k, l, (norm,))
         device_optim_s = self.prices.device_optim_call_s + sum(t[l].optim_device_s for l in range(len(t))
                                                                if not ch[l][2])
-        optim = self.compute(f"s{k}.optim", device_optim_s, "optim")
+        optim = self.compute(task_name("optim", step=k), device_optim_s, "optim")
         for l in range(len(t)):
             if ch[l][1] and not ch[l][2]:  # the updated master goes back into the host store
-                self.landing[l] = self.copy(f"s{k}.refresh.{t[l].name}", t[l].d2h_s, D2H, (optim,), l)
-        self.compute(f"s{k}.zero_grad", 0.0, "optim", free=grads_held)
+                self.landing[l] = self.copy(task_name("refresh", t[l].name, step=k), t[l].d2h_s, D2H, (optim,), l)
+        self.compute(task_name("zero_grad", step=k), 0.0, "optim", free=grads_held)
         pending = [] if st.overlap else [n for l, n in self.landing.items() if ch[l][1] or ch[l][2]]
-        return self.compute(f"s{k}.end", 0.0, "sync", tuple(pending))
+        return self.compute(task_name("end", step=k), 0.0, "sync", tuple(pending))
 
-    def _offload_grad(self, tag: str, l: int, bwd: str) -> str:
+    def _offload_grad(self, k: int, mb: int, l: int, bwd: str) -> str:
         """The gradient to the host and into its fp32 accumulator: a copy stream then the worker
         (GPU), or both on the main thread (CPU device)."""
         t = self.terms[l]
         if not self.settings.async_copies:
-            return self.compute(f"{tag}.grad_to_host.{t.name}", t.host_accumulate_s, "d2h", layer=l)
-        copy = self.copy(f"{tag}.grad_to_host.{t.name}", t.d2h_s, D2H, (bwd,), l)
-        self.tasks.append(Task(f"{tag}.accumulate.{t.name}", self.worker, t.host_accumulate_s, (copy,),
-                               priority=2 * l, cat="accumulate", args={"layer": t.name}))
-        return f"{tag}.accumulate.{t.name}"
+            return self.compute(task_name("grad_to_host", t.name, mb, step=k), t.host_accumulate_s, "d2h", layer=l)
+        copy = self.copy(task_name("grad_to_host", t.name, mb, step=k), t.d2h_s, D2H, (bwd,), l)
+        name = task_name("accumulate", t.name, mb, step=k)
+        self.tasks.append(Task(name, self.worker, t.host_accumulate_s, (copy,), priority=2 * l, cat="accumulate",
+                               args={"layer": t.name, "step": k}))
+        return name
 
     def _update(self, k: int, l: int, deps: tuple[str, ...]) -> None:
         """The layer's CPU update (worker, lowest layer first), then the upload of a resident copy."""
         t, s = self.terms[l], self.choice[l][1]
         sync_upload = 0.0 if s or self.settings.async_copies else t.h2d_s
-        name = f"s{k}.update.{t.name}"
+        name = task_name("update", t.name, step=k)
         self.tasks.append(Task(name, self.worker, t.optim_host_s + sync_upload, deps, priority=2 * l + 1,
-                               cat="optim", args={"layer": t.name}))
+                               cat="optim", args={"layer": t.name, "step": k}))
         self.landing[l] = name
         if not s and self.settings.async_copies:  # uploads go first on the copy stream
-            self.landing[l] = f"s{k}.upload.{t.name}"
+            self.landing[l] = task_name("upload", t.name, step=k)
             self.tasks.append(Task(self.landing[l], H2D, t.h2d_s, (name,), priority=-1e9 + l, cat="h2d",
-                                   args={"layer": t.name}))
+                                   args={"layer": t.name, "step": k}))
 
 
 @dataclass(frozen=True)
@@ -470,7 +474,7 @@ def simulate_offload(prices: OffloadPrices, choice: Choice) -> OffloadSimulation
     end = {e.name: e.end_s for e in sim.events}
     per_layer: dict[str, float] = {}
     for e in sim.events:
-        if e.lane == COMPUTE and e.name.startswith("s1.") and "layer" in e.args:
+        if e.lane == COMPUTE and e.args.get("step") == 1 and "layer" in e.args:
             per_layer[e.args["layer"]] = per_layer.get(e.args["layer"], 0.0) + e.dur_s
-    return OffloadSimulation(step_s=end["s1.end"] - end["s0.end"], peak_device_bytes=sim.peak_bytes[DEVICE],
+    return OffloadSimulation(step_s=end[task_name("end", step=1)] - end[task_name("end", step=0)], peak_device_bytes=sim.peak_bytes[DEVICE],
                              host_bytes=graph.base_bytes[HOST], layer_compute_s=per_layer, sim=sim, graph=graph)

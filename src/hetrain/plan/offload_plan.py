@@ -75,6 +75,10 @@ class OffloadPlan:
     """Why this plan: the planner's one-paragraph explanation, printed under the table."""
     search: dict = field(default_factory=dict)
     """How the plan was found (solver, time, candidates), for reading."""
+    made_for: dict | None = None
+    """The model shape and batch the plan was made for (see `shape_of`); a run of another model
+    or batch refuses it, naming the difference. None for a plan built by hand, which is only
+    checked for its number of blocks."""
 
     # --- construction ------------------------------------------------------------------
     @staticmethod
@@ -127,22 +131,41 @@ class OffloadPlan:
         return any(layer.weights == "host" for layer in self.layers)
 
     def summary(self) -> str:
-        """One line: how many blocks recompute, stream weights, update on the CPU."""
-        blocks = self.layers[1:-1]
+        """One line: which layers recompute, stream weights, update on the CPU (blocks as
+        ranges; the embedding and the head by name)."""
 
         def count(pred) -> str:
-            idx = [i for i, b in enumerate(blocks) if pred(b)]
-            if not idx:
+            idx = [i for i, b in enumerate(self.layers[1:-1]) if pred(b)]
+            ends = [layer.name for layer in (self.layers[0], self.layers[-1]) if pred(layer)]
+            if not idx and not ends:
                 return "none"
-            if idx == list(range(idx[0], idx[-1] + 1)):
-                return f"{len(idx)} (blocks {idx[0]}-{idx[-1]})" if len(idx) > 1 else f"1 (block {idx[0]})"
-            return f"{len(idx)} (blocks {', '.join(map(str, idx))})"
+            if not idx:
+                where = []
+            elif len(idx) == 1:
+                where = [f"block {idx[0]}"]
+            elif idx == list(range(idx[0], idx[-1] + 1)):
+                where = [f"blocks {idx[0]}-{idx[-1]}"]
+            else:
+                where = [f"blocks {', '.join(map(str, idx))}"]
+            return f"{len(idx) + len(ends)} ({', '.join(where + ends)})"
 
         return (f"recompute {count(lambda b: b.act == 'recompute')}; "
                 f"stream weights {count(lambda b: b.weights == 'host')}; "
                 f"CPU optimizer {count(lambda b: b.optim == 'host')}")
 
     # --- checks ------------------------------------------------------------------------
+    def check_made_for(self, shape: dict) -> None:
+        """ValueError naming the first difference when the plan was made for another model or
+        batch than `shape` (see `shape_of`); nothing for a hand-built plan (made_for None)."""
+        if self.made_for is None:
+            return
+        for key in sorted(set(self.made_for) | set(shape)):
+            if self.made_for.get(key) != shape.get(key):
+                raise ValueError(f"it was made for {key}={self.made_for.get(key)!r}, this run has "
+                                 f"{shape.get(key)!r}; re-plan with `hetrain plan` for this model and batch, or "
+                                 f"drop --plan.file")
+
+
     def validate(self, n_blocks: int | None = None) -> None:
         """Raise ValueError naming the field to fix; `n_blocks` checks the plan fits a model."""
         if len(self.layers) < 2:
@@ -239,6 +262,17 @@ class OffloadPlan:
 
     def __str__(self) -> str:
         return self.table()
+
+
+SHAPE_KEYS = ("n_layer", "n_head", "n_kv_head", "d_model", "d_ff", "vocab_size", "max_seq_len", "pos", "norm",
+              "mlp", "tie_embeddings", "bias")
+
+
+def shape_of(model: dict, micro_batch: int, seq_len: int, dtype: str) -> dict:
+    """What a plan depends on: the model's shape (`model` as dataclasses.asdict of a
+    ModelConfig) and the micro-batch's shape and compute dtype, as flat 'model.x'/'train.x' keys."""
+    return {**{f"model.{k}": model[k] for k in SHAPE_KEYS},
+            "train.micro_batch": micro_batch, "train.seq_len": seq_len, "train.dtype": dtype}
 
 
 def _check_keys(doc: dict, cls, where: str) -> None:

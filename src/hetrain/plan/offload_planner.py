@@ -28,8 +28,9 @@ from hetrain.errors import ConfigError
 from hetrain.plan.offload_graph import (Choice, OffloadPrices, OffloadSimulation, StepSettings, offload_prices,
                                         plan_of, simulate_offload)
 from hetrain.plan.offload_milp import BUDGET_MARGIN, OffloadModel, Solution
-from hetrain.plan.offload_plan import OffloadPlan
-from hetrain.predict.cost import CostModel, ProfileCost, RooflineCost, compute_dtype_bytes, cost_model, describe_for
+from hetrain.plan.offload_plan import OffloadPlan, shape_of
+from hetrain.predict.cost import (CostModel, ProfileCost, RooflineCost, compute_dtype_bytes, cost_model, describe_for,
+                                  training_threads)
 from hetrain.train.metrics import fmt_bytes
 
 KIB = 2**10
@@ -94,10 +95,48 @@ def default_cost(cfg: Config) -> CostModel:
             pass
     if _gpu_memory_bytes(cfg) is not None:
         return cost_model(cfg, desc, None)  # the catalog's figures for this GPU
+    too_big = _profile_too_big(cfg)
+    if too_big:
+        print(f"hetrain: {too_big}; pricing the plan with the catalog's 'cpu' figures instead (a roofline, off by "
+              f"several fold on a CPU): run `hetrain profile` to measure anyway, or name --hardware.device_kind",
+              flush=True)
+        return cost_model(cfg, desc, None)
     print("hetrain: profiling this model on this CPU for the planner (once; cached under hardware.profile_dir)",
           flush=True)
     profile, _, _ = run_profile(cfg, ProfileOptions(collectives=False))
     return cost_model(cfg, desc, profile)
+
+
+PROFILE_MAX_S = 120.0
+"""The longest the planner profiles a model by itself before falling back to the catalog."""
+PROFILE_MAX_RAM_SHARE = 0.25
+"""The largest share of host RAM a profile the planner starts by itself may take."""
+
+
+def _profile_too_big(cfg: Config) -> str:
+    """Why profiling `cfg`'s model on this CPU is not worth it ('' when it is): the estimate of
+    hetrain.predict.profiler at this CPU's matmul rate (measured in a tenth of a second),
+    against PROFILE_MAX_S and PROFILE_MAX_RAM_SHARE of this machine's RAM."""
+    import torch
+
+    from hetrain.hardware.probe import probe
+    from hetrain.predict.profiler import estimate_profile
+    from hetrain.train.metrics import measure_matmul_flops
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(training_threads(cfg))
+    try:
+        rate = measure_matmul_flops(torch.device("cpu"), torch.float32, n=512, min_s=0.1)
+    finally:
+        torch.set_num_threads(before)
+    est = estimate_profile(cfg.model, cfg.train.micro_batch, cfg.train.seq_len, rate)
+    ram = probe().host_ram_bytes
+    if est.peak_bytes > PROFILE_MAX_RAM_SHARE * ram:
+        return (f"profiling one block of this model here would take {fmt_bytes(est.peak_bytes)}, over "
+                f"{PROFILE_MAX_RAM_SHARE:.0%} of this machine's {fmt_bytes(ram)} of RAM")
+    if est.seconds > PROFILE_MAX_S:
+        return f"profiling one block of this model here would take about {est.seconds / 60:.0f} min"
+    return ""
 
 
 def step_settings(cfg: Config, cost: CostModel, options: PlannerOptions) -> StepSettings:
@@ -155,6 +194,8 @@ def plan_offload(cfg: Config, device_budget_bytes: int | None, host_budget_bytes
                        for f, s in zip(found, sims)],
         "loads_s": sol.loads_s, "main_thread_waits_s": sol.waits_s,
     }
+    plan.made_for = shape_of(dataclasses.asdict(cfg.model), cfg.train.micro_batch, cfg.train.seq_len,
+                             cfg.train.dtype)
     plan.validate(len(desc.blocks))
     plan.search["time_s"] = round(time.perf_counter() - start, 4)
     return plan
@@ -365,6 +406,13 @@ def plain_peak_bytes(cfg: Config, cost: CostModel) -> int:
 
 
 def _gpu_memory_bytes(cfg: Config) -> int | None:
+    """The memory of the GPU the plan is for: the catalog kind's when hardware.device_kind names
+    one (None for the 'cpu' kind), else this machine's first GPU, if any."""
+    if cfg.hardware.device_kind:
+        from hetrain.hardware.catalog import get_kind
+
+        kind = get_kind(cfg.hardware.device_kind)
+        return None if kind.name == "cpu" else kind.memory_bytes
     if cfg.run.device == "cpu":
         return None
     from hetrain.hardware.probe import probe

@@ -28,7 +28,7 @@ from hetrain.model.gpt import ModelConfig
 from hetrain.plan.parallel_cost import CostContext, Path, PredictorOptions, dp_path, pp_path, ring_allreduce_s
 from hetrain.plan.parallel_plan import ClusterPlan, PipelinePlan, StagePlan
 from hetrain.predict.simulator import Task, simulate
-from hetrain.predict.trace import TraceEvent
+from hetrain.predict.trace import TraceEvent, task_name
 
 
 @dataclass(frozen=True)
@@ -323,8 +323,9 @@ def _pipeline_tasks(p: int, stages: list[StageModel], plans: list[StagePlan], m:
     done_b: dict[tuple[int, int], str] = {}
     last_on: dict[int, str] = {}
 
-    def add(s: int, name: str, dur: float, deps: list[str], cat: str, **kw) -> str:
-        full = f"P{p}.S{s}.{name}"
+    def add(s: int, name: tuple, dur: float, deps: list[str], cat: str, **kw) -> str:
+        phase, mb = name
+        full = task_name(phase, "", mb, stage=s, step=None) + f" @P{p}"  # unique across pipelines
         chain = [last_on[s]] if s in last_on else []
         tasks.append(Task(full, lanes[s], dur, tuple(chain + deps), cat=cat, **kw))
         last_on[s] = full
@@ -343,28 +344,28 @@ def _pipeline_tasks(p: int, stages: list[StageModel], plans: list[StagePlan], m:
                     if s > 0 and (s - 1, i) not in done_f:
                         break
                     dep = [done_f[(s - 1, i)]] if s > 0 else []
-                    name = add(s, f"F{i}", st.fwd_s(sp.n_blocks) - st.send_fwd_s, dep, "fwd", alloc=act)
+                    name = add(s, ("fwd", i), st.fwd_s(sp.n_blocks) - st.send_fwd_s, dep, "fwd", alloc=act)
                     if st.send_fwd_s > 0:
-                        name = add(s, f"sendF{i}", st.send_fwd_s, [], "comm")
+                        name = add(s, ("send_fwd", i), st.send_fwd_s, [], "comm")
                     done_f[(s, i)] = name
                 else:
                     if s < len(stages) - 1 and (s + 1, i) not in done_b:
                         break
                     dep = [done_b[(s + 1, i)]] if s < len(stages) - 1 else []
                     if sp.n_recompute_blocks:
-                        add(s, f"R{i}", sp.n_recompute_blocks * st.block_fwd_s, dep, "recompute")
+                        add(s, ("recompute", i), sp.n_recompute_blocks * st.block_fwd_s, dep, "recompute")
                         dep = []
                     compute = st.bwd_s(sp.n_blocks, 0) - st.send_bwd_s
-                    name = add(s, f"B{i}", compute, dep, "bwd", free=act)
+                    name = add(s, ("bwd", i), compute, dep, "bwd", free=act)
                     if st.send_bwd_s > 0:
-                        name = add(s, f"sendB{i}", st.send_bwd_s, [], "comm")
+                        name = add(s, ("send_bwd", i), st.send_bwd_s, [], "comm")
                     done_b[(s, i)] = name
                 positions[s] += 1
                 remaining -= 1
     for s, (st, sp) in enumerate(zip(stages, plans)):
         if st.sync_s(sp.n_blocks) > 0:
-            add(s, "sync", st.sync_s(sp.n_blocks), [], "sync")
-        add(s, "optim", st.optim_s(sp.n_blocks), [], "optim")
+            add(s, ("allreduce", None), st.sync_s(sp.n_blocks), [], "sync")
+        add(s, ("optim", None), st.optim_s(sp.n_blocks), [], "optim")
     return tasks, base
 
 

@@ -264,6 +264,34 @@ def profile_model(model_cfg: ModelConfig, micro_batch: int, seq_len: int, dtype:
                         **timings)
 
 
+@dataclass(frozen=True)
+class ProfileEstimate:
+    """What profiling a model would take here, before anything is built."""
+
+    seconds: float
+    """Layer timings: warm-up and timed runs of the embedding, one block and the head
+    (forward, backward, recompute) at the FLOP rate given."""
+    peak_bytes: int
+    """The one-block model's weights and gradients, one block's saved activations and the
+    head's logits with their gradients (all in fp32)."""
+
+
+def estimate_profile(model_cfg: ModelConfig, micro_batch: int, seq_len: int, flops_per_s: float,
+                     options: ProfileOptions | None = None) -> ProfileEstimate:
+    """The time and memory `profile_model` would take, from the model description."""
+    from hetrain.model.describe import block_act_bytes, describe_model
+
+    options = options or ProfileOptions()
+    one = dataclasses.replace(model_cfg, n_layer=1)
+    desc = describe_model(one, micro_batch, seq_len, 4)
+    tokens = micro_batch * seq_len
+    flops = sum((l.fwd_flops_per_token * 2 + l.bwd_flops_per_token) * tokens for l in desc.layers())
+    runs = options.rounds * options.warmup + options.reps
+    logits = tokens * model_cfg.vocab_size * 4
+    peak = 2 * desc.total_params * 4 + sum(block_act_bytes(one, micro_batch, seq_len, 4).values()) + 3 * logits
+    return ProfileEstimate(runs * flops / flops_per_s, peak)
+
+
 # --- machine-level figures ----------------------------------------------------------------
 
 
@@ -394,7 +422,10 @@ def run_profile(cfg: Config, options: ProfileOptions | None = None) -> tuple[Pro
         if torch.cuda.device_count() < 2:
             profile.unmeasured["collective.nccl"] = (f"needs 2 GPUs, this machine has {torch.cuda.device_count()}; "
                                                      "the all-reduce figure is gloo between host processes")
-        entry = profile_model(cfg.model, cfg.train.micro_batch, cfg.train.seq_len, cfg.train.dtype, device, options)
+        # Its own RNG stream: a profile made mid-run (a resume with --trace) leaves the run's draws as they were.
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            entry = profile_model(cfg.model, cfg.train.micro_batch, cfg.train.seq_len, cfg.train.dtype, device,
+                                  options)
     finally:
         torch.set_num_threads(before)
     profile.models = [m for m in profile.models if not (

@@ -24,6 +24,7 @@ from hetrain.model.describe import LayerDescription, ModelDescription
 from hetrain.model.gpt import ModelConfig
 from hetrain.predict.cost import CostModel, Profile, RooflineCost, cost_model, describe_for
 from hetrain.predict.simulator import SimResult, Task, simulate
+from hetrain.predict.trace import task_name
 from hetrain.train.metrics import fmt_bytes
 
 FP32_BYTES = 4
@@ -33,19 +34,19 @@ COMPUTE = "compute"
 
 
 def fwd_name(layer: str, micro_batch: int) -> str:
-    return f"fwd.{layer}.mb{micro_batch}"
+    return task_name("fwd", layer, micro_batch)
 
 
 def bwd_name(layer: str, micro_batch: int) -> str:
-    return f"bwd.{layer}.mb{micro_batch}"
+    return task_name("bwd", layer, micro_batch)
 
 
 def grad_name(layer: str) -> str:
-    return f"grad.{layer}"
+    return task_name("grad", layer)
 
 
 def optim_name(layer: str) -> str:
-    return f"optim.{layer}"
+    return task_name("optim", layer)
 
 
 @dataclass(frozen=True)
@@ -174,15 +175,15 @@ def build_step_graph(desc: ModelDescription, cost: CostModel,
                 add(grad_name(layer.name), 0.0, "bwd", alloc=grads, layer=layer.name, grad_bytes=grads)
     total_tensors = sum(_tensors(cfg, ly) for ly in layers)
     # The trainer clips every step (an infinite max_norm when train.grad_clip is 0).
-    add("clip_grad_norm", cost.clip_s(desc.total_params, total_tensors), "sync",
+    add(task_name("norm"), cost.clip_s(desc.total_params, total_tensors), "sync",
         params=desc.total_params, tensors=total_tensors)
-    add("optim.call", cost.optimizer_call_s("device") * options.optimizer_param_groups, "optim",
+    add(task_name("optim", "call"), cost.optimizer_call_s("device") * options.optimizer_param_groups, "optim",
         param_groups=options.optimizer_param_groups)
     for layer in layers:
         adam = 0 if options.steady_state else state.adam_bytes_by_layer[layer.name]
         add(optim_name(layer.name), cost.optimizer_s(layer.params, _tensors(cfg, layer), "device"),
             "optim", alloc=adam, layer=layer.name, params=layer.params)
-    add("zero_grad", 0.0, "optim", free=state.grads_bytes)
+    add(task_name("zero_grad"), 0.0, "optim", free=state.grads_bytes)
     return StepGraph(tasks, {DEVICE: base, HOST: 0}, state)
 
 

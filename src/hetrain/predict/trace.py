@@ -59,6 +59,39 @@ class TraceEvent:
         return self.end_s - self.start_s
 
 
+def task_name(phase: str, layer: str = "", micro_batch: int | None = None, *, stage: int | None = None,
+              step: int | None = None) -> str:
+    """The name of one task in every trace hetrain writes, predicted or measured, so that the
+    two pair up: '[s<stage> ]<phase>[ <layer>][ mb<micro_batch>]', e.g. 'fwd block.3 mb0',
+    's1 bwd head mb2', 'update block.7'. Layers are 'embedding', 'block.<i>' and 'head'.
+    A graph that spans several steps, or issues one kind of task more than once, keeps its
+    names unique with `step` (' @<step>', and anything after it): `task_key` drops that part."""
+    parts = ([f"s{stage}"] if stage is not None else []) + [phase] + ([layer] if layer else [])
+    if micro_batch is not None:
+        parts.append(f"mb{micro_batch}")
+    name = " ".join(parts)
+    return name if step is None else f"{name} @{step}"
+
+
+def task_key(name: str) -> str:
+    """What pairs a predicted task with a measured one: the name without its ' @...' part."""
+    return name.split(" @", 1)[0]
+
+
+def pair_tasks(predicted: Iterable[TraceEvent], measured: Iterable[TraceEvent]) -> list[dict]:
+    """Per task key present in both: the mean predicted and measured durations and how many of
+    each were averaged, slowest measured first."""
+    sums: dict[str, list[float]] = {}
+    for which, events in ((0, predicted), (1, measured)):
+        for e in events:
+            entry = sums.setdefault(task_key(e.name), [0.0, 0, 0.0, 0])
+            entry[2 * which] += e.dur_s
+            entry[2 * which + 1] += 1
+    rows = [{"task": key, "predicted_s": p / n_p, "measured_s": m / n_m, "predicted_n": n_p, "measured_n": n_m}
+            for key, (p, n_p, m, n_m) in sums.items() if n_p and n_m]
+    return sorted(rows, key=lambda r: -r["measured_s"])
+
+
 def lanes_in_order(events: Iterable[TraceEvent]) -> list[str]:
     """Lane names in order of first appearance (the order lanes are written and drawn)."""
     return list(dict.fromkeys(e.lane for e in events))

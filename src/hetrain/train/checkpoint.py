@@ -79,12 +79,39 @@ def apply_training_state(model: nn.Module, optimizer: torch.optim.Optimizer, sta
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def remove_stale_partials(root: Path) -> list[Path]:
+    """Delete what interrupted saves left in `root`: `step_N.tmpPID` and `step_N.oldPID`
+    folders whose writing process is gone (or is this one). Returns what was removed."""
+    removed = []
+    for p in root.glob("step_*.*"):
+        suffix = p.name.rsplit(".", 1)[1]
+        for tag in ("tmp", "old"):
+            if suffix.startswith(tag) and suffix[len(tag):].isdigit():
+                pid = int(suffix[len(tag):])
+                if pid == os.getpid() or not _alive(pid):
+                    shutil.rmtree(p, ignore_errors=True)
+                    removed.append(p)
+    return removed
+
+
 def save_checkpoint(run_dir: str | os.PathLike, state: dict, meta: CheckpointMeta, keep: int = 0) -> Path:
     """Write `state` ({'model', 'optim'}, see training_state) atomically; return the path.
 
-    Only the newest `keep` checkpoints are kept (0: all)."""
+    Only the newest `keep` checkpoints are kept (0: all); the leftovers of interrupted saves
+    (see remove_stale_partials) go first."""
     root = Path(run_dir) / CKPT_DIR
     root.mkdir(parents=True, exist_ok=True)
+    remove_stale_partials(root)
     final = root / checkpoint_name(meta.step)
     tmp = root / f"{final.name}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)

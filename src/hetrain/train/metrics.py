@@ -30,10 +30,12 @@ def measure_matmul_flops(device: torch.device, dtype: torch.dtype = torch.float3
     """Best FLOP/s of an n x n matmul on `device` over at least `min_s` seconds of tries.
 
     The best try, not the mean: the figure stands for the device's peak, and any try slowed
-    by another process or a cold thread pool only understates it.
+    by another process or a cold thread pool only understates it. The operands come from a
+    generator of its own: the global RNG (restored from a checkpoint on resume) is not touched.
     """
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
+    gen = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
     best, spent = float("inf"), 0.0
     while spent < min_s:
         if device.type == "cuda":
@@ -69,17 +71,25 @@ class MetricsLogger:
 
     def __init__(self, run_dir: str | os.PathLike, tensorboard: bool, resume_step: int = 0):
         self.path = Path(run_dir) / "metrics.jsonl"
-        if resume_step and self.path.exists():
-            # Drop records past the checkpoint we resume from: those steps are run again.
-            kept = [ln for ln in self.path.read_text().splitlines()
-                    if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
+        if self.path.exists():
+            # Keep only the records up to the step this run starts from (none for a new run): later
+            # ones belong to steps that run again, or to an earlier run in this folder that left no
+            # checkpoint. A torn last line (a kill mid-write) is dropped with them.
+            kept = []
+            for ln in self.path.read_text().splitlines():
+                try:
+                    if json.loads(ln).get("step", 0) <= resume_step:
+                        kept.append(ln)
+                except json.JSONDecodeError:
+                    continue
             write_atomic(self.path, "".join(ln + "\n" for ln in kept))
         self._file = open(self.path, "a")
         self._tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(log_dir=str(Path(run_dir) / "tb"), purge_step=resume_step + 1 if resume_step else None)
+            # purge_step: TensorBoard hides earlier events of this folder from that step on.
+            self._tb = SummaryWriter(log_dir=str(Path(run_dir) / "tb"), purge_step=resume_step + 1)
 
     def log(self, record: dict) -> None:
         self._file.write(json.dumps(record) + "\n")

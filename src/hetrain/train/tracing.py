@@ -16,7 +16,7 @@ import time
 import torch
 import torch.nn as nn
 
-from hetrain.predict.trace import TraceEvent
+from hetrain.predict.trace import TraceEvent, task_name
 
 
 class _Clock:
@@ -49,12 +49,14 @@ class StepTracer:
         self.clock = _Clock(device)
         self.active = False
         self.step = 0
+        self.micro = 0
+        """The micro-batch running (the trainer sets it), part of every task name."""
         self._open: dict[str, object] = {}
         self._pending: list[tuple[str, str, str, object, object, int]] = []
         self._handles = []
         last = len(blocks) - 1
-        self._handles.append(model.register_forward_pre_hook(lambda m, a: self._begin("fwd.embedding", "fwd")))
-        self._handles.append(model.register_forward_hook(lambda m, a, o: self._end("fwd.head")))
+        self._handles.append(model.register_forward_pre_hook(lambda m, a: self._begin(task_name("fwd", "embedding", self.micro), "fwd")))
+        self._handles.append(model.register_forward_hook(lambda m, a, o: self._end(task_name("fwd", "head", self.micro))))
         for i, block in enumerate(blocks):
             self._handles += [
                 block.register_forward_pre_hook(self._fwd_pre(i, first=i == 0)),
@@ -67,15 +69,15 @@ class StepTracer:
     def _fwd_pre(self, i: int, first: bool):
         def hook(module, args):
             if first:
-                self._end("fwd.embedding")
-            self._begin(f"fwd.block{i}", "fwd")
+                self._end(task_name("fwd", "embedding", self.micro))
+            self._begin(task_name("fwd", f"block.{i}", self.micro), "fwd")
         return hook
 
     def _fwd_post(self, i: int, last: bool):
         def hook(module, args, out):
-            self._end(f"fwd.block{i}")
+            self._end(task_name("fwd", f"block.{i}", self.micro))
             if last:
-                self._begin("fwd.head", "fwd")
+                self._begin(task_name("fwd", "head", self.micro), "fwd")
         return hook
 
     # Backward: the head's backward runs from backward() to the last block; the embedding's
@@ -83,15 +85,15 @@ class StepTracer:
     def _bwd_pre(self, i: int, last: bool):
         def hook(module, grad_out):
             if last:
-                self._end("bwd.head")
-            self._begin(f"bwd.block{i}", "bwd")
+                self._end(task_name("bwd", "head", self.micro))
+            self._begin(task_name("bwd", f"block.{i}", self.micro), "bwd")
         return hook
 
     def _bwd_post(self, i: int, first: bool):
         def hook(module, grad_in, grad_out):
-            self._end(f"bwd.block{i}")
+            self._end(task_name("bwd", f"block.{i}", self.micro))
             if first:
-                self._begin("bwd.embedding", "bwd")
+                self._begin(task_name("bwd", "embedding", self.micro), "bwd")
         return hook
 
     def _begin(self, name: str, cat: str, lane: str = "compute") -> None:
@@ -125,3 +127,71 @@ class StepTracer:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+
+
+def predicted_events(cfg, plan) -> list[TraceEvent]:
+    """The predictor's events of one steady-state step of this run, named as the measured ones:
+    the offload planner's simulation (its second step) when a plan runs, else the plain step
+    graph. Priced by this machine's profile (profiled now if it lacks this model) or by the
+    catalog kind that hardware.device_kind names."""
+    from hetrain.errors import ConfigError
+    from hetrain.predict.profiler import load_profile, run_profile
+
+    profile = None
+    if not cfg.hardware.device_kind:
+        profile = load_profile(cfg.hardware.profile_dir)
+        if profile is None or not _has_model(cfg, profile):
+            profile, _, _ = run_profile(cfg)
+    if plan is None:
+        from hetrain.predict.step_graph import predict_step
+
+        try:
+            return predict_step(cfg, profile).sim.events
+        except ConfigError:
+            return []
+    from hetrain.plan.offload_graph import choice_of, offload_prices, simulate_offload
+    from hetrain.plan.offload_planner import PlannerOptions, step_settings
+    from hetrain.predict.cost import cost_model, describe_for
+
+    cost = cost_model(cfg, describe_for(cfg), profile)
+    prices = offload_prices(describe_for(cfg), cost, step_settings(cfg, cost, PlannerOptions()))
+    events = [e for e in simulate_offload(prices, choice_of(plan)).sim.events if e.args.get("step") == 1]
+    t0 = min((e.start_s for e in events), default=0.0)
+    return [TraceEvent(e.name, e.lane, e.start_s - t0, e.end_s - t0, e.cat, e.args) for e in events]
+
+
+def _has_model(cfg, profile) -> bool:
+    from hetrain.predict.cost import describe_for, training_threads
+
+    desc = describe_for(cfg)
+    threads = training_threads(cfg) if profile.device == "cpu" else None
+    return profile.find_model(cfg.model, desc.micro_batch, desc.seq_len, cfg.train.dtype, threads) is not None
+
+
+def write_run_trace(run_dir, measured: list[TraceEvent], predicted: list[TraceEvent], title: str) -> list[dict]:
+    """trace.json (the measured events, Chrome/Perfetto; the predicted-against-measured pairs
+    in its metadata), trace_timeline.png and trace_predicted.json; returns the pairs
+    (hetrain.predict.trace.pair_tasks), slowest measured first."""
+    from pathlib import Path
+
+    from hetrain.predict.trace import pair_tasks, plot_timeline, write_chrome_trace
+
+    run_dir = Path(run_dir)
+    t0 = min((e.start_s for e in measured), default=0.0)
+    measured = [TraceEvent(e.name, e.lane, e.start_s - t0, e.end_s - t0, e.cat, e.args) for e in measured]
+    pairs = pair_tasks(predicted, measured)
+    write_chrome_trace(measured, run_dir / "trace.json", metadata={"source": "hetrain train --trace",
+                                                                    "predicted_vs_measured": pairs})
+    if predicted:
+        write_chrome_trace(predicted, run_dir / "trace_predicted.json", metadata={"source": "hetrain's predictor"})
+    plot_timeline(measured, run_dir / "trace_timeline.png", title=title)
+    return pairs
+
+
+def format_pairs(pairs: list[dict], top: int = 12) -> str:
+    """The slowest measured tasks beside their predictions, as a table."""
+    lines = [f"  {'task':<28} {'predicted ms':>12} {'measured ms':>12} {'ratio':>6}"]
+    for r in pairs[:top]:
+        ratio = r["measured_s"] / r["predicted_s"] if r["predicted_s"] > 0 else float("inf")
+        lines.append(f"  {r['task']:<28} {r['predicted_s'] * 1e3:12.3f} {r['measured_s'] * 1e3:12.3f} {ratio:6.2f}")
+    return "\n".join(lines)

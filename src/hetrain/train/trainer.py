@@ -24,9 +24,11 @@ from tqdm import tqdm
 from hetrain.config import Config, save_config, to_dict
 from hetrain.data import Data, build_data
 from hetrain.errors import ConfigError
+from hetrain.files import check_output_dir
 from hetrain.memory import MemoryAccountant
 from hetrain.model.describe import describe_model
 from hetrain.model.gpt import GPT
+from hetrain.predict.trace import task_name
 from hetrain.train import checkpoint as ckpt
 from hetrain.train.distributed import init_ranks, launched_world, pick_device, processes_on_this_node
 from hetrain.train.metrics import MetricsLogger, device_peak_flops, fmt_bytes, format_line
@@ -54,11 +56,13 @@ class TrainResult:
 
 
 def lr_at(step: int, cfg: Config) -> float:
-    """Linear warmup to train.lr, then cosine decay to train.min_lr at train.steps (step counts from 0)."""
+    """Linear warmup to train.lr, then cosine decay to train.min_lr at train.decay_steps (or
+    train.steps when that is 0); step counts from 0."""
     t = cfg.train
     if step < t.warmup_steps:
         return t.lr * (step + 1) / t.warmup_steps
-    progress = min(1.0, (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps))
+    horizon = t.decay_steps or t.steps
+    progress = min(1.0, (step - t.warmup_steps) / max(1, horizon - t.warmup_steps))
     return t.min_lr + 0.5 * (t.lr - t.min_lr) * (1 + math.cos(math.pi * progress))
 
 
@@ -98,20 +102,28 @@ class Trainer:
     def __init__(self, cfg: Config, data: Data | None = None):
         self.cfg = cfg
         self.run_dir = Path(cfg.run.dir)
+        check_output_dir(self.run_dir, "run.dir")
         self.device = pick_device(cfg.run.device)
         if self.device.type == "cpu":
             torch.set_num_threads(cfg.run.threads or max(1, (os.cpu_count() or 1) // processes_on_this_node()))
         if launched_world() > 1 and cfg.hf.path:
             raise ConfigError("data parallelism under torchrun runs hetrain's GPT through the offload engine; "
                               "train a Hugging Face model (--hf.path) in one process")
-        self.ranks = init_ranks(self.device)
+        self.ranks = init_ranks(self.device, cfg.run.dist_timeout_s)
         self.rank, self.world, self.is_main = self.ranks.rank, self.ranks.world, self.ranks.is_main
 
         # --- everything that can fail on user input, before any file is written ---------
         self.resume_path = ckpt.resolve_resume(self.run_dir, cfg.run.resume)
+        self.resume_meta = ckpt.read_meta(self.resume_path) if self.resume_path is not None else None
         if self.resume_path is None and ckpt.list_checkpoints(self.run_dir):
             raise ConfigError(f"run dir '{self.run_dir}' already holds checkpoints; continue it with "
                               f"--run.resume auto, or start a new run with another --run.dir")
+        if self.resume_meta is not None:
+            self._check_compatible(self.resume_meta.config)
+            if self.resume_meta.step >= cfg.train.steps:
+                raise ConfigError(f"checkpoint '{self.resume_path}' is at step {self.resume_meta.step} and "
+                                  f"train.steps is {cfg.train.steps}: nothing to train; raise --train.steps above "
+                                  f"{self.resume_meta.step} to continue the run")
         self.data = data if data is not None else build_data(cfg.data, cfg.run.seed, seq_len=cfg.train.seq_len)
         self.plan = self._resolve_plan()
         torch.manual_seed(cfg.run.seed)
@@ -131,17 +143,15 @@ class Trainer:
             if self.world > 1:
                 from hetrain.offload.sharded import DataParallel
 
-                dp = DataParallel.create()
+                dp = DataParallel.create(timeout_s=cfg.run.dist_timeout_s)
             try:
                 self.engine = apply_plan(self.model, self.plan, OptimConfig(
                     t.weight_decay, t.beta1, t.beta2, cpu_threads=torch.get_num_threads()), self.device,
-                    torch.bfloat16 if t.dtype == "bf16" else torch.float32, data_parallel=dp)
+                    torch.bfloat16 if t.dtype == "bf16" else torch.float32, trace=cfg.log.trace, data_parallel=dp)
             except ValueError as e:
                 raise ConfigError(str(e)) from None
         self.step = 0
         if self.resume_path is not None:
-            meta = ckpt.read_meta(self.resume_path)
-            self._check_compatible(meta.config)
             state = self._training_state()
             meta = ckpt.load_checkpoint(self.resume_path, state)
             if self.engine is not None:
@@ -163,8 +173,10 @@ class Trainer:
             self.device, self.amp_dtype or torch.float32, cfg.log.peak_flops)
 
     def _resolve_plan(self):
-        """The offload plan to run: --plan.file as is, or planned for memory.device_budget; None
-        for plain training (see plan_for_config)."""
+        """The offload plan to run, or None for plain training (see plan_for_config):
+        --plan.file as is (checked against this model and batch); on a resume, the plan the
+        checkpoint ran under, unless memory.* or plan.file differ from that run's (then it plans
+        again and says so); else planned for memory.device_budget."""
         from hetrain.config import parse_device_budget
         from hetrain.plan.offload_plan import OffloadPlan
 
@@ -179,20 +191,48 @@ class Trainer:
             try:
                 plan = OffloadPlan.load(cfg.plan.file)
                 plan.validate(cfg.model.n_layer)
+                plan.check_made_for(self.plan_shape())
             except ValueError as e:
                 raise ConfigError(f"plan file '{cfg.plan.file}': {e}") from None
             if kind == "bytes":
                 plan.device_budget_bytes = int(budget)
+        elif self.resume_meta is not None and self._same_memory_settings(self.resume_meta.config):
+            saved = self.resume_meta.plan
+            plan = OffloadPlan.from_dict(saved) if saved is not None else None
+            if plan is None and self.world > 1:
+                plan = OffloadPlan.resident(cfg.model.n_layer)
+            print(f"hetrain: resuming under the plan the checkpoint ran ({plan.summary() if plan else 'plain training'})",
+                  flush=True)
+            if plan is None:
+                return None
         else:
             from hetrain.plan.offload_planner import plan_for_config
 
             plan = self.ranks.from_main(plan_for_config(cfg) if self.is_main else None)  # rank 0 plans for all
             if plan is None and self.world > 1:
                 plan = OffloadPlan.resident(cfg.model.n_layer)  # the engine averages the gradients
+            if self.resume_meta is not None:
+                saved = self.resume_meta.plan
+                print(f"hetrain: re-planned for this run's memory settings (the checkpoint ran "
+                      f"{OffloadPlan.from_dict(saved).summary() if saved else 'plain training'}; now "
+                      f"{plan.summary() if plan else 'plain training'})", flush=True)
             if plan is None:
                 return None
         print(plan.table(), flush=True)
         return plan
+
+    def plan_shape(self) -> dict:
+        """The model and batch shape an offload plan must have been made for (OffloadPlan.made_for)."""
+        from hetrain.plan.offload_plan import shape_of
+
+        t = self.cfg.train
+        return shape_of(to_dict(self.cfg)["model"], t.micro_batch, t.seq_len, t.dtype)
+
+    def _same_memory_settings(self, saved: dict) -> bool:
+        """Whether this run asks for the memory settings the checkpoint's run had (then its plan stands)."""
+        now = to_dict(self.cfg)
+        return (all(saved.get("memory", {}).get(k) == v for k, v in now["memory"].items())
+                and saved.get("plan", {}).get("file", "") == now["plan"]["file"])
 
     def _training_state(self) -> dict:
         if self.engine is not None:
@@ -274,7 +314,8 @@ class Trainer:
             self.accountant.reset_peak()
 
     def save(self, data_state: dict) -> Path:
-        meta = ckpt.CheckpointMeta(step=self.step, data_state=data_state, config=to_dict(self.cfg), plan=None,
+        meta = ckpt.CheckpointMeta(step=self.step, data_state=data_state, config=to_dict(self.cfg),
+                                   plan=self.plan.to_dict() if self.plan is not None else None,
                                    saved_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
         state = self._training_state()  # under data parallelism, gathered on every rank
         path = None
@@ -288,6 +329,11 @@ class Trainer:
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.toml")
+            # The plan that runs, beside the config: `--plan.file RUN/plan.json` runs it again.
+            if self.plan is not None:
+                self.plan.save(self.run_dir / "plan.json")
+            else:
+                (self.run_dir / "plan.json").unlink(missing_ok=True)
         self.ranks.barrier()
         logger = MetricsLogger(self.run_dir, cfg.log.tensorboard, resume_step=self.step) if self.is_main else None
         val_batches = self.data.val_batches(t.micro_batch, t.seq_len, t.eval_batches) if t.eval_every else []
@@ -379,11 +425,20 @@ class Trainer:
             if logger is not None:
                 logger.close()
             raise
+        except RuntimeError as e:
+            if self.world == 1:
+                raise
+            bar.close()
+            if logger is not None:
+                logger.close()
+            found = ckpt.list_checkpoints(self.run_dir)
+            hint = f"; resume from {found[-1]} with --run.resume auto" if found else ""
+            raise self.ranks.lost(e, hint) from e
         bar.close()
         if logger is not None:
             logger.close()
         self._reset_peak()
-        if self.tracer is not None:
+        if self.cfg.log.trace and self.is_main:
             self._write_trace()
         result.step = self.step
         result.wall_s = time.perf_counter() - start
@@ -411,24 +466,25 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         loss_sum = 0.0
-        for _ in range(t.grad_accum):
-            tr.begin("data", "data")
+        for m in range(t.grad_accum):
+            tr.micro = m
+            tr.begin(task_name("data", "", m), "data", "data")
             x, y = self.data.train.next_batch(t.micro_batch, t.seq_len)
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            tr.end("data")
+            tr.end(task_name("data", "", m))
             with self._track():
                 with self._autocast():
                     loss = self.model(x, y) / t.grad_accum
-                tr.begin("bwd.head", "bwd")
+                tr.begin(task_name("bwd", "head", m), "bwd")
                 loss.backward()
-                tr.end("bwd.embedding")
+                tr.end(task_name("bwd", "embedding", m))
             loss_sum += loss.item()
-        tr.begin("optim", "optim")
+        tr.begin(task_name("optim"), "optim")
         max_norm = t.grad_clip if t.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm).item()
         self.optimizer.step()
         self.step += 1  # the model now holds this step's update
-        tr.end("optim")
+        tr.end(task_name("optim"))
         if self.accountant:
             self.accountant.after_optimizer_step(self.optimizer)
         self.optimizer.zero_grad(set_to_none=True)
@@ -445,24 +501,32 @@ class Trainer:
         return self.tracer
 
     def _write_trace(self) -> None:
-        from hetrain.predict.trace import plot_timeline, summarize, write_chrome_trace
+        """trace.json and the timeline of the traced steps, and the slowest tasks beside their
+        predictions (train/tracing.py)."""
+        from hetrain.train.tracing import format_pairs, predicted_events, write_run_trace
 
-        events = self.tracer.events()
-        self.tracer.close()
+        if self.engine is not None:  # the engine's own lanes: compute, h2d, d2h, cpu_optim
+            last = self.cfg.log.trace_steps
+            events = [e for e in self.engine.trace if 1 <= e.args.get("step", -1) <= last]
+        else:
+            events = self.tracer.events()
+            self.tracer.close()
         if not events:
             print("hetrain: --trace recorded nothing (the run ended before its second step)")
             return
-        write_chrome_trace(events, self.run_dir / "trace.json", metadata={"source": "hetrain train --trace"})
-        plot_timeline(events, self.run_dir / "trace_timeline.png", title=f"measured steps ({self.device})")
-        span = summarize(events)["span_s"]
-        print(f"hetrain: trace of {len({e.args['step'] for e in events})} steps ({span:.3f} s) in "
-              f"{self.run_dir / 'trace.json'} and trace_timeline.png")
+        pairs = write_run_trace(self.run_dir, events, predicted_events(self.cfg, self.plan),
+                                f"measured steps ({self.device}{', offload plan' if self.plan else ''})")
+        print(f"hetrain: trace of {len({e.args['step'] for e in events})} steps in {self.run_dir / 'trace.json'} "
+              f"and trace_timeline.png; predicted beside measured, slowest first:")
+        print(format_pairs(pairs))
 
     def _model_name(self) -> str:
         return f"hf:{self.cfg.hf.path}" if self.cfg.hf.path else self.cfg.model.preset
 
 
 class _NoTrace:
+    micro = 0
+
     def begin(self, name: str, cat: str, lane: str = "compute") -> None:
         pass
 
