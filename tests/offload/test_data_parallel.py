@@ -54,6 +54,9 @@ def _rank_main(rank: int, store_dir: str, plan_path: str, clip: float, out: str)
         if rank == 0:
             torch.save({"losses": losses, "params": {k: v.clone() for k, v in model.state_dict().items()},
                         "state": state}, out)
+        # Both ranks done with every group before either tears its groups down (a rank that
+        # destroyed its gloo groups while the other still used them aborted, rarely, at exit).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

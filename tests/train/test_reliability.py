@@ -107,11 +107,33 @@ def test_resume_with_nothing_to_train_writes_nothing(tmp_path, corpus, capsys):
     run = tmp_path / "run"
     assert main(["train", *cli_args(run, corpus, **{"train.steps": 6, "train.ckpt_every": 3})]) == 0
     before = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
-    for steps in (4, 6):
+    for steps in (4, 6):  # 6: the run ended (and exported) at step 6
         assert main(["train", *cli_args(run, corpus, **{"train.steps": steps, "run.resume": "auto"})]) == 2
         err = capsys.readouterr().err
         assert "is at step 6 and train.steps is" in err and "raise --train.steps above 6" in err
     assert {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()} == before
+
+
+def test_a_run_killed_between_its_last_checkpoint_and_its_export_finishes_the_export(tmp_path, corpus, capsys):
+    run = tmp_path / "run"
+    assert main(["train", *cli_args(run, corpus, **{"train.steps": 4, "train.ckpt_every": 2})]) == 0
+    exported = (run / "model.safetensors").read_bytes()
+    (run / "model.safetensors").unlink()  # what a kill right after the last save leaves
+    config = (run / "config.toml").read_text()
+    assert main(["train", *cli_args(run, corpus, **{"train.steps": 4, "run.resume": "auto"})]) == 0
+    assert "before its export" in capsys.readouterr().out
+    assert load_file(run / "model.safetensors").keys() == load_file_bytes(exported).keys()
+    for key, value in load_file_bytes(exported).items():
+        assert torch.equal(load_file(run / "model.safetensors")[key], value)
+    assert (run / "config.toml").read_text() == config
+    # Finished and exported: a further resume has nothing to do, and says so.
+    assert main(["train", *cli_args(run, corpus, **{"train.steps": 4, "run.resume": "auto"})]) == 2
+
+
+def load_file_bytes(data: bytes) -> dict:
+    from safetensors.torch import load
+
+    return load(data)
 
 
 def test_partial_saves_are_removed_and_never_resumed(tmp_path, corpus):

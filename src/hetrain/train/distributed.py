@@ -72,7 +72,7 @@ class Ranks:
 
     def lost(self, error: BaseException, resume_hint: str = "") -> RankLost:
         """After a collective failed on this rank (`error`): which ranks still answer, asked with
-        a monitored barrier (up to 30 s), as the RankLost to raise. A rank that hangs or died is
+        a monitored barrier (up to 10 s), as the RankLost to raise. A rank that hangs or died is
         named by rank 0; another rank names rank 0 when rank 0 is the one missing."""
         import torch.distributed as dist
 
@@ -83,7 +83,7 @@ class Ranks:
             return RankLost(f"rank {self.rank}: rank{'s' if len(dead) > 1 else ''} {', '.join(map(str, dead))} "
                             f"died; the job stops here{resume_hint}")
         try:
-            dist.monitored_barrier(group=self.watch, timeout=datetime.timedelta(seconds=min(30.0, self.timeout_s)),
+            dist.monitored_barrier(group=self.watch, timeout=datetime.timedelta(seconds=min(10.0, self.timeout_s)),
                                    wait_all_ranks=True)
         except RuntimeError as e:
             found = re.search(r"Ranks? ([\d, ]+) failed to pass monitoredBarrier", str(e))

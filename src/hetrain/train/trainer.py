@@ -30,6 +30,7 @@ from hetrain.model.describe import describe_model
 from hetrain.model.gpt import GPT
 from hetrain.predict.trace import task_name
 from hetrain.train import checkpoint as ckpt
+from hetrain.train.plan_choice import choose_plan
 from hetrain.train.distributed import init_ranks, launched_world, pick_device, processes_on_this_node
 from hetrain.train.metrics import MetricsLogger, device_peak_flops, fmt_bytes, format_line
 from hetrain.train.tracing import StepTracer
@@ -120,12 +121,13 @@ class Trainer:
                               f"--run.resume auto, or start a new run with another --run.dir")
         if self.resume_meta is not None:
             self._check_compatible(self.resume_meta.config)
-            if self.resume_meta.step >= cfg.train.steps:
+            if self.resume_meta.step > cfg.train.steps or (
+                    self.resume_meta.step == cfg.train.steps and self._export_done()):
                 raise ConfigError(f"checkpoint '{self.resume_path}' is at step {self.resume_meta.step} and "
                                   f"train.steps is {cfg.train.steps}: nothing to train; raise --train.steps above "
                                   f"{self.resume_meta.step} to continue the run")
         self.data = data if data is not None else build_data(cfg.data, cfg.run.seed, seq_len=cfg.train.seq_len)
-        self.plan = self._resolve_plan()
+        self.plan = choose_plan(cfg, self.ranks, self.resume_meta)
         torch.manual_seed(cfg.run.seed)
         self.engine = None
         if self.plan is None:
@@ -172,68 +174,6 @@ class Trainer:
         self.peak_flops, self.peak_source = device_peak_flops(
             self.device, self.amp_dtype or torch.float32, cfg.log.peak_flops)
 
-    def _resolve_plan(self):
-        """The offload plan to run, or None for plain training (see plan_for_config):
-        --plan.file as is (checked against this model and batch); on a resume, the plan the
-        checkpoint ran under, unless memory.* or plan.file differ from that run's (then it plans
-        again and says so); else planned for memory.device_budget."""
-        from hetrain.config import parse_device_budget
-        from hetrain.plan.offload_plan import OffloadPlan
-
-        cfg = self.cfg
-        kind, budget = parse_device_budget(cfg.memory.device_budget)
-        if cfg.hf.path:
-            if cfg.plan.file or kind in ("bytes", "share"):
-                raise ConfigError("offload plans drive hetrain's GPT blocks; drop --plan.file and set "
-                                  "--memory.device_budget auto to train the Hugging Face model plainly")
-            return None  # Hugging Face models train plainly under 'auto' and 'none'
-        if cfg.plan.file:
-            try:
-                plan = OffloadPlan.load(cfg.plan.file)
-                plan.validate(cfg.model.n_layer)
-                plan.check_made_for(self.plan_shape())
-            except ValueError as e:
-                raise ConfigError(f"plan file '{cfg.plan.file}': {e}") from None
-            if kind == "bytes":
-                plan.device_budget_bytes = int(budget)
-        elif self.resume_meta is not None and self._same_memory_settings(self.resume_meta.config):
-            saved = self.resume_meta.plan
-            plan = OffloadPlan.from_dict(saved) if saved is not None else None
-            if plan is None and self.world > 1:
-                plan = OffloadPlan.resident(cfg.model.n_layer)
-            print(f"hetrain: resuming under the plan the checkpoint ran ({plan.summary() if plan else 'plain training'})",
-                  flush=True)
-            if plan is None:
-                return None
-        else:
-            from hetrain.plan.offload_planner import plan_for_config
-
-            plan = self.ranks.from_main(plan_for_config(cfg) if self.is_main else None)  # rank 0 plans for all
-            if plan is None and self.world > 1:
-                plan = OffloadPlan.resident(cfg.model.n_layer)  # the engine averages the gradients
-            if self.resume_meta is not None:
-                saved = self.resume_meta.plan
-                print(f"hetrain: re-planned for this run's memory settings (the checkpoint ran "
-                      f"{OffloadPlan.from_dict(saved).summary() if saved else 'plain training'}; now "
-                      f"{plan.summary() if plan else 'plain training'})", flush=True)
-            if plan is None:
-                return None
-        print(plan.table(), flush=True)
-        return plan
-
-    def plan_shape(self) -> dict:
-        """The model and batch shape an offload plan must have been made for (OffloadPlan.made_for)."""
-        from hetrain.plan.offload_plan import shape_of
-
-        t = self.cfg.train
-        return shape_of(to_dict(self.cfg)["model"], t.micro_batch, t.seq_len, t.dtype)
-
-    def _same_memory_settings(self, saved: dict) -> bool:
-        """Whether this run asks for the memory settings the checkpoint's run had (then its plan stands)."""
-        now = to_dict(self.cfg)
-        return (all(saved.get("memory", {}).get(k) == v for k, v in now["memory"].items())
-                and saved.get("plan", {}).get("file", "") == now["plan"]["file"])
-
     def _training_state(self) -> dict:
         if self.engine is not None:
             return self.engine.state_dict()
@@ -267,6 +207,11 @@ class Trainer:
             return None  # the catalog's CPU placeholder is no prediction worth printing
         profile, _, _ = run_profile(self.cfg)
         return predict_step(self.cfg, profile)
+
+    def _export_done(self) -> bool:
+        """model.safetensors was written after the checkpoint resumed from (a run that ended)."""
+        export = self.run_dir / "model.safetensors"
+        return export.is_file() and export.stat().st_mtime >= (self.resume_path / ckpt.META).stat().st_mtime
 
     def _check_compatible(self, saved: dict) -> None:
         """A resume must train the same model on the same data; other settings may change."""
@@ -326,6 +271,8 @@ class Trainer:
 
     def fit(self) -> TrainResult:
         cfg, t = self.cfg, self.cfg.train
+        if self.step == t.steps and self.resume_path is not None:
+            return self._finish_export()
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.toml")
@@ -459,6 +406,17 @@ class Trainer:
         if self.accountant:
             self.accountant.close()
         return result
+
+    def _finish_export(self) -> TrainResult:
+        """A run stopped after its last checkpoint, before its export: write model.safetensors
+        from that checkpoint, and nothing else."""
+        if self.engine is not None:
+            self.engine.close()  # the model holds the checkpoint's values as plain fp32 tensors
+        if self.is_main:
+            ckpt.export_safetensors(self.model, self.run_dir / "model.safetensors")
+        print(f"hetrain: the run ended at step {self.step} before its export; wrote "
+              f"{self.run_dir / 'model.safetensors'} from {self.resume_path}")
+        return TrainResult(self.run_dir, self.step, checkpoint=self.resume_path)
 
     def _plain_step(self, tr, lr: float) -> tuple[float, float]:
         """Forward and backward over the micro-batches, clip, update: the textbook step."""

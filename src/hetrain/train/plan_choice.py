@@ -1,0 +1,69 @@
+"""Which offload plan a training run executes, or None for plain training.
+
+The trainer asks once, before anything is built: `--plan.file` as is (checked against this
+model and batch); on a resume, the plan the checkpoint ran, unless this run's memory settings
+or plan file differ from that run's (then it plans again and says so); else the planner's
+plan for `memory.*` (rank 0 plans, every rank gets its plan). This module decides and
+prints the plan; it does not build models or engines.
+"""
+
+from __future__ import annotations
+
+from hetrain.config import Config, parse_device_budget, to_dict
+from hetrain.errors import ConfigError
+from hetrain.plan.offload_plan import OffloadPlan, shape_of
+from hetrain.train.checkpoint import CheckpointMeta
+from hetrain.train.distributed import Ranks
+
+
+def plan_shape(cfg: Config) -> dict:
+    """The model and batch shape an offload plan must have been made for (OffloadPlan.made_for)."""
+    t = cfg.train
+    return shape_of(to_dict(cfg)["model"], t.micro_batch, t.seq_len, t.dtype)
+
+
+def same_memory_settings(cfg: Config, saved: dict) -> bool:
+    """Whether `cfg` asks for the memory settings of the run whose config is `saved`."""
+    now = to_dict(cfg)
+    return (all(saved.get("memory", {}).get(k) == v for k, v in now["memory"].items())
+            and saved.get("plan", {}).get("file", "") == now["plan"]["file"])
+
+
+def _describe(plan: OffloadPlan | None) -> str:
+    return plan.summary() if plan is not None else "plain training"
+
+
+def choose_plan(cfg: Config, ranks: Ranks, resume: CheckpointMeta | None) -> OffloadPlan | None:
+    """The plan this run executes (printed as a table), or None for plain training. Under
+    data parallelism plain training runs the resident plan: the engine averages gradients."""
+    kind, budget = parse_device_budget(cfg.memory.device_budget)
+    if cfg.hf.path:
+        if cfg.plan.file or kind in ("bytes", "share"):
+            raise ConfigError("offload plans drive hetrain's GPT blocks; drop --plan.file and set "
+                              "--memory.device_budget auto to train the Hugging Face model plainly")
+        return None  # Hugging Face models train plainly under 'auto' and 'none'
+    if cfg.plan.file:
+        try:
+            plan = OffloadPlan.load(cfg.plan.file)
+            plan.validate(cfg.model.n_layer)
+            plan.check_made_for(plan_shape(cfg))
+        except ValueError as e:
+            raise ConfigError(f"plan file '{cfg.plan.file}': {e}") from None
+        if kind == "bytes":
+            plan.device_budget_bytes = int(budget)
+    elif resume is not None and same_memory_settings(cfg, resume.config):
+        plan = OffloadPlan.from_dict(resume.plan) if resume.plan is not None else None
+        print(f"hetrain: resuming under the plan the checkpoint ran ({_describe(plan)})", flush=True)
+    else:
+        from hetrain.plan.offload_planner import plan_for_config
+
+        plan = ranks.from_main(plan_for_config(cfg) if ranks.is_main else None)  # rank 0 plans for all
+        if resume is not None:
+            saved = OffloadPlan.from_dict(resume.plan) if resume.plan is not None else None
+            print(f"hetrain: re-planned for this run's memory settings (the checkpoint ran {_describe(saved)}; now "
+                  f"{_describe(plan)})", flush=True)
+    if plan is None and ranks.world > 1:
+        plan = OffloadPlan.resident(cfg.model.n_layer)
+    if plan is not None:
+        print(plan.table(), flush=True)
+    return plan
