@@ -28,6 +28,23 @@ def _args(tmp_path) -> list[str]:
 FAST = ProfileOptions(reps=3, warmup=1, rounds=1, collectives=False)
 
 
+def test_back_to_back_timing_counts_the_same_bytes_and_keeps_the_run_s_rng(tmp_path):
+    """Groups of runs issued back to back (the GPU default) measure the same saved bytes as runs
+    timed one by one, and a profile leaves the caller's random stream where it was."""
+    import torch
+
+    cfg = load_config(None, _values(tmp_path))
+    single = run_profile(cfg, FAST)[1]
+    torch.manual_seed(7)
+    expected = torch.rand(3)
+    torch.manual_seed(7)
+    grouped = run_profile(cfg, ProfileOptions(reps=3, warmup=1, rounds=1, collectives=False, back_to_back=3))[1]
+    assert torch.equal(torch.rand(3), expected)
+    for a, b in ((single.embedding, grouped.embedding), (single.block, grouped.block), (single.head, grouped.head)):
+        assert a.act_bytes == b.act_bytes
+        assert b.fwd_s > 0 and b.bwd_s > 0 and b.recompute_s > 0
+
+
 def test_profile_measures_tiny_model_and_caches_it(tmp_path):
     profile, entry, path = run_profile(load_config(None, _values(tmp_path)), FAST)
     assert path == profile_path(tmp_path / "profiles", machine_fingerprint()) and path.is_file()

@@ -44,3 +44,7 @@ def test_two_ranks_train_the_model_of_one_process_and_resume(tmp_path, corpus, t
     assert done.returncode == 0, done.stderr[-3000:]
     resumed = losses(tmp_path / "resumed")
     assert [resumed[s] for s in range(6, 11)] == pytest.approx([two[s] for s in range(6, 11)], rel=1e-6)
+    # The two ranks' checkpoint resumed by one process, plainly (twice the accumulation): the same steps.
+    alone = Trainer(tiny_config(tmp_path / "alone", **{"train.grad_accum": 2, "run.resume": step5,
+                                                       "memory.device_budget": "none"})).fit()
+    assert [alone.losses[s] for s in range(6, 11)] == pytest.approx([two[s] for s in range(6, 11)], rel=1e-6)

@@ -57,6 +57,12 @@ class ProfileOptions:
     """Measure gloo/NCCL all-reduce between 2 local processes (a few seconds)."""
     remeasure_machine: bool = False
     """Measure the machine-level figures again even when the cache has them."""
+    back_to_back: int | None = None
+    """Time layers in groups of this many runs issued back to back, one synchronisation per
+    group (the figure is the group's time over its size); None: 4 on a GPU, 1 on a CPU. On a
+    GPU a layer timed alone, synchronised before and after, also counts the kernel launches
+    that training overlaps with the previous layer's kernels: on an H200 (docs/gpu.md) such
+    figures summed to 2.7 times a plain step's measured time. A CPU has no launches to hide."""
 
 
 # --- machine fingerprint and the cache file ------------------------------------------------
@@ -181,6 +187,8 @@ class _Bench:
     amp_dtype: torch.dtype | None
     accountant: MemoryAccountant
     track: bool
+    group: int = 1
+    """Runs issued back to back per timing (ProfileOptions.back_to_back)."""
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
@@ -189,6 +197,8 @@ class _Bench:
         """Append `reps` forward, backward and recompute times of `layer` (after `warmup` runs) to
         `samples`; the first run ever also counts the saved bytes, with the accountant's hooks
         even where timed runs go without them (on a GPU, as the trainer does)."""
+        if self.group > 1:
+            return self._sample_groups(layer, reps, warmup, samples)
         for rep in range(warmup + reps):
             for t in (*layer.leaves, *layer.params):
                 t.grad = None
@@ -210,6 +220,39 @@ class _Bench:
             if rep >= warmup:
                 for key, seconds in (("fwd", t1 - t0), ("bwd", t2 - t1), ("recompute", t3 - t2)):
                     samples.setdefault(key, []).append(seconds)
+        for t in (*layer.leaves, *layer.params):
+            t.grad = None
+
+
+    def _sample_groups(self, layer: "_Layer", reps: int, warmup: int, samples: dict[str, list[float]]) -> None:
+        """As `sample`, each figure the mean of `group` runs issued back to back: `group`
+        forwards (their graphs kept), then their backwards, then `group` recomputations."""
+        if layer.act_bytes is None:  # one counted run first, alone, with the hooks
+            with self.accountant.track_activations():
+                with self.autocast():
+                    out = layer.forward()
+                layer.act_bytes = self.accountant.act_bytes
+                out.backward(layer.grad_out)
+            del out
+        for rep in range(warmup + reps):
+            for t in (*layer.leaves, *layer.params):
+                t.grad = None
+            self.accountant.grads_cleared()
+            t0 = _now(self.device)
+            with self.autocast():
+                outs = [layer.forward() for _ in range(self.group)]
+            t1 = _now(self.device)
+            for out in outs:
+                out.backward(layer.grad_out)
+            t2 = _now(self.device)
+            del outs
+            with self.autocast():
+                for _ in range(self.group):
+                    layer.forward()
+            t3 = _now(self.device)
+            if rep >= warmup:
+                for key, seconds in (("fwd", t1 - t0), ("bwd", t2 - t1), ("recompute", t3 - t2)):
+                    samples.setdefault(key, []).append(seconds / self.group)
         for t in (*layer.leaves, *layer.params):
             t.grad = None
 
@@ -236,7 +279,8 @@ def profile_model(model_cfg: ModelConfig, micro_batch: int, seq_len: int, dtype:
     model = GPT(dataclasses.replace(model_cfg, n_layer=1)).to(device)
     amp = torch.bfloat16 if dtype == "bf16" else None
     acct = MemoryAccountant(model)
-    bench = _Bench(device, amp, acct, device.type == "cpu")
+    group = options.back_to_back or (4 if device.type == "cuda" else 1)
+    bench = _Bench(device, amp, acct, device.type == "cpu", group)
     try:
         idx = torch.randint(0, model_cfg.vocab_size, (micro_batch, seq_len), device=device)
         with torch.no_grad():

@@ -62,6 +62,14 @@ class Ranks:
         if self.world > 1:
             torch.distributed.barrier()
 
+    def close(self) -> None:
+        """Tear the process groups down once every rank is done with them (a rank that destroyed
+        its gloo groups, or left them to the interpreter's exit, while another still used them
+        could abort with 'terminate called without an active exception')."""
+        if self.world > 1 and torch.distributed.is_initialized():
+            torch.distributed.barrier(group=self.watch)
+            torch.distributed.destroy_process_group()
+
     def mean(self, value: float) -> float:
         """The mean of `value` over the ranks."""
         if self.world == 1:

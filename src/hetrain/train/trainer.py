@@ -405,6 +405,7 @@ class Trainer:
                   f"(x{self.run_peak_bytes / self.prediction.peak_device_bytes:.2f})")
         if self.accountant:
             self.accountant.close()
+        self.ranks.close()
         return result
 
     def _finish_export(self) -> TrainResult:
