@@ -23,6 +23,15 @@ def _deterministic_threads():
 
 
 @pytest.fixture
+def no_tf32():
+    """CUDA matmuls in full fp32 for the test (TF32 would differ from the CPU reference)."""
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+@pytest.fixture
 def corpus(tmp_path):
     """A text corpus made in the test: a few hundred KB of varied lines."""
     lines = [f"def f{i}(x):\n    return x * {i} + {i % 7}  # line {i}\n" for i in range(6000)]

@@ -185,7 +185,7 @@ def setup_hetrain(spec: RunSpec, device: torch.device, result: RunResult):
     if spec.cap_bytes is not None:
         budget = spec.cap_bytes - transient_bytes(cfg.model, spec.micro_batch, spec.seq_len, dtype_bytes)
         if budget <= 0:
-            raise torch.OutOfMemoryError(f"the cap leaves no room once the logits' transients are set aside")
+            raise torch.OutOfMemoryError("the cap leaves no room once the logits' transients are set aside")
     try:
         plan = plan_offload(cfg, budget, spec.host_budget_bytes, cost)
     except ConfigError as e:  # no plan fits: the same verdict as running out of memory

@@ -19,19 +19,12 @@ from hetrain.offload import OptimConfig, apply_plan
 from hetrain.plan.offload_plan import OffloadPlan
 from hetrain.plan.offload_planner import default_cost, plain_peak_bytes, plan_offload
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+              pytest.mark.usefixtures("no_tf32")]
 
 CFG = dataclasses.replace(get_preset("tiny"), n_layer=4)
 STEPS, MICRO, SEQ = 6, 4, 32
 OPTIM = OptimConfig(weight_decay=0.1, beta1=0.9, beta2=0.95)
-
-
-@pytest.fixture(autouse=True)
-def no_tf32():
-    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
 
 
 def batches(steps=STEPS, accum=2, vocab=256):
