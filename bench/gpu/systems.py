@@ -2,9 +2,9 @@
 engine or a peer, timed the same way.
 
 Systems:
-- `hetrain`: the offload planner's plan for the cap (less the transients its ledger does not
-  count: the logits and their gradients in bf16 and fp32, one block's activations), run by
-  hetrain's engine; costs profiled on this machine (cached in --profile-dir).
+- `hetrain`: the offload planner's plan for the cap (less what the planner does not count:
+  one block's working set, the bf16 logits), run by hetrain's engine; costs profiled on this
+  machine (cached in --profile-dir).
 - `fsdp2-offload`: FSDP2 (`fully_shard` per block and at the root) with CPUOffloadPolicy
   (pinned), bf16 parameters and fp32 gradient reduction (MixedPrecisionPolicy), fused AdamW on
   the CPU over the offloaded fp32 shards: the setting torch's docs give for CPU offload.
@@ -141,12 +141,13 @@ def batches(vocab: int, micro_batch: int, seq_len: int, n: int) -> list[tuple[to
 
 
 def transient_bytes(model_cfg, micro_batch: int, seq_len: int, dtype_bytes: int) -> int:
-    """What the offload ledger does not count but the allocator sees: the logits in the compute
-    dtype and in fp32 with their gradients, and one block's working set in its backward."""
+    """What the planner does not count but the allocator sees: one block's working set in its
+    backward (the planner counts the head's fp32 gradients itself, on a GPU), and the bf16
+    logits beside their fp32 copy at the head's forward."""
     from hetrain.model.describe import block_act_bytes
 
-    logits = micro_batch * seq_len * model_cfg.vocab_size * (dtype_bytes + 4)
-    return 2 * logits + sum(block_act_bytes(model_cfg, micro_batch, seq_len, dtype_bytes).values())
+    logits = micro_batch * seq_len * model_cfg.vocab_size * dtype_bytes
+    return logits + sum(block_act_bytes(model_cfg, micro_batch, seq_len, dtype_bytes).values())
 
 
 def decay_groups(params: list[tuple[str, torch.nn.Parameter]]) -> list[dict]:

@@ -120,6 +120,16 @@ def block_act_bytes(cfg: ModelConfig, micro_batch: int, seq_len: int, b: int) ->
     return saved
 
 
+def head_backward_transient_bytes(micro_batch: int, seq_len: int, vocab_size: int) -> int:
+    """Bytes the head's backward holds beyond what it saved, at its peak: the fp32 gradients of
+    the log-probabilities and of the logits, alive together inside the cross-entropy's
+    backward. Autograd saves neither, so the CPU accountant and the offload ledger do not count
+    them; a GPU's caching allocator does. On an H200 (docs/gpu.md) the allocator's peak
+    exceeded the ledger's by 3.07 GiB in two offload runs at 8 x 1024 tokens and a 50,257-token
+    vocabulary, which is this figure (3.07 GiB) to the percent."""
+    return 2 * micro_batch * seq_len * vocab_size * FP32_BYTES
+
+
 def describe_model(cfg: ModelConfig, micro_batch: int, seq_len: int, compute_dtype_bytes: int = 2) -> ModelDescription:
     """Per-layer parameters, FLOPs per token and saved bytes for one micro-batch of (micro_batch, seq_len)."""
     cfg.validate()

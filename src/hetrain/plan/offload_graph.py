@@ -25,7 +25,8 @@ from hetrain.plan.offload_plan import OffloadPlan
 from hetrain.predict.cost import ACCUMULATE_BYTES_PER_PARAM, ADAM_BYTES_PER_PARAM, CostModel
 from hetrain.predict.simulator import SimResult, Task
 from hetrain.predict.trace import task_name
-from hetrain.predict.step_graph import DEVICE, HOST, StateBytes, StepGraph, param_tensors, state_bytes
+from hetrain.predict.step_graph import (DEVICE, HOST, StateBytes, StepGraph, param_tensors, state_bytes,
+                                        transient_bytes)
 
 FP32_BYTES = 4
 ALIGN_SLACK_ELEMENTS = 15
@@ -100,6 +101,9 @@ class LayerTerms:
     compute_bytes: int
     fetches_per_microbatch: int
     """Fetches a streamed layer costs per micro-batch (the planner's conservative count)."""
+    transient_bytes: int = 0
+    """Held only while the layer's backward runs, beyond what it saved (the head's fp32
+    gradients on a GPU: hetrain.predict.step_graph.transient_bytes)."""
 
     @property
     def is_block(self) -> bool:
@@ -176,7 +180,8 @@ def layer_terms(desc: ModelDescription, cost: CostModel, settings: StepSettings)
             device_accumulate_s=cost.grad_accumulate_s(layer.params, tensors),
             h2d_s=_copy_s(cost, flat * b, "h2d", settings.async_copies),
             d2h_s=_copy_s(cost, flat * b, "d2h", settings.async_copies),
-            compute_bytes=flat * b, fetches_per_microbatch=fetches))
+            compute_bytes=flat * b, fetches_per_microbatch=fetches,
+            transient_bytes=transient_bytes(desc, cost, layer)))
     return terms
 
 
@@ -364,8 +369,8 @@ class _Builder:
                 # (the engine's count), while its saved tensors are freed only as the backward ends.
                 grad = t[l].grad_bytes if not c and mb == 0 else 0
                 grads_held += grad
-                bwd = self.compute(task_name("bwd", t[l].name, mb, step=k), t[l].bwd_s + accumulate, "bwd", waits, alloc=grad,
-                                   free=saved, layer=l)
+                bwd = self.compute(task_name("bwd", t[l].name, mb, step=k), t[l].bwd_s + accumulate, "bwd", waits,
+                                   alloc=grad + t[l].transient_bytes, free=saved + t[l].transient_bytes, layer=l)
                 if c:
                     host_done[l] = self._offload_grad(k, mb, l, bwd)
                     if not st.clip and mb == st.grad_accum - 1:

@@ -139,7 +139,7 @@ class OffloadModel:
             grads = [grads[0]] * L
         positions = []
         for l, t in enumerate(terms):  # the backward of layer l: its own recomputation and gradient
-            e = _Expr().add(self.static, 1).add(self.saved[l], 1).add(grads[l], 1)
+            e = _Expr(t.transient_bytes / B).add(self.static, 1).add(self.saved[l], 1).add(grads[l], 1)
             e.add(self.r[l], t.recompute_bytes / B)
             if st.fp32:
                 e.add(self.s[l], t.compute_bytes / B).add(self.c[l], t.compute_bytes / B).add(

@@ -29,7 +29,7 @@ from hetrain.plan.offload_graph import (Choice, OffloadPrices, OffloadSimulation
                                         plan_of, simulate_offload)
 from hetrain.plan.offload_milp import BUDGET_MARGIN, OffloadModel, Solution
 from hetrain.plan.offload_plan import OffloadPlan, shape_of
-from hetrain.predict.cost import (CostModel, ProfileCost, RooflineCost, compute_dtype_bytes, cost_model, describe_for,
+from hetrain.predict.cost import (CostModel, compute_dtype_bytes, cost_model, describe_for,
                                   training_threads)
 from hetrain.train.metrics import fmt_bytes
 
@@ -67,14 +67,6 @@ class PlannerOptions:
     """Cross-iteration overlap of the CPU updates with the next forward."""
     async_copies: bool | None = None
     """Copies on their own streams; None: yes on a GPU, no when the device is the CPU."""
-
-
-def _runs_on_gpu(cost: CostModel) -> bool:
-    if isinstance(cost, RooflineCost):
-        return cost.kind.name != "cpu"
-    if isinstance(cost, ProfileCost):
-        return cost.profile.device != "cpu"
-    return True
 
 
 def default_cost(cfg: Config) -> CostModel:
@@ -140,7 +132,7 @@ def _profile_too_big(cfg: Config) -> str:
 
 
 def step_settings(cfg: Config, cost: CostModel, options: PlannerOptions) -> StepSettings:
-    async_copies = _runs_on_gpu(cost) if options.async_copies is None else options.async_copies
+    async_copies = cost.on_gpu if options.async_copies is None else options.async_copies
     return StepSettings(grad_accum=cfg.train.grad_accum, clip=cfg.train.grad_clip > 0, overlap=options.overlap,
                         async_copies=async_copies, weight_buffers=options.weight_buffers,
                         prefetch_depth=options.prefetch_depth,

@@ -156,6 +156,13 @@ class CostModel:
 
     source: str = ""
 
+    @property
+    def on_gpu(self) -> bool:
+        """Whether the priced device is a GPU: then copies have their own streams, and device
+        memory is what the caching allocator holds, transients included (see
+        hetrain.model.describe.head_backward_transient_bytes)."""
+        raise NotImplementedError
+
     def fwd_s(self, layer: LayerDescription) -> float:
         raise NotImplementedError
 
@@ -201,6 +208,10 @@ class ProfileCost(CostModel):
         self.cpu_threads = cpu_threads
         scaled = "" if self.scale == 1 else f", scaled from micro_batch={entry.micro_batch}"
         self.source = f"profile of {profile.machine.get('hostname')} ({profile.device}{scaled})"
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.profile.device != "cpu"
 
     def _timing(self, layer: LayerDescription) -> LayerTiming:
         return getattr(self.entry, layer_kind(layer))
@@ -266,10 +277,15 @@ class ProfileCost(CostModel):
 class RooflineCost(CostModel):
     """Prices tasks for a catalog device kind from its datasheet peaks."""
 
+    @property
+    def on_gpu(self) -> bool:
+        return self._on_gpu
+
     def __init__(self, desc: ModelDescription, kind: DeviceKind, dtype: str,
                  efficiency: Efficiency = Efficiency(), host: DeviceKind | None = None):
         self.desc, self.kind, self.eff = desc, kind, efficiency
         self.peak_flops_per_s = kind.peak_flops_per_s(dtype)
+        self._on_gpu = kind.name != "cpu"
         self.autocast = dtype == "bf16"  # the trainer's bf16 is autocast over fp32 master weights
         self.host = host or get_kind("cpu")
         self.source = f"catalog {kind.name} ({dtype} roofline)"

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from hetrain.config import Config
 from hetrain.errors import ConfigError
-from hetrain.model.describe import LayerDescription, ModelDescription
+from hetrain.model.describe import LayerDescription, ModelDescription, head_backward_transient_bytes
 from hetrain.model.gpt import ModelConfig
 from hetrain.predict.cost import CostModel, Profile, RooflineCost, cost_model, describe_for
 from hetrain.predict.simulator import SimResult, Task, simulate
@@ -138,6 +138,14 @@ class StepGraph:
         return simulate(self.tasks, self.capacities, self.base_bytes, mem_limit)
 
 
+def transient_bytes(desc: ModelDescription, cost: CostModel, layer: LayerDescription) -> int:
+    """What `layer`'s backward holds only while it runs, counted where the allocator sees it:
+    the head's fp32 gradients on a GPU (see head_backward_transient_bytes); 0 otherwise."""
+    if layer.name != "head" or not cost.on_gpu:
+        return 0
+    return head_backward_transient_bytes(desc.micro_batch, desc.seq_len, desc.config.vocab_size)
+
+
 def build_step_graph(desc: ModelDescription, cost: CostModel,
                      options: StepGraphOptions = StepGraphOptions()) -> StepGraph:
     """The plain plan's step: everything resident on the device, run in the trainer's order."""
@@ -165,8 +173,9 @@ def build_step_graph(desc: ModelDescription, cost: CostModel,
             act = cost.act_bytes(layer)
             # After the first micro-batch, AccumulateGrad adds into the held gradients.
             accumulate_s = cost.grad_accumulate_s(layer.params, _tensors(cfg, layer)) if mb else 0.0
-            add(bwd_name(layer.name, mb), cost.bwd_s(layer) + accumulate_s, "bwd", free=act,
-                layer=layer.name, micro_batch=mb)
+            transient = transient_bytes(desc, cost, layer)
+            add(bwd_name(layer.name, mb), cost.bwd_s(layer) + accumulate_s, "bwd", alloc=transient,
+                free=act + transient, layer=layer.name, micro_batch=mb)
             if mb == 0:
                 # Autograd releases a node's saved tensors as soon as it has run, before the
                 # parameter's AccumulateGrad stores the new gradient: at layer granularity, the
