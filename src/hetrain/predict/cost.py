@@ -73,9 +73,16 @@ class ModelProfile:
     """Final norm, output projection and cross-entropy loss."""
 
     def matches(self, model_cfg: ModelConfig, seq_len: int, dtype: str, threads: int | None) -> bool:
-        """Same shape, sequence length and dtype, and `threads` unless it is None."""
-        return (self.model == dataclasses.asdict(model_cfg) and self.seq_len == seq_len
+        """Same block, embedding and head shape (any number of blocks: the profiler times one),
+        sequence length and dtype, and `threads` unless it is None."""
+        return (_shape(self.model) == _shape(dataclasses.asdict(model_cfg)) and self.seq_len == seq_len
                 and self.dtype == dtype and threads in (None, self.threads))
+
+
+def _shape(model: dict) -> dict:
+    """A model config without what does not change one layer's timing: the preset's name and
+    the number of blocks."""
+    return {k: v for k, v in model.items() if k not in ("preset", "n_layer")}
 
 
 @dataclass
