@@ -50,6 +50,8 @@ class RunConfig:
     """'' starts a new run (refused if run.dir already holds checkpoints); 'auto' resumes the latest checkpoint in run.dir; or a checkpoint directory path."""
     threads: int = 0
     """torch intra-op threads on CPU; 0 uses every core of this machine."""
+    timeout_s: float = 300.0
+    """Multi-process runs of a cluster plan: seconds a collective or a pipeline send/receive waits for another rank before the job stops with a message naming the ranks that did not answer."""
 
 
 @dataclass
@@ -138,6 +140,16 @@ class PlanConfig:
     """A cluster file (TOML, see configs/clusters/mixed.toml) for `hetrain plan`: plan data/tensor/pipeline parallelism over it. `--cluster FILE` is short for this."""
     global_batch: int = 1024
     """Sequences per optimizer step across the whole cluster (cluster planning)."""
+    tp: int = 0
+    """Cluster planning: pin the tensor-parallel degree of every group (0: the search chooses)."""
+    pp: int = 0
+    """Cluster planning: pin the pipeline stages of every pipeline (0: the search chooses)."""
+    dp: int = 0
+    """Cluster planning: pin the data-parallel replicas of every pipeline (0: the search chooses)."""
+    micro_batch: int = 0
+    """Cluster planning: pin the micro-batch size (0: the search chooses)."""
+    virtual_stages: int = 1
+    """Cluster planning: model chunks per pipeline stage; more than 1 runs interleaved 1F1B."""
 
 
 @dataclass
@@ -322,8 +334,15 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"cluster file '{cfg.plan.cluster}' does not exist; pass an existing TOML file to --cluster")
     if cfg.plan.global_batch < 1:
         raise ConfigError(f"plan.global_batch must be at least 1, got {cfg.plan.global_batch}")
+    for key in ("tp", "pp", "dp", "micro_batch"):
+        if getattr(cfg.plan, key) < 0:
+            raise ConfigError(f"plan.{key} must be 0 (the search chooses) or a positive degree, got {getattr(cfg.plan, key)}")
+    if cfg.plan.virtual_stages < 1:
+        raise ConfigError(f"plan.virtual_stages must be at least 1, got {cfg.plan.virtual_stages}")
     if cfg.plan.file and not Path(cfg.plan.file).expanduser().is_file():
         raise ConfigError(f"plan file '{cfg.plan.file}' does not exist; make one with `hetrain plan` or drop --plan.file")
+    if cfg.run.timeout_s <= 0:
+        raise ConfigError(f"run.timeout_s must be positive, got {cfg.run.timeout_s}")
     if t.min_lr > t.lr:
         raise ConfigError(f"train.min_lr={t.min_lr} is above train.lr={t.lr}; lower --train.min_lr")
 
