@@ -38,15 +38,15 @@ def optim_name(name: str, cfg: ModelConfig) -> str:
 
 
 def _param_groups(optimizer: torch.optim.Optimizer, cfg: ModelConfig) -> list[dict]:
-    """The one-process optimizer's param_groups: hyper-parameters of ours, parameter names of the whole model."""
+    """The one-process optimizer's param_groups (hetrain.train.trainer.make_optimizer: matrices
+    decay, the rest does not): our hyper-parameters, the whole model's parameter names."""
     with torch.device("meta"):
         whole = GPT(cfg)
     decay = [n for n, p in whole.named_parameters() if p.dim() >= 2]
     no_decay = [n for n, p in whole.named_parameters() if p.dim() < 2]
-    groups = []
-    for group, names in zip(optimizer.param_groups, (decay, no_decay)):
-        groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": names})
-    return groups
+    hyper = {k: v for k, v in optimizer.param_groups[0].items() if k != "params"}
+    decay_wd = max(g["weight_decay"] for g in optimizer.param_groups)
+    return [{**hyper, "weight_decay": decay_wd, "params": decay}, {**hyper, "weight_decay": 0.0, "params": no_decay}]
 
 
 @torch.no_grad()

@@ -98,7 +98,7 @@ class ClusterTrainer:
             for chunk in self.chunks:
                 apply_tensor_parallel(chunk, mesh, cfg.model)
         self.recompute = [apply_stage_recompute(chunk) for chunk in self.chunks]
-        self.optimizer = make_optimizer(nn.ModuleList(self.chunks), cfg, self.device)
+        self.optimizer = _optimizer(self.chunks, cfg, self.device)
         self.named = [(n, p) for chunk in self.chunks for n, p in chunk.named_parameters(remove_duplicate=False)]
         share = layout.pipeline_samples[place.pipeline] / layout.global_batch
         self.sync = GradientSync(self.comm, self.named, cfg.model, share)
@@ -301,6 +301,22 @@ class ClusterTrainer:
             pred = predicted.get((pipe, stage))
             pred_txt = f"{1000 * pred['fwd_s']:.2f} / {1000 * pred['bwd_s']:.2f}" if pred else "-"
             print(f"hetrain:   P{pipe} S{stage} {kind}: {pred_txt} vs {mb_f:.2f} / {mb_b:.2f}", flush=True)
+
+
+def _optimizer(chunks: list[nn.Module], cfg: Config, device: torch.device) -> torch.optim.Optimizer:
+    """One process's AdamW (make_optimizer: groups, hyper-parameters, fused), each group split into
+    its DTensor and its plain parameters: a fused kernel takes one kind of tensor."""
+    from torch.distributed.tensor import DTensor
+
+    base = make_optimizer(nn.ModuleList(chunks), cfg, device)
+    groups = []
+    for group in base.param_groups:
+        hyper = {k: v for k, v in group.items() if k != "params"}
+        for sharded in (False, True):
+            params = [p for p in group["params"] if isinstance(p, DTensor) == sharded]
+            if params:
+                groups.append({**hyper, "params": params})
+    return torch.optim.AdamW(groups, fused=True)
 
 
 def _check_compatible(cfg: Config, saved: dict, path: Path) -> None:
