@@ -17,8 +17,10 @@ all ranks to create groups in one order):
 - TP groups (a stage's TP ranks) and DP groups (a stage's replicas): within one kind, native;
 - tie groups (first and last stage of a lane, for tied embeddings) and, with several pipelines,
   exchange groups (every rank holding a part of the model across pipelines): routed as above;
-- `control`: gloo over all ranks for the per-step scalars and checkpoints, and `health`: gloo
-  over all ranks used only to name the ranks that stopped answering when something fails.
+- `control`: gloo over all ranks for the per-step scalars and checkpoints.
+
+When a collective fails or times out, `roll_call` names the ranks that stopped answering,
+through torchrun's rendezvous store rather than the failed groups.
 
 `reduce_sum` is the one collective the gradient code calls: a bucketed all-reduce that stages
 through host memory on a host route. This module must not know about models or schedules.
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -65,7 +68,6 @@ class Communicator:
     dp: Link | None
     tie: Link | None
     control: dist.ProcessGroup
-    health: dist.ProcessGroup
     exchange: dict[str, Link] = field(default_factory=dict)
     """Model unit ('embedding', 'block.3', 'head') -> group of every rank holding it, across pipelines."""
 
@@ -77,30 +79,32 @@ class Communicator:
     def link_name(self, peer_stage: int) -> str:
         """The trace lane of the link between this rank's stage and `peer_stage` of its lane."""
         a, b = sorted((self.place.stage, peer_stage))
-        return f"link P{self.place.pipeline}r{self.place.replica} S{a}-S{b} ({self.lane.route})"
+        p = self.place
+        return f"link P{p.pipeline}r{p.replica}t{p.tp_rank} S{a}-S{b} ({self.lane.route})"
 
     @classmethod
     def create(cls, layout: Layout, rank: int, device: torch.device, timeout_s: float) -> "Communicator":
         if not dist.is_initialized():
             any_gpu = any(p.device_type != "cpu" for p in layout.places)
             backend = "cpu:gloo,cuda:nccl" if any_gpu else "gloo"
-            dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+            # Three quarters of the bound for any wait, the last quarter for the roll call.
+            dist.init_process_group(backend, timeout=datetime.timedelta(seconds=0.75 * timeout_s))
+        wait = datetime.timedelta(seconds=0.75 * timeout_s)  # new groups do not inherit it
         place = layout.places[rank]
-        health = dist.new_group(backend="gloo")
-        control = dist.new_group(backend="gloo")
+        control = dist.new_group(backend="gloo", timeout=wait)
         made: dict[str, Link | None] = {"lane": None, "tp": None, "dp": None, "tie": None}
         exchange: dict[str, Link] = {}
         links: dict[tuple[str, tuple[int, ...]], Link] = {}
         for what, ranks, unit in _all_groups(layout):
             if (what, ranks) not in links:  # every rank creates every group, in this one order
-                links[what, ranks] = _new_link(layout, ranks)
+                links[what, ranks] = _new_link(layout, ranks, wait)
             link = links[what, ranks]
             if rank in ranks:
                 if what == "exchange":
                     exchange[unit] = link
                 else:
                     made[what] = link
-        return cls(layout, place, device, made["lane"], made["tp"], made["dp"], made["tie"], control, health, exchange)
+        return cls(layout, place, device, made["lane"], made["tp"], made["dp"], made["tie"], control, exchange)
 
     def reduce_sum(self, tensors: list[torch.Tensor], link: Link) -> None:
         """All-reduce (sum) `tensors` in place over `link`, in buckets; host-staged on a host route."""
@@ -126,10 +130,10 @@ def _route(layout: Layout, ranks: tuple[int, ...]) -> str:
     return NATIVE if len({layout.places[r].kind for r in ranks}) == 1 else HOST
 
 
-def _new_link(layout: Layout, ranks: tuple[int, ...]) -> Link:
+def _new_link(layout: Layout, ranks: tuple[int, ...], timeout: datetime.timedelta) -> Link:
     route = _route(layout, ranks)
     backend = layout.places[ranks[0]].backend if route == NATIVE else "gloo"
-    return Link(dist.new_group(list(ranks), backend=backend), ranks, route)
+    return Link(dist.new_group(list(ranks), backend=backend, timeout=timeout), ranks, route)
 
 
 def _units(place: Place) -> list[str]:
@@ -206,16 +210,26 @@ class HostStaged(nn.Module):
         return _to_host(out) if self.stage_out else out
 
 
-def wait_for_ranks(comm: Communicator, timeout_s: float) -> str:
-    """After a failure: which ranks do not reach a barrier on the health group within timeout_s.
-    Returns torch's own line naming them on rank 0 ('Ranks 2 failed to pass monitoredBarrier ...'),
-    '' when all answer, or this rank's view when rank 0 does not answer."""
+def roll_call(rank: int, world: int, timeout_s: float) -> list[int] | None:
+    """After a failure: the ranks that do not check in within timeout_s (hung or dead).
+
+    Every rank that is still alive writes its name into torch's rendezvous store (the TCPStore
+    torchrun serves at MASTER_ADDR:MASTER_PORT, outside the process groups that failed) and
+    waits for the others. None when no store can be reached (not launched by torchrun)."""
     try:
-        dist.monitored_barrier(group=comm.health, timeout=datetime.timedelta(seconds=timeout_s), wait_all_ranks=True)
-        return ""
-    except RuntimeError as e:
-        lines = [ln for ln in str(e).splitlines() if "monitoredBarrier" in ln or "rank" in ln.lower()]
-        return (lines[-1] if lines else str(e).splitlines()[0]).strip()
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                              timeout=datetime.timedelta(seconds=max(timeout_s, 1.0)))
+    except (KeyError, ValueError, RuntimeError):
+        return None
+    prefix = (f"hetrain/alive/{os.environ.get('TORCHELASTIC_RUN_ID', 'run')}/"
+              f"{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/")
+    store.set(prefix + str(rank), "1")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        missing = [r for r in range(world) if not store.check([prefix + str(r)])]
+        if not missing or time.monotonic() > deadline:
+            return missing
+        time.sleep(0.1)
 
 
 def local_rank() -> int:

@@ -39,7 +39,7 @@ from hetrain.config import Config, save_config, to_dict
 from hetrain.data import build_data
 from hetrain.errors import ConfigError
 from hetrain.pipeline import checkpoint as pckpt
-from hetrain.pipeline.communicator import Communicator, local_rank, wait_for_ranks
+from hetrain.pipeline.communicator import Communicator, local_rank, roll_call
 from hetrain.pipeline.data_parallel import GradientSync
 from hetrain.pipeline.placement import Layout
 from hetrain.pipeline.schedule import StageClock, build_schedule
@@ -144,7 +144,8 @@ class ClusterTrainer:
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Validation loss on the same sequences one process would use (replica 0 of pipeline 0 runs it)."""
+        """Validation loss on the sequences one process would use (replica 0 of pipeline 0 runs it, in
+        whole rounds of its schedule; the same value when its micro-batch divides them)."""
         t, unit = self.cfg.train, self.layout.read_unit
         part = 0.0
         if self.place.pipeline == 0 and self.place.replica == 0:
@@ -157,6 +158,8 @@ class ClusterTrainer:
             for r in range(rounds):
                 sel = idx[r * size:(r + 1) * size]
                 values += self.run.evaluate(x[sel], y[sel])
+            if len(x) % self.place.micro_batch == 0:  # the micro-batches of exactly those sequences
+                values = values[:len(x) // self.place.micro_batch]
             if values and self.place.tp_rank == 0:
                 part = float(torch.stack([v.float() for v in values]).mean())
         return self.comm.sum_scalars([part])[0]
@@ -261,11 +264,13 @@ class ClusterTrainer:
         p = self.place
         print(f"hetrain: error: rank {p.rank} (pipeline {p.pipeline} replica {p.replica} stage {p.stage} tp {p.tp_rank}, "
               f"{p.kind}) stopped at step {self.step + 1}: {type(error).__name__}: {first}", file=sys.stderr, flush=True)
-        silent = wait_for_ranks(self.comm, max(2.0, self.cfg.run.timeout_s / 4))
+        silent = roll_call(p.rank, self.layout.world, self.cfg.run.timeout_s / 4)
         if silent:
-            print(f"hetrain: error: {silent} (within run.timeout_s={self.cfg.run.timeout_s:g} s they neither answered nor "
-                  f"failed: hung or dead); the job stops; last checkpoint: "
-                  f"{'step ' + str(saved_at) if saved_at > 0 else 'none'}", file=sys.stderr, flush=True)
+            names = ", ".join(f"rank {r} ({self.layout.places[r].group}, stage {self.layout.places[r].stage})"
+                              for r in silent)
+            print(f"hetrain: error: no answer from {names} within run.timeout_s={self.cfg.run.timeout_s:g} s: "
+                  f"hung or dead; the job stops; last checkpoint: {'step ' + str(saved_at) if saved_at > 0 else 'none'}",
+                  file=sys.stderr, flush=True)
         sys.stdout.flush()
         os._exit(1)
 
