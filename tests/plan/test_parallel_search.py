@@ -169,3 +169,30 @@ def test_homogeneous_never_worse_than_uniform_megatron(kind, nodes, per_node, pr
     cand, _ = search(ctx, global_batch)
     assert math.isfinite(uniform)
     assert cand.step_s <= uniform * (1 + 1e-12)
+
+
+def test_pinned_degrees_are_kept_and_the_search_fills_in_the_rest(tmp_path, capsys):
+    """`hetrain plan --cluster local-cpu.toml --plan.pp 2 --plan.dp 2 ...`: one pipeline across both
+    kinds; an impossible pin is one line naming the pins."""
+    import json
+    from pathlib import Path
+
+    from hetrain.cli import main
+
+    cluster = Path(__file__).resolve().parents[2] / "configs/clusters/local-cpu.toml"
+    base = ["plan", "--cluster", str(cluster), "--model.preset", "tiny", "--model.n_layer", "4", "--train.seq_len",
+            "32", "--plan.global_batch", "8"]
+    assert main(base + ["--plan.pp", "2", "--plan.dp", "2", "--plan.micro_batch", "2", "--run.dir",
+                        str(tmp_path / "a")]) == 0
+    (pipe,) = json.loads((tmp_path / "a" / "plan.json").read_text())["pipelines"]
+    assert (pipe["groups"], pipe["dp"], pipe["micro_batch"], pipe["n_microbatches"]) == (["cpu-a", "cpu-b"], 2, 2, 2)
+    assert [s["kind"] for s in pipe["stages"]] == ["cpu-a", "cpu-b"]
+    assert main(base[:6] + ["6"] + base[7:] + ["--plan.tp", "2", "--plan.pp", "2", "--plan.virtual_stages", "2",
+                                               "--run.dir", str(tmp_path / "b")]) == 0
+    pipes = json.loads((tmp_path / "b" / "plan.json").read_text())["pipelines"]
+    assert all(p["tp"] == [2] * len(p["groups"]) and len(p["stages"]) == 2 * 2 and p["virtual_stages"] == 2
+               for p in pipes)
+    capsys.readouterr()
+    assert main(base + ["--plan.pp", "3", "--plan.dp", "2", "--run.dir", str(tmp_path / "c")]) == 2
+    err = capsys.readouterr().err
+    assert "no plan with --plan.pp 3 --plan.dp 2 fits cluster 'local-cpu'" in err and err.count("\n") == 1
