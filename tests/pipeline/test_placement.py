@@ -97,3 +97,15 @@ def test_tensor_parallel_row_order_gives_each_rank_its_own_heads(mlp):
     up = torch.arange(16 if mlp == "swiglu" else 8, dtype=torch.float32)
     expect = [0, 1, 2, 3, 8, 9, 10, 11] if mlp == "swiglu" else list(range(8))
     assert from_canonical("blocks.0.mlp.up.weight", up, cfg, 2)[:8].tolist() == expect
+
+
+def test_a_cluster_file_that_differs_from_the_plans_is_refused(tmp_path):
+    from cluster_support import LOCAL_CPU
+    from hetrain.pipeline.launch import check_cluster
+
+    plan = plan_of(local_cpu(), [pipeline(["cpu-a", "cpu-b"], [3, 2], stage_groups=["cpu-a", "cpu-b"], dp=2)])
+    check_cluster(plan, str(LOCAL_CPU))
+    other = tmp_path / "other.toml"
+    other.write_text(LOCAL_CPU.read_text().replace("devices_per_node = 2", "devices_per_node = 4"))
+    with pytest.raises(ConfigError, match="the plan runs group 'cpu-a' as 2 x cpu-a but cluster file .* has 4 x cpu-a"):
+        check_cluster(plan, str(other))

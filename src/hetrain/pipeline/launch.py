@@ -56,11 +56,28 @@ def config_for_plan(cfg: Config, plan: ClusterPlan) -> Config:
     return dataclasses.replace(cfg, model=model, train=train)
 
 
+def check_cluster(plan: ClusterPlan, path: str) -> None:
+    """ConfigError unless the cluster file has the plan's groups: the same names, kinds and device counts."""
+    from hetrain.hardware.cluster import cluster_to_dict, load_cluster
+
+    def shape(groups):
+        return {g["name"]: (g.get("label", g["kind"]), g["nodes"] * g["devices_per_node"]) for g in groups}
+
+    have, want = shape(cluster_to_dict(load_cluster(path))["group"]), shape(plan.cluster["group"])
+    for name, (kind, devices) in want.items():
+        if have.get(name) != (kind, devices):
+            found = f"{have[name][1]} x {have[name][0]}" if name in have else "no such group"
+            raise ConfigError(f"the plan runs group '{name}' as {devices} x {kind} but cluster file '{path}' has "
+                              f"{found}; re-plan for this cluster or drop --plan.cluster")
+
+
 def prepare(cfg: Config) -> tuple[Config, ClusterPlan, Layout, int]:
     """Everything that can fail on input, for this process: (config, plan, layout, rank)."""
     plan = load_cluster_plan(cfg.plan.file)
     cfg = config_for_plan(cfg, plan)
     layout = place_plan(plan)
+    if cfg.plan.cluster:
+        check_cluster(plan, cfg.plan.cluster)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     check_world(layout, world, cfg.plan.file)
     rank = int(os.environ.get("RANK", "0"))

@@ -111,6 +111,7 @@ class ClusterTrainer:
             self.data.train.load_state_dict(meta.data_state)
             self.step = meta.step
         self.predicted_step_s = float(plan.prediction.get("step_s") or 0.0)
+        self.peak_flops = _cluster_peak_flops(cfg, plan, layout)
 
     # --- one step ----------------------------------------------------------------------------
 
@@ -203,15 +204,15 @@ class ClusterTrainer:
                     mean_step_s = window_s / window_steps
                     record = {"step": self.step, "loss": loss, "val_loss": val_loss, "lr": lr, "grad_norm": grad_norm,
                               "tokens_per_s": tokens_per_step / mean_step_s,
-                              "mfu": 0.0 if not cfg.log.peak_flops else tokens_per_step / mean_step_s
-                              * self.flops_per_token / (cfg.log.peak_flops * self.layout.world),
-                              "step_s": mean_step_s, "peak_device_bytes": 0,
+                              "mfu": tokens_per_step / mean_step_s * self.flops_per_token / self.peak_flops,
+                              "step_s": mean_step_s, "peak_device_bytes": self._peak_bytes(),
                               "elapsed_s": time.perf_counter() - start}
                     if self.predicted_step_s:
                         record["predicted_step_s"] = self.predicted_step_s
                     if logger is not None:
                         logger.log(record)
-                        print(format_line(record), flush=True)
+                        line = format_line(record)  # a CPU rank has no device memory to report
+                        print(line if self.device.type == "cuda" else line.replace(" | peak 0 B", ""), flush=True)
                     window_s, window_steps = 0.0, 0
                 if last or (t.ckpt_every and self.step % t.ckpt_every == 0):
                     result.checkpoint = self._save(data_state)
@@ -232,6 +233,14 @@ class ClusterTrainer:
         dist.barrier(group=self.comm.control)
         dist.destroy_process_group()
         return result
+
+    def _peak_bytes(self) -> int:
+        """Rank 0's device memory peak since the last report (0 on a CPU)."""
+        if self.device.type != "cuda":
+            return 0
+        peak = torch.cuda.max_memory_allocated(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        return peak
 
     def _announce(self, tokens_per_step: int) -> None:
         if not self.is_main:
@@ -306,6 +315,18 @@ class ClusterTrainer:
             pred = predicted.get((pipe, stage))
             pred_txt = f"{1000 * pred['fwd_s']:.2f} / {1000 * pred['bwd_s']:.2f}" if pred else "-"
             print(f"hetrain:   P{pipe} S{stage} {kind}: {pred_txt} vs {mb_f:.2f} / {mb_b:.2f}", flush=True)
+
+
+def _cluster_peak_flops(cfg: Config, plan: ClusterPlan, layout: Layout) -> float:
+    """The peak FLOP/s MFU counts against: log.peak_flops per process if declared, otherwise the
+    plan's cluster figures (catalog peaks with the cluster file's overrides) for fp32."""
+    if cfg.log.peak_flops > 0:
+        return cfg.log.peak_flops * layout.world
+    from hetrain.hardware.cluster import cluster_from_dict
+
+    used = {p.group for p in layout.places}
+    return sum(g.devices * g.kind.peak_flops_per_s("fp32") for g in cluster_from_dict(plan.cluster).groups
+               if g.name in used)
 
 
 def _optimizer(chunks: list[nn.Module], cfg: Config, device: torch.device) -> torch.optim.Optimizer:
