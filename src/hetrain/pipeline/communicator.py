@@ -136,7 +136,8 @@ def _new_link(layout: Layout, ranks: tuple[int, ...], timeout: datetime.timedelt
     return Link(dist.new_group(list(ranks), backend=backend, timeout=timeout), ranks, route)
 
 
-def _units(place: Place) -> list[str]:
+def units_of(place: Place) -> list[str]:
+    """The model units a rank holds, in model order: 'embedding', 'block.i', 'head'."""
     units = []
     for c in place.chunks:
         if c.embedding:
@@ -145,11 +146,6 @@ def _units(place: Place) -> list[str]:
         if c.head:
             units.append("head")
     return units
-
-
-def units_of(place: Place) -> list[str]:
-    """The model units a rank holds: 'embedding', 'block.i', 'head'."""
-    return _units(place)
 
 
 def _all_groups(layout: Layout):
@@ -167,7 +163,7 @@ def _all_groups(layout: Layout):
     if layout.n_pipelines > 1:
         holders: dict[str, list[int]] = {}
         for place in layout.places:
-            for unit in _units(place):
+            for unit in units_of(place):
                 holders.setdefault(unit, []).append(place.rank)
         for unit, ranks in holders.items():  # one group per holder set; several units may share it
             yield "exchange", tuple(ranks), unit

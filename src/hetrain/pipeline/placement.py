@@ -216,7 +216,8 @@ def place_plan(plan: ClusterPlan) -> Layout:
                 rank=len(places), pipeline=p, replica=r, stage=stage, tp_rank=k, tp=tp, dp=dp, n_stages=n_stages,
                 virtual_stages=pipe.virtual_stages, group=name, kind=g.get("label", g["kind"]),
                 device_type=device_type, backend=backend, chunks=chunks, micro_batch=pipe.micro_batch,
-                n_microbatches=pipe.n_microbatches, sample_start=offsets[p] + r * pipe.micro_batch * pipe.n_microbatches))
+                n_microbatches=pipe.n_microbatches,
+                sample_start=offsets[p] + r * pipe.micro_batch * pipe.n_microbatches))
     return Layout(tuple(places), plan.global_batch, plan.seq_len, read_unit, len(plan.pipelines), tuple(samples))
 
 

@@ -102,7 +102,7 @@ class ClusterTrainer:
         self.named = [(n, p) for chunk in self.chunks for n, p in chunk.named_parameters(remove_duplicate=False)]
         share = layout.pipeline_samples[place.pipeline] / layout.global_batch
         self.sync = GradientSync(self.comm, self.named, cfg.model, share)
-        self.clock = StageClock()
+        self.clock = StageClock(sync_cuda=self.device.type == "cuda")
         self.run = build_schedule(self.chunks, self.comm, (cfg.model.d_model, cfg.model.vocab_size),
                                   cfg.train.seq_len, self.clock)
         self.step = 0
@@ -131,12 +131,14 @@ class ClusterTrainer:
         self.sync.reduce()
         loss_part = 0.0
         if losses and self.place.tp_rank == 0:  # this replica's mean loss, weighted by its share
-            loss_part = float(torch.stack([v.detach().float() for v in losses]).mean()) * self.sync.share / self.place.dp
+            mean = float(torch.stack([v.detach().float() for v in losses]).mean())
+            loss_part = mean * self.sync.share / self.place.dp
         loss, sq_norm = self.comm.sum_scalars([loss_part, self.sync.local_sq_norm()])
         grad_norm = math.sqrt(sq_norm)
         grads = [g.to_local() if hasattr(g, "to_local") else g for g in (p.grad for p in self.sync.unique())]
         if self.cfg.train.grad_clip > 0:  # torch.nn.utils.clip_grad_norm_'s rule, on the global norm
-            coef = torch.clamp(self.cfg.train.grad_clip / (torch.tensor(grad_norm, dtype=torch.float32) + 1e-6), max=1.0)
+            norm = torch.tensor(grad_norm, dtype=torch.float32)
+            coef = torch.clamp(self.cfg.train.grad_clip / (norm + 1e-6), max=1.0)
             torch._foreach_mul_(grads, coef.to(grads[0].device))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -271,14 +273,16 @@ class ClusterTrainer:
         """Name what went wrong and which ranks stopped answering, then leave without touching the groups."""
         first = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
         p = self.place
-        print(f"hetrain: error: rank {p.rank} (pipeline {p.pipeline} replica {p.replica} stage {p.stage} tp {p.tp_rank}, "
-              f"{p.kind}) stopped at step {self.step + 1}: {type(error).__name__}: {first}", file=sys.stderr, flush=True)
+        print(f"hetrain: error: rank {p.rank} (pipeline {p.pipeline} replica {p.replica} stage {p.stage} "
+              f"tp {p.tp_rank}, {p.kind}) stopped at step {self.step + 1}: {type(error).__name__}: {first}",
+              file=sys.stderr, flush=True)
         silent = roll_call(p.rank, self.layout.world, self.cfg.run.timeout_s / 4)
         if silent:
             names = ", ".join(f"rank {r} ({self.layout.places[r].group}, stage {self.layout.places[r].stage})"
                               for r in silent)
             print(f"hetrain: error: no answer from {names} within run.timeout_s={self.cfg.run.timeout_s:g} s: "
-                  f"hung or dead; the job stops; last checkpoint: {'step ' + str(saved_at) if saved_at > 0 else 'none'}",
+                  f"hung or dead; the job stops; last checkpoint: "
+                  f"{'step ' + str(saved_at) if saved_at > 0 else 'none'}",
                   file=sys.stderr, flush=True)
         sys.stdout.flush()
         os._exit(1)
@@ -297,7 +301,8 @@ class ClusterTrainer:
         events = [e for _, evs in gathered for e in evs]
         if events:
             write_chrome_trace(sorted(events, key=lambda e: e.start_s), self.run_dir / "trace.json",
-                               metadata={"source": "hetrain train --plan.file (cluster plan)", "ranks": self.layout.world})
+                               metadata={"source": "hetrain train --plan.file (cluster plan)",
+                                         "ranks": self.layout.world})
         steps = result.step_times_s[1:] or result.step_times_s
         if not steps:
             return
@@ -307,7 +312,7 @@ class ClusterTrainer:
                   f"{1000 * median_s:.1f} ms median (x{median_s / self.predicted_step_s:.2f})", flush=True)
         predicted = {(s["pipeline"], s["stage"]): s for s in self.plan.prediction.get("stages", [])}
         print("hetrain: per stage, one micro-batch (replica 0, TP rank 0): predicted fwd / bwd ms vs measured "
-              "fwd / bwd ms (measured: compute only, waits excluded)")
+              "fwd / bwd ms (measured: compute of the traced steps, waits excluded)")
         for (pipe, stage, replica, tp_rank, kind, fwd, nf, bwd, nb, n_chunks), _ in gathered:
             if replica or tp_rank or not nf:
                 continue

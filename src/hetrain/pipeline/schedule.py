@@ -36,7 +36,9 @@ class StageClock:
     """time.time() of the shared start; events are seconds after it."""
     step: int = 0
     record: bool = False
-    """Keep events (for the traced steps); compute times are always summed."""
+    """Record events and compute times (the traced steps: 2 .. 1 + log.trace_steps)."""
+    sync_cuda: bool = False
+    """Wait for the GPU at the end of each recorded forward/backward, so its time is the compute's."""
     events: list[TraceEvent] = field(default_factory=list)
     fwd_s: float = 0.0
     bwd_s: float = 0.0
@@ -45,12 +47,16 @@ class StageClock:
 
     def add(self, name: str, lane: str, start: float, end: float, cat: str, **args) -> None:
         if self.record:
+            if cat in ("fwd", "bwd"):
+                setattr(self, f"{cat}_s", getattr(self, f"{cat}_s") + end - start)
+                setattr(self, f"{cat}_count", getattr(self, f"{cat}_count") + 1)
             self.events.append(TraceEvent(name, lane, start - self.origin_s, end - self.origin_s, cat,
                                           {"step": self.step, **args}))
 
-    def reset_means(self) -> None:
-        self.fwd_s = self.bwd_s = 0.0
-        self.fwd_count = self.bwd_count = 0
+    def now(self) -> float:
+        if self.record and self.sync_cuda:
+            torch.cuda.synchronize()
+        return time.time()
 
 
 class TracedStage(PipelineStage):
@@ -76,29 +82,25 @@ class TracedStage(PipelineStage):
         return ops
 
     def forward_one_chunk(self, fwd_chunk_id: int, *args, **kwargs):
-        start = time.time()
+        start = self.clock.now()
         posted = self._posted.pop(("F", fwd_chunk_id), None)
         if posted is not None:
             self.clock.add(f"recv act mb{fwd_chunk_id}", self.prev_link, posted, start, "comm",
                            bytes=self.boundary_bytes, chunk=self.stage_index)
         out = super().forward_one_chunk(fwd_chunk_id, *args, **kwargs)
-        end = time.time()
-        self.clock.fwd_s += end - start
-        self.clock.fwd_count += 1
+        end = self.clock.now()
         self.clock.add(f"F{fwd_chunk_id} c{self.stage_index}", self.compute_lane, start, end, "fwd",
                        chunk=self.stage_index)
         return out
 
     def backward_one_chunk(self, bwd_chunk_id: int, *args, **kwargs):
-        start = time.time()
+        start = self.clock.now()
         posted = self._posted.pop(("B", bwd_chunk_id), None)
         if posted is not None:
             self.clock.add(f"recv grad mb{bwd_chunk_id}", self.next_link, posted, start, "comm",
                            bytes=self.boundary_bytes, chunk=self.stage_index)
         out = super().backward_one_chunk(bwd_chunk_id, *args, **kwargs)
-        end = time.time()
-        self.clock.bwd_s += end - start
-        self.clock.bwd_count += 1
+        end = self.clock.now()
         self.clock.add(f"B{bwd_chunk_id} c{self.stage_index}", self.compute_lane, start, end, "bwd",
                        chunk=self.stage_index)
         return out
@@ -152,7 +154,8 @@ def build_schedule(chunks: list[StageModule], comm: Communicator, model_dims: tu
         next_stage = (chunk.index + 1) % place.n_stages
         stages.append(TracedStage(
             runnable, chunk.index, n_chunks, lane_device, input_args=x, output_args=out, group=comm.lane.group,
-            clock=clock, compute_lane=f"rank {place.rank} P{place.pipeline}r{place.replica} S{place.stage} tp{place.tp_rank}",
+            clock=clock,
+            compute_lane=f"rank {place.rank} P{place.pipeline}r{place.replica} S{place.stage} tp{place.tp_rank}",
             prev_link=comm.link_name(prev_stage), next_link=comm.link_name(next_stage),
             boundary_bytes=place.micro_batch * seq_len * d_model * 4))
     m = place.n_microbatches
