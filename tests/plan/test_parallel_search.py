@@ -192,6 +192,10 @@ def test_pinned_degrees_are_kept_and_the_search_fills_in_the_rest(tmp_path, caps
     pipes = json.loads((tmp_path / "b" / "plan.json").read_text())["pipelines"]
     assert all(p["tp"] == [2] * len(p["groups"]) and len(p["stages"]) == 2 * 2 and p["virtual_stages"] == 2
                for p in pipes)
+    from hetrain.plan.parallel import load_plan, repredict
+
+    interleaved = load_plan(tmp_path / "b" / "plan.json")  # priced as the 1F1B plan of its device stages
+    assert repredict(interleaved).prediction["step_s"] == pytest.approx(interleaved.prediction["step_s"], rel=1e-12)
     capsys.readouterr()
     assert main(base + ["--plan.pp", "3", "--plan.dp", "2", "--run.dir", str(tmp_path / "c")]) == 2
     err = capsys.readouterr().err

@@ -103,6 +103,24 @@ class ClusterPlan:
             return cls.from_dict(json.load(f))
 
 
+def device_stages(pipe: PipelinePlan) -> list[list[StagePlan]]:
+    """The chunks each device stage runs, stage by stage (one chunk each without virtual stages)."""
+    n_stages = len(pipe.stages) // pipe.virtual_stages
+    return [pipe.stages[s::n_stages] for s in range(n_stages)]
+
+
+def fold(pipe: PipelinePlan) -> PipelinePlan:
+    """An interleaved pipeline as its device stages (blocks and recomputation summed per stage):
+    the 1F1B pipeline that the predictor prices. Unchanged without virtual stages."""
+    if pipe.virtual_stages == 1:
+        return pipe
+    stages = [dataclasses.replace(chunks[0], n_blocks=sum(c.n_blocks for c in chunks),
+                                  n_recompute_blocks=sum(c.n_recompute_blocks for c in chunks),
+                                  embedding=any(c.embedding for c in chunks), head=any(c.head for c in chunks))
+              for chunks in device_stages(pipe)]
+    return dataclasses.replace(pipe, stages=stages, virtual_stages=1)
+
+
 def interleave(pipe: PipelinePlan, virtual_stages: int) -> PipelinePlan:
     """The same pipeline with each device stage's blocks cut into `virtual_stages` chunks that
     run interleaved: chunk c (model order) runs on stage c mod S. Each stage keeps its block

@@ -26,7 +26,7 @@ from hetrain.hardware.cluster import Group, cluster_from_dict
 from hetrain.model.describe import describe_model
 from hetrain.model.gpt import ModelConfig
 from hetrain.plan.parallel_cost import CostContext, Path, PredictorOptions, dp_path, pp_path, ring_allreduce_s
-from hetrain.plan.parallel_plan import ClusterPlan, PipelinePlan, StagePlan
+from hetrain.plan.parallel_plan import ClusterPlan, PipelinePlan, StagePlan, fold
 from hetrain.predict.simulator import Task, simulate
 from hetrain.predict.trace import TraceEvent
 
@@ -380,6 +380,7 @@ def predict_plan(plan: ClusterPlan, ctx: CostContext | None = None) -> tuple[Pla
     busy_by_kind: dict[str, int] = {}
     peak_by_kind: dict[str, tuple[int, int]] = {}
     for p, pipe in enumerate(plan.pipelines):
+        pipe = fold(pipe)  # interleaved chunks are priced as their device stages' 1F1B (not modelled yet)
         others = tuple(g for g in all_groups if g not in pipe.groups)
         stages = build_stages(ctx, shape_of(pipe), pipe.n_microbatches, others, len(plan.pipelines))
         tasks, base = _pipeline_tasks(p, stages, pipe.stages, pipe.n_microbatches)
