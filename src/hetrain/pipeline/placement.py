@@ -145,9 +145,10 @@ def _check_pipeline(p: int, pipe, n_layer: int) -> None:
                               f"'{pipe.stages[c % n_stages].group}'; interleaved chunks of a stage share its group")
     first = 0
     for c, st in enumerate(pipe.stages):
-        if st.first_block != first or st.n_blocks < 0 or not 0 <= st.n_recompute_blocks <= st.n_blocks:
+        if st.first_block != first or st.n_blocks < 1 or not 0 <= st.n_recompute_blocks <= st.n_blocks:
             raise ConfigError(f"{where}: chunk {c} holds blocks {st.first_block}..+{st.n_blocks} (recompute "
-                              f"{st.n_recompute_blocks}); chunks must cover the blocks in order from 0")
+                              f"{st.n_recompute_blocks}); chunks must cover the blocks in order from 0, at least "
+                              f"one each")
         if st.embedding != (c == 0) or st.head != (c == len(pipe.stages) - 1):
             raise ConfigError(f"{where}: the embedding must be on the first chunk and the head on the last")
         first += st.n_blocks
@@ -156,6 +157,11 @@ def _check_pipeline(p: int, pipe, n_layer: int) -> None:
     if pipe.dp < 1 or pipe.micro_batch < 1 or pipe.n_microbatches < 1:
         raise ConfigError(f"{where} has dp={pipe.dp}, micro_batch={pipe.micro_batch}, "
                           f"n_microbatches={pipe.n_microbatches}; each must be at least 1")
+    rounds = max(1, pipe.n_microbatches // n_stages)  # torch's interleaved 1F1B runs whole rounds
+    if v > 1 and pipe.n_microbatches % rounds:
+        raise ConfigError(f"{where}: interleaved 1F1B over {n_stages} stages needs a number of micro-batches that is "
+                          f"a multiple of {rounds}, not {pipe.n_microbatches}; change --plan.global_batch or "
+                          f"--plan.micro_batch")
 
 
 def place_plan(plan: ClusterPlan) -> Layout:

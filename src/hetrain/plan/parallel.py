@@ -186,7 +186,7 @@ def run_cluster_planning(model_cfg: ModelConfig, cluster_path, global_batch: int
     """Plan for the cluster file and write plan.json, report.txt and timeline.png to out_dir.
 
     With virtual_stages > 1 each pipeline's stages are cut into that many interleaved chunks
-    (parallel_plan.interleave); the prediction stays that of the 1F1B plan the search chose."""
+    (parallel_plan.interleave) and the plan is predicted again, as interleaved 1F1B."""
     cluster = load_cluster(cluster_path)
     plan = plan_cluster(model_cfg, cluster, global_batch, seq_len, search_options=search_options)
     if virtual_stages > 1:
@@ -194,6 +194,9 @@ def run_cluster_planning(model_cfg: ModelConfig, cluster_path, global_batch: int
             plan.pipelines = [interleave(p, virtual_stages) for p in plan.pipelines]
         except ValueError as e:
             raise ConfigError(f"--plan.virtual_stages {virtual_stages}: {e}") from None
+        plan.prediction = repredict(plan).prediction
+        if plan.upper_bound:
+            plan.upper_bound["efficiency"] = plan.prediction["tokens_per_s"] / plan.upper_bound["tokens_per_s"]
     out_dir = os.fspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     plan.save(os.path.join(out_dir, "plan.json"))

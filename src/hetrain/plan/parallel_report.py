@@ -40,7 +40,7 @@ def format_report(plan: ClusterPlan) -> str:
     for p, pipe in enumerate(plan.pipelines):
         tps = ", ".join(f"{g} tp {t}" for g, t in zip(pipe.groups, pipe.tp))
         n_stages = len(pipe.stages) // pipe.virtual_stages
-        inter = f" x {pipe.virtual_stages} interleaved chunks (priced as 1F1B)" if pipe.virtual_stages > 1 else ""
+        inter = f" x {pipe.virtual_stages} interleaved chunks" if pipe.virtual_stages > 1 else ""
         lines.append(f"  P{p}: {' -> '.join(pipe.groups)}; dp {pipe.dp}; {tps}; {n_stages} stages{inter}; "
                      f"micro-batch {pipe.micro_batch} x {pipe.n_microbatches} micro-batches "
                      f"= {pipe.samples_per_step} samples per step; {pipe.devices} devices; "
