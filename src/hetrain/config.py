@@ -50,8 +50,8 @@ class RunConfig:
     """'' starts a new run (refused if run.dir already holds checkpoints); 'auto' resumes the latest checkpoint in run.dir; or a checkpoint directory path."""
     threads: int = 0
     """torch intra-op threads on CPU; 0 uses every core of this machine."""
-    timeout_s: float = 300.0
-    """Multi-process runs of a cluster plan: seconds a collective or a pipeline send/receive waits for another rank before the job stops with a message naming the ranks that did not answer."""
+    dist_timeout_s: float = 300.0
+    """Under torchrun: how long any rank waits for the others in a collective before the job ends with a message naming the ranks that did not answer."""
 
 
 @dataclass
@@ -341,8 +341,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"plan.virtual_stages must be at least 1, got {cfg.plan.virtual_stages}")
     if cfg.plan.file and not Path(cfg.plan.file).expanduser().is_file():
         raise ConfigError(f"plan file '{cfg.plan.file}' does not exist; make one with `hetrain plan` or drop --plan.file")
-    if cfg.run.timeout_s <= 0:
-        raise ConfigError(f"run.timeout_s must be positive, got {cfg.run.timeout_s}")
+    if cfg.run.dist_timeout_s <= 0:
+        raise ConfigError(f"run.dist_timeout_s must be positive, got {cfg.run.dist_timeout_s}")
     if t.min_lr > t.lr:
         raise ConfigError(f"train.min_lr={t.min_lr} is above train.lr={t.lr}; lower --train.min_lr")
 

@@ -183,7 +183,7 @@ def test_a_dead_or_hung_rank_ends_the_job_naming_it(tmp_path, corpus, sig):
     timeout_s = 6.0
     plan = write_plan(tmp_path / "pp2.json", one_group_cluster(2), [pipeline(["cpu-a"], [3, 2])])
     args = ["--plan.file", str(plan)] + run_args(tmp_path / "run", corpus, **{
-        "train.steps": 100000, "train.eval_every": 0, "train.ckpt_every": 10, "run.timeout_s": timeout_s})
+        "train.steps": 100000, "train.eval_every": 0, "train.ckpt_every": 10, "run.dist_timeout_s": timeout_s})
     job = subprocess.Popen(torchrun_cmd(2, args), cwd=tmp_path, env=env(), text=True, stdout=subprocess.PIPE,
                            stderr=subprocess.STDOUT)
     victim = None
@@ -212,7 +212,8 @@ def test_a_dead_or_hung_rank_ends_the_job_naming_it(tmp_path, corpus, sig):
             os.kill(victim, signal.SIGKILL)
     assert job.returncode != 0
     if sig == "SIGSTOP":  # our roll call names it
-        assert re.search(r"hetrain: error: no answer from rank 1 \(cpu-a, stage 1\) within run.timeout_s=6 s", out), out
+        assert re.search(r"hetrain: error: no answer from rank 1 \(cpu-a, stage 1\) within "
+                         r"run.dist_timeout_s=6 s", out), out
     else:  # torchrun sees the process die and names it, or our roll call does
         assert re.search(r"rank\s*:\s*1 \(local_rank: 1\)\s*\n\s*exitcode\s*:\s*-9|no answer from rank 1", out), out
     assert (tmp_path / "run" / "checkpoints" / "step_00000010" / "meta.json").exists()  # still loadable

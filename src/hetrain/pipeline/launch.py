@@ -3,7 +3,7 @@
 `train_cluster_plan(cfg)` is what `hetrain train` calls when --plan.file is a cluster plan. It
 checks, before any process group exists, that the plan can run here (its stage list, the
 world size torchrun launched, this rank's device kind), takes the model and sequence length
-from the plan, then starts torch.distributed with the configured timeout (run.timeout_s),
+from the plan, then starts torch.distributed with the configured timeout (run.dist_timeout_s),
 makes the plan's process groups (hetrain.pipeline.communicator) and runs the loop
 (hetrain.pipeline.runner). One node: `torchrun --standalone --nproc_per_node N`; several:
 one torchrun per node with `--nnodes K --node-rank i --rdzv-backend c10d --rdzv-endpoint

@@ -17,7 +17,7 @@ all-reduce of (loss, squared norm) over all ranks; clipping as torch.nn.utils.cl
 the optimizer step. Rank 0 logs (metrics.jsonl with predicted_step_s), evaluates, and all ranks
 write checkpoints together (checkpoint.py). At the end rank 0 prints the plan's predicted step
 and per-stage times beside the measured ones and writes trace.json (every rank's stages and
-links). When a collective or a pipeline receive fails or times out (run.timeout_s), each rank
+links). When a collective or a pipeline receive fails or times out (run.dist_timeout_s), each rank
 names the ranks that stop answering (communicator.wait_for_ranks) and exits at once.
 This module runs the loop; the techniques live in their own files.
 """
@@ -84,7 +84,7 @@ class ClusterTrainer:
                               f"{cfg.model.vocab_size}; re-plan with --model.vocab_size {self.data.vocab_size}")
 
         # --- process groups, then the model, as the module docstring orders it ---------------
-        self.comm = Communicator.create(layout, rank, self.device, cfg.run.timeout_s)
+        self.comm = Communicator.create(layout, rank, self.device, cfg.run.dist_timeout_s)
         torch.manual_seed(cfg.run.seed)
         whole = build_model(cfg, self.data.vocab_size)
         self.n_params = whole.num_params()
@@ -276,11 +276,12 @@ class ClusterTrainer:
         print(f"hetrain: error: rank {p.rank} (pipeline {p.pipeline} replica {p.replica} stage {p.stage} "
               f"tp {p.tp_rank}, {p.kind}) stopped at step {self.step + 1}: {type(error).__name__}: {first}",
               file=sys.stderr, flush=True)
-        silent = roll_call(p.rank, self.layout.world, self.cfg.run.timeout_s / 4)
+        silent = roll_call(p.rank, self.layout.world, self.cfg.run.dist_timeout_s / 4)
         if silent:
             names = ", ".join(f"rank {r} ({self.layout.places[r].group}, stage {self.layout.places[r].stage})"
                               for r in silent)
-            print(f"hetrain: error: no answer from {names} within run.timeout_s={self.cfg.run.timeout_s:g} s: "
+            limit = self.cfg.run.dist_timeout_s
+            print(f"hetrain: error: no answer from {names} within run.dist_timeout_s={limit:g} s: "
                   f"hung or dead; the job stops; last checkpoint: "
                   f"{'step ' + str(saved_at) if saved_at > 0 else 'none'}",
                   file=sys.stderr, flush=True)

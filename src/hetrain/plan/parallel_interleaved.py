@@ -24,7 +24,8 @@ from collections import defaultdict
 from hetrain.predict.simulator import Task
 
 
-def interleaved_orders(n_stages: int, n_chunks_per_stage: int, n_microbatches: int) -> list[list[tuple[bool, int, int]]]:
+def interleaved_orders(n_stages: int, n_chunks_per_stage: int,
+                       n_microbatches: int) -> list[list[tuple[bool, int, int]]]:
     """Per device stage, its operations as (is_forward, chunk, micro-batch), in torch's interleaved 1F1B order."""
     S, V, m = n_stages, n_chunks_per_stage, n_microbatches
     per_round = m // max(1, m // S)  # micro-batches per round
