@@ -23,7 +23,9 @@ commands:
              memory.host_budget (per block: recompute, stream weights, CPU optimizer); prints
              the table, writes run.dir/plan.json for `hetrain train --plan.file`.
              With --cluster FILE: the fastest data/tensor/pipeline-parallel plan for a cluster
-             of mixed accelerators; writes run.dir/plan.json, report.txt and timeline.png
+             of mixed accelerators (pin any of --plan.tp/pp/dp/micro_batch); writes
+             run.dir/plan.json, report.txt and timeline.png, which
+             `torchrun ... -m hetrain.cli train --plan.file run.dir/plan.json` runs
   profile    measure this machine for the predictor (layer times, optimizer, copies, collectives)
              and cache it under hardware.profile_dir; --no-collectives skips the all-reduce test,
              --remeasure re-measures the machine-level figures
@@ -56,6 +58,11 @@ def cmd_train(args: list[str]) -> int:
     cfg = load_config(path, overrides)
     if int(os.environ.get("RANK", "0")) > 0:  # under torchrun, rank 0 speaks for all; errors still reach stderr
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
+    if cfg.plan.file:
+        from hetrain.pipeline.launch import is_cluster_plan, train_cluster_plan
+
+        if is_cluster_plan(cfg.plan.file):  # a plan from `hetrain plan --cluster`: one process per device
+            return train_cluster_plan(cfg)
     print(format_config(cfg), flush=True)
     trainer = Trainer(cfg)
     try:
@@ -123,9 +130,11 @@ def cmd_plan(args: list[str]) -> int:
 
         run_offload_planning(cfg, cfg.run.dir)
         return 0
-    from hetrain.plan.parallel import format_report, run_cluster_planning
+    from hetrain.plan.parallel import Pins, SearchOptions, format_report, run_cluster_planning
 
-    plan = run_cluster_planning(cfg.model, cfg.plan.cluster, cfg.plan.global_batch, cfg.train.seq_len, cfg.run.dir)
+    pins = Pins(cfg.plan.tp, cfg.plan.pp, cfg.plan.dp, cfg.plan.micro_batch)
+    plan = run_cluster_planning(cfg.model, cfg.plan.cluster, cfg.plan.global_batch, cfg.train.seq_len, cfg.run.dir,
+                                SearchOptions(pins=pins), cfg.plan.virtual_stages)
     print(format_report(plan))
     print(f"hetrain: wrote {cfg.run.dir}/plan.json, report.txt and timeline.png")
     return 0

@@ -142,6 +142,16 @@ class PlanConfig:
     """A cluster file (TOML, see configs/clusters/mixed.toml) for `hetrain plan`: plan data/tensor/pipeline parallelism over it. `--cluster FILE` is short for this."""
     global_batch: int = 1024
     """Sequences per optimizer step across the whole cluster (cluster planning)."""
+    tp: int = 0
+    """Cluster planning: pin the tensor-parallel degree of every group (0: the search chooses)."""
+    pp: int = 0
+    """Cluster planning: pin the pipeline stages of every pipeline (0: the search chooses)."""
+    dp: int = 0
+    """Cluster planning: pin the data-parallel replicas of every pipeline (0: the search chooses)."""
+    micro_batch: int = 0
+    """Cluster planning: pin the micro-batch size (0: the search chooses)."""
+    virtual_stages: int = 1
+    """Cluster planning: model chunks per pipeline stage; more than 1 runs interleaved 1F1B."""
 
 
 @dataclass
@@ -351,6 +361,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"cluster file '{cfg.plan.cluster}' does not exist; pass an existing TOML file to --cluster")
     if cfg.plan.global_batch < 1:
         raise ConfigError(f"plan.global_batch must be at least 1, got {cfg.plan.global_batch}")
+    for key in ("tp", "pp", "dp", "micro_batch"):
+        if getattr(cfg.plan, key) < 0:
+            raise ConfigError(f"plan.{key} must be 0 (the search chooses) or a positive degree, got {getattr(cfg.plan, key)}")
+    if cfg.plan.virtual_stages < 1:
+        raise ConfigError(f"plan.virtual_stages must be at least 1, got {cfg.plan.virtual_stages}")
     if cfg.plan.file and not Path(cfg.plan.file).expanduser().is_file():
         raise ConfigError(f"plan file '{cfg.plan.file}' does not exist; make one with `hetrain plan` or drop --plan.file")
     if t.min_lr > t.lr:

@@ -110,3 +110,15 @@ def test_link_to_itself_and_second_link_are_errors():
 def test_missing_file():
     with pytest.raises(ConfigError, match="does not exist"):
         load_cluster("/nonexistent/cluster.toml")
+
+
+def test_a_label_makes_a_group_a_kind_of_its_own():
+    """configs/clusters/local-cpu.toml: two groups of CPU processes that plan and run as two kinds."""
+    c = load_cluster(Path(__file__).resolve().parents[2] / "configs/clusters/local-cpu.toml")
+    assert [(g.name, g.kind.name, g.catalog_kind, g.devices) for g in c.groups] == [
+        ("cpu-a", "cpu-a", "cpu", 2), ("cpu-b", "cpu-b", "cpu", 2)]
+    data = cluster_to_dict(c)
+    assert [(g["kind"], g["label"]) for g in data["group"]] == [("cpu", "cpu-a"), ("cpu", "cpu-b")]
+    assert cluster_from_dict(data) == c
+    with pytest.raises(ConfigError, match="label must be a non-empty string"):
+        parse_cluster(GOOD.replace('kind = "A100-80GB"', 'kind = "A100-80GB"\nlabel = ""'), "two.toml")

@@ -169,3 +169,77 @@ def test_homogeneous_never_worse_than_uniform_megatron(kind, nodes, per_node, pr
     cand, _ = search(ctx, global_batch)
     assert math.isfinite(uniform)
     assert cand.step_s <= uniform * (1 + 1e-12)
+
+
+def test_pinned_degrees_are_kept_and_the_search_fills_in_the_rest(tmp_path, capsys):
+    """`hetrain plan --cluster local-cpu.toml --plan.pp 2 --plan.dp 2 ...`: one pipeline across both
+    kinds; an impossible pin is one line naming the pins."""
+    import json
+    from pathlib import Path
+
+    from hetrain.cli import main
+
+    cluster = Path(__file__).resolve().parents[2] / "configs/clusters/local-cpu.toml"
+    base = ["plan", "--cluster", str(cluster), "--model.preset", "tiny", "--model.n_layer", "4", "--train.seq_len",
+            "32", "--plan.global_batch", "8"]
+    assert main(base + ["--plan.pp", "2", "--plan.dp", "2", "--plan.micro_batch", "2", "--run.dir",
+                        str(tmp_path / "a")]) == 0
+    (pipe,) = json.loads((tmp_path / "a" / "plan.json").read_text())["pipelines"]
+    assert (pipe["groups"], pipe["dp"], pipe["micro_batch"], pipe["n_microbatches"]) == (["cpu-a", "cpu-b"], 2, 2, 2)
+    assert [s["kind"] for s in pipe["stages"]] == ["cpu-a", "cpu-b"]
+    assert main(base[:6] + ["6"] + base[7:] + ["--plan.tp", "2", "--plan.pp", "2", "--plan.virtual_stages", "2",
+                                               "--run.dir", str(tmp_path / "b")]) == 0
+    pipes = json.loads((tmp_path / "b" / "plan.json").read_text())["pipelines"]
+    assert all(p["tp"] == [2] * len(p["groups"]) and len(p["stages"]) == 2 * 2 and p["virtual_stages"] == 2
+               for p in pipes)
+    from hetrain.plan.parallel import load_plan, repredict
+
+    interleaved = load_plan(tmp_path / "b" / "plan.json")  # priced as the 1F1B plan of its device stages
+    assert repredict(interleaved).prediction["step_s"] == pytest.approx(interleaved.prediction["step_s"], rel=1e-12)
+    capsys.readouterr()
+    assert main(base + ["--plan.pp", "3", "--plan.dp", "2", "--run.dir", str(tmp_path / "c")]) == 2
+    err = capsys.readouterr().err
+    assert "no plan with --plan.pp 3 --plan.dp 2 fits cluster 'local-cpu'" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("n_stages, n_chunks, m", [(2, 2, 4), (4, 2, 8), (3, 3, 6), (4, 2, 3), (2, 3, 5)])
+def test_interleaved_order_is_torchs(n_stages, n_chunks, m):
+    """The predictor prices the order torch's ScheduleInterleaved1F1B runs, rank by rank."""
+    from torch.distributed.pipelining import ScheduleInterleaved1F1B
+    from torch.distributed.pipelining.schedules import _ComputationType
+
+    from hetrain.plan.parallel_interleaved import interleaved_orders
+
+    torch_schedule = object.__new__(ScheduleInterleaved1F1B)  # its order needs no process group
+    torch_schedule.n_local_stages, torch_schedule.pp_group_size, torch_schedule._n_microbatches = n_chunks, n_stages, m
+    torch_schedule.number_of_rounds = max(1, m // n_stages)
+    torch_schedule.microbatches_per_round = m // torch_schedule.number_of_rounds
+    ours = interleaved_orders(n_stages, n_chunks, m)
+    for rank in range(n_stages):
+        actions = [a for a in torch_schedule._calculate_single_rank_operations(rank) if a is not None]
+        theirs = [(a.computation_type == _ComputationType.FORWARD, a.stage_index, a.microbatch_index) for a in actions]
+        assert ours[rank] == theirs
+
+
+def test_interleaving_shrinks_the_predicted_bubble():
+    """Same stages and micro-batches: 2 interleaved chunks per stage cut the 1F1B bubble on fast links."""
+    from hetrain.model.presets import get_preset
+    from hetrain.plan.parallel import Pins, SearchOptions, plan_cluster, repredict
+    from hetrain.plan.parallel_plan import interleave
+
+    cluster = parse_cluster(textwrap.dedent("""\
+        [[group]]
+        name = "a"
+        kind = "A100-80GB"
+        nodes = 1
+        devices_per_node = 4
+        intra_node_gbytes_per_s = 300
+        inter_node_gbytes_per_s = 100
+        """))
+    model = dataclasses.replace(get_preset("gpt2-medium"), n_layer=16, vocab_size=256)
+    plan = plan_cluster(model, cluster, 8, 1024, search_options=SearchOptions(
+        upper_bound=False, pins=Pins(tp=1, pp=4, dp=1, micro_batch=1)))
+    interleaved = dataclasses.replace(plan, pipelines=[interleave(p, 2) for p in plan.pipelines])
+    one_f_one_b, inter = repredict(plan).prediction, repredict(interleaved).prediction
+    assert inter["step_s"] < one_f_one_b["step_s"]
+    assert [s["n_blocks"] for s in inter["stages"]] == [s["n_blocks"] for s in one_f_one_b["stages"]]

@@ -1,6 +1,6 @@
 """A rank that hangs (SIGSTOP) or dies (SIGKILL) under torchrun ends the job within the
-configured timeout, with one line naming the rank that did not answer; the checkpoints
-written before stay loadable."""
+configured timeout, with a line naming the rank (hetrain's roll call for a hung rank; torchrun
+itself usually reports a dead one first); the checkpoints written before stay loadable."""
 
 import json
 import os
@@ -64,9 +64,12 @@ def test_a_lost_rank_ends_the_job_within_the_timeout_naming_it(tmp_path, corpus,
             os.kill(victim, signal.SIGKILL)
     assert proc.returncode != 0
     lines = [ln for ln in err.splitlines() if ln.startswith("hetrain: error: ")]
-    assert lines, err[-3000:]
-    assert "rank 1 did not answer within 6 s" in lines[0] or (sig == signal.SIGKILL and "rank 1" in lines[0]), lines
-    assert took < 60, f"the job took {took:.0f} s to end after rank 1 was lost"
+    if sig == signal.SIGSTOP:  # hetrain's roll call names the rank that hangs
+        assert lines and "no answer from rank 1 within run.dist_timeout_s=6 s" in lines[0], err[-3000:]
+    else:  # a dead process: torchrun sees it first and names it, or hetrain's roll call does
+        assert ("local_rank: 1" in err and "exitcode: -9" in err) or (
+            lines and "no answer from rank 1" in lines[0]), err[-3000:]
+    assert took < 45, f"the job took {took:.0f} s to end after rank 1 was lost"
     # The last checkpoint is loadable: resuming it in one process continues the run.
     from hetrain.train import checkpoint as ckpt
 

@@ -37,7 +37,7 @@ _GROUP_REQUIRED = ("name", "kind", "nodes", "devices_per_node", "intra_node_gbyt
                    "inter_node_gbytes_per_s")
 _GROUP_DEFAULTS = {"intra_node_latency_us": 3.0, "inter_node_latency_us": 10.0}
 _GROUP_OVERRIDES = ("memory_gib", *(f"peak_{d}_tflops" for d in DTYPES))
-_GROUP_KEYS = (*_GROUP_REQUIRED, *_GROUP_DEFAULTS, *_GROUP_OVERRIDES)
+_GROUP_KEYS = (*_GROUP_REQUIRED, *_GROUP_DEFAULTS, *_GROUP_OVERRIDES, "label")
 _LINK_REQUIRED = ("groups", "gbytes_per_s")
 _LINK_DEFAULTS = {"latency_us": 10.0}
 _LINK_KEYS = (*_LINK_REQUIRED, *_LINK_DEFAULTS)
@@ -60,6 +60,9 @@ class Group:
     inter_node_latency_s: float
     overrides: dict = field(default_factory=dict, compare=False)
     """The catalog overrides as written in the file (memory_gib, peak_*_tflops)."""
+    catalog_kind: str = ""
+    """The catalog kind's name when the file gives the group a `label` (then kind.name is the
+    label, so planner, predictor and runtime treat the group as a kind of its own); '' otherwise."""
 
     @property
     def devices(self) -> int:
@@ -238,9 +241,15 @@ def _parse_group(raw: dict, index: int, rep: _Reporter) -> Group:
     for key, default in _GROUP_DEFAULTS.items():
         num[key] = t.number(key, allow_zero=True) if key in raw else default
     overrides = {k: t.number(k) for k in _GROUP_OVERRIDES if k in raw}
+    kind = _kind_with_overrides(kind, overrides)
+    catalog_kind = ""
+    if "label" in raw:  # a kind of its own, e.g. CPU processes standing in for a second kind
+        if not isinstance(raw["label"], str) or not raw["label"]:
+            raise t.error("label must be a non-empty string", "label")
+        catalog_kind, kind = kind.name, dataclasses.replace(kind, name=raw["label"])
     return Group(
         name=raw["name"],
-        kind=_kind_with_overrides(kind, overrides),
+        kind=kind,
         nodes=int(num["nodes"]),
         devices_per_node=int(num["devices_per_node"]),
         intra_node_bytes_per_s=num["intra_node_gbytes_per_s"] * GIGA,
@@ -248,6 +257,7 @@ def _parse_group(raw: dict, index: int, rep: _Reporter) -> Group:
         intra_node_latency_s=num["intra_node_latency_us"] * _US,
         inter_node_latency_s=num["inter_node_latency_us"] * _US,
         overrides=overrides,
+        catalog_kind=catalog_kind,
     )
 
 
@@ -323,12 +333,14 @@ def cluster_to_dict(cluster: Cluster) -> dict:
     groups = []
     for g in cluster.groups:
         groups.append({
-            "name": g.name, "kind": g.kind.name, "nodes": g.nodes, "devices_per_node": g.devices_per_node,
+            "name": g.name, "kind": g.catalog_kind or g.kind.name, "nodes": g.nodes,
+            "devices_per_node": g.devices_per_node,
             "intra_node_gbytes_per_s": g.intra_node_bytes_per_s / GIGA,
             "inter_node_gbytes_per_s": g.inter_node_bytes_per_s / GIGA,
             "intra_node_latency_us": g.intra_node_latency_s / _US,
             "inter_node_latency_us": g.inter_node_latency_s / _US,
             **g.overrides,
+            **({"label": g.kind.name} if g.catalog_kind else {}),
         })
     links = [{"groups": list(link.groups), "gbytes_per_s": link.bytes_per_s / GIGA,
               "latency_us": link.latency_s / _US} for link in cluster.links]

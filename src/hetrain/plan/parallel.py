@@ -20,13 +20,13 @@ from hetrain.hardware.cluster import Cluster, cluster_to_dict, load_cluster
 from hetrain.model.describe import describe_model
 from hetrain.model.gpt import ModelConfig
 from hetrain.plan.parallel_cost import CostContext, PredictorOptions
-from hetrain.plan.parallel_plan import ClusterPlan, PipelinePlan, StagePlan
+from hetrain.plan.parallel_plan import ClusterPlan, PipelinePlan, StagePlan, interleave
 from hetrain.plan.parallel_predict import PipelineShape, build_stages, predict_plan
 from hetrain.plan.parallel_report import format_report, write_timeline
-from hetrain.plan.parallel_search import Candidate, SearchOptions, divisors, search
+from hetrain.plan.parallel_search import Candidate, Pins, SearchOptions, divisors, search
 from hetrain.plan.parallel_split import split_blocks
 
-__all__ = ["ClusterPlan", "PredictorOptions", "SearchOptions", "plan_cluster", "run_cluster_planning",
+__all__ = ["ClusterPlan", "Pins", "PredictorOptions", "SearchOptions", "plan_cluster", "run_cluster_planning",
            "format_report", "load_plan", "repredict"]
 
 
@@ -101,6 +101,11 @@ def _search_or_explain(ctx: CostContext, global_batch: int, opts: SearchOptions)
     cand, stats = search(ctx, global_batch, opts)
     if cand is not None:
         return cand, stats
+    if opts.pins != SearchOptions().pins:
+        free, _ = search(ctx, global_batch, dataclasses.replace(opts, pins=SearchOptions().pins))
+        hint = "; without them the planner finds a plan" if free is not None else ""
+        raise ConfigError(f"no plan with {opts.pins.describe()} fits cluster '{ctx.cluster.name}' and divides the "
+                          f"global batch {global_batch}{hint}; change or drop a pinned degree")
     name = ctx.desc.config.preset
     params_b = ctx.desc.total_params / 1e9
     fitting = _fits_some_batch(ctx)
@@ -138,7 +143,8 @@ def plan_cluster(model_cfg: ModelConfig, cluster: Cluster, global_batch: int, se
                    "notes": stats.notes}
     if search_options.upper_bound:
         ub_start = time.perf_counter()
-        plan.upper_bound = _upper_bound(ctx, global_batch, search_options)
+        # Each kind alone, searched freely: pinned degrees are a choice of this plan, not of the bound.
+        plan.upper_bound = _upper_bound(ctx, global_batch, dataclasses.replace(search_options, pins=SearchOptions().pins))
         plan.upper_bound["efficiency"] = prediction.tokens_per_s / plan.upper_bound["tokens_per_s"]
         plan.search["upper_bound_s"] = time.perf_counter() - ub_start
     return plan
@@ -175,10 +181,22 @@ def load_plan(path) -> ClusterPlan:
     return ClusterPlan.load(path)
 
 
-def run_cluster_planning(model_cfg: ModelConfig, cluster_path, global_batch: int, seq_len: int, out_dir) -> ClusterPlan:
-    """Plan for the cluster file and write plan.json, report.txt and timeline.png to out_dir."""
+def run_cluster_planning(model_cfg: ModelConfig, cluster_path, global_batch: int, seq_len: int, out_dir,
+                         search_options: SearchOptions = SearchOptions(), virtual_stages: int = 1) -> ClusterPlan:
+    """Plan for the cluster file and write plan.json, report.txt and timeline.png to out_dir.
+
+    With virtual_stages > 1 each pipeline's stages are cut into that many interleaved chunks
+    (parallel_plan.interleave) and the plan is predicted again, as interleaved 1F1B."""
     cluster = load_cluster(cluster_path)
-    plan = plan_cluster(model_cfg, cluster, global_batch, seq_len)
+    plan = plan_cluster(model_cfg, cluster, global_batch, seq_len, search_options=search_options)
+    if virtual_stages > 1:
+        try:
+            plan.pipelines = [interleave(p, virtual_stages) for p in plan.pipelines]
+        except ValueError as e:
+            raise ConfigError(f"--plan.virtual_stages {virtual_stages}: {e}") from None
+        plan.prediction = repredict(plan).prediction
+        if plan.upper_bound:
+            plan.upper_bound["efficiency"] = plan.prediction["tokens_per_s"] / plan.upper_bound["tokens_per_s"]
     out_dir = os.fspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     plan.save(os.path.join(out_dir, "plan.json"))

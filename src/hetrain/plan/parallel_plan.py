@@ -47,6 +47,10 @@ class PipelinePlan:
     micro_batch: int
     n_microbatches: int
     stages: list[StagePlan]
+    """Model chunks in model order. With virtual_stages v > 1 there are v chunks per device
+    stage and chunk c runs on stage c mod (len(stages) / v) (interleaved 1F1B)."""
+    virtual_stages: int = 1
+    """Model chunks per device stage: 1 runs 1F1B, more runs interleaved 1F1B."""
 
     @property
     def samples_per_step(self) -> int:
@@ -54,7 +58,7 @@ class PipelinePlan:
 
     @property
     def devices(self) -> int:
-        return self.dp * sum(s.tp for s in self.stages)
+        return self.dp * sum(s.tp for s in self.stages) // self.virtual_stages
 
 
 @dataclass
@@ -97,3 +101,53 @@ class ClusterPlan:
     def load(cls, path) -> "ClusterPlan":
         with open(os.fspath(path), encoding="utf-8") as f:
             return cls.from_dict(json.load(f))
+
+
+def device_stages(pipe: PipelinePlan) -> list[list[StagePlan]]:
+    """The chunks each device stage runs, stage by stage (one chunk each without virtual stages)."""
+    n_stages = len(pipe.stages) // pipe.virtual_stages
+    return [pipe.stages[s::n_stages] for s in range(n_stages)]
+
+
+def fold(pipe: PipelinePlan) -> PipelinePlan:
+    """An interleaved pipeline as its device stages (blocks and recomputation summed per stage):
+    the 1F1B pipeline that the predictor prices. Unchanged without virtual stages."""
+    if pipe.virtual_stages == 1:
+        return pipe
+    stages = [dataclasses.replace(chunks[0], n_blocks=sum(c.n_blocks for c in chunks),
+                                  n_recompute_blocks=sum(c.n_recompute_blocks for c in chunks),
+                                  embedding=any(c.embedding for c in chunks), head=any(c.head for c in chunks))
+              for chunks in device_stages(pipe)]
+    return dataclasses.replace(pipe, stages=stages, virtual_stages=1)
+
+
+def interleave(pipe: PipelinePlan, virtual_stages: int) -> PipelinePlan:
+    """The same pipeline with each device stage's blocks cut into `virtual_stages` chunks that
+    run interleaved: chunk c (model order) runs on stage c mod S. Each stage keeps its block
+    and recompute counts, spread as evenly as they go over its chunks; the first chunk keeps
+    the embedding, the last the head. ValueError when a stage has fewer blocks than chunks."""
+    if pipe.virtual_stages != 1:
+        raise ValueError("the pipeline is interleaved already")
+    v, n_stages = virtual_stages, len(pipe.stages)
+    if v == 1:
+        return pipe
+    pieces: list[list[tuple[int, int]]] = []  # per stage, per round: (blocks, recomputed)
+    for st in pipe.stages:
+        if st.n_blocks < v:
+            raise ValueError(f"stage of group '{st.group}' holds {st.n_blocks} blocks, fewer than "
+                             f"{v} virtual stages; use fewer virtual stages")
+        blocks = [st.n_blocks // v + (1 if i < st.n_blocks % v else 0) for i in range(v)]
+        left, recompute = st.n_recompute_blocks, []
+        for b in blocks:
+            recompute.append(min(b, left))
+            left -= recompute[-1]
+        pieces.append(list(zip(blocks, recompute)))
+    chunks, first = [], 0
+    for rnd in range(v):
+        for s_idx, st in enumerate(pipe.stages):
+            n, r = pieces[s_idx][rnd]
+            chunks.append(StagePlan(st.group, st.kind, st.tp, first, n, r,
+                                    embedding=rnd == 0 and s_idx == 0,
+                                    head=rnd == v - 1 and s_idx == n_stages - 1))
+            first += n
+    return dataclasses.replace(pipe, stages=chunks, virtual_stages=v)

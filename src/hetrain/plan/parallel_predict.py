@@ -26,7 +26,7 @@ from hetrain.hardware.cluster import Group, cluster_from_dict
 from hetrain.model.describe import describe_model
 from hetrain.model.gpt import ModelConfig
 from hetrain.plan.parallel_cost import CostContext, Path, PredictorOptions, dp_path, pp_path, ring_allreduce_s
-from hetrain.plan.parallel_plan import ClusterPlan, PipelinePlan, StagePlan
+from hetrain.plan.parallel_plan import ClusterPlan, PipelinePlan, StagePlan, fold
 from hetrain.predict.simulator import Task, simulate
 from hetrain.predict.trace import TraceEvent, task_name
 
@@ -380,10 +380,16 @@ def predict_plan(plan: ClusterPlan, ctx: CostContext | None = None) -> tuple[Pla
     flops_by_kind: dict[str, float] = {}
     busy_by_kind: dict[str, int] = {}
     peak_by_kind: dict[str, tuple[int, int]] = {}
-    for p, pipe in enumerate(plan.pipelines):
+    for p, chunked in enumerate(plan.pipelines):
+        pipe = fold(chunked)  # device stages (the chunks of each summed, for interleaved pipelines)
         others = tuple(g for g in all_groups if g not in pipe.groups)
         stages = build_stages(ctx, shape_of(pipe), pipe.n_microbatches, others, len(plan.pipelines))
-        tasks, base = _pipeline_tasks(p, stages, pipe.stages, pipe.n_microbatches)
+        if chunked.virtual_stages > 1:
+            from hetrain.plan.parallel_interleaved import interleaved_tasks
+
+            tasks, base = interleaved_tasks(p, stages, chunked.stages, pipe.n_microbatches)
+        else:
+            tasks, base = _pipeline_tasks(p, stages, pipe.stages, pipe.n_microbatches)
         result = simulate(tasks, base_bytes=base)
         pipe_steps.append(result.step_s)
         events.extend(result.events)

@@ -10,7 +10,7 @@ predictor to get its events, and nothing else).
 from __future__ import annotations
 
 from hetrain.hardware.catalog import GIB
-from hetrain.plan.parallel_plan import ClusterPlan
+from hetrain.plan.parallel_plan import ClusterPlan, device_stages
 from hetrain.plan.parallel_predict import predict_plan
 
 
@@ -39,7 +39,9 @@ def format_report(plan: ClusterPlan) -> str:
     lines += ["", "Pipelines (each replicated dp times; stages in order)"]
     for p, pipe in enumerate(plan.pipelines):
         tps = ", ".join(f"{g} tp {t}" for g, t in zip(pipe.groups, pipe.tp))
-        lines.append(f"  P{p}: {' -> '.join(pipe.groups)}; dp {pipe.dp}; {tps}; {len(pipe.stages)} stages; "
+        n_stages = len(pipe.stages) // pipe.virtual_stages
+        inter = f" x {pipe.virtual_stages} interleaved chunks" if pipe.virtual_stages > 1 else ""
+        lines.append(f"  P{p}: {' -> '.join(pipe.groups)}; dp {pipe.dp}; {tps}; {n_stages} stages{inter}; "
                      f"micro-batch {pipe.micro_batch} x {pipe.n_microbatches} micro-batches "
                      f"= {pipe.samples_per_step} samples per step; {pipe.devices} devices; "
                      f"predicted {pred['pipeline_step_s'][p]:.3f} s")
@@ -48,9 +50,9 @@ def format_report(plan: ClusterPlan) -> str:
     lines += ["", "Stages (one replica)",
               "  pipe stage  group        kind          tp  blocks       recomp  fwd ms   bwd ms   sync ms  "
               "peak GiB / usable"]
-    for st, sp in zip(pred["stages"], (s for pipe in plan.pipelines for s in pipe.stages)):
-        blocks = f"{sp.first_block}-{sp.first_block + sp.n_blocks - 1}" + ("+emb" if sp.embedding else "") \
-            + ("+head" if sp.head else "")
+    for st, chunks in zip(pred["stages"], (c for pipe in plan.pipelines for c in device_stages(pipe))):
+        blocks = ",".join(f"{c.first_block}-{c.first_block + c.n_blocks - 1}" for c in chunks) \
+            + ("+emb" if chunks[0].embedding else "") + ("+head" if chunks[-1].head else "")
         lines.append(f"  P{st['pipeline']:<3} S{st['stage']:<4} {st['group']:<12} {st['kind']:<13} {st['tp']:<3} "
                      f"{blocks:<12} {st['n_recompute_blocks']:<7} {1e3 * st['fwd_s']:<8.1f} "
                      f"{1e3 * st['bwd_s']:<8.1f} {1e3 * st['sync_s']:<8.1f} "

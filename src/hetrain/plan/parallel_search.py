@@ -22,6 +22,7 @@ hetrain.plan.parallel_predict.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from dataclasses import dataclass, field
@@ -102,19 +103,51 @@ def micro_batches(ctx: CostContext) -> list[int]:
     return out
 
 
-def pipeline_shapes(ctx: CostContext, groups: tuple[str, ...]) -> list[PipelineShape]:
-    """All shapes of one pipeline over `groups`: TP per group, dp, micro-batch; at most one stage per block."""
+@dataclass(frozen=True)
+class Pins:
+    """Degrees the user fixed (`hetrain plan --plan.tp N ...`); 0 leaves one to the search."""
+
+    tp: int = 0
+    """Tensor-parallel degree of every group of every pipeline."""
+    pp: int = 0
+    """Pipeline stages of every pipeline."""
+    dp: int = 0
+    """Replicas of every pipeline."""
+    micro_batch: int = 0
+    """Micro-batch size of every pipeline."""
+
+    def admit(self, shape: PipelineShape, n_stages: int) -> bool:
+        return ((not self.tp or all(t == self.tp for t in shape.tps)) and (not self.pp or n_stages == self.pp)
+                and (not self.dp or shape.dp == self.dp)
+                and (not self.micro_batch or shape.micro_batch == self.micro_batch))
+
+    def describe(self) -> str:
+        return " ".join(f"--plan.{k} {v}" for k, v in dataclasses.asdict(self).items() if v)
+
+
+def pipeline_shapes(ctx: CostContext, groups: tuple[str, ...], pins: Pins | None = None) -> list[PipelineShape]:
+    """All shapes of one pipeline over `groups`: TP per group, dp, micro-batch; at most one stage
+    per block; only those `pins` admit."""
+    pins = pins or _NO_PINS
     gs = [ctx.cluster.group(g) for g in groups]
     n_head = ctx.desc.config.n_head
     tp_choices = [[t for t in divisors(g.devices_per_node) if n_head % t == 0] for g in gs]
+    sizes = [pins.micro_batch] if pins.micro_batch else micro_batches(ctx)
     shapes = []
     for tps in itertools.product(*tp_choices):
         per = [g.devices // t for g, t in zip(gs, tps)]
         for dp in divisors(math.gcd(*per)):
-            if sum(p // dp for p in per) > ctx.n_blocks:
+            n_stages = sum(p // dp for p in per)
+            if n_stages > ctx.n_blocks:
                 continue
-            shapes.extend(PipelineShape(groups, tps, dp, b) for b in micro_batches(ctx))
+            for b in sizes:
+                shape = PipelineShape(groups, tps, dp, b)
+                if pins.admit(shape, n_stages):
+                    shapes.append(shape)
     return shapes
+
+
+_NO_PINS = Pins()
 
 
 # ---------------------------------------------------------------------------------------
@@ -255,6 +288,8 @@ class SearchOptions:
     """With several pipelines: shapes per pipeline kept (best estimated time per sample first)."""
     upper_bound: bool = True
     """Also plan each device kind alone, for the efficiency against the upper bound."""
+    pins: Pins = Pins()
+    """Degrees fixed by the user; the search fills in the rest."""
 
 
 def _single_pipeline_candidates(ctx: CostContext, layouts, global_batch: int, opts: "SearchOptions",
@@ -262,7 +297,7 @@ def _single_pipeline_candidates(ctx: CostContext, layouts, global_batch: int, op
     """Shapes ranked by estimate, split and predicted while their lower bound can still beat the best."""
     entries = []
     for layout in layouts:
-        for shape in pipeline_shapes(ctx, layout[0]):
+        for shape in pipeline_shapes(ctx, layout[0], opts.pins):
             stats.shapes += 1
             samples = shape.dp * shape.micro_batch
             if global_batch % samples:
@@ -300,7 +335,7 @@ def _multi_pipeline_candidate(ctx: CostContext, layout, global_batch: int, opts:
     for groups in layout:
         share = global_batch * sum(ctx.cluster.group(g).devices for g in groups) / n_devices
         rated, rate = [], 0.0
-        for shape in pipeline_shapes(ctx, groups):
+        for shape in pipeline_shapes(ctx, groups, opts.pins):
             stats.shapes += 1
             samples = shape.dp * shape.micro_batch
             m_guess = max(1, round(share / samples))

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import datetime
 import os
-import re
-import socket
 from dataclasses import dataclass
 
 import torch
 
 from hetrain.errors import ConfigError, RankLost
+from hetrain.liveness import roll_call, roll_call_s, wait_s
 
 
 def launched_world() -> int:
@@ -47,12 +46,7 @@ class Ranks:
     world: int
     device: torch.device
     timeout_s: float = 300.0
-    """Every collective's limit (the process groups' timeout)."""
-    watch: object = None
-    """A gloo group of all ranks kept for `lost`: its monitored barrier names the missing ranks."""
-    processes: tuple = ()
-    """(hostname, pid) of every rank, gathered at start: `lost` names the ranks on this host
-    whose process is gone."""
+    """The job's bound on any wait (run.dist_timeout_s), see hetrain.liveness."""
 
     @property
     def is_main(self) -> bool:
@@ -67,7 +61,7 @@ class Ranks:
         its gloo groups, or left them to the interpreter's exit, while another still used them
         could abort with 'terminate called without an active exception')."""
         if self.world > 1 and torch.distributed.is_initialized():
-            torch.distributed.barrier(group=self.watch)
+            torch.distributed.barrier()
             torch.distributed.destroy_process_group()
 
     def mean(self, value: float) -> float:
@@ -79,28 +73,15 @@ class Ranks:
         return t.item() / self.world
 
     def lost(self, error: BaseException, resume_hint: str = "") -> RankLost:
-        """After a collective failed on this rank (`error`): which ranks still answer, asked with
-        a monitored barrier (up to 10 s), as the RankLost to raise. A rank that hangs or died is
-        named by rank 0; another rank names rank 0 when rank 0 is the one missing."""
-        import torch.distributed as dist
-
+        """After a collective failed on this rank (`error`): the ranks that no longer answer, by
+        roll call (hetrain.liveness), as the RankLost to raise."""
         first = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
-        why = f"a collective failed ({first})"
-        dead = [r for r, (host, pid) in enumerate(self.processes) if host == socket.gethostname() and not _alive(pid)]
-        if dead:
-            return RankLost(f"rank {self.rank}: rank{'s' if len(dead) > 1 else ''} {', '.join(map(str, dead))} "
-                            f"died; the job stops here{resume_hint}")
-        try:
-            dist.monitored_barrier(group=self.watch, timeout=datetime.timedelta(seconds=min(10.0, self.timeout_s)),
-                                   wait_all_ranks=True)
-        except RuntimeError as e:
-            found = re.search(r"Ranks? ([\d, ]+) failed to pass monitoredBarrier", str(e))
-            # Rank 0 names the ranks that did not come; another rank only learns that rank 0 did not answer.
-            missing = found.group(1).strip() if found else ("0" if self.rank else "")
-            plural = "s" if "," in missing else ""
-            if missing:
-                why = (f"rank{plural} {missing} did not answer within {self.timeout_s:g} s (run.dist_timeout_s): "
-                       f"{'they' if plural else 'it'} died or hung")
+        silent = roll_call(self.rank, self.world, roll_call_s(self.timeout_s))
+        if silent:
+            names = ", ".join(f"rank {r}" for r in silent)
+            why = f"no answer from {names} within run.dist_timeout_s={self.timeout_s:g} s: hung or dead"
+        else:
+            why = f"a collective failed ({first})"
         return RankLost(f"rank {self.rank}: {why}; the job stops here{resume_hint}")
 
     def from_main(self, obj):
@@ -113,33 +94,15 @@ class Ranks:
 
 
 def init_ranks(device: torch.device, timeout_s: float = 300.0) -> Ranks:
-    """Ranks(0, 1) for one process; under torchrun the process group is made here, every
-    collective limited to `timeout_s` (run.dist_timeout_s)."""
+    """Ranks(0, 1) for one process; under torchrun the process group is made here, its waits
+    bounded by hetrain.liveness.wait_s(timeout_s) (run.dist_timeout_s)."""
     if launched_world() == 1:
         return Ranks(0, 1, device, timeout_s)
     import torch.distributed as dist
 
-    timeout = datetime.timedelta(seconds=timeout_s)
     if not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
-    watch = dist.new_group(backend="gloo", timeout=timeout)
-    processes: list = [None] * dist.get_world_size()
-    dist.all_gather_object(processes, (socket.gethostname(), os.getpid()), group=watch)
-    return Ranks(dist.get_rank(), dist.get_world_size(), device, timeout_s, watch, tuple(processes))
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A killed child of torchrun stays a zombie until torchrun reaps it: gone all the same.
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(seconds=wait_s(timeout_s)))
+    return Ranks(dist.get_rank(), dist.get_world_size(), device, timeout_s)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from hetrain.config import Config, parse_device_budget, to_dict
 from hetrain.errors import ConfigError
-from hetrain.plan.offload_plan import OffloadPlan, shape_of
+from hetrain.plan.offload_plan import PLAN_FORMAT, OffloadPlan, shape_of
 from hetrain.train.checkpoint import CheckpointMeta
 from hetrain.train.distributed import Ranks
 
@@ -33,6 +33,16 @@ def _describe(plan: OffloadPlan | None) -> str:
     return plan.summary() if plan is not None else "plain training"
 
 
+def _saved_run(resume: CheckpointMeta) -> tuple[bool, str]:
+    """(whether the checkpoint's run was one this trainer can run again, what it ran): plain
+    training or an offload plan, not a cluster plan."""
+    if resume.plan is None:
+        return True, "plain training"
+    if resume.plan.get("format", PLAN_FORMAT) != PLAN_FORMAT:
+        return False, f"a {resume.plan.get('format')} plan"
+    return True, OffloadPlan.from_dict(resume.plan).summary()
+
+
 def choose_plan(cfg: Config, ranks: Ranks, resume: CheckpointMeta | None) -> OffloadPlan | None:
     """The plan this run executes (printed as a table), or None for plain training. Under
     data parallelism plain training runs the resident plan: the engine averages gradients."""
@@ -51,7 +61,7 @@ def choose_plan(cfg: Config, ranks: Ranks, resume: CheckpointMeta | None) -> Off
             raise ConfigError(f"plan file '{cfg.plan.file}': {e}") from None
         if kind == "bytes":
             plan.device_budget_bytes = int(budget)
-    elif resume is not None and same_memory_settings(cfg, resume.config):
+    elif resume is not None and same_memory_settings(cfg, resume.config) and _saved_run(resume)[0]:
         plan = OffloadPlan.from_dict(resume.plan) if resume.plan is not None else None
         print(f"hetrain: resuming under the plan the checkpoint ran ({_describe(plan)})", flush=True)
     else:
@@ -59,8 +69,7 @@ def choose_plan(cfg: Config, ranks: Ranks, resume: CheckpointMeta | None) -> Off
 
         plan = ranks.from_main(plan_for_config(cfg) if ranks.is_main else None)  # rank 0 plans for all
         if resume is not None:
-            saved = OffloadPlan.from_dict(resume.plan) if resume.plan is not None else None
-            print(f"hetrain: re-planned for this run's memory settings (the checkpoint ran {_describe(saved)}; now "
+            print(f"hetrain: re-planned for this run (the checkpoint ran {_saved_run(resume)[1]}; now "
                   f"{_describe(plan)})", flush=True)
     if plan is None and ranks.world > 1:
         plan = OffloadPlan.resident(cfg.model.n_layer)

@@ -25,6 +25,7 @@ from hetrain.config import Config, save_config, to_dict
 from hetrain.data import Data, build_data
 from hetrain.errors import ConfigError
 from hetrain.files import check_output_dir
+from hetrain.liveness import wait_s
 from hetrain.memory import MemoryAccountant
 from hetrain.model.describe import describe_model
 from hetrain.model.gpt import GPT
@@ -145,7 +146,7 @@ class Trainer:
             if self.world > 1:
                 from hetrain.offload.sharded import DataParallel
 
-                dp = DataParallel.create(timeout_s=cfg.run.dist_timeout_s)
+                dp = DataParallel.create(timeout_s=wait_s(cfg.run.dist_timeout_s))
             try:
                 self.engine = apply_plan(self.model, self.plan, OptimConfig(
                     t.weight_decay, t.beta1, t.beta2, cpu_threads=torch.get_num_threads()), self.device,

@@ -1,0 +1,12 @@
+"""Runs cluster plans (`hetrain plan --cluster`) across processes on torch.distributed.
+
+One file per technique, each applying itself to a plain GPT from outside: placement.py (where
+each rank runs, from the plan's plain data), stages.py (stages cut from the model, with the
+plan's recomputation), tensor_parallel.py (torch.distributed.tensor.parallel inside a stage),
+schedule.py (torch.distributed.pipelining stages and schedules, traced), data_parallel.py
+(gradients across replicas and pipelines), communicator.py (process groups and the route
+between device kinds), checkpoint.py (torch.distributed.checkpoint in the one-process format),
+runner.py (the loop, which composes them in a documented order) and launch.py (the entry
+`hetrain train --plan.file` calls under torchrun). Nothing here imports a planner: the plan
+arrives as data. Decisions and measurements: docs/pipeline.md.
+"""

@@ -1,0 +1,152 @@
+"""Checkpoints of a multi-process cluster run, in the one-process format, with torch.distributed.checkpoint.
+
+Every rank contributes its chunks' parameters and AdamW state under the whole model's fully
+qualified names, as whole tensors in the model's own row order (TP shards gathered and put
+back in order): exactly the keys a one-process run writes (`model.<fqn>`,
+`optim.state.<fqn>.{step,exp_avg,exp_avg_sq}`, `optim.param_groups`, `rng`;
+hetrain.train.checkpoint). So any layout resumes any other: another PP/TP/DP split, another
+plan, or one process with `hetrain train --run.resume`. Ranks holding the same tensor (replicas,
+TP ranks, the two copies of a tied matrix) write it once: DCP keeps one writer per key.
+Directories follow hetrain.train.checkpoint: written under a temporary name by all ranks
+together, meta.json last, then renamed by rank 0, so a failed save never looks complete.
+
+This module reads and writes state; it must not decide when to save. Whole tensors per rank are
+simple and exact; at large scale DTensor-sharded keys would avoid gathering them (not done).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+from hetrain.model.gpt import GPT, ModelConfig
+from hetrain.pipeline.communicator import Communicator
+from hetrain.pipeline.tensor_parallel import from_canonical, full_canonical, local_from_canonical
+from hetrain.train import checkpoint as ckpt
+
+
+def optim_name(name: str, cfg: ModelConfig) -> str:
+    """The name AdamW state goes by: a tied head matrix is the embedding's."""
+    return "tok_emb.weight" if name == "lm_head.weight" and cfg.tie_embeddings else name
+
+
+def _param_groups(optimizer: torch.optim.Optimizer, cfg: ModelConfig) -> list[dict]:
+    """The one-process optimizer's param_groups (hetrain.train.trainer.make_optimizer: matrices
+    decay, the rest does not): our hyper-parameters, the whole model's parameter names."""
+    with torch.device("meta"):
+        whole = GPT(cfg)
+    decay = [n for n, p in whole.named_parameters() if p.dim() >= 2]
+    no_decay = [n for n, p in whole.named_parameters() if p.dim() < 2]
+    hyper = {k: v for k, v in optimizer.param_groups[0].items() if k != "params"}
+    decay_wd = max(g["weight_decay"] for g in optimizer.param_groups)
+    return [{**hyper, "weight_decay": decay_wd, "params": decay}, {**hyper, "weight_decay": 0.0, "params": no_decay}]
+
+
+@torch.no_grad()
+def training_state(named: list[tuple[str, torch.nn.Parameter]], optimizer: torch.optim.Optimizer,
+                   cfg: ModelConfig, comm: Communicator) -> dict:
+    """This rank's part of a checkpoint (collective over each stage's TP ranks)."""
+    tp = comm.place.tp
+    model, optim_state = {}, {}
+    for name, p in sorted(named, key=lambda e: e[0]):
+        model[name] = full_canonical(name, p.detach(), cfg, tp)
+        state = optimizer.state.get(p)
+        key = optim_name(name, cfg)
+        if state and key not in optim_state:
+            optim_state[key] = {"step": state["step"].detach().cpu(),
+                                "exp_avg": full_canonical(name, state["exp_avg"], cfg, tp),
+                                "exp_avg_sq": full_canonical(name, state["exp_avg_sq"], cfg, tp)}
+    out = {"model": model, "optim": {"state": optim_state}}
+    if comm.place.rank == 0:
+        out["optim"]["param_groups"] = _param_groups(optimizer, cfg)
+        out["rng"] = {"cpu": torch.get_rng_state()}
+    return out
+
+
+def save(run_dir: Path, state: dict, meta: ckpt.CheckpointMeta, comm: Communicator, keep: int) -> Path:
+    """Write a checkpoint with every rank; returns its directory (on every rank)."""
+    root = Path(run_dir) / ckpt.CKPT_DIR
+    final = root / ckpt.checkpoint_name(meta.step)
+    tmp = root / f"{final.name}.tmp"
+    if comm.place.rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+    dist.barrier(group=comm.control)
+    dcp.save(state, checkpoint_id=str(tmp), process_group=comm.control)
+    dist.barrier(group=comm.control)
+    if comm.place.rank == 0:
+        (tmp / ckpt.META).write_text(json.dumps(meta.__dict__, indent=1, default=str))
+        if final.exists():
+            old = root / f"{final.name}.old"
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        if keep > 0:
+            for stale in ckpt.list_checkpoints(run_dir)[:-keep]:
+                shutil.rmtree(stale, ignore_errors=True)
+    dist.barrier(group=comm.control)
+    return final
+
+
+@torch.no_grad()
+def load(path: Path, named: list[tuple[str, torch.nn.Parameter]], optimizer: torch.optim.Optimizer,
+         cfg: ModelConfig, tp: int) -> None:
+    """Load this rank's parameters and AdamW state from a checkpoint of any layout (no collectives)."""
+    unique: dict[int, tuple[str, torch.nn.Parameter]] = {}
+    for name, p in named:
+        unique.setdefault(id(p), (name, p))
+    want_model, want_optim = {}, {}
+    for name, p in unique.values():
+        shape = p.shape  # a DTensor's shape is the whole tensor's
+        want_model[name] = torch.empty(shape, dtype=p.dtype)
+        want_optim[optim_name(name, cfg)] = {"step": torch.zeros((), dtype=torch.float32),
+                                             "exp_avg": torch.empty(shape, dtype=p.dtype),
+                                             "exp_avg_sq": torch.empty(shape, dtype=p.dtype)}
+    state = {"model": want_model, "optim": {"state": want_optim}}
+    try:
+        with ckpt._quiet_single_process():
+            dcp.load(state, checkpoint_id=str(path), no_dist=True)
+    except BaseException as e:  # DCP's CheckpointException derives from BaseException
+        if isinstance(e, (KeyboardInterrupt, SystemExit)):
+            raise
+        from hetrain.errors import ConfigError
+
+        raise ConfigError(f"checkpoint '{path}' could not be read ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0][:200]}); resume from another with --run.resume PATH") from None
+    for name, p in unique.values():
+        whole = want_model[name].to(p.device)
+        _local(p).copy_(local_from_canonical(name, whole, p, cfg, tp))
+        saved = want_optim[optim_name(name, cfg)]
+        optimizer.state[p] = {"step": saved["step"].to(p.device),
+                              "exp_avg": _like(name, saved["exp_avg"].to(p.device), p, cfg, tp),
+                              "exp_avg_sq": _like(name, saved["exp_avg_sq"].to(p.device), p, cfg, tp)}
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _like(name: str, whole: torch.Tensor, p: torch.Tensor, cfg: ModelConfig, tp: int) -> torch.Tensor:
+    ordered = from_canonical(name, whole, cfg, tp)
+    if isinstance(p, DTensor):
+        return distribute_tensor(ordered, p.device_mesh, p.placements, src_data_rank=None)
+    return ordered
+
+
+def load_whole_model(path: Path, cfg: ModelConfig) -> GPT:
+    """The whole model from a checkpoint of any layout, in one process (for the safetensors export)."""
+    model = GPT(cfg)
+    sd = {k: torch.empty_like(v) for k, v in model.state_dict().items()}
+    with ckpt._quiet_single_process():
+        dcp.load({"model": sd}, checkpoint_id=str(path), no_dist=True)
+    model.load_state_dict(sd)
+    return model

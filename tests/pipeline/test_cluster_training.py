@@ -1,0 +1,228 @@
+"""Cluster plans run under torchrun (gloo, one thread per process) train the model one process trains.
+
+Every layout is checked against one process training the same 5-block tiny model on the same
+global batch (8 sequences of 32 tokens: `hetrain train --memory.device_budget none
+--train.micro_batch 2 --train.grad_accum 4`): the loss of every one of 10 steps to 1e-5
+relative, and every parameter after them (see `assert_same_params` for the tolerance).
+Processes are started once per test and each run checks several things.
+"""
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cluster_support import (LOCAL_CPU, N_LAYER, SEQ_LEN, env, local_cpu, losses, one_group_cluster, pipeline,
+                             records, torchrun, torchrun_cmd, write_plan)
+from hetrain.cli import main
+from hetrain.config import load_config
+from hetrain.predict.trace import read_chrome_trace
+from hetrain.train.trainer import Trainer
+
+pytestmark = pytest.mark.slow
+STEPS = 10
+
+
+def run_args(run_dir, corpus, **extra) -> list[str]:
+    values = {"run.dir": run_dir, "run.threads": 1, "data.source": "text", "data.path": corpus, "data.cache_dir": "",
+              "train.steps": STEPS, "train.warmup_steps": 2, "train.eval_every": 5, "train.eval_batches": 2,
+              "train.log_every": 1, "train.ckpt_every": 5, "log.progress": "false", "log.tensorboard": "false",
+              "log.peak_flops": 1e11, **extra}
+    return [a for k, v in values.items() for a in (f"--{k}", str(v))]
+
+
+def one_process_config(run_dir, corpus, **extra):
+    """The reference: one process, plain PyTorch training, the plans' model and global batch."""
+    values = dict(zip(*[iter(run_args(run_dir, corpus, **extra))] * 2))
+    values = {k[2:]: v for k, v in values.items()}
+    values.update({"model.preset": "tiny", "model.n_layer": str(N_LAYER), "train.seq_len": str(SEQ_LEN),
+                   "memory.device_budget": "none", "train.micro_batch": "2", "train.grad_accum": "4"})
+    return load_config(None, values)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    path.write_text("".join(f"def f{i}(x):\n    return x * {i} + {i % 7}  # line {i}\n" for i in range(6000)))
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, corpus):
+    run_dir = tmp_path_factory.mktemp("one") / "run"
+    Trainer(one_process_config(run_dir, corpus)).fit()
+    return run_dir
+
+
+def assert_same_losses(run_dir, ref_dir, steps=range(1, STEPS + 1)):
+    got, want = losses(run_dir), losses(ref_dir)
+    assert [got[s] for s in steps] == pytest.approx([want[s] for s in steps], rel=1e-5)
+
+
+def assert_same_params(run_dir, ref_dir):
+    """Every parameter equal to 1e-5 relative, with an absolute floor of 2e-5 (lr / 150).
+
+    Splitting a matmul's sum (TP) or adding replicas' gradients changes fp32 rounding at the 1e-7
+    level; where a gradient element is nearly zero that noise is large relative to it, and AdamW
+    (eps 1e-8) turns it into a visibly different update of that one element. So a handful of
+    elements may differ by more than 1e-6: at most 1 in 5,000 of them."""
+    a, b = load_file(Path(ref_dir) / "model.safetensors"), load_file(Path(run_dir) / "model.safetensors")
+    assert sorted(a) == sorted(b)
+    off = 0
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=2e-5, msg=key)
+        off += int(((b[key] - a[key]).abs() > 1e-6).sum())
+    assert off <= sum(v.numel() for v in a.values()) / 5000
+
+
+def check_run(done: subprocess.CompletedProcess, run_dir, ref_dir):
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    assert done.stdout.count("hetrain: done") == 1  # rank 0 speaks for all
+    assert_same_losses(run_dir, ref_dir)
+    assert_same_params(run_dir, ref_dir)
+
+
+def test_pipeline_1f1b_and_interleaved_1f1b_train_the_one_process_model(tmp_path, corpus, reference):
+    """PP=2 (3 + 2 blocks, one recomputed), then the same stages as 2 x 2 interleaved chunks."""
+    plain = write_plan(tmp_path / "pp2.json", one_group_cluster(2), [pipeline(["cpu-a"], [3, 2], recompute=[1, 0])])
+    inter = write_plan(tmp_path / "pp2v.json", one_group_cluster(2),
+                       [pipeline(["cpu-a"], [3, 2], recompute=[1, 0], virtual_stages=2)])
+    done = torchrun(2, ["--plan.file", plain] + run_args(tmp_path / "1f1b", corpus), tmp_path)
+    check_run(done, tmp_path / "1f1b", reference)
+    assert "schedule 1F1B" in done.stdout
+    done = torchrun(2, ["--plan.file", inter] + run_args(tmp_path / "inter", corpus), tmp_path)
+    check_run(done, tmp_path / "inter", reference)
+    assert "schedule interleaved 1F1B" in done.stdout
+    assert losses(tmp_path / "inter") == pytest.approx(losses(tmp_path / "1f1b"), rel=1e-6)
+    val = {r["step"]: r["val_loss"] for r in records(tmp_path / "inter") if r["val_loss"] is not None}
+    want = {r["step"]: r["val_loss"] for r in records(reference) if r["val_loss"] is not None}
+    assert val == pytest.approx(want, rel=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["tp2", "pp4-uneven"])
+def test_tensor_parallel_and_an_uneven_pipeline_train_the_one_process_model(tmp_path, corpus, reference, layout):
+    if layout == "tp2":
+        nproc, pipe = 2, pipeline(["cpu-a"], [N_LAYER], tp=2)
+    else:  # 2 + 1 + 1 + 1 blocks, the second stage recomputing its block
+        nproc, pipe = 4, pipeline(["cpu-a"], [2, 1, 1, 1], recompute=[0, 1, 0, 0])
+    plan = write_plan(tmp_path / "plan.json", one_group_cluster(nproc), [pipe])
+    check_run(torchrun(nproc, ["--plan.file", plan] + run_args(tmp_path / "run", corpus), tmp_path),
+              tmp_path / "run", reference)
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory, corpus):
+    """`hetrain plan --cluster local-cpu.toml --plan.pp 2 --plan.dp 2 ...`, then torchrun of its plan.json."""
+    root = tmp_path_factory.mktemp("cli")
+    code = main(["plan", "--cluster", str(LOCAL_CPU), "--model.preset", "tiny", "--model.n_layer", str(N_LAYER),
+                 "--train.seq_len", str(SEQ_LEN), "--plan.pp", "2", "--plan.dp", "2", "--plan.global_batch", "8",
+                 "--plan.micro_batch", "2", "--run.dir", str(root / "plan")])
+    assert code == 0
+    done = torchrun(4, ["--plan.file", str(root / "plan" / "plan.json")] + run_args(root / "run", corpus), root)
+    return root, done
+
+
+def test_planned_pp2_dp2_across_two_kinds_runs_like_one_process(cli_run, reference):
+    root, done = cli_run
+    check_run(done, root / "run", reference)
+    out = done.stdout
+    assert "cpu-a -> cpu-b, 2 stages, dp 2" in out and "host pipeline lane" in out
+    assert re.search(r"predicted vs measured: step [\d.]+ ms vs [\d.]+ ms median", out)
+    assert all(r["predicted_step_s"] > 0 for r in records(root / "run"))
+    events = read_chrome_trace(root / "run" / "trace.json")
+    links = {e.lane for e in events if e.cat == "comm"}
+    assert links and all("(host)" in lane for lane in links)  # one lane per link, over host memory
+    assert all(e.args["bytes"] == 2 * SEQ_LEN * 64 * 4 for e in events if e.cat == "comm")
+    assert len({e.lane for e in events if e.cat == "fwd"}) == 4  # every rank traced its stage
+
+
+def test_resume_under_another_layout_is_exact(tmp_path, cli_run, corpus, reference):
+    """One process resumes the 4-process run's step 5; TP 2 x PP 2 across kinds resumes one process's."""
+    root, _ = cli_run
+    step5 = root / "run" / "checkpoints" / "step_00000005"
+    Trainer(one_process_config(tmp_path / "one", corpus, **{"run.resume": step5})).fit()
+    assert_same_losses(tmp_path / "one", reference, steps=range(6, STEPS + 1))
+    assert_same_params(tmp_path / "one", reference)
+
+    plan = write_plan(tmp_path / "tp2pp2.json", local_cpu(),
+                      [pipeline(["cpu-a", "cpu-b"], [3, 2], tp=2, stage_groups=["cpu-a", "cpu-b"])])
+    ref5 = reference / "checkpoints" / "step_00000005"
+    done = torchrun(4, ["--plan.file", plan] + run_args(tmp_path / "tp", corpus, **{"run.resume": ref5}), tmp_path)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "resumed from" in done.stdout and "tp 2" in done.stdout
+    assert_same_losses(tmp_path / "tp", reference, steps=range(6, STEPS + 1))
+    assert_same_params(tmp_path / "tp", reference)
+
+
+def test_two_pipelines_of_two_kinds_share_the_batch_on_two_nodes(tmp_path, corpus, reference):
+    """cpu-a: PP 2 on 6 sequences; cpu-b: TP 2 on 2; two torchrun 'nodes' meeting on 127.0.0.1."""
+    plan = write_plan(tmp_path / "two.json", local_cpu(), [pipeline(["cpu-a"], [2, 3], n_microbatches=3),
+                                                           pipeline(["cpu-b"], [N_LAYER], tp=2, n_microbatches=1)])
+    args = ["--plan.file", str(plan)] + run_args(tmp_path / "run", corpus)
+    port = 29400 + os.getpid() % 500
+    nodes = [subprocess.Popen(torchrun_cmd(2, args, node=(i, 2, port)), cwd=tmp_path, env=env(), text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(2)]
+    outs = [node.communicate(timeout=240) for node in nodes]
+    for node, (out, err) in zip(nodes, outs):
+        assert node.returncode == 0, err[-4000:]
+    assert "P0: cpu-a, 2 stages" in "".join(o for o, _ in outs) and "P1: cpu-b, 1 stages, dp 1, tp 2" in "".join(
+        o for o, _ in outs)
+    assert_same_losses(tmp_path / "run", reference)
+    assert_same_params(tmp_path / "run", reference)
+
+
+@pytest.mark.parametrize("sig", ["SIGKILL", "SIGSTOP"])
+def test_a_dead_or_hung_rank_ends_the_job_naming_it(tmp_path, corpus, sig):
+    timeout_s = 6.0
+    plan = write_plan(tmp_path / "pp2.json", one_group_cluster(2), [pipeline(["cpu-a"], [3, 2])])
+    args = ["--plan.file", str(plan)] + run_args(tmp_path / "run", corpus, **{
+        "train.steps": 100000, "train.eval_every": 0, "train.ckpt_every": 10, "run.dist_timeout_s": timeout_s})
+    job = subprocess.Popen(torchrun_cmd(2, args), cwd=tmp_path, env=env(), text=True, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT)
+    victim = None
+    try:
+        deadline = time.time() + 120
+        while not (tmp_path / "run" / "checkpoints" / "step_00000010" / "meta.json").exists():
+            assert time.time() < deadline and job.poll() is None
+            time.sleep(0.2)
+        workers = {}
+        for pid in subprocess.run(["pgrep", "-P", str(job.pid)], capture_output=True, text=True).stdout.split():
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            workers[int(next(v for v in environ if v.startswith(b"RANK="))[5:])] = int(pid)
+        victim, survivor = workers[1], workers[0]
+        stopped_at = time.time()
+        os.kill(victim, getattr(signal, sig))
+        while _alive(survivor):  # the healthy rank gives up within the timeout
+            assert time.time() - stopped_at < timeout_s + 10
+            time.sleep(0.1)
+        if sig == "SIGSTOP":  # torchrun waits 30 s for a stopped process to take SIGTERM: spare the test that
+            os.kill(victim, signal.SIGKILL)
+        out, _ = job.communicate(timeout=60)
+    finally:
+        if job.poll() is None:
+            job.kill()
+        if victim and _alive(victim):
+            os.kill(victim, signal.SIGKILL)
+    assert job.returncode != 0
+    if sig == "SIGSTOP":  # our roll call names it
+        assert re.search(r"hetrain: error: no answer from rank 1 \(cpu-a, stage 1\) within "
+                         r"run.dist_timeout_s=6 s", out), out
+    else:  # torchrun sees the process die and names it, or our roll call does
+        assert re.search(r"rank\s*:\s*1 \(local_rank: 1\)\s*\n\s*exitcode\s*:\s*-9|no answer from rank 1", out), out
+    assert (tmp_path / "run" / "checkpoints" / "step_00000010" / "meta.json").exists()  # still loadable
+    shutil.rmtree(tmp_path / "run", ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text().split()
+    except FileNotFoundError:
+        return False
+    return stat[2] != "Z"
