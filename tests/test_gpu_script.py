@@ -20,9 +20,9 @@ def test_dry_run_runs_every_step_and_writes_the_report(tmp_path):
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     results = json.loads((tmp_path / "results.json").read_text())
     steps = results["steps"]
-    assert list(steps) == ["tests", "peers", "predictor", "capacity", "bound", "mixed"]
+    assert list(steps) == ["tests", "mixed", "peers", "predictor", "capacity", "bound"]
     assert steps["tests"]["status"] in ("ok", "skipped")  # the GPU tests skip themselves on a CPU
-    for name in ("peers", "bound", "predictor", "capacity"):
+    for name in ("mixed", "peers", "bound", "predictor", "capacity"):
         assert steps[name]["status"] == "ok", (name, steps[name])
     peers = {r["system"]: r for r in steps["peers"]["rows"]}
     assert set(peers) == {"hetrain", "fsdp2-offload", "zero2-offload", "zero3-offload"}
@@ -33,6 +33,7 @@ def test_dry_run_runs_every_step_and_writes_the_report(tmp_path):
         assert row["ok"] or row["error"].startswith("skipped"), row
     assert all(r["engine_s"] > 0 and r["bound_s"] > 0 for r in steps["bound"]["rows"])
     assert all(r["meas_step_s"] > 0 for r in steps["predictor"]["rows"])
+    assert steps["mixed"]["loss_max_rel_diff"] <= 1e-5 and steps["mixed"]["steps"] == 4
     assert any(r.get("largest_layers", 0) >= 1 for r in steps["capacity"]["rows"])
     report = (tmp_path / "results.md").read_text()
     assert "| peers | ok |" in report and "hetrain" in report

@@ -13,8 +13,9 @@ each under its own limit, and none past the deadline):
 4. `capacity`: the largest model each system trains under a fixed cap, by doubling then
    bisection over the number of blocks at a fixed width;
 5. `bound`: the offload engine at a quarter of plain training's memory against its plan's lower
-   bound (bench/bench_offload_bound.py), as many sizes as the time left allows;
-6. `mixed`: a job with one CUDA stage and one CPU stage (skipped until the cluster runtime exists).
+   bound (bench/bench_offload_bound.py), as many sizes as the time left allows.
+`mixed`, second: a cluster plan with one CUDA stage and one CPU stage under torchrun (the
+host-staged path between kinds for real) against one process on the same global batch.
 
 Modes: `full` (the sizes worth reporting, about 8 minutes on one H200), `quick` (the same steps
 at small sizes on the GPU, a smoke test of a couple of minutes) and `dry` (tiny sizes on the CPU;
@@ -56,6 +57,8 @@ MODES: dict[str, dict] = {
                   "cap_gib": None, "steps": 3, "warmup": 1, "limit_s": 150},
         "bound": {"only": ["L8 d256 b8 s128"], "steps": 2, "warmup": 1, "limit_s": 90},
         "predictor": {"only": ["L2-d128-b8-s64"], "steps": 4, "limit_s": 90},
+        "mixed": {"preset": "tiny", "seq_len": 32, "global_batch": 8, "micro_batch": 2, "steps": 4,
+                  "rel_tol": 1e-5, "limit_s": 120},
         "capacity": {"width": {"model.preset": "tiny"}, "micro_batch": 2, "seq_len": 32, "cap_gib": None,
                      "start_layers": 1, "max_layers": 2, "trial_s": 60, "min_s": 20, "limit_s": 90},
     },
@@ -65,6 +68,8 @@ MODES: dict[str, dict] = {
                   "steps": 1, "warmup": 1, "limit_s": 60},
         "bound": {"only": ["gpt2-medium b8 s1024"], "steps": 1, "warmup": 1, "limit_s": 60},
         "predictor": {"only": ["gpt2-small b8 s1024"], "steps": 3, "limit_s": 60},
+        "mixed": {"preset": "tiny", "seq_len": 32, "global_batch": 8, "micro_batch": 2, "steps": 4,
+                  "rel_tol": 1e-4, "limit_s": 90},
         "capacity": {"width": {"model.preset": "gpt2-small"}, "micro_batch": 2, "seq_len": 256, "cap_gib": 1.0,
                      "start_layers": 8, "max_layers": 32, "trial_s": 30, "min_s": 20, "limit_s": 60},
     },
@@ -74,6 +79,8 @@ MODES: dict[str, dict] = {
                   "steps": 3, "warmup": 2, "limit_s": 100},
         "bound": {"only": None, "steps": 3, "warmup": 2, "limit_s": 240},
         "predictor": {"only": None, "steps": 8, "limit_s": 120},
+        "mixed": {"preset": "small", "seq_len": 128, "global_batch": 8, "micro_batch": 2, "steps": 6,
+                  "rel_tol": 1e-4, "limit_s": 120},
         "capacity": {"width": {"model.preset": "gpt3-1.3b"}, "micro_batch": 4, "seq_len": 1024, "cap_gib": 8.0,
                      "start_layers": 12, "max_layers": 96, "trial_s": 60, "min_s": 30, "limit_s": 100},
     },
@@ -338,6 +345,69 @@ def step_capacity(run: Run) -> dict:
     return out
 
 
+MIXED_CLUSTER = """# written by bench/gpu/gpu_evidence.py: one {first} stage and one CPU stage
+name = "gpu-and-cpu"
+[[group]]
+name = "first"
+kind = "{first}"
+{label}nodes = 1
+devices_per_node = 1
+intra_node_gbytes_per_s = 50
+inter_node_gbytes_per_s = 25
+[[group]]
+name = "cpu"
+kind = "cpu"
+label = "cpu-b"
+nodes = 1
+devices_per_node = 1
+intra_node_gbytes_per_s = 2
+inter_node_gbytes_per_s = 2
+peak_fp32_tflops = 0.5
+"""
+
+
+def step_mixed(run: Run) -> dict:
+    """A cluster plan with one stage on the GPU and one on the CPU (on a CPU-only machine: two
+    CPU processes labelled as two kinds), planned with --plan.pp 2, run under torchrun, against
+    one process training the same model plainly on the same global batch."""
+    c = run.cfg["mixed"]
+    work = run.work / "mixed"
+    work.mkdir(parents=True, exist_ok=True)
+    first = "H200" if run.cuda else "cpu"
+    cluster = work / "cluster.toml"
+    cluster.write_text(MIXED_CLUSTER.format(first=first, label="" if run.cuda else 'label = "cpu-a"\n'))
+    model = ["--model.preset", c["preset"], "--train.seq_len", str(c["seq_len"])]
+    common = [*model, "--train.steps", str(c["steps"]), "--train.eval_every", "0", "--train.log_every", "1",
+              "--train.ckpt_every", "0", "--log.progress", "false", "--log.tensorboard", "false"]
+    plan = run_limited(run, [PY, "-m", "hetrain.cli", "plan", "--cluster", str(cluster), *model, "--plan.pp", "2",
+                             "--plan.dp", "1", "--plan.global_batch", str(c["global_batch"]), "--plan.micro_batch",
+                             str(c["micro_batch"]), "--run.dir", str(work / "plan")], 60)
+    if plan["rc"] != 0:
+        return {"status": "failed", "error": "hetrain plan failed", **plan}
+    env_cmd = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "hetrain.cli",
+               "train", "--plan.file", str(work / "plan" / "plan.json"), "--run.dir", str(work / "two"), *common]
+    two = run_limited(run, env_cmd, c["limit_s"])
+    one = run_limited(run, [PY, "-m", "hetrain.cli", "train", *common, "--memory.device_budget", "none",
+                            "--run.device", "cpu", "--train.micro_batch", str(c["micro_batch"]),
+                            "--train.grad_accum", str(c["global_batch"] // c["micro_batch"]),
+                            "--run.dir", str(work / "one")], c["limit_s"])
+    if two["rc"] != 0 or one["rc"] != 0:
+        return {"status": "failed", "error": f"torchrun exit {two['rc']}, one process exit {one['rc']}",
+                "tail": two["tail"]}
+    rows = {}
+    for name in ("two", "one"):
+        rows[name] = [json.loads(ln) for ln in (work / name / "metrics.jsonl").read_text().splitlines()]
+    worst = max(abs(a["loss"] - b["loss"]) / abs(b["loss"]) for a, b in zip(rows["two"], rows["one"]))
+    later = rows["two"][1:] or rows["two"]
+    out = {"status": "ok" if worst <= c["rel_tol"] else "failed", "stages": [first, "cpu"],
+           "steps": len(rows["two"]), "loss_max_rel_diff": worst,
+           "step_s": sorted(r["step_s"] for r in later)[len(later) // 2],
+           "predicted_step_s": later[-1].get("predicted_step_s"), "seconds": two["seconds"]}
+    if not run.cuda:
+        out["reason"] = "dry run on the CPU: two CPU processes labelled as two kinds"
+    return out
+
+
 def wait_for_build(path: Path, limit_s: float) -> str:
     """The background build's last line once it wrote 'exit N', or a note that it did not finish."""
     t0 = time.perf_counter()
@@ -357,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--deadline-s", type=float, default=470.0, help="seconds from now when the last step must end")
     p.add_argument("--wait-file", help="before the peers, wait (up to 120 s) until this file holds a line "
                    "'exit N': run_all.sh's background build of DeepSpeed's CPU Adam")
-    p.add_argument("--steps", nargs="*", default=["tests", "peers", "predictor", "capacity", "bound", "mixed"],
+    p.add_argument("--steps", nargs="*", default=["tests", "mixed", "peers", "predictor", "capacity", "bound"],
                    help="run only these steps, in this order")
     p.add_argument("--replot", metavar="RESULTS_JSON", help="only write results.md and the plots from this "
                    "results.json into --out")
@@ -382,10 +452,8 @@ def main(argv: list[str] | None = None) -> int:
         (out_dir / "results.json").write_text(json.dumps(results, indent=1))
         (out_dir / "results.md").write_text(markdown(results))
 
-    steps = {"tests": step_tests, "peers": step_peers, "bound": step_bound, "predictor": step_predictor,
-             "capacity": step_capacity,
-             "mixed": lambda run: {"status": "skipped", "reason": "needs the cluster runtime (pipeline stages "
-                                   "across device kinds), which hetrain does not have yet"}}
+    steps = {"tests": step_tests, "mixed": step_mixed, "peers": step_peers, "bound": step_bound,
+             "predictor": step_predictor, "capacity": step_capacity}
     unknown = sorted(set(a.steps) - set(steps))
     if unknown:
         p.error(f"unknown steps {unknown}; choose from {list(steps)}")

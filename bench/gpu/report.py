@@ -26,6 +26,10 @@ def markdown(results: dict) -> str:
              "| step | status | seconds | note |", "| --- | --- | --- | --- |"]
     for name, s in results["steps"].items():
         note = s.get("reason") or s.get("error") or ""
+        if name == "mixed" and "loss_max_rel_diff" in s:
+            note = (f"stages {' + '.join(s['stages'])}: losses of {s['steps']} steps equal one process's to "
+                    f"{s['loss_max_rel_diff']:.1e}; step {s['step_s'] * 1e3:.1f} ms (predicted "
+                    f"{(s.get('predicted_step_s') or 0) * 1e3:.1f} ms)")
         if name == "tests":
             note = ", ".join(f"{v} {k}" for k, v in s.get("counts", {}).items()) + (
                 f"; failed: {', '.join(s['failed'])}" if s.get("failed") else "")
