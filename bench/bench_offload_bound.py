@@ -43,9 +43,9 @@ from hetrain.config import Config, load_config  # noqa: E402
 from hetrain.errors import ConfigError  # noqa: E402
 from hetrain.model.gpt import GPT  # noqa: E402
 from hetrain.offload import OptimConfig, apply_plan  # noqa: E402
-from hetrain.plan.offload_graph import choice_of, offload_prices  # noqa: E402
-from hetrain.plan.offload_milp import OffloadModel  # noqa: E402
-from hetrain.plan.offload_planner import PlannerOptions, plain_peak_bytes, plan_offload, step_settings  # noqa: E402
+from hetrain.plan.offload.graph import choice_of, offload_prices  # noqa: E402
+from hetrain.plan.offload.milp import OffloadModel  # noqa: E402
+from hetrain.plan.offload.planner import PlannerOptions, plain_peak_bytes, plan_offload, step_settings  # noqa: E402
 from hetrain.predict.cost import cost_model, describe_for  # noqa: E402
 from hetrain.predict.profiler import ProfileOptions, run_profile  # noqa: E402
 from hetrain.train.metrics import fmt_bytes  # noqa: E402

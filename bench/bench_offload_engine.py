@@ -48,7 +48,7 @@ import torch  # noqa: E402
 from hetrain.config import Config, load_config  # noqa: E402
 from hetrain.model.gpt import GPT  # noqa: E402
 from hetrain.offload import OptimConfig, apply_plan  # noqa: E402
-from hetrain.plan.offload_plan import OffloadPlan  # noqa: E402
+from hetrain.plan.offload.plan import OffloadPlan  # noqa: E402
 from hetrain.train.trainer import make_optimizer  # noqa: E402
 
 # bench/ is on sys.path when this file runs as a script: share the load measurement.

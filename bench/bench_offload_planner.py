@@ -29,10 +29,10 @@ import time
 
 from hetrain.config import load_config
 from hetrain.hardware.catalog import get_kind
-from hetrain.plan.offload_graph import choice_of, offload_prices, simulate_offload
-from hetrain.plan.offload_milp import OffloadModel
-from hetrain.plan.offload_plan import OffloadPlan
-from hetrain.plan.offload_planner import PlannerOptions, plan_offload, step_settings
+from hetrain.plan.offload.graph import choice_of, offload_prices, simulate_offload
+from hetrain.plan.offload.milp import OffloadModel
+from hetrain.plan.offload.plan import OffloadPlan
+from hetrain.plan.offload.planner import PlannerOptions, plan_offload, step_settings
 from hetrain.predict.cost import RooflineCost, describe_for
 
 GIB = 2**30

@@ -21,7 +21,7 @@ import time
 from hetrain.errors import ConfigError
 from hetrain.hardware.cluster import parse_cluster
 from hetrain.model.presets import get_preset
-from hetrain.plan.parallel import plan_cluster
+from hetrain.plan.cluster.planner import plan_cluster
 
 
 def mixed_cluster(n_devices: int):

@@ -17,7 +17,7 @@ import statistics
 import time
 
 from hetrain.predict.simulator import Task, simulate
-from hetrain.predict.trace import plot_timeline, write_chrome_trace
+from hetrain.trace import plot_timeline, write_chrome_trace
 
 FWD_S, BWD_S, COPY_S, ADAM_S = 2e-3, 4e-3, 1.5e-3, 3e-3
 WEIGHT_BYTES, ACT_BYTES, GRAD_BYTES = 200 << 20, 300 << 20, 200 << 20

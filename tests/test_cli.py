@@ -176,8 +176,8 @@ def test_plan_cluster_writes_plan_report_timeline(tmp_path, capsys):
 
 def test_plan_without_cluster_plans_offload_for_the_budget(tmp_path, capsys):
     from hetrain.config import load_config
-    from hetrain.plan.offload_plan import OffloadPlan
-    from hetrain.plan.offload_planner import default_cost, plain_peak_bytes
+    from hetrain.plan.offload.plan import OffloadPlan
+    from hetrain.plan.offload.planner import default_cost, plain_peak_bytes
 
     args = ["--model.preset", "tiny", "--train.seq_len", "32", "--train.micro_batch", "4",
             "--hardware.device_kind", "cpu", "--run.dir", str(tmp_path / "p")]

@@ -174,7 +174,7 @@ def checkpoint_blocks(model: torch.nn.Module) -> None:
 def setup_hetrain(spec: RunSpec, device: torch.device, result: RunResult):
     from hetrain.errors import ConfigError
     from hetrain.offload import OptimConfig, apply_plan
-    from hetrain.plan.offload_planner import plan_offload
+    from hetrain.plan.offload.planner import plan_offload
     from hetrain.predict.cost import cost_model, describe_for
     from hetrain.predict.profiler import ProfileOptions, run_profile
 
@@ -208,7 +208,7 @@ def setup_hetrain(spec: RunSpec, device: torch.device, result: RunResult):
 
     def close():
         if engine.trace is not None and spec.trace_dir:
-            from hetrain.predict.trace import plot_timeline, write_chrome_trace
+            from hetrain.trace import plot_timeline, write_chrome_trace
 
             write_chrome_trace(engine.trace, Path(spec.trace_dir) / "engine_trace.json",
                                metadata={"source": "bench/gpu/systems.py", "plan": plan.summary()})

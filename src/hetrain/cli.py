@@ -98,7 +98,7 @@ def cmd_simulate(args: list[str]) -> int:
 
     from hetrain.predict.profiler import require_profile
     from hetrain.predict.step_graph import format_prediction, predict_step
-    from hetrain.predict.trace import plot_timeline, write_chrome_trace
+    from hetrain.trace import plot_timeline, write_chrome_trace
 
     path, overrides = _split_config(args)
     cfg = load_config(path, overrides)
@@ -126,11 +126,11 @@ def cmd_plan(args: list[str]) -> int:
     cfg = load_config(path, overrides)
     check_output_dir(cfg.run.dir, "run.dir")
     if not cfg.plan.cluster:
-        from hetrain.plan.offload_planner import run_offload_planning
+        from hetrain.plan.offload.planner import run_offload_planning
 
         run_offload_planning(cfg, cfg.run.dir)
         return 0
-    from hetrain.plan.parallel import Pins, SearchOptions, format_report, run_cluster_planning
+    from hetrain.plan.cluster.planner import Pins, SearchOptions, format_report, run_cluster_planning
 
     pins = Pins(cfg.plan.tp, cfg.plan.pp, cfg.plan.dp, cfg.plan.micro_batch)
     plan = run_cluster_planning(cfg.model, cfg.plan.cluster, cfg.plan.global_batch, cfg.train.seq_len, cfg.run.dir,

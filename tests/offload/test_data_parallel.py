@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 from hetrain.model.gpt import GPT
 from hetrain.offload import apply_plan
 from hetrain.offload.sharded import DataParallel, ShardedHostLayer
-from hetrain.plan.offload_plan import OffloadPlan
+from hetrain.plan.offload.plan import OffloadPlan
 from test_engine import BATCHES, CFG, OPTIM, STEPS, lr_at, reference
 
 WORLD = 2

@@ -25,7 +25,7 @@ from hetrain.memory import MemoryAccountant
 from hetrain.model.gpt import GPT
 from hetrain.model.presets import get_preset
 from hetrain.offload import DeviceBudgetError, OptimConfig, apply_plan
-from hetrain.plan.offload_plan import OffloadPlan
+from hetrain.plan.offload.plan import OffloadPlan
 
 CFG = dataclasses.replace(get_preset("tiny"), n_layer=4)
 LLAMA = dataclasses.replace(get_preset("tiny-llama"), n_layer=4)

@@ -16,8 +16,8 @@ from hetrain.model.describe import block_act_bytes
 from hetrain.model.gpt import GPT
 from hetrain.model.presets import get_preset
 from hetrain.offload import OptimConfig, apply_plan
-from hetrain.plan.offload_plan import OffloadPlan
-from hetrain.plan.offload_planner import default_cost, plain_peak_bytes, plan_offload
+from hetrain.plan.offload.plan import OffloadPlan
+from hetrain.plan.offload.planner import default_cost, plain_peak_bytes, plan_offload
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
               pytest.mark.usefixtures("no_tf32")]

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from hetrain.hardware.cluster import cluster_to_dict, load_cluster, parse_cluster
 from hetrain.model.presets import get_preset
-from hetrain.plan.parallel_plan import ClusterPlan, PipelinePlan, StagePlan, interleave
+from hetrain.plan.cluster.plan import ClusterPlan, PipelinePlan, StagePlan, interleave
 
 REPO = Path(__file__).resolve().parents[2]
 LOCAL_CPU = REPO / "configs" / "clusters" / "local-cpu.toml"

@@ -23,7 +23,7 @@ from cluster_support import (LOCAL_CPU, N_LAYER, SEQ_LEN, env, local_cpu, losses
                              records, torchrun, torchrun_cmd, write_plan)
 from hetrain.cli import main
 from hetrain.config import load_config
-from hetrain.predict.trace import read_chrome_trace
+from hetrain.trace import read_chrome_trace
 from hetrain.train.trainer import Trainer
 
 pytestmark = pytest.mark.slow

@@ -12,7 +12,7 @@ from hetrain.errors import ConfigError
 from hetrain.model.gpt import ModelConfig
 from hetrain.pipeline.placement import check_device, check_world, place_plan
 from hetrain.pipeline.tensor_parallel import from_canonical, to_canonical
-from hetrain.plan.parallel_plan import ClusterPlan
+from hetrain.plan.cluster.plan import ClusterPlan
 
 
 def plan_of(cluster, pipelines) -> ClusterPlan:

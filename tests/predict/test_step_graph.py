@@ -20,7 +20,7 @@ from hetrain.predict.simulator import Task
 from hetrain.predict.step_graph import (
     StepGraphOptions, build_step_graph, build_step_tasks, param_tensors, predict_step, state_bytes,
 )
-from hetrain.predict.trace import read_chrome_trace
+from hetrain.trace import read_chrome_trace
 from hetrain.train.trainer import Trainer, make_optimizer
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from hetrain.plan.offload_plan import OffloadPlan
+from hetrain.plan.offload.plan import OffloadPlan
 from hetrain.train.trainer import Trainer
 
 

@@ -136,7 +136,7 @@ def test_bf16_trains(tiny_config):
 
 
 def test_trace_records_every_block_and_changes_nothing(tiny_config, tmp_path):
-    from hetrain.predict.trace import read_chrome_trace
+    from hetrain.trace import read_chrome_trace
 
     plain = Trainer(tiny_config(tmp_path / "plain", **{"train.steps": 4, "train.grad_accum": 2})).fit()
     traced_cfg = tiny_config(tmp_path / "traced", **{"train.steps": 4, "train.grad_accum": 2,

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from hetrain.cli import main
-from hetrain.plan.offload_plan import OffloadPlan
+from hetrain.plan.offload.plan import OffloadPlan
 from hetrain.train.trainer import Trainer
 from tests_support import cli_args
 

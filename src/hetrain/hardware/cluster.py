@@ -6,7 +6,7 @@ between nodes) and optional `[[link]]` tables declaring a direct device-to-devic
 (RDMA) between two groups; traffic between groups without one is relayed through host
 memory. This module parses and validates; every error is a ConfigError naming the file and
 the line of the offending table or key. It must not decide how traffic is costed: that is
-the predictor's job (hetrain.plan.parallel_cost).
+the predictor's job (hetrain.plan.cluster.cost).
 
 Units, as the key names say: bandwidths in GB/s (1e9 bytes) per direction, intra-node
 bandwidth per device (what one device can push to its node peers, e.g. NVLink), inter-node

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from hetrain.offload.weights import FlatWeights, copy_async, host_empty, slot_views
-from hetrain.predict.trace import task_name
+from hetrain.trace import task_name
 
 
 @dataclass

@@ -42,8 +42,8 @@ from hetrain.offload.layers import Layer, resolve_layers
 from hetrain.offload.sharded import DataParallel, ShardedHostLayer
 from hetrain.offload.state import gather_state, give_back_model, load_state
 from hetrain.offload.weights import Binding, DeviceMaster, FlatWeights, WeightStreamer, host_empty, install, uninstall
-from hetrain.plan.offload_plan import OffloadPlan
-from hetrain.predict.trace import TraceEvent, task_name
+from hetrain.plan.offload.plan import OffloadPlan
+from hetrain.trace import TraceEvent, task_name
 
 
 @dataclass

@@ -7,7 +7,7 @@ buffers, before any activation; host: masters, Adam state and weight stores), re
 over its device budget or over the host RAM available, and returns the device figure (the
 engine's `static_device_bytes`, which must equal what its ledger then counts). Both run on
 the model as given, before placement, so a refused plan leaves it untouched: nothing here may
-allocate, move or modify a tensor. The planner prices the same bytes (plan/offload_graph.py);
+allocate, move or modify a tensor. The planner prices the same bytes (plan/offload/graph.py);
 a change here must be made there too.
 """
 
@@ -22,7 +22,7 @@ from hetrain.offload.cpu_optim import HostLayer
 from hetrain.offload.layers import Layer
 from hetrain.offload.sharded import DataParallel, ShardedHostLayer
 from hetrain.offload.weights import ModelLayout, flat_layout
-from hetrain.plan.offload_plan import OffloadPlan
+from hetrain.plan.offload.plan import OffloadPlan
 from hetrain.train.metrics import fmt_bytes
 
 

@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from hetrain.offload.cpu_optim import HostLayer
 from hetrain.offload.weights import DeviceMaster, FlatWeights, ModelLayout
-from hetrain.plan.offload_plan import LayerPlan, OffloadPlan
+from hetrain.plan.offload.plan import LayerPlan, OffloadPlan
 
 
 @dataclass

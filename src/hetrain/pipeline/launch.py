@@ -22,7 +22,7 @@ from hetrain.config import Config
 from hetrain.errors import ConfigError
 from hetrain.model.gpt import ModelConfig
 from hetrain.pipeline.placement import Layout, check_device, check_world, place_plan
-from hetrain.plan.parallel_plan import PLAN_FORMAT, ClusterPlan
+from hetrain.plan.cluster.plan import PLAN_FORMAT, ClusterPlan
 
 
 def is_cluster_plan(path: str) -> bool:

@@ -1,10 +1,10 @@
 """Where each process of a cluster plan runs: its pipeline, replica, stage, TP rank and device kind.
 
-Reads the plain data of a cluster plan (hetrain.plan.parallel_plan, as `hetrain plan --cluster`
+Reads the plain data of a cluster plan (hetrain.plan.cluster.plan, as `hetrain plan --cluster`
 writes it) and the cluster it carries, and numbers the processes. Ranks run over the plan's
 groups in cluster-file order (idle groups get no process), a group's devices node by node;
 inside a group a pipeline's local stage j, replica r and tensor-parallel rank k sit on device
-(j * dp + r) * tp + k, the placement the planner priced (hetrain.plan.parallel_cost): TP ranks
+(j * dp + r) * tp + k, the placement the planner priced (hetrain.plan.cluster.cost): TP ranks
 adjacent in a node, then the replicas of a stage. The global batch of a step is cut in plan
 order: pipeline p takes the next dp x micro_batch x n_microbatches sequences, its replica r the
 r-th run of micro_batch x n_microbatches of them.
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from hetrain.errors import ConfigError
 from hetrain.hardware.catalog import get_kind
-from hetrain.plan.parallel_plan import ClusterPlan
+from hetrain.plan.cluster.plan import ClusterPlan
 
 # The vendor library of a catalog kind -> (torch device type, torch.distributed backend).
 # ROCm builds of torch run RCCL behind the "nccl" backend name on "cuda" devices; HCCL needs

@@ -46,7 +46,7 @@ from hetrain.pipeline.placement import Layout
 from hetrain.pipeline.schedule import StageClock, build_schedule
 from hetrain.pipeline.stages import apply_stage_recompute, build_chunk
 from hetrain.pipeline.tensor_parallel import apply_tensor_parallel, check_tp
-from hetrain.plan.parallel_plan import ClusterPlan
+from hetrain.plan.cluster.plan import ClusterPlan
 from hetrain.train import checkpoint as ckpt
 from hetrain.train.metrics import MetricsLogger, format_line
 from hetrain.train.trainer import TrainResult, build_model, lr_at, make_optimizer, train_flops_per_token
@@ -291,7 +291,7 @@ class ClusterTrainer:
 
     def _report(self, result: TrainResult) -> None:
         """Rank 0: predicted beside measured (step, per-stage compute); trace.json of every rank."""
-        from hetrain.predict.trace import write_chrome_trace
+        from hetrain.trace import write_chrome_trace
 
         measured = [self.place.pipeline, self.place.stage, self.place.replica, self.place.tp_rank, self.place.kind,
                     self.clock.fwd_s, self.clock.fwd_count, self.clock.bwd_s, self.clock.bwd_count,

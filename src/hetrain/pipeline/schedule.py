@@ -9,7 +9,7 @@ on every micro-batch of the last stage, and torch scales the gradients by 1 / mi
 
 TracedStage is torch's PipelineStage recording, per chunk, when its forward and backward ran
 and how long it waited for each activation or gradient from its neighbour, as hetrain
-TraceEvents (hetrain.predict.trace): one lane for the stage's compute, one per link. Clocks are
+TraceEvents (hetrain.trace): one lane for the stage's compute, one per link. Clocks are
 wall-clock seconds from a start time every rank shares. This module runs schedules; it must not
 reduce gradients across replicas or step optimizers.
 """
@@ -25,7 +25,7 @@ from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGP
 
 from hetrain.pipeline.communicator import HOST, Communicator, HostStaged
 from hetrain.pipeline.stages import StageModule, stage_example, stage_loss
-from hetrain.predict.trace import TraceEvent
+from hetrain.trace import TraceEvent
 
 
 @dataclass

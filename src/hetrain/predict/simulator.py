@@ -34,7 +34,7 @@ import heapq
 import math
 from dataclasses import dataclass, field
 
-from hetrain.predict.trace import TraceEvent
+from hetrain.trace import TraceEvent
 
 
 @dataclass

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from hetrain.config import Config, parse_device_budget, to_dict
 from hetrain.errors import ConfigError
-from hetrain.plan.offload_plan import PLAN_FORMAT, OffloadPlan, shape_of
+from hetrain.plan.offload.plan import PLAN_FORMAT, OffloadPlan, shape_of
 from hetrain.train.checkpoint import CheckpointMeta
 from hetrain.train.distributed import Ranks
 
@@ -65,7 +65,7 @@ def choose_plan(cfg: Config, ranks: Ranks, resume: CheckpointMeta | None) -> Off
         plan = OffloadPlan.from_dict(resume.plan) if resume.plan is not None else None
         print(f"hetrain: resuming under the plan the checkpoint ran ({_describe(plan)})", flush=True)
     else:
-        from hetrain.plan.offload_planner import plan_for_config
+        from hetrain.plan.offload.planner import plan_for_config
 
         plan = ranks.from_main(plan_for_config(cfg) if ranks.is_main else None)  # rank 0 plans for all
         if resume is not None:

@@ -1,4 +1,4 @@
-"""Records what a training step really ran, in the simulator's event format (hetrain.predict.trace).
+"""Records what a training step really ran, in the simulator's event format (hetrain.trace).
 
 Module hooks on the transformer blocks mark each block's forward and backward; the stretches
 before the first block and after the last become the embedding and head events, so the
@@ -16,7 +16,7 @@ import time
 import torch
 import torch.nn as nn
 
-from hetrain.predict.trace import TraceEvent, task_name
+from hetrain.trace import TraceEvent, task_name
 
 
 class _Clock:
@@ -149,8 +149,8 @@ def predicted_events(cfg, plan) -> list[TraceEvent]:
             return predict_step(cfg, profile).sim.events
         except ConfigError:
             return []
-    from hetrain.plan.offload_graph import choice_of, offload_prices, simulate_offload
-    from hetrain.plan.offload_planner import PlannerOptions, step_settings
+    from hetrain.plan.offload.graph import choice_of, offload_prices, simulate_offload
+    from hetrain.plan.offload.planner import PlannerOptions, step_settings
     from hetrain.predict.cost import cost_model, describe_for
 
     cost = cost_model(cfg, describe_for(cfg), profile)
@@ -171,10 +171,10 @@ def _has_model(cfg, profile) -> bool:
 def write_run_trace(run_dir, measured: list[TraceEvent], predicted: list[TraceEvent], title: str) -> list[dict]:
     """trace.json (the measured events, Chrome/Perfetto; the predicted-against-measured pairs
     in its metadata), trace_timeline.png and trace_predicted.json; returns the pairs
-    (hetrain.predict.trace.pair_tasks), slowest measured first."""
+    (hetrain.trace.pair_tasks), slowest measured first."""
     from pathlib import Path
 
-    from hetrain.predict.trace import pair_tasks, plot_timeline, write_chrome_trace
+    from hetrain.trace import pair_tasks, plot_timeline, write_chrome_trace
 
     run_dir = Path(run_dir)
     t0 = min((e.start_s for e in measured), default=0.0)

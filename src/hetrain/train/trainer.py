@@ -29,7 +29,7 @@ from hetrain.liveness import wait_s
 from hetrain.memory import MemoryAccountant
 from hetrain.model.describe import describe_model
 from hetrain.model.gpt import GPT
-from hetrain.predict.trace import task_name
+from hetrain.trace import task_name
 from hetrain.train import checkpoint as ckpt
 from hetrain.train.plan_choice import choose_plan
 from hetrain.train.distributed import init_ranks, launched_world, pick_device, processes_on_this_node

@@ -6,12 +6,12 @@ import pytest
 
 from hetrain.hardware.cluster import parse_cluster
 from hetrain.model.describe import describe_model
-from hetrain.plan.parallel import SearchOptions, plan_cluster
-from hetrain.plan.parallel_cost import CostContext, Path, PredictorOptions, dp_path, ring_allreduce_s
-from hetrain.plan.parallel_predict import (PipelineShape, build_stages, context_for, one_f_one_b_end_s,
+from hetrain.plan.cluster.planner import SearchOptions, plan_cluster
+from hetrain.plan.cluster.cost import CostContext, Path, PredictorOptions, dp_path, ring_allreduce_s
+from hetrain.plan.cluster.predict import (PipelineShape, build_stages, context_for, one_f_one_b_end_s,
                                            one_f_one_b_orders, pipeline_step_s, predict_plan, shape_of)
 
-from .test_parallel_search import CASES, model, two_kinds
+from .test_search import CASES, model, two_kinds
 
 
 def test_uniform_1f1b_is_m_plus_s_minus_1_slots():

@@ -17,10 +17,10 @@ from hetrain.model.gpt import GPT
 from hetrain.offload import OptimConfig, apply_plan
 from hetrain.offload.cpu_optim import HostLayer
 from hetrain.offload.weights import ALIGN_ELEMENTS
-from hetrain.plan.offload_graph import ALIGN_SLACK_ELEMENTS, choice_of, offload_prices, simulate_offload
-from hetrain.plan.offload_milp import OffloadModel
-from hetrain.plan.offload_plan import OffloadPlan
-from hetrain.plan.offload_planner import PlannerOptions, candidates, plan_offload, run_offload_planning, step_settings
+from hetrain.plan.offload.graph import ALIGN_SLACK_ELEMENTS, choice_of, offload_prices, simulate_offload
+from hetrain.plan.offload.milp import OffloadModel
+from hetrain.plan.offload.plan import OffloadPlan
+from hetrain.plan.offload.planner import PlannerOptions, candidates, plan_offload, run_offload_planning, step_settings
 from hetrain.predict.cost import RooflineCost, describe_for
 
 GIB = 2**30
@@ -291,7 +291,7 @@ def test_96_block_model_plans_within_a_second():
 
 
 def test_default_job_plan_mixes_every_kind_of_decision():
-    from hetrain.plan.offload_planner import plain_peak_bytes, plan_for_config
+    from hetrain.plan.offload.planner import plain_peak_bytes, plan_for_config
 
     cfg = load_config(None, {"run.device": "cpu"})  # the default job, as on a machine without a GPU
     cost = cost_for(cfg, "cpu")
@@ -305,8 +305,8 @@ def test_default_job_plan_mixes_every_kind_of_decision():
 
 
 def test_device_budget_forms(monkeypatch):
-    from hetrain.plan import offload_planner
-    from hetrain.plan.offload_planner import plain_peak_bytes, plan_for_config
+    from hetrain.plan.offload import planner as offload_planner
+    from hetrain.plan.offload.planner import plain_peak_bytes, plan_for_config
 
     cfg = config(run__device="cpu")
     cost = cost_for(cfg, "cpu")

@@ -7,13 +7,13 @@ import pytest
 from hetrain.errors import ConfigError
 from hetrain.hardware.cluster import load_cluster, parse_cluster
 from hetrain.model.presets import get_preset
-from hetrain.plan.parallel import (ClusterPlan, SearchOptions, format_report, load_plan, plan_cluster, repredict,
+from hetrain.plan.cluster.planner import (ClusterPlan, SearchOptions, format_report, load_plan, plan_cluster, repredict,
                                    run_cluster_planning)
-from hetrain.plan.parallel_cost import PredictorOptions
+from hetrain.plan.cluster.cost import PredictorOptions
 
-from .test_parallel_search import CASES, model, two_kinds
+from .test_search import CASES, model, two_kinds
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 SMALL = two_kinds(2, 2, 1, 4)
 
 

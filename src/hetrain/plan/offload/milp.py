@@ -22,7 +22,7 @@ import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, milp
 from scipy.sparse import coo_array
 
-from hetrain.plan.offload_graph import Choice, OffloadPrices
+from hetrain.plan.offload.graph import Choice, OffloadPrices
 
 LOAD_WEIGHT = 1e-3
 """Objective weight of the summed resource loads: among plans of equal step time, the one that

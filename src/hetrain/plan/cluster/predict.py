@@ -25,10 +25,10 @@ import numpy as np
 from hetrain.hardware.cluster import Group, cluster_from_dict
 from hetrain.model.describe import describe_model
 from hetrain.model.gpt import ModelConfig
-from hetrain.plan.parallel_cost import CostContext, Path, PredictorOptions, dp_path, pp_path, ring_allreduce_s
-from hetrain.plan.parallel_plan import ClusterPlan, PipelinePlan, StagePlan, fold
+from hetrain.plan.cluster.cost import CostContext, Path, PredictorOptions, dp_path, pp_path, ring_allreduce_s
+from hetrain.plan.cluster.plan import ClusterPlan, PipelinePlan, StagePlan, fold
 from hetrain.predict.simulator import Task, simulate
-from hetrain.predict.trace import TraceEvent, task_name
+from hetrain.trace import TraceEvent, task_name
 
 
 @dataclass(frozen=True)
@@ -385,7 +385,7 @@ def predict_plan(plan: ClusterPlan, ctx: CostContext | None = None) -> tuple[Pla
         others = tuple(g for g in all_groups if g not in pipe.groups)
         stages = build_stages(ctx, shape_of(pipe), pipe.n_microbatches, others, len(plan.pipelines))
         if chunked.virtual_stages > 1:
-            from hetrain.plan.parallel_interleaved import interleaved_tasks
+            from hetrain.plan.cluster.interleaved import interleaved_tasks
 
             tasks, base = interleaved_tasks(p, stages, chunked.stages, pipe.n_microbatches)
         else:

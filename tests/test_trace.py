@@ -5,7 +5,7 @@ import json
 import pytest
 
 from hetrain.predict.simulator import Task, simulate
-from hetrain.predict.trace import (
+from hetrain.trace import (
     TraceEvent, plot_timeline, read_chrome_memory, read_chrome_trace, summarize,
     write_chrome_trace,
 )

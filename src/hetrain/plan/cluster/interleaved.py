@@ -8,7 +8,7 @@ then forward-backward pairs, then the remaining backwards; the chunk of the k-th
 (k // r) mod V with r = m / rounds micro-batches per round, that of the k-th backward (counted
 from the end of warm-up) the same from the top.
 `interleaved_tasks` turns them into simulator tasks: a chunk costs its blocks' share of its
-stage's StageModel (hetrain.plan.parallel_predict), the embedding and head on the chunks that
+stage's StageModel (hetrain.plan.cluster.predict), the embedding and head on the chunks that
 hold them, recomputation before its backward, and a blocking send to the neighbouring stage
 after each forward and backward (the link from the last stage back to the first, which the
 StageModels do not price, is charged at the pipeline's slowest link); a chunk's activations

@@ -10,8 +10,8 @@ predictor to get its events, and nothing else).
 from __future__ import annotations
 
 from hetrain.hardware.catalog import GIB
-from hetrain.plan.parallel_plan import ClusterPlan, device_stages
-from hetrain.plan.parallel_predict import predict_plan
+from hetrain.plan.cluster.plan import ClusterPlan, device_stages
+from hetrain.plan.cluster.predict import predict_plan
 
 
 def _si(x: float) -> str:
@@ -75,7 +75,7 @@ def format_report(plan: ClusterPlan) -> str:
 
 def write_timeline(plan: ClusterPlan, path) -> None:
     """Draw one predicted step of every pipeline's first replica as a PNG."""
-    from hetrain.predict.trace import plot_timeline
+    from hetrain.trace import plot_timeline
 
     pred, events = predict_plan(plan)
     title = (f"{plan.model.get('preset', 'model')} on {plan.cluster['name']}: one step, "

@@ -15,8 +15,8 @@ from __future__ import annotations
 import heapq
 import math
 
-from hetrain.plan.parallel_cost import CostContext, dp_path, ring_allreduce_s
-from hetrain.plan.parallel_predict import PipelineShape, StageModel, stage_counts
+from hetrain.plan.cluster.cost import CostContext, dp_path, ring_allreduce_s
+from hetrain.plan.cluster.predict import PipelineShape, StageModel, stage_counts
 
 
 def shape_lower_bound_s(ctx: CostContext, shape: PipelineShape, n_microbatches: int) -> float:

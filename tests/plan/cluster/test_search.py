@@ -8,9 +8,9 @@ import pytest
 from hetrain.hardware.cluster import parse_cluster
 from hetrain.model.describe import describe_model
 from hetrain.model.gpt import ModelConfig
-from hetrain.plan.parallel_cost import CostContext, PredictorOptions
-from hetrain.plan.parallel_predict import PipelineShape, build_stages, pipeline_step_s
-from hetrain.plan.parallel_search import divisors, pipeline_layouts, pipeline_shapes, search
+from hetrain.plan.cluster.cost import CostContext, PredictorOptions
+from hetrain.plan.cluster.predict import PipelineShape, build_stages, pipeline_step_s
+from hetrain.plan.cluster.search import divisors, pipeline_layouts, pipeline_shapes, search
 
 
 # Exhaustive enumeration of the planner's space: the oracle of the search tests.
@@ -179,7 +179,7 @@ def test_pinned_degrees_are_kept_and_the_search_fills_in_the_rest(tmp_path, caps
 
     from hetrain.cli import main
 
-    cluster = Path(__file__).resolve().parents[2] / "configs/clusters/local-cpu.toml"
+    cluster = Path(__file__).resolve().parents[3] / "configs/clusters/local-cpu.toml"
     base = ["plan", "--cluster", str(cluster), "--model.preset", "tiny", "--model.n_layer", "4", "--train.seq_len",
             "32", "--plan.global_batch", "8"]
     assert main(base + ["--plan.pp", "2", "--plan.dp", "2", "--plan.micro_batch", "2", "--run.dir",
@@ -192,7 +192,7 @@ def test_pinned_degrees_are_kept_and_the_search_fills_in_the_rest(tmp_path, caps
     pipes = json.loads((tmp_path / "b" / "plan.json").read_text())["pipelines"]
     assert all(p["tp"] == [2] * len(p["groups"]) and len(p["stages"]) == 2 * 2 and p["virtual_stages"] == 2
                for p in pipes)
-    from hetrain.plan.parallel import load_plan, repredict
+    from hetrain.plan.cluster.planner import load_plan, repredict
 
     interleaved = load_plan(tmp_path / "b" / "plan.json")  # priced as the 1F1B plan of its device stages
     assert repredict(interleaved).prediction["step_s"] == pytest.approx(interleaved.prediction["step_s"], rel=1e-12)
@@ -208,7 +208,7 @@ def test_interleaved_order_is_torchs(n_stages, n_chunks, m):
     from torch.distributed.pipelining import ScheduleInterleaved1F1B
     from torch.distributed.pipelining.schedules import _ComputationType
 
-    from hetrain.plan.parallel_interleaved import interleaved_orders
+    from hetrain.plan.cluster.interleaved import interleaved_orders
 
     torch_schedule = object.__new__(ScheduleInterleaved1F1B)  # its order needs no process group
     torch_schedule.n_local_stages, torch_schedule.pp_group_size, torch_schedule._n_microbatches = n_chunks, n_stages, m
@@ -224,8 +224,8 @@ def test_interleaved_order_is_torchs(n_stages, n_chunks, m):
 def test_interleaving_shrinks_the_predicted_bubble():
     """Same stages and micro-batches: 2 interleaved chunks per stage cut the 1F1B bubble on fast links."""
     from hetrain.model.presets import get_preset
-    from hetrain.plan.parallel import Pins, SearchOptions, plan_cluster, repredict
-    from hetrain.plan.parallel_plan import interleave
+    from hetrain.plan.cluster.planner import Pins, SearchOptions, plan_cluster, repredict
+    from hetrain.plan.cluster.plan import interleave
 
     cluster = parse_cluster(textwrap.dedent("""\
         [[group]]

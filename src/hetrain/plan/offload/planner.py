@@ -25,10 +25,10 @@ import numpy as np
 
 from hetrain.config import Config, parse_bytes, parse_device_budget
 from hetrain.errors import ConfigError
-from hetrain.plan.offload_graph import (Choice, OffloadPrices, OffloadSimulation, StepSettings, offload_prices,
+from hetrain.plan.offload.graph import (Choice, OffloadPrices, OffloadSimulation, StepSettings, offload_prices,
                                         plan_of, simulate_offload)
-from hetrain.plan.offload_milp import BUDGET_MARGIN, OffloadModel, Solution
-from hetrain.plan.offload_plan import OffloadPlan, shape_of
+from hetrain.plan.offload.milp import BUDGET_MARGIN, OffloadModel, Solution
+from hetrain.plan.offload.plan import OffloadPlan, shape_of
 from hetrain.predict.cost import (CostModel, compute_dtype_bytes, cost_model, describe_for,
                                   training_threads)
 from hetrain.train.metrics import fmt_bytes

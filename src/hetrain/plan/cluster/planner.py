@@ -1,7 +1,7 @@
 """HETHUB-style cluster planner: the fastest hybrid-parallel plan for a cluster of mixed accelerators.
 
-`plan_cluster` checks the input, searches the plan space (hetrain.plan.parallel_search)
-under the cluster predictor (hetrain.plan.parallel_predict), predicts the chosen plan with
+`plan_cluster` checks the input, searches the plan space (hetrain.plan.cluster.search)
+under the cluster predictor (hetrain.plan.cluster.predict), predicts the chosen plan with
 the discrete-event simulator, and measures it against the upper bound: the sum over device
 kinds of the tokens/s that the best plan for that kind's devices alone reaches.
 `run_cluster_planning` is what `hetrain plan --cluster FILE` calls: it also writes
@@ -19,12 +19,12 @@ from hetrain.errors import ConfigError
 from hetrain.hardware.cluster import Cluster, cluster_to_dict, load_cluster
 from hetrain.model.describe import describe_model
 from hetrain.model.gpt import ModelConfig
-from hetrain.plan.parallel_cost import CostContext, PredictorOptions
-from hetrain.plan.parallel_plan import ClusterPlan, PipelinePlan, StagePlan, interleave
-from hetrain.plan.parallel_predict import PipelineShape, build_stages, predict_plan
-from hetrain.plan.parallel_report import format_report, write_timeline
-from hetrain.plan.parallel_search import Candidate, Pins, SearchOptions, divisors, search
-from hetrain.plan.parallel_split import split_blocks
+from hetrain.plan.cluster.cost import CostContext, PredictorOptions
+from hetrain.plan.cluster.plan import ClusterPlan, PipelinePlan, StagePlan, interleave
+from hetrain.plan.cluster.predict import PipelineShape, build_stages, predict_plan
+from hetrain.plan.cluster.report import format_report, write_timeline
+from hetrain.plan.cluster.search import Candidate, Pins, SearchOptions, divisors, search
+from hetrain.plan.cluster.split import split_blocks
 
 __all__ = ["ClusterPlan", "Pins", "PredictorOptions", "SearchOptions", "plan_cluster", "run_cluster_planning",
            "format_report", "load_plan", "repredict"]

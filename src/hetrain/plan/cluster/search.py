@@ -8,7 +8,7 @@ micro-batches; the global batch is shared among pipelines. Each stage takes a co
 run of blocks (the first also the embedding, the last the head) and recomputes the fewest
 blocks its memory demands. The search:
   1. every shape gets a quick group-level estimate (which orders them) and a valid lower
-     bound of its predicted step (which prunes them, hetrain.plan.parallel_split);
+     bound of its predicted step (which prunes them, hetrain.plan.cluster.split);
   2. shapes in estimate order get their layer split (bottleneck first, then the sum of
      stage times) and are predicted with the 1F1B recurrence; a shape whose lower bound
      cannot beat the best prediction so far is skipped;
@@ -17,7 +17,7 @@ blocks its memory demands. The search:
 With several pipelines, the batch split comes from a min-max allocation over per-shape
 time curves (sum + (m-1) x max + tail as a function of the samples).
 This module searches; it must not predict by any other rule than
-hetrain.plan.parallel_predict.
+hetrain.plan.cluster.predict.
 """
 
 from __future__ import annotations
@@ -29,9 +29,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from hetrain.plan.parallel_cost import CostContext
-from hetrain.plan.parallel_predict import PipelineShape, StageModel, build_stages, pipeline_step_s, stage_counts
-from hetrain.plan.parallel_split import bottleneck_lower_bound_s, closed_form_s, shape_estimate_s, shape_lower_bound_s, split_blocks
+from hetrain.plan.cluster.cost import CostContext
+from hetrain.plan.cluster.predict import PipelineShape, StageModel, build_stages, pipeline_step_s, stage_counts
+from hetrain.plan.cluster.split import bottleneck_lower_bound_s, closed_form_s, shape_estimate_s, shape_lower_bound_s, split_blocks
 
 
 @dataclass

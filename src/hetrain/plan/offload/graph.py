@@ -21,10 +21,10 @@ from dataclasses import dataclass
 
 from hetrain.errors import ConfigError
 from hetrain.model.describe import ModelDescription
-from hetrain.plan.offload_plan import OffloadPlan
+from hetrain.plan.offload.plan import OffloadPlan
 from hetrain.predict.cost import ACCUMULATE_BYTES_PER_PARAM, ADAM_BYTES_PER_PARAM, CostModel
 from hetrain.predict.simulator import SimResult, Task
-from hetrain.predict.trace import task_name
+from hetrain.trace import task_name
 from hetrain.predict.step_graph import (DEVICE, HOST, StateBytes, StepGraph, param_tensors, state_bytes,
                                         transient_bytes)
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from hetrain.plan.offload_plan import PLAN_FORMAT, LayerPlan, OffloadPlan
+from hetrain.plan.offload.plan import PLAN_FORMAT, LayerPlan, OffloadPlan
 
 
 def test_resident_plan_keeps_everything_on_the_device():

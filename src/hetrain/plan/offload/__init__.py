@@ -1,0 +1,1 @@
+"""The single-node offload plan, and the planner that chooses it."""
