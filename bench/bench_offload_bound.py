@@ -48,7 +48,7 @@ from hetrain.plan.offload.milp import OffloadModel  # noqa: E402
 from hetrain.plan.offload.planner import PlannerOptions, plain_peak_bytes, plan_offload, step_settings  # noqa: E402
 from hetrain.predict.cost import cost_model, describe_for  # noqa: E402
 from hetrain.predict.profiler import ProfileOptions, run_profile  # noqa: E402
-from hetrain.train.metrics import fmt_bytes  # noqa: E402
+from hetrain.units import fmt_bytes  # noqa: E402
 
 # bench/ is on sys.path when this file runs as a script: share the load measurement and the plain loop.
 from bench_offload_engine import PlainLoop  # noqa: E402

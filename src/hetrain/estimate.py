@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from hetrain.config import Config
 from hetrain.model.describe import describe_model
-from hetrain.train.metrics import fmt_bytes
+from hetrain.units import fmt_bytes
 
 ADAM_BYTES_PER_PARAM = 8  # exp_avg and exp_avg_sq in fp32
 

@@ -1,7 +1,8 @@
 import pytest
 
 from hetrain.errors import ConfigError
-from hetrain.hardware.catalog import GIB, get_kind, load_catalog, match_torch_name, parse_catalog
+from hetrain.hardware.catalog import get_kind, load_catalog, match_torch_name, parse_catalog
+from hetrain.units import GIB
 
 REQUIRED_KINDS = ["V100", "A100-40GB", "A100-80GB", "H100-SXM", "H100-PCIe", "H200", "L40S",
                   "RTX-4090", "MI250X", "MI300X", "Ascend-910B", "cpu"]

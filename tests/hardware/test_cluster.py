@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 from hetrain.errors import ConfigError
-from hetrain.hardware.catalog import GIB
+from hetrain.units import GIB
 from hetrain.hardware.cluster import cluster_from_dict, cluster_to_dict, load_cluster, parse_cluster
 
 GOOD = textwrap.dedent("""\

@@ -22,10 +22,8 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from hetrain.errors import ConfigError
+from hetrain.units import GIB, GIGA, TERA
 
-GIB = 2**30
-TERA = 1e12
-GIGA = 1e9
 DTYPES = ("bf16", "fp16", "fp32")
 
 _REQUIRED_KEYS = ("vendor", "memory_gib", "mem_bw_gbytes_per_s", "host_link_gbytes_per_s",

@@ -29,7 +29,8 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from hetrain.errors import ConfigError
-from hetrain.hardware.catalog import DTYPES, GIB, GIGA, TERA, DeviceKind, get_kind
+from hetrain.hardware.catalog import DTYPES, DeviceKind, get_kind
+from hetrain.units import GIB, GIGA, TERA
 
 _US = 1e-6
 _TOP_KEYS = ("name", "description", "group", "link")

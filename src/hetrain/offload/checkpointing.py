@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from hetrain.train.metrics import fmt_bytes
+from hetrain.units import fmt_bytes
 
 
 class _Timed(contextlib.AbstractContextManager):

@@ -23,7 +23,7 @@ from hetrain.offload.layers import Layer
 from hetrain.offload.sharded import DataParallel, ShardedHostLayer
 from hetrain.offload.weights import ModelLayout, flat_layout
 from hetrain.plan.offload.plan import OffloadPlan
-from hetrain.train.metrics import fmt_bytes
+from hetrain.units import fmt_bytes
 
 
 def check_weight_buffers(plan: OffloadPlan, layout: ModelLayout, layers: list[Layer]) -> None:

@@ -25,7 +25,7 @@ from hetrain.model.gpt import ModelConfig
 from hetrain.predict.cost import CostModel, Profile, RooflineCost, cost_model, describe_for
 from hetrain.predict.simulator import SimResult, Task, simulate
 from hetrain.trace import task_name
-from hetrain.train.metrics import fmt_bytes
+from hetrain.units import fmt_bytes
 
 FP32_BYTES = 4
 DEVICE = "device"

@@ -33,7 +33,8 @@ from hetrain.trace import task_name
 from hetrain.train import checkpoint as ckpt
 from hetrain.train.plan_choice import choose_plan
 from hetrain.train.distributed import init_ranks, launched_world, pick_device, processes_on_this_node
-from hetrain.train.metrics import MetricsLogger, device_peak_flops, fmt_bytes, format_line
+from hetrain.train.metrics import MetricsLogger, device_peak_flops, format_line
+from hetrain.units import fmt_bytes
 from hetrain.train.tracing import StepTracer
 
 

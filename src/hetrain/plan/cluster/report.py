@@ -9,7 +9,7 @@ predictor to get its events, and nothing else).
 
 from __future__ import annotations
 
-from hetrain.hardware.catalog import GIB
+from hetrain.units import GIB
 from hetrain.plan.cluster.plan import ClusterPlan, device_stages
 from hetrain.plan.cluster.predict import predict_plan
 

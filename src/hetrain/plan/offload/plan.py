@@ -21,7 +21,7 @@ import os
 from dataclasses import dataclass, field
 
 from hetrain.files import write_atomic
-from hetrain.train.metrics import fmt_bytes
+from hetrain.units import fmt_bytes
 
 PLAN_FORMAT = "hetrain.offload_plan/1"
 ACT_CHOICES = ("keep", "recompute")

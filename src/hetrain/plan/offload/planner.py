@@ -31,9 +31,8 @@ from hetrain.plan.offload.milp import BUDGET_MARGIN, OffloadModel, Solution
 from hetrain.plan.offload.plan import OffloadPlan, shape_of
 from hetrain.predict.cost import (CostModel, compute_dtype_bytes, cost_model, describe_for,
                                   training_threads)
-from hetrain.train.metrics import fmt_bytes
+from hetrain.units import KIB, fmt_bytes
 
-KIB = 2**10
 HOST_BUDGET_FRACTION = 0.8
 """Default host budget: this share of the machine's RAM (config: memory.host_budget)."""
 GPU_BUDGET_FRACTION = 0.9
