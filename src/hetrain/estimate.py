@@ -10,9 +10,8 @@ from __future__ import annotations
 
 from hetrain.config import Config
 from hetrain.model.describe import describe_model
+from hetrain.predict.state_bytes import ADAM_MOMENT_BYTES_PER_PARAM, GRAD_BYTES_PER_PARAM, MASTER_BYTES_PER_PARAM
 from hetrain.units import fmt_bytes
-
-ADAM_BYTES_PER_PARAM = 8  # exp_avg and exp_avg_sq in fp32
 
 
 def memory_breakdown(cfg: Config) -> dict[str, int]:
@@ -22,9 +21,9 @@ def memory_breakdown(cfg: Config) -> dict[str, int]:
     desc = describe_model(cfg.model, t.micro_batch, t.seq_len, compute_dtype_bytes=b)
     params = desc.total_params
     return {
-        "parameters (fp32)": 4 * params,
-        "gradients (fp32)": 4 * params,
-        "adam state (fp32 m, v)": ADAM_BYTES_PER_PARAM * params,
+        "parameters (fp32)": MASTER_BYTES_PER_PARAM * params,
+        "gradients (fp32)": GRAD_BYTES_PER_PARAM * params,
+        "adam state (fp32 m, v)": ADAM_MOMENT_BYTES_PER_PARAM * params,
         "activations (one micro-batch)": sum(layer.act_bytes_total for layer in desc.layers()),
     }
 

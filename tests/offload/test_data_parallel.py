@@ -94,8 +94,10 @@ def test_two_gloo_ranks_with_sharded_host_state_match_one_process(tmp_path, clip
 
 
 def test_sharded_host_bytes_shrink_with_ranks():
-    one = ShardedHostLayer.estimate_host_bytes(10_000, 4, torch.bfloat16, False, 1)
-    four = ShardedHostLayer.estimate_host_bytes(10_000, 4, torch.bfloat16, False, 4)
+    from hetrain.predict.state_bytes import host_layer_bytes
+
+    one = host_layer_bytes(10_000, 4, 2, False, world=1)
+    four = host_layer_bytes(10_000, 4, 2, False, world=4)
     assert four < 0.45 * one  # 16 of the 20 bytes per element are split four ways
 
 

@@ -186,14 +186,6 @@ class HostLayer:
         self.norms: list[torch.Tensor] | None = None
         self.norms_ready = threading.Event()
 
-    @staticmethod
-    def estimate_host_bytes(numel: int, n_params: int, dtype: torch.dtype, pin: bool) -> int:
-        """Host bytes a HostLayer of `numel` flat elements will hold (checked before allocating):
-        fp32 master, gradient, exp_avg and exp_avg_sq, step counters, the compute-dtype upload
-        copy when it is not the master, and the pinned gradient staging on CUDA."""
-        compute = numel * dtype.itemsize
-        return 16 * numel + 4 * n_params + (compute if dtype != torch.float32 else 0) + (compute if pin else 0)
-
     # --- gradients -----------------------------------------------------------------------
     def _add(self, g: torch.Tensor, first: bool, final: bool) -> None:
         with torch.no_grad():

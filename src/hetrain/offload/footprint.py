@@ -18,11 +18,11 @@ import torch.nn as nn
 
 from hetrain.hardware.probe import probe
 from hetrain.offload.checkpointing import DeviceBudgetError
-from hetrain.offload.cpu_optim import HostLayer
 from hetrain.offload.layers import Layer
-from hetrain.offload.sharded import DataParallel, ShardedHostLayer
+from hetrain.offload.sharded import DataParallel
 from hetrain.offload.weights import ModelLayout, flat_layout
 from hetrain.plan.offload.plan import OffloadPlan
+from hetrain.predict.state_bytes import device_optimizer_bytes, host_layer_bytes
 from hetrain.units import fmt_bytes
 
 
@@ -46,17 +46,16 @@ def check_footprint(model: nn.Module, plan: OffloadPlan, layers: list[Layer], dt
     cuda = device.type == "cuda"
     device_bytes, host_bytes, largest = sum(b.nbytes for b in model.buffers()), 0, 0
     for layer in layers:
-        numel, n_params = flat_layout(layer.owned)[1], len(layer.owned)
-        adam_bytes = 8 * sum(p.numel() for _, p in layer.owned) + 4 * n_params
+        numel, tensors = flat_layout(layer.owned)[1], len(layer.owned)
+        params = sum(p.numel() for _, p in layer.owned)
         compute_bytes = numel * dtype.itemsize
         if layer.native:
-            device_bytes += 4 * sum(p.numel() for _, p in layer.owned) + adam_bytes
+            device_bytes += device_optimizer_bytes(params, params, tensors)
         elif layer.plan.optim == "device":
-            device_bytes += 4 * numel + adam_bytes
+            device_bytes += device_optimizer_bytes(numel, params, tensors)
             host_bytes += compute_bytes if layer.plan.weights == "host" else 0
         else:
-            host_bytes += (ShardedHostLayer.estimate_host_bytes(numel, n_params, dtype, cuda, dp.world)
-                           if dp else HostLayer.estimate_host_bytes(numel, n_params, dtype, cuda))
+            host_bytes += host_layer_bytes(numel, tensors, dtype.itemsize, cuda, dp.world if dp else None)
         if not layer.native and layer.plan.weights == "device":
             device_bytes += compute_bytes
         if layer.plan.weights == "host":

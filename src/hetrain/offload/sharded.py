@@ -102,16 +102,6 @@ class ShardedHostLayer(HostLayer):
         self.staging = host_empty(self.chunk, flat.dtype, pin) if pin else None
         self._init_events()
 
-    @staticmethod
-    def estimate_host_bytes(numel: int, n_params: int, dtype: torch.dtype, pin: bool, world: int = 1) -> int:
-        """Host bytes on one rank: the chunk's fp32 master, gradient and Adam state, a step
-        counter per piece (at most one per parameter, plus one per chunk boundary), the full
-        compute copy, and the compute-dtype send chunk and gradient staging where they exist."""
-        chunk = chunk_size(numel, world)
-        compute = chunk * dtype.itemsize
-        return (16 * chunk + 4 * (n_params + 1) + world * compute + (compute if dtype != torch.float32 else 0)
-                + (compute if pin else 0))
-
     def _own(self, g: torch.Tensor) -> torch.Tensor:
         return g[self.lo:self.hi]
 

@@ -16,9 +16,6 @@ simple and exact; at large scale DTensor-sharded keys would avoid gathering them
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -74,25 +71,15 @@ def save(run_dir: Path, state: dict, meta: ckpt.CheckpointMeta, comm: Communicat
     """Write a checkpoint with every rank; returns its directory (on every rank)."""
     root = Path(run_dir) / ckpt.CKPT_DIR
     final = root / ckpt.checkpoint_name(meta.step)
-    tmp = root / f"{final.name}.tmp"
+    tmp = root / f"{final.name}.tmp"  # one name for every rank (their pids differ)
     if comm.place.rank == 0:
         root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
+        ckpt.remove_stale_partials(root)  # this save's own leftover too
     dist.barrier(group=comm.control)
     dcp.save(state, checkpoint_id=str(tmp), process_group=comm.control)
     dist.barrier(group=comm.control)
     if comm.place.rank == 0:
-        (tmp / ckpt.META).write_text(json.dumps(meta.__dict__, indent=1, default=str))
-        if final.exists():
-            old = root / f"{final.name}.old"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        if keep > 0:
-            for stale in ckpt.list_checkpoints(run_dir)[:-keep]:
-                shutil.rmtree(stale, ignore_errors=True)
+        ckpt.publish(run_dir, tmp, final, meta, keep)
     dist.barrier(group=comm.control)
     return final
 

@@ -31,15 +31,9 @@ from hetrain.errors import ConfigError
 from hetrain.hardware.catalog import DeviceKind, get_kind
 from hetrain.model.describe import LayerDescription, ModelDescription, describe_model
 from hetrain.model.gpt import ModelConfig
+from hetrain.predict.state_bytes import (ACCUMULATE_TRAFFIC_BYTES_PER_PARAM, CLIP_TRAFFIC_BYTES_PER_PARAM,
+                                         FP32_BYTES, adam_traffic_bytes)
 
-FP32_BYTES = 4
-ADAM_BYTES_PER_PARAM = 28
-"""Fused AdamW over fp32 master weights reads param, grad, exp_avg, exp_avg_sq (16 bytes) and
-writes param, exp_avg, exp_avg_sq (12 bytes)."""
-CLIP_BYTES_PER_PARAM = 12
-"""clip_grad_norm_ reads every gradient for the norm, then reads and writes it to scale it."""
-ACCUMULATE_BYTES_PER_PARAM = 12
-"""Accumulating into a held fp32 gradient reads it and the new one, and writes it."""
 
 
 # --- the profile: what the profiler measures (hetrain.predict.profiler) and ProfileCost reads ---
@@ -345,17 +339,17 @@ class RooflineCost(CostModel):
 
     def optimizer_s(self, params, tensors, on="device"):
         kind = self.kind if on == "device" else self.host
-        return params * ADAM_BYTES_PER_PARAM / (kind.mem_bw_bytes_per_s * self.eff.memory)
+        return adam_traffic_bytes(params) / (kind.mem_bw_bytes_per_s * self.eff.memory)
 
     def optimizer_call_s(self, on="device"):
         return self.eff.optimizer_call_s
 
     def clip_s(self, params, tensors):
         return (self.eff.optimizer_call_s
-                + params * CLIP_BYTES_PER_PARAM / (self.kind.mem_bw_bytes_per_s * self.eff.memory))
+                + params * CLIP_TRAFFIC_BYTES_PER_PARAM / (self.kind.mem_bw_bytes_per_s * self.eff.memory))
 
     def grad_accumulate_s(self, params, tensors):
-        return params * ACCUMULATE_BYTES_PER_PARAM / (self.kind.mem_bw_bytes_per_s * self.eff.memory)
+        return params * ACCUMULATE_TRAFFIC_BYTES_PER_PARAM / (self.kind.mem_bw_bytes_per_s * self.eff.memory)
 
     def copy_s(self, n_bytes, direction, pinned=True):
         rate = self.kind.host_link_bytes_per_s * self.eff.host_link * (1.0 if pinned else self.eff.pageable)

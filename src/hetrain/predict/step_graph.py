@@ -24,6 +24,7 @@ from hetrain.model.describe import LayerDescription, ModelDescription, head_back
 from hetrain.model.gpt import ModelConfig
 from hetrain.predict.cost import CostModel, Profile, RooflineCost, cost_model, describe_for
 from hetrain.predict.simulator import SimResult, Task, simulate
+from hetrain.predict.state_bytes import GRAD_BYTES_PER_PARAM, MASTER_BYTES_PER_PARAM, adam_state_bytes
 from hetrain.trace import task_name
 from hetrain.units import fmt_bytes
 
@@ -100,11 +101,10 @@ def state_bytes(desc: ModelDescription) -> StateBytes:
     buffers = 2 * cfg.max_seq_len * (cfg.head_dim // 2) * FP32_BYTES if cfg.pos == "rope" else 0
     layers = desc.layers()
     return StateBytes(
-        params_bytes=desc.total_params * FP32_BYTES,
+        params_bytes=desc.total_params * MASTER_BYTES_PER_PARAM,
         buffers_bytes=buffers,
-        grad_bytes_by_layer={ly.name: ly.params * FP32_BYTES for ly in layers},
-        adam_bytes_by_layer={ly.name: 2 * ly.params * FP32_BYTES + _tensors(cfg, ly) * FP32_BYTES
-                             for ly in layers},
+        grad_bytes_by_layer={ly.name: ly.params * GRAD_BYTES_PER_PARAM for ly in layers},
+        adam_bytes_by_layer={ly.name: adam_state_bytes(ly.params, _tensors(cfg, ly)) for ly in layers},
     )
 
 

@@ -91,14 +91,16 @@ def _alive(pid: int) -> bool:
 
 def remove_stale_partials(root: Path) -> list[Path]:
     """Delete what interrupted saves left in `root`: `step_N.tmpPID` and `step_N.oldPID`
-    folders whose writing process is gone (or is this one). Returns what was removed."""
+    folders whose writing process is gone (or is this one), and the cluster runtime's
+    `step_N.tmp` / `step_N.old` (one name for all its ranks; call this only where no other job
+    writes into `root`). Returns what was removed."""
     removed = []
     for p in root.glob("step_*.*"):
         suffix = p.name.rsplit(".", 1)[1]
         for tag in ("tmp", "old"):
-            if suffix.startswith(tag) and suffix[len(tag):].isdigit():
-                pid = int(suffix[len(tag):])
-                if pid == os.getpid() or not _alive(pid):
+            rest = suffix[len(tag):]
+            if suffix.startswith(tag) and (rest == "" or rest.isdigit()):
+                if rest == "" or int(rest) == os.getpid() or not _alive(int(rest)):
                     shutil.rmtree(p, ignore_errors=True)
                     removed.append(p)
     return removed
@@ -113,15 +115,26 @@ def save_checkpoint(run_dir: str | os.PathLike, state: dict, meta: CheckpointMet
     root.mkdir(parents=True, exist_ok=True)
     remove_stale_partials(root)
     final = root / checkpoint_name(meta.step)
-    tmp = root / f"{final.name}.tmp{os.getpid()}"
+    tmp = partial_path(final)
     shutil.rmtree(tmp, ignore_errors=True)
     with _quiet_single_process():
         # One writer (rank 0 under data parallelism, which holds the full state): no collectives.
         dcp.save({**state, "rng": _rng_state()}, checkpoint_id=str(tmp), no_dist=True)
-    # meta.json is written last: its presence marks the directory complete.
+    return publish(run_dir, tmp, final, meta, keep)
+
+
+def partial_path(final: Path) -> Path:
+    """Where a save of `final` is written before it is published (remove_stale_partials knows it)."""
+    return final.with_name(f"{final.name}.tmp{os.getpid()}")
+
+
+def publish(run_dir: str | os.PathLike, tmp: Path, final: Path, meta: CheckpointMeta, keep: int) -> Path:
+    """Make the fully written `tmp` the checkpoint `final`: meta.json last (its presence marks
+    the directory complete), then renamed into place (a step saved again is swapped in and the
+    old one dropped), then only the newest `keep` checkpoints kept (0: all). One writer calls it."""
     (tmp / META).write_text(json.dumps(meta.__dict__, indent=1, default=str))
     if final.exists():  # re-saving a step (e.g. after a resume): swap, then drop the old one
-        old = root / f"{final.name}.old{os.getpid()}"
+        old = final.with_name(f"{final.name}.old{os.getpid()}")
         os.replace(final, old)
         os.replace(tmp, final)
         shutil.rmtree(old, ignore_errors=True)

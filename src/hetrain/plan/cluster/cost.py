@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 from hetrain.hardware.cluster import Cluster, Group
 from hetrain.model.describe import LayerDescription, ModelDescription
+from hetrain.predict.state_bytes import ADAM_TRAFFIC_BYTES_PER_PARAM, GRAD_BYTES_PER_PARAM, plain_state_bytes_per_param
 
 
 @dataclass(frozen=True)
@@ -33,12 +34,14 @@ class PredictorOptions:
     """Fraction of the memory bandwidth that memory-bound kernels and the optimizer reach."""
     link_efficiency: float = 0.8
     """Fraction of a link's nominal bandwidth that collectives and point-to-point reach."""
-    state_bytes_per_param: int = 18
-    """bf16 weight 2 + fp32 gradient accumulator 4 + fp32 master weight 4 + Adam moments 8."""
-    grad_reduce_bytes_per_param: int = 4
+    state_bytes_per_param: int = plain_state_bytes_per_param(2, weights_copy=True)
+    """bf16 weight 2 + fp32 gradient accumulator 4 + fp32 master weight 4 + Adam moments 8
+    (predict/state_bytes.py)."""
+    grad_reduce_bytes_per_param: int = GRAD_BYTES_PER_PARAM
     """Gradients are reduced across data-parallel replicas in fp32."""
-    optimizer_bytes_per_param: int = 30
-    """Bytes AdamW reads and writes per parameter (grad, master, moments in; master, moments, bf16 weight out)."""
+    optimizer_bytes_per_param: int = ADAM_TRAFFIC_BYTES_PER_PARAM + 2
+    """Bytes AdamW reads and writes per parameter (grad, master, moments in; master, moments, bf16
+    weight out: predict/state_bytes.py)."""
     memory_reserve_fraction: float = 0.08
     """Device memory kept free for the runtime, communication buffers and fragmentation."""
     host_staging_latency_s: float = 20e-6

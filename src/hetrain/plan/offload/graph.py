@@ -4,7 +4,7 @@
 placement, seconds of each task) from the model description and the cost model; the offload
 planner's MILP (offload_milp.py) and `build_offload_graph` both read these same terms, so the
 linear model and the simulator cannot drift apart on a coefficient. The byte rules are the
-offload engine's own (footprint.check_footprint, HostLayer.estimate_host_bytes, the DeviceLedger
+offload engine's own (footprint.check_footprint, predict/state_bytes.py, the DeviceLedger
 categories). `build_offload_graph` replays what the engine does for two consecutive steps, on
 the resources "compute", "h2d", "d2h" and "cpu_optim": forward and backward per micro-batch,
 weight fetches through the engine's buffer pool with its prefetch rule (replayed on task
@@ -22,8 +22,11 @@ from dataclasses import dataclass
 from hetrain.errors import ConfigError
 from hetrain.model.describe import ModelDescription
 from hetrain.plan.offload.plan import OffloadPlan
-from hetrain.predict.cost import ACCUMULATE_BYTES_PER_PARAM, ADAM_BYTES_PER_PARAM, CostModel
+from hetrain.predict.cost import CostModel
 from hetrain.predict.simulator import SimResult, Task
+from hetrain.predict.state_bytes import (ACCUMULATE_TRAFFIC_BYTES_PER_PARAM, ADAM_TRAFFIC_BYTES_PER_PARAM,
+                                         GRAD_BYTES_PER_PARAM, MASTER_BYTES_PER_PARAM, adam_state_bytes,
+                                         device_optimizer_bytes, host_layer_bytes)
 from hetrain.trace import task_name
 from hetrain.predict.step_graph import (DEVICE, HOST, StateBytes, StepGraph, param_tensors, state_bytes,
                                         transient_bytes)
@@ -112,26 +115,25 @@ class LayerTerms:
     @property
     def adam_bytes(self) -> int:
         """exp_avg, exp_avg_sq and a step counter per tensor (fused AdamW's state)."""
-        return 8 * self.params + FP32_BYTES * self.tensors
+        return adam_state_bytes(self.params, self.tensors)
 
     @property
     def grad_bytes(self) -> int:
         """The fp32 gradient a device-optimised layer holds from its backward to the update."""
-        return FP32_BYTES * self.flat_numel
+        return GRAD_BYTES_PER_PARAM * self.flat_numel
 
     def host_optim_bytes(self, settings: StepSettings) -> int:
-        """HostLayer.estimate_host_bytes: master, gradient, Adam state, the compute copy when it
-        is not the master, pinned gradient staging on CUDA."""
-        extra = (0 if settings.fp32 else self.compute_bytes) + (self.compute_bytes if settings.pinned else 0)
-        return 16 * self.flat_numel + FP32_BYTES * self.tensors + extra
+        """The HostLayer's bytes (predict/state_bytes.host_layer_bytes, one process)."""
+        return host_layer_bytes(self.flat_numel, self.tensors, settings.compute_dtype_bytes, settings.pinned)
 
     def device_state_bytes(self, stream: int, cpu_optim: int, settings: StepSettings) -> int:
         """Device bytes held for good (footprint.check_footprint): fp32 masters and Adam state of a
         device-optimised layer, the compute copy of a resident one (in fp32 the master is it)."""
         device_optim = 1 - cpu_optim
         if settings.fp32:
-            return FP32_BYTES * self.flat_numel * (1 - stream * cpu_optim) + device_optim * self.adam_bytes
-        return (device_optim * (FP32_BYTES * self.flat_numel + self.adam_bytes)
+            return (MASTER_BYTES_PER_PARAM * self.flat_numel * (1 - stream * cpu_optim)
+                    + device_optim * self.adam_bytes)
+        return (device_optim * device_optimizer_bytes(self.flat_numel, self.params, self.tensors)
                 + (1 - stream) * self.compute_bytes)
 
     def host_state_bytes(self, stream: int, cpu_optim: int, settings: StepSettings) -> int:
@@ -146,14 +148,14 @@ class LayerTerms:
 
 def _copy_s(cost: CostModel, n_bytes: int, direction: str, async_copies: bool) -> float:
     """A pinned copy's time. On a CPU device, where no link was measured, a copy is a memcpy
-    priced from the CPU Adam rate: Adam moves ADAM_BYTES_PER_PARAM per parameter, a copy reads
+    priced from the CPU Adam rate: Adam moves ADAM_TRAFFIC_BYTES_PER_PARAM per parameter, a copy reads
     and writes each byte once."""
     try:
         return cost.copy_s(n_bytes, direction, pinned=True)
     except ConfigError:
         if async_copies:
             raise
-        return cost.optimizer_s(round(2 * n_bytes / ADAM_BYTES_PER_PARAM), 1, "host")
+        return cost.optimizer_s(round(2 * n_bytes / ADAM_TRAFFIC_BYTES_PER_PARAM), 1, "host")
 
 
 def layer_terms(desc: ModelDescription, cost: CostModel, settings: StepSettings) -> list[LayerTerms]:
@@ -176,7 +178,7 @@ def layer_terms(desc: ModelDescription, cost: CostModel, settings: StepSettings)
             recompute_s=cost.recompute_s(layer) if kind == "block" else 0.0,
             optim_device_s=cost.optimizer_s(layer.params, tensors, "device"),
             optim_host_s=optim_host_s + cost.optimizer_call_s("host"),
-            host_accumulate_s=optim_host_s * ACCUMULATE_BYTES_PER_PARAM / ADAM_BYTES_PER_PARAM,
+            host_accumulate_s=optim_host_s * ACCUMULATE_TRAFFIC_BYTES_PER_PARAM / ADAM_TRAFFIC_BYTES_PER_PARAM,
             device_accumulate_s=cost.grad_accumulate_s(layer.params, tensors),
             h2d_s=_copy_s(cost, flat * b, "h2d", settings.async_copies),
             d2h_s=_copy_s(cost, flat * b, "d2h", settings.async_copies),
