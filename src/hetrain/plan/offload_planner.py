@@ -140,12 +140,13 @@ def _profile_too_big(cfg: Config) -> str:
 
 
 def step_settings(cfg: Config, cost: CostModel, options: PlannerOptions) -> StepSettings:
+    tied = describe_for(cfg).tied_embeddings
     async_copies = _runs_on_gpu(cost) if options.async_copies is None else options.async_copies
     return StepSettings(grad_accum=cfg.train.grad_accum, clip=cfg.train.grad_clip > 0, overlap=options.overlap,
                         async_copies=async_copies, weight_buffers=options.weight_buffers,
                         prefetch_depth=options.prefetch_depth,
                         compute_dtype_bytes=compute_dtype_bytes(cfg.train.dtype),
-                        tied_embeddings=cfg.model.tie_embeddings)
+                        tied_embeddings=tied)
 
 
 def plan_offload(cfg: Config, device_budget_bytes: int | None, host_budget_bytes: int | None,

@@ -280,7 +280,7 @@ class RooflineCost(CostModel):
 
     def _io_bytes(self) -> int:
         """One residual-stream tensor (a layer's input or output) in the compute dtype."""
-        return self.desc.tokens_per_microbatch * self.desc.config.d_model * self.desc.compute_dtype_bytes
+        return self.desc.tokens_per_microbatch * self.desc.hidden_size * self.desc.compute_dtype_bytes
 
     def _weight_read_bytes(self, layer: LayerDescription) -> int:
         if layer.name == "embedding":   # a lookup reads only the rows of the batch's tokens
@@ -309,16 +309,11 @@ class RooflineCost(CostModel):
         """What bf16 autocast over fp32 weights saves beyond the description's bf16-weight layout:
         a bf16 copy of every matmul weight, and LayerNorm inputs and statistics in fp32 (the
         residual stream stays fp32 and autocast runs layer_norm in fp32)."""
-        cfg, tokens = self.desc.config, self.desc.tokens_per_microbatch
-        norm = tokens * cfg.d_model * 2 + tokens * 2 * 2 if cfg.norm == "layernorm" else 0
+        d, tokens = self.desc, self.desc.tokens_per_microbatch
+        norm = tokens * d.hidden_size * 2 + tokens * 2 * 2 if d.norm == "layernorm" else 0
         if layer.name == "embedding":
             return 0
-        if layer.name == "head":
-            return cfg.vocab_size * cfg.d_model * 2 + norm
-        kv = cfg.n_kv_head * cfg.head_dim
-        up = cfg.d_ff * (2 if cfg.mlp == "swiglu" else 1)
-        matmul_params = cfg.d_model * (cfg.d_model + 2 * kv) + cfg.d_model * cfg.d_model + cfg.d_model * up + cfg.d_ff * cfg.d_model
-        return matmul_params * 2 + 2 * norm
+        return layer.matmul_params * 2 + (norm if layer.name == "head" else 2 * norm)
 
     def optimizer_s(self, params, tensors, on="device"):
         kind = self.kind if on == "device" else self.host
