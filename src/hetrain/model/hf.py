@@ -43,6 +43,19 @@ def _import_transformers():
     return transformers
 
 
+@contextlib.contextmanager
+def quiet_progress(transformers):
+    """transformers' per-file progress bars off (hetrain prints its own lines), then as before."""
+    logging = transformers.utils.logging
+    was = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            logging.enable_progress_bar()
+
+
 def _dtype_kwargs(transformers, dtype: torch.dtype) -> dict:
     # transformers 4.56 renamed `torch_dtype` to `dtype`; the extra allows both sides.
     major, minor = (int(part) for part in transformers.__version__.split(".")[:2])
@@ -355,9 +368,10 @@ def load_hf_model(path: str, dtype: torch.dtype = torch.float32) -> HFCausalLM:
     has_weights = p.is_dir() and any(f for pattern in WEIGHT_PATTERNS for f in p.glob(pattern))
     try:
         if has_weights:
-            hf_model = transformers.AutoModelForCausalLM.from_pretrained(
-                str(p), config=config, local_files_only=True, trust_remote_code=False,
-                **_dtype_kwargs(transformers, dtype))
+            with quiet_progress(transformers):
+                hf_model = transformers.AutoModelForCausalLM.from_pretrained(
+                    str(p), config=config, local_files_only=True, trust_remote_code=False,
+                    **_dtype_kwargs(transformers, dtype))
             return HFCausalLM(hf_model).train()
         return build_hf_model(config, dtype=dtype)
     except (OSError, ValueError, KeyError) as exc:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from hetrain.errors import ConfigError
-from hetrain.model.hf import HFCausalLM, _import_transformers
+from hetrain.model.hf import HFCausalLM, _import_transformers, quiet_progress
 
 # Files whose presence means the folder has a tokenizer (fast, sentencepiece or BPE files).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
@@ -33,7 +33,8 @@ def save_hf_model(model: HFCausalLM, out_dir: str | os.PathLike, source: str = "
     out = Path(out_dir)
     tmp, old = out.with_name(f"{out.name}.tmp{os.getpid()}"), out.with_name(f"{out.name}.old{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.hf_model.save_pretrained(str(tmp), safe_serialization=True)
+    with quiet_progress(_import_transformers()):
+        model.hf_model.save_pretrained(str(tmp), safe_serialization=True)
     tokenizer = _auto_tokenizer(source) if source else None
     if tokenizer is not None:
         tokenizer.save_pretrained(str(tmp))

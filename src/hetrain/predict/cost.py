@@ -72,10 +72,11 @@ class ModelProfile:
     head: LayerTiming
     """Final norm, output projection and cross-entropy loss."""
 
-    def matches(self, model_cfg: ModelConfig, seq_len: int, dtype: str, threads: int | None) -> bool:
-        """Same shape, sequence length and dtype, and `threads` unless it is None."""
-        return (self.model == dataclasses.asdict(model_cfg) and self.seq_len == seq_len
-                and self.dtype == dtype and threads in (None, self.threads))
+    def matches(self, model_cfg: ModelConfig | dict, seq_len: int, dtype: str, threads: int | None) -> bool:
+        """Same shape (a ModelConfig, or a model_key), sequence length and dtype, and `threads`
+        unless it is None."""
+        key = model_cfg if isinstance(model_cfg, dict) else dataclasses.asdict(model_cfg)
+        return self.model == key and self.seq_len == seq_len and self.dtype == dtype and threads in (None, self.threads)
 
 
 @dataclass
@@ -113,7 +114,7 @@ class Profile:
     """Figure -> why it could not be measured here."""
     models: list[ModelProfile] = field(default_factory=list)
 
-    def find_model(self, model_cfg: ModelConfig, micro_batch: int, seq_len: int, dtype: str,
+    def find_model(self, model_cfg: ModelConfig | dict, micro_batch: int, seq_len: int, dtype: str,
                    threads: int | None) -> ModelProfile | None:
         """The entry for this shape at `micro_batch`, else the one at the nearest micro-batch."""
         same = [m for m in self.models if m.matches(model_cfg, seq_len, dtype, threads)]
@@ -348,7 +349,33 @@ def compute_dtype_bytes(dtype: str) -> int:
 
 
 def describe_for(cfg: Config) -> ModelDescription:
-    return describe_model(cfg.model, cfg.train.micro_batch, cfg.train.seq_len, compute_dtype_bytes(cfg.train.dtype))
+    """The description of the model `cfg` trains: hetrain's preset, or the Hugging Face model at
+    hf.path (ConfigError for one hetrain cannot describe)."""
+    b = compute_dtype_bytes(cfg.train.dtype)
+    if cfg.hf.path:
+        from hetrain.model.hf import load_hf_config
+        from hetrain.model.hf_describe import describe_hf
+
+        return describe_hf(load_hf_config(cfg.hf.path), cfg.train.micro_batch, cfg.train.seq_len, b)
+    return describe_model(cfg.model, cfg.train.micro_batch, cfg.train.seq_len, b)
+
+
+def model_key(cfg: Config) -> dict:
+    """What a profile entry is keyed on: dataclasses.asdict of model.*, or for a Hugging Face
+    model {'hf_config': its config without volatile entries}."""
+    if cfg.hf.path:
+        from hetrain.model.hf import config_key, load_hf_config
+
+        return {"hf_config": config_key(load_hf_config(cfg.hf.path))}
+    return dataclasses.asdict(cfg.model)
+
+
+def model_label(cfg: Config) -> str:
+    """The model in words, for messages."""
+    if cfg.hf.path:
+        c = model_key(cfg)["hf_config"]
+        return f"Hugging Face model '{cfg.hf.path}' ({c.get('model_type')}, {c.get('num_hidden_layers', c.get('n_layer'))} layers)"
+    return f"model '{cfg.model.preset}' (n_layer={cfg.model.n_layer}, d_model={cfg.model.d_model})"
 
 
 def training_threads(cfg: Config) -> int:
@@ -364,11 +391,10 @@ def cost_model(cfg: Config, desc: ModelDescription, profile: Profile | None = No
     if not kind_name and profile is not None:
         # On CPU the thread count is part of the measurement; on a GPU it hardly matters.
         threads = training_threads(cfg) if profile.device == "cpu" else None
-        entry = profile.find_model(cfg.model, desc.micro_batch, desc.seq_len, cfg.train.dtype, threads)
+        entry = profile.find_model(model_key(cfg), desc.micro_batch, desc.seq_len, cfg.train.dtype, threads)
         if entry is None:
             raise ConfigError(
-                f"the profile of {profile.machine.get('hostname')} has no measurements of model "
-                f"'{cfg.model.preset}' (n_layer={cfg.model.n_layer}, d_model={cfg.model.d_model}) at "
+                f"the profile of {profile.machine.get('hostname')} has no measurements of {model_label(cfg)} at "
                 f"seq_len={desc.seq_len}, dtype={cfg.train.dtype}, threads={threads or 'any'}; run `hetrain profile` "
                 f"with the same --model.*, --train.seq_len, --train.dtype and --run.threads")
         return ProfileCost(desc, profile, entry, training_threads(cfg))

@@ -217,10 +217,9 @@ def predict_step(cfg: Config, profile: Profile | None = None,
     Durations come from `profile` (this machine's, see hetrain.predict.profiler.load_profile)
     unless `cfg.hardware.device_kind` names a catalog kind; with neither, from the catalog kind
     of this machine's GPU, or the catalog's 'cpu' placeholder. ConfigError when the profile has
-    no entry for this model, sequence length and dtype, or for a Hugging Face model.
+    no entry for this model, sequence length and dtype, or for a Hugging Face model hetrain
+    cannot describe.
     """
-    if cfg.hf.path:
-        raise ConfigError("the predictor describes hetrain GPT models only; unset --hf.path")
     desc = describe_for(cfg)
     cost = cost_model(cfg, desc, profile)
     graph = build_step_graph(desc, cost, options or StepGraphOptions(grad_accum=cfg.train.grad_accum))

@@ -82,6 +82,13 @@ def build_model(cfg: Config, vocab_size: int) -> nn.Module:
     return GPT(cfg.model)
 
 
+def _hf_tokenizer(cfg: Config):
+    """The tokenizer of the folder at hf.path, when it has one: text is then tokenized with it."""
+    from hetrain.model.hf_io import load_hf_tokenizer
+
+    return load_hf_tokenizer(cfg.hf.path) if cfg.hf.path else None
+
+
 def train_flops_per_token(model: nn.Module, cfg: Config) -> float:
     if isinstance(model, GPT):
         return describe_model(model.cfg, 1, cfg.train.seq_len).train_flops_per_token()
@@ -126,7 +133,8 @@ class Trainer:
                 raise ConfigError(f"checkpoint '{self.resume_path}' is at step {self.resume_meta.step} and "
                                   f"train.steps is {cfg.train.steps}: nothing to train; raise --train.steps above "
                                   f"{self.resume_meta.step} to continue the run")
-        self.data = data if data is not None else build_data(cfg.data, cfg.run.seed, seq_len=cfg.train.seq_len)
+        self.data = data if data is not None else build_data(cfg.data, cfg.run.seed, seq_len=cfg.train.seq_len,
+                                                             tokenizer=_hf_tokenizer(cfg))
         self.plan = choose_plan(cfg, self.ranks, self.resume_meta)
         torch.manual_seed(cfg.run.seed)
         self.engine = None
@@ -139,6 +147,8 @@ class Trainer:
             from hetrain.offload import OptimConfig, apply_plan
 
             self.model, self.optimizer = build_model(cfg, self.data.vocab_size), None
+            if cfg.hf.path:
+                self.model.check_stages()  # the engine runs it layer by layer
             self.n_params = self.model.num_params()  # counted before the engine takes the weights over
             t = cfg.train
             dp = None
@@ -184,11 +194,9 @@ class Trainer:
 
         From this machine's cached profile (`hetrain profile`); with --trace and no profile
         entry for this model, the model is profiled now (seconds for small models). On a GPU
-        without a profile, from the catalog's figures for it. None where neither applies (a
-        Hugging Face model, or a CPU run without a profile and without --trace).
+        without a profile, from the catalog's figures for it. None where neither applies (a CPU
+        run without a profile and without --trace, or a Hugging Face model hetrain cannot describe).
         """
-        if self.cfg.hf.path:
-            return None
         if self.plan is not None:
             if not self.plan.predicted_step_s:
                 return None
@@ -205,8 +213,12 @@ class Trainer:
                 pass
         if not self.cfg.log.trace:
             return None  # the catalog's CPU placeholder is no prediction worth printing
-        profile, _, _ = run_profile(self.cfg)
-        return predict_step(self.cfg, profile)
+        try:
+            profile, _, _ = run_profile(self.cfg)
+            return predict_step(self.cfg, profile)
+        except ConfigError as e:  # a Hugging Face model hetrain cannot describe trains all the same
+            print(f"hetrain: no prediction: {e}")
+            return None
 
     def _export_done(self) -> bool:
         """model.safetensors was written after the checkpoint resumed from (a run that ended)."""
@@ -392,7 +404,7 @@ class Trainer:
         if self.engine is not None:
             self.engine.close()  # the model is plain fp32 on the CPU again, holding the trained values
         if self.step > 0 and saved_at == self.step and self.is_main:
-            ckpt.export_safetensors(self.model, self.run_dir / "model.safetensors")
+            self._export()
         summary = f"hetrain: done: step {self.step} in {result.wall_s:.1f} s"
         if result.val_losses:
             summary += f"; val loss {next(iter(result.val_losses.values())):.3f} -> {list(result.val_losses.values())[-1]:.3f}"
@@ -414,10 +426,15 @@ class Trainer:
         if self.engine is not None:
             self.engine.close()  # the model holds the checkpoint's values as plain fp32 tensors
         if self.is_main:
-            ckpt.export_safetensors(self.model, self.run_dir / "model.safetensors")
+            self._export()
         print(f"hetrain: the run ended at step {self.step} before its export; wrote "
               f"{self.run_dir / 'model.safetensors'} from {self.resume_path}")
         return TrainResult(self.run_dir, self.step, checkpoint=self.resume_path)
+
+    def _export(self) -> None:
+        path = ckpt.export_model(self.model, self.run_dir, hf_source=self.cfg.hf.path)
+        if self.cfg.hf.path:
+            print(f"hetrain: wrote {path} (transformers' from_pretrained loads it)")
 
     def _plain_step(self, tr, lr: float) -> tuple[float, float]:
         """Forward and backward over the micro-batches, clip, update: the textbook step."""
