@@ -255,7 +255,7 @@ class HFCausalLM(nn.Module):
                 raise ConfigError(f"{name}'s decoder layers get different inputs (layer {i} is not called like "
                                   f"layer 0, e.g. mixed sliding-window and full attention); hetrain's offload plans "
                                   f"need identical blocks: train it plainly (--memory.device_budget none)")
-        if got.shape != expected.shape or not torch.allclose(got, expected, rtol=1e-4, atol=1e-5):
+        if got.shape != expected.shape or not torch.equal(got.float(), expected.float()):  # the same ops
             raise ConfigError(f"{name}'s forward does more than its embedding, decoder layers, final norm and output "
                               f"embeddings (e.g. scaled or capped logits), so hetrain cannot run it layer by layer: "
                               f"train it plainly (--memory.device_budget none)")

@@ -32,7 +32,7 @@ import torch
 from hetrain.config import Config
 from hetrain.errors import ConfigError
 from hetrain.files import write_atomic
-from hetrain.memory import MemoryAccountant, tensor_bytes
+from hetrain.memory import MemoryAccountant
 from hetrain.model.gpt import GPT, ModelConfig
 from hetrain.model.stack import layer_parameters
 from hetrain.model.describe import ModelDescription
@@ -314,9 +314,15 @@ def profile_model(model_cfg: ModelConfig, micro_batch: int, seq_len: int, dtype:
             for name, layer in layers.items():
                 reps = options.reps // rounds + (1 if r < options.reps % rounds else 0)
                 bench.sample(layer, reps, options.warmup, samples[name])
+        # What the block saves of the extras: they are stored once, so counted with the embedding.
+        counted = MemoryAccountant(model)
+        with counted.track_activations(), bench.autocast():
+            out = model.block_forward(block, h, extras)
+        extras_bytes = counted.act_bytes - layers["block"].act_bytes
+        del out
+        counted.close()
     finally:
         acct.close()
-    extras_bytes = tensor_bytes(extra_tensors)
     timings = {name: LayerTiming(*(statistics.median(samples[name][k]) for k in ("fwd", "bwd", "recompute")),
                                  act_bytes=int(layers[name].act_bytes) + (extras_bytes if name == "embedding" else 0))
                for name in layers}
