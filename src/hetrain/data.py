@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from hetrain.errors import ConfigError
+from hetrain.tokens import Tokenizer, cache_name, capped_docs, file_stats
 
 SOURCES = ("stdlib", "text", "bin", "hf")
 BIN_DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
@@ -226,56 +227,14 @@ def _join_capped(chunks: Iterable[bytes], max_bytes: int) -> tuple[np.ndarray, b
     return np.frombuffer(data[:max_bytes], dtype=np.uint8).astype(np.uint16), cut
 
 
-class Tokenizer:
-    """What build_data needs of a tokenizer other than bytes (hetrain.model.hf_io.HFTokenizer):
-    `vocab_size`, `fingerprint` (changes whenever the tokenizer would encode differently; keys
-    the token cache), `name`, `encode_documents(docs) -> np.ndarray` (documents joined by its
-    own separator tokens) and `decode(ids) -> str`."""
-
-    vocab_size: int
-    fingerprint: str
-    name: str
-
-    def encode_documents(self, docs: Iterable[str]) -> np.ndarray:
-        raise NotImplementedError
-
-    def decode(self, ids) -> str:
-        raise NotImplementedError
-
-
-def _capped_docs(chunks: Iterable[bytes], max_bytes: int, cut: list[bool]) -> Iterator[str]:
-    """Documents as text until their bytes (with a separator's worth between them) reach
-    max_bytes, the last one cut there; sets cut[0] when anything was left out."""
-    total = 0
-    for chunk in chunks:
-        if total >= max_bytes:
-            cut[0] = True
-            return
-        if total:
-            total += len(SEPARATOR)
-        if total + len(chunk) > max_bytes:
-            chunk, cut[0] = chunk[:max(0, max_bytes - total)], True
-        total += len(chunk)
-        yield chunk.decode("utf-8", errors="ignore")
-
-
 def _encode(chunks: Iterable[bytes], max_bytes: int, tokenizer: Tokenizer | None) -> tuple[np.ndarray, bool]:
     """Tokens of documents, capped at max_bytes of text: bytes joined by SEPARATOR without a
     tokenizer, else the tokenizer's ids (documents joined by its separator tokens)."""
     if tokenizer is None:
         return _join_capped(chunks, max_bytes)
     cut = [False]
-    tokens = tokenizer.encode_documents(_capped_docs(chunks, max_bytes, cut))
+    tokens = tokenizer.encode_documents(capped_docs(chunks, max_bytes, cut, len(SEPARATOR)))
     return tokens, cut[0]
-
-
-def _cache_name(kind: str, parts: list, tokenizer: Tokenizer) -> str:
-    key = hashlib.sha256(json.dumps([kind, tokenizer.fingerprint, *parts], default=str).encode()).hexdigest()[:16]
-    return f"{kind}-tok{tokenizer.fingerprint[:8]}-{key}.npy"
-
-
-def _file_stats(files: list[Path]) -> list:
-    return [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
 
 
 def _size_note(n_bytes: int, cut: bool) -> str:
@@ -324,7 +283,7 @@ def _stdlib_corpus(cfg: DataConfig, tokenizer: Tokenizer | None = None) -> _Corp
     key = hashlib.sha256(json.dumps([sys.version, str(root), cfg.max_bytes, stats]).encode()).hexdigest()[:16]
     name = f"stdlib-py{sys.version_info.major}.{sys.version_info.minor}-{key}.npy"
     if tokenizer is not None:
-        name = _cache_name("stdlib", [key], tokenizer)
+        name = cache_name("stdlib", [key], tokenizer)
     tokens = _load_or_build(cfg.cache_dir, name,
                             lambda: _encode((f.read_bytes() for f in files), cfg.max_bytes, tokenizer)[0])
     text_bytes = sum(size for _, size, _ in stats) + len(SEPARATOR) * (len(files) - 1)
@@ -383,9 +342,9 @@ def _read_text(path: Path, cfg: DataConfig, option: str, tokenizer: Tokenizer | 
         tokens, cut = _join_capped(chunks(), cfg.max_bytes)
         return tokens, len(files), cut
     cut = [False]
-    name = _cache_name("text", [_file_stats(files), cfg.max_bytes, cfg.text_field], tokenizer)
+    name = cache_name("text", [file_stats(files), cfg.max_bytes, cfg.text_field], tokenizer)
     tokens = _load_or_build(cfg.cache_dir, name, lambda: tokenizer.encode_documents(
-        _capped_docs(chunks(), cfg.max_bytes, cut)))
+        capped_docs(chunks(), cfg.max_bytes, cut, len(SEPARATOR))))
     return tokens, len(files), cut[0]
 
 
@@ -465,13 +424,13 @@ def _hf_corpus(cfg: DataConfig, tokenizer: Tokenizer | None = None) -> _Corpus:
         val = [_join_capped(docs(val_ds), cfg.max_bytes)[0]] if val_ds is not None else None
         size = _size_note(len(train), cut)
     else:  # keyed by the dataset folder's files, the split, the cap, the field and the tokenizer
-        stats = _file_stats(_sorted_files(Path(cfg.path), lambda p: True))
+        stats = file_stats(_sorted_files(Path(cfg.path), lambda p: True))
         cut_flags = [False]
 
         def encoded(d, split: str, cut: list[bool]) -> np.ndarray:
-            name = _cache_name("hf", [stats, split, cfg.max_bytes, cfg.text_field], tokenizer)
+            name = cache_name("hf", [stats, split, cfg.max_bytes, cfg.text_field], tokenizer)
             return _load_or_build(cfg.cache_dir, name, lambda: tokenizer.encode_documents(
-                _capped_docs(docs(d), cfg.max_bytes, cut)))
+                capped_docs(docs(d), cfg.max_bytes, cut, len(SEPARATOR))))
 
         train = encoded(train_ds, "train", cut_flags)
         val = [encoded(val_ds, val_split, [False])] if val_ds is not None else None

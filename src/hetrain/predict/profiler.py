@@ -34,9 +34,8 @@ from hetrain.errors import ConfigError
 from hetrain.files import write_atomic
 from hetrain.memory import MemoryAccountant
 from hetrain.model.gpt import GPT, ModelConfig
-from hetrain.model.stack import layer_parameters
 from hetrain.model.describe import ModelDescription
-from hetrain.predict.cost import LayerTiming, ModelProfile, Profile, UpdateTiming, model_key
+from hetrain.predict.cost import LayerTiming, ModelProfile, Profile, UpdateTiming
 
 PROFILE_VERSION = 1
 ADAM_RATE_PARAMS = 1 << 21        # one tensor of 2M fp32 parameters (32 MiB of state + grad)
@@ -288,7 +287,7 @@ def profile_model(model_cfg: ModelConfig, micro_batch: int, seq_len: int, dtype:
     else:
         model, key = GPT(dataclasses.replace(model_cfg, n_layer=1)).to(device), dataclasses.asdict(model_cfg)
     amp = torch.bfloat16 if dtype == "bf16" else None
-    params = [[p for _, p in owned] for owned in layer_parameters(model)]
+    params = _held_parameters(model)
     idx = torch.randint(0, _vocab(model), (micro_batch, seq_len), device=device)
     with torch.no_grad():
         h0, extras = model.embed_inputs(idx)
@@ -327,6 +326,17 @@ def profile_model(model_cfg: ModelConfig, micro_batch: int, seq_len: int, dtype:
                                  act_bytes=int(layers[name].act_bytes) + (extras_bytes if name == "embedding" else 0))
                for name in layers}
     return ModelProfile(key, micro_batch, seq_len, dtype, torch.get_num_threads(), **timings)
+
+
+def _held_parameters(model) -> list[list[torch.Tensor]]:
+    """Per layer (embedding, blocks, head), the parameters its modules hold: a tied output
+    matrix is the head's too, so its gradient is cleared before the head's timed backward."""
+    held: list[dict[int, torch.Tensor]] = [{} for _ in range(len(model.blocks) + 2)]
+    for name, module in model.named_modules():
+        for p in module._parameters.values():
+            if p is not None:
+                held[model.part_of(name)][id(p)] = p
+    return [list(layer.values()) for layer in held]
 
 
 def _vocab(model) -> int:

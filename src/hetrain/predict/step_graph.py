@@ -19,9 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from hetrain.config import Config
-from hetrain.errors import ConfigError
 from hetrain.model import describe
-from hetrain.model.describe import LayerDescription, ModelDescription
+from hetrain.model.describe import ModelDescription
 from hetrain.model.gpt import ModelConfig
 from hetrain.predict.cost import CostModel, Profile, RooflineCost, cost_model, describe_for
 from hetrain.predict.simulator import SimResult, Task, simulate

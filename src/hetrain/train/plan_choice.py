@@ -44,10 +44,33 @@ def _describe(plan: OffloadPlan | None) -> str:
     return plan.summary() if plan is not None else "plain training"
 
 
+def unplannable(cfg: Config) -> str:
+    """Why offload plans cannot drive the model `cfg` trains under memory.device_budget 'auto'
+    ('' when they can: hetrain's GPT always, a Hugging Face model when hetrain can describe
+    it); such a model trains plainly. With a budget or a plan file it is a ConfigError naming
+    the fix instead. Cheap (a config read): the trainer asks before it reads the data."""
+    kind = parse_device_budget(cfg.memory.device_budget)[0]
+    if not cfg.hf.path or (kind == "none" and not cfg.plan.file):
+        return ""
+    from hetrain.predict.cost import describe_for
+
+    try:
+        describe_for(cfg)
+    except ConfigError as e:
+        if cfg.plan.file or kind != "auto":
+            raise
+        return str(e)
+    return ""
+
+
 def choose_plan(cfg: Config, ranks: Ranks, resume: CheckpointMeta | None) -> OffloadPlan | None:
     """The plan this run executes (printed as a table), or None for plain training. Under
     data parallelism plain training runs the resident plan: the engine averages gradients."""
     kind, budget = parse_device_budget(cfg.memory.device_budget)
+    why = unplannable(cfg)
+    if why:
+        print(f"hetrain: training plainly under memory.device_budget auto: {why}", flush=True)
+        return None
     if cfg.plan.file:
         try:
             plan = OffloadPlan.load(cfg.plan.file)

@@ -29,7 +29,7 @@ from hetrain.memory import MemoryAccountant
 from hetrain.model.gpt import GPT
 from hetrain.predict.trace import task_name
 from hetrain.train import checkpoint as ckpt
-from hetrain.train.plan_choice import choose_plan
+from hetrain.train.plan_choice import choose_plan, unplannable
 from hetrain.train.distributed import init_ranks, launched_world, pick_device, processes_on_this_node
 from hetrain.train.metrics import MetricsLogger, device_peak_flops, fmt_bytes, format_line
 from hetrain.train.tracing import StepTracer
@@ -134,6 +134,7 @@ class Trainer:
                 raise ConfigError(f"checkpoint '{self.resume_path}' is at step {self.resume_meta.step} and "
                                   f"train.steps is {cfg.train.steps}: nothing to train; raise --train.steps above "
                                   f"{self.resume_meta.step} to continue the run")
+        unplannable(cfg)  # a budget for a model no plan can drive fails here, before the data is read
         self.data = data if data is not None else build_data(cfg.data, cfg.run.seed, seq_len=cfg.train.seq_len,
                                                              tokenizer=_hf_tokenizer(cfg))
         self.plan = choose_plan(cfg, self.ranks, self.resume_meta)
