@@ -107,6 +107,9 @@ def test_cli_plans_for_40_percent_trains_like_plain_and_exports_a_transformers_f
     torch.testing.assert_close(exported.eval()(input_ids=x).logits, logits_of(trained, x), rtol=0, atol=0)
     untrained = load_hf_model(str(path))
     assert not torch.equal(logits_of(untrained, x), logits_of(trained, x))
+    # The export is a folder --hf.path loads again (its safetensors), to continue from.
+    reloaded = load_hf_model(str(tmp_path / "run" / "hf_model"))
+    torch.testing.assert_close(logits_of(reloaded, x), logits_of(trained, x), rtol=0, atol=0)
 
 
 def save_tokenizer(folder, corpus):
