@@ -30,7 +30,7 @@ from hetrain.model.gpt import GPT
 from hetrain.predict.trace import task_name
 from hetrain.train import checkpoint as ckpt
 from hetrain.train.plan_choice import choose_plan, unplannable
-from hetrain.train.distributed import init_ranks, launched_world, pick_device, processes_on_this_node
+from hetrain.train.distributed import init_ranks, pick_device, processes_on_this_node
 from hetrain.train.metrics import MetricsLogger, device_peak_flops, fmt_bytes, format_line
 from hetrain.train.tracing import StepTracer
 
@@ -115,9 +115,6 @@ class Trainer:
         self.device = pick_device(cfg.run.device)
         if self.device.type == "cpu":
             torch.set_num_threads(cfg.run.threads or max(1, (os.cpu_count() or 1) // processes_on_this_node()))
-        if launched_world() > 1 and cfg.hf.path:
-            raise ConfigError("data parallelism under torchrun runs hetrain's GPT through the offload engine; "
-                              "train a Hugging Face model (--hf.path) in one process")
         self.ranks = init_ranks(self.device, cfg.run.dist_timeout_s)
         self.rank, self.world, self.is_main = self.ranks.rank, self.ranks.world, self.ranks.is_main
 
