@@ -40,8 +40,10 @@ import argparse  # noqa: E402
 import datetime  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
+import tempfile  # noqa: E402
 import time  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -52,7 +54,7 @@ from hetrain.plan.offload.plan import OffloadPlan  # noqa: E402
 from hetrain.train.trainer import make_optimizer  # noqa: E402
 
 # bench/ is on sys.path when this file runs as a script: share the load measurement.
-from bench_predictor import OtherLoad, wait_for_quiet  # noqa: E402
+from bench_predictor import OtherLoad, wait_for_quiet, write_hf_models  # noqa: E402
 
 SEED = 1337
 RESIDENT_TARGET = 1.05  # the requirement: the all-resident plan costs at most 5% over the plain loop
@@ -67,6 +69,8 @@ CONFIGS: dict[str, dict[str, str]] = {
     # saved tensor, gradient and layer shows.
     "L8-d64-b1-s32 (overhead)": {"model.n_layer": "8", "model.d_model": "64", "model.d_ff": "256",
                                  "train.micro_batch": "1", "train.seq_len": "32"},
+    # A transformers LlamaForCausalLM through the block interface (bench_predictor.HF_MODELS).
+    "hf-llama-L4-d256-b4-s128": {"hf.path": "{tmp}/hf-llama", "train.micro_batch": "4", "train.seq_len": "128"},
 }
 
 
@@ -91,6 +95,15 @@ def make_batches(cfg: Config, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]
     return batches
 
 
+def build_model(cfg: Config) -> torch.nn.Module:
+    """hetrain's GPT, or the transformers model at hf.path (seeded: the same weights every time)."""
+    if cfg.hf.path:
+        from hetrain.model.hf import load_hf_model
+
+        return load_hf_model(cfg.hf.path)
+    return GPT(cfg.model)
+
+
 class PlainLoop:
     """The textbook step, as the trainer's plain path does it (bf16 under autocast)."""
 
@@ -98,7 +111,7 @@ class PlainLoop:
         torch.manual_seed(SEED)
         self.device = device
         self.amp = torch.bfloat16 if cfg.train.dtype == "bf16" else None
-        self.model = GPT(cfg.model).to(device)
+        self.model = build_model(cfg).to(device)
         self.optimizer = make_optimizer(self.model, cfg, device)
 
     def step(self, batch: tuple[torch.Tensor, torch.Tensor], lr: float, grad_clip: float) -> float:
@@ -129,7 +142,7 @@ class EngineLoop:
         torch.manual_seed(SEED)
         t = cfg.train
         optim = OptimConfig(t.weight_decay, t.beta1, t.beta2, cpu_threads=torch.get_num_threads())
-        self.engine = apply_plan(GPT(cfg.model), plan, optim, "cpu", torch.float32)
+        self.engine = apply_plan(build_model(cfg), plan, optim, "cpu", torch.float32)
 
     def step(self, batch: tuple[torch.Tensor, torch.Tensor], lr: float, grad_clip: float) -> float:
         return self.engine.train_step([batch], lr, grad_clip).loss
@@ -173,13 +186,16 @@ class Schedule:
     """First steps of each contender that are not timed."""
     max_wait_s: float
     """Longest wait for other processes to go quiet before measuring."""
+    tmp: str = ""
+    """The folder holding the transformers configs that {tmp} in CONFIGS names."""
 
 
 def measure_config(name: str, schedule: Schedule) -> dict:
     """Median step time and losses of the four contenders, interleaved round by round."""
-    cfg = load_config(None, {"model.preset": "small", **CONFIGS[name]})
+    cfg = load_config(None, {"model.preset": "small",
+                             **{k: v.format(tmp=schedule.tmp) for k, v in CONFIGS[name].items()}})
     lr, grad_clip = cfg.train.lr, cfg.train.grad_clip
-    n_blocks = cfg.model.n_layer
+    n_blocks = len(build_model(cfg).blocks)
     batches = make_batches(cfg, schedule.rounds * schedule.steps_per_round)
     loops = {"plain": PlainLoop(cfg), "plain again": PlainLoop(cfg),
              "resident": EngineLoop(cfg, OffloadPlan.resident(n_blocks)), "mixed": EngineLoop(cfg, mixed_plan(n_blocks))}
@@ -279,11 +295,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.rounds} rounds x {args.steps_per_round} steps per contender, first {args.warmup} not timed; "
           f"median step times; ratio = engine / plain; noise = plain again / plain")
     print(HEADER, flush=True)
-    schedule = Schedule(args.rounds, args.steps_per_round, args.warmup, args.max_wait)
     rows = []
-    for name in args.only or list(CONFIGS):
-        rows.append(measure_config(name, schedule))
-        print_row(rows[-1])
+    with tempfile.TemporaryDirectory() as tmp:
+        write_hf_models(Path(tmp))
+        schedule = Schedule(args.rounds, args.steps_per_round, args.warmup, args.max_wait, tmp)
+        for name in args.only or list(CONFIGS):
+            rows.append(measure_config(name, schedule))
+            print_row(rows[-1])
     print("mixed plans (prefix_suffix):")
     for r in rows:
         print(f"  {r['config']}: {r['mixed_plan']}")

@@ -64,6 +64,15 @@ CONFIGS: dict[str, dict[str, str]] = {
     "llama-L4-d256-b4-s128": {"model.preset": "tiny-llama", "model.n_layer": "4", "model.d_model": "256",
                               "model.n_head": "4", "model.n_kv_head": "2", "model.d_ff": "640",
                               "model.max_seq_len": "256", "train.micro_batch": "4", "train.seq_len": "128"},
+    # The same shape as a transformers LlamaForCausalLM (HF_MODELS), trained through --hf.path.
+    "hf-llama-L4-d256-b4-s128": {"hf.path": "{tmp}/hf-llama", "train.micro_batch": "4", "train.seq_len": "128"},
+}
+
+# Transformers models the configurations above name as {tmp}/<folder>: config.json written there.
+HF_MODELS: dict[str, dict] = {
+    "hf-llama": {"model_type": "llama", "vocab_size": 256, "hidden_size": 256, "intermediate_size": 640,
+                 "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
+                 "max_position_embeddings": 256, "tie_word_embeddings": False},
 }
 
 
@@ -81,6 +90,13 @@ GPU_CONFIGS: dict[str, dict[str, str]] = {
 
 def device_configs() -> dict[str, dict[str, str]]:
     return GPU_CONFIGS if torch.cuda.is_available() else CONFIGS
+
+
+def write_hf_models(folder: Path) -> None:
+    """The config.json of every HF_MODELS entry, in folder/<name>/ (random init: no weights)."""
+    for name, config in HF_MODELS.items():
+        (folder / name).mkdir(parents=True, exist_ok=True)
+        (folder / name / "config.json").write_text(json.dumps(config))
 
 
 def write_corpus(folder: Path) -> Path:
@@ -172,7 +188,8 @@ def measure_config(name: str, tmp: Path, corpus: Path, run_tag: str, settings: B
     for attempt in range(settings.retries + 1):
         wait_for_quiet(settings.max_wait_s)
         overrides = base_overrides(tmp, corpus, f"{name}.{run_tag}.{attempt}", settings.steps)
-        cfg = load_config(None, {**overrides, **device_configs()[name]})
+        values = {k: v.format(tmp=tmp) for k, v in device_configs()[name].items()}
+        cfg = load_config(None, {**overrides, **values})
         # The profile and the training run are checked apart: a burst in the short profile
         # can spoil it while hardly showing over the whole window.
         refs = [reference_s()]
@@ -257,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         corpus = write_corpus(tmp)
+        write_hf_models(tmp)
         for repeat in range(args.repeat):
             for name in names:
                 rows.append(measure_config(name, tmp, corpus, str(repeat), settings))

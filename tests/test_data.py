@@ -175,6 +175,52 @@ def test_stdlib_source_loads_deterministically_and_caches(tmp_path):
     assert not any(f.endswith(".tmp") for f in os.listdir(tmp_path / "cache"))  # written atomically
 
 
+class WordTokenizer:
+    """A stand-in for a model's tokenizer (hetrain.data.Tokenizer): one id per word, 0 ends a
+    document; counts its calls, so a test can see the cache served the tokens."""
+
+    vocab_size, fingerprint, name = 1000, "words-v1", "WordTokenizer"
+
+    def __init__(self):
+        self.calls = 0
+
+    def encode_documents(self, docs):
+        self.calls += 1
+        ids = []
+        for doc in docs:
+            ids += [1 + sum(map(ord, w)) % 999 for w in doc.split()] + [0]
+        return np.asarray(ids, dtype=np.uint16)
+
+    def decode(self, ids):
+        return " ".join(map(str, ids))
+
+
+def test_text_with_a_tokenizer_is_cached_and_capped(tmp_path):
+    path = tmp_path / "docs.jsonl"
+    path.write_text("\n".join(json.dumps({"text": t}) for t in ["one two", "three", "four five six"]), encoding="utf-8")
+    cfg = DataConfig(source="text", path=str(path), cache_dir=str(tmp_path / "cache"), val_fraction=0.2)
+    tok = WordTokenizer()
+    data = build_data(cfg, seed=0, tokenizer=tok)
+    assert data.vocab_size == 1000 and data.tokenizer is tok and "tokenized by WordTokenizer" in data.describe()
+    assert len(tokens_of(data)) == 9 and list(tokens_of(data)).count(0) == 3  # each document ends with 0
+    again = build_data(cfg, seed=0, tokenizer=tok)
+    assert tok.calls == 1  # the second read came from the cache
+    np.testing.assert_array_equal(tokens_of(again), tokens_of(data))
+    other = WordTokenizer()
+    other.fingerprint = "words-v2"  # another tokenizer: another cache entry
+    build_data(cfg, seed=0, tokenizer=other)
+    assert other.calls == 1 and len(os.listdir(tmp_path / "cache")) == 2
+    capped = build_data(DataConfig(source="text", path=str(path), cache_dir="", max_bytes=12, val_fraction=0.2),
+                        seed=0, tokenizer=WordTokenizer())
+    # "one two" (7 bytes), then "thr" of "three" (12 with a separator's 2 bytes): 2 + 1 words, 2 ends
+    assert len(tokens_of(capped)) == 5 and "5 tokens" in capped.describe()
+    # .bin files hold ids already: no tokenizer reads them
+    np.arange(100, dtype=np.uint16).tofile(tmp_path / "ids.bin")
+    bin_data = build_data(DataConfig(source="bin", path=str(tmp_path / "ids.bin"), bin_vocab=100), seed=0,
+                          tokenizer=WordTokenizer())
+    assert bin_data.vocab_size == 100 and bin_data.tokenizer is None
+
+
 # ----------------------------------------------------------------------------- batches
 
 

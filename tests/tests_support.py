@@ -21,3 +21,34 @@ def cli_args(run_dir, corpus, **extra) -> list[str]:
     for key, value in tiny_overrides(run_dir, corpus, **extra).items():
         args += [f"--{key}", value]
     return args
+
+
+# Tiny transformers configs of every family hetrain's block interface and description cover:
+# 2 blocks, hidden 64, 4 heads (2 key/value heads where the family has grouped-query
+# attention), byte vocabulary. Built from config objects: nothing is downloaded.
+HF_FAMILIES = {
+    "llama": ("LlamaConfig", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                  num_key_value_heads=2)),
+    "mistral": ("MistralConfig", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2)),
+    "qwen2": ("Qwen2Config", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                  num_key_value_heads=2)),
+    "gpt2": ("GPT2Config", dict(n_embd=64, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0)),
+    "gpt_neox": ("GPTNeoXConfig", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                       num_attention_heads=4)),
+}
+
+
+def tiny_hf_config(family: str, **overrides):
+    """A transformers config of `family` (see HF_FAMILIES), with `overrides` applied."""
+    import transformers
+
+    cls, kwargs = HF_FAMILIES[family]
+    defaults = {"vocab_size": 256} if family == "gpt2" else {"vocab_size": 256, "max_position_embeddings": 64}
+    return getattr(transformers, cls)(**{**defaults, **kwargs, **overrides})
+
+
+def save_tiny_hf(folder, family: str, **overrides):
+    """A folder holding only config.json of a tiny `family` model (random init); returns it."""
+    tiny_hf_config(family, **overrides).save_pretrained(folder)
+    return folder

@@ -96,6 +96,7 @@ def cmd_profile(args: list[str]) -> int:
 def cmd_simulate(args: list[str]) -> int:
     from pathlib import Path
 
+    from hetrain.predict.cost import model_label
     from hetrain.predict.profiler import require_profile
     from hetrain.predict.step_graph import format_prediction, predict_step
     from hetrain.trace import plot_timeline, write_chrome_trace
@@ -108,7 +109,7 @@ def cmd_simulate(args: list[str]) -> int:
     print(format_prediction(pred, cfg))
     run_dir = Path(cfg.run.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    title = (f"predicted step of {cfg.model.preset}, micro_batch={cfg.train.micro_batch} x "
+    title = (f"predicted step of {model_label(cfg)}, micro_batch={cfg.train.micro_batch} x "
              f"{cfg.train.grad_accum}, seq_len={cfg.train.seq_len}, {cfg.train.dtype}: "
              f"{pred.step_s * 1e3:.1f} ms ({pred.source})")
     write_chrome_trace(pred.sim.events, run_dir / "sim_trace.json", memory=pred.sim.memory_timeline,

@@ -2,7 +2,9 @@
 
 Every corpus ends as one or more flat arrays of token ids ("shards": np.uint16 or np.uint32,
 memory-mapped when they come from .bin files or the cache), split into train and validation.
-`build_data(cfg, seed)` turns a DataConfig into a `Data` that serves (x, y) batches. The
+`build_data(cfg, seed)` turns a DataConfig into a `Data` that serves (x, y) batches. Text is
+read as bytes (the byte tokenizer of hetrain's own models), or with a tokenizer the caller
+passes (a Hugging Face model's, hetrain.model.hf_io), whose token arrays are cached on disk. The
 embedded default corpus is the Python standard library source found on this machine at run
 time, so nothing is downloaded or committed. The train stream's reading position is a few
 plain integers (`TokenStream.state_dict`), so a checkpoint resumes it exactly. This module
@@ -27,6 +29,7 @@ import numpy as np
 import torch
 
 from hetrain.errors import ConfigError
+from hetrain.tokens import Tokenizer, cache_name, capped_docs, file_stats
 
 SOURCES = ("stdlib", "text", "bin", "hf")
 BIN_DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
@@ -59,7 +62,7 @@ class DataConfig:
     max_bytes: int = 64 * 2**20
     """Cap on the text read by 'stdlib', 'text' and 'hf', in bytes (default 64 MiB); the corpus is cut there, before the train/validation split."""
     cache_dir: str = "~/.cache/hetrain"
-    """Where the tokenized stdlib corpus is cached (.npy keyed by Python version and file list); empty = no cache."""
+    """Where tokenized corpora are cached (.npy keyed by the files read, the cap and the tokenizer): the stdlib corpus, and any text corpus read with a Hugging Face model's tokenizer; empty = no cache."""
 
 
 class ByteTokenizer:
@@ -165,7 +168,7 @@ class Data:
     train: TokenStream
     val_shards: list[np.ndarray]
     vocab_size: int
-    tokenizer: ByteTokenizer | None  # None for .bin ids from some other tokenizer
+    tokenizer: ByteTokenizer | Tokenizer | None  # None for .bin ids from some other tokenizer
     summary: str  # where the tokens came from, e.g. "stdlib: 734 files, 12.1 MB"
 
     @property
@@ -224,6 +227,16 @@ def _join_capped(chunks: Iterable[bytes], max_bytes: int) -> tuple[np.ndarray, b
     return np.frombuffer(data[:max_bytes], dtype=np.uint8).astype(np.uint16), cut
 
 
+def _encode(chunks: Iterable[bytes], max_bytes: int, tokenizer: Tokenizer | None) -> tuple[np.ndarray, bool]:
+    """Tokens of documents, capped at max_bytes of text: bytes joined by SEPARATOR without a
+    tokenizer, else the tokenizer's ids (documents joined by its separator tokens)."""
+    if tokenizer is None:
+        return _join_capped(chunks, max_bytes)
+    cut = [False]
+    tokens = tokenizer.encode_documents(capped_docs(chunks, max_bytes, cut, len(SEPARATOR)))
+    return tokens, cut[0]
+
+
 def _size_note(n_bytes: int, cut: bool) -> str:
     return f"first {n_bytes / 1e6:.1f} MB (--data.max_bytes)" if cut else f"{n_bytes / 1e6:.1f} MB"
 
@@ -260,7 +273,7 @@ def _load_or_build(cache_dir: str, name: str, build: Callable[[], np.ndarray]) -
     return tokens
 
 
-def _stdlib_corpus(cfg: DataConfig) -> _Corpus:
+def _stdlib_corpus(cfg: DataConfig, tokenizer: Tokenizer | None = None) -> _Corpus:
     root = Path(sysconfig.get_paths()["stdlib"])
     files = _sorted_files(root, lambda p: p.suffix == ".py", STDLIB_SKIP_DIRS)
     if not files:
@@ -269,9 +282,18 @@ def _stdlib_corpus(cfg: DataConfig) -> _Corpus:
     stats = [(f.relative_to(root).as_posix(), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
     key = hashlib.sha256(json.dumps([sys.version, str(root), cfg.max_bytes, stats]).encode()).hexdigest()[:16]
     name = f"stdlib-py{sys.version_info.major}.{sys.version_info.minor}-{key}.npy"
-    tokens = _load_or_build(cfg.cache_dir, name, lambda: _join_capped((f.read_bytes() for f in files), cfg.max_bytes)[0])
-    cut = sum(size for _, size, _ in stats) + len(SEPARATOR) * (len(files) - 1) > cfg.max_bytes
-    return _Corpus([tokens], None, f"stdlib: {len(files)} files, {_size_note(len(tokens), cut)}")
+    if tokenizer is not None:
+        name = cache_name("stdlib", [key], tokenizer)
+    tokens = _load_or_build(cfg.cache_dir, name,
+                            lambda: _encode((f.read_bytes() for f in files), cfg.max_bytes, tokenizer)[0])
+    text_bytes = sum(size for _, size, _ in stats) + len(SEPARATOR) * (len(files) - 1)
+    cut = text_bytes > cfg.max_bytes
+    size = _size_note(len(tokens), cut) if tokenizer is None else _tokens_note(len(tokens), min(text_bytes, cfg.max_bytes), cut)
+    return _Corpus([tokens], None, f"stdlib: {len(files)} files, {size}")
+
+
+def _tokens_note(n_tokens: int, n_bytes: int, cut: bool) -> str:
+    return f"{_size_note(n_bytes, cut)} of text, {n_tokens:,} tokens"
 
 
 def _doc_bytes(text, where: str, field: str) -> bytes:
@@ -299,9 +321,12 @@ def _jsonl_docs(path: Path, field: str) -> Iterator[bytes]:
             yield _doc_bytes(record[field], f"{path}:{lineno}", field)
 
 
-def _read_text(path: Path, cfg: DataConfig, option: str) -> tuple[np.ndarray, int, bool]:
-    """Byte tokens of a file or a directory of files (.jsonl parsed, anything else read as UTF-8 text);
-    returns (tokens, number of files, whether max_bytes cut the text)."""
+def _read_text(path: Path, cfg: DataConfig, option: str, tokenizer: Tokenizer | None = None
+               ) -> tuple[np.ndarray, int, bool]:
+    """Tokens of a file or a directory of files (.jsonl parsed, anything else read as UTF-8 text);
+    returns (tokens, number of files, whether max_bytes cut the text). With a tokenizer the
+    tokens are cached under cache_dir, keyed by the files' paths, sizes and times, the cap, the
+    text field and the tokenizer."""
     files = [path] if path.is_file() else _sorted_files(path, lambda p: True)
     if not files:
         raise ConfigError(f"data path '{path}' holds no files; set {option} to a non-empty file or directory")
@@ -313,16 +338,23 @@ def _read_text(path: Path, cfg: DataConfig, option: str) -> tuple[np.ndarray, in
             else:
                 yield f.read_bytes()
 
-    tokens, cut = _join_capped(chunks(), cfg.max_bytes)
-    return tokens, len(files), cut
+    if tokenizer is None:
+        tokens, cut = _join_capped(chunks(), cfg.max_bytes)
+        return tokens, len(files), cut
+    cut = [False]
+    name = cache_name("text", [file_stats(files), cfg.max_bytes, cfg.text_field], tokenizer)
+    tokens = _load_or_build(cfg.cache_dir, name, lambda: tokenizer.encode_documents(
+        capped_docs(chunks(), cfg.max_bytes, cut, len(SEPARATOR))))
+    return tokens, len(files), cut[0]
 
 
-def _text_corpus(cfg: DataConfig) -> _Corpus:
-    tokens, n_files, cut = _read_text(Path(cfg.path), cfg, "--data.path")
-    summary = f"text: {n_files} file{'s' * (n_files != 1)}, {_size_note(len(tokens), cut)}"
+def _text_corpus(cfg: DataConfig, tokenizer: Tokenizer | None = None) -> _Corpus:
+    tokens, n_files, cut = _read_text(Path(cfg.path), cfg, "--data.path", tokenizer)
+    size = _size_note(len(tokens), cut) if tokenizer is None else f"{len(tokens):,} tokens"
+    summary = f"text: {n_files} file{'s' * (n_files != 1)}, {size}"
     val = None
     if cfg.val_path:
-        val_tokens, _, _ = _read_text(Path(cfg.val_path), cfg, "--data.val_path")
+        val_tokens, _, _ = _read_text(Path(cfg.val_path), cfg, "--data.val_path", tokenizer)
         val = [val_tokens]
         summary += f" + validation '{cfg.val_path}'"
     return _Corpus([tokens], val, summary)
@@ -352,7 +384,7 @@ def _bin_shards(path: Path, cfg: DataConfig, option: str) -> list[np.ndarray]:
     return shards
 
 
-def _bin_corpus(cfg: DataConfig) -> _Corpus:
+def _bin_corpus(cfg: DataConfig, tokenizer: Tokenizer | None = None) -> _Corpus:  # ids already: no tokenizer
     train = _bin_shards(Path(cfg.path), cfg, "--data.path")
     val = _bin_shards(Path(cfg.val_path), cfg, "--data.val_path") if cfg.val_path else None
     n = len(train)
@@ -360,7 +392,7 @@ def _bin_corpus(cfg: DataConfig) -> _Corpus:
     return _Corpus(train, val, summary + (f" + validation '{cfg.val_path}'" if cfg.val_path else ""))
 
 
-def _hf_corpus(cfg: DataConfig) -> _Corpus:
+def _hf_corpus(cfg: DataConfig, tokenizer: Tokenizer | None = None) -> _Corpus:
     import datasets  # optional dependency; its presence was checked in _check_config
 
     try:
@@ -387,9 +419,23 @@ def _hf_corpus(cfg: DataConfig) -> _Corpus:
         for row, text in enumerate(texts):
             yield _doc_bytes(text, f"dataset '{cfg.path}' row {row}", cfg.text_field)
 
-    train, cut = _join_capped(docs(train_ds), cfg.max_bytes)
-    val = [_join_capped(docs(val_ds), cfg.max_bytes)[0]] if val_ds is not None else None
-    summary = f"hf: {len(train_ds)} documents, {_size_note(len(train), cut)}"
+    if tokenizer is None:
+        train, cut = _join_capped(docs(train_ds), cfg.max_bytes)
+        val = [_join_capped(docs(val_ds), cfg.max_bytes)[0]] if val_ds is not None else None
+        size = _size_note(len(train), cut)
+    else:  # keyed by the dataset folder's files, the split, the cap, the field and the tokenizer
+        stats = file_stats(_sorted_files(Path(cfg.path), lambda p: True))
+        cut_flags = [False]
+
+        def encoded(d, split: str, cut: list[bool]) -> np.ndarray:
+            name = cache_name("hf", [stats, split, cfg.max_bytes, cfg.text_field], tokenizer)
+            return _load_or_build(cfg.cache_dir, name, lambda: tokenizer.encode_documents(
+                capped_docs(docs(d), cfg.max_bytes, cut, len(SEPARATOR))))
+
+        train = encoded(train_ds, "train", cut_flags)
+        val = [encoded(val_ds, val_split, [False])] if val_ds is not None else None
+        size = f"{len(train):,} tokens"
+    summary = f"hf: {len(train_ds)} documents, {size}"
     return _Corpus([train], val, summary + (f" + '{val_split}' split" if val_split else ""))
 
 
@@ -443,20 +489,28 @@ def _split_tail(shards: list[np.ndarray], val_fraction: float) -> tuple[list[np.
     return train, val
 
 
-def build_data(cfg: DataConfig, seed: int, *, seq_len: int | None = None, rank: int = 0) -> Data:
+def build_data(cfg: DataConfig, seed: int, *, seq_len: int | None = None, rank: int = 0,
+               tokenizer: Tokenizer | None = None) -> Data:
     """Loads the corpus that cfg names and splits it (validation = a separate set if one is given,
-    else the last val_fraction of the tokens). Given seq_len, also checks that both splits are
-    long enough. Raises ConfigError, with the fix, on bad settings or an empty corpus."""
+    else the last val_fraction of the tokens). Text sources are read as bytes, or with
+    `tokenizer` when one is given ('bin' holds ids already and ignores it). Given seq_len, also
+    checks that both splits are long enough. Raises ConfigError, with the fix, on bad settings
+    or an empty corpus."""
     _check_config(cfg)
-    corpus = _LOADERS[cfg.source](cfg)
+    tokenizer = None if cfg.source == "bin" else tokenizer
+    corpus = _LOADERS[cfg.source](cfg, tokenizer)
     train, val = corpus.train, corpus.val
     if sum(len(s) for s in train) == 0:
         raise ConfigError(f"the {cfg.source} corpus{f' at {cfg.path!r}' if cfg.path else ''} has no tokens; set --data.path to non-empty data")
     if val is None:
         train, val = _split_tail(train, cfg.val_fraction)
-    vocab_size = (cfg.bin_vocab or BYTE_VOCAB) if cfg.source == "bin" else BYTE_VOCAB
-    tokenizer = ByteTokenizer() if vocab_size == BYTE_VOCAB else None
-    data = Data(TokenStream(train, seed, rank), val, vocab_size, tokenizer, corpus.summary)
+    if tokenizer is not None:
+        vocab_size, summary = tokenizer.vocab_size, f"{corpus.summary}, tokenized by {tokenizer.name}"
+    else:
+        vocab_size = (cfg.bin_vocab or BYTE_VOCAB) if cfg.source == "bin" else BYTE_VOCAB
+        tokenizer = ByteTokenizer() if vocab_size == BYTE_VOCAB else None
+        summary = corpus.summary
+    data = Data(TokenStream(train, seed, rank), val, vocab_size, tokenizer, summary)
     if seq_len is not None:
         data.check(seq_len)
     return data

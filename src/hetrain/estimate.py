@@ -9,16 +9,14 @@ model and allocates no tensors.
 from __future__ import annotations
 
 from hetrain.config import Config
-from hetrain.model.describe import describe_model
+from hetrain.predict.cost import describe_for, model_label
 from hetrain.predict.state_bytes import ADAM_MOMENT_BYTES_PER_PARAM, GRAD_BYTES_PER_PARAM, MASTER_BYTES_PER_PARAM
 from hetrain.units import fmt_bytes
 
 
 def memory_breakdown(cfg: Config) -> dict[str, int]:
     """Bytes held at the peak of a plain training step (steady state, from step 2 on)."""
-    t = cfg.train
-    b = 2 if t.dtype == "bf16" else 4
-    desc = describe_model(cfg.model, t.micro_batch, t.seq_len, compute_dtype_bytes=b)
+    desc = describe_for(cfg)  # hetrain's preset, or the Hugging Face model at hf.path
     params = desc.total_params
     return {
         "parameters (fp32)": MASTER_BYTES_PER_PARAM * params,
@@ -30,11 +28,10 @@ def memory_breakdown(cfg: Config) -> dict[str, int]:
 
 def estimate_report(cfg: Config) -> str:
     t = cfg.train
-    b = 2 if t.dtype == "bf16" else 4
-    desc = describe_model(cfg.model, t.micro_batch, t.seq_len, compute_dtype_bytes=b)
+    desc = describe_for(cfg)
     tokens_per_step = t.micro_batch * t.seq_len * t.grad_accum
     lines = [
-        f"model {cfg.model.preset}: {desc.total_params / 1e6:,.1f}M parameters, {cfg.model.n_layer} blocks; "
+        f"{model_label(cfg)}: {desc.total_params / 1e6:,.1f}M parameters, {len(desc.blocks)} blocks; "
         f"micro-batch {t.micro_batch} x {t.seq_len} tokens, {t.grad_accum} micro-batches/step, {t.dtype}",
         "",
         f"{'layer':<12}{'params':>14}{'fwd GFLOP/mb':>16}{'saved act/mb':>16}",

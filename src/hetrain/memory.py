@@ -54,9 +54,12 @@ class MemoryAccountant:
     after `zero_grad(set_to_none=True)`. `reset_peak()` starts a new measurement window.
     """
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None):
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
+                 also_state: tuple[torch.Tensor, ...] | list[torch.Tensor] = ()):
+        """`also_state`: tensors that are not the model's but are counted elsewhere, so saving
+        them is not an activation (the profiler's per-batch extras of a block)."""
         self.model = model
-        self._state_keys = {storage_key(t) for t in (*model.parameters(), *model.buffers())}
+        self._state_keys = {storage_key(t) for t in (*model.parameters(), *model.buffers(), *also_state)}
         self.param_bytes = tensor_bytes([*model.parameters(), *model.buffers()])
         self.optimizer_bytes = self._optimizer_bytes(optimizer) if optimizer is not None else 0
         self.grad_bytes = 0

@@ -1,5 +1,6 @@
 """Profiler: a tiny model measured on this machine, the per-machine cache, the wrong-machine error."""
 
+import json
 import os
 
 import pytest
@@ -106,3 +107,42 @@ def test_gloo_all_reduce_between_two_local_processes():
     assert result["backend"] == "gloo" and result["world_size"] == 2
     seconds = result["seconds_by_bytes"]
     assert len(seconds) == 3 and all(s > 0 for s in seconds.values())
+
+
+def test_a_hugging_face_model_is_profiled_one_block_through_the_block_interface(tmp_path, capsys):
+    """The saved bytes it measures are the description's (rotary cos/sin once, with the
+    embedding), the cost model and the plain predictor read its entry, and the plain
+    predictor's peak is hetrain.memory's count of a real step."""
+    pytest.importorskip("transformers")
+    from hetrain.predict.cost import ProfileCost, cost_model, describe_for
+    from hetrain.predict.profiler import format_profile
+    from hetrain.predict.step_graph import predict_step
+    from tests_support import save_tiny_hf
+
+    path = save_tiny_hf(tmp_path / "llama", "llama", num_hidden_layers=3)
+    cfg = load_config(None, {**_values(tmp_path), "hf.path": str(path)})
+    profile, entry, _ = run_profile(cfg, FAST)
+    assert entry.model["hf_config"]["model_type"] == "llama"
+    desc = describe_for(dataclasses_replace_dtype(cfg, "fp32"))
+    assert [entry.embedding.act_bytes, entry.block.act_bytes, entry.head.act_bytes] == \
+        [desc.embedding.act_bytes_total, desc.blocks[0].act_bytes_total, desc.head.act_bytes_total]
+    assert isinstance(cost_model(cfg, describe_for(cfg), profile), ProfileCost)
+    assert "Hugging Face llama (one block of 3)" in format_profile(profile, entry)
+    pred = predict_step(cfg, profile)
+    assert pred.step_s > 0
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(f"def f{i}(x):\n    return x * {i}\n" for i in range(3000)))
+    run = {"data.source": "text", "data.path": str(corpus), "data.cache_dir": "", "train.steps": "3",
+           "train.eval_every": "0", "train.log_every": "1", "log.progress": "false", "log.tensorboard": "false",
+           "log.peak_flops": "1e11", "memory.device_budget": "none", "run.dir": str(tmp_path / "run")}
+    from hetrain.train.trainer import Trainer
+
+    Trainer(load_config(None, {**_values(tmp_path), "hf.path": str(path), **run})).fit()
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert max(r["peak_device_bytes"] for r in records[1:]) == pred.peak_device_bytes  # to the byte
+
+
+def dataclasses_replace_dtype(cfg, dtype):
+    import dataclasses
+
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, dtype=dtype))

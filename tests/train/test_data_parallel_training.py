@@ -48,3 +48,21 @@ def test_two_ranks_train_the_model_of_one_process_and_resume(tmp_path, corpus, t
     alone = Trainer(tiny_config(tmp_path / "alone", **{"train.grad_accum": 2, "run.resume": step5,
                                                        "memory.device_budget": "none"})).fit()
     assert [alone.losses[s] for s in range(6, 11)] == pytest.approx([two[s] for s in range(6, 11)], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_two_ranks_train_a_hugging_face_model_like_one_process(tmp_path, corpus, tiny_config):
+    pytest.importorskip("transformers")
+    from tests_support import save_tiny_hf
+
+    path = save_tiny_hf(tmp_path / "llama", "llama")
+    budget = {"memory.device_budget": "70%", "hardware.device_kind": "cpu", "run.threads": "1",
+              "hf.path": str(path), "train.steps": 6}
+    one = Trainer(tiny_config(tmp_path / "one", **budget, **{"train.grad_accum": 2})).fit()
+    done = torchrun(cli_args(tmp_path / "two", corpus, **budget), tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "data parallel over 2 ranks" in done.stdout
+    two = losses(tmp_path / "two")
+    assert [two[s] for s in sorted(one.losses)] == pytest.approx([one.losses[s] for s in sorted(one.losses)],
+                                                                   rel=1e-6)
+    assert (tmp_path / "two" / "hf_model" / "model.safetensors").is_file()

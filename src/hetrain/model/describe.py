@@ -2,7 +2,7 @@
 
 Every planner reasons from this description, never from a live module, so it works for a
 175B preset on a laptop. It must stay pure arithmetic over a ModelConfig: no tensors, no
-device queries. `tests/model/test_describe.py` checks the activation bytes against what
+device queries. (hf_describe.py fills the same ModelDescription for transformers models.) `tests/model/test_describe.py` checks the activation bytes against what
 PyTorch really saves for backward on CPU (counted with saved-tensor hooks), so the tensor
 list below mirrors PyTorch 2.13's CPU kernels and must be re-checked when torch changes.
 
@@ -38,6 +38,11 @@ class LayerDescription:
     boundary_bytes: int = 0
     """Bytes of the layer's output per micro-batch: what a pipeline stage sends, and what a
     checkpointed block keeps."""
+    tensors: int = 0
+    """Parameter tensors the layer owns (fused AdamW keeps a step counter per tensor)."""
+    matmul_params: int = 0
+    """Weights its matmuls read: a block's projections, the head's output matrix (even when
+    tied to the embedding, which then owns it); 0 for the embedding (a lookup)."""
 
     @property
     def act_bytes_total(self) -> int:
@@ -47,6 +52,7 @@ class LayerDescription:
 @dataclass(frozen=True)
 class ModelDescription:
     config: ModelConfig
+    """hetrain's ModelConfig, or the transformers config of a Hugging Face model."""
     micro_batch: int
     seq_len: int
     compute_dtype_bytes: int
@@ -54,6 +60,14 @@ class ModelDescription:
     blocks: list[LayerDescription]
     head: LayerDescription
     total_params: int
+    hidden_size: int
+    vocab_size: int
+    """Rows of the output projection."""
+    norm: str
+    """'layernorm' or 'rmsnorm' (what autocast keeps in fp32 differs)."""
+    buffers_bytes: int
+    """The model's buffers (rotary tables), kept on the device beside the parameters."""
+    tied_embeddings: bool
 
     def layers(self) -> list[LayerDescription]:
         return [self.embedding, *self.blocks, self.head]
@@ -81,6 +95,15 @@ def _matmul_params(cfg: ModelConfig) -> int:
     C, kv = cfg.d_model, cfg.n_kv_head * cfg.head_dim
     up_width = cfg.d_ff * (2 if cfg.mlp == "swiglu" else 1)
     return C * (C + 2 * kv) + C * C + C * up_width + cfg.d_ff * C
+
+
+def param_tensors(cfg: ModelConfig) -> dict[str, int]:
+    """Parameter tensors per layer kind (a tied output matrix is the embedding's)."""
+    norm = 1 + (1 if cfg.norm == "layernorm" and cfg.bias else 0)
+    linear = 1 + (1 if cfg.bias else 0)
+    return {"embedding": 1 + (1 if cfg.pos == "learned" else 0),
+            "block": 2 * norm + 4 * linear,
+            "head": norm + (0 if cfg.tie_embeddings else 1)}
 
 
 def _norm_saved(cfg: ModelConfig, prefix: str, BT: int, b: int) -> dict[str, int]:
@@ -142,12 +165,14 @@ def describe_model(cfg: ModelConfig, micro_batch: int, seq_len: int, compute_dty
     emb_saved = {"tokens": BT * INDEX_BYTES}
     if cfg.pos == "learned":
         emb_saved["positions"] = seq_len * INDEX_BYTES
-    embedding = LayerDescription("embedding", emb_params, 0.0, 0.0, emb_saved, boundary)
+    tensors = param_tensors(cfg)
+    embedding = LayerDescription("embedding", emb_params, 0.0, 0.0, emb_saved, boundary, tensors["embedding"])
 
     fwd_block = 2.0 * _matmul_params(cfg) + 2.0 * seq_len * C
     act = block_act_bytes(cfg, micro_batch, seq_len, b)
     blocks = [
-        LayerDescription(f"block.{i}", block_params(cfg), fwd_block, 2 * fwd_block, dict(act), boundary)
+        LayerDescription(f"block.{i}", block_params(cfg), fwd_block, 2 * fwd_block, dict(act), boundary,
+                         tensors["block"], _matmul_params(cfg))
         for i in range(cfg.n_layer)
     ]
 
@@ -159,7 +184,10 @@ def describe_model(cfg: ModelConfig, micro_batch: int, seq_len: int, compute_dty
     norm_f_params = C * (2 if cfg.norm == "layernorm" and cfg.bias else 1)
     head_params = norm_f_params + (0 if cfg.tie_embeddings else V * C)
     fwd_head = 2.0 * C * V
-    head = LayerDescription("head", head_params, fwd_head, 2 * fwd_head, head_saved, 0)
+    head = LayerDescription("head", head_params, fwd_head, 2 * fwd_head, head_saved, 0, tensors["head"], V * C)
 
     total = emb_params + cfg.n_layer * block_params(cfg) + head_params
-    return ModelDescription(cfg, micro_batch, seq_len, b, embedding, blocks, head, total)
+    # Rotary tables: cos and sin of shape (max_seq_len, head_dim / 2), fp32 buffers.
+    buffers = 2 * cfg.max_seq_len * (cfg.head_dim // 2) * FP32_BYTES if cfg.pos == "rope" else 0
+    return ModelDescription(cfg, micro_batch, seq_len, b, embedding, blocks, head, total, hidden_size=C,
+                            vocab_size=V, norm=cfg.norm, buffers_bytes=buffers, tied_embeddings=cfg.tie_embeddings)

@@ -3,7 +3,8 @@
 This file is the model and nothing else: it knows nothing about training, devices,
 checkpointing or offloading. Those techniques apply themselves to the module from outside
 (hetrain.train, hetrain.plan). The block stack is `model.blocks`, an nn.ModuleList of
-identical `Block`s, which is the unit every planner reasons about.
+identical `Block`s, which is the unit every planner reasons about; the members of
+hetrain.model.stack's block interface drive it one layer at a time.
 
 Variants chosen by ModelConfig: learned or rotary positions, LayerNorm or RMSNorm, GELU MLP
 or SwiGLU, multi-head or grouped-query attention (always through
@@ -206,6 +207,31 @@ class GPT(nn.Module):
         if targets is None:
             return logits
         return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1))
+
+    # --- the block interface (hetrain.model.stack) ---------------------------------------
+    @property
+    def max_seq_len(self) -> int:
+        return self.cfg.max_seq_len
+
+    def embed_inputs(self, idx: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+        """(B, T) token ids -> the first block's input (B, T, C) and what every block also
+        reads: the rotary tables (model buffers), or None with learned positions."""
+        return self.embed(idx), self.rope()
+
+    def block_forward(self, block: nn.Module, x: torch.Tensor, rope) -> torch.Tensor:
+        return block(x, rope)
+
+    def part_of(self, module_name: str) -> int:
+        """0 for the embeddings, i + 1 for a module inside block i, n_layer + 1 for the head."""
+        if module_name.startswith("blocks."):
+            return int(module_name.split(".")[1]) + 1
+        return 0 if module_name in ("tok_emb", "pos_emb") else self.cfg.n_layer + 1
+
+    def describe(self, micro_batch: int, seq_len: int, compute_dtype_bytes: int = 2):
+        """hetrain.model.describe.describe_model of this model's config."""
+        from hetrain.model.describe import describe_model  # describe imports this module
+
+        return describe_model(self.cfg, micro_batch, seq_len, compute_dtype_bytes)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         if idx.shape[1] > self.cfg.max_seq_len:

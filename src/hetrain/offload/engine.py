@@ -1,6 +1,7 @@
-"""The offload engine: runs training steps of a GPT under an OffloadPlan on one device.
+"""The offload engine: runs training steps of a language model under an OffloadPlan on one device.
 
-`apply_plan(model, plan, optim_cfg, device)` takes a freshly built fp32 GPT and returns an
+`apply_plan(model, plan, optim_cfg, device)` takes a freshly built fp32 model (hetrain's GPT or
+a transformers causal LM: anything with hetrain.model.stack's block interface) and returns an
 OffloadEngine that owns it until `close()`. Per layer, the parameters become either plain fp32
 device parameters (a "native" layer: weights and optimizer on the device, fp32 compute, no
 extra work) or a flat compute-dtype copy, resident or streamed (weights.py), with fp32 masters
@@ -11,9 +12,9 @@ loaded and given back to the model at close by state.py. `train_step(batches, lr
 is one optimizer step with gradient accumulation and global-norm clipping, giving the losses
 and parameters of the textbook loop (fused AdamW, weight decay on matrices only,
 clip_grad_norm_). Every byte held on the device is counted (checkpointing.DeviceLedger) and
-the plan's budget is enforced. The engine drives the layers itself (`model.embed`, each of
-`model.blocks`, `model.head`): it must not be used on models without that interface, and
-nothing else may call the model meanwhile.
+the plan's budget is enforced. The engine drives the layers itself through the block interface
+(`model.embed_inputs`, `model.block_forward` on each of `model.blocks`, `model.head`): it must
+not know a model's class, and nothing else may call the model meanwhile.
 
 Global-norm clipping needs every gradient before any update. The norms of host-optimised
 layers are taken on the host as their last gradient lands, the others' when backward ends;
@@ -34,7 +35,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from hetrain.model.describe import block_act_bytes
+from hetrain.model.stack import check_stack
 from hetrain.offload.checkpointing import DeviceLedger, LayerActivations, apply_recompute
 from hetrain.offload.cpu_optim import CpuOptimizerWorker, HostLayer, OptimConfig, make_adamw, set_lr
 from hetrain.offload.footprint import check_footprint, check_weight_buffers
@@ -63,7 +64,8 @@ class StepStats:
 def apply_plan(model: nn.Module, plan: OffloadPlan, optim_cfg: OptimConfig, device: torch.device | str,
                compute_dtype: torch.dtype = torch.float32, trace: bool = False,
                data_parallel: DataParallel | None = None) -> "OffloadEngine":
-    """Apply `plan` to `model` (an fp32 GPT, unmodified) and return the engine that trains it.
+    """Apply `plan` to `model` (fp32, unmodified, with the block interface) and return the engine
+    that trains it.
 
     The order is fixed, each step relying on the one before:
     1. check the plan against the model, the device budget and host RAM, before anything is
@@ -91,10 +93,7 @@ class OffloadEngine:
     """Runs training steps of one model under one plan; see `apply_plan`."""
 
     def __init__(self, model, plan, optim_cfg, device, compute_dtype, trace, data_parallel=None):
-        for attr in ("embed", "blocks", "head", "rope", "cfg"):
-            if not hasattr(model, attr):
-                raise ValueError(f"the offload engine drives hetrain's GPT (embed, blocks, head); this model has "
-                                 f"no '{attr}'")
+        check_stack(model, "the offload engine")
         if compute_dtype not in (torch.float32, torch.bfloat16):
             raise ValueError(f"compute dtype {compute_dtype} is not supported: use torch.float32 or torch.bfloat16 "
                              f"(fp16 would need loss scaling, which the engine does not do)")
@@ -244,7 +243,9 @@ class OffloadEngine:
         self._wait_s += time.perf_counter() - start
         self.streamer.prefetch_after((phase, layer.index), self.plan.prefetch_depth, wrap=not self._last_micro)
 
-    def _run(self, index: int, fn, *args) -> torch.Tensor:
+    def _run(self, index: int, fn, *args):
+        """Layer `index`'s forward, fn(*args), with its weights installed; returns what fn does
+        (the embedding stage returns the hidden states and the blocks' extras)."""
         layer = self.layers[index]
         self._acquire(layer, "fwd")
         start = time.perf_counter()
@@ -253,11 +254,12 @@ class OffloadEngine:
         uninstall(layer.bindings)
         self.streamer.release(layer.streamed, self._compute_stream())
         self._record(task_name("fwd", layer.name, self._micro), "compute", start, time.perf_counter(), "fwd")
-        if out.requires_grad:
+        h = out[0] if isinstance(out, tuple) else out
+        if h.requires_grad:
             self.activations.forward_done(index, layer.name)
             # The node that made the output runs first in this layer's backward (a tensor hook
             # would do the same through ~20 us more of Python per layer).
-            out.grad_fn.register_prehook(functools.partial(self._backward_begins, index))
+            h.grad_fn.register_prehook(functools.partial(self._backward_begins, index))
         return out
 
     # --- one layer, backward (pre-hooks on the node of each layer's output) ------------------
@@ -373,16 +375,18 @@ class OffloadEngine:
 
     def _forward(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         B, T = x.shape
-        if T > self.model.cfg.max_seq_len:
-            raise ValueError(f"sequence length {T} exceeds model.max_seq_len={self.model.cfg.max_seq_len}")
-        if (B, T) not in self._act_bytes:
-            self._act_bytes[(B, T)] = sum(block_act_bytes(self.model.cfg, B, T, self.dtype.itemsize).values())
+        limit = self.model.max_seq_len
+        if limit is not None and T > limit:
+            raise ValueError(f"sequence length {T} exceeds the model's maximum of {limit} (model.max_seq_len, or "
+                             f"max_position_embeddings of a Hugging Face config)")
+        if (B, T) not in self._act_bytes:  # what a recomputed block saves again during its backward
+            self._act_bytes[(B, T)] = self.model.describe(B, T, self.dtype.itemsize).blocks[0].act_bytes_total
         self._recompute_bytes = self._act_bytes[(B, T)]
-        h = self._run(0, self.model.embed, x)
-        rope = self.model.rope()
-        for i, block in enumerate(self.model.blocks):
-            h = self._run(i + 1, block, h, rope)
-        return self._run(len(self.layers) - 1, self.model.head, h, y)
+        model = self.model
+        h, extras = self._run(0, model.embed_inputs, x)
+        for i, block in enumerate(model.blocks):
+            h = self._run(i + 1, model.block_forward, block, h, extras)
+        return self._run(len(self.layers) - 1, model.head, h, y)
 
     def _update(self, grad_clip: float) -> torch.Tensor:
         """Clip, queue the CPU updates (lowest layer first), step the device optimizer."""
@@ -440,8 +444,13 @@ class OffloadEngine:
         """Mean loss over `batches` with the current weights (waits for pending updates per layer)."""
         self._check_open()
         self._last_micro, self._wait_s, total = True, 0.0, 0.0
-        for x, y in batches:
-            total += self._forward(x.to(self.device), y.to(self.device)).item()
+        was_training = self.model.training
+        self.model.eval()  # as plain evaluation does: no dropout, and no draws from the RNG
+        try:
+            for x, y in batches:
+                total += self._forward(x.to(self.device), y.to(self.device)).item()
+        finally:
+            self.model.train(was_training)
         return total / len(batches)
 
     def state_dict(self) -> dict:

@@ -44,17 +44,10 @@ class Layer:
         return self.plan.name
 
 
-def _layer_of(module_name: str, last: int) -> int:
-    if module_name.startswith("blocks."):
-        return int(module_name.split(".")[1]) + 1
-    return 0 if module_name in ("tok_emb", "pos_emb") else last
-
-
 def resolve_layers(model: nn.Module, plan: OffloadPlan, compute_dtype: torch.dtype) -> tuple[ModelLayout, list[Layer]]:
-    """The layout of `model` (hetrain's GPT: embed, blocks, head) by engine layer, and one
-    Layer per entry of `plan.layers` (already validated against the model)."""
-    last = len(model.blocks) + 1
-    layout = ModelLayout(model, lambda name: _layer_of(name, last))
+    """The layout of `model` by engine layer (the block interface's `part_of`: embedding,
+    blocks, head), and one Layer per entry of `plan.layers` (already validated against the model)."""
+    layout = ModelLayout(model, model.part_of)
     native = compute_dtype == torch.float32
     return layout, [Layer(i, lp, layout.owned(i), native and lp.weights == "device" and lp.optim == "device",
                           lp.act == "recompute") for i, lp in enumerate(plan.layers)]

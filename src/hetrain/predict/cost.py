@@ -66,16 +66,20 @@ class ModelProfile:
     head: LayerTiming
     """Final norm, output projection and cross-entropy loss."""
 
-    def matches(self, model_cfg: ModelConfig, seq_len: int, dtype: str, threads: int | None) -> bool:
-        """Same block, embedding and head shape (any number of blocks: the profiler times one),
-        sequence length and dtype, and `threads` unless it is None."""
-        return (_shape(self.model) == _shape(dataclasses.asdict(model_cfg)) and self.seq_len == seq_len
-                and self.dtype == dtype and threads in (None, self.threads))
+    def matches(self, model_cfg: ModelConfig | dict, seq_len: int, dtype: str, threads: int | None) -> bool:
+        """Same layer shapes (a ModelConfig, or a model_key; any number of blocks: the profiler
+        times one), sequence length and dtype, and `threads` unless it is None."""
+        key = model_cfg if isinstance(model_cfg, dict) else dataclasses.asdict(model_cfg)
+        return (_shape(self.model) == _shape(key) and self.seq_len == seq_len and self.dtype == dtype
+                and threads in (None, self.threads))
 
 
 def _shape(model: dict) -> dict:
-    """A model config without what does not change one layer's timing: the preset's name and
-    the number of blocks."""
+    """A model key without what does not change one layer's timing: the preset's name and the
+    number of blocks (hetrain's n_layer; a Hugging Face config's own layer count)."""
+    if "hf_config" in model:
+        return {"hf_config": {k: v for k, v in model["hf_config"].items()
+                              if k not in ("num_hidden_layers", "n_layer", "num_layers")}}
     return {k: v for k, v in model.items() if k not in ("preset", "n_layer")}
 
 
@@ -114,7 +118,7 @@ class Profile:
     """Figure -> why it could not be measured here."""
     models: list[ModelProfile] = field(default_factory=list)
 
-    def find_model(self, model_cfg: ModelConfig, micro_batch: int, seq_len: int, dtype: str,
+    def find_model(self, model_cfg: ModelConfig | dict, micro_batch: int, seq_len: int, dtype: str,
                    threads: int | None) -> ModelProfile | None:
         """The entry for this shape at `micro_batch`, else the one at the nearest micro-batch."""
         same = [m for m in self.models if m.matches(model_cfg, seq_len, dtype, threads)]
@@ -297,7 +301,7 @@ class RooflineCost(CostModel):
 
     def _io_bytes(self) -> int:
         """One residual-stream tensor (a layer's input or output) in the compute dtype."""
-        return self.desc.tokens_per_microbatch * self.desc.config.d_model * self.desc.compute_dtype_bytes
+        return self.desc.tokens_per_microbatch * self.desc.hidden_size * self.desc.compute_dtype_bytes
 
     def _weight_read_bytes(self, layer: LayerDescription) -> int:
         if layer.name == "embedding":   # a lookup reads only the rows of the batch's tokens
@@ -326,16 +330,11 @@ class RooflineCost(CostModel):
         """What bf16 autocast over fp32 weights saves beyond the description's bf16-weight layout:
         a bf16 copy of every matmul weight, and LayerNorm inputs and statistics in fp32 (the
         residual stream stays fp32 and autocast runs layer_norm in fp32)."""
-        cfg, tokens = self.desc.config, self.desc.tokens_per_microbatch
-        norm = tokens * cfg.d_model * 2 + tokens * 2 * 2 if cfg.norm == "layernorm" else 0
+        d, tokens = self.desc, self.desc.tokens_per_microbatch
+        norm = tokens * d.hidden_size * 2 + tokens * 2 * 2 if d.norm == "layernorm" else 0
         if layer.name == "embedding":
             return 0
-        if layer.name == "head":
-            return cfg.vocab_size * cfg.d_model * 2 + norm
-        kv = cfg.n_kv_head * cfg.head_dim
-        up = cfg.d_ff * (2 if cfg.mlp == "swiglu" else 1)
-        matmul_params = cfg.d_model * (cfg.d_model + 2 * kv) + cfg.d_model * cfg.d_model + cfg.d_model * up + cfg.d_ff * cfg.d_model
-        return matmul_params * 2 + 2 * norm
+        return layer.matmul_params * 2 + (norm if layer.name == "head" else 2 * norm)
 
     def optimizer_s(self, params, tensors, on="device"):
         kind = self.kind if on == "device" else self.host
@@ -370,7 +369,33 @@ def compute_dtype_bytes(dtype: str) -> int:
 
 
 def describe_for(cfg: Config) -> ModelDescription:
-    return describe_model(cfg.model, cfg.train.micro_batch, cfg.train.seq_len, compute_dtype_bytes(cfg.train.dtype))
+    """The description of the model `cfg` trains: hetrain's preset, or the Hugging Face model at
+    hf.path (ConfigError for one hetrain cannot describe)."""
+    b = compute_dtype_bytes(cfg.train.dtype)
+    if cfg.hf.path:
+        from hetrain.model.hf import load_hf_config
+        from hetrain.model.hf_describe import describe_hf
+
+        return describe_hf(load_hf_config(cfg.hf.path), cfg.train.micro_batch, cfg.train.seq_len, b)
+    return describe_model(cfg.model, cfg.train.micro_batch, cfg.train.seq_len, b)
+
+
+def model_key(cfg: Config) -> dict:
+    """What a profile entry is keyed on: dataclasses.asdict of model.*, or for a Hugging Face
+    model {'hf_config': its config without volatile entries}."""
+    if cfg.hf.path:
+        from hetrain.model.hf import config_key, load_hf_config
+
+        return {"hf_config": config_key(load_hf_config(cfg.hf.path))}
+    return dataclasses.asdict(cfg.model)
+
+
+def model_label(cfg: Config) -> str:
+    """The model in words, for messages."""
+    if cfg.hf.path:
+        c = model_key(cfg)["hf_config"]
+        return f"Hugging Face model '{cfg.hf.path}' ({c.get('model_type')}, {c.get('num_hidden_layers', c.get('n_layer'))} layers)"
+    return f"model '{cfg.model.preset}' (n_layer={cfg.model.n_layer}, d_model={cfg.model.d_model})"
 
 
 def training_threads(cfg: Config) -> int:
@@ -386,11 +411,10 @@ def cost_model(cfg: Config, desc: ModelDescription, profile: Profile | None = No
     if not kind_name and profile is not None:
         # On CPU the thread count is part of the measurement; on a GPU it hardly matters.
         threads = training_threads(cfg) if profile.device == "cpu" else None
-        entry = profile.find_model(cfg.model, desc.micro_batch, desc.seq_len, cfg.train.dtype, threads)
+        entry = profile.find_model(model_key(cfg), desc.micro_batch, desc.seq_len, cfg.train.dtype, threads)
         if entry is None:
             raise ConfigError(
-                f"the profile of {profile.machine.get('hostname')} has no measurements of model "
-                f"'{cfg.model.preset}' (n_layer={cfg.model.n_layer}, d_model={cfg.model.d_model}) at "
+                f"the profile of {profile.machine.get('hostname')} has no measurements of {model_label(cfg)} at "
                 f"seq_len={desc.seq_len}, dtype={cfg.train.dtype}, threads={threads or 'any'}; run `hetrain profile` "
                 f"with the same --model.*, --train.seq_len, --train.dtype and --run.threads")
         return ProfileCost(desc, profile, entry, training_threads(cfg))

@@ -34,6 +34,7 @@ from hetrain.errors import ConfigError
 from hetrain.files import write_atomic
 from hetrain.memory import MemoryAccountant
 from hetrain.model.gpt import GPT, ModelConfig
+from hetrain.model.describe import ModelDescription
 from hetrain.predict.cost import LayerTiming, ModelProfile, Profile, UpdateTiming
 
 PROFILE_VERSION = 1
@@ -268,31 +269,43 @@ class _Layer:
 
 
 def profile_model(model_cfg: ModelConfig, micro_batch: int, seq_len: int, dtype: str,
-                  device: torch.device, options: ProfileOptions) -> ModelProfile:
-    """Time the embedding, one block and the head of `model_cfg` for one micro-batch.
+                  device: torch.device, options: ProfileOptions, hf_config=None) -> ModelProfile:
+    """Time the embedding, one block and the head of `model_cfg` (or of the transformers model
+    `hf_config`, when given) for one micro-batch.
 
     The layers take turns over `options.rounds` rounds, so that each figure's samples span the
     whole measurement and a burst of another process's work cannot take most of them. The model
     built for it has one block: the blocks are identical, so a model of any depth is profiled in
-    the memory of one block, its embedding and its head."""
+    the memory of one block, its embedding and its head. Layers run through the block interface
+    (hetrain.model.stack), as the offload engine runs them."""
     torch.manual_seed(0)
-    model = GPT(dataclasses.replace(model_cfg, n_layer=1)).to(device)
+    if hf_config is not None:
+        from hetrain.model.hf import build_hf_model, config_key
+
+        model, key = build_hf_model(hf_config, n_layers=1).to(device), {"hf_config": config_key(hf_config)}
+        model.check_stages()
+    else:
+        model, key = GPT(dataclasses.replace(model_cfg, n_layer=1)).to(device), dataclasses.asdict(model_cfg)
     amp = torch.bfloat16 if dtype == "bf16" else None
-    acct = MemoryAccountant(model)
+    params = _held_parameters(model)
+    idx = torch.randint(0, _vocab(model), (micro_batch, seq_len), device=device)
+    with torch.no_grad():
+        h0, extras = model.embed_inputs(idx)
+        h0 = h0.float()
+    # The extras (rotary tables, masks) are made once per micro-batch and read by every block:
+    # the description counts them with the embedding, so the block's figure leaves them out.
+    extra_tensors = [t for t in torch.utils._pytree.tree_leaves(extras) if isinstance(t, torch.Tensor)]
+    acct = MemoryAccountant(model, also_state=extra_tensors)
     group = options.back_to_back or (4 if device.type == "cuda" else 1)
     bench = _Bench(device, amp, acct, device.type == "cpu", group)
     try:
-        idx = torch.randint(0, model_cfg.vocab_size, (micro_batch, seq_len), device=device)
-        with torch.no_grad():
-            h0 = model.embed(idx).float()
         h = h0.clone().requires_grad_()   # the residual stream stays fp32 under autocast
         grad_h = torch.randn_like(h0)
-        rope, block = model.rope(), model.blocks[0]
+        block = model.blocks[0]
         layers = {
-            "embedding": _Layer(lambda: model.embed(idx), grad_h, [],
-                                [*model.tok_emb.parameters(), *(model.pos_emb.parameters() if model.pos_emb else ())]),
-            "block": _Layer(lambda: block(h, rope), grad_h, [h], list(block.parameters())),
-            "head": _Layer(lambda: model.head(h, idx), None, [h], [*model.norm_f.parameters(), model.lm_head.weight]),
+            "embedding": _Layer(lambda: model.embed_inputs(idx)[0], grad_h, [], params[0]),
+            "block": _Layer(lambda: model.block_forward(block, h, extras), grad_h, [h], params[1]),
+            "head": _Layer(lambda: model.head(h, idx), None, [h], params[2]),
         }
         samples: dict[str, dict[str, list[float]]] = {name: {} for name in layers}
         rounds = max(1, min(options.rounds, options.reps))
@@ -300,12 +313,34 @@ def profile_model(model_cfg: ModelConfig, micro_batch: int, seq_len: int, dtype:
             for name, layer in layers.items():
                 reps = options.reps // rounds + (1 if r < options.reps % rounds else 0)
                 bench.sample(layer, reps, options.warmup, samples[name])
+        # What the block saves of the extras: they are stored once, so counted with the embedding.
+        counted = MemoryAccountant(model)
+        with counted.track_activations(), bench.autocast():
+            out = model.block_forward(block, h, extras)
+        extras_bytes = counted.act_bytes - layers["block"].act_bytes
+        del out
+        counted.close()
     finally:
         acct.close()
     timings = {name: LayerTiming(*(statistics.median(samples[name][k]) for k in ("fwd", "bwd", "recompute")),
-                                 act_bytes=int(layers[name].act_bytes)) for name in layers}
-    return ModelProfile(dataclasses.asdict(model_cfg), micro_batch, seq_len, dtype, torch.get_num_threads(),
-                        **timings)
+                                 act_bytes=int(layers[name].act_bytes) + (extras_bytes if name == "embedding" else 0))
+               for name in layers}
+    return ModelProfile(key, micro_batch, seq_len, dtype, torch.get_num_threads(), **timings)
+
+
+def _held_parameters(model) -> list[list[torch.Tensor]]:
+    """Per layer (embedding, blocks, head), the parameters its modules hold: a tied output
+    matrix is the head's too, so its gradient is cleared before the head's timed backward."""
+    held: list[dict[int, torch.Tensor]] = [{} for _ in range(len(model.blocks) + 2)]
+    for name, module in model.named_modules():
+        for p in module._parameters.values():
+            if p is not None:
+                held[model.part_of(name)][id(p)] = p
+    return [list(layer.values()) for layer in held]
+
+
+def _vocab(model) -> int:
+    return model.cfg.vocab_size if hasattr(model, "cfg") else model.vocab_size
 
 
 @dataclass(frozen=True)
@@ -320,19 +355,17 @@ class ProfileEstimate:
     head's logits with their gradients (all in fp32)."""
 
 
-def estimate_profile(model_cfg: ModelConfig, micro_batch: int, seq_len: int, flops_per_s: float,
+def estimate_profile(desc: ModelDescription, flops_per_s: float,
                      options: ProfileOptions | None = None) -> ProfileEstimate:
-    """The time and memory `profile_model` would take, from the model description."""
-    from hetrain.model.describe import block_act_bytes, describe_model
-
+    """The time and memory `profile_model` would take for the model and micro-batch of `desc`
+    (a description in fp32, compute_dtype_bytes 4), from the description alone."""
     options = options or ProfileOptions()
-    one = dataclasses.replace(model_cfg, n_layer=1)
-    desc = describe_model(one, micro_batch, seq_len, 4)
-    tokens = micro_batch * seq_len
-    flops = sum((l.fwd_flops_per_token * 2 + l.bwd_flops_per_token) * tokens for l in desc.layers())
+    layers = (desc.embedding, desc.blocks[0], desc.head)  # the one-block model
+    tokens = desc.tokens_per_microbatch
+    flops = sum((l.fwd_flops_per_token * 2 + l.bwd_flops_per_token) * tokens for l in layers)
     runs = options.rounds * options.warmup + options.reps
-    logits = tokens * model_cfg.vocab_size * 4
-    peak = 2 * desc.total_params * 4 + sum(block_act_bytes(one, micro_batch, seq_len, 4).values()) + 3 * logits
+    logits = tokens * desc.vocab_size * 4
+    peak = 2 * sum(l.params for l in layers) * 4 + desc.blocks[0].act_bytes_total + 3 * logits
     return ProfileEstimate(runs * flops / flops_per_s, peak)
 
 
@@ -467,13 +500,18 @@ def run_profile(cfg: Config, options: ProfileOptions | None = None) -> tuple[Pro
             profile.unmeasured["collective.nccl"] = (f"needs 2 GPUs, this machine has {torch.cuda.device_count()}; "
                                                      "the all-reduce figure is gloo between host processes")
         # Its own RNG stream: a profile made mid-run (a resume with --trace) leaves the run's draws as they were.
+        hf_config = None
+        if cfg.hf.path:
+            from hetrain.model.hf import load_hf_config
+
+            hf_config = load_hf_config(cfg.hf.path)
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             entry = profile_model(cfg.model, cfg.train.micro_batch, cfg.train.seq_len, cfg.train.dtype, device,
-                                  options)
+                                  options, hf_config)
     finally:
         torch.set_num_threads(before)
     profile.models = [m for m in profile.models if not (
-        m.matches(cfg.model, entry.seq_len, entry.dtype, entry.threads) and m.micro_batch == entry.micro_batch)]
+        m.matches(entry.model, entry.seq_len, entry.dtype, entry.threads) and m.micro_batch == entry.micro_batch)]
     profile.models.append(entry)
     return profile, entry, save_profile(profile, cfg.hardware.profile_dir)
 
@@ -481,8 +519,10 @@ def run_profile(cfg: Config, options: ProfileOptions | None = None) -> tuple[Pro
 def format_profile(profile: Profile, entry: ModelProfile) -> str:
     """A table of the figures, and a list of what could not be measured and why."""
     m = entry.model
+    what = (f"model {m['preset']} (n_layer={m['n_layer']}, d_model={m['d_model']})" if "hf_config" not in m else
+            f"Hugging Face {m['hf_config'].get('model_type')} (one block of {m['hf_config'].get('num_hidden_layers')})")
     lines = [f"machine: {describe_machine(profile.machine)}; measured {profile.measured_at}",
-             f"model {m['preset']} (n_layer={m['n_layer']}, d_model={m['d_model']}), micro_batch="
+             f"{what}, micro_batch="
              f"{entry.micro_batch}, seq_len={entry.seq_len}, dtype={entry.dtype}, threads={entry.threads}",
              f"  {'layer':<10} {'fwd ms':>9} {'bwd ms':>9} {'recompute ms':>13} {'saved MiB':>10}"]
     for name, t in (("embedding", entry.embedding), ("block", entry.block), ("head+loss", entry.head)):

@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from hetrain.config import Config
-from hetrain.errors import ConfigError
+from hetrain.model import describe
 from hetrain.model.describe import LayerDescription, ModelDescription, head_backward_transient_bytes
 from hetrain.model.gpt import ModelConfig
 from hetrain.predict.cost import CostModel, Profile, RooflineCost, cost_model, describe_for
@@ -84,27 +84,16 @@ class StateBytes:
 
 def param_tensors(cfg: ModelConfig) -> dict[str, int]:
     """Parameter tensors per layer kind of hetrain's GPT (a tied output matrix is the embedding's)."""
-    norm = 1 + (1 if cfg.norm == "layernorm" and cfg.bias else 0)
-    linear = 1 + (1 if cfg.bias else 0)
-    return {"embedding": 1 + (1 if cfg.pos == "learned" else 0),
-            "block": 2 * norm + 4 * linear,
-            "head": norm + (0 if cfg.tie_embeddings else 1)}
-
-
-def _tensors(cfg: ModelConfig, layer: LayerDescription) -> int:
-    return param_tensors(cfg)["block" if layer.name.startswith("block.") else layer.name]
+    return describe.param_tensors(cfg)
 
 
 def state_bytes(desc: ModelDescription) -> StateBytes:
-    cfg = desc.config
-    # Rotary tables: cos and sin of shape (max_seq_len, head_dim / 2), fp32 buffers.
-    buffers = 2 * cfg.max_seq_len * (cfg.head_dim // 2) * FP32_BYTES if cfg.pos == "rope" else 0
     layers = desc.layers()
     return StateBytes(
         params_bytes=desc.total_params * MASTER_BYTES_PER_PARAM,
-        buffers_bytes=buffers,
+        buffers_bytes=desc.buffers_bytes,
         grad_bytes_by_layer={ly.name: ly.params * GRAD_BYTES_PER_PARAM for ly in layers},
-        adam_bytes_by_layer={ly.name: adam_state_bytes(ly.params, _tensors(cfg, ly)) for ly in layers},
+        adam_bytes_by_layer={ly.name: adam_state_bytes(ly.params, ly.tensors) for ly in layers},
     )
 
 
@@ -143,7 +132,7 @@ def transient_bytes(desc: ModelDescription, cost: CostModel, layer: LayerDescrip
     the head's fp32 gradients on a GPU (see head_backward_transient_bytes); 0 otherwise."""
     if layer.name != "head" or not cost.on_gpu:
         return 0
-    return head_backward_transient_bytes(desc.micro_batch, desc.seq_len, desc.config.vocab_size)
+    return head_backward_transient_bytes(desc.micro_batch, desc.seq_len, desc.vocab_size)
 
 
 def build_step_graph(desc: ModelDescription, cost: CostModel,
@@ -151,7 +140,7 @@ def build_step_graph(desc: ModelDescription, cost: CostModel,
     """The plain plan's step: everything resident on the device, run in the trainer's order."""
     if options.grad_accum < 1:
         raise ValueError(f"grad_accum must be at least 1, got {options.grad_accum}")
-    cfg, layers = desc.config, desc.layers()
+    layers = desc.layers()
     state = state_bytes(desc)
     base = state.params_bytes + state.buffers_bytes + (state.adam_bytes if options.steady_state else 0)
     tasks: list[Task] = []
@@ -172,7 +161,7 @@ def build_step_graph(desc: ModelDescription, cost: CostModel,
         for layer in reversed(layers):
             act = cost.act_bytes(layer)
             # After the first micro-batch, AccumulateGrad adds into the held gradients.
-            accumulate_s = cost.grad_accumulate_s(layer.params, _tensors(cfg, layer)) if mb else 0.0
+            accumulate_s = cost.grad_accumulate_s(layer.params, layer.tensors) if mb else 0.0
             transient = transient_bytes(desc, cost, layer)
             add(bwd_name(layer.name, mb), cost.bwd_s(layer) + accumulate_s, "bwd", alloc=transient,
                 free=act + transient, layer=layer.name, micro_batch=mb)
@@ -182,7 +171,7 @@ def build_step_graph(desc: ModelDescription, cost: CostModel,
                 # gradients appear once the layer's activations are gone. Its duration is in bwd.
                 grads = state.grad_bytes_by_layer[layer.name]
                 add(grad_name(layer.name), 0.0, "bwd", alloc=grads, layer=layer.name, grad_bytes=grads)
-    total_tensors = sum(_tensors(cfg, ly) for ly in layers)
+    total_tensors = sum(ly.tensors for ly in layers)
     # The trainer clips every step (an infinite max_norm when train.grad_clip is 0).
     add(task_name("norm"), cost.clip_s(desc.total_params, total_tensors), "sync",
         params=desc.total_params, tensors=total_tensors)
@@ -190,7 +179,7 @@ def build_step_graph(desc: ModelDescription, cost: CostModel,
         param_groups=options.optimizer_param_groups)
     for layer in layers:
         adam = 0 if options.steady_state else state.adam_bytes_by_layer[layer.name]
-        add(optim_name(layer.name), cost.optimizer_s(layer.params, _tensors(cfg, layer), "device"),
+        add(optim_name(layer.name), cost.optimizer_s(layer.params, layer.tensors, "device"),
             "optim", alloc=adam, layer=layer.name, params=layer.params)
     add(task_name("zero_grad"), 0.0, "optim", free=state.grads_bytes)
     return StepGraph(tasks, {DEVICE: base, HOST: 0}, state)
@@ -236,10 +225,9 @@ def predict_step(cfg: Config, profile: Profile | None = None,
     Durations come from `profile` (this machine's, see hetrain.predict.profiler.load_profile)
     unless `cfg.hardware.device_kind` names a catalog kind; with neither, from the catalog kind
     of this machine's GPU, or the catalog's 'cpu' placeholder. ConfigError when the profile has
-    no entry for this model, sequence length and dtype, or for a Hugging Face model.
+    no entry for this model, sequence length and dtype, or for a Hugging Face model hetrain
+    cannot describe.
     """
-    if cfg.hf.path:
-        raise ConfigError("the predictor describes hetrain GPT models only; unset --hf.path")
     desc = describe_for(cfg)
     cost = cost_model(cfg, desc, profile)
     graph = build_step_graph(desc, cost, options or StepGraphOptions(grad_accum=cfg.train.grad_accum))

@@ -1,4 +1,4 @@
-"""Training checkpoints with torch.distributed.checkpoint, written atomically; safetensors export.
+"""Training checkpoints with torch.distributed.checkpoint, written atomically; the model's export.
 
 A checkpoint is a directory `run_dir/checkpoints/step_XXXXXXXX/` holding the DCP files
 (model and optimizer state, RNG states) and `meta.json` (step, data reading position,
@@ -198,6 +198,26 @@ def load_checkpoint(path: Path, state: dict) -> CheckpointMeta:
     if "cuda" in state["rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["rng"]["cuda"])
     return meta
+
+
+HF_EXPORT = "hf_model"
+"""The folder inside run.dir where a Hugging Face model's run writes its trained model."""
+
+
+def export_model(model: nn.Module, run_dir: str | os.PathLike, hf_source: str = "") -> Path:
+    """The trained weights at the end of a run: run_dir/model.safetensors, and for a Hugging
+    Face model (`hf_source` its folder) first run_dir/hf_model, a transformers folder (config,
+    safetensors, the source's tokenizer) that AutoModelForCausalLM.from_pretrained loads.
+    model.safetensors is written last, so a run stopped before it exports again on resume.
+    Returns the HF folder for a Hugging Face model, else model.safetensors."""
+    run_dir = Path(run_dir)
+    folder = None
+    if hf_source:
+        from hetrain.model.hf_io import save_hf_model
+
+        folder = save_hf_model(model, run_dir / HF_EXPORT, source=hf_source)
+    path = export_safetensors(model, run_dir / "model.safetensors")
+    return folder or path
 
 
 def export_safetensors(model: nn.Module, path: str | os.PathLike) -> Path:

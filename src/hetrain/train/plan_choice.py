@@ -18,8 +18,19 @@ from hetrain.train.distributed import Ranks
 
 def plan_shape(cfg: Config) -> dict:
     """The model and batch shape an offload plan must have been made for (OffloadPlan.made_for)."""
+    from hetrain.predict.cost import model_key
+
     t = cfg.train
-    return shape_of(to_dict(cfg)["model"], t.micro_batch, t.seq_len, t.dtype)
+    return shape_of(model_key(cfg), t.micro_batch, t.seq_len, t.dtype)
+
+
+def n_blocks(cfg: Config) -> int:
+    """Blocks of the model `cfg` trains (hetrain's preset, or the Hugging Face model at hf.path)."""
+    if cfg.hf.path:
+        from hetrain.model.hf import load_hf_config
+
+        return load_hf_config(cfg.hf.path).num_hidden_layers
+    return cfg.model.n_layer
 
 
 def same_memory_settings(cfg: Config, saved: dict) -> bool:
@@ -43,19 +54,37 @@ def _saved_run(resume: CheckpointMeta) -> tuple[bool, str]:
     return True, OffloadPlan.from_dict(resume.plan).summary()
 
 
+def unplannable(cfg: Config) -> str:
+    """Why offload plans cannot drive the model `cfg` trains under memory.device_budget 'auto'
+    ('' when they can: hetrain's GPT always, a Hugging Face model when hetrain can describe
+    it); such a model trains plainly. With a budget or a plan file it is a ConfigError naming
+    the fix instead. Cheap (a config read): the trainer asks before it reads the data."""
+    kind = parse_device_budget(cfg.memory.device_budget)[0]
+    if not cfg.hf.path or (kind == "none" and not cfg.plan.file):
+        return ""
+    from hetrain.predict.cost import describe_for
+
+    try:
+        describe_for(cfg)
+    except ConfigError as e:
+        if cfg.plan.file or kind != "auto":
+            raise
+        return str(e)
+    return ""
+
+
 def choose_plan(cfg: Config, ranks: Ranks, resume: CheckpointMeta | None) -> OffloadPlan | None:
     """The plan this run executes (printed as a table), or None for plain training. Under
     data parallelism plain training runs the resident plan: the engine averages gradients."""
     kind, budget = parse_device_budget(cfg.memory.device_budget)
-    if cfg.hf.path:
-        if cfg.plan.file or kind in ("bytes", "share"):
-            raise ConfigError("offload plans drive hetrain's GPT blocks; drop --plan.file and set "
-                              "--memory.device_budget auto to train the Hugging Face model plainly")
-        return None  # Hugging Face models train plainly under 'auto' and 'none'
+    why = unplannable(cfg)
+    if why:
+        print(f"hetrain: training plainly under memory.device_budget auto: {why}", flush=True)
+        return None
     if cfg.plan.file:
         try:
             plan = OffloadPlan.load(cfg.plan.file)
-            plan.validate(cfg.model.n_layer)
+            plan.validate(n_blocks(cfg))
             plan.check_made_for(plan_shape(cfg))
         except ValueError as e:
             raise ConfigError(f"plan file '{cfg.plan.file}': {e}") from None
@@ -72,7 +101,7 @@ def choose_plan(cfg: Config, ranks: Ranks, resume: CheckpointMeta | None) -> Off
             print(f"hetrain: re-planned for this run (the checkpoint ran {_saved_run(resume)[1]}; now "
                   f"{_describe(plan)})", flush=True)
     if plan is None and ranks.world > 1:
-        plan = OffloadPlan.resident(cfg.model.n_layer)
+        plan = OffloadPlan.resident(n_blocks(cfg))
     if plan is not None:
         print(plan.table(), flush=True)
     return plan

@@ -161,11 +161,11 @@ def predicted_events(cfg, plan) -> list[TraceEvent]:
 
 
 def _has_model(cfg, profile) -> bool:
-    from hetrain.predict.cost import describe_for, training_threads
+    from hetrain.predict.cost import describe_for, model_key, training_threads
 
     desc = describe_for(cfg)
     threads = training_threads(cfg) if profile.device == "cpu" else None
-    return profile.find_model(cfg.model, desc.micro_batch, desc.seq_len, cfg.train.dtype, threads) is not None
+    return profile.find_model(model_key(cfg), desc.micro_batch, desc.seq_len, cfg.train.dtype, threads) is not None
 
 
 def write_run_trace(run_dir, measured: list[TraceEvent], predicted: list[TraceEvent], title: str) -> list[dict]:

@@ -27,12 +27,11 @@ from hetrain.errors import ConfigError
 from hetrain.files import check_output_dir
 from hetrain.liveness import wait_s
 from hetrain.memory import MemoryAccountant
-from hetrain.model.describe import describe_model
 from hetrain.model.gpt import GPT
 from hetrain.trace import task_name
 from hetrain.train import checkpoint as ckpt
-from hetrain.train.plan_choice import choose_plan
-from hetrain.train.distributed import init_ranks, launched_world, pick_device, processes_on_this_node
+from hetrain.train.plan_choice import choose_plan, unplannable
+from hetrain.train.distributed import init_ranks, pick_device, processes_on_this_node
 from hetrain.train.metrics import MetricsLogger, device_peak_flops, format_line
 from hetrain.units import fmt_bytes
 from hetrain.train.tracing import StepTracer
@@ -84,10 +83,19 @@ def build_model(cfg: Config, vocab_size: int) -> nn.Module:
     return GPT(cfg.model)
 
 
+def _hf_tokenizer(cfg: Config):
+    """The tokenizer of the folder at hf.path, when it has one: text is then tokenized with it."""
+    from hetrain.model.hf_io import load_hf_tokenizer
+
+    return load_hf_tokenizer(cfg.hf.path) if cfg.hf.path else None
+
+
 def train_flops_per_token(model: nn.Module, cfg: Config) -> float:
-    if isinstance(model, GPT):
-        return describe_model(model.cfg, 1, cfg.train.seq_len).train_flops_per_token()
-    return model.train_flops_per_token(cfg.train.seq_len)
+    """From the model's description (its weights may be the offload engine's by now)."""
+    try:
+        return model.describe(1, cfg.train.seq_len).train_flops_per_token()
+    except ConfigError:  # a Hugging Face model hetrain cannot describe: it trains plainly, weights in place
+        return model.train_flops_per_token(cfg.train.seq_len)
 
 
 def make_optimizer(model: nn.Module, cfg: Config, device: torch.device) -> torch.optim.Optimizer:
@@ -109,9 +117,6 @@ class Trainer:
         self.device = pick_device(cfg.run.device)
         if self.device.type == "cpu":
             torch.set_num_threads(cfg.run.threads or max(1, (os.cpu_count() or 1) // processes_on_this_node()))
-        if launched_world() > 1 and cfg.hf.path:
-            raise ConfigError("data parallelism under torchrun runs hetrain's GPT through the offload engine; "
-                              "train a Hugging Face model (--hf.path) in one process")
         self.ranks = init_ranks(self.device, cfg.run.dist_timeout_s)
         self.rank, self.world, self.is_main = self.ranks.rank, self.ranks.world, self.ranks.is_main
 
@@ -128,7 +133,9 @@ class Trainer:
                 raise ConfigError(f"checkpoint '{self.resume_path}' is at step {self.resume_meta.step} and "
                                   f"train.steps is {cfg.train.steps}: nothing to train; raise --train.steps above "
                                   f"{self.resume_meta.step} to continue the run")
-        self.data = data if data is not None else build_data(cfg.data, cfg.run.seed, seq_len=cfg.train.seq_len)
+        unplannable(cfg)  # a budget for a model no plan can drive fails here, before the data is read
+        self.data = data if data is not None else build_data(cfg.data, cfg.run.seed, seq_len=cfg.train.seq_len,
+                                                             tokenizer=_hf_tokenizer(cfg))
         self.plan = choose_plan(cfg, self.ranks, self.resume_meta)
         torch.manual_seed(cfg.run.seed)
         self.engine = None
@@ -141,6 +148,8 @@ class Trainer:
             from hetrain.offload import OptimConfig, apply_plan
 
             self.model, self.optimizer = build_model(cfg, self.data.vocab_size), None
+            if cfg.hf.path:
+                self.model.check_stages()  # the engine runs it layer by layer
             self.n_params = self.model.num_params()  # counted before the engine takes the weights over
             t = cfg.train
             dp = None
@@ -186,11 +195,9 @@ class Trainer:
 
         From this machine's cached profile (`hetrain profile`); with --trace and no profile
         entry for this model, the model is profiled now (seconds for small models). On a GPU
-        without a profile, from the catalog's figures for it. None where neither applies (a
-        Hugging Face model, or a CPU run without a profile and without --trace).
+        without a profile, from the catalog's figures for it. None where neither applies (a CPU
+        run without a profile and without --trace, or a Hugging Face model hetrain cannot describe).
         """
-        if self.cfg.hf.path:
-            return None
         if self.plan is not None:
             if not self.plan.predicted_step_s:
                 return None
@@ -207,8 +214,12 @@ class Trainer:
                 pass
         if not self.cfg.log.trace:
             return None  # the catalog's CPU placeholder is no prediction worth printing
-        profile, _, _ = run_profile(self.cfg)
-        return predict_step(self.cfg, profile)
+        try:
+            profile, _, _ = run_profile(self.cfg)
+            return predict_step(self.cfg, profile)
+        except ConfigError as e:  # a Hugging Face model hetrain cannot describe trains all the same
+            print(f"hetrain: no prediction: {e}")
+            return None
 
     def _export_done(self) -> bool:
         """model.safetensors was written after the checkpoint resumed from (a run that ended)."""
@@ -394,7 +405,7 @@ class Trainer:
         if self.engine is not None:
             self.engine.close()  # the model is plain fp32 on the CPU again, holding the trained values
         if self.step > 0 and saved_at == self.step and self.is_main:
-            ckpt.export_safetensors(self.model, self.run_dir / "model.safetensors")
+            self._export()
         summary = f"hetrain: done: step {self.step} in {result.wall_s:.1f} s"
         if result.val_losses:
             summary += f"; val loss {next(iter(result.val_losses.values())):.3f} -> {list(result.val_losses.values())[-1]:.3f}"
@@ -416,10 +427,15 @@ class Trainer:
         if self.engine is not None:
             self.engine.close()  # the model holds the checkpoint's values as plain fp32 tensors
         if self.is_main:
-            ckpt.export_safetensors(self.model, self.run_dir / "model.safetensors")
+            self._export()
         print(f"hetrain: the run ended at step {self.step} before its export; wrote "
               f"{self.run_dir / 'model.safetensors'} from {self.resume_path}")
         return TrainResult(self.run_dir, self.step, checkpoint=self.resume_path)
+
+    def _export(self) -> None:
+        path = ckpt.export_model(self.model, self.run_dir, hf_source=self.cfg.hf.path)
+        if self.cfg.hf.path:
+            print(f"hetrain: wrote {path} (transformers' from_pretrained loads it)")
 
     def _plain_step(self, tr, lr: float) -> tuple[float, float]:
         """Forward and backward over the micro-batches, clip, update: the textbook step."""

@@ -27,9 +27,8 @@ from hetrain.predict.simulator import SimResult, Task
 from hetrain.predict.state_bytes import (ACCUMULATE_TRAFFIC_BYTES_PER_PARAM, ADAM_TRAFFIC_BYTES_PER_PARAM,
                                          GRAD_BYTES_PER_PARAM, MASTER_BYTES_PER_PARAM, adam_state_bytes,
                                          device_optimizer_bytes, host_layer_bytes)
+from hetrain.predict.step_graph import DEVICE, HOST, StateBytes, StepGraph, state_bytes, transient_bytes
 from hetrain.trace import task_name
-from hetrain.predict.step_graph import (DEVICE, HOST, StateBytes, StepGraph, param_tensors, state_bytes,
-                                        transient_bytes)
 
 FP32_BYTES = 4
 ALIGN_SLACK_ELEMENTS = 15
@@ -160,12 +159,11 @@ def _copy_s(cost: CostModel, n_bytes: int, direction: str, async_copies: bool) -
 
 def layer_terms(desc: ModelDescription, cost: CostModel, settings: StepSettings) -> list[LayerTerms]:
     """Prices of every layer (embedding, blocks, head) of `desc` under `cost`."""
-    tensors_by_kind = param_tensors(desc.config)
     b = desc.compute_dtype_bytes
     terms = []
     for layer in desc.layers():
         kind = "block" if layer.name.startswith("block.") else layer.name
-        tensors = tensors_by_kind[kind]
+        tensors = layer.tensors
         flat = layer.params + ALIGN_SLACK_ELEMENTS * tensors
         optim_host_s = cost.optimizer_s(layer.params, tensors, "host")
         fetches = {"block": 2, "head": 1, "embedding": 2 if settings.tied_embeddings else 1}[kind]

@@ -270,9 +270,13 @@ SHAPE_KEYS = ("n_layer", "n_head", "n_kv_head", "d_model", "d_ff", "vocab_size",
 
 def shape_of(model: dict, micro_batch: int, seq_len: int, dtype: str) -> dict:
     """What a plan depends on: the model's shape (`model` as dataclasses.asdict of a
-    ModelConfig) and the micro-batch's shape and compute dtype, as flat 'model.x'/'train.x' keys."""
-    return {**{f"model.{k}": model[k] for k in SHAPE_KEYS},
-            "train.micro_batch": micro_batch, "train.seq_len": seq_len, "train.dtype": dtype}
+    ModelConfig, or {'hf_config': ...} for a Hugging Face model, whose every config entry
+    counts) and the micro-batch's shape and compute dtype, as flat 'model.x'/'train.x' keys."""
+    if "hf_config" in model:
+        shape = {f"model.hf.{k}": v for k, v in model["hf_config"].items()}
+    else:
+        shape = {f"model.{k}": model[k] for k in SHAPE_KEYS}
+    return {**shape, "train.micro_batch": micro_batch, "train.seq_len": seq_len, "train.dtype": dtype}
 
 
 def _check_keys(doc: dict, cls, where: str) -> None:

@@ -29,7 +29,7 @@ from hetrain.plan.offload.graph import (Choice, OffloadPrices, OffloadSimulation
                                         plan_of, simulate_offload)
 from hetrain.plan.offload.milp import BUDGET_MARGIN, OffloadModel, Solution
 from hetrain.plan.offload.plan import OffloadPlan, shape_of
-from hetrain.predict.cost import (CostModel, compute_dtype_bytes, cost_model, describe_for,
+from hetrain.predict.cost import (CostModel, compute_dtype_bytes, cost_model, describe_for, model_key, model_label,
                                   training_threads)
 from hetrain.units import KIB, fmt_bytes
 
@@ -120,7 +120,7 @@ def _profile_too_big(cfg: Config) -> str:
         rate = measure_matmul_flops(torch.device("cpu"), torch.float32, n=512, min_s=0.1)
     finally:
         torch.set_num_threads(before)
-    est = estimate_profile(cfg.model, cfg.train.micro_batch, cfg.train.seq_len, rate)
+    est = estimate_profile(_fp32_description(cfg), rate)
     ram = probe().host_ram_bytes
     if est.peak_bytes > PROFILE_MAX_RAM_SHARE * ram:
         return (f"profiling one block of this model here would take {fmt_bytes(est.peak_bytes)}, over "
@@ -130,13 +130,19 @@ def _profile_too_big(cfg: Config) -> str:
     return ""
 
 
+def _fp32_description(cfg: Config):
+    """The description of `cfg`'s model and micro-batch in fp32 (what the profiler builds)."""
+    return describe_for(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, dtype="fp32")))
+
+
 def step_settings(cfg: Config, cost: CostModel, options: PlannerOptions) -> StepSettings:
+    tied = describe_for(cfg).tied_embeddings
     async_copies = cost.on_gpu if options.async_copies is None else options.async_copies
     return StepSettings(grad_accum=cfg.train.grad_accum, clip=cfg.train.grad_clip > 0, overlap=options.overlap,
                         async_copies=async_copies, weight_buffers=options.weight_buffers,
                         prefetch_depth=options.prefetch_depth,
                         compute_dtype_bytes=compute_dtype_bytes(cfg.train.dtype),
-                        tied_embeddings=cfg.model.tie_embeddings)
+                        tied_embeddings=tied)
 
 
 def plan_offload(cfg: Config, device_budget_bytes: int | None, host_budget_bytes: int | None,
@@ -145,8 +151,6 @@ def plan_offload(cfg: Config, device_budget_bytes: int | None, host_budget_bytes
 
     ConfigError when no plan fits, naming the smallest device budget and host RAM that would.
     """
-    if cfg.hf.path:
-        raise ConfigError("the offload planner plans hetrain GPT models only; unset --hf.path")
     start = time.perf_counter()
     cost = cost or default_cost(cfg)
     desc = describe_for(cfg)
@@ -185,7 +189,7 @@ def plan_offload(cfg: Config, device_budget_bytes: int | None, host_budget_bytes
                        for f, s in zip(found, sims)],
         "loads_s": sol.loads_s, "main_thread_waits_s": sol.waits_s,
     }
-    plan.made_for = shape_of(dataclasses.asdict(cfg.model), cfg.train.micro_batch, cfg.train.seq_len,
+    plan.made_for = shape_of(model_key(cfg), cfg.train.micro_batch, cfg.train.seq_len,
                              cfg.train.dtype)
     plan.validate(len(desc.blocks))
     plan.search["time_s"] = round(time.perf_counter() - start, 4)
@@ -368,7 +372,7 @@ def _no_fit_message(cfg: Config, prices: OffloadPrices, device_budget_bytes: int
     slack = 2 * BUDGET_MARGIN * least_model.byte_unit  # the solver keeps budgets this much tighter
     min_device = _round_up(least.peak_device_bytes + slack)
     host_at_min = OffloadModel(prices, min_device, None, objective="host").solve(mip_rel_gap=1e-6)
-    what = (f"model {cfg.model.preset} (n_layer={cfg.model.n_layer}, d_model={cfg.model.d_model}) at "
+    what = (f"{model_label(cfg)} at "
             f"micro_batch={cfg.train.micro_batch}, seq_len={cfg.train.seq_len}, dtype={cfg.train.dtype}")
     msg = (f"no offload plan fits {what} in a device budget of "
            f"{fmt_bytes(device_budget_bytes) if device_budget_bytes else 'no limit'} and a host budget of "
