@@ -51,6 +51,10 @@ class DeviceKind:
     note: str = ""
     torch_names: tuple[str, ...] = field(default=())
     """Regular expressions matched against torch.cuda.get_device_name()."""
+    matmul_curve: tuple[float, float, float] | None = None
+    """(max matmul efficiency, fixed seconds per GEMM, attention efficiency) where the catalog
+    gives them (keys matmul_efficiency, matmul_overhead_us, attention_efficiency, all three);
+    None: hetrain.predict.roofline's default for the kind's class of device."""
 
     def peak_flops_per_s(self, dtype: str = "bf16") -> float:
         """Dense peak for `dtype`; bf16 falls back to fp16 on kinds without native bf16 (V100)."""
@@ -83,7 +87,23 @@ def _kind_from_table(name: str, table: dict) -> DeviceKind:
         source=str(table["source"]),
         note=str(table.get("note", "")),
         torch_names=tuple(table.get("torch_names", ())),
+        matmul_curve=_curve(name, table),
     )
+
+
+_CURVE_KEYS = ("matmul_efficiency", "matmul_overhead_us", "attention_efficiency")
+
+
+def _curve(name: str, table: dict) -> tuple[float, float, float] | None:
+    given = [k for k in _CURVE_KEYS if k in table]
+    if not given:
+        return None
+    if len(given) < len(_CURVE_KEYS):
+        raise ConfigError(f"catalog kind '{name}' gives {', '.join(given)} but not all of {', '.join(_CURVE_KEYS)}")
+    eff, overhead_us, attn = (float(table[k]) for k in _CURVE_KEYS)
+    if not (0 < eff <= 1 and 0 < attn <= 1 and overhead_us >= 0):
+        raise ConfigError(f"catalog kind '{name}': efficiencies must be in (0, 1] and the overhead at least 0")
+    return eff, overhead_us * 1e-6, attn
 
 
 def parse_catalog(text: str) -> dict[str, DeviceKind]:

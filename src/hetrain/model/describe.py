@@ -43,6 +43,9 @@ class LayerDescription:
     matmul_params: int = 0
     """Weights its matmuls read: a block's projections, the head's output matrix (even when
     tied to the embedding, which then owns it); 0 for the embedding (a lookup)."""
+    gemms: tuple[tuple[int, int], ...] = ()
+    """The weight shape of each of its matmuls, as (inputs, outputs): per token a matmul costs
+    2 x inputs x outputs FLOPs forward; the products sum to matmul_params."""
 
     @property
     def act_bytes_total(self) -> int:
@@ -91,10 +94,16 @@ def block_params(cfg: ModelConfig) -> int:
     return 2 * norm + qkv + proj + mlp
 
 
-def _matmul_params(cfg: ModelConfig) -> int:
+def _block_gemms(cfg: ModelConfig) -> tuple[tuple[int, int], ...]:
+    """(inputs, outputs) of a block's matmuls: qkv, output projection, MLP up (gate and up
+    together for SwiGLU), MLP down."""
     C, kv = cfg.d_model, cfg.n_kv_head * cfg.head_dim
     up_width = cfg.d_ff * (2 if cfg.mlp == "swiglu" else 1)
-    return C * (C + 2 * kv) + C * C + C * up_width + cfg.d_ff * C
+    return ((C, C + 2 * kv), (C, C), (C, up_width), (cfg.d_ff, C))
+
+
+def _matmul_params(cfg: ModelConfig) -> int:
+    return sum(k * n for k, n in _block_gemms(cfg))
 
 
 def param_tensors(cfg: ModelConfig) -> dict[str, int]:
@@ -172,7 +181,7 @@ def describe_model(cfg: ModelConfig, micro_batch: int, seq_len: int, compute_dty
     act = block_act_bytes(cfg, micro_batch, seq_len, b)
     blocks = [
         LayerDescription(f"block.{i}", block_params(cfg), fwd_block, 2 * fwd_block, dict(act), boundary,
-                         tensors["block"], _matmul_params(cfg))
+                         tensors["block"], _matmul_params(cfg), _block_gemms(cfg))
         for i in range(cfg.n_layer)
     ]
 
@@ -184,7 +193,8 @@ def describe_model(cfg: ModelConfig, micro_batch: int, seq_len: int, compute_dty
     norm_f_params = C * (2 if cfg.norm == "layernorm" and cfg.bias else 1)
     head_params = norm_f_params + (0 if cfg.tie_embeddings else V * C)
     fwd_head = 2.0 * C * V
-    head = LayerDescription("head", head_params, fwd_head, 2 * fwd_head, head_saved, 0, tensors["head"], V * C)
+    head = LayerDescription("head", head_params, fwd_head, 2 * fwd_head, head_saved, 0, tensors["head"], V * C,
+                            ((C, V),))
 
     total = emb_params + cfg.n_layer * block_params(cfg) + head_params
     # Rotary tables: cos and sin of shape (max_seq_len, head_dim / 2), fp32 buffers.

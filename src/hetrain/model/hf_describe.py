@@ -51,9 +51,11 @@ def _layer_counts(config_json: str) -> dict:
     counts = {}
     for name, owned in zip(("embedding", "block", "head"), layers):
         counts[name] = {"params": sum(p.numel() for _, p in owned), "tensors": len(owned),
-                        "matmul": sum(p.numel() for _, p in owned if p.dim() >= 2) if name == "block" else 0}
+                        "matmul": sum(p.numel() for _, p in owned if p.dim() >= 2) if name == "block" else 0,
+                        "gemms": tuple(tuple(p.shape) for _, p in owned if p.dim() == 2) if name == "block" else ()}
     out = model.hf_model.get_output_embeddings().weight
     counts["head"]["matmul"] = out.numel()
+    counts["head"]["gemms"] = (tuple(out.shape),)
     counts["vocab"], counts["hidden"] = out.shape
     counts["tied"] = out is model.hf_model.get_input_embeddings().weight
     buffers = {name: b.numel() * b.element_size() for name, b in model.named_buffers()}
@@ -230,14 +232,15 @@ def describe_hf(config, micro_batch: int, seq_len: int, compute_dtype_bytes: int
     fwd_block = 2.0 * blk["matmul"] + 2.0 * seq_len * s["nh"] * s["hd"]
     act = block_act_bytes(config, family, micro_batch, seq_len, b)
     blocks = [LayerDescription(f"block.{i}", blk["params"], fwd_block, 2 * fwd_block, dict(act), boundary,
-                               blk["tensors"], blk["matmul"]) for i in range(n)]
+                               blk["tensors"], blk["matmul"], blk["gemms"]) for i in range(n)]
 
     head_saved = _norm(family, "norm_f", BT, C, b)
     head_saved.update({"lm_head_in": BT * C * b, "log_probs": BT * V * FP32_BYTES, "targets": BT * INDEX_BYTES,
                        "loss": FP32_BYTES})
     h = counts["head"]
     fwd_head = 2.0 * h["matmul"]
-    head = LayerDescription("head", h["params"], fwd_head, 2 * fwd_head, head_saved, 0, h["tensors"], h["matmul"])
+    head = LayerDescription("head", h["params"], fwd_head, 2 * fwd_head, head_saved, 0, h["tensors"], h["matmul"],
+                            h["gemms"])
 
     total = e["params"] + n * blk["params"] + h["params"]
     buffers = counts["other_buffers"] + n * counts["block_buffers"]

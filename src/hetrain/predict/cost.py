@@ -3,9 +3,9 @@
 Two sources stand behind one interface. `ProfileCost` reads this machine's profile (per
 layer forward/backward/recompute times and saved bytes, the optimizer, clipping and gradient
 accumulation rates, copy and collective bandwidth); `RooflineCost` derives the same figures
-for a catalog device kind from its datasheet: max(FLOPs / (peak x efficiency), bytes /
-(memory bandwidth x efficiency)) plus a fixed per-layer launch overhead, with the factors of
-`Efficiency`. Planners and the step graph ask only this interface, so a plan is costed the
+for a catalog device kind from its datasheet with the roofline of predict/roofline.py (each
+matmul on the kind's matmul curve, attention as its own kernel, element-wise work at the
+memory bandwidth), the one the cluster planner prices layers with too. Planners and the step graph ask only this interface, so a plan is costed the
 same way whether the hardware was measured or looked up. The `Profile` dataclasses are
 defined here too: they are the contract between what hetrain.predict.profiler measures and
 what this module reads. This module only prices tasks: it must not measure (the profiler
@@ -31,8 +31,9 @@ from hetrain.errors import ConfigError
 from hetrain.hardware.catalog import DeviceKind, get_kind
 from hetrain.model.describe import LayerDescription, ModelDescription, describe_model
 from hetrain.model.gpt import ModelConfig
+from hetrain.predict.roofline import Efficiency, LayerSeconds, MatmulCurve, curve_for, layer_seconds
 from hetrain.predict.state_bytes import (ACCUMULATE_TRAFFIC_BYTES_PER_PARAM, CLIP_TRAFFIC_BYTES_PER_PARAM,
-                                         FP32_BYTES, adam_traffic_bytes)
+                                         adam_traffic_bytes)
 
 
 
@@ -126,29 +127,6 @@ class Profile:
 
 
 # --- the cost model ---------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Efficiency:
-    """Fractions of a datasheet peak that eager PyTorch training reaches (catalog path only)."""
-
-    matmul: float = 0.55
-    """Dense bf16/fp16 matmuls in a transformer block: 50-65% of the tensor-core peak is typical
-    of eager PyTorch on A100/H100 at these shapes (the kernels' own best is ~70-80%)."""
-    memory: float = 0.75
-    """Element-wise kernels (norms, activations, AdamW) reach ~70-80% of the HBM bandwidth."""
-    host_link: float = 0.8
-    """Pinned host<->device copies reach ~80% of the PCIe/NVLink-C2C per-direction peak."""
-    pageable: float = 0.5
-    """Pageable copies are staged through a pinned bounce buffer: about half the pinned rate."""
-    network: float = 0.7
-    """Ring all-reduce reaches ~70% of the link bandwidth at large messages."""
-    layer_launch_s: float = 50e-6
-    """Per layer and pass: ~10 kernel launches of ~5 us each in eager mode (backward: twice)."""
-    collective_latency_s: float = 20e-6
-    """Per ring hop."""
-    optimizer_call_s: float = 100e-6
-    """Python and launch overhead of one optimizer.step() or clip_grad_norm_ call."""
 
 
 def layer_kind(layer: LayerDescription) -> str:
@@ -287,38 +265,29 @@ class RooflineCost(CostModel):
         return self._on_gpu
 
     def __init__(self, desc: ModelDescription, kind: DeviceKind, dtype: str,
-                 efficiency: Efficiency = Efficiency(), host: DeviceKind | None = None):
-        self.desc, self.kind, self.eff = desc, kind, efficiency
+                 efficiency: Efficiency = Efficiency(), host: DeviceKind | None = None,
+                 curve: MatmulCurve | None = None):
+        self.desc, self.kind, self.eff, self.dtype = desc, kind, efficiency, dtype
+        self.curve = curve or curve_for(kind)
         self.peak_flops_per_s = kind.peak_flops_per_s(dtype)
         self._on_gpu = kind.name != "cpu"
         self.autocast = dtype == "bf16"  # the trainer's bf16 is autocast over fp32 master weights
         self.host = host or get_kind("cpu")
+        self._layer_s: dict[str, LayerSeconds] = {}
         self.source = f"catalog {kind.name} ({dtype} roofline)"
 
-    def _roofline_s(self, flops: float, n_bytes: float) -> float:
-        return max(flops / (self.peak_flops_per_s * self.eff.matmul),
-                   n_bytes / (self.kind.mem_bw_bytes_per_s * self.eff.memory))
-
-    def _io_bytes(self) -> int:
-        """One residual-stream tensor (a layer's input or output) in the compute dtype."""
-        return self.desc.tokens_per_microbatch * self.desc.hidden_size * self.desc.compute_dtype_bytes
-
-    def _weight_read_bytes(self, layer: LayerDescription) -> int:
-        if layer.name == "embedding":   # a lookup reads only the rows of the batch's tokens
-            return self._io_bytes()
-        return layer.params * self.desc.compute_dtype_bytes
+    def _seconds(self, layer: LayerDescription) -> LayerSeconds:
+        key = layer.name if not layer.name.startswith("block.") else "block"
+        if key not in self._layer_s:
+            self._layer_s[key] = layer_seconds(self.desc, layer, self.kind, self.dtype, self.eff, self.curve,
+                                               autocast=self.autocast)
+        return self._layer_s[key]
 
     def fwd_s(self, layer):
-        flops = layer.fwd_flops_per_token * self.desc.tokens_per_microbatch
-        n_bytes = self._weight_read_bytes(layer) + layer.act_bytes_total + 2 * self._io_bytes()
-        return self._roofline_s(flops, n_bytes) + self.eff.layer_launch_s
+        return self._seconds(layer).fwd_s
 
     def bwd_s(self, layer):
-        flops = layer.bwd_flops_per_token * self.desc.tokens_per_microbatch
-        # Weights read, fp32 gradients read-modify-written, saved tensors read, grads in and out.
-        n_bytes = (self._weight_read_bytes(layer) + 2 * FP32_BYTES * layer.params + layer.act_bytes_total
-                   + 2 * self._io_bytes())
-        return self._roofline_s(flops, n_bytes) + 2 * self.eff.layer_launch_s
+        return self._seconds(layer).bwd_s
 
     def recompute_s(self, layer):
         return self.fwd_s(layer)

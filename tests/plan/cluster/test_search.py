@@ -90,7 +90,7 @@ def model(d_model: int, n_layer: int) -> ModelConfig:
 
 CASES = {
     # name: (model, cluster, global batch, seq_len)
-    "separate-pipelines": (model(1024, 4), two_kinds(2, 2, 2, 2, link=True), 48, 2048),
+    "separate-pipelines": (model(512, 4), two_kinds(2, 2, 2, 2, link=True), 48, 2048),
     "recompute": (model(4096, 6), two_kinds(1, 4, 1, 4, a_mem=4, b_mem=4), 16, 1024),
     "cross-kind-pipeline": (model(4096, 8), two_kinds(2, 2, 1, 4), 16, 2048),
     "16-devices": (model(2048, 6), two_kinds(2, 4, 2, 4, a_mem=6, b_mem=4), 32, 2048),

@@ -1,10 +1,11 @@
 """Cost model of the cluster planner: what a layer costs on a device kind, and what links cost.
 
-Compute is a roofline on the catalog peak: a layer's forward takes max(FLOPs / (peak x
-compute_efficiency), bytes touched / (memory bandwidth x memory_bw_efficiency)), its
-backward twice the FLOPs and twice the bytes. Tensor parallelism (Megatron style, with
-sequence parallelism) divides FLOPs, weights and saved activations by the degree and adds
-two all-reduces of the block's output per block in the forward and two in the backward.
+Compute is the one roofline every planner uses (hetrain.predict.roofline: each matmul on the
+kind's matmul curve, attention as its own kernel, element-wise work at the memory
+bandwidth), so the cluster planner and the offload planner price one device alike. Tensor
+parallelism (Megatron style, with sequence parallelism) divides the matmuls, the attention
+heads and the saved activations by the degree and adds two all-reduces of the block's output
+per block in the forward and two in the backward.
 Links are alpha-beta: a message of n bytes takes latency + n / (bandwidth x
 link_efficiency); a ring all-reduce over k ranks moves 2(k-1)/k of the bytes over its
 slowest edge with 2(k-1) latencies. Traffic between groups uses a declared direct link,
@@ -15,11 +16,15 @@ pipeline predictor does) nor choose anything (the search does).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from hetrain.hardware.cluster import Cluster, Group
 from hetrain.model.describe import LayerDescription, ModelDescription
-from hetrain.predict.state_bytes import ADAM_TRAFFIC_BYTES_PER_PARAM, GRAD_BYTES_PER_PARAM, plain_state_bytes_per_param
+from hetrain.predict.roofline import Efficiency, layer_seconds
+from hetrain.predict.state_bytes import (ACCUMULATE_TRAFFIC_BYTES_PER_PARAM, ADAM_TRAFFIC_BYTES_PER_PARAM,
+                                         CLIP_TRAFFIC_BYTES_PER_PARAM, GRAD_BYTES_PER_PARAM,
+                                         plain_state_bytes_per_param)
 
 
 @dataclass(frozen=True)
@@ -28,20 +33,23 @@ class PredictorOptions:
 
     compute_dtype: str = "bf16"
     """Dtype whose catalog peak bounds compute (bf16 falls back to fp16 on kinds without it)."""
-    compute_efficiency: float = 0.6
-    """Fraction of the dense peak that a transformer block's kernels reach."""
-    memory_bw_efficiency: float = 0.8
-    """Fraction of the memory bandwidth that memory-bound kernels and the optimizer reach."""
-    link_efficiency: float = 0.8
-    """Fraction of a link's nominal bandwidth that collectives and point-to-point reach."""
+    memory_bw_efficiency: float = Efficiency.memory
+    """Fraction of the memory bandwidth that memory-bound kernels and the optimizer reach
+    (predict/roofline.Efficiency's, as every planner)."""
+    link_efficiency: float = Efficiency.network
+    """Fraction of a link's nominal bandwidth that collectives and point-to-point reach
+    (predict/roofline.Efficiency's, as every planner)."""
     state_bytes_per_param: int = plain_state_bytes_per_param(2, weights_copy=True)
-    """bf16 weight 2 + fp32 gradient accumulator 4 + fp32 master weight 4 + Adam moments 8
-    (predict/state_bytes.py)."""
+    """fp32 master 4 + fp32 gradient 4 + Adam moments 8, and 2 for the bf16 copies of the
+    weights autocast keeps for a micro-batch's backward (predict/state_bytes.py)."""
     grad_reduce_bytes_per_param: int = GRAD_BYTES_PER_PARAM
     """Gradients are reduced across data-parallel replicas in fp32."""
-    optimizer_bytes_per_param: int = ADAM_TRAFFIC_BYTES_PER_PARAM + 2
-    """Bytes AdamW reads and writes per parameter (grad, master, moments in; master, moments, bf16
-    weight out: predict/state_bytes.py)."""
+    optimizer_bytes_per_param: int = ADAM_TRAFFIC_BYTES_PER_PARAM + CLIP_TRAFFIC_BYTES_PER_PARAM
+    """Bytes the step's tail moves per parameter: AdamW (grad, master, moments in; master, moments
+    out) and the gradient clipping before it (predict/state_bytes.py)."""
+    accumulate_bytes_per_param: int = ACCUMULATE_TRAFFIC_BYTES_PER_PARAM
+    """Bytes each micro-batch after a step's first moves per parameter, adding its gradient into
+    the held one (predict/state_bytes.py)."""
     memory_reserve_fraction: float = 0.08
     """Device memory kept free for the runtime, communication buffers and fragmentation."""
     host_staging_latency_s: float = 20e-6
@@ -123,6 +131,10 @@ class CostContext:
     def seq_len(self) -> int:
         return self.desc.seq_len
 
+    def desc_at(self, micro_batch: int) -> ModelDescription:
+        """The description's batch figures at `micro_batch` (activation bytes scale with it)."""
+        return dataclasses.replace(self.desc, micro_batch=micro_batch)
+
     def kit(self, group: Group, tp: int, micro_batch: int) -> StageKit:
         key = (group.name, tp, micro_batch)
         if key not in self.kits:
@@ -157,22 +169,22 @@ class CostContext:
 
 def _layer_costs(ctx: CostContext, layer: LayerDescription, group: Group, tp: int, micro_batch: int,
                  comm_s: tuple[float, float]) -> LayerCosts:
-    """Roofline times of `layer`, plus `comm_s` = (forward, backward) tensor-parallel communication."""
-    opts, kind = ctx.options, group.kind
-    tokens = micro_batch * ctx.seq_len
-    flops_per_s = kind.peak_flops_per_s(opts.compute_dtype) * opts.compute_efficiency
-    bytes_per_s = kind.mem_bw_bytes_per_s * opts.memory_bw_efficiency
-    act_bytes = layer.act_bytes_total * micro_batch // tp
-    touched_bytes = layer.params * ctx.desc.compute_dtype_bytes / tp + act_bytes
-    fwd_s = max(layer.fwd_flops_per_token * tokens / tp / flops_per_s, touched_bytes / bytes_per_s)
-    bwd_s = max(layer.bwd_flops_per_token * tokens / tp / flops_per_s, 2 * touched_bytes / bytes_per_s)
+    """The shared roofline's times of `layer` (predict/roofline.layer_seconds) on one of `tp`
+    devices, plus `comm_s` = (forward, backward) tensor-parallel communication."""
+    opts = ctx.options
+    desc = ctx.desc_at(micro_batch)
+    scaled = dataclasses.replace(layer, act_bytes={k: v * micro_batch for k, v in layer.act_bytes.items()})
+    eff = Efficiency(memory=opts.memory_bw_efficiency, network=opts.link_efficiency)
+    # bf16 is autocast over fp32 masters, as the trainer runs it (the weights cast on every use).
+    seconds = layer_seconds(desc, scaled, group.kind, opts.compute_dtype, eff, tp=tp,
+                            autocast=opts.compute_dtype != "fp32")
     return LayerCosts(
-        fwd_s=fwd_s + comm_s[0],
-        bwd_s=bwd_s + comm_s[1],
+        fwd_s=seconds.fwd_s + comm_s[0],
+        bwd_s=seconds.bwd_s + comm_s[1],
         params=-(-layer.params // tp),
-        act_bytes=act_bytes,
+        act_bytes=layer.act_bytes_total * micro_batch // tp,
         ckpt_bytes=ctx.desc.embedding.boundary_bytes * micro_batch // tp,
-        model_flops=(layer.fwd_flops_per_token + layer.bwd_flops_per_token) * tokens,
+        model_flops=(layer.fwd_flops_per_token + layer.bwd_flops_per_token) * micro_batch * ctx.seq_len,
     )
 
 

@@ -25,6 +25,7 @@ from hetrain.plan.cluster.predict import PipelineShape, build_stages, predict_pl
 from hetrain.plan.cluster.report import format_report, write_timeline
 from hetrain.plan.cluster.search import Candidate, Pins, SearchOptions, divisors, search
 from hetrain.plan.cluster.split import split_blocks
+from hetrain.predict.roofline import curve_for
 
 __all__ = ["ClusterPlan", "Pins", "PredictorOptions", "SearchOptions", "plan_cluster", "run_cluster_planning",
            "format_report", "load_plan", "repredict"]
@@ -164,10 +165,11 @@ def _upper_bound(ctx: CostContext, global_batch: int, search_options: SearchOpti
             per_kind[kind] = {"tokens_per_s": tokens / cand.step_s, "fits": True, "step_s": cand.step_s}
         else:
             # The kind cannot train the model alone: count what its compute could do at the
-            # predictor's efficiency, so that the sum stays an upper bound.
-            flops_per_s = sum(g.devices * g.kind.peak_flops_per_s(ctx.options.compute_dtype) for g in sub.groups)
-            per_kind[kind] = {"tokens_per_s": flops_per_s * ctx.options.compute_efficiency
-                              / ctx.desc.train_flops_per_token(), "fits": False, "step_s": None}
+            # largest efficiency its matmul curve allows, so that the sum stays an upper bound.
+            flops_per_s = sum(g.devices * g.kind.peak_flops_per_s(ctx.options.compute_dtype)
+                              * curve_for(g.kind).max_efficiency for g in sub.groups)
+            per_kind[kind] = {"tokens_per_s": flops_per_s / ctx.desc.train_flops_per_token(), "fits": False,
+                              "step_s": None}
     return {"kinds": per_kind, "tokens_per_s": sum(v["tokens_per_s"] for v in per_kind.values())}
 
 

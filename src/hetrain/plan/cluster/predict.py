@@ -180,7 +180,8 @@ def build_stages(ctx: CostContext, shape: PipelineShape, n_microbatches: int,
             dp=shape.dp, dp_path=dp_path(ctx, group, shape.dp, tp, j),
             n_pipelines=n_pipelines if others else 1, cross_path=cross,
             grad_bytes_per_param=opts.grad_reduce_bytes_per_param,
-            optim_s_per_param=opts.optimizer_bytes_per_param / (group.kind.mem_bw_bytes_per_s * opts.memory_bw_efficiency),
+            optim_s_per_param=(opts.optimizer_bytes_per_param + (n_microbatches - 1) * opts.accumulate_bytes_per_param)
+            / (group.kind.mem_bw_bytes_per_s * opts.memory_bw_efficiency),
             block_model_flops=kit.block.model_flops,
             fixed_model_flops=sum(layer.model_flops for layer in fixed),
         ))
@@ -307,7 +308,9 @@ class PlanPrediction:
 def context_for(plan: ClusterPlan) -> CostContext:
     cfg = ModelConfig(**plan.model)
     desc = describe_model(cfg, 1, plan.seq_len)
-    return CostContext(desc, cluster_from_dict(plan.cluster), PredictorOptions(**plan.options))
+    known = {f.name for f in dataclasses.fields(PredictorOptions)}  # options since retired are ignored
+    return CostContext(desc, cluster_from_dict(plan.cluster),
+                       PredictorOptions(**{k: v for k, v in plan.options.items() if k in known}))
 
 
 def shape_of(pipe: PipelinePlan) -> PipelineShape:
