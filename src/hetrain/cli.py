@@ -131,11 +131,18 @@ def cmd_plan(args: list[str]) -> int:
 
         run_offload_planning(cfg, cfg.run.dir)
         return 0
+    from hetrain.plan.cluster.cost import PredictorOptions
     from hetrain.plan.cluster.planner import Pins, SearchOptions, format_report, run_cluster_planning
+    from hetrain.predict.profiler import measured_curves
 
     pins = Pins(cfg.plan.tp, cfg.plan.pp, cfg.plan.dp, cfg.plan.micro_batch)
+    # A kind whose profile lies in hardware.profile_dir (made on such a device) is priced by its
+    # measured matmul curve.
+    curves = {kind: [c.max_efficiency, c.overhead_s, c.attention_efficiency, c.source]
+              for kind, c in measured_curves(cfg.hardware.profile_dir).items()}
     plan = run_cluster_planning(cfg.model, cfg.plan.cluster, cfg.plan.global_batch, cfg.train.seq_len, cfg.run.dir,
-                                SearchOptions(pins=pins), cfg.plan.virtual_stages)
+                                SearchOptions(pins=pins), cfg.plan.virtual_stages,
+                                PredictorOptions(matmul_curves=curves))
     print(format_report(plan))
     print(f"hetrain: wrote {cfg.run.dir}/plan.json, report.txt and timeline.png")
     return 0

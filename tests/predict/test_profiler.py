@@ -146,3 +146,25 @@ def dataclasses_replace_dtype(cfg, dtype):
     import dataclasses
 
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, dtype=dtype))
+
+
+def test_the_matmul_line_prices_a_kind_in_cluster_plans(tmp_path):
+    """A profile measures the device's GEMM line; a profile made on a kind of device prices that
+    kind in the roofline (the cluster planner reads hardware.profile_dir for it)."""
+    from hetrain.hardware.catalog import get_kind
+    from hetrain.predict.profiler import measured_curves
+    from hetrain.predict.roofline import curve_for
+
+    profile, _, _ = run_profile(load_config(None, _values(tmp_path)), FAST)
+    line = profile.matmul
+    assert line["dtype"] == "float32" and line["s_per_flop"] > 0 and line["overhead_s"] >= 0
+    assert len(line["points"]) == 5 and all(s > 0 for _, s in line["points"])
+    cpu = get_kind("cpu")
+    curve = measured_curves(tmp_path / "profiles", "fp32")["cpu"]
+    assert curve == curve_for(cpu, line, "fp32")
+    assert curve.max_efficiency == pytest.approx(min(1.0, 1 / (line["s_per_flop"] * cpu.peak_flops_per_s("fp32"))))
+    assert curve.overhead_s == line["overhead_s"] and "measured" in curve.source
+    # A GEMM priced on the measured curve takes the line's time.
+    flops = 2 * 512**3
+    assert curve.gemm_s(flops, cpu.peak_flops_per_s("fp32")) == pytest.approx(
+        flops * max(line["s_per_flop"], 1 / cpu.peak_flops_per_s("fp32")) + line["overhead_s"])

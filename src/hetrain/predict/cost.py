@@ -115,6 +115,10 @@ class Profile:
     """Adding a micro-batch's gradients into the held ones (AccumulateGrad after the first)."""
     collective: dict | None = None
     """{'backend', 'world_size', 'seconds_by_bytes': {bytes: all-reduce seconds}}."""
+    matmul: dict | None = None
+    """The device's GEMM time as a line, seconds = flops * s_per_flop + overhead_s, fitted to
+    square matmuls of several sizes in `dtype`: {'dtype', 's_per_flop', 'overhead_s',
+    'points': [[flops, seconds], ...]} (hetrain.predict.roofline turns it into a curve)."""
     unmeasured: dict[str, str] = field(default_factory=dict)
     """Figure -> why it could not be measured here."""
     models: list[ModelProfile] = field(default_factory=list)
@@ -387,9 +391,12 @@ def cost_model(cfg: Config, desc: ModelDescription, profile: Profile | None = No
                 f"seq_len={desc.seq_len}, dtype={cfg.train.dtype}, threads={threads or 'any'}; run `hetrain profile` "
                 f"with the same --model.*, --train.seq_len, --train.dtype and --run.threads")
         return ProfileCost(desc, profile, entry, training_threads(cfg))
+    curve = None
     if not kind_name:
         from hetrain.hardware.probe import probe
 
         kinds = [a.kind for a in probe().accelerators if a.kind]
         kind_name = kinds[0] if kinds else "cpu"
-    return RooflineCost(desc, get_kind(kind_name), cfg.train.dtype, efficiency)
+        if profile is not None and profile.matmul:  # this machine's own measured GEMM line
+            curve = curve_for(get_kind(kind_name), profile.matmul, cfg.train.dtype)
+    return RooflineCost(desc, get_kind(kind_name), cfg.train.dtype, efficiency, curve=curve)

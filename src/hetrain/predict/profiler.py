@@ -452,6 +452,31 @@ def measure_collective(options: ProfileOptions, world: int = 2) -> dict:
     return {"backend": "gloo", "world_size": world, "seconds_by_bytes": results.get()}
 
 
+GEMM_SIZES_GPU = (512, 1024, 2048, 4096, 8192)
+GEMM_SIZES_CPU = (64, 128, 256, 512, 1024)
+
+
+def measure_matmul_line(device: torch.device, dtype: torch.dtype, options: ProfileOptions) -> dict:
+    """Square matmuls of several sizes timed back to back (4 per synchronisation); the least
+    squares line seconds = flops * s_per_flop + overhead_s through their medians."""
+    import numpy as np
+
+    gen = torch.Generator(device=device).manual_seed(0)
+    points = []
+    for n in GEMM_SIZES_GPU if device.type == "cuda" else GEMM_SIZES_CPU:
+        a = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
+        b = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
+
+        def four():
+            for _ in range(4):
+                a @ b
+        points.append((2.0 * n**3, _median_s(four, device, options.reps, options.warmup) / 4))
+    flops, seconds = (np.array(v) for v in zip(*points))
+    slope, intercept = np.polyfit(flops, seconds, 1)
+    return {"dtype": str(dtype).removeprefix("torch."), "s_per_flop": float(slope),
+            "overhead_s": max(0.0, float(intercept)), "points": [[f, s] for f, s in points]}
+
+
 def measure_machine(profile: Profile, device: torch.device, options: ProfileOptions) -> None:
     """Fill the machine-level figures of `profile` in place (collectives: see measure_collective)."""
     before = torch.get_num_threads()
@@ -462,6 +487,8 @@ def measure_machine(profile: Profile, device: torch.device, options: ProfileOpti
                 "adam", torch.device("cpu"), [ADAM_RATE_PARAMS], options)
     finally:
         torch.set_num_threads(before)
+    profile.matmul = measure_matmul_line(device, torch.bfloat16 if device.type == "cuda" else torch.float32,
+                                         options)
     profile.optimizer = _fit_update("adam", device, options)
     profile.clip = _fit_update("clip", device, options)
     profile.grad_accumulate = _fit_update("accumulate", device, options)
@@ -489,7 +516,7 @@ def run_profile(cfg: Config, options: ProfileOptions | None = None) -> tuple[Pro
         profile = load_profile(cfg.hardware.profile_dir, machine)
         if profile is None:
             profile = Profile(machine=machine, device="cpu" if device.type == "cpu" else machine["gpu"])
-        if options.remeasure_machine or profile.grad_accumulate is None:
+        if options.remeasure_machine or profile.grad_accumulate is None or profile.matmul is None:
             measure_machine(profile, device, options)
         if options.collectives and (options.remeasure_machine or profile.collective is None):
             profile.collective = measure_collective(options)
@@ -516,6 +543,24 @@ def run_profile(cfg: Config, options: ProfileOptions | None = None) -> tuple[Pro
     return profile, entry, save_profile(profile, cfg.hardware.profile_dir)
 
 
+def measured_curves(profile_dir: str | os.PathLike, dtype: str = "bf16") -> dict:
+    """Matmul curves of the device kinds whose profiles `profile_dir` holds (any machine's: a
+    profile made on a GPU prices that kind in cluster plans), by kind name."""
+    from hetrain.hardware.catalog import get_kind, match_torch_name
+    from hetrain.predict.roofline import curve_for
+
+    curves = {}
+    for path in sorted(Path(os.path.expanduser(os.fspath(profile_dir))).glob("profile-*.json")):
+        try:
+            profile = _from_dict(json.loads(path.read_text(encoding="utf-8")))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        kind = get_kind("cpu") if profile.device == "cpu" else match_torch_name(profile.device)
+        if kind is not None and profile.matmul:
+            curves[kind.name] = curve_for(kind, profile.matmul, dtype)
+    return curves
+
+
 def format_profile(profile: Profile, entry: ModelProfile) -> str:
     """A table of the figures, and a list of what could not be measured and why."""
     m = entry.model
@@ -532,6 +577,10 @@ def format_profile(profile: Profile, entry: ModelProfile) -> str:
                      ("gradient accumulation", profile.grad_accumulate)):
         lines.append(f"{label}: {u.params_per_s / 1e6:.1f} M params/s, {u.per_tensor_s * 1e6:.1f} us/tensor, "
                      f"{u.per_call_s * 1e6:.1f} us/call")
+    if profile.matmul:
+        m = profile.matmul
+        lines.append(f"matmul ({m['dtype']}): {1 / m['s_per_flop'] / 1e12:.2f} TFLOP/s for large GEMMs, "
+                     f"{m['overhead_s'] * 1e6:.1f} us fixed per GEMM")
     lines.append("CPU fused AdamW: " + ", ".join(f"{t} threads {r / 1e6:.0f} M params/s"
                                                  for t, r in sorted(profile.cpu_adam_params_per_s.items())))
     lines += [f"copy {name}: {rate / 1e9:.2f} GB/s" for name, rate in profile.copy_bytes_per_s.items() if rate]

@@ -79,11 +79,18 @@ GPU_CURVE = MatmulCurve(0.80, 8e-6, 0.50, "default for GPUs (predict/roofline.py
 CPU_CURVE = MatmulCurve(0.70, 2e-6, 0.40, "default for CPUs (predict/roofline.py)")
 
 
-def curve_for(kind: DeviceKind) -> MatmulCurve:
-    """The kind's matmul curve from the catalog, or the default for its class of device."""
+def curve_for(kind: DeviceKind, measured: dict | None = None, dtype: str = "bf16") -> MatmulCurve:
+    """The kind's matmul curve: from a profile's measured line (`measured`, Profile.matmul, made
+    on a device of this kind), else from the catalog, else the default for its class of device."""
+    default = CPU_CURVE if kind.name == "cpu" or kind.vendor == "generic" else GPU_CURVE
+    if measured is not None:
+        peak = kind.peak_flops_per_s(dtype)
+        max_efficiency = min(1.0, 1.0 / (measured["s_per_flop"] * peak))
+        return MatmulCurve(max_efficiency, measured["overhead_s"], default.attention_efficiency,
+                           source=f"measured ({measured['dtype']} GEMMs of a {kind.name} profile)")
     if kind.matmul_curve is not None:
         return MatmulCurve(*kind.matmul_curve, source=f"catalog {kind.name}")
-    return CPU_CURVE if kind.name == "cpu" or kind.vendor == "generic" else GPU_CURVE
+    return default
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from hetrain.hardware.cluster import Cluster, Group
 from hetrain.model.describe import LayerDescription, ModelDescription
-from hetrain.predict.roofline import Efficiency, layer_seconds
+from hetrain.predict.roofline import Efficiency, MatmulCurve, layer_seconds
 from hetrain.predict.state_bytes import (ACCUMULATE_TRAFFIC_BYTES_PER_PARAM, ADAM_TRAFFIC_BYTES_PER_PARAM,
                                          CLIP_TRAFFIC_BYTES_PER_PARAM, GRAD_BYTES_PER_PARAM,
                                          plain_state_bytes_per_param)
@@ -56,6 +56,10 @@ class PredictorOptions:
     """Extra latency of relaying a message through host memory (two copies and a handoff)."""
     max_micro_batch: int = 16
     """Largest micro-batch the search tries (powers of two up to it)."""
+    matmul_curves: dict = field(default_factory=dict)
+    """Measured matmul curves by kind name, [max_efficiency, overhead_s, attention_efficiency,
+    source] (from profiles made on those kinds: hetrain.predict.profiler.measured_curves); a
+    kind without one takes the catalog's or the default curve (predict/roofline.py)."""
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -176,7 +180,9 @@ def _layer_costs(ctx: CostContext, layer: LayerDescription, group: Group, tp: in
     scaled = dataclasses.replace(layer, act_bytes={k: v * micro_batch for k, v in layer.act_bytes.items()})
     eff = Efficiency(memory=opts.memory_bw_efficiency, network=opts.link_efficiency)
     # bf16 is autocast over fp32 masters, as the trainer runs it (the weights cast on every use).
-    seconds = layer_seconds(desc, scaled, group.kind, opts.compute_dtype, eff, tp=tp,
+    measured = opts.matmul_curves.get(group.kind.name)
+    curve = MatmulCurve(*measured) if measured else None
+    seconds = layer_seconds(desc, scaled, group.kind, opts.compute_dtype, eff, curve, tp=tp,
                             autocast=opts.compute_dtype != "fp32")
     return LayerCosts(
         fwd_s=seconds.fwd_s + comm_s[0],

@@ -184,13 +184,14 @@ def load_plan(path) -> ClusterPlan:
 
 
 def run_cluster_planning(model_cfg: ModelConfig, cluster_path, global_batch: int, seq_len: int, out_dir,
-                         search_options: SearchOptions = SearchOptions(), virtual_stages: int = 1) -> ClusterPlan:
+                         search_options: SearchOptions = SearchOptions(), virtual_stages: int = 1,
+                         options: PredictorOptions = PredictorOptions()) -> ClusterPlan:
     """Plan for the cluster file and write plan.json, report.txt and timeline.png to out_dir.
 
     With virtual_stages > 1 each pipeline's stages are cut into that many interleaved chunks
     (parallel_plan.interleave) and the plan is predicted again, as interleaved 1F1B."""
     cluster = load_cluster(cluster_path)
-    plan = plan_cluster(model_cfg, cluster, global_batch, seq_len, search_options=search_options)
+    plan = plan_cluster(model_cfg, cluster, global_batch, seq_len, options, search_options)
     if virtual_stages > 1:
         try:
             plan.pipelines = [interleave(p, virtual_stages) for p in plan.pipelines]
