@@ -137,6 +137,8 @@ def plan_cluster(model_cfg: ModelConfig, cluster: Cluster, global_batch: int, se
     search_s = time.perf_counter() - start
     plan = _to_plan(cand, ctx, model_cfg, global_batch)
     prediction, _ = predict_plan(plan, ctx)
+    if search_options.interleave:
+        plan, prediction = _try_interleaving(plan, prediction, ctx)
     plan.prediction = prediction.to_dict()
     plan.search = {"search_s": search_s, "predict_s": time.perf_counter() - start - search_s,
                    "layouts": stats.layouts, "shapes": stats.shapes, "shapes_split": stats.shapes_split,
@@ -151,16 +153,52 @@ def plan_cluster(model_cfg: ModelConfig, cluster: Cluster, global_batch: int, se
     return plan
 
 
+INTERLEAVE_GAIN = 0.01
+"""Interleaving is kept only when the simulated step is at least this much shorter."""
+
+
+def _fits(prediction) -> bool:
+    return all(st.peak_bytes <= st.capacity_bytes for st in prediction.stages)
+
+
+def _try_interleaving(plan: ClusterPlan, prediction, ctx: CostContext):
+    """The plan with its multi-stage pipelines cut into V = 2, 3, 4 interleaved chunks per
+    stage (interleaved 1F1B, which the runtime runs; torch's schedule needs the micro-batches
+    in whole rounds of the stage count), when the simulator finds that at least
+    INTERLEAVE_GAIN faster and every stage still within its memory (interleaving keeps more
+    micro-batches in flight); else the plan as it was."""
+    best, best_pred = plan, prediction
+    for v in (2, 3, 4):
+        try:
+            pipes = [interleave(p, v) if len(p.stages) > 1 and p.n_microbatches % len(p.stages) == 0 else p
+                     for p in plan.pipelines]
+        except ValueError:
+            continue
+        if all(p.virtual_stages == 1 for p in pipes):
+            continue
+        trial = dataclasses.replace(plan, pipelines=pipes)
+        pred, _ = predict_plan(trial, ctx)
+        if _fits(pred) and pred.step_s < best_pred.step_s * (1 - INTERLEAVE_GAIN):
+            best, best_pred = trial, pred
+    return best, best_pred
+
+
 def _upper_bound(ctx: CostContext, global_batch: int, search_options: SearchOptions) -> dict:
-    """Tokens/s of the best plan of each kind's devices alone (same model and batch), and their sum."""
+    """The sum over kinds of the tokens/s of the best plan of each kind's devices alone (same
+    model and batch) with their memory unconstrained. No plan of the whole cluster can beat
+    it: a kind's share of any plan is work its devices could do alone, and alone with
+    unlimited memory they may choose any split, recomputation and micro-batch the shared plan
+    gives them (the bound of an earlier version planned each kind within its memory, which a
+    kind that cannot hold the model alone made no bound at all)."""
     kinds: dict[str, list[str]] = {}
     for g in ctx.cluster.groups:
         kinds.setdefault(g.kind.name, []).append(g.name)
     tokens = global_batch * ctx.seq_len
     per_kind = {}
+    unlimited = dataclasses.replace(ctx.options, unlimited_memory=True)
     for kind, names in kinds.items():
         sub = ctx.cluster.subcluster(names)
-        cand, _ = search(CostContext(ctx.desc, sub, ctx.options), global_batch, search_options)
+        cand, _ = search(CostContext(ctx.desc, sub, unlimited), global_batch, search_options)
         if cand is not None:
             per_kind[kind] = {"tokens_per_s": tokens / cand.step_s, "fits": True, "step_s": cand.step_s}
         else:

@@ -288,6 +288,8 @@ class SearchOptions:
     """With several pipelines: shapes per pipeline kept (best estimated time per sample first)."""
     upper_bound: bool = True
     """Also plan each device kind alone, for the efficiency against the upper bound."""
+    interleave: bool = True
+    """Try the chosen plan's pipelines as interleaved 1F1B (virtual stages), keeping it when faster."""
     pins: Pins = Pins()
     """Degrees fixed by the user; the search fills in the rest."""
 
