@@ -134,7 +134,7 @@ def cmd_plan(args: list[str]) -> int:
 
     pins = Pins(cfg.plan.tp, cfg.plan.pp, cfg.plan.dp, cfg.plan.micro_batch)
     plan = run_cluster_planning(cfg.model, cfg.plan.cluster, cfg.plan.global_batch, cfg.train.seq_len, cfg.run.dir,
-                                SearchOptions(pins=pins), cfg.plan.virtual_stages)
+                                SearchOptions(pins=pins, recompute=cfg.plan.recompute), cfg.plan.virtual_stages)
     print(format_report(plan))
     print(f"hetrain: wrote {cfg.run.dir}/plan.json, report.txt and timeline.png")
     return 0

@@ -152,6 +152,8 @@ class PlanConfig:
     """Cluster planning: pin the micro-batch size (0: the search chooses)."""
     virtual_stages: int = 1
     """Cluster planning: model chunks per pipeline stage; more than 1 runs interleaved 1F1B."""
+    recompute: str = "heu"
+    """Cluster planning, stages that must recompute: 'heu' (which tensors of each block to drop, recomputed inside the waits for gradients where they fit, with stages balanced for it), 'opt' (the same by an exact MILP; small models only) or 'whole' (whole blocks, on demand)."""
 
 
 @dataclass
@@ -366,6 +368,10 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"plan.{key} must be 0 (the search chooses) or a positive degree, got {getattr(cfg.plan, key)}")
     if cfg.plan.virtual_stages < 1:
         raise ConfigError(f"plan.virtual_stages must be at least 1, got {cfg.plan.virtual_stages}")
+    if cfg.plan.recompute not in ("heu", "opt", "whole"):
+        raise ConfigError(f"plan.recompute must be 'heu', 'opt' or 'whole', got '{cfg.plan.recompute}'")
+    if not 0 <= cfg.model.dropout < 1:
+        raise ConfigError(f"model.dropout must be in [0, 1), got {cfg.model.dropout}")
     if cfg.plan.file and not Path(cfg.plan.file).expanduser().is_file():
         raise ConfigError(f"plan file '{cfg.plan.file}' does not exist; make one with `hetrain plan` or drop --plan.file")
     if t.min_lr > t.lr:

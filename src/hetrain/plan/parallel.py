@@ -25,6 +25,7 @@ from hetrain.plan.parallel_predict import PipelineShape, build_stages, predict_p
 from hetrain.plan.parallel_report import format_report, write_timeline
 from hetrain.plan.parallel_search import Candidate, Pins, SearchOptions, divisors, search
 from hetrain.plan.parallel_split import split_blocks
+from hetrain.plan.recompute_split import apply_recompute
 
 __all__ = ["ClusterPlan", "Pins", "PredictorOptions", "SearchOptions", "plan_cluster", "run_cluster_planning",
            "format_report", "load_plan", "repredict"]
@@ -135,12 +136,14 @@ def plan_cluster(model_cfg: ModelConfig, cluster: Cluster, global_batch: int, se
     cand, stats = _search_or_explain(ctx, global_batch, search_options)
     search_s = time.perf_counter() - start
     plan = _to_plan(cand, ctx, model_cfg, global_batch)
+    recompute = apply_recompute(plan, ctx, search_options.recompute)
+    search_s = time.perf_counter() - start
     prediction, _ = predict_plan(plan, ctx)
     plan.prediction = prediction.to_dict()
     plan.search = {"search_s": search_s, "predict_s": time.perf_counter() - start - search_s,
                    "layouts": stats.layouts, "shapes": stats.shapes, "shapes_split": stats.shapes_split,
                    "candidates_predicted": stats.candidates_predicted, "refine_moves": stats.refine_moves,
-                   "notes": stats.notes}
+                   "notes": stats.notes, "recompute": recompute}
     if search_options.upper_bound:
         ub_start = time.perf_counter()
         # Each kind alone, searched freely: pinned degrees are a choice of this plan, not of the bound.

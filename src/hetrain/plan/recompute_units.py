@@ -164,3 +164,43 @@ def unit_table(units: BlockUnits, times_s: list[float]) -> list[dict]:
         c = policy_cost(BlockPolicy(tuple(DEMAND if j == k else None for j in range(len(UNITS)))), units, times_s)
         rows.append({"unit": name, "bytes": c.freed_bytes, "recompute_s": c.demand_s})
     return rows
+
+
+def per_device(units: BlockUnits, tp: int) -> BlockUnits:
+    """A block's steps on one device of a tensor-parallel group (bytes, FLOPs and traffic / tp)."""
+    if tp == 1:
+        return units
+    steps = tuple(Step(s.name, s.out_bytes // tp, s.int_bytes // tp, s.flops / tp, s.touched_bytes / tp)
+                  for s in units.steps)
+    return BlockUnits(steps, units.root_bytes // tp)
+
+
+def stage_steps(ctx, group, tp: int, micro_batch: int) -> tuple[BlockUnits, tuple[float, ...]]:
+    """One block's steps on a device of `group` at TP degree `tp` for one micro-batch, and each step's
+    recompute seconds: the cluster predictor's block forward time (hetrain.plan.parallel_cost) split
+    by the steps' roofline shares on the group's kind; with tensor parallelism, proj and down also
+    repeat their all-reduce. `ctx` is a parallel_cost.CostContext."""
+    from hetrain.plan.parallel_cost import ring_allreduce_s
+
+    desc, opts = ctx.desc, ctx.options
+    units = per_device(block_units(desc.config, micro_batch, desc.seq_len, desc.compute_dtype_bytes), tp)
+    kit = ctx.kit(group, tp, micro_batch)
+    allreduce_s = ring_allreduce_s(kit.boundary_bytes * tp, tp, ctx.intra_path(group)) if tp > 1 else 0.0
+    compute_s = kit.block.fwd_s - 2 * allreduce_s
+    flops_per_s = group.kind.peak_flops_per_s(opts.compute_dtype) * opts.compute_efficiency
+    bytes_per_s = group.kind.mem_bw_bytes_per_s * opts.memory_bw_efficiency
+    times = step_times_s(units, compute_s, flops_per_s, bytes_per_s)
+    for name in ("proj", "down"):
+        times[STEPS.index(name)] += allreduce_s
+    return units, tuple(times)
+
+
+def stage_policy_totals(policies: list[BlockPolicy], units: BlockUnits, times_s) -> PolicyCost:
+    """The sum over a stage's blocks of what their policies free and cost, for one micro-batch."""
+    freed = window_freed = 0
+    window = demand = 0.0
+    for policy in policies:
+        c = policy_cost(policy, units, list(times_s))
+        freed, window_freed = freed + c.freed_bytes, window_freed + c.window_freed_bytes
+        window, demand = window + c.window_s, demand + c.demand_s
+    return PolicyCost(freed, window_freed, window, demand)
