@@ -36,7 +36,7 @@ import numpy as np
 
 from hetrain.plan.recompute_plan import DEMAND, STEPS, UNITS, WINDOW, BlockPolicy
 from hetrain.plan.recompute_schedule import StageTimes, simulate
-from hetrain.plan.recompute_units import BlockUnits, policy_cost
+from hetrain.plan.recompute_units import BlockUnits, policy_cost, region_input_extra
 
 
 @dataclass(frozen=True)
@@ -203,6 +203,7 @@ def optimal(problem: StageProblem, time_limit_s: float = 60.0) -> StageChoice:
             for j in range(J):
                 var("i", b, p, j)  # step j's own tensors freed by a region at p
                 var("r", b, p, j)  # step j reruns at p
+                var("s", b, p, j)  # a region at p starts at step j (it keeps its input)
     n_bin = len(index)
     windows = list(problem.windows_s) if problem.has_windows else []
     for w in range(len(windows)):
@@ -232,6 +233,9 @@ def optimal(problem: StageProblem, time_limit_s: float = 60.0) -> StageChoice:
                     row({var("r", b, p, j): 1, var("x", b, p, j): -1}, 0, math.inf)
                 if j > 0 and internal[j]:
                     row({var("r", b, p, j): 1, var("x", b, p, j - 1): -1}, 0, math.inf)
+                if 0 < j < K:  # s >= x_j - (x_{j-1} at any place)
+                    row({var("s", b, p, j): 1, var("x", b, p, j): -1, **{var("x", b, q, j - 1): 1 for q in places}},
+                        0, math.inf)
     # Memory: inflight x kept + held ahead <= budget.
     mem: dict[int, float] = {}
     for b in range(n):
@@ -241,6 +245,8 @@ def optimal(problem: StageProblem, time_limit_s: float = 60.0) -> StageChoice:
                     (out[k] if p == WINDOW else 0)
             for j in range(J):
                 mem[var("i", b, p, j)] = -inflight * internal[j] + (internal[j] if p == WINDOW else 0)
+                mem[var("s", b, p, j)] = inflight * region_input_extra(steps, j) - \
+                    (region_input_extra(steps, j) if p == WINDOW else 0)
     row(mem, -math.inf, problem.act_budget_bytes - inflight * n * problem.units.total_bytes)
     c = np.zeros(nv)
     eps = 1e-3

@@ -14,7 +14,9 @@ Dropping unit k means steps k and k+1 run inside one torch.utils.checkpoint regi
 consecutive dropped units a..b-1 is one region over steps a..b (hetrain.pipeline.unit_recompute
 runs it). What that frees and costs, exactly as torch's non-reentrant checkpoint behaves:
 - every tensor saved by a step inside a region is dropped except the region's input, so a
-  dropped unit frees its output bytes, and every step inside a region frees its internals;
+  dropped unit frees its output bytes, and every step inside a region frees its internals; the
+  region's input is kept (it usually is anyway, as the unit before it; with attention dropout on
+  CPU the fused qkv tensor is saved by nobody, so a region starting at attn keeps it);
 - recomputation reruns step k when unit k is dropped, and also the region's last step when that
   step saves internals (they are saved after it computes); a last step that saves only its input
   is skipped (torch stops the recomputation once the last saved tensor is back).
@@ -65,6 +67,9 @@ class Step:
     """Forward FLOPs for one micro-batch."""
     touched_bytes: float
     """Bytes its forward reads and writes (weights, inputs, outputs)."""
+    in_bytes: int = 0
+    """Bytes of its input: what a checkpoint region starting at this step keeps (more than the
+    previous unit's bytes when nobody else saves that input: qkv with attention dropout on CPU)."""
 
 
 @dataclass(frozen=True)
@@ -119,7 +124,9 @@ def block_units(cfg: ModelConfig, micro_batch: int, seq_len: int, dtype_bytes: i
                "act": BT * (up_w + F) * b, "down": BT * F * b + F * C * b + act}
     for step in ("proj", "down"):  # dropout draws and applies a mask of the output's size
         touched[step] += (2 * act if cfg.dropout > 0 else 0)
-    steps = tuple(Step(s, out[s], internal[s], flops[s], float(touched[s])) for s in STEPS)
+    inputs = [root] + [out[s] for s in STEPS[:-1]]
+    inputs[STEPS.index("attn")] = BT * (C + 2 * kv) * b  # the fused qkv storage
+    steps = tuple(Step(s, out[s], internal[s], flops[s], float(touched[s]), inputs[k]) for k, s in enumerate(STEPS))
     return BlockUnits(steps, root)
 
 
@@ -151,10 +158,17 @@ def policy_cost(policy: BlockPolicy, units: BlockUnits, times_s: list[float]) ->
     for a, b, place in policy.regions():  # steps a..b in one region, units a..b-1 dropped
         freed[place] += sum(steps[k].out_bytes for k in range(a, b))
         freed[place] += sum(steps[k].int_bytes for k in range(a, b + 1))
+        freed[place] -= region_input_extra(steps, a)
         cost[place] += sum(times_s[k] for k in range(a, b))
         if steps[b].int_bytes:  # the last step reruns to give back its internals
             cost[place] += times_s[b]
     return PolicyCost(freed[WINDOW] + freed[DEMAND], freed[WINDOW], cost[WINDOW], cost[DEMAND])
+
+
+def region_input_extra(steps: tuple[Step, ...], first: int) -> int:
+    """Bytes a region starting at step `first` keeps beyond the previous unit: its input's storage,
+    when the input is not otherwise saved."""
+    return max(0, steps[first].in_bytes - steps[first - 1].out_bytes) if first > 0 else 0
 
 
 def unit_table(units: BlockUnits, times_s: list[float]) -> list[dict]:
@@ -170,8 +184,8 @@ def per_device(units: BlockUnits, tp: int) -> BlockUnits:
     """A block's steps on one device of a tensor-parallel group (bytes, FLOPs and traffic / tp)."""
     if tp == 1:
         return units
-    steps = tuple(Step(s.name, s.out_bytes // tp, s.int_bytes // tp, s.flops / tp, s.touched_bytes / tp)
-                  for s in units.steps)
+    steps = tuple(Step(s.name, s.out_bytes // tp, s.int_bytes // tp, s.flops / tp, s.touched_bytes / tp,
+                       s.in_bytes // tp) for s in units.steps)
     return BlockUnits(steps, units.root_bytes // tp)
 
 
