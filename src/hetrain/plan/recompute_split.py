@@ -149,3 +149,43 @@ def stage_recompute(ctx: CostContext, st: StageModel, micro_batch: int, policies
     if last:
         return 0.0, c.window_s + c.demand_s, c.freed_bytes, 0
     return c.window_s, c.demand_s, c.freed_bytes, c.window_freed_bytes
+
+
+def format_recompute(plan: ClusterPlan) -> list[str]:
+    """Report lines: per stage that recomputes, what it drops, where it recomputes it, what that costs
+    and what it frees (the planner's figures stored in plan.json)."""
+    from hetrain.hardware.catalog import GIB
+    from hetrain.plan.recompute_plan import block_policies
+
+    lines = []
+    for p, pipe in enumerate(plan.pipelines):
+        n_stages = len(pipe.stages) // pipe.virtual_stages
+        for c, st in enumerate(pipe.stages):
+            where = f"P{p} S{c % n_stages}" + (f" chunk {c}" if pipe.virtual_stages > 1 else "")
+            if st.n_recompute_blocks and not st.recompute:
+                lines.append(f"  {where}: blocks {st.first_block}-{st.first_block + st.n_recompute_blocks - 1} whole, "
+                             f"on demand in their backward")
+                continue
+            if not st.recompute:
+                continue
+            policies = block_policies(st.recompute, st.first_block, st.n_blocks, 0)
+            groups = []
+            for g in st.recompute["blocks"]:
+                last = g["first_block"] + g["n_blocks"] - 1
+                policy = policies[g["first_block"] - st.first_block]
+                groups.append(f"blocks {g['first_block']}-{last}: {policy.describe()}")
+            lines.append(f"  {where}: {'; '.join(groups)}")
+            a = st.recompute.get("predicted", {})
+            if a:
+                step_total = a["hidden_s_per_step"] + a["exposed_s_per_step"]
+                hidden = f"{100 * a['hidden_s_per_step'] / step_total:.0f}%" if step_total else "-"
+                lines.append(f"      per micro-batch {1e3 * a['window_s_per_microbatch']:.2f} ms ahead (in the wait "
+                             f"for its gradient) + {1e3 * a['demand_s_per_microbatch']:.2f} ms on demand; per step "
+                             f"{hidden} hidden, {1e3 * a['exposed_s_per_step']:.1f} ms exposed; frees "
+                             f"{a['freed_bytes_per_microbatch'] / GIB:.3f} GiB per micro-batch, holds "
+                             f"{a['held_ahead_bytes'] / GIB:.3f} GiB ahead of a backward ({a['method'].upper()}, "
+                             f"{1e3 * a['search_s']:.1f} ms)")
+    if lines:
+        lines.insert(0, "Recomputation (what is dropped; 'window': recomputed while the stage waits for the "
+                        "micro-batch's gradient, 'demand': in its backward)")
+    return lines
