@@ -52,6 +52,8 @@ class RunConfig:
     """torch intra-op threads on CPU; 0 uses every core of this machine."""
     dist_timeout_s: float = 300.0
     """Under torchrun: how long any rank waits for the others in a collective before the job ends with a message naming the ranks that did not answer."""
+    emulate_link_gbytes_per_s: float = 0.0
+    """Cluster runs, for benchmarks: hold every pipeline send for its bytes at this bandwidth (GB/s) before sending, as if the stages were joined by a link that slow (the cluster predictor prices a send the same way: the sender is busy for it); 0 sends at the real speed."""
 
 
 @dataclass
@@ -344,6 +346,9 @@ def validate(cfg: Config) -> None:
     if not (0 <= t.beta1 < 1 and 0 <= t.beta2 < 1) or t.weight_decay < 0:
         raise ConfigError(f"AdamW needs 0 <= train.beta1, train.beta2 < 1 and train.weight_decay >= 0; got "
                           f"{t.beta1}, {t.beta2}, {t.weight_decay}")
+    if cfg.run.emulate_link_gbytes_per_s < 0:
+        raise ConfigError(f"run.emulate_link_gbytes_per_s must be 0 (off) or positive, got "
+                          f"{cfg.run.emulate_link_gbytes_per_s}")
     if cfg.run.dist_timeout_s <= 0:
         raise ConfigError(f"run.dist_timeout_s must be positive, got {cfg.run.dist_timeout_s}")
     if t.seq_len > cfg.model.max_seq_len and not cfg.hf.path:

@@ -111,7 +111,7 @@ class ClusterTrainer:
         self.sync = GradientSync(self.comm, self.named, cfg.model, share)
         self.clock = StageClock(sync_cuda=self.device.type == "cuda")
         self.run = build_schedule(self.chunks, self.comm, (cfg.model.d_model, cfg.model.vocab_size),
-                                  cfg.train.seq_len, self.clock, self.ledger)
+                                  cfg.train.seq_len, self.clock, self.ledger, cfg.run.emulate_link_gbytes_per_s)
         self.step = 0
         if self.resume_path is not None:
             pckpt.load(self.resume_path, self.named, self.optimizer, cfg.model, place.tp)

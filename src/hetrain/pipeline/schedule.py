@@ -67,11 +67,27 @@ class TracedStage(PipelineStage):
     """torch's PipelineStage, timing its chunk's forward/backward and its waits on each link."""
 
     def __init__(self, *args, clock: StageClock, compute_lane: str, prev_link: str, next_link: str,
-                 boundary_bytes: int, **kwargs):
+                 boundary_bytes: int, link_s_per_byte: float = 0.0, **kwargs):
         super().__init__(*args, **kwargs)
         self.clock, self.compute_lane = clock, compute_lane
         self.prev_link, self.next_link, self.boundary_bytes = prev_link, next_link, boundary_bytes
+        self.link_s_per_byte = link_s_per_byte
+        """Emulated link (run.emulate_link_gbytes_per_s): each send holds this stage for its bytes first."""
         self._posted: dict[tuple[str, int], float] = {}
+
+    def _hold(self, ops, what: str, mb: int, link: str):
+        if ops and self.link_s_per_byte > 0:
+            start = self.clock.now()
+            time.sleep(self.boundary_bytes * self.link_s_per_byte)
+            self.clock.add(f"send {what} mb{mb} (emulated link)", link, start, self.clock.now(), "comm",
+                           bytes=self.boundary_bytes, chunk=self.stage_index)
+        return ops
+
+    def get_fwd_send_ops(self, fwd_chunk_id: int):
+        return self._hold(super().get_fwd_send_ops(fwd_chunk_id), "act", fwd_chunk_id, self.next_link)
+
+    def get_bwd_send_ops(self, bwd_chunk_id: int):
+        return self._hold(super().get_bwd_send_ops(bwd_chunk_id), "grad", bwd_chunk_id, self.prev_link)
 
     def get_fwd_recv_ops(self, fwd_chunk_id: int):
         ops = super().get_fwd_recv_ops(fwd_chunk_id)
@@ -159,7 +175,7 @@ class PipelineRun:
 
 
 def build_schedule(chunks: list[StageModule], comm: Communicator, model_dims: tuple[int, int], seq_len: int,
-                   clock: StageClock, ledger: Recomputations) -> PipelineRun:
+                   clock: StageClock, ledger: Recomputations, emulate_link_gbytes_per_s: float = 0.0) -> PipelineRun:
     """Stages for this rank's chunks on its lane, and the plan's schedule. model_dims = (d_model, vocab)."""
     place = comm.place
     d_model, vocab = model_dims
@@ -178,6 +194,7 @@ def build_schedule(chunks: list[StageModule], comm: Communicator, model_dims: tu
             runnable, chunk.index, n_chunks, lane_device, input_args=x, output_args=out, group=comm.lane.group,
             clock=clock, compute_lane=compute_lane,
             prev_link=comm.link_name(prev_stage), next_link=comm.link_name(next_stage),
-            boundary_bytes=place.micro_batch * seq_len * d_model * 4))
+            boundary_bytes=place.micro_batch * seq_len * d_model * 4,
+            link_s_per_byte=1e-9 / emulate_link_gbytes_per_s if emulate_link_gbytes_per_s > 0 else 0.0))
     schedule, overlap, name = runtime_schedule(stages, place.n_microbatches, stage_loss, ledger, clock, compute_lane)
     return PipelineRun(schedule, stages, clock, lane_device, name, ledger, overlap)
