@@ -105,16 +105,20 @@ class _Overlap:
         if self._waiter is None:
             self._waiter = ThreadPoolExecutor(1, thread_name_prefix="hetrain-grad-wait")
         arrival = self._waiter.submit(_wait_all, works)
+        before_s = self.ledger.ahead_s
         start = time.perf_counter()
         wall_start = self.clock.now()
         self.ledger.recompute(idx, m, stop=arrival.done)
         end = time.perf_counter()
         self.clock.add(f"R{m} c{idx} ahead", self.compute_lane, wall_start, self.clock.now(), "recompute", chunk=idx)
         arrived = arrival.result()
+        # The recomputation's own seconds (inside torch's recompute), split by when the gradient came.
+        ran_s, loop_s = self.ledger.ahead_s - before_s, end - start
+        inside = max(0.0, min(end, arrived) - start) / loop_s if loop_s > 0 else 0.0
         s = self.stats
         s.waits += 1
-        s.hidden_s += max(0.0, min(end, arrived) - start)
-        s.exposed_ahead_s += max(0.0, end - max(arrived, start))
+        s.hidden_s += ran_s * inside
+        s.exposed_ahead_s += ran_s * (1.0 - inside)
         s.idle_s += max(0.0, arrived - end)
 
 
