@@ -24,7 +24,7 @@ from hetrain.plan.parallel import plan_cluster
 from hetrain.plan.parallel_cost import PredictorOptions
 from hetrain.plan.parallel_predict import build_stages, context_for, shape_of
 from hetrain.plan.parallel_search import Pins, SearchOptions
-from hetrain.plan.recompute_split import _Pricer
+from hetrain.plan.recompute_split import Pricer
 
 # name -> (preset and overrides, pipeline stages, micro-batch, global batch, seq_len, link GB/s, memory):
 # memory places each device's limit between the most loaded stage's peak with every block
@@ -71,12 +71,12 @@ def compare(name: str) -> dict:
     ctx = context_for(plan)
     stages = build_stages(ctx, shape_of(pipe), pipe.n_microbatches)
     n = [s.n_blocks for s in pipe.stages]
-    whole_s = _Pricer(ctx, stages, pipe.n_microbatches, pipe.micro_batch, "heu").whole_block_s(
+    whole_s = Pricer(ctx, stages, pipe.n_microbatches, pipe.micro_batch, "heu").whole_block_s(
         n, [s.n_recompute_blocks for s in pipe.stages])
     out = {"name": name, "split": n, "recompute_blocks": [s.n_recompute_blocks for s in pipe.stages],
            "whole_s": whole_s}
     for method in ("heu", "opt"):
-        pricer = _Pricer(ctx, stages, pipe.n_microbatches, pipe.micro_batch, method)
+        pricer = Pricer(ctx, stages, pipe.n_microbatches, pipe.micro_batch, method)
         t0 = time.perf_counter()
         step, rec = pricer.price(n)
         out[method] = step
@@ -94,7 +94,7 @@ def heu_96_blocks() -> tuple[float, int]:
     pipe = plan.pipelines[0]
     ctx = context_for(plan)
     stages = build_stages(ctx, shape_of(pipe), pipe.n_microbatches)
-    pricer = _Pricer(ctx, stages, pipe.n_microbatches, pipe.micro_batch, "heu")
+    pricer = Pricer(ctx, stages, pipe.n_microbatches, pipe.micro_batch, "heu")
     n = [s.n_blocks for s in pipe.stages]
     t0 = time.perf_counter()
     pricer.price(n)

@@ -29,7 +29,7 @@ from hetrain.plan.parallel_search import Pins, SearchOptions
 from hetrain.plan.recompute_plan import DEMAND, UNITS, WINDOW, BlockPolicy, block_policies, policy_groups
 from hetrain.plan.recompute_policy import StageProblem, heuristic, optimal
 from hetrain.plan.recompute_schedule import StageTimes, simulate
-from hetrain.plan.recompute_split import _Pricer, stage_recompute
+from hetrain.plan.recompute_split import Pricer, stage_recompute
 from hetrain.plan.recompute_units import block_units, policy_cost
 
 from .test_parallel_search import CASES, OPTIONS
@@ -152,9 +152,9 @@ def test_heu_and_opt_predicted_steps_within_3_percent_on_a_pipeline():
     ctx = context_for(plan)
     stages = build_stages(ctx, shape_of(pipe), pipe.n_microbatches)
     n = [st.n_blocks for st in pipe.stages]
-    heu_s, _ = _Pricer(ctx, stages, pipe.n_microbatches, pipe.micro_batch, "heu").price(n)
-    opt_s, _ = _Pricer(ctx, stages, pipe.n_microbatches, pipe.micro_batch, "opt").price(n)
-    whole_s = _Pricer(ctx, stages, pipe.n_microbatches, pipe.micro_batch, "heu").whole_block_s(
+    heu_s, _ = Pricer(ctx, stages, pipe.n_microbatches, pipe.micro_batch, "heu").price(n)
+    opt_s, _ = Pricer(ctx, stages, pipe.n_microbatches, pipe.micro_batch, "opt").price(n)
+    whole_s = Pricer(ctx, stages, pipe.n_microbatches, pipe.micro_batch, "heu").whole_block_s(
         n, [st.n_recompute_blocks for st in pipe.stages])
     assert opt_s <= heu_s <= 1.03 * opt_s
     assert heu_s < whole_s
@@ -168,7 +168,7 @@ def test_heu_on_a_96_block_model_is_fast():
                         SearchOptions(pins=Pins(pp=8, tp=1, micro_batch=2), upper_bound=False, recompute="whole"))
     pipe = plan.pipelines[0]
     ctx = context_for(plan)
-    pricer = _Pricer(ctx, build_stages(ctx, shape_of(pipe), pipe.n_microbatches), pipe.n_microbatches,
+    pricer = Pricer(ctx, build_stages(ctx, shape_of(pipe), pipe.n_microbatches), pipe.n_microbatches,
                      pipe.micro_batch, "heu")
     start = time.perf_counter()
     step, rec = pricer.price([st.n_blocks for st in pipe.stages])

@@ -32,9 +32,11 @@ from hetrain.plan.recompute_schedule import StageTimes, simulate
 from hetrain.plan.recompute_units import stage_policy_totals, stage_steps
 
 METHODS = ("whole", "heu", "opt")
+OPT_MAX_BLOCKS = 12
+"""Most blocks per stage the MILP is run on (identical blocks make its search grow fast)."""
 
 
-class _Pricer:
+class Pricer:
     """Prices splits of one pipeline: its stages, micro-batches and each stage's unit costs."""
 
     def __init__(self, ctx: CostContext, stages: list[StageModel], n_microbatches: int, micro_batch: int,
@@ -71,7 +73,7 @@ class _Pricer:
         return max(e + st.sync_s(n) + st.optim_s(n) for e, st, n in zip(ends, self.stages, n_blocks))
 
 
-def repartition(pricer: _Pricer, n_blocks: list[int], max_moves: int = 64) -> tuple[list[int], float]:
+def repartition(pricer: Pricer, n_blocks: list[int], max_moves: int = 64) -> tuple[list[int], float]:
     """Move single blocks across stage boundaries while the predicted step improves (best move first)."""
     best_n = list(n_blocks)
     best_s, _ = pricer.price(best_n)
@@ -112,9 +114,15 @@ def apply_recompute(plan: ClusterPlan, ctx: CostContext, method: str = "heu") ->
     for p, pipe in enumerate(plan.pipelines):
         if pipe.virtual_stages != 1 or not any(st.n_recompute_blocks for st in pipe.stages):
             continue
+        if method == "opt" and max(st.n_blocks for st in pipe.stages) > OPT_MAX_BLOCKS:
+            from hetrain.errors import ConfigError
+
+            raise ConfigError(f"--plan.recompute opt solves a MILP per stage and is meant for small cases (at most "
+                              f"{OPT_MAX_BLOCKS} blocks per stage, this plan has "
+                              f"{max(st.n_blocks for st in pipe.stages)}); use --plan.recompute heu")
         others = tuple(g for g in all_groups if g not in pipe.groups)
         stages = build_stages(ctx, shape_of(pipe), pipe.n_microbatches, others, len(plan.pipelines))
-        pricer = _Pricer(ctx, stages, pipe.n_microbatches, pipe.micro_batch, method)
+        pricer = Pricer(ctx, stages, pipe.n_microbatches, pipe.micro_batch, method)
         n_old = [st.n_blocks for st in pipe.stages]
         old_s = pricer.whole_block_s(n_old, [st.n_recompute_blocks for st in pipe.stages])
         n_new, new_s = repartition(pricer, n_old)
