@@ -141,7 +141,7 @@ def cmd_plan(args: list[str]) -> int:
     curves = {kind: [c.max_efficiency, c.overhead_s, c.attention_efficiency, c.source]
               for kind, c in measured_curves(cfg.hardware.profile_dir).items()}
     plan = run_cluster_planning(cfg.model, cfg.plan.cluster, cfg.plan.global_batch, cfg.train.seq_len, cfg.run.dir,
-                                SearchOptions(pins=pins), cfg.plan.virtual_stages,
+                                SearchOptions(pins=pins, recompute=cfg.plan.recompute), cfg.plan.virtual_stages,
                                 PredictorOptions(matmul_curves=curves))
     print(format_report(plan))
     print(f"hetrain: wrote {cfg.run.dir}/plan.json, report.txt and timeline.png")

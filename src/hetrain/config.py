@@ -52,6 +52,8 @@ class RunConfig:
     """torch intra-op threads on CPU; 0 uses every core of this machine."""
     dist_timeout_s: float = 300.0
     """Under torchrun: how long any rank waits for the others in a collective before the job ends with a message naming the ranks that did not answer."""
+    emulate_link_gbytes_per_s: float = 0.0
+    """Cluster runs, for benchmarks: hold every pipeline send for its bytes at this bandwidth (GB/s) before sending, as if the stages were joined by a link that slow (the cluster predictor prices a send the same way: the sender is busy for it); 0 sends at the real speed."""
 
 
 @dataclass
@@ -152,6 +154,8 @@ class PlanConfig:
     """Cluster planning: pin the micro-batch size (0: the search chooses)."""
     virtual_stages: int = 1
     """Cluster planning: model chunks per pipeline stage; more than 1 runs interleaved 1F1B."""
+    recompute: str = "heu"
+    """Cluster planning, stages that must recompute: 'heu' (which tensors of each block to drop, recomputed inside the waits for gradients where they fit, with stages balanced for it), 'opt' (the same by an exact MILP; small models only) or 'whole' (whole blocks, on demand)."""
 
 
 @dataclass
@@ -342,6 +346,9 @@ def validate(cfg: Config) -> None:
     if not (0 <= t.beta1 < 1 and 0 <= t.beta2 < 1) or t.weight_decay < 0:
         raise ConfigError(f"AdamW needs 0 <= train.beta1, train.beta2 < 1 and train.weight_decay >= 0; got "
                           f"{t.beta1}, {t.beta2}, {t.weight_decay}")
+    if cfg.run.emulate_link_gbytes_per_s < 0:
+        raise ConfigError(f"run.emulate_link_gbytes_per_s must be 0 (off) or positive, got "
+                          f"{cfg.run.emulate_link_gbytes_per_s}")
     if cfg.run.dist_timeout_s <= 0:
         raise ConfigError(f"run.dist_timeout_s must be positive, got {cfg.run.dist_timeout_s}")
     if t.seq_len > cfg.model.max_seq_len and not cfg.hf.path:
@@ -366,6 +373,10 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"plan.{key} must be 0 (the search chooses) or a positive degree, got {getattr(cfg.plan, key)}")
     if cfg.plan.virtual_stages < 1:
         raise ConfigError(f"plan.virtual_stages must be at least 1, got {cfg.plan.virtual_stages}")
+    if cfg.plan.recompute not in ("heu", "opt", "whole"):
+        raise ConfigError(f"plan.recompute must be 'heu', 'opt' or 'whole', got '{cfg.plan.recompute}'")
+    if not 0 <= cfg.model.dropout < 1:
+        raise ConfigError(f"model.dropout must be in [0, 1), got {cfg.model.dropout}")
     if cfg.plan.file and not Path(cfg.plan.file).expanduser().is_file():
         raise ConfigError(f"plan file '{cfg.plan.file}' does not exist; make one with `hetrain plan` or drop --plan.file")
     if t.min_lr > t.lr:

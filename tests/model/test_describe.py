@@ -51,8 +51,10 @@ VARIANTS = list(itertools.product(["learned", "rope"], ["layernorm", "rmsnorm"],
 
 @pytest.mark.parametrize("pos,norm,mlp,n_kv_head", VARIANTS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_activation_bytes_match_measured_forward(pos, norm, mlp, n_kv_head, dtype):
-    cfg = dataclasses.replace(get_preset("tiny"), pos=pos, norm=norm, mlp=mlp, n_kv_head=n_kv_head, d_ff=96)
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_activation_bytes_match_measured_forward(pos, norm, mlp, n_kv_head, dtype, dropout):
+    cfg = dataclasses.replace(get_preset("tiny"), pos=pos, norm=norm, mlp=mlp, n_kv_head=n_kv_head, d_ff=96,
+                              dropout=dropout)
     torch.manual_seed(0)
     model = GPT(cfg).to(dtype)
     B, T = 3, 20

@@ -41,20 +41,23 @@ def local_cpu() -> dict:
 
 def pipeline(groups: list[str], blocks: list[int], *, tp: int = 1, dp: int = 1, micro_batch: int = 2,
              n_microbatches: int = 4, recompute: list[int] | None = None, stage_groups: list[str] | None = None,
-             virtual_stages: int = 1) -> PipelinePlan:
-    """A pipeline whose stage s holds blocks[s] blocks (recompute[s] of them recomputed)."""
+             virtual_stages: int = 1, policies: list[list[dict]] | None = None) -> PipelinePlan:
+    """A pipeline whose stage s holds blocks[s] blocks (recompute[s] of them recomputed whole, or
+    policies[s]: its plan.json recompute groups, hetrain.plan.cluster.recompute_plan)."""
     recompute = recompute or [0] * len(blocks)
     stage_groups = stage_groups or [groups[0]] * len(blocks)
     stages, first = [], 0
     for s, (n, r, g) in enumerate(zip(blocks, recompute, stage_groups)):
-        stages.append(StagePlan(g, g, tp, first, n, r, embedding=s == 0, head=s == len(blocks) - 1))
+        policy = {"blocks": policies[s]} if policies and policies[s] else {}
+        stages.append(StagePlan(g, g, tp, first, n, r, embedding=s == 0, head=s == len(blocks) - 1,
+                                recompute=policy))
         first += n
     pipe = PipelinePlan(groups, [tp] * len(groups), dp, micro_batch, n_microbatches, stages)
     return interleave(pipe, virtual_stages) if virtual_stages > 1 else pipe
 
 
-def write_plan(path: Path, cluster: dict, pipelines: list[PipelinePlan]) -> Path:
-    plan = ClusterPlan(model=model(), cluster=cluster, global_batch=sum(p.samples_per_step for p in pipelines),
+def write_plan(path: Path, cluster: dict, pipelines: list[PipelinePlan], **model_extra) -> Path:
+    plan = ClusterPlan(model=model(**model_extra), cluster=cluster, global_batch=sum(p.samples_per_step for p in pipelines),
                        seq_len=SEQ_LEN, options={}, pipelines=pipelines,
                        prediction={"step_s": 0.01, "stages": []})
     plan.save(path)

@@ -18,9 +18,12 @@ def mixed_plan(tmp_path):
     return path
 
 
-def test_plan_file_trains_the_same_model(tiny_config, tmp_path, mixed_plan):
-    plain = Trainer(tiny_config(tmp_path / "plain", **{"train.grad_accum": 2})).fit()
-    planned = Trainer(tiny_config(tmp_path / "planned", **{"train.grad_accum": 2, "plan.file": mixed_plan})).fit()
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_plan_file_trains_the_same_model(tiny_config, tmp_path, mixed_plan, dropout):
+    """With dropout on, the recomputed block replays the random numbers of its forward (the same masks)."""
+    extra = {"train.grad_accum": 2, "model.dropout": dropout}
+    plain = Trainer(tiny_config(tmp_path / "plain", **extra)).fit()
+    planned = Trainer(tiny_config(tmp_path / "planned", **extra, **{"plan.file": mixed_plan})).fit()
     steps = sorted(plain.losses)
     assert [planned.losses[s] for s in steps] == pytest.approx([plain.losses[s] for s in steps], rel=1e-6)
     from safetensors.torch import load_file

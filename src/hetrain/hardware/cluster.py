@@ -37,7 +37,7 @@ _TOP_KEYS = ("name", "description", "group", "link")
 _GROUP_REQUIRED = ("name", "kind", "nodes", "devices_per_node", "intra_node_gbytes_per_s",
                    "inter_node_gbytes_per_s")
 _GROUP_DEFAULTS = {"intra_node_latency_us": 3.0, "inter_node_latency_us": 10.0}
-_GROUP_OVERRIDES = ("memory_gib", *(f"peak_{d}_tflops" for d in DTYPES))
+_GROUP_OVERRIDES = ("memory_gib", "mem_bw_gbytes_per_s", *(f"peak_{d}_tflops" for d in DTYPES))
 _GROUP_KEYS = (*_GROUP_REQUIRED, *_GROUP_DEFAULTS, *_GROUP_OVERRIDES, "label")
 _LINK_REQUIRED = ("groups", "gbytes_per_s")
 _LINK_DEFAULTS = {"latency_us": 10.0}
@@ -217,6 +217,8 @@ def _kind_with_overrides(kind: DeviceKind, raw: dict) -> DeviceKind:
     changes = {}
     if "memory_gib" in raw:
         changes["memory_bytes"] = int(float(raw["memory_gib"]) * GIB)
+    if "mem_bw_gbytes_per_s" in raw:
+        changes["mem_bw_bytes_per_s"] = float(raw["mem_bw_gbytes_per_s"]) * GIGA
     peaks = dict(kind.peak_flops)
     for d in DTYPES:
         if f"peak_{d}_tflops" in raw:

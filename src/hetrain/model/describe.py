@@ -131,16 +131,21 @@ def block_act_bytes(cfg: ModelConfig, micro_batch: int, seq_len: int, b: int) ->
     kv = cfg.n_kv_head * cfg.head_dim
     saved = _norm_saved(cfg, "norm1", BT, b)
     saved["attn.qkv_in"] = BT * C * b                   # norm1 output, input of the qkv matmul
-    saved["attn.qkv"] = BT * (C + 2 * kv) * b           # one storage; q, k, v are views of it
-    if cfg.pos == "rope":
-        saved["attn.q_rope"] = BT * C * b
-        saved["attn.k_rope"] = BT * kv * b
-    saved["attn.lse"] = micro_batch * cfg.n_head * seq_len * FP32_BYTES  # softmax log-sum-exp
-    saved["attn.out"] = BT * C * b
-    if cfg.pos == "rope":
-        # Rotated q is contiguous in (B, nh, T, hs), so the output's transpose to (B, T, C)
-        # is a copy that the output projection saves.
-        saved["attn.proj_in"] = BT * C * b
+    if cfg.dropout > 0:
+        saved.update(_math_attention_saved(cfg, micro_batch, seq_len, b))
+    else:
+        saved["attn.qkv"] = BT * (C + 2 * kv) * b       # one storage; q, k, v are views of it
+        if cfg.pos == "rope":
+            saved["attn.q_rope"] = BT * C * b
+            saved["attn.k_rope"] = BT * kv * b
+        saved["attn.lse"] = micro_batch * cfg.n_head * seq_len * FP32_BYTES  # softmax log-sum-exp
+        saved["attn.out"] = BT * C * b
+        if cfg.pos == "rope":
+            # Rotated q is contiguous in (B, nh, T, hs), so the output's transpose to (B, T, C)
+            # is a copy that the output projection saves.
+            saved["attn.proj_in"] = BT * C * b
+    if cfg.dropout > 0:
+        saved["attn.resid_mask"] = BT * C * b           # dropout scales by a saved mask tensor
     saved.update(_norm_saved(cfg, "norm2", BT, b))
     saved["mlp.up_in"] = BT * C * b
     if cfg.mlp == "swiglu":
@@ -149,7 +154,23 @@ def block_act_bytes(cfg: ModelConfig, micro_batch: int, seq_len: int, b: int) ->
     else:
         saved["mlp.up_out"] = BT * F * b                # GELU input
     saved["mlp.down_in"] = BT * F * b
+    if cfg.dropout > 0:
+        saved["mlp.resid_mask"] = BT * C * b
     return saved
+
+
+def _math_attention_saved(cfg: ModelConfig, micro_batch: int, seq_len: int, b: int) -> dict[str, int]:
+    """With attention dropout, CPU attention is the math kernel, in fp32 whatever the compute
+    dtype: it keeps scaled q and k, a copy of v (key/value heads repeated to n_head), the
+    softmax probabilities, the dropout mask and the dropped probabilities (the quadratic
+    tensors), and the output projection saves the output's (B, T, C) copy. The fused qkv
+    storage is then saved by nobody. CUDA's fused kernels take dropout without these."""
+    BT, nh, T = micro_batch * seq_len, cfg.n_head, seq_len
+    per_head = BT * nh * cfg.head_dim * FP32_BYTES
+    quadratic = micro_batch * nh * T * T * FP32_BYTES
+    return {"attn.q_scaled": per_head, "attn.k_scaled": per_head, "attn.v_copy": per_head,
+            "attn.probs": quadratic, "attn.drop_mask": quadratic, "attn.probs_dropped": quadratic,
+            "attn.proj_in": BT * cfg.d_model * b}
 
 
 def head_backward_transient_bytes(micro_batch: int, seq_len: int, vocab_size: int) -> int:

@@ -8,7 +8,13 @@ hetrain.model.stack's block interface drive it one layer at a time.
 
 Variants chosen by ModelConfig: learned or rotary positions, LayerNorm or RMSNorm, GELU MLP
 or SwiGLU, multi-head or grouped-query attention (always through
-scaled_dot_product_attention), optional tied input/output embeddings.
+scaled_dot_product_attention), optional tied input/output embeddings, optional dropout
+(nanoGPT's: on the attention probabilities and on each residual branch's output).
+
+A block's forward is a chain of steps (norm1, attn.qkv, attn.attend, attn.proj with its
+residual dropout, norm2, mlp.up, mlp.activate, mlp.down with its residual dropout), each a
+method or submodule, so that a technique may run them in pieces (selective recomputation,
+hetrain.pipeline.unit_recompute) with exactly the operations the plain forward runs.
 """
 
 from __future__ import annotations
@@ -55,6 +61,8 @@ class ModelConfig:
     """Rotary base frequency (pos='rope' only)."""
     norm_eps: float = 1e-5
     """Epsilon of the normalisation layers."""
+    dropout: float = 0.0
+    """Dropout probability in training, as nanoGPT applies it: on the attention probabilities and on the output of each block's attention and MLP branch before the residual add. 0 disables it (no random numbers are drawn)."""
 
     @property
     def head_dim(self) -> int:
@@ -75,6 +83,8 @@ class ModelConfig:
         ):
             if value not in allowed:
                 raise ValueError(f"model.{name}={value!r} is not one of {', '.join(allowed)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"model.dropout={self.dropout} must be in [0, 1)")
         for name in ("n_layer", "n_head", "d_model", "d_ff", "max_seq_len", "vocab_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"model.{name} must be at least 1")
@@ -107,22 +117,29 @@ class Attention(nn.Module):
         kv_dim = cfg.n_kv_head * cfg.head_dim
         self.qkv = nn.Linear(cfg.d_model, cfg.d_model + 2 * kv_dim, bias=cfg.bias)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
+        self.dropout = cfg.dropout
+        self.resid_drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
-        B, T, _ = x.shape
+    def attend(self, qkv: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        """Causal attention of the fused projections (B, T, C + 2 kv) -> (B, T, nh * hs)."""
+        B, T, _ = qkv.shape
         # Widths from the head counts, not from x: a technique may give this module a share of
         # the heads (tensor parallelism) while x keeps the full width.
         q_dim, kv_dim = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
-        q, k, v = self.qkv(x).split((q_dim, kv_dim, kv_dim), dim=-1)
+        q, k, v = qkv.split((q_dim, kv_dim, kv_dim), dim=-1)
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
         v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         if rope is not None:
             cos, sin = rope[0][:T], rope[1][:T]
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_head != self.n_head)
-        y = y.transpose(1, 2).reshape(B, T, q_dim)  # (B, T, nh * hs)
-        return self.proj(y)
+        p = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True,
+                                           enable_gqa=self.n_kv_head != self.n_head)
+        return y.transpose(1, 2).reshape(B, T, q_dim)  # (B, T, nh * hs)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        return self.resid_drop(self.proj(self.attend(self.qkv(x), rope)))
 
 
 class MLP(nn.Module):
@@ -132,15 +149,17 @@ class MLP(nn.Module):
         # SwiGLU fuses gate and up projections into one matmul of width 2*d_ff.
         self.up = nn.Linear(cfg.d_model, (2 if self.swiglu else 1) * cfg.d_ff, bias=cfg.bias)
         self.down = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
+        self.resid_drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.up(x)
+    def activate(self, h: torch.Tensor) -> torch.Tensor:
+        """(B, T, d_ff or 2 d_ff) -> (B, T, d_ff)."""
         if self.swiglu:
             gate, up = h.chunk(2, dim=-1)
-            h = F.silu(gate) * up
-        else:
-            h = F.gelu(h, approximate="tanh")
-        return self.down(h)
+            return F.silu(gate) * up
+        return F.gelu(h, approximate="tanh")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.resid_drop(self.down(self.activate(self.up(x))))
 
 
 class Block(nn.Module):

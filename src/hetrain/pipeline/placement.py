@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from hetrain.errors import ConfigError
 from hetrain.hardware.catalog import get_kind
 from hetrain.plan.cluster.plan import ClusterPlan
+from hetrain.plan.cluster.recompute_plan import BlockPolicy, block_policies
 
 # The vendor library of a catalog kind -> (torch device type, torch.distributed backend).
 # ROCm builds of torch run RCCL behind the "nccl" backend name on "cuda" devices; HCCL needs
@@ -42,6 +43,8 @@ class Chunk:
     n_recompute_blocks: int
     embedding: bool
     head: bool
+    policies: tuple[BlockPolicy, ...] = ()
+    """Each block's recomputation policy, in block order (hetrain.plan.cluster.recompute_plan)."""
 
 
 @dataclass(frozen=True)
@@ -149,6 +152,10 @@ def _check_pipeline(p: int, pipe, n_layer: int) -> None:
             raise ConfigError(f"{where}: chunk {c} holds blocks {st.first_block}..+{st.n_blocks} (recompute "
                               f"{st.n_recompute_blocks}); chunks must cover the blocks in order from 0, at least "
                               f"one each")
+        try:
+            block_policies(st.recompute, st.first_block, st.n_blocks, st.n_recompute_blocks)
+        except ValueError as err:
+            raise ConfigError(f"{where}: chunk {c}: {err}; re-plan or fix its recompute entry") from None
         if st.embedding != (c == 0) or st.head != (c == len(pipe.stages) - 1):
             raise ConfigError(f"{where}: the embedding must be on the first chunk and the head on the last")
         first += st.n_blocks
@@ -216,7 +223,9 @@ def place_plan(plan: ClusterPlan) -> Layout:
             j, k = divmod(d, tp)
             j, r = divmod(j, dp)
             stage = first_stage + j
-            chunks = tuple(Chunk(c, st.first_block, st.n_blocks, st.n_recompute_blocks, st.embedding, st.head)
+            chunks = tuple(Chunk(c, st.first_block, st.n_blocks, st.n_recompute_blocks, st.embedding, st.head,
+                                 tuple(block_policies(st.recompute, st.first_block, st.n_blocks,
+                                                      st.n_recompute_blocks)))
                            for c, st in enumerate(pipe.stages) if c % n_stages == stage)
             places.append(Place(
                 rank=len(places), pipeline=p, replica=r, stage=stage, tp_rank=k, tp=tp, dp=dp, n_stages=n_stages,

@@ -6,7 +6,8 @@ the steps. Setting up composes the techniques on a plain GPT in this order, and 
    stage starts from exactly the one-process weights; it keeps its chunks (stages.py);
 2. tensor parallelism shards the chunks' blocks (tensor_parallel.py) before anything holds
    references to their parameters;
-3. recomputation wraps the plan's blocks (torch.utils.checkpoint), around the sharded layers;
+3. recomputation wraps the plan's blocks, whole or unit by unit (torch.utils.checkpoint,
+   hetrain.pipeline.unit_recompute), around the sharded layers;
 4. the optimizer (fused AdamW, as one process) over the chunks' parameters;
 5. the schedule (schedule.py) on the pipeline lane, and the gradient sync (data_parallel.py).
 
@@ -46,6 +47,7 @@ from hetrain.pipeline.placement import Layout
 from hetrain.pipeline.schedule import StageClock, build_schedule
 from hetrain.pipeline.stages import apply_stage_recompute, build_chunk
 from hetrain.pipeline.tensor_parallel import apply_tensor_parallel, check_tp
+from hetrain.pipeline.unit_recompute import Recomputations
 from hetrain.plan.cluster.plan import ClusterPlan
 from hetrain.train import checkpoint as ckpt
 from hetrain.train.metrics import MetricsLogger, format_line
@@ -70,6 +72,9 @@ class ClusterTrainer:
 
         # --- everything that can fail on user input, before any group or file exists -------
         why = check_tp(cfg.model, place.tp)
+        if place.tp > 1 and cfg.model.dropout > 0:
+            why = (f"model.dropout={cfg.model.dropout} with tensor parallelism: each rank would draw its own "
+                   f"masks for its heads, so the run would not train the one-process model")
         if why:
             raise ConfigError(f"plan pipeline {place.pipeline}: {why}; re-plan with another --plan.tp")
         self.resume_path = ckpt.resolve_resume(self.run_dir, cfg.run.resume)
@@ -98,19 +103,21 @@ class ClusterTrainer:
             mesh = DeviceMesh.from_group(self.comm.tp.group, place.device_type)
             for chunk in self.chunks:
                 apply_tensor_parallel(chunk, mesh, cfg.model)
-        self.recompute = [apply_stage_recompute(chunk) for chunk in self.chunks]
+        self.ledger = Recomputations()
+        self.recompute = [apply_stage_recompute(chunk, self.ledger) for chunk in self.chunks]
         self.optimizer = _optimizer(self.chunks, cfg, self.device)
         self.named = [(n, p) for chunk in self.chunks for n, p in chunk.named_parameters(remove_duplicate=False)]
         share = layout.pipeline_samples[place.pipeline] / layout.global_batch
         self.sync = GradientSync(self.comm, self.named, cfg.model, share)
         self.clock = StageClock(sync_cuda=self.device.type == "cuda")
         self.run = build_schedule(self.chunks, self.comm, (cfg.model.d_model, cfg.model.vocab_size),
-                                  cfg.train.seq_len, self.clock)
+                                  cfg.train.seq_len, self.clock, self.ledger, cfg.run.emulate_link_gbytes_per_s)
         self.step = 0
         if self.resume_path is not None:
             pckpt.load(self.resume_path, self.named, self.optimizer, cfg.model, place.tp)
             self.data.train.load_state_dict(meta.data_state)
             self.step = meta.step
+        self.start_step = self.step
         self.predicted_step_s = float(plan.prediction.get("step_s") or 0.0)
         self.peak_flops = _cluster_peak_flops(cfg, plan, layout)
 
@@ -233,6 +240,7 @@ class ClusterTrainer:
             print(f"hetrain: done: step {self.step} in {result.wall_s:.1f} s; run dir {self.run_dir}", flush=True)
         for handle in self.recompute:
             handle.remove()
+        self.run.close()
         dist.barrier(group=self.comm.control)
         dist.destroy_process_group()
         return result
@@ -296,11 +304,13 @@ class ClusterTrainer:
         measured = [self.place.pipeline, self.place.stage, self.place.replica, self.place.tp_rank, self.place.kind,
                     self.clock.fwd_s, self.clock.fwd_count, self.clock.bwd_s, self.clock.bwd_count,
                     len(self.place.chunks)]
+        recomputed = (self.ledger.ahead_s, self.run.wait_stats.hidden_s, self.ledger.demand_s,
+                      self.ledger.regions_ahead, self.ledger.regions_left, result.step - self.start_step)
         gathered = [None] * self.layout.world if self.is_main else None
-        dist.gather_object((measured, self.clock.events), gathered, dst=0, group=self.comm.control)
+        dist.gather_object((measured, self.clock.events, recomputed), gathered, dst=0, group=self.comm.control)
         if not self.is_main:
             return
-        events = [e for _, evs in gathered for e in evs]
+        events = [e for _, evs, _ in gathered for e in evs]
         if events:
             write_chrome_trace(sorted(events, key=lambda e: e.start_s), self.run_dir / "trace.json",
                                metadata={"source": "hetrain train --plan.file (cluster plan)",
@@ -315,13 +325,28 @@ class ClusterTrainer:
         predicted = {(s["pipeline"], s["stage"]): s for s in self.plan.prediction.get("stages", [])}
         print("hetrain: per stage, one micro-batch (replica 0, TP rank 0): predicted fwd / bwd ms vs measured "
               "fwd / bwd ms (measured: compute of the traced steps, waits excluded)")
-        for (pipe, stage, replica, tp_rank, kind, fwd, nf, bwd, nb, n_chunks), _ in gathered:
+        for (pipe, stage, replica, tp_rank, kind, fwd, nf, bwd, nb, n_chunks), _, _ in gathered:
             if replica or tp_rank or not nf:
                 continue
             mb_f, mb_b = 1000 * fwd / nf * n_chunks, 1000 * bwd / max(nb, 1) * n_chunks
             pred = predicted.get((pipe, stage))
             pred_txt = f"{1000 * pred['fwd_s']:.2f} / {1000 * pred['bwd_s']:.2f}" if pred else "-"
             print(f"hetrain:   P{pipe} S{stage} {kind}: {pred_txt} vs {mb_f:.2f} / {mb_b:.2f}", flush=True)
+        self._report_recompute(gathered)
+
+    def _report_recompute(self, gathered: list) -> None:
+        """Rank 0: per stage, the recomputation per step ahead of backwards (and how much of it ran
+        while the gradient was on its way) and on demand inside backwards (every step run)."""
+        rows = [(m[0], m[1], r) for m, _, r in gathered if not m[2] and not m[3] and (r[0] or r[2])]
+        if not rows:
+            return
+        print("hetrain: recomputation per step (replica 0, TP rank 0; every step of this run): ahead of backwards "
+              "(of it inside gradient waits), on demand inside backwards", flush=True)
+        for pipe, stage, (ahead_s, hidden_s, demand_s, n_ahead, n_left, steps) in rows:
+            per = 1000 / max(steps, 1)
+            share = f" ({100 * hidden_s / ahead_s:.0f}% inside waits)" if ahead_s else ""
+            print(f"hetrain:   P{pipe} S{stage}: {per * ahead_s:.2f} ms ahead{share}, {per * demand_s:.2f} ms on "
+                  f"demand; {n_ahead} regions ahead, {n_left} left to their backward", flush=True)
 
 
 def _cluster_peak_flops(cfg: Config, plan: ClusterPlan, layout: Layout) -> float:

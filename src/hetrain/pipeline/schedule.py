@@ -2,10 +2,12 @@
 
 `build_schedule` makes one torch PipelineStage per chunk this rank holds (shapes given up front,
 so torch allocates its receive buffers without a trial run) on the rank's pipeline lane, and the
-schedule the plan names: Schedule1F1B for one chunk per stage, ScheduleInterleaved1F1B for
-several (virtual stages), ScheduleGPipe when a pipeline has fewer micro-batches than stages
-(1F1B needs at least one per stage; with so few the two orders coincide). The loss is the GPT's
-on every micro-batch of the last stage, and torch scales the gradients by 1 / micro-batches.
+schedule the plan names, on torch's schedule runtime (hetrain.pipeline.overlap): Schedule1F1B's
+order for one chunk per stage, ScheduleInterleaved1F1B's for several (virtual stages),
+ScheduleGPipe's when a pipeline has fewer micro-batches than stages (1F1B needs at least one
+per stage; with so few the two orders coincide), with hetrain's forward and backward actions
+that recompute a micro-batch's window regions while its gradient is on its way. The loss is the
+GPT's on every micro-batch of the last stage, and torch scales the gradients by 1 / micro-batches.
 
 TracedStage is torch's PipelineStage recording, per chunk, when its forward and backward ran
 and how long it waited for each activation or gradient from its neighbour, as hetrain
@@ -21,10 +23,12 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
-from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
+from torch.distributed.pipelining import PipelineStage
 
 from hetrain.pipeline.communicator import HOST, Communicator, HostStaged
+from hetrain.pipeline.overlap import WaitStats, runtime_schedule
 from hetrain.pipeline.stages import StageModule, stage_example, stage_loss
+from hetrain.pipeline.unit_recompute import Recomputations
 from hetrain.trace import TraceEvent
 
 
@@ -63,11 +67,27 @@ class TracedStage(PipelineStage):
     """torch's PipelineStage, timing its chunk's forward/backward and its waits on each link."""
 
     def __init__(self, *args, clock: StageClock, compute_lane: str, prev_link: str, next_link: str,
-                 boundary_bytes: int, **kwargs):
+                 boundary_bytes: int, link_s_per_byte: float = 0.0, **kwargs):
         super().__init__(*args, **kwargs)
         self.clock, self.compute_lane = clock, compute_lane
         self.prev_link, self.next_link, self.boundary_bytes = prev_link, next_link, boundary_bytes
+        self.link_s_per_byte = link_s_per_byte
+        """Emulated link (run.emulate_link_gbytes_per_s): each send holds this stage for its bytes first."""
         self._posted: dict[tuple[str, int], float] = {}
+
+    def _hold(self, ops, what: str, mb: int, link: str):
+        if ops and self.link_s_per_byte > 0:
+            start = self.clock.now()
+            time.sleep(self.boundary_bytes * self.link_s_per_byte)
+            self.clock.add(f"send {what} mb{mb} (emulated link)", link, start, self.clock.now(), "comm",
+                           bytes=self.boundary_bytes, chunk=self.stage_index)
+        return ops
+
+    def get_fwd_send_ops(self, fwd_chunk_id: int):
+        return self._hold(super().get_fwd_send_ops(fwd_chunk_id), "act", fwd_chunk_id, self.next_link)
+
+    def get_bwd_send_ops(self, bwd_chunk_id: int):
+        return self._hold(super().get_bwd_send_ops(bwd_chunk_id), "grad", bwd_chunk_id, self.prev_link)
 
     def get_fwd_recv_ops(self, fwd_chunk_id: int):
         ops = super().get_fwd_recv_ops(fwd_chunk_id)
@@ -116,6 +136,16 @@ class PipelineRun:
     input_device: torch.device
     name: str
     """The schedule's name, for reports."""
+    ledger: Recomputations
+    overlap: object
+    """The schedule's forward/backward actions (hetrain.pipeline.overlap): `stats`, `close()`."""
+
+    @property
+    def wait_stats(self) -> WaitStats:
+        return self.overlap.stats
+
+    def close(self) -> None:
+        self.overlap.close()
 
     @property
     def holds_last(self) -> bool:
@@ -133,18 +163,26 @@ class PipelineRun:
     @torch.no_grad()
     def evaluate(self, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
         losses: list[torch.Tensor] = []
-        self.schedule.eval(x.to(self.input_device), target=y.to(self.input_device), losses=losses)
+        for stage in self.stages:
+            stage.submod.eval()  # no dropout
+        try:
+            self.schedule.eval(x.to(self.input_device), target=y.to(self.input_device), losses=losses,
+                               return_outputs=False)
+        finally:
+            for stage in self.stages:
+                stage.submod.train()
         return losses
 
 
 def build_schedule(chunks: list[StageModule], comm: Communicator, model_dims: tuple[int, int], seq_len: int,
-                   clock: StageClock) -> PipelineRun:
+                   clock: StageClock, ledger: Recomputations, emulate_link_gbytes_per_s: float = 0.0) -> PipelineRun:
     """Stages for this rank's chunks on its lane, and the plan's schedule. model_dims = (d_model, vocab)."""
     place = comm.place
     d_model, vocab = model_dims
     n_chunks = place.n_stages * place.virtual_stages
     lane_device = comm.lane_device
     stages = []
+    compute_lane = f"rank {place.rank} P{place.pipeline}r{place.replica} S{place.stage} tp{place.tp_rank}"
     for module, chunk in zip(chunks, place.chunks):
         runnable: nn.Module = module
         if comm.lane.route == HOST:
@@ -154,15 +192,9 @@ def build_schedule(chunks: list[StageModule], comm: Communicator, model_dims: tu
         next_stage = (chunk.index + 1) % place.n_stages
         stages.append(TracedStage(
             runnable, chunk.index, n_chunks, lane_device, input_args=x, output_args=out, group=comm.lane.group,
-            clock=clock,
-            compute_lane=f"rank {place.rank} P{place.pipeline}r{place.replica} S{place.stage} tp{place.tp_rank}",
+            clock=clock, compute_lane=compute_lane,
             prev_link=comm.link_name(prev_stage), next_link=comm.link_name(next_stage),
-            boundary_bytes=place.micro_batch * seq_len * d_model * 4))
-    m = place.n_microbatches
-    if place.virtual_stages > 1:
-        schedule, name = ScheduleInterleaved1F1B(stages, m, loss_fn=stage_loss), "interleaved 1F1B"
-    elif m >= n_chunks:
-        schedule, name = Schedule1F1B(stages[0], m, loss_fn=stage_loss), "1F1B"
-    else:
-        schedule, name = ScheduleGPipe(stages[0], m, loss_fn=stage_loss), "GPipe (fewer micro-batches than stages)"
-    return PipelineRun(schedule, stages, clock, lane_device, name)
+            boundary_bytes=place.micro_batch * seq_len * d_model * 4,
+            link_s_per_byte=1e-9 / emulate_link_gbytes_per_s if emulate_link_gbytes_per_s > 0 else 0.0))
+    schedule, overlap, name = runtime_schedule(stages, place.n_microbatches, stage_loss, ledger, clock, compute_lane)
+    return PipelineRun(schedule, stages, clock, lane_device, name, ledger, overlap)

@@ -6,8 +6,8 @@ gives them (`blocks.3.attn.qkv.weight`), so that checkpoints and comparisons go 
 fully qualified names in every layout. Its forward is the GPT's forward restricted to the chunk:
 token ids (B, T) in on the first chunk, activations (B, T, C) in and out between chunks, logits
 (B, T, vocab) out of the last; `stage_loss` is the GPT's loss on those logits. The plan's
-recomputation applies with hetrain's one checkpointing technique (torch.utils.checkpoint,
-non-reentrant; hetrain.offload.checkpointing.apply_recompute) to the first n blocks of a chunk.
+recomputation policy of each block (whole blocks or units inside them, on demand or ahead of the
+backward) applies with hetrain.pipeline.unit_recompute (torch.utils.checkpoint, non-reentrant).
 This module cuts and wraps modules; it must not communicate or know about ranks.
 """
 
@@ -18,8 +18,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from hetrain.model.gpt import GPT
-from hetrain.offload.checkpointing import RecomputeHandle, apply_recompute
 from hetrain.pipeline.placement import Chunk
+from hetrain.pipeline.unit_recompute import Recomputations, UnitRecomputeHandle, apply_unit_recompute
 
 
 class StageModule(nn.Module):
@@ -67,9 +67,10 @@ def build_chunk(gpt: GPT, chunk: Chunk) -> StageModule:
     return StageModule(gpt, chunk)
 
 
-def apply_stage_recompute(module: StageModule) -> RecomputeHandle:
-    """Recompute the first chunk.n_recompute_blocks blocks of the chunk in backward, as the plan says."""
-    return apply_recompute(list(module.blocks.values()), range(module.chunk.n_recompute_blocks))
+def apply_stage_recompute(module: StageModule, ledger: Recomputations) -> UnitRecomputeHandle:
+    """Each block of the chunk recomputes as its policy in the plan says (whole blocks, units, on
+    demand or ahead of the backward; hetrain.pipeline.unit_recompute)."""
+    return apply_unit_recompute(list(module.blocks.values()), list(module.chunk.policies), ledger)
 
 
 def stage_example(chunk: Chunk, micro_batch: int, seq_len: int, d_model: int, vocab_size: int,

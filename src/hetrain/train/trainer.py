@@ -245,15 +245,17 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, batches) -> float:
-        if self.engine is not None:
-            return self.engine.evaluate(batches)
-        self.model.eval()
-        total = 0.0
-        for x, y in batches:
-            with self._autocast():
-                total += self.model(x.to(self.device), y.to(self.device)).item()
-        self.model.train()
-        return total / len(batches)
+        self.model.eval()  # no dropout (the engine runs this model's modules too)
+        try:
+            if self.engine is not None:
+                return self.engine.evaluate(batches)
+            total = 0.0
+            for x, y in batches:
+                with self._autocast():
+                    total += self.model(x.to(self.device), y.to(self.device)).item()
+            return total / len(batches)
+        finally:
+            self.model.train()
 
     def _peak_bytes(self) -> int:
         if self.engine is not None:

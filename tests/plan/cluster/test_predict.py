@@ -33,10 +33,11 @@ def test_1f1b_bottleneck_sets_the_steady_state():
     assert max(ends) == pytest.approx(3 + 3 + 10 * 6)  # its first input after 2 forwards; back through 2 backwards
 
 
-def _plan(name):
+def _plan(name, recompute="whole"):
+    """The search's plan; with recompute='whole' as the search prices it (what the recurrence models)."""
     cfg, cluster, global_batch, seq_len = CASES[name]
     return plan_cluster(cfg, cluster, global_batch, seq_len, PredictorOptions(max_micro_batch=4),
-                        SearchOptions(upper_bound=False))
+                        SearchOptions(upper_bound=False, recompute=recompute))
 
 
 @pytest.mark.parametrize("name", ["separate-pipelines", "recompute", "16-devices"])

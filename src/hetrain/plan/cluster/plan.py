@@ -33,6 +33,9 @@ class StagePlan:
     """How many of the stage's blocks drop their activations and recompute them in backward."""
     embedding: bool = False
     head: bool = False
+    recompute: dict = field(default_factory=dict)
+    """The stage's recomputation policy per block and unit (hetrain.plan.cluster.recompute_plan); when
+    given, n_recompute_blocks is 0. Empty: the first n_recompute_blocks blocks recompute whole."""
 
 
 @dataclass

@@ -26,6 +26,7 @@ from hetrain.plan.cluster.report import format_report, write_timeline
 from hetrain.plan.cluster.search import Candidate, Pins, SearchOptions, divisors, search
 from hetrain.plan.cluster.split import split_blocks
 from hetrain.predict.roofline import curve_for
+from hetrain.plan.cluster.recompute_split import apply_recompute
 
 __all__ = ["ClusterPlan", "Pins", "PredictorOptions", "SearchOptions", "plan_cluster", "run_cluster_planning",
            "format_report", "load_plan", "repredict"]
@@ -136,6 +137,8 @@ def plan_cluster(model_cfg: ModelConfig, cluster: Cluster, global_batch: int, se
     cand, stats = _search_or_explain(ctx, global_batch, search_options)
     search_s = time.perf_counter() - start
     plan = _to_plan(cand, ctx, model_cfg, global_batch)
+    recompute = apply_recompute(plan, ctx, search_options.recompute)
+    search_s = time.perf_counter() - start
     prediction, _ = predict_plan(plan, ctx)
     if search_options.interleave:
         plan, prediction = _try_interleaving(plan, prediction, ctx)
@@ -143,7 +146,7 @@ def plan_cluster(model_cfg: ModelConfig, cluster: Cluster, global_batch: int, se
     plan.search = {"search_s": search_s, "predict_s": time.perf_counter() - start - search_s,
                    "layouts": stats.layouts, "shapes": stats.shapes, "shapes_split": stats.shapes_split,
                    "candidates_predicted": stats.candidates_predicted, "refine_moves": stats.refine_moves,
-                   "notes": stats.notes}
+                   "notes": stats.notes, "recompute": recompute}
     if search_options.upper_bound:
         ub_start = time.perf_counter()
         # Each kind alone, searched freely: pinned degrees are a choice of this plan, not of the bound.

@@ -277,6 +277,10 @@ class StagePrediction:
     optim_s: float
     peak_bytes: int
     capacity_bytes: int
+    recompute_ahead_s: float = 0.0
+    """Per micro-batch, recomputation of a unit policy run ahead of the backward (in bwd_s too)."""
+    recompute_demand_s: float = 0.0
+    """Per micro-batch, recomputation of a unit policy inside the backward (in bwd_s too)."""
 
 
 @dataclass
@@ -317,8 +321,13 @@ def shape_of(pipe: PipelinePlan) -> PipelineShape:
     return PipelineShape(tuple(pipe.groups), tuple(pipe.tp), pipe.dp, pipe.micro_batch)
 
 
-def _pipeline_tasks(p: int, stages: list[StageModel], plans: list[StagePlan], m: int) -> tuple[list[Task], dict]:
-    """Tasks of one replica: per stage a chain in 1F1B order; activations allocate on their stage's pool."""
+def _pipeline_tasks(p: int, stages: list[StageModel], plans: list[StagePlan], m: int,
+                    recompute: list | None = None) -> tuple[list[Task], dict]:
+    """Tasks of one replica: per stage a chain in 1F1B order; activations allocate on their stage's pool.
+
+    `recompute[s]`, for a stage with a unit policy, is (ahead s, on-demand s, freed bytes, held bytes)
+    per micro-batch (hetrain.plan.cluster.recompute_split.stage_recompute): the ahead part is a task before
+    the backward that does not wait for the gradient and holds its bytes until the backward ends."""
     tasks: list[Task] = []
     lanes = [f"P{p} S{s} {st.group} tp{st.tp}" for s, st in enumerate(stages)]
     base = {lane: st.static_bytes(sp.n_blocks) for lane, st, sp in zip(lanes, stages, plans)}
@@ -340,7 +349,8 @@ def _pipeline_tasks(p: int, stages: list[StageModel], plans: list[StagePlan], m:
     while remaining:  # emit in a dependency-respecting order so deps always exist already
         for s, st in enumerate(stages):
             sp = plans[s]
-            act = {lanes[s]: st.act_bytes_per_microbatch(sp.n_blocks, sp.n_recompute_blocks)}
+            ahead_s, demand_s, freed, held = (recompute[s] if recompute and recompute[s] else (0.0, 0.0, 0, 0))
+            act = {lanes[s]: st.act_bytes_per_microbatch(sp.n_blocks, sp.n_recompute_blocks) - freed}
             while positions[s] < len(orders[s]):
                 fwd, i = orders[s][positions[s]]
                 if fwd:
@@ -355,11 +365,14 @@ def _pipeline_tasks(p: int, stages: list[StageModel], plans: list[StagePlan], m:
                     if s < len(stages) - 1 and (s + 1, i) not in done_b:
                         break
                     dep = [done_b[(s + 1, i)]] if s < len(stages) - 1 else []
+                    if ahead_s > 0:
+                        add(s, ("recompute ahead", i), ahead_s, [], "recompute", alloc={lanes[s]: held})
                     if sp.n_recompute_blocks:
                         add(s, ("recompute", i), sp.n_recompute_blocks * st.block_fwd_s, dep, "recompute")
                         dep = []
-                    compute = st.bwd_s(sp.n_blocks, 0) - st.send_bwd_s
-                    name = add(s, ("bwd", i), compute, dep, "bwd", free=act)
+                    compute = st.bwd_s(sp.n_blocks, 0) - st.send_bwd_s + demand_s
+                    free = {lanes[s]: act[lanes[s]] + (held if ahead_s > 0 else 0)}
+                    name = add(s, ("bwd", i), compute, dep, "bwd", free=free)
                     if st.send_bwd_s > 0:
                         name = add(s, ("send_bwd", i), st.send_bwd_s, [], "comm")
                     done_b[(s, i)] = name
@@ -370,6 +383,21 @@ def _pipeline_tasks(p: int, stages: list[StageModel], plans: list[StagePlan], m:
             add(s, ("allreduce", None), st.sync_s(sp.n_blocks), [], "sync")
         add(s, ("optim", None), st.optim_s(sp.n_blocks), [], "optim")
     return tasks, base
+
+
+def _unit_recompute(ctx: CostContext, stages: list[StageModel], pipe: PipelinePlan) -> list:
+    """Per stage, (ahead s, on-demand s, freed bytes, held bytes) of its unit policy, or None."""
+    from hetrain.plan.cluster.recompute_plan import block_policies
+    from hetrain.plan.cluster.recompute_split import stage_recompute
+
+    out = []
+    for s, (st, sp) in enumerate(zip(stages, pipe.stages)):
+        if not sp.recompute:
+            out.append(None)
+            continue
+        policies = block_policies(sp.recompute, sp.first_block, sp.n_blocks, sp.n_recompute_blocks)
+        out.append(stage_recompute(ctx, st, pipe.micro_batch, policies, last=s == len(stages) - 1))
+    return out
 
 
 def predict_plan(plan: ClusterPlan, ctx: CostContext | None = None) -> tuple[PlanPrediction, list[TraceEvent]]:
@@ -391,17 +419,21 @@ def predict_plan(plan: ClusterPlan, ctx: CostContext | None = None) -> tuple[Pla
             from hetrain.plan.cluster.interleaved import interleaved_tasks
 
             tasks, base = interleaved_tasks(p, stages, chunked.stages, pipe.n_microbatches)
+            recompute = [None] * len(stages)  # unit policies of chunks are not priced (whole blocks are)
         else:
-            tasks, base = _pipeline_tasks(p, stages, pipe.stages, pipe.n_microbatches)
+            recompute = _unit_recompute(ctx, stages, pipe)
+            tasks, base = _pipeline_tasks(p, stages, pipe.stages, pipe.n_microbatches, recompute)
         result = simulate(tasks, base_bytes=base)
         pipe_steps.append(result.step_s)
         events.extend(result.events)
         for s, (st, sp) in enumerate(zip(stages, pipe.stages)):
             peak = result.peak_bytes[f"P{p} S{s} {st.group} tp{st.tp}"]
+            ahead_s, demand_s = recompute[s][:2] if recompute[s] else (0.0, 0.0)
             stage_preds.append(StagePrediction(
                 p, s, st.group, st.kind, st.tp, pipe.dp, sp.n_blocks, sp.n_recompute_blocks,
-                st.fwd_s(sp.n_blocks), st.bwd_s(sp.n_blocks, sp.n_recompute_blocks),
-                st.sync_s(sp.n_blocks), st.optim_s(sp.n_blocks), peak, st.capacity_bytes))
+                st.fwd_s(sp.n_blocks), st.bwd_s(sp.n_blocks, sp.n_recompute_blocks) + ahead_s + demand_s,
+                st.sync_s(sp.n_blocks), st.optim_s(sp.n_blocks), peak, st.capacity_bytes,
+                recompute_ahead_s=ahead_s, recompute_demand_s=demand_s))
             samples = pipe.dp * pipe.n_microbatches
             flops = samples * (sp.n_blocks * st.block_model_flops + st.fixed_model_flops)
             flops_by_kind[st.kind] = flops_by_kind.get(st.kind, 0.0) + flops

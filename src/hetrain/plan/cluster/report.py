@@ -12,6 +12,7 @@ from __future__ import annotations
 from hetrain.units import GIB
 from hetrain.plan.cluster.plan import ClusterPlan, device_stages
 from hetrain.plan.cluster.predict import predict_plan
+from hetrain.plan.cluster.recompute_split import format_recompute
 
 
 def _si(x: float) -> str:
@@ -57,6 +58,8 @@ def format_report(plan: ClusterPlan) -> str:
                      f"{blocks:<12} {st['n_recompute_blocks']:<7} {1e3 * st['fwd_s']:<8.1f} "
                      f"{1e3 * st['bwd_s']:<8.1f} {1e3 * st['sync_s']:<8.1f} "
                      f"{st['peak_bytes'] / GIB:.1f} / {st['capacity_bytes'] / GIB:.1f}")
+    recompute = format_recompute(plan)
+    lines += [""] + recompute if recompute else []
     lines += ["", "Device kinds",
               "  kind           busy  idle  TFLOP/s/device  MFU     peak memory"]
     for kind, k in pred["kinds"].items():

@@ -292,6 +292,11 @@ class SearchOptions:
     """Try the chosen plan's pipelines as interleaved 1F1B (virtual stages), keeping it when faster."""
     pins: Pins = Pins()
     """Degrees fixed by the user; the search fills in the rest."""
+    recompute: str = "heu"
+    """How stages that must recompute choose what: 'whole' (whole blocks on demand, as the search
+    prices them), 'heu' (units per stage, recomputed inside the waits for gradients where they fit,
+    with a recomputation-aware split; hetrain.plan.cluster.recompute_split) or 'opt' (the same with the
+    exact MILP per stage: small models only)."""
 
 
 def _single_pipeline_candidates(ctx: CostContext, layouts, global_batch: int, opts: "SearchOptions",

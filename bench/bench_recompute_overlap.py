@@ -1,0 +1,213 @@
+"""Overlapped recomputation against on-demand and none, at one memory limit, on CPU processes: one run.
+
+Configuration (why it is realistic, docs/recompute.md): a pipeline of P CPU processes (gloo, one
+thread each) whose stages are joined by a slow link, emulated by the runtime
+(run.emulate_link_gbytes_per_s: each send holds its stage for bytes / bandwidth, as the predictor
+prices a send), so that a stage waits for gradients: the situation of pipeline stages on
+different nodes joined by Ethernet, where a micro-batch's activation takes about as long to cross
+as a block's forward. Each process's memory limit (the cluster file's memory_gib) sits between
+what the most loaded stage needs with every block recomputed and without recomputation.
+
+Before planning, one core is measured (fp32 matmul GFLOP/s, elementwise GB/s) and declared in the
+cluster file, divided among the processes when they outnumber the cores. Then, at that limit:
+  (a) no recomputation: (b)'s split with nothing recomputed (it exceeds the limit; its predicted
+      peak is printed against the limit, since nothing on a CPU enforces it),
+  (b) on-demand whole-block recomputation: `hetrain plan --plan.recompute whole`,
+  (c) hetrain's overlapped policy: `hetrain plan --plan.recompute heu` (units per stage,
+      recomputed in the waits where they fit, stages balanced for it),
+each trained under torchrun for --steps steps; measured is the median step after the first two.
+Printed: per configuration the plan, predicted and measured step, and for (c) the share of its
+recomputation that ran while the stage waited for a gradient. The last line reads
+`overlapped vs on-demand: X.XXx; vs no recompute: Y.YYx` (measured step ratios).
+
+    .venv/bin/python bench/bench_recompute_overlap.py [--processes 4] [--steps 8] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from hetrain.hardware.cluster import load_cluster
+from hetrain.model.presets import get_preset
+from hetrain.plan.cluster.planner import plan_cluster, repredict
+from hetrain.plan.cluster.cost import PredictorOptions
+from hetrain.plan.cluster.plan import ClusterPlan
+from hetrain.plan.cluster.predict import build_stages, context_for, shape_of
+from hetrain.plan.cluster.search import Pins, SearchOptions
+
+WARMUP_STEPS = 2
+
+
+def measure_core() -> tuple[float, float]:
+    """One thread: fp32 matmul FLOP/s (256x1024 by 1024x1024) and elementwise bytes/s (GELU of 8M floats)."""
+    torch.set_num_threads(1)
+    a, b = torch.randn(256, 1024), torch.randn(1024, 1024)
+    x = torch.randn(8 * 2**20)
+    best_mm = best_ew = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        for _ in range(10):
+            a @ b
+        best_mm = min(best_mm, (time.perf_counter() - t0) / 10)
+        t0 = time.perf_counter()
+        torch.nn.functional.gelu(x, approximate="tanh")
+        best_ew = min(best_ew, time.perf_counter() - t0)
+    return 2 * 256 * 1024 * 1024 / best_mm, 2 * x.numel() * 4 / best_ew
+
+
+def cluster_text(processes: int, flops: float, bytes_per_s: float, link_gbytes_per_s: float, mem_gib: float) -> str:
+    share = min(1.0, (os.cpu_count() or 1) / processes)  # processes beyond the cores share them
+    tflops = flops * share / 1e12
+    # The predictor reaches link_efficiency (0.8) of a declared link: declare the emulated speed / 0.8.
+    return (f'name = "cpu{processes}-slow-link"\n[[group]]\nname = "cpu"\nkind = "cpu"\nnodes = 1\n'
+            f"devices_per_node = {processes}\nintra_node_gbytes_per_s = {link_gbytes_per_s / 0.8}\n"
+            f"inter_node_gbytes_per_s = {link_gbytes_per_s / 0.8}\nintra_node_latency_us = 1\n"
+            f"inter_node_latency_us = 1\nmemory_gib = {mem_gib}\nmem_bw_gbytes_per_s = {bytes_per_s * share / 1e9}\n"
+            f"peak_fp32_tflops = {tflops}\npeak_bf16_tflops = {tflops}\npeak_fp16_tflops = {tflops}\n")
+
+
+def memory_limit_gib(cfg, args, flops, bytes_per_s) -> float:
+    """Between the most loaded stage's peak with every block recomputed (0) and with none (1)."""
+    work = Path(tempfile.mkdtemp())
+    path = work / "roomy.toml"
+    path.write_text(cluster_text(args.processes, flops, bytes_per_s, args.link_gbytes_per_s, 64.0))
+    plan = plan_cluster(cfg, load_cluster(path), args.global_batch, args.seq_len, PredictorOptions(compute_dtype="fp32"),
+                        SearchOptions(pins=Pins(pp=args.processes, micro_batch=args.micro_batch), upper_bound=False,
+                                      recompute="whole"))
+    ctx, pipe = context_for(plan), plan.pipelines[0]
+    stages = build_stages(ctx, shape_of(pipe), pipe.n_microbatches)
+    n = [st.n_blocks for st in pipe.stages]
+    low = max(st.peak_bytes(k, k) for st, k in zip(stages, n))
+    high = max(st.peak_bytes(k, 0) for st, k in zip(stages, n))
+    return (low + args.memory * (high - low)) / (1 - ctx.options.memory_reserve_fraction) / 2**30
+
+
+def corpus(path: Path) -> Path:
+    path.write_text("".join(f"def f{i}(x):\n    return x * {i} + {i % 7}  # line {i}\n" for i in range(6000)))
+    return path
+
+
+def layout(plan: dict) -> str:
+    parts = []
+    for st in plan["pipelines"][0]["stages"]:
+        rec = st.get("recompute") or {}
+        if rec.get("blocks"):
+            what = "; ".join(f"{g['n_blocks']}x[" + (f"win {','.join(g['window'])}" if g["window"] else "")
+                             + (" " if g["window"] and g["demand"] else "")
+                             + (f"dem {','.join(g['demand'])}" if g["demand"] else "") + "]" for g in rec["blocks"])
+        else:
+            what = f"{st['n_recompute_blocks']} whole" if st["n_recompute_blocks"] else "none"
+        parts.append(f"{st['n_blocks']} blocks: {what}")
+    return " | ".join(parts)
+
+
+def train(name: str, plan_path: Path, work: Path, args) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+    run_dir = work / name / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.processes),
+           "-m", "hetrain.cli", "train", "--plan.file", str(plan_path), "--run.dir", str(run_dir), "--run.threads", "1",
+           "--run.emulate_link_gbytes_per_s", str(args.link_gbytes_per_s), "--data.source", "text",
+           "--data.path", str(work / "corpus.txt"), "--data.cache_dir", "", "--train.steps", str(args.steps),
+           "--train.eval_every", "0", "--train.ckpt_every", "0", "--train.log_every", "1", "--log.progress", "false",
+           "--log.tensorboard", "false", "--log.peak_flops", "1e11", "--log.trace_steps", "2"]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if done.returncode:
+        raise RuntimeError(f"{name}: torchrun failed:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
+    records = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step_s"] for r in records[WARMUP_STEPS:]]
+    ahead = hidden = demand = 0.0
+    for m in re.finditer(r"P\d+ S\d+: ([\d.]+) ms ahead(?: \((\d+)% inside waits\))?, ([\d.]+) ms on demand",
+                         done.stdout):
+        a = float(m.group(1))
+        ahead += a
+        hidden += a * float(m.group(2) or 0) / 100
+        demand += float(m.group(3))
+    return {"measured_step_s": statistics.median(steps), "steps_s": steps, "ahead_ms": ahead, "hidden_ms": hidden,
+            "demand_ms": demand}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--processes", type=int, default=4, help="pipeline stages, one CPU process each (2 to 4)")
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--micro-batch", type=int, default=1)
+    ap.add_argument("--global-batch", type=int, default=16)
+    ap.add_argument("--link-gbytes-per-s", type=float, default=0.03, help="the emulated link between stages")
+    ap.add_argument("--memory", type=float, default=0.4,
+                    help="the limit between all blocks recomputed (0) and none (1) on the most loaded stage")
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    cfg = dataclasses.replace(get_preset("small"), n_layer=args.layers, max_seq_len=max(256, args.seq_len))
+    flops, bytes_per_s = measure_core()
+    mem_gib = memory_limit_gib(cfg, args, flops, bytes_per_s)
+    load = os.getloadavg()[0]
+    print(f"{time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} cores, load average {load:.2f} before the run; "
+          f"one core: {flops / 1e9:.0f} GFLOP/s fp32 matmul, {bytes_per_s / 1e9:.1f} GB/s elementwise")
+    print(f"model small, {args.layers} blocks, seq {args.seq_len}; PP {args.processes}, {args.global_batch // args.micro_batch}"
+          f" micro-batches of {args.micro_batch}; emulated link {args.link_gbytes_per_s} GB/s between stages; "
+          f"memory limit {mem_gib * 2**30 / 2**20:.1f} MiB per process ({args.memory:.0%} of the way from all blocks "
+          f"recomputed to none on the most loaded stage); {args.steps} steps, median after {WARMUP_STEPS}")
+    rows = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        corpus(work / "corpus.txt")
+        (work / "cluster.toml").write_text(cluster_text(args.processes, flops, bytes_per_s, args.link_gbytes_per_s,
+                                                        mem_gib))
+        model = ["--model.preset", "small", "--model.n_layer", str(args.layers), "--model.max_seq_len",
+                 str(cfg.max_seq_len), "--train.seq_len", str(args.seq_len)]
+        pins = ["--plan.pp", str(args.processes), "--plan.micro_batch", str(args.micro_batch),
+                "--plan.global_batch", str(args.global_batch), "--train.dtype", "fp32"]
+        for name, method in (("b", "whole"), ("c", "heu")):
+            subprocess.run([sys.executable, "-m", "hetrain.cli", "plan", "--cluster", str(work / "cluster.toml"),
+                            *model, *pins, "--plan.recompute", method, "--run.dir", str(work / name)],
+                           check=True, capture_output=True)
+        whole = ClusterPlan.load(work / "b" / "plan.json")
+        none = dataclasses.replace(whole, pipelines=[dataclasses.replace(p, stages=[
+            dataclasses.replace(s, n_recompute_blocks=0) for s in p.stages]) for p in whole.pipelines])
+        (work / "a").mkdir()
+        repredict(none).save(work / "a" / "plan.json")
+        labels = {"a": "(a) no recomputation", "b": "(b) on-demand whole blocks", "c": "(c) overlapped (HEU)"}
+        print(f"{'configuration':<28} {'pred. ms':>9} {'meas. ms':>9} {'meas/pred':>9} {'pred. peak MiB':>15}  "
+              f"plan (per stage: blocks and what is recomputed)")
+        for name in ("a", "b", "c"):
+            plan = json.loads((work / name / "plan.json").read_text())
+            pred = plan["prediction"]
+            peak = max(s["peak_bytes"] for s in pred["stages"])
+            row = train(name, work / name / "plan.json", work, args)
+            row.update(predicted_step_s=pred["step_s"], peak_bytes=peak, layout=layout(plan),
+                       fits=peak <= pred["stages"][0]["capacity_bytes"])
+            rows[name] = row
+            fits = "" if row["fits"] else " over"
+            print(f"{labels[name]:<28} {1e3 * row['predicted_step_s']:>9.1f} {1e3 * row['measured_step_s']:>9.1f} "
+                  f"{row['measured_step_s'] / row['predicted_step_s']:>9.2f} {peak / 2**20:>10.1f}{fits:<5}  "
+                  f"{row['layout']}", flush=True)
+    c = rows["c"]
+    total = c["ahead_ms"] + c["demand_ms"]
+    print(f"(c) recomputation per step, all stages: {c['ahead_ms']:.1f} ms ahead of backwards, {c['hidden_ms']:.1f} "
+          f"ms of it while the gradient was on its way, {c['demand_ms']:.1f} ms on demand: "
+          f"{100 * c['hidden_ms'] / total if total else 0:.0f}% of the recompute time ran inside waits")
+    b_cost = (rows["b"]["measured_step_s"] - rows["a"]["measured_step_s"]) / rows["b"]["measured_step_s"]
+    print(f"on-demand recomputation costs {100 * b_cost:.0f}% of (b)'s measured step (against (a))")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    x = rows["b"]["measured_step_s"] / c["measured_step_s"]
+    y = rows["a"]["measured_step_s"] / c["measured_step_s"]
+    print(f"overlapped vs on-demand: {x:.2f}x; vs no recompute: {y:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

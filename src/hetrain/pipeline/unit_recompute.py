@@ -1,0 +1,228 @@
+"""Selective recomputation inside blocks, and recomputation ahead of a backward (inside a wait).
+
+`apply_unit_recompute(blocks, policies, windows)` makes each block with a non-trivial policy
+(hetrain.plan.cluster.recompute_plan.BlockPolicy) run its forward as the model's eight steps
+(hetrain.model.gpt: norm1, qkv, attn, proj, norm2, up, act, down), each run of dropped units as
+one torch.utils.checkpoint region (non-reentrant, random state preserved, so dropout replays
+its masks) and every other step plainly. The operations are exactly the block's own forward,
+so results are bitwise those of the block. It overrides `forward` on the block instances only;
+the handle's `remove()` restores them.
+
+A region placed in a WINDOW also runs an `_Anchor` first: an autograd function that saves an
+empty tensor inside the region, off the data path (the backward graph stays the block's own, so
+gradients add up in the same order). `WindowRecompute` keeps the anchors
+of each micro-batch's forward; `recompute(...)` reads each anchor's saved tensor, which makes
+torch's checkpoint recompute the whole region at once, under a GraphExecGroup; the backward of
+that micro-batch then runs under the same group, so torch uses the recomputed tensors instead
+of recomputing again. A region not recomputed ahead (the wait ended first) is recomputed by
+the backward on demand, as any checkpoint. Recomputation forks the random state and restores
+it, so it never changes the masks of later forwards.
+
+This module wraps modules and triggers torch's recomputation; it must not communicate, choose
+policies or know about schedules (hetrain.pipeline.overlap decides when to call it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn as nn
+from torch.utils.checkpoint import GraphExecGroup, checkpoint
+
+from hetrain.plan.cluster.recompute_plan import STEPS, WINDOW, BlockPolicy
+
+_PROJ = STEPS.index("proj")
+
+
+def _step(block: nn.Module, name: str, h: torch.Tensor, x: torch.Tensor, rope) -> torch.Tensor:
+    """One step of Block.forward; `x` is the block input (the proj step adds it back)."""
+    if name == "norm1":
+        return block.norm1(h)
+    if name == "qkv":
+        return block.attn.qkv(h)
+    if name == "attn":
+        return block.attn.attend(h, rope)
+    if name == "proj":
+        return x + block.attn.resid_drop(block.attn.proj(h))
+    if name == "norm2":
+        return block.norm2(h)
+    if name == "up":
+        return block.mlp.up(h)
+    if name == "act":
+        return block.mlp.activate(h)
+    return block.mlp.resid_drop(block.mlp.down(h))  # down; Block adds its branch input back
+
+
+class _Anchor(torch.autograd.Function):
+    """Saves an empty tensor inside a checkpoint region: reading it back ahead of the backward
+    makes the region recompute. Its output is used by nobody, so it never runs backward."""
+
+    @staticmethod
+    def forward(ctx, h):
+        ctx.save_for_backward(h)
+        return h.view_as(h)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+class _Timed(contextlib.AbstractContextManager):
+    """The recompute context of one region: adds its seconds to the ledger."""
+
+    def __init__(self, ledger: "Recomputations"):
+        self.ledger, self.start_s = ledger, 0.0
+
+    def __enter__(self):
+        self.start_s = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.ledger._ran(time.perf_counter() - self.start_s)
+
+
+class Recomputations:
+    """One rank's ledger: the window regions of each (stage index, micro-batch) forward, their
+    GraphExecGroups, and the seconds spent recomputing ahead (in windows) and on demand."""
+
+    def __init__(self) -> None:
+        self._forward: tuple[int, int] | None = None
+        self._anchors: dict[tuple[int, int], list] = {}
+        self._groups: dict[tuple[int, int], GraphExecGroup] = {}
+        self._ahead = False
+        self.token = torch.zeros(0, requires_grad=True)
+        """What each window region's anchor saves (no bytes)."""
+        self.ahead_s = 0.0
+        """Seconds of recomputation run ahead of a backward (in `recompute`)."""
+        self.demand_s = 0.0
+        """Seconds of recomputation run inside backwards."""
+        self.regions_ahead = 0
+        self.regions_left = 0
+        """Window regions the backward recomputed because the wait ended first."""
+
+    @contextlib.contextmanager
+    def forward(self, stage_index: int, micro_batch: int):
+        """The forward of one micro-batch of one stage runs inside this."""
+        self._forward = (stage_index, micro_batch)
+        try:
+            yield
+        finally:
+            self._forward = None
+
+    def _note(self, node) -> None:
+        if self._forward is not None and node is not None:
+            self._anchors.setdefault(self._forward, []).append(node)
+
+    def _ran(self, seconds: float) -> None:
+        if self._ahead:
+            self.ahead_s += seconds
+        else:
+            self.demand_s += seconds
+
+    def pending(self, stage_index: int, micro_batch: int) -> int:
+        """Window regions of this micro-batch not recomputed yet."""
+        return len(self._anchors.get((stage_index, micro_batch), ()))
+
+    def recompute(self, stage_index: int, micro_batch: int, stop: Callable[[], bool]) -> int:
+        """Recompute this micro-batch's window regions, last block first (the order its backward
+        needs them), until `stop()` says the wait is over; the rest wait for the backward.
+        Returns the regions recomputed."""
+        key = (stage_index, micro_batch)
+        anchors = self._anchors.get(key)
+        if not anchors:
+            return 0
+        group = self._groups.setdefault(key, GraphExecGroup())
+        done = 0
+        self._ahead = True
+        try:
+            while anchors and not stop():
+                node = anchors.pop()
+                with group:
+                    node.saved_tensors  # noqa: B018 - the read is what triggers the recomputation
+                done += 1
+        finally:
+            self._ahead = False
+        self.regions_ahead += done
+        return done
+
+    @contextlib.contextmanager
+    def backward(self, stage_index: int, micro_batch: int):
+        """The backward of one micro-batch of one stage runs inside this: under the group its
+        regions were recomputed in, if any; its anchors are dropped after it."""
+        key = (stage_index, micro_batch)
+        self.regions_left += len(self._anchors.pop(key, ()))
+        group = self._groups.pop(key, None)
+        with group if group is not None else contextlib.nullcontext():
+            yield
+
+
+def _run_steps(block: nn.Module, first: int, last: int, rope, ledger: Recomputations | None,
+               h: torch.Tensor, x: torch.Tensor | None = None):
+    """Steps first..last of `block`; returns h, or (h, proj's output) when proj is inside and not last."""
+    if ledger is not None:  # off the data path, so the backward graph is the block's own
+        ledger._note(_Anchor.apply(ledger.token).grad_fn)
+    x2 = None
+    for k in range(first, last + 1):
+        h = _step(block, STEPS[k], h, x, rope)
+        if k == _PROJ:
+            x2 = h
+    return (h, x2) if first <= _PROJ < last else h
+
+
+def _unit_forward(block: nn.Module, regions: dict[int, tuple[int, str]], ledger: Recomputations,
+                  x: torch.Tensor, rope=None) -> torch.Tensor:
+    """Block.forward, step by step, each region under torch.utils.checkpoint."""
+    contexts = functools.partial(_contexts, ledger)
+    h, x2, k = x, None, 0
+    while k < len(STEPS):
+        if k not in regions:
+            h = _step(block, STEPS[k], h, x, rope)
+            x2 = h if k == _PROJ else x2
+            k += 1
+            continue
+        last, place = regions[k]
+        fn = functools.partial(_run_steps, block, k, last, rope, ledger if place == WINDOW else None)
+        args = (h, x) if k <= _PROJ <= last else (h,)
+        out = checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=True, context_fn=contexts)
+        if k <= _PROJ < last:
+            h, x2 = out
+        else:
+            h = out
+            x2 = h if last == _PROJ else x2
+        k = last + 1
+    return x2 + h  # the MLP branch's residual add
+
+
+def _contexts(ledger: Recomputations):
+    return contextlib.nullcontext(), _Timed(ledger)
+
+
+class UnitRecomputeHandle:
+    """The blocks whose forward was replaced; `remove()` gives them their own forward back."""
+
+    def __init__(self, blocks: list[nn.Module]):
+        self.blocks = blocks
+
+    def remove(self) -> None:
+        for block in self.blocks:
+            block.__dict__.pop("forward", None)
+        self.blocks = []
+
+
+def apply_unit_recompute(blocks: list[nn.Module], policies: list[BlockPolicy],
+                         ledger: Recomputations) -> UnitRecomputeHandle:
+    """Run each block's forward under its policy (kept blocks are left alone)."""
+    wrapped = []
+    for block, policy in zip(blocks, policies, strict=True):
+        if policy.is_keep:
+            continue
+        if "forward" in block.__dict__:
+            raise ValueError("a block already has its forward replaced; apply recomputation once")
+        regions = {a: (b, place) for a, b, place in policy.regions()}
+        block.forward = functools.partial(_unit_forward, block, regions, ledger)
+        wrapped.append(block)
+    return UnitRecomputeHandle(wrapped)

@@ -1,0 +1,324 @@
+"""Choosing what each pipeline stage drops and where it recomputes it: a fast heuristic and an exact MILP.
+
+A stage's problem (`StageProblem`): its identical blocks (their units' bytes and recompute times,
+hetrain.plan.cluster.recompute_units), the micro-batches it holds at its peak (`inflight`), the bytes its
+activations may take, and the waits before each of its backwards (the windows, from
+hetrain.plan.cluster.recompute_schedule; none on the last stage). A policy costs, per step,
+sum over micro-batches of max(0, ahead - window) + micro-batches x demand, where `ahead` is the
+recomputation placed in the window and `demand` the one inside each backward. Memory: every
+micro-batch in flight keeps what its blocks do not drop, and the micro-batch whose backward comes
+next also holds what was recomputed ahead of it.
+
+- `heuristic` (HEU) picks one unit set and one rule for all the stage's identical blocks: the set
+  (any of the 2^7 subsets of units), how many blocks drop it (the fewest that fit, or more when
+  that lets more of it move into the windows) and how many of those recompute ahead (as many as
+  memory allows: ahead is never slower than on demand). Each choice is priced in closed form, so
+  a stage takes about a millisecond whatever its block count.
+- `optimal` (OPT) is a MILP over every block's every unit (keep, window, demand), with the exact
+  region rules (a run of adjacent dropped units is one recomputation, in one place; a region's
+  last step reruns when it saves tensors of its own), solved by HiGHS through scipy.optimize.milp.
+  It is meant for small cases: it measures how far HEU is from the optimum.
+
+`plan_pipeline` chooses every stage's policy in rounds: windows from the schedule of the current
+choice, each stage's policy against them, until the predicted step stops improving. This module
+chooses; it must not run policies (hetrain.pipeline.unit_recompute) or write plans.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from hetrain.plan.cluster.recompute_plan import DEMAND, STEPS, UNITS, WINDOW, BlockPolicy
+from hetrain.plan.cluster.recompute_schedule import StageTimes, simulate
+from hetrain.plan.cluster.recompute_units import BlockUnits, policy_cost, region_input_extra
+
+
+@dataclass(frozen=True)
+class StageProblem:
+    n_blocks: int
+    units: BlockUnits
+    """One block's steps, bytes per device for one micro-batch."""
+    step_s: tuple[float, ...]
+    """Each step's recompute seconds for one micro-batch."""
+    inflight: int
+    act_budget_bytes: float
+    """Bytes the stage's block activations may take at its peak (all micro-batches in flight,
+    plus what is held ahead of the next backward)."""
+    n_microbatches: int
+    windows_s: tuple[float, ...] = ()
+    """Wait before each backward; empty: the stage has no wait (the last stage)."""
+
+    @property
+    def has_windows(self) -> bool:
+        return bool(self.windows_s)
+
+
+@dataclass
+class StageChoice:
+    policies: list[BlockPolicy]
+    window_s: float
+    """Recomputation ahead of each backward (all blocks, one micro-batch)."""
+    demand_s: float
+    freed_bytes: int
+    """Per micro-batch, all blocks."""
+    held_bytes: int
+    """Restored ahead of a backward and held until it."""
+    cost_s: float
+    """Exposed recomputation per step against the problem's windows."""
+    fits: bool = True
+    search_s: float = 0.0
+    note: str = ""
+
+
+def _exposure(sorted_windows: list[float], prefix: list[float], ahead_s: float) -> float:
+    """sum over windows of max(0, ahead_s - w), windows sorted ascending with prefix sums."""
+    k = bisect.bisect_left(sorted_windows, ahead_s)
+    return k * ahead_s - prefix[k]
+
+
+def _windows(problem: StageProblem) -> tuple[list[float], list[float]]:
+    ws = sorted(problem.windows_s)
+    return ws, [0.0, *itertools.accumulate(ws)]
+
+
+def choice_of(problem: StageProblem, policies: list[BlockPolicy]) -> StageChoice:
+    """Totals and cost of a given per-block policy list (the last stage recomputes everything on demand)."""
+    window = demand = 0.0
+    freed = held = 0
+    for policy in policies:
+        c = policy_cost(policy, problem.units, list(problem.step_s))
+        window, demand, freed, held = window + c.window_s, demand + c.demand_s, freed + c.freed_bytes, \
+            held + c.window_freed_bytes
+    if not problem.has_windows:
+        demand, window, held = demand + window, 0.0, 0
+    ws, prefix = _windows(problem)
+    cost = _exposure(ws, prefix, window) + problem.n_microbatches * demand
+    kept = problem.n_blocks * problem.units.total_bytes - freed
+    fits = problem.inflight * kept + held <= problem.act_budget_bytes
+    return StageChoice(list(policies), window, demand, freed, held, cost, fits)
+
+
+def _lower_hull(points: list[tuple[int, float, int]]) -> list[tuple[int, float, int]]:
+    """Lower convex hull of (freed bytes, seconds, mask) points, by freed bytes ascending."""
+    hull: list[tuple[int, float, int]] = []
+    for p in sorted(points):
+        while len(hull) >= 2:
+            (f1, c1, _), (f2, c2, _) = hull[-2], hull[-1]
+            if (c2 - c1) * (p[0] - f1) >= (p[1] - c1) * (f2 - f1):  # hull[-1] is not below the chord
+                hull.pop()
+            else:
+                break
+        if not hull or p[0] > hull[-1][0]:
+            hull.append(p)
+    return hull
+
+
+def heuristic(problem: StageProblem) -> StageChoice:
+    """HEU: the stage's identical blocks take at most two unit sets, `upper` on k of them and
+    `lower` on the rest, and as many of them as memory allows recompute ahead (those that save the
+    most seconds per byte held first): ahead is never slower than on demand. The pairs tried: keep
+    with any of the 127 unit sets (one policy for every dropping block), neighbours on the lower
+    convex hull of (bytes freed, seconds) per block (what an exact split of identical blocks
+    between policies uses), and each hull point with the set that frees most. Each is priced in
+    closed form against the sorted windows."""
+    t0 = time.perf_counter()
+    n, m, inflight = problem.n_blocks, problem.n_microbatches, problem.inflight
+    total, budget = problem.units.total_bytes, problem.act_budget_bytes
+    if inflight * n * total <= budget:
+        return StageChoice([BlockPolicy.keep()] * n, 0.0, 0.0, 0, 0, 0.0, True, time.perf_counter() - t0)
+    ws, prefix = _windows(problem)
+    steps = list(problem.step_s)
+    options = [(0, 0.0, 0)]
+    for mask in range(1, 2 ** len(UNITS)):
+        c = policy_cost(BlockPolicy(_places(mask, DEMAND)), problem.units, steps)
+        options.append((c.freed_bytes, c.demand_s, mask))
+    hull = _lower_hull(options)
+    most = max(options[1:])
+    pairs = {(options[0], o) for o in options[1:]}
+    pairs |= {(lo, up) for lo, up in zip(hull, hull[1:])}
+    pairs |= {(h, most) for h in hull if h[0] < most[0]}
+    best_key, best = None, None
+    for lower, upper in pairs:
+        for k in range(n + 1):  # blocks on `upper`
+            freed = k * upper[0] + (n - k) * lower[0]
+            room = budget - inflight * (n * total - freed)
+            if room < 0:
+                continue
+            groups = sorted(((upper, k), (lower, n - k)), key=lambda g: -(g[0][1] / g[0][0]) if g[0][0] else 0.0)
+            ahead, plan = 0.0, []
+            for (f, sec, mask), count in groups:
+                j = min(count, int(room // f)) if problem.has_windows and f > 0 else 0
+                room -= j * f
+                ahead += j * sec
+                plan.append((mask, count, j))
+            recompute = k * upper[1] + (n - k) * lower[1]
+            cost = _exposure(ws, prefix, ahead) + m * (recompute - ahead)
+            key = (round(cost, 12), round(recompute, 12), -room)
+            if best_key is None or key < best_key:
+                best_key, best = key, plan
+    if best is None:
+        whole = choice_of(problem, [BlockPolicy.whole()] * n)
+        whole.fits, whole.note = False, "does not fit even with every block recomputed"
+        whole.search_s = time.perf_counter() - t0
+        return whole
+    policies = [BlockPolicy(_places(mask, WINDOW if i < ahead else DEMAND))
+                for mask, count, ahead in best for i in range(count)]
+    choice = choice_of(problem, policies)
+    choice.search_s = time.perf_counter() - t0
+    return choice
+
+
+def _places(mask: int, place: str) -> tuple[str | None, ...]:
+    return tuple(place if mask >> k & 1 else None for k in range(len(UNITS)))
+
+
+def optimal(problem: StageProblem, time_limit_s: float = 60.0) -> StageChoice:
+    """OPT: the MILP over every block's every unit (see the module docstring), HiGHS via scipy."""
+    from scipy.optimize import Bounds, LinearConstraint, milp
+
+    t0 = time.perf_counter()
+    n, m, inflight = problem.n_blocks, problem.n_microbatches, problem.inflight
+    steps, t = problem.units.steps, problem.step_s
+    K, J = len(UNITS), len(STEPS)
+    out = [s.out_bytes for s in steps]
+    internal = [s.int_bytes for s in steps]
+    places = (WINDOW, DEMAND) if problem.has_windows else (DEMAND,)
+    index: dict[tuple, int] = {}
+
+    def var(*key) -> int:
+        if key not in index:
+            index[key] = len(index)
+        return index[key]
+
+    for b in range(n):
+        for p in places:
+            for k in range(K):
+                var("x", b, p, k)  # unit k of block b dropped, recomputed at p
+            for j in range(J):
+                var("i", b, p, j)  # step j's own tensors freed by a region at p
+                var("r", b, p, j)  # step j reruns at p
+                var("s", b, p, j)  # a region at p starts at step j (it keeps its input)
+    n_bin = len(index)
+    windows = list(problem.windows_s) if problem.has_windows else []
+    for w in range(len(windows)):
+        var("e", w)
+    nv = len(index)
+    rows, lo, hi = [], [], []
+
+    def row(coeffs: dict[int, float], lower: float, upper: float) -> None:
+        r = np.zeros(nv)
+        for i, v in coeffs.items():
+            r[i] += v
+        rows.append(r)
+        lo.append(lower)
+        hi.append(upper)
+
+    for b in range(n):
+        for k in range(K):
+            row({var("x", b, p, k): 1 for p in places}, 0, 1)
+            if k + 1 < K:  # adjacent dropped units share a place
+                for p, q in itertools.permutations(places, 2):
+                    row({var("x", b, p, k): 1, var("x", b, q, k + 1): 1}, 0, 1)
+        for p in places:
+            for j in range(J):
+                around = {var("x", b, p, k): -1 for k in (j - 1, j) if 0 <= k < K}
+                row({var("i", b, p, j): 1, **around}, -math.inf, 0)  # freed only inside a region
+                if j < K:
+                    row({var("r", b, p, j): 1, var("x", b, p, j): -1}, 0, math.inf)
+                if j > 0 and internal[j]:
+                    row({var("r", b, p, j): 1, var("x", b, p, j - 1): -1}, 0, math.inf)
+                if 0 < j < K:  # s >= x_j - (x_{j-1} at any place)
+                    row({var("s", b, p, j): 1, var("x", b, p, j): -1, **{var("x", b, q, j - 1): 1 for q in places}},
+                        0, math.inf)
+    # Memory: inflight x kept + held ahead <= budget.
+    mem: dict[int, float] = {}
+    for b in range(n):
+        for p in places:
+            for k in range(K):
+                mem[var("x", b, p, k)] = mem.get(var("x", b, p, k), 0) - inflight * out[k] + \
+                    (out[k] if p == WINDOW else 0)
+            for j in range(J):
+                mem[var("i", b, p, j)] = -inflight * internal[j] + (internal[j] if p == WINDOW else 0)
+                mem[var("s", b, p, j)] = inflight * region_input_extra(steps, j) - \
+                    (region_input_extra(steps, j) if p == WINDOW else 0)
+    row(mem, -math.inf, problem.act_budget_bytes - inflight * n * problem.units.total_bytes)
+    c = np.zeros(nv)
+    eps = 1e-3
+    for b in range(n):
+        for j in range(J):
+            if problem.has_windows:
+                c[var("r", b, WINDOW, j)] += eps * t[j]
+            c[var("r", b, DEMAND, j)] += (m + eps) * t[j]
+    for w, window in enumerate(windows):  # e_w >= ahead - window
+        c[var("e", w)] = 1.0
+        row({var("e", w): 1, **{var("r", b, WINDOW, j): -t[j] for b in range(n) for j in range(J)}},
+            -window, math.inf)
+    integrality = np.array([1] * n_bin + [0] * (nv - n_bin))
+    upper = np.array([1.0] * n_bin + [math.inf] * (nv - n_bin))
+    res = milp(c, constraints=LinearConstraint(np.array(rows), lo, hi), integrality=integrality,
+               bounds=Bounds(np.zeros(nv), upper), options={"time_limit": time_limit_s})
+    if res.x is None:
+        choice = choice_of(problem, [BlockPolicy.whole()] * n)
+        choice.fits, choice.note = False, f"no feasible policy ({res.message})"
+        choice.search_s = time.perf_counter() - t0
+        return choice
+    policies = []
+    for b in range(n):
+        placed = []
+        for k in range(K):
+            at = [p for p in places if res.x[var("x", b, p, k)] > 0.5]
+            placed.append(at[0] if at else None)
+        policies.append(BlockPolicy(tuple(placed)))
+    choice = choice_of(problem, policies)
+    choice.search_s = time.perf_counter() - t0
+    choice.note = "optimal" if res.status == 0 else f"time limit ({res.message})"
+    return choice
+
+
+@dataclass
+class PipelineRecompute:
+    """Every stage's choice and the predicted step of the pipeline's schedule (compute part)."""
+
+    choices: list[StageChoice]
+    schedule_s: float
+    ends_s: list[float] = field(default_factory=list)
+    """When each stage's last backward ends."""
+    hidden_s: list[float] = field(default_factory=list)
+    exposed_s: list[float] = field(default_factory=list)
+    rounds: int = 0
+    search_s: float = 0.0
+
+
+def plan_pipeline(base: list[StageTimes], problem_of, n_microbatches: int, method: str = "heu",
+                  rounds: int = 4) -> PipelineRecompute:
+    """Choose every stage's policy in rounds against the windows of the current choice.
+
+    `base` holds each stage's times without recomputation; `problem_of(s, windows)` returns stage
+    s's StageProblem for those windows (empty windows on the last stage). `method` is "heu" or
+    "opt". Keeps the round with the shortest predicted step."""
+    t0 = time.perf_counter()
+    choose = heuristic if method == "heu" else optimal
+    times = list(base)
+    best: PipelineRecompute | None = None
+    last = len(base) - 1
+    seen: set = set()
+    for r in range(rounds):
+        sched = simulate(times, n_microbatches)
+        choices = [choose(problem_of(s, tuple(sched.windows_s[s]) if s < last else ())) for s in range(len(base))]
+        times = [StageTimes(b.fwd_s, b.bwd_s, ch.window_s, ch.demand_s) for b, ch in zip(base, choices)]
+        result = simulate(times, n_microbatches)
+        candidate = PipelineRecompute(choices, result.step_s, result.ends_s, result.hidden_s, result.exposed_s, r + 1)
+        if best is None or candidate.schedule_s < best.schedule_s - 1e-12:
+            best = candidate
+        key = tuple((round(ch.window_s, 12), round(ch.demand_s, 12)) for ch in choices)
+        if key in seen:
+            break
+        seen.add(key)
+    best.search_s = time.perf_counter() - t0
+    return best

@@ -1,0 +1,224 @@
+"""Recompute units inside a transformer block: what each costs to drop and to recompute.
+
+A block's forward is a chain of eight steps (hetrain.model.gpt): norm1, qkv, attn (the fused
+attention kernel), proj (output projection, residual dropout and the residual add), norm2, up,
+act (GELU or SwiGLU), down (down projection and residual dropout; the last residual add saves
+nothing). Unit k is the output of step k, which step k+1 saves for backward; the down step's
+output is saved by nobody, so there are seven units. A step may also save tensors of its own
+making ("internal" bytes: normalisation statistics, attention's log-sum-exp or, with dropout on
+CPU, its quadratic probabilities and mask, dropout masks, SwiGLU's gated half). The block input
+(the residual stream) is never dropped: recomputation starts from it. With fused attention the
+quadratic attention tensors are never stored at all.
+
+Dropping unit k means steps k and k+1 run inside one torch.utils.checkpoint region; a run of
+consecutive dropped units a..b-1 is one region over steps a..b (hetrain.pipeline.unit_recompute
+runs it). What that frees and costs, exactly as torch's non-reentrant checkpoint behaves:
+- every tensor saved by a step inside a region is dropped except the region's input, so a
+  dropped unit frees its output bytes, and every step inside a region frees its internals; the
+  region's input is kept (it usually is anyway, as the unit before it; with attention dropout on
+  CPU the fused qkv tensor is saved by nobody, so a region starting at attn keeps it);
+- recomputation reruns step k when unit k is dropped, and also the region's last step when that
+  step saves internals (they are saved after it computes); a last step that saves only its input
+  is skipped (torch stops the recomputation once the last saved tensor is back).
+All units of one region are recomputed together, so a run of dropped units has one place:
+inside a wait ("window") or at the block's backward ("demand").
+
+Bytes come from hetrain.model.describe's per-tensor figures (mapped to steps below); recompute
+time splits the block's forward time by each step's roofline share on the device kind (FLOPs
+against the peak, bytes touched against the memory bandwidth). This module is arithmetic over
+a ModelConfig: it must not build modules, touch tensors or choose policies.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from hetrain.model.describe import block_act_bytes
+from hetrain.model.gpt import ModelConfig
+from hetrain.plan.cluster.recompute_plan import DEMAND, STEPS, UNITS, WINDOW, BlockPolicy
+
+
+# describe.block_act_bytes key -> (step, "out" | "int" | "root"). RMSNorm's fp32 copy of its input
+# is that input's bytes (exact in fp32 compute, where the copy is the input itself).
+_KEY_ROLE = {
+    "norm1.in": ("", "root"), "norm1.in_fp32": ("", "root"),
+    "norm1.mean_rstd": ("norm1", "int"), "norm1.rstd": ("norm1", "int"), "norm1.normed_fp32": ("norm1", "int"),
+    "attn.qkv_in": ("norm1", "out"), "attn.qkv": ("qkv", "out"),
+    "attn.q_rope": ("attn", "int"), "attn.k_rope": ("attn", "int"), "attn.lse": ("attn", "int"),
+    "attn.q_scaled": ("attn", "int"), "attn.k_scaled": ("attn", "int"), "attn.v_copy": ("attn", "int"),
+    "attn.probs": ("attn", "int"), "attn.drop_mask": ("attn", "int"), "attn.probs_dropped": ("attn", "int"),
+    "attn.resid_mask": ("proj", "int"),
+    "norm2.in": ("proj", "out"), "norm2.in_fp32": ("proj", "out"),
+    "norm2.mean_rstd": ("norm2", "int"), "norm2.rstd": ("norm2", "int"), "norm2.normed_fp32": ("norm2", "int"),
+    "mlp.up_in": ("norm2", "out"), "mlp.up_out": ("up", "out"), "mlp.silu_gate": ("act", "int"),
+    "mlp.down_in": ("act", "out"), "mlp.resid_mask": ("down", "int"),
+    "attn.out": ("attn", "special"), "attn.proj_in": ("attn", "special"),  # see block_units
+}
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str
+    out_bytes: int
+    """Bytes of its output that the next step saves (unit bytes); 0 for down."""
+    int_bytes: int
+    """Bytes it saves of its own making."""
+    flops: float
+    """Forward FLOPs for one micro-batch."""
+    touched_bytes: float
+    """Bytes its forward reads and writes (weights, inputs, outputs)."""
+    in_bytes: int = 0
+    """Bytes of its input: what a checkpoint region starting at this step keeps (more than the
+    previous unit's bytes when nobody else saves that input: qkv with attention dropout on CPU)."""
+
+
+@dataclass(frozen=True)
+class BlockUnits:
+    """The eight steps of one block for one micro-batch, and the block input's bytes."""
+
+    steps: tuple[Step, ...]
+    root_bytes: int
+    """The block input, kept under every policy."""
+
+    @property
+    def total_bytes(self) -> int:
+        return self.root_bytes + sum(s.out_bytes + s.int_bytes for s in self.steps)
+
+
+def block_units(cfg: ModelConfig, micro_batch: int, seq_len: int, dtype_bytes: int) -> BlockUnits:
+    """Bytes, FLOPs and traffic of each step of a block (per device without tensor parallelism)."""
+    saved = block_act_bytes(cfg, micro_batch, seq_len, dtype_bytes)
+    out = dict.fromkeys(STEPS, 0)
+    internal = dict.fromkeys(STEPS, 0)
+    root = 0
+    for key, nbytes in saved.items():
+        step, role = _KEY_ROLE[key]
+        if role == "special":
+            continue
+        if role == "root":
+            root += nbytes
+        elif role == "out":
+            out[step] += nbytes
+        else:
+            internal[step] += nbytes
+    if cfg.dropout == 0 and cfg.pos == "learned":
+        # The attention output is a view of the kernel's own saved output: one storage, freed
+        # only when both attn and proj drop it, i.e. when the attn unit is dropped.
+        out["attn"] += saved["attn.out"]
+    elif "attn.out" in saved:  # rope: the kernel's output is internal, proj saves its copy
+        internal["attn"] += saved["attn.out"]
+        out["attn"] += saved["attn.proj_in"]
+    else:  # dropout (math kernel): proj saves the output's copy
+        out["attn"] += saved["attn.proj_in"]
+    BT, C, F, b = micro_batch * seq_len, cfg.d_model, cfg.d_ff, dtype_bytes
+    kv = cfg.n_kv_head * cfg.head_dim
+    up_w = F * (2 if cfg.mlp == "swiglu" else 1)
+    act = BT * C * b
+    attn_flops = 2.0 * BT * seq_len * C * (2 if cfg.dropout > 0 else 1)  # the math kernel skips no masked half
+    attn_bytes = BT * (C + 2 * kv) * b + act + (3 * internal["attn"] if cfg.dropout > 0 else 0)
+    norm_flops = 8.0 * BT * C
+    flops = {"norm1": norm_flops, "qkv": 2.0 * BT * C * (C + 2 * kv), "attn": attn_flops, "proj": 2.0 * BT * C * C,
+             "norm2": norm_flops, "up": 2.0 * BT * C * up_w, "act": 10.0 * BT * F, "down": 2.0 * BT * F * C}
+    touched = {"norm1": 2 * act, "qkv": act + C * (C + 2 * kv) * b + BT * (C + 2 * kv) * b, "attn": attn_bytes,
+               "proj": 3 * act + C * C * b, "norm2": 2 * act, "up": act + (C + BT) * up_w * b,
+               "act": BT * (up_w + F) * b, "down": BT * F * b + F * C * b + act}
+    for step in ("proj", "down"):  # dropout draws and applies a mask of the output's size
+        touched[step] += (2 * act if cfg.dropout > 0 else 0)
+    inputs = [root] + [out[s] for s in STEPS[:-1]]
+    inputs[STEPS.index("attn")] = BT * (C + 2 * kv) * b  # the fused qkv storage
+    steps = tuple(Step(s, out[s], internal[s], flops[s], float(touched[s]), inputs[k]) for k, s in enumerate(STEPS))
+    return BlockUnits(steps, root)
+
+
+def step_times_s(units: BlockUnits, block_fwd_s: float, flops_per_s: float, bytes_per_s: float) -> list[float]:
+    """The block's forward time split over its steps by their roofline times on the device:
+    each step's max(FLOPs / flops_per_s, bytes touched / bytes_per_s), scaled so the steps add
+    up to `block_fwd_s` (the profiled or catalog time of the whole block)."""
+    roof = [max(s.flops / flops_per_s, s.touched_bytes / bytes_per_s) for s in units.steps]
+    total = sum(roof)
+    return [block_fwd_s * r / total for r in roof]
+
+
+@dataclass(frozen=True)
+class PolicyCost:
+    """What one block's policy frees and costs, for one micro-batch."""
+
+    freed_bytes: int
+    window_freed_bytes: int
+    """Of freed_bytes, what the window regions restore ahead of the backward (held until it)."""
+    window_s: float
+    demand_s: float
+
+
+def policy_cost(policy: BlockPolicy, units: BlockUnits, times_s: list[float]) -> PolicyCost:
+    """Freed bytes and recompute seconds of `policy` on a block with these steps and step times."""
+    freed = {WINDOW: 0, DEMAND: 0}
+    cost = {WINDOW: 0.0, DEMAND: 0.0}
+    steps = units.steps
+    for a, b, place in policy.regions():  # steps a..b in one region, units a..b-1 dropped
+        freed[place] += sum(steps[k].out_bytes for k in range(a, b))
+        freed[place] += sum(steps[k].int_bytes for k in range(a, b + 1))
+        freed[place] -= region_input_extra(steps, a)
+        cost[place] += sum(times_s[k] for k in range(a, b))
+        if steps[b].int_bytes:  # the last step reruns to give back its internals
+            cost[place] += times_s[b]
+    return PolicyCost(freed[WINDOW] + freed[DEMAND], freed[WINDOW], cost[WINDOW], cost[DEMAND])
+
+
+def region_input_extra(steps: tuple[Step, ...], first: int) -> int:
+    """Bytes a region starting at step `first` keeps beyond the previous unit: its input's storage,
+    when the input is not otherwise saved."""
+    return max(0, steps[first].in_bytes - steps[first - 1].out_bytes) if first > 0 else 0
+
+
+def unit_table(units: BlockUnits, times_s: list[float]) -> list[dict]:
+    """One row per unit (name, bytes it frees alone, seconds to recompute it alone), for reports."""
+    rows = []
+    for k, name in enumerate(UNITS):
+        c = policy_cost(BlockPolicy(tuple(DEMAND if j == k else None for j in range(len(UNITS)))), units, times_s)
+        rows.append({"unit": name, "bytes": c.freed_bytes, "recompute_s": c.demand_s})
+    return rows
+
+
+def per_device(units: BlockUnits, tp: int) -> BlockUnits:
+    """A block's steps on one device of a tensor-parallel group (bytes, FLOPs and traffic / tp)."""
+    if tp == 1:
+        return units
+    steps = tuple(Step(s.name, s.out_bytes // tp, s.int_bytes // tp, s.flops / tp, s.touched_bytes / tp,
+                       s.in_bytes // tp) for s in units.steps)
+    return BlockUnits(steps, units.root_bytes // tp)
+
+
+def stage_steps(ctx, group, tp: int, micro_batch: int) -> tuple[BlockUnits, tuple[float, ...]]:
+    """One block's steps on a device of `group` at TP degree `tp` for one micro-batch, and each step's
+    recompute seconds: the cluster predictor's block forward time (hetrain.plan.cluster.cost) split
+    by the steps' roofline shares on the group's kind; with tensor parallelism, proj and down also
+    repeat their all-reduce. `ctx` is a parallel_cost.CostContext."""
+    from hetrain.plan.cluster.cost import ring_allreduce_s
+
+    desc, opts = ctx.desc, ctx.options
+    units = per_device(block_units(desc.config, micro_batch, desc.seq_len, desc.compute_dtype_bytes), tp)
+    kit = ctx.kit(group, tp, micro_batch)
+    allreduce_s = ring_allreduce_s(kit.boundary_bytes * tp, tp, ctx.intra_path(group)) if tp > 1 else 0.0
+    compute_s = kit.block.fwd_s - 2 * allreduce_s
+    from hetrain.predict.roofline import MatmulCurve, curve_for
+
+    measured = opts.matmul_curves.get(group.kind.name)
+    curve = MatmulCurve(*measured) if measured else curve_for(group.kind)
+    flops_per_s = group.kind.peak_flops_per_s(opts.compute_dtype) * curve.max_efficiency
+    bytes_per_s = group.kind.mem_bw_bytes_per_s * opts.memory_bw_efficiency
+    times = step_times_s(units, compute_s, flops_per_s, bytes_per_s)
+    for name in ("proj", "down"):
+        times[STEPS.index(name)] += allreduce_s
+    return units, tuple(times)
+
+
+def stage_policy_totals(policies: list[BlockPolicy], units: BlockUnits, times_s) -> PolicyCost:
+    """The sum over a stage's blocks of what their policies free and cost, for one micro-batch."""
+    freed = window_freed = 0
+    window = demand = 0.0
+    for policy in policies:
+        c = policy_cost(policy, units, list(times_s))
+        freed, window_freed = freed + c.freed_bytes, window_freed + c.window_freed_bytes
+        window, demand = window + c.window_s, demand + c.demand_s
+    return PolicyCost(freed, window_freed, window, demand)
