@@ -132,6 +132,7 @@ def cmd_plan(args: list[str]) -> int:
         run_offload_planning(cfg, cfg.run.dir)
         return 0
     from hetrain.plan.cluster.cost import PredictorOptions
+    from hetrain.plan.cluster.model import PlannedModel
     from hetrain.plan.cluster.planner import Pins, SearchOptions, format_report, run_cluster_planning
     from hetrain.predict.profiler import measured_curves
 
@@ -140,7 +141,9 @@ def cmd_plan(args: list[str]) -> int:
     # measured matmul curve.
     curves = {kind: [c.max_efficiency, c.overhead_s, c.attention_efficiency, c.source]
               for kind, c in measured_curves(cfg.hardware.profile_dir).items()}
-    plan = run_cluster_planning(cfg.model, cfg.plan.cluster, cfg.plan.global_batch, cfg.train.seq_len, cfg.run.dir,
+    # A transformers model from --hf.path is planned from its config.json (hetrain.plan.cluster.model).
+    model = PlannedModel.hf_folder(cfg.hf.path) if cfg.hf.path else cfg.model
+    plan = run_cluster_planning(model, cfg.plan.cluster, cfg.plan.global_batch, cfg.train.seq_len, cfg.run.dir,
                                 SearchOptions(pins=pins, recompute=cfg.plan.recompute), cfg.plan.virtual_stages,
                                 PredictorOptions(matmul_curves=curves))
     print(format_report(plan))

@@ -88,3 +88,16 @@ def losses(run_dir) -> dict[int, float]:
 
 def records(run_dir) -> list[dict]:
     return [json.loads(ln) for ln in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def write_hf_plan(path: Path, cluster: dict, pipelines: list[PipelinePlan], folder) -> Path:
+    """A hand-written plan for the transformers model in `folder`, recorded as `hetrain plan
+    --cluster FILE --hf.path folder` records it."""
+    from hetrain.plan.cluster.model import PlannedModel
+
+    model = PlannedModel.hf_folder(str(folder))
+    plan = ClusterPlan(model=model.record, hf=model.hf, cluster=cluster,
+                       global_batch=sum(p.samples_per_step for p in pipelines), seq_len=SEQ_LEN, options={},
+                       pipelines=pipelines, prediction={"step_s": 0.01, "stages": []})
+    plan.save(path)
+    return path

@@ -17,6 +17,7 @@ Conventions:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from hetrain.model.gpt import ModelConfig
@@ -71,6 +72,9 @@ class ModelDescription:
     buffers_bytes: int
     """The model's buffers (rotary tables), kept on the device beside the parameters."""
     tied_embeddings: bool
+    tp_heads: int = 1
+    """Attention heads that tensor parallelism may split among ranks: n_head for hetrain's GPT; 1
+    for a transformers model, which hetrain's runtime does not shard (so TP 1 only)."""
 
     def layers(self) -> list[LayerDescription]:
         return [self.embedding, *self.blocks, self.head]
@@ -221,4 +225,5 @@ def describe_model(cfg: ModelConfig, micro_batch: int, seq_len: int, compute_dty
     # Rotary tables: cos and sin of shape (max_seq_len, head_dim / 2), fp32 buffers.
     buffers = 2 * cfg.max_seq_len * (cfg.head_dim // 2) * FP32_BYTES if cfg.pos == "rope" else 0
     return ModelDescription(cfg, micro_batch, seq_len, b, embedding, blocks, head, total, hidden_size=C,
-                            vocab_size=V, norm=cfg.norm, buffers_bytes=buffers, tied_embeddings=cfg.tie_embeddings)
+                            vocab_size=V, norm=cfg.norm, buffers_bytes=buffers, tied_embeddings=cfg.tie_embeddings,
+                            tp_heads=math.gcd(cfg.n_head, cfg.n_kv_head))

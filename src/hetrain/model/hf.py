@@ -328,6 +328,12 @@ def config_key(config) -> dict:
     return json.loads(json.dumps(doc, sort_keys=True, default=str))
 
 
+def config_from_dict(doc: dict):
+    """The transformers config whose to_dict() (or config_key) `doc` is."""
+    doc = dict(doc)
+    return _import_transformers().AutoConfig.for_model(doc.pop("model_type"), **doc)
+
+
 def build_hf_model(config, device: torch.device | None = None, n_layers: int | None = None,
                    dtype: torch.dtype = torch.float32) -> HFCausalLM:
     """A causal LM of `config` (a transformers config or its to_dict()) with transformers' random
@@ -336,8 +342,7 @@ def build_hf_model(config, device: torch.device | None = None, n_layers: int | N
     one block: the blocks are identical). In training mode."""
     transformers = _import_transformers()
     if isinstance(config, dict):
-        doc = dict(config)
-        config = transformers.AutoConfig.for_model(doc.pop("model_type"), **doc)
+        config = config_from_dict(config)
     else:
         config = config.__class__.from_dict(config.to_dict())  # a copy: the caller's stays as it was
     if n_layers is not None:

@@ -1,6 +1,7 @@
 """Runs cluster plans (`hetrain plan --cluster`) across processes on torch.distributed.
 
-One file per technique, each applying itself to a plain GPT from outside: placement.py (where
+One file per technique, each applying itself to a plain model (hetrain's GPT, or a transformers
+causal LM through the block interface) from outside: placement.py (where
 each rank runs, from the plan's plain data), stages.py (stages cut from the model, with the
 plan's recomputation), tensor_parallel.py (torch.distributed.tensor.parallel inside a stage),
 schedule.py (torch.distributed.pipelining stages and schedules, traced), data_parallel.py

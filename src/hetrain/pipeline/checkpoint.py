@@ -19,50 +19,44 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import torch.nn as nn
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from hetrain.model.gpt import GPT, ModelConfig
+from hetrain.model.gpt import ModelConfig
 from hetrain.pipeline.communicator import Communicator
+from hetrain.pipeline.stages import ModelNames
 from hetrain.pipeline.tensor_parallel import from_canonical, full_canonical, local_from_canonical
 from hetrain.train import checkpoint as ckpt
 
 
-def optim_name(name: str, cfg: ModelConfig) -> str:
-    """The name AdamW state goes by: a tied head matrix is the embedding's."""
-    return "tok_emb.weight" if name == "lm_head.weight" and cfg.tie_embeddings else name
-
-
-def _param_groups(optimizer: torch.optim.Optimizer, cfg: ModelConfig) -> list[dict]:
+def _param_groups(optimizer: torch.optim.Optimizer, names: ModelNames) -> list[dict]:
     """The one-process optimizer's param_groups (hetrain.train.trainer.make_optimizer: matrices
     decay, the rest does not): our hyper-parameters, the whole model's parameter names."""
-    with torch.device("meta"):
-        whole = GPT(cfg)
-    decay = [n for n, p in whole.named_parameters() if p.dim() >= 2]
-    no_decay = [n for n, p in whole.named_parameters() if p.dim() < 2]
     hyper = {k: v for k, v in optimizer.param_groups[0].items() if k != "params"}
     decay_wd = max(g["weight_decay"] for g in optimizer.param_groups)
-    return [{**hyper, "weight_decay": decay_wd, "params": decay}, {**hyper, "weight_decay": 0.0, "params": no_decay}]
+    return [{**hyper, "weight_decay": decay_wd, "params": list(names.decay)},
+            {**hyper, "weight_decay": 0.0, "params": list(names.no_decay)}]
 
 
 @torch.no_grad()
 def training_state(named: list[tuple[str, torch.nn.Parameter]], optimizer: torch.optim.Optimizer,
-                   cfg: ModelConfig, comm: Communicator) -> dict:
+                   names: ModelNames, cfg: ModelConfig, comm: Communicator) -> dict:
     """This rank's part of a checkpoint (collective over each stage's TP ranks)."""
     tp = comm.place.tp
     model, optim_state = {}, {}
     for name, p in sorted(named, key=lambda e: e[0]):
         model[name] = full_canonical(name, p.detach(), cfg, tp)
         state = optimizer.state.get(p)
-        key = optim_name(name, cfg)
+        key = names.canonical(name)
         if state and key not in optim_state:
             optim_state[key] = {"step": state["step"].detach().cpu(),
                                 "exp_avg": full_canonical(name, state["exp_avg"], cfg, tp),
                                 "exp_avg_sq": full_canonical(name, state["exp_avg_sq"], cfg, tp)}
     out = {"model": model, "optim": {"state": optim_state}}
     if comm.place.rank == 0:
-        out["optim"]["param_groups"] = _param_groups(optimizer, cfg)
+        out["optim"]["param_groups"] = _param_groups(optimizer, names)
         out["rng"] = {"cpu": torch.get_rng_state()}
     return out
 
@@ -86,7 +80,7 @@ def save(run_dir: Path, state: dict, meta: ckpt.CheckpointMeta, comm: Communicat
 
 @torch.no_grad()
 def load(path: Path, named: list[tuple[str, torch.nn.Parameter]], optimizer: torch.optim.Optimizer,
-         cfg: ModelConfig, tp: int) -> None:
+         names: ModelNames, cfg: ModelConfig, tp: int) -> None:
     """Load this rank's parameters and AdamW state from a checkpoint of any layout (no collectives)."""
     unique: dict[int, tuple[str, torch.nn.Parameter]] = {}
     for name, p in named:
@@ -95,7 +89,7 @@ def load(path: Path, named: list[tuple[str, torch.nn.Parameter]], optimizer: tor
     for name, p in unique.values():
         shape = p.shape  # a DTensor's shape is the whole tensor's
         want_model[name] = torch.empty(shape, dtype=p.dtype)
-        want_optim[optim_name(name, cfg)] = {"step": torch.zeros((), dtype=torch.float32),
+        want_optim[names.canonical(name)] = {"step": torch.zeros((), dtype=torch.float32),
                                              "exp_avg": torch.empty(shape, dtype=p.dtype),
                                              "exp_avg_sq": torch.empty(shape, dtype=p.dtype)}
     state = {"model": want_model, "optim": {"state": want_optim}}
@@ -112,7 +106,7 @@ def load(path: Path, named: list[tuple[str, torch.nn.Parameter]], optimizer: tor
     for name, p in unique.values():
         whole = want_model[name].to(p.device)
         _local(p).copy_(local_from_canonical(name, whole, p, cfg, tp))
-        saved = want_optim[optim_name(name, cfg)]
+        saved = want_optim[names.canonical(name)]
         optimizer.state[p] = {"step": saved["step"].to(p.device),
                               "exp_avg": _like(name, saved["exp_avg"].to(p.device), p, cfg, tp),
                               "exp_avg_sq": _like(name, saved["exp_avg_sq"].to(p.device), p, cfg, tp)}
@@ -129,9 +123,9 @@ def _like(name: str, whole: torch.Tensor, p: torch.Tensor, cfg: ModelConfig, tp:
     return ordered
 
 
-def load_whole_model(path: Path, cfg: ModelConfig) -> GPT:
-    """The whole model from a checkpoint of any layout, in one process (for the safetensors export)."""
-    model = GPT(cfg)
+def load_whole_model(path: Path, model: nn.Module) -> nn.Module:
+    """`model` (the whole model, freshly built) with the weights of a checkpoint of any layout, in
+    one process (for the export)."""
     sd = {k: torch.empty_like(v) for k, v in model.state_dict().items()}
     with ckpt._quiet_single_process():
         dcp.load({"model": sd}, checkpoint_id=str(path), no_dist=True)

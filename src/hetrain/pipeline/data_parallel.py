@@ -28,16 +28,8 @@ from torch.distributed.tensor import DTensor, Replicate
 
 from hetrain.model.gpt import ModelConfig
 from hetrain.pipeline.communicator import Communicator, units_of
+from hetrain.pipeline.stages import ModelNames
 from hetrain.pipeline.tensor_parallel import full_canonical, local_from_canonical
-
-
-def unit_of(fqn: str) -> str:
-    """The model unit a parameter belongs to: 'embedding', 'block.i' or 'head'."""
-    if fqn.startswith(("tok_emb.", "pos_emb.")):
-        return "embedding"
-    if fqn.startswith("blocks."):
-        return "block." + fqn.split(".")[1]
-    return "head"
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -49,7 +41,10 @@ class GradientSync:
     comm: Communicator
     named: list[tuple[str, torch.nn.Parameter]]
     """Every (name, parameter) of this rank's chunks, a tied matrix under both its names."""
+    names: ModelNames
+    """The whole model's units and tied matrix."""
     cfg: ModelConfig
+    """hetrain's GPT config, for the TP row order (unused at TP 1)."""
     share: float
     """This pipeline's part of the global batch."""
 
@@ -76,8 +71,8 @@ class GradientSync:
         scale = self.share / place.dp
         if scale != 1.0:
             torch._foreach_mul_(grads, scale)
-        if comm.tie is not None and self.cfg.tie_embeddings:
-            tied = [_local(p.grad) for name, p in self.named if name in ("tok_emb.weight", "lm_head.weight")]
+        if comm.tie is not None and self.names.tied:
+            tied = [_local(p.grad) for name, p in self.named if name in self.names.tied]
             comm.reduce_sum(tied[:1], comm.tie)
         if comm.exchange:
             self._exchange()
@@ -88,7 +83,7 @@ class GradientSync:
         holders_per_pipeline = place.dp * place.tp  # each holds the same pipeline gradient
         by_unit: dict[str, list[tuple[str, torch.nn.Parameter]]] = {}
         for name, p in sorted(self.named, key=lambda e: e[0]):
-            by_unit.setdefault(unit_of(name), []).append((name, p))
+            by_unit.setdefault(self.names.unit_of(name), []).append((name, p))
         # Every unit's contribution first: a tied matrix takes part in two units with its value
         # from before either sum.
         work = []
@@ -113,7 +108,7 @@ class GradientSync:
         total = torch.zeros((), dtype=torch.float64)
         seen = set()
         for name, p in self.named:
-            if id(p) in seen or (name == "lm_head.weight" and self.cfg.tie_embeddings):
+            if id(p) in seen or (self.names.tied and name == self.names.tied[1]):
                 continue
             seen.add(id(p))
             g = p.grad

@@ -43,7 +43,15 @@ def load_cluster_plan(path: str) -> ClusterPlan:
 
 
 def config_for_plan(cfg: Config, plan: ClusterPlan) -> Config:
-    """The run's config with the plan's model and sequence length (the plan was made for them)."""
+    """The run's config with the plan's model and sequence length (the plan was made for them).
+
+    A plan for a transformers model runs the folder it names (or --hf.path, when given), which
+    must still hold the architecture the plan was made for."""
+    if plan.hf:
+        return _hf_config_for_plan(cfg, plan)
+    if cfg.hf.path:
+        raise ConfigError(f"plan file '{cfg.plan.file}' was made for hetrain's GPT, not a transformers model; drop "
+                          f"--hf.path, or re-plan with `hetrain plan --cluster FILE --hf.path {cfg.hf.path}`")
     try:
         model = ModelConfig(**plan.model)
         model.validate()
@@ -54,6 +62,22 @@ def config_for_plan(cfg: Config, plan: ClusterPlan) -> Config:
                           f"{model.max_seq_len}; re-plan")
     train = dataclasses.replace(cfg.train, seq_len=plan.seq_len)
     return dataclasses.replace(cfg, model=model, train=train)
+
+
+def _hf_config_for_plan(cfg: Config, plan: ClusterPlan) -> Config:
+    from hetrain.model.hf import config_key, load_hf_config
+
+    path = cfg.hf.path or plan.hf.get("path", "")
+    config = load_hf_config(path)  # ConfigError naming --hf.path when the folder is gone
+    if config_key(config) != plan.hf.get("config"):
+        raise ConfigError(f"the model at '{path}' is not the one plan file '{cfg.plan.file}' was made for (its "
+                          f"config.json differs); re-plan with `hetrain plan --cluster FILE --hf.path {path}`")
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if limit is not None and plan.seq_len > limit:
+        raise ConfigError(f"plan file '{cfg.plan.file}' has seq_len {plan.seq_len} above the model's "
+                          f"max_position_embeddings {limit}; re-plan")
+    train = dataclasses.replace(cfg.train, seq_len=plan.seq_len)
+    return dataclasses.replace(cfg, hf=dataclasses.replace(cfg.hf, path=path), train=train)
 
 
 def check_cluster(plan: ClusterPlan, path: str) -> None:
@@ -83,8 +107,6 @@ def prepare(cfg: Config) -> tuple[Config, ClusterPlan, Layout, int]:
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
     check_device(layout.places[rank], torch.cuda.device_count() if torch.cuda.is_available() else 0, local)
-    if cfg.hf.path:
-        raise ConfigError("cluster plans run hetrain's GPT; drop --hf.path")
     if cfg.train.dtype != "fp32":
         raise ConfigError("cluster plans train in fp32 for now; drop --train.dtype or set it to fp32")
     return cfg, plan, layout, rank

@@ -1,9 +1,11 @@
 """The training loop of one rank of a cluster plan: what hetrain.train.trainer does for one process.
 
 `ClusterTrainer` sets up (every input check first, then the process groups), and `fit()` runs
-the steps. Setting up composes the techniques on a plain GPT in this order, and why:
-1. every rank builds the whole model from the seed on the CPU, as one process would, so each
-   stage starts from exactly the one-process weights; it keeps its chunks (stages.py);
+the steps. Setting up composes the techniques on a plain model (hetrain's GPT, or a
+transformers causal LM from --hf.path at TP 1) in this order, and why:
+1. every rank builds the whole model from the seed (or loads it from the folder) on the CPU, as
+   one process would, so each stage starts from exactly the one-process weights; it keeps its
+   chunks (stages.py);
 2. tensor parallelism shards the chunks' blocks (tensor_parallel.py) before anything holds
    references to their parameters;
 3. recomputation wraps the plan's blocks, whole or unit by unit (torch.utils.checkpoint,
@@ -45,7 +47,7 @@ from hetrain.pipeline.communicator import Communicator, local_rank
 from hetrain.pipeline.data_parallel import GradientSync
 from hetrain.pipeline.placement import Layout
 from hetrain.pipeline.schedule import StageClock, build_schedule
-from hetrain.pipeline.stages import apply_stage_recompute, build_chunk
+from hetrain.pipeline.stages import apply_stage_recompute, build_chunk, model_names
 from hetrain.pipeline.tensor_parallel import apply_tensor_parallel, check_tp
 from hetrain.pipeline.unit_recompute import Recomputations
 from hetrain.plan.cluster.plan import ClusterPlan
@@ -72,7 +74,9 @@ class ClusterTrainer:
 
         # --- everything that can fail on user input, before any group or file exists -------
         why = check_tp(cfg.model, place.tp)
-        if place.tp > 1 and cfg.model.dropout > 0:
+        if place.tp > 1 and cfg.hf.path:
+            why = "tensor parallelism shards hetrain's GPT blocks only, not a transformers model's"
+        elif place.tp > 1 and cfg.model.dropout > 0:
             why = (f"model.dropout={cfg.model.dropout} with tensor parallelism: each rank would draw its own "
                    f"masks for its heads, so the run would not train the one-process model")
         if why:
@@ -85,7 +89,7 @@ class ClusterTrainer:
         if meta is not None:
             _check_compatible(cfg, meta.config, self.resume_path)
         self.data = build_data(cfg.data, cfg.run.seed, seq_len=cfg.train.seq_len)
-        if self.data.vocab_size > cfg.model.vocab_size:
+        if not cfg.hf.path and self.data.vocab_size > cfg.model.vocab_size:
             raise ConfigError(f"the data has {self.data.vocab_size} token ids but the plan's model has a vocabulary of "
                               f"{cfg.model.vocab_size}; re-plan with --model.vocab_size {self.data.vocab_size}")
 
@@ -95,7 +99,9 @@ class ClusterTrainer:
         whole = build_model(cfg, self.data.vocab_size)
         self.n_params = whole.num_params()
         self.flops_per_token = train_flops_per_token(whole, cfg)
-        self.chunks = [build_chunk(whole, c).to(self.device) for c in place.chunks]
+        self.names = model_names(whole, cfg.train.seq_len)
+        self.chunks = [build_chunk(whole, c, place.micro_batch, cfg.train.seq_len).to(self.device)
+                       for c in place.chunks]
         del whole
         if place.tp > 1:
             from torch.distributed.device_mesh import DeviceMesh
@@ -108,13 +114,13 @@ class ClusterTrainer:
         self.optimizer = _optimizer(self.chunks, cfg, self.device)
         self.named = [(n, p) for chunk in self.chunks for n, p in chunk.named_parameters(remove_duplicate=False)]
         share = layout.pipeline_samples[place.pipeline] / layout.global_batch
-        self.sync = GradientSync(self.comm, self.named, cfg.model, share)
+        self.sync = GradientSync(self.comm, self.named, self.names, cfg.model, share)
         self.clock = StageClock(sync_cuda=self.device.type == "cuda")
-        self.run = build_schedule(self.chunks, self.comm, (cfg.model.d_model, cfg.model.vocab_size),
+        self.run = build_schedule(self.chunks, self.comm, (self.names.hidden_size, self.names.vocab_size),
                                   cfg.train.seq_len, self.clock, self.ledger, cfg.run.emulate_link_gbytes_per_s)
         self.step = 0
         if self.resume_path is not None:
-            pckpt.load(self.resume_path, self.named, self.optimizer, cfg.model, place.tp)
+            pckpt.load(self.resume_path, self.named, self.optimizer, self.names, cfg.model, place.tp)
             self.data.train.load_state_dict(meta.data_state)
             self.step = meta.step
         self.start_step = self.step
@@ -234,8 +240,11 @@ class ClusterTrainer:
         result.step, result.wall_s = self.step, time.perf_counter() - start
         self._report(result)
         if self.is_main and result.checkpoint is not None and saved_at == self.step:
-            model = pckpt.load_whole_model(result.checkpoint, cfg.model)
-            ckpt.export_safetensors(model, self.run_dir / "model.safetensors")
+            torch.manual_seed(cfg.run.seed)  # the weights are all overwritten; a transformers build draws
+            model = pckpt.load_whole_model(result.checkpoint, build_model(cfg, self.data.vocab_size))
+            path = ckpt.export_model(model, self.run_dir, hf_source=cfg.hf.path)
+            if cfg.hf.path:
+                print(f"hetrain: wrote {path} (transformers' from_pretrained loads it)", flush=True)
         if self.is_main:
             print(f"hetrain: done: step {self.step} in {result.wall_s:.1f} s; run dir {self.run_dir}", flush=True)
         for handle in self.recompute:
@@ -275,7 +284,7 @@ class ClusterTrainer:
     def _save(self, data_state: dict) -> Path:
         meta = ckpt.CheckpointMeta(step=self.step, data_state=data_state, config=to_dict(self.cfg),
                                    plan=self.plan.to_dict(), saved_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
-        state = pckpt.training_state(self.named, self.optimizer, self.cfg.model, self.comm)
+        state = pckpt.training_state(self.named, self.optimizer, self.names, self.cfg.model, self.comm)
         return pckpt.save(self.run_dir, state, meta, self.comm, self.cfg.train.keep_checkpoints)
 
     def _fail(self, error: Exception, saved_at: int) -> None:
@@ -380,7 +389,7 @@ def _optimizer(chunks: list[nn.Module], cfg: Config, device: torch.device) -> to
 def _check_compatible(cfg: Config, saved: dict, path: Path) -> None:
     """A resume must train the same model on the same data; the layout may change."""
     now = to_dict(cfg)
-    for section in ("model", "data"):
+    for section in ("model", "data", "hf"):
         for key, value in saved.get(section, {}).items():
             if now[section].get(key) != value:
                 raise ConfigError(f"checkpoint '{path}' was made with {section}.{key}={value!r}, this run has "

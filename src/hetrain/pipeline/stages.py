@@ -1,25 +1,87 @@
-"""Pipeline stages cut from a plain GPT: a run of blocks, the embedding on the first, the head on the last.
+"""Pipeline stages cut from a whole model: a run of blocks, the embedding on the first, the head on the last.
 
-`build_chunk(gpt, chunk)` returns a StageModule that holds the GPT's own submodules for one
-chunk of a plan (no copies: the parameters are the GPT's), under the names the whole model
-gives them (`blocks.3.attn.qkv.weight`), so that checkpoints and comparisons go by the same
-fully qualified names in every layout. Its forward is the GPT's forward restricted to the chunk:
-token ids (B, T) in on the first chunk, activations (B, T, C) in and out between chunks, logits
-(B, T, vocab) out of the last; `stage_loss` is the GPT's loss on those logits. The plan's
-recomputation policy of each block (whole blocks or units inside them, on demand or ahead of the
-backward) applies with hetrain.pipeline.unit_recompute (torch.utils.checkpoint, non-reentrant).
-This module cuts and wraps modules; it must not communicate or know about ranks.
+`build_chunk(model, chunk, micro_batch, seq_len)` returns a stage module that holds the model's
+own submodules for one chunk of a plan (no copies: the parameters are the model's), under the
+names the whole model gives them (`blocks.3.attn.qkv.weight` for hetrain's GPT,
+`hf_model.model.layers.3.mlp.up_proj.weight` for a transformers model), so that checkpoints and
+comparisons go by the same fully qualified names in every layout. Its forward is the model's
+forward restricted to the chunk: token ids (B, T) in on the first chunk, activations (B, T, C)
+in and out between chunks, logits (B, T, vocab) out of the last; `stage_loss` is the model's
+loss on those logits. The plan's recomputation policy of each block (whole blocks or units
+inside them, on demand or ahead of the backward) applies with hetrain.pipeline.unit_recompute.
+
+Two kinds of model:
+- hetrain's GPT (StageModule): the GPT's forward written out for the chunk; every policy.
+- a transformers causal LM through the block interface (HFStageModule, hetrain.model.stack):
+  the chunk calls `embed_inputs`, `block_forward` and `head` of the model. The extras every
+  block reads besides the hidden states (rotary cos/sin, masks, position ids) depend on the
+  batch's shape only (the interface's contract), and a pipeline's micro-batches all have one
+  shape: each stage computes them once, from the whole model before it is cut, instead of
+  receiving them with every activation (no link bytes, the same values). Whole-block
+  recomputation only (the unit steps are the GPT's), no tensor parallelism.
+
+`ModelNames` is what the runtime keeps of the whole model once it is cut: which unit each
+parameter belongs to, the tied matrix's two names, the optimizer's groups. This module cuts
+and wraps modules; it must not communicate or know about ranks.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils._pytree import tree_map
 
 from hetrain.model.gpt import GPT
+from hetrain.model.stack import layer_parameters
 from hetrain.pipeline.placement import Chunk
-from hetrain.pipeline.unit_recompute import Recomputations, UnitRecomputeHandle, apply_unit_recompute
+from hetrain.pipeline.unit_recompute import (Recomputations, UnitRecomputeHandle, apply_unit_recompute,
+                                             apply_whole_recompute)
+
+
+@dataclass(frozen=True)
+class ModelNames:
+    """The whole model's parameter names, kept when the model is cut into stages."""
+
+    units: dict[str, str]
+    """Every parameter name (a tied matrix under both) -> 'embedding', 'block.i' or 'head'."""
+    tied: tuple[str, str] | None
+    """(embedding name, head name) of the matrix the two share, or None."""
+    decay: tuple[str, ...]
+    """Names (one per parameter) of the matrices AdamW decays, in named_parameters() order."""
+    no_decay: tuple[str, ...]
+    hidden_size: int
+    vocab_size: int
+
+    def canonical(self, name: str) -> str:
+        """The name a tied matrix's state goes by: the embedding's."""
+        return self.tied[0] if self.tied and name == self.tied[1] else name
+
+    def unit_of(self, name: str) -> str:
+        return self.units[name]
+
+
+def model_names(model: nn.Module, seq_len: int) -> ModelNames:
+    """ModelNames of a whole model that implements the block interface (hetrain.model.stack)."""
+    n = len(model.blocks)
+    unit = {0: "embedding", n + 1: "head"}
+    first_name: dict[int, str] = {}
+    units: dict[str, str] = {}
+    for layer, owned in enumerate(layer_parameters(model)):
+        for name, p in owned:
+            first_name[id(p)] = name
+            units[name] = unit.get(layer, f"block.{layer - 1}")
+    tied = None
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if name not in units:  # a second name of a matrix that a first holder owns
+            units[name] = "head"
+            tied = (first_name[id(p)], name)
+    named = list(model.named_parameters())
+    desc = model.describe(1, seq_len, 4)
+    return ModelNames(units, tied, tuple(n for n, p in named if p.dim() >= 2), tuple(n for n, p in named if p.dim() < 2),
+                      desc.hidden_size, desc.vocab_size)
 
 
 class StageModule(nn.Module):
@@ -58,18 +120,84 @@ class StageModule(nn.Module):
         return x
 
 
+def _hold(root: nn.Module, path: str, module: nn.Module) -> None:
+    """Register `module` under `root` at the dotted `path`, making plain containers on the way,
+    so that its parameters keep the names the whole model gives them."""
+    *parents, leaf = path.split(".")
+    node = root
+    for part in parents:
+        if part not in node._modules:
+            node.add_module(part, nn.Module())
+        node = node._modules[part]
+    node.add_module(leaf, module)
+
+
+class HFStageModule(nn.Module):
+    """A chunk of a model driven through the block interface (a transformers causal LM)."""
+
+    def __init__(self, model: nn.Module, chunk: Chunk, micro_batch: int, seq_len: int):
+        super().__init__()
+        self.chunk = chunk
+        self.embedding, self.head = chunk.embedding, chunk.head
+        n = len(model.blocks)
+        blocks_at = {id(b): i for i, b in enumerate(model.blocks)}
+        keep = set(range(chunk.first_block + 1, chunk.first_block + chunk.n_blocks + 1))
+        if chunk.embedding:
+            keep.add(0)
+        if chunk.head:
+            keep.add(n + 1)
+        held = []
+        for name, module in model.named_modules():
+            if not name or any(name.startswith(h + ".") for h in held):
+                continue
+            if id(module) in blocks_at:
+                if blocks_at[id(module)] + 1 in keep:
+                    _hold(self, name, module)
+                    held.append(name)
+            elif not module._modules and (module._parameters or module._buffers) and model.part_of(name) in keep:
+                _hold(self, name, module)  # the embedding's or the head's own leaves (and rotary tables)
+                held.append(name)
+        self.blocks = [model.blocks[i] for i in range(chunk.first_block, chunk.first_block + chunk.n_blocks)]
+        # Not registered: the stage calls the whole model's interface, whose modules it holds above.
+        self.__dict__["_model"] = model
+        with torch.no_grad():
+            _, extras = model.embed_inputs(torch.zeros(micro_batch, seq_len, dtype=torch.long))
+        self.__dict__["_extras"] = {torch.device("cpu"): extras}
+
+    def _extras_on(self, device: torch.device):
+        if device not in self._extras:
+            self._extras[device] = tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t,
+                                            self._extras[torch.device("cpu")])
+        return self._extras[device]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        model = self._model
+        if self.embedding:
+            x, _ = model.embed_inputs(x)
+        extras = self._extras_on(x.device)
+        for block in self.blocks:
+            x = model.block_forward(block, x, extras)
+        if self.head:
+            return model.head(x, None)  # logits (B, T, vocab)
+        return x
+
+
 def stage_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """The GPT's loss (GPT.head): mean cross-entropy over the micro-batch's tokens, in fp32."""
+    """The models' loss (GPT.head, HFCausalLM.head): mean cross-entropy over the micro-batch's tokens, in fp32."""
     return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1).to(logits.device))
 
 
-def build_chunk(gpt: GPT, chunk: Chunk) -> StageModule:
-    return StageModule(gpt, chunk)
+def build_chunk(model: nn.Module, chunk: Chunk, micro_batch: int, seq_len: int) -> nn.Module:
+    if isinstance(model, GPT):
+        return StageModule(model, chunk)
+    return HFStageModule(model, chunk, micro_batch, seq_len)
 
 
-def apply_stage_recompute(module: StageModule, ledger: Recomputations) -> UnitRecomputeHandle:
+def apply_stage_recompute(module: nn.Module, ledger: Recomputations) -> UnitRecomputeHandle:
     """Each block of the chunk recomputes as its policy in the plan says (whole blocks, units, on
     demand or ahead of the backward; hetrain.pipeline.unit_recompute)."""
+    if isinstance(module, HFStageModule):
+        return apply_whole_recompute(module.blocks, list(module.chunk.policies))
     return apply_unit_recompute(list(module.blocks.values()), list(module.chunk.policies), ledger)
 
 

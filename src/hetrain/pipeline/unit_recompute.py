@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import GraphExecGroup, checkpoint
 
-from hetrain.plan.cluster.recompute_plan import STEPS, WINDOW, BlockPolicy
+from hetrain.plan.cluster.recompute_plan import DEMAND, STEPS, WINDOW, BlockPolicy
 
 _PROJ = STEPS.index("proj")
 
@@ -224,5 +224,28 @@ def apply_unit_recompute(blocks: list[nn.Module], policies: list[BlockPolicy],
             raise ValueError("a block already has its forward replaced; apply recomputation once")
         regions = {a: (b, place) for a, b, place in policy.regions()}
         block.forward = functools.partial(_unit_forward, block, regions, ledger)
+        wrapped.append(block)
+    return UnitRecomputeHandle(wrapped)
+
+
+def _whole_forward(forward, *args, **kwargs):
+    return checkpoint(forward, *args, use_reentrant=False, preserve_rng_state=True, **kwargs)
+
+
+def apply_whole_recompute(blocks: list[nn.Module], policies: list[BlockPolicy]) -> UnitRecomputeHandle:
+    """Whole-block recomputation on demand for blocks of any class (a transformers decoder layer):
+    each block whose policy drops anything runs its own forward, with whatever arguments it is
+    called with, as one torch.utils.checkpoint region. ValueError for a policy that keeps some
+    units or recomputes ahead of the backward: those need the steps of hetrain's GPT block."""
+    wrapped = []
+    for block, policy in zip(blocks, policies, strict=True):
+        if policy.is_keep:
+            continue
+        if policy != BlockPolicy.whole(DEMAND):
+            raise ValueError(f"a {type(block).__name__} recomputes whole blocks on demand only, not "
+                             f"'{policy.describe()}'; re-plan with --plan.recompute whole")
+        if "forward" in block.__dict__:
+            raise ValueError("a block already has its forward replaced; apply recomputation once")
+        block.forward = functools.partial(_whole_forward, block.forward)
         wrapped.append(block)
     return UnitRecomputeHandle(wrapped)

@@ -202,14 +202,14 @@ def _make_kit(ctx: CostContext, group: Group, tp: int, micro_batch: int) -> Stag
     # Megatron TP: the attention and MLP outputs are all-reduced in forward (g), the inputs'
     # gradients in backward (f); inside one node over its fast links.
     tp_allreduce_s = ring_allreduce_s(boundary_bytes, tp, ctx.intra_path(group))
-    tied = desc.config.tie_embeddings
+    tied = desc.tied_embeddings
     return StageKit(
         group=group, tp=tp, micro_batch=micro_batch,
         block=_layer_costs(ctx, desc.blocks[0], group, tp, micro_batch, (2 * tp_allreduce_s, 2 * tp_allreduce_s)),
         # Vocabulary-parallel embedding: its output is all-reduced; the head's input gradient too.
         embedding=_layer_costs(ctx, desc.embedding, group, tp, micro_batch, (tp_allreduce_s, 0.0)),
         head=_layer_costs(ctx, desc.head, group, tp, micro_batch, (0.0, tp_allreduce_s)),
-        tied_head_params=-(-desc.config.vocab_size * desc.config.d_model // tp) if tied else 0,
+        tied_head_params=-(-desc.vocab_size * desc.hidden_size // tp) if tied else 0,
         boundary_bytes=boundary_bytes // tp,
         capacity_bytes=(2**62 if ctx.options.unlimited_memory
                         else int(group.kind.memory_bytes * (1.0 - ctx.options.memory_reserve_fraction))),

@@ -67,7 +67,7 @@ class PipelinePlan:
 @dataclass
 class ClusterPlan:
     model: dict
-    """ModelConfig fields."""
+    """ModelConfig fields, or a transformers model's summary (see `hf`)."""
     cluster: dict
     """The cluster as cluster-file data (hetrain.hardware.cluster.cluster_to_dict)."""
     global_batch: int
@@ -82,6 +82,8 @@ class ClusterPlan:
     """Per kind, the tokens/s of the best plan for that kind's devices alone, and their sum."""
     search: dict = field(default_factory=dict)
     """How the plan was found: search time, candidates examined."""
+    hf: dict = field(default_factory=dict)
+    """For a transformers model: {"path", "config"} (hetrain.plan.cluster.model); empty for hetrain's GPT."""
 
     def to_dict(self) -> dict:
         return {"format": PLAN_FORMAT, **dataclasses.asdict(self)}

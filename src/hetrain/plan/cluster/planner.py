@@ -17,11 +17,11 @@ import time
 
 from hetrain.errors import ConfigError
 from hetrain.hardware.cluster import Cluster, cluster_to_dict, load_cluster
-from hetrain.model.describe import describe_model
 from hetrain.model.gpt import ModelConfig
 from hetrain.plan.cluster.cost import CostContext, PredictorOptions
 from hetrain.plan.cluster.plan import ClusterPlan, PipelinePlan, StagePlan, interleave
 from hetrain.plan.cluster.predict import PipelineShape, build_stages, predict_plan
+from hetrain.plan.cluster.model import PlannedModel
 from hetrain.plan.cluster.report import format_report, write_timeline
 from hetrain.plan.cluster.search import Candidate, Pins, SearchOptions, divisors, search
 from hetrain.plan.cluster.split import split_blocks
@@ -32,15 +32,11 @@ __all__ = ["ClusterPlan", "Pins", "PredictorOptions", "SearchOptions", "plan_clu
            "format_report", "load_plan", "repredict"]
 
 
-def _context(model_cfg: ModelConfig, cluster: Cluster, seq_len: int, options: PredictorOptions) -> CostContext:
-    try:
-        desc = describe_model(model_cfg, 1, seq_len)
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
-    return CostContext(desc, cluster, options)
+def _planned(model: ModelConfig | PlannedModel) -> PlannedModel:
+    return model if isinstance(model, PlannedModel) else PlannedModel.gpt(model)
 
 
-def _to_plan(cand: Candidate, ctx: CostContext, model_cfg: ModelConfig, global_batch: int) -> ClusterPlan:
+def _to_plan(cand: Candidate, ctx: CostContext, model: PlannedModel, global_batch: int) -> ClusterPlan:
     pipelines = []
     for p in cand.pipelines:
         stages, first = [], 0
@@ -51,7 +47,7 @@ def _to_plan(cand: Candidate, ctx: CostContext, model_cfg: ModelConfig, global_b
                                       p.shape.micro_batch, p.n_microbatches, stages))
     used = {g for p in pipelines for g in p.groups}
     return ClusterPlan(
-        model=dataclasses.asdict(model_cfg), cluster=cluster_to_dict(ctx.cluster),
+        model=dict(model.record), hf=dict(model.hf), cluster=cluster_to_dict(ctx.cluster),
         global_batch=global_batch, seq_len=ctx.seq_len, options=ctx.options.to_dict(),
         pipelines=pipelines, idle_groups=[g.name for g in ctx.cluster.groups if g.name not in used])
 
@@ -60,7 +56,7 @@ def _devices_to_fit(ctx: CostContext) -> str:
     """For each kind: how many of its devices (one pipeline, TP = node) would hold the model."""
     needs = []
     for group in ctx.cluster.groups:
-        tp = max(t for t in divisors(group.devices_per_node) if ctx.desc.config.n_head % t == 0)
+        tp = max(t for t in divisors(group.devices_per_node) if ctx.desc.tp_heads % t == 0)
         found = None
         for nodes in range(1, ctx.n_blocks + 1):
             sized = dataclasses.replace(group, nodes=nodes)
@@ -87,7 +83,7 @@ def _fits_some_batch(ctx: CostContext) -> list[int]:
     fitting = set()
     for group in ctx.cluster.groups:
         for tp in divisors(group.devices_per_node):
-            if ctx.desc.config.n_head % tp:
+            if ctx.desc.tp_heads % tp:
                 continue
             for dp in divisors(group.devices // tp):
                 n_stages = group.devices // (dp * tp)
@@ -108,7 +104,7 @@ def _search_or_explain(ctx: CostContext, global_batch: int, opts: SearchOptions)
         hint = "; without them the planner finds a plan" if free is not None else ""
         raise ConfigError(f"no plan with {opts.pins.describe()} fits cluster '{ctx.cluster.name}' and divides the "
                           f"global batch {global_batch}{hint}; change or drop a pinned degree")
-    name = ctx.desc.config.preset
+    name = getattr(ctx.desc.config, "preset", None) or getattr(ctx.desc.config, "model_type", "model")
     params_b = ctx.desc.total_params / 1e9
     fitting = _fits_some_batch(ctx)
     if fitting:
@@ -121,7 +117,7 @@ def _search_or_explain(ctx: CostContext, global_batch: int, opts: SearchOptions)
         f"'{ctx.cluster.name}'; devices of one kind that would hold it: {_devices_to_fit(ctx)}")
 
 
-def plan_cluster(model_cfg: ModelConfig, cluster: Cluster, global_batch: int, seq_len: int,
+def plan_cluster(model: ModelConfig | PlannedModel, cluster: Cluster, global_batch: int, seq_len: int,
                  options: PredictorOptions = PredictorOptions(),
                  search_options: SearchOptions = SearchOptions()) -> ClusterPlan:
     """The fastest plan found that fits every device; ConfigError when none exists.
@@ -133,11 +129,13 @@ def plan_cluster(model_cfg: ModelConfig, cluster: Cluster, global_batch: int, se
     if global_batch < 1:
         raise ConfigError(f"global batch must be >= 1, got {global_batch}")
     start = time.perf_counter()
-    ctx = _context(model_cfg, cluster, seq_len, options)
+    model = _planned(model)
+    ctx = CostContext(model.describe(seq_len), cluster, options)
     cand, stats = _search_or_explain(ctx, global_batch, search_options)
     search_s = time.perf_counter() - start
-    plan = _to_plan(cand, ctx, model_cfg, global_batch)
-    recompute = apply_recompute(plan, ctx, search_options.recompute)
+    plan = _to_plan(cand, ctx, model, global_batch)
+    # Units inside blocks are hetrain's GPT's steps: other models recompute whole blocks.
+    recompute = apply_recompute(plan, ctx, search_options.recompute if model.unit_recompute else "whole")
     search_s = time.perf_counter() - start
     prediction, _ = predict_plan(plan, ctx)
     if search_options.interleave:
@@ -224,7 +222,7 @@ def load_plan(path) -> ClusterPlan:
     return ClusterPlan.load(path)
 
 
-def run_cluster_planning(model_cfg: ModelConfig, cluster_path, global_batch: int, seq_len: int, out_dir,
+def run_cluster_planning(model: ModelConfig | PlannedModel, cluster_path, global_batch: int, seq_len: int, out_dir,
                          search_options: SearchOptions = SearchOptions(), virtual_stages: int = 1,
                          options: PredictorOptions = PredictorOptions()) -> ClusterPlan:
     """Plan for the cluster file and write plan.json, report.txt and timeline.png to out_dir.
@@ -232,7 +230,7 @@ def run_cluster_planning(model_cfg: ModelConfig, cluster_path, global_batch: int
     With virtual_stages > 1 each pipeline's stages are cut into that many interleaved chunks
     (parallel_plan.interleave) and the plan is predicted again, as interleaved 1F1B."""
     cluster = load_cluster(cluster_path)
-    plan = plan_cluster(model_cfg, cluster, global_batch, seq_len, options, search_options)
+    plan = plan_cluster(model, cluster, global_batch, seq_len, options, search_options)
     if virtual_stages > 1:
         try:
             plan.pipelines = [interleave(p, virtual_stages) for p in plan.pipelines]

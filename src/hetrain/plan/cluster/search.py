@@ -130,7 +130,7 @@ def pipeline_shapes(ctx: CostContext, groups: tuple[str, ...], pins: Pins | None
     per block; only those `pins` admit."""
     pins = pins or _NO_PINS
     gs = [ctx.cluster.group(g) for g in groups]
-    n_head = ctx.desc.config.n_head
+    n_head = ctx.desc.tp_heads
     tp_choices = [[t for t in divisors(g.devices_per_node) if n_head % t == 0] for g in gs]
     sizes = [pins.micro_batch] if pins.micro_batch else micro_batches(ctx)
     shapes = []
