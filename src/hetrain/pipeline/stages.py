@@ -37,7 +37,7 @@ from torch.utils._pytree import tree_map
 from hetrain.model.gpt import GPT
 from hetrain.model.stack import layer_parameters
 from hetrain.pipeline.placement import Chunk
-from hetrain.pipeline.unit_recompute import (Recomputations, UnitRecomputeHandle, apply_unit_recompute,
+from hetrain.pipeline.unit_recompute import (Recomputations, RecomputeHandle, apply_unit_recompute,
                                              apply_whole_recompute)
 
 
@@ -193,7 +193,7 @@ def build_chunk(model: nn.Module, chunk: Chunk, micro_batch: int, seq_len: int) 
     return HFStageModule(model, chunk, micro_batch, seq_len)
 
 
-def apply_stage_recompute(module: nn.Module, ledger: Recomputations) -> UnitRecomputeHandle:
+def apply_stage_recompute(module: nn.Module, ledger: Recomputations) -> RecomputeHandle:
     """Each block of the chunk recomputes as its policy in the plan says (whole blocks, units, on
     demand or ahead of the backward; hetrain.pipeline.unit_recompute)."""
     if isinstance(module, HFStageModule):

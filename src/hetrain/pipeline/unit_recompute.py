@@ -33,6 +33,7 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import GraphExecGroup, checkpoint
 
+from hetrain.offload.checkpointing import RecomputeHandle, apply_recompute
 from hetrain.plan.cluster.recompute_plan import DEMAND, STEPS, WINDOW, BlockPolicy
 
 _PROJ = STEPS.index("proj")
@@ -201,20 +202,8 @@ def _contexts(ledger: Recomputations):
     return contextlib.nullcontext(), _Timed(ledger)
 
 
-class UnitRecomputeHandle:
-    """The blocks whose forward was replaced; `remove()` gives them their own forward back."""
-
-    def __init__(self, blocks: list[nn.Module]):
-        self.blocks = blocks
-
-    def remove(self) -> None:
-        for block in self.blocks:
-            block.__dict__.pop("forward", None)
-        self.blocks = []
-
-
 def apply_unit_recompute(blocks: list[nn.Module], policies: list[BlockPolicy],
-                         ledger: Recomputations) -> UnitRecomputeHandle:
+                         ledger: Recomputations) -> RecomputeHandle:
     """Run each block's forward under its policy (kept blocks are left alone)."""
     wrapped = []
     for block, policy in zip(blocks, policies, strict=True):
@@ -225,27 +214,16 @@ def apply_unit_recompute(blocks: list[nn.Module], policies: list[BlockPolicy],
         regions = {a: (b, place) for a, b, place in policy.regions()}
         block.forward = functools.partial(_unit_forward, block, regions, ledger)
         wrapped.append(block)
-    return UnitRecomputeHandle(wrapped)
+    return RecomputeHandle(wrapped)
 
 
-def _whole_forward(forward, *args, **kwargs):
-    return checkpoint(forward, *args, use_reentrant=False, preserve_rng_state=True, **kwargs)
-
-
-def apply_whole_recompute(blocks: list[nn.Module], policies: list[BlockPolicy]) -> UnitRecomputeHandle:
-    """Whole-block recomputation on demand for blocks of any class (a transformers decoder layer):
-    each block whose policy drops anything runs its own forward, with whatever arguments it is
-    called with, as one torch.utils.checkpoint region. ValueError for a policy that keeps some
-    units or recomputes ahead of the backward: those need the steps of hetrain's GPT block."""
-    wrapped = []
+def apply_whole_recompute(blocks: list[nn.Module], policies: list[BlockPolicy]) -> RecomputeHandle:
+    """Whole-block recomputation on demand for blocks of any class (a transformers decoder layer),
+    as the offload engine does it (hetrain.offload.checkpointing.apply_recompute: the block's own
+    forward, whatever its arguments, as one checkpoint region). ValueError for a policy that
+    keeps some units or recomputes ahead of the backward: those need the steps of hetrain's GPT block."""
     for block, policy in zip(blocks, policies, strict=True):
-        if policy.is_keep:
-            continue
-        if policy != BlockPolicy.whole(DEMAND):
+        if not policy.is_keep and policy != BlockPolicy.whole(DEMAND):
             raise ValueError(f"a {type(block).__name__} recomputes whole blocks on demand only, not "
                              f"'{policy.describe()}'; re-plan with --plan.recompute whole")
-        if "forward" in block.__dict__:
-            raise ValueError("a block already has its forward replaced; apply recomputation once")
-        block.forward = functools.partial(_whole_forward, block.forward)
-        wrapped.append(block)
-    return UnitRecomputeHandle(wrapped)
+    return apply_recompute(blocks, [i for i, policy in enumerate(policies) if not policy.is_keep])
