@@ -45,9 +45,10 @@ from hetrain.model.gpt import GPT  # noqa: E402
 from hetrain.offload import OptimConfig, apply_plan  # noqa: E402
 from hetrain.plan.offload.graph import choice_of, offload_prices  # noqa: E402
 from hetrain.plan.offload.milp import OffloadModel  # noqa: E402
-from hetrain.plan.offload.planner import PlannerOptions, plain_peak_bytes, plan_offload, step_settings  # noqa: E402
-from hetrain.predict.cost import cost_model, describe_for  # noqa: E402
-from hetrain.predict.profiler import ProfileOptions, run_profile  # noqa: E402
+from hetrain.plan.offload.planner import PlannerOptions, step_settings  # noqa: E402
+from hetrain.predict.profiler import ProfileOptions  # noqa: E402
+from hetrain.train.job import batch_shape, describe, job_cost, profile_job  # noqa: E402
+from hetrain.train.offload_planning import plain_peak_for, plan_offload_for  # noqa: E402
 from hetrain.units import fmt_bytes  # noqa: E402
 
 # bench/ is on sys.path when this file runs as a script: share the load measurement and the plain loop.
@@ -116,17 +117,17 @@ def _measure(name: str, overrides: dict[str, str], device: torch.device, fractio
     with tempfile.TemporaryDirectory() as profile_dir:
         cfg = load_config(None, {"run.device": device.type, "train.dtype": dtype, "train.grad_accum": "1",
                                  "hardware.profile_dir": profile_dir, **overrides})
-        profile, _, _ = run_profile(cfg, ProfileOptions(collectives=False))
-        cost = cost_model(cfg, describe_for(cfg), profile)
-    plain_peak = plain_peak_bytes(cfg, cost)
+        profile, _, _ = profile_job(cfg, ProfileOptions(collectives=False))
+        cost = job_cost(cfg, profile)
+    plain_peak = plain_peak_for(cfg, cost)
     budget = int(fraction * plain_peak)
-    row = {"config": name, "params": describe_for(cfg).total_params, "plain_peak": plain_peak, "budget": budget}
+    row = {"config": name, "params": describe(cfg).total_params, "plain_peak": plain_peak, "budget": budget}
     try:
-        plan = plan_offload(cfg, budget, None, cost)
+        plan = plan_offload_for(cfg, budget, None, cost)
     except ConfigError as e:
         row["error"] = str(e).split(";")[0]
         return row
-    prices = offload_prices(describe_for(cfg), cost, step_settings(cfg, cost, PlannerOptions()))
+    prices = offload_prices(describe(cfg), cost, step_settings(describe(cfg), batch_shape(cfg), cost, PlannerOptions()))
     sol = OffloadModel(prices, None, None).evaluate(choice_of(plan))
     loads = dict(sol.loads_s)
     loads["compute"] -= sol.waits_s  # the main thread's work, without waiting

@@ -32,8 +32,10 @@ from hetrain.hardware.catalog import get_kind
 from hetrain.plan.offload.graph import choice_of, offload_prices, simulate_offload
 from hetrain.plan.offload.milp import OffloadModel
 from hetrain.plan.offload.plan import OffloadPlan
-from hetrain.plan.offload.planner import PlannerOptions, plan_offload, step_settings
-from hetrain.predict.cost import RooflineCost, describe_for
+from hetrain.plan.offload.planner import PlannerOptions, step_settings
+from hetrain.predict.cost import RooflineCost
+from hetrain.train.job import batch_shape, describe
+from hetrain.train.offload_planning import plan_offload_for
 
 GIB = 2**30
 
@@ -44,7 +46,7 @@ def model_config(n_layer: int, preset: str, micro_batch: int, seq_len: int):
 
 
 def prices_and_model(cfg, cost, device_bytes=None, host_bytes=None):
-    prices = offload_prices(describe_for(cfg), cost, step_settings(cfg, cost, PlannerOptions()))
+    prices = offload_prices(describe(cfg), cost, step_settings(describe(cfg), batch_shape(cfg), cost, PlannerOptions()))
     return prices, OffloadModel(prices, device_bytes, host_bytes)
 
 
@@ -62,7 +64,7 @@ def solve_times(preset: str, blocks: list[int], budgets_gib: list[float], kind: 
     print("|---|---|---|---|---|---|---|---|---|")
     for n in blocks:
         cfg = model_config(n, preset, micro_batch, seq_len)
-        cost = RooflineCost(describe_for(cfg), get_kind(kind), "bf16")
+        cost = RooflineCost(describe(cfg), get_kind(kind), "bf16")
         _, unbounded = prices_and_model(cfg, cost)
         host = int(1.2 * unbounded.evaluate(((1, 1, 1),) * (n + 2)).host_bytes)
         for budget_gib in budgets_gib:
@@ -70,7 +72,7 @@ def solve_times(preset: str, blocks: list[int], budgets_gib: list[float], kind: 
             walls, cpus, plan = [], [], None
             for _ in range(repeats):
                 start_wall, start_cpu = time.perf_counter(), time.process_time()
-                plan = plan_offload(cfg, budget, host, cost)
+                plan = plan_offload_for(cfg, budget, host, cost)
                 walls.append(time.perf_counter() - start_wall)
                 cpus.append(time.process_time() - start_cpu)
             best = min(range(repeats), key=walls.__getitem__)
@@ -88,7 +90,7 @@ def solve_times(preset: str, blocks: list[int], budgets_gib: list[float], kind: 
 def family_comparison(kind: str) -> None:
     print(f"\n## Against the prefix/suffix family, 8-block GPT (d_model 2048), micro-batch 8 x 1024, bf16, on {kind}")
     cfg = model_config(8, "gpt3-1.3b", 8, 1024)
-    cost = RooflineCost(describe_for(cfg), get_kind(kind), "bf16")
+    cost = RooflineCost(describe(cfg), get_kind(kind), "bf16")
     prices, unbounded = prices_and_model(cfg, cost)
     resident = unbounded.evaluate(((0, 0, 0),) * 10).peak_device_bytes
     host = 200 * GIB
@@ -98,7 +100,7 @@ def family_comparison(kind: str) -> None:
     ratios = []
     for fraction in (0.8, 0.6, 0.5, 0.4, 0.3, 0.25):
         budget = int(fraction * resident)
-        plan = plan_offload(cfg, budget, host, cost)
+        plan = plan_offload_for(cfg, budget, host, cost)
         _, model = prices_and_model(cfg, cost, budget, host)
         fits = model.feasible(model.values(family))
         members = [ch for ch, ok in zip(family, fits) if ok]

@@ -1,7 +1,7 @@
 """Predicted against measured step time and peak accounted memory, on this machine.
 
-For each configuration: profile the model on this machine (`run_profile`, cached in a temp
-folder), predict the steady-state step with `predict_step`, then train it for real with
+For each configuration: profile the model on this machine (`hetrain.train.job.profile_job`, cached in a temp
+folder), predict the steady-state step with `predict_job`, then train it for real with
 hetrain's Trainer and read metrics.jsonl: measured step time is the median of the per-step
 `step_s` after the first WARMUP_STEPS steps, measured peak is the largest `peak_device_bytes`
 of those steps (each record covers one step). On a GPU it runs GPU_CONFIGS in bf16 with fp32
@@ -35,8 +35,8 @@ from pathlib import Path
 import torch
 
 from hetrain.config import load_config
-from hetrain.predict.profiler import ProfileOptions, run_profile
-from hetrain.predict.step_graph import predict_step
+from hetrain.predict.profiler import ProfileOptions
+from hetrain.train.job import predict_job, profile_job
 from hetrain.train.trainer import Trainer
 
 WARMUP_STEPS = 2
@@ -195,8 +195,8 @@ def measure_config(name: str, tmp: Path, corpus: Path, run_tag: str, settings: B
         refs = [reference_s()]
         t0 = time.perf_counter()
         with OtherLoad() as other_profiling:
-            profile, _, _ = run_profile(cfg, ProfileOptions(collectives=False))
-        pred = predict_step(cfg, profile)
+            profile, _, _ = profile_job(cfg, ProfileOptions(collectives=False))
+        pred = predict_job(cfg, profile)
         refs.append(reference_s())
         t1 = time.perf_counter()
         with OtherLoad() as other_training:

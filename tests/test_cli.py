@@ -177,7 +177,7 @@ def test_plan_cluster_writes_plan_report_timeline(tmp_path, capsys):
 def test_plan_without_cluster_plans_offload_for_the_budget(tmp_path, capsys):
     from hetrain.config import load_config
     from hetrain.plan.offload.plan import OffloadPlan
-    from hetrain.plan.offload.planner import default_cost, plain_peak_bytes
+    from hetrain.train.offload_planning import default_cost, plain_peak_for
 
     args = ["--model.preset", "tiny", "--train.seq_len", "32", "--train.micro_batch", "4",
             "--hardware.device_kind", "cpu", "--run.dir", str(tmp_path / "p")]
@@ -186,7 +186,7 @@ def test_plan_without_cluster_plans_offload_for_the_budget(tmp_path, capsys):
     assert "block.1" in out and "predicted: step" in out and "60% of the" in out
     plan = OffloadPlan.load(tmp_path / "p" / "plan.json")
     cfg = load_config(None, args[:-2])
-    assert plan.device_budget_bytes == int(0.6 * plain_peak_bytes(cfg, default_cost(cfg)))
+    assert plan.device_budget_bytes == int(0.6 * plain_peak_for(cfg, default_cost(cfg)))
     assert plan.predicted_peak_device_bytes <= plan.device_budget_bytes
 
 

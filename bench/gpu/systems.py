@@ -174,13 +174,13 @@ def checkpoint_blocks(model: torch.nn.Module) -> None:
 def setup_hetrain(spec: RunSpec, device: torch.device, result: RunResult):
     from hetrain.errors import ConfigError
     from hetrain.offload import OptimConfig, apply_plan
-    from hetrain.plan.offload.planner import plan_offload
-    from hetrain.predict.cost import cost_model, describe_for
-    from hetrain.predict.profiler import ProfileOptions, run_profile
+    from hetrain.predict.profiler import ProfileOptions
+    from hetrain.train.job import job_cost, profile_job
+    from hetrain.train.offload_planning import plan_offload_for
 
     cfg = hetrain_config(spec, device)
-    profile, _, _ = run_profile(cfg, ProfileOptions(collectives=False, reps=6))
-    cost = cost_model(cfg, describe_for(cfg), profile)
+    profile, _, _ = profile_job(cfg, ProfileOptions(collectives=False, reps=6))
+    cost = job_cost(cfg, profile)
     dtype_bytes = 2 if device.type == "cuda" else 4
     budget = None
     if spec.cap_bytes is not None:
@@ -188,7 +188,7 @@ def setup_hetrain(spec: RunSpec, device: torch.device, result: RunResult):
         if budget <= 0:
             raise torch.OutOfMemoryError("the cap leaves no room once the logits' transients are set aside")
     try:
-        plan = plan_offload(cfg, budget, spec.host_budget_bytes, cost)
+        plan = plan_offload_for(cfg, budget, spec.host_budget_bytes, cost)
     except ConfigError as e:  # no plan fits: the same verdict as running out of memory
         raise torch.OutOfMemoryError(f"no plan fits: {str(e).split(';')[0]}") from None
     result.notes.update(plan=plan.summary(), plan_budget_bytes=budget, predicted_step_s=plan.predicted_step_s,

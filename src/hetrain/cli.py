@@ -59,7 +59,7 @@ def cmd_train(args: list[str]) -> int:
     if int(os.environ.get("RANK", "0")) > 0:  # under torchrun, rank 0 speaks for all; errors still reach stderr
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
     if cfg.plan.file:
-        from hetrain.pipeline.launch import is_cluster_plan, train_cluster_plan
+        from hetrain.train.cluster_launch import is_cluster_plan, train_cluster_plan
 
         if is_cluster_plan(cfg.plan.file):  # a plan from `hetrain plan --cluster`: one process per device
             return train_cluster_plan(cfg)
@@ -74,20 +74,23 @@ def cmd_train(args: list[str]) -> int:
 
 def cmd_estimate(args: list[str]) -> int:
     from hetrain.estimate import estimate_report
+    from hetrain.train.job import batch_shape, model_spec
 
     path, overrides = _split_config(args)
-    print(estimate_report(load_config(path, overrides)))
+    cfg = load_config(path, overrides)
+    print(estimate_report(model_spec(cfg), batch_shape(cfg)))
     return 0
 
 
 def cmd_profile(args: list[str]) -> int:
-    from hetrain.predict.profiler import ProfileOptions, format_profile, run_profile
+    from hetrain.predict.profiler import ProfileOptions, format_profile
+    from hetrain.train.job import profile_job
 
     flags = {"--no-collectives", "--remeasure"}
     path, overrides = _split_config([a for a in args if a not in flags])
     cfg = load_config(path, overrides)
     options = ProfileOptions(collectives="--no-collectives" not in args, remeasure_machine="--remeasure" in args)
-    profile, entry, saved = run_profile(cfg, options)
+    profile, entry, saved = profile_job(cfg, options)
     print(format_profile(profile, entry))
     print(f"hetrain: profile saved to {saved}")
     return 0
@@ -96,20 +99,20 @@ def cmd_profile(args: list[str]) -> int:
 def cmd_simulate(args: list[str]) -> int:
     from pathlib import Path
 
-    from hetrain.predict.cost import model_label
     from hetrain.predict.profiler import require_profile
-    from hetrain.predict.step_graph import format_prediction, predict_step
+    from hetrain.predict.step_graph import format_prediction
+    from hetrain.train.job import model_spec, predict_job
     from hetrain.trace import plot_timeline, write_chrome_trace
 
     path, overrides = _split_config(args)
     cfg = load_config(path, overrides)
     check_output_dir(cfg.run.dir, "run.dir")
     profile = None if cfg.hardware.device_kind else require_profile(cfg.hardware.profile_dir)
-    pred = predict_step(cfg, profile)
-    print(format_prediction(pred, cfg))
+    pred = predict_job(cfg, profile)
+    print(format_prediction(pred))
     run_dir = Path(cfg.run.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    title = (f"predicted step of {model_label(cfg)}, micro_batch={cfg.train.micro_batch} x "
+    title = (f"predicted step of {model_spec(cfg).label()}, micro_batch={cfg.train.micro_batch} x "
              f"{cfg.train.grad_accum}, seq_len={cfg.train.seq_len}, {cfg.train.dtype}: "
              f"{pred.step_s * 1e3:.1f} ms ({pred.source})")
     write_chrome_trace(pred.sim.events, run_dir / "sim_trace.json", memory=pred.sim.memory_timeline,
@@ -127,12 +130,12 @@ def cmd_plan(args: list[str]) -> int:
     cfg = load_config(path, overrides)
     check_output_dir(cfg.run.dir, "run.dir")
     if not cfg.plan.cluster:
-        from hetrain.plan.offload.planner import run_offload_planning
+        from hetrain.train.offload_planning import run_offload_planning
 
         run_offload_planning(cfg, cfg.run.dir)
         return 0
     from hetrain.plan.cluster.cost import PredictorOptions
-    from hetrain.plan.cluster.model import PlannedModel
+    from hetrain.model.spec import ModelSpec
     from hetrain.plan.cluster.planner import Pins, SearchOptions, format_report, run_cluster_planning
     from hetrain.predict.profiler import measured_curves
 
@@ -141,8 +144,8 @@ def cmd_plan(args: list[str]) -> int:
     # measured matmul curve.
     curves = {kind: [c.max_efficiency, c.overhead_s, c.attention_efficiency, c.source]
               for kind, c in measured_curves(cfg.hardware.profile_dir).items()}
-    # A transformers model from --hf.path is planned from its config.json (hetrain.plan.cluster.model).
-    model = PlannedModel.hf_folder(cfg.hf.path) if cfg.hf.path else cfg.model
+    # A transformers model from --hf.path is planned from its config.json (hetrain.model.spec).
+    model = ModelSpec.hf_folder(cfg.hf.path) if cfg.hf.path else cfg.model
     plan = run_cluster_planning(model, cfg.plan.cluster, cfg.plan.global_batch, cfg.train.seq_len, cfg.run.dir,
                                 SearchOptions(pins=pins, recompute=cfg.plan.recompute), cfg.plan.virtual_stages,
                                 PredictorOptions(matmul_curves=curves))

@@ -8,15 +8,14 @@ model and allocates no tensors.
 
 from __future__ import annotations
 
-from hetrain.config import Config
-from hetrain.predict.cost import describe_for, model_label
+from hetrain.model.describe import ModelDescription
+from hetrain.model.spec import BatchShape, ModelSpec
 from hetrain.predict.state_bytes import ADAM_MOMENT_BYTES_PER_PARAM, GRAD_BYTES_PER_PARAM, MASTER_BYTES_PER_PARAM
 from hetrain.units import fmt_bytes
 
 
-def memory_breakdown(cfg: Config) -> dict[str, int]:
+def memory_breakdown(desc: ModelDescription) -> dict[str, int]:
     """Bytes held at the peak of a plain training step (steady state, from step 2 on)."""
-    desc = describe_for(cfg)  # hetrain's preset, or the Hugging Face model at hf.path
     params = desc.total_params
     return {
         "parameters (fp32)": MASTER_BYTES_PER_PARAM * params,
@@ -26,12 +25,13 @@ def memory_breakdown(cfg: Config) -> dict[str, int]:
     }
 
 
-def estimate_report(cfg: Config) -> str:
-    t = cfg.train
-    desc = describe_for(cfg)
+def estimate_report(spec: ModelSpec, t: BatchShape) -> str:
+    """The report of `hetrain estimate` for `spec`'s model (hetrain's preset, or a transformers
+    model) at the batch shape `t`."""
+    desc = spec.describe_batch(t)
     tokens_per_step = t.micro_batch * t.seq_len * t.grad_accum
     lines = [
-        f"{model_label(cfg)}: {desc.total_params / 1e6:,.1f}M parameters, {len(desc.blocks)} blocks; "
+        f"{spec.label()}: {desc.total_params / 1e6:,.1f}M parameters, {len(desc.blocks)} blocks; "
         f"micro-batch {t.micro_batch} x {t.seq_len} tokens, {t.grad_accum} micro-batches/step, {t.dtype}",
         "",
         f"{'layer':<12}{'params':>14}{'fwd GFLOP/mb':>16}{'saved act/mb':>16}",
@@ -46,7 +46,7 @@ def estimate_report(cfg: Config) -> str:
     lines += ["", "largest saved tensors of one block (per micro-batch):"]
     for name, nbytes in sorted(block.act_bytes.items(), key=lambda kv: -kv[1])[:6]:
         lines.append(f"  {name:<22}{fmt_bytes(nbytes):>12}")
-    mem = memory_breakdown(cfg)
+    mem = memory_breakdown(desc)
     lines += ["", "peak device memory of plain training (everything resident):"]
     lines += [f"  {k:<32}{fmt_bytes(v):>12}" for k, v in mem.items()]
     lines.append(f"  {'total':<32}{fmt_bytes(sum(mem.values())):>12}")

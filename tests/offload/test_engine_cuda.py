@@ -17,7 +17,7 @@ from hetrain.model.gpt import GPT
 from hetrain.model.presets import get_preset
 from hetrain.offload import OptimConfig, apply_plan
 from hetrain.plan.offload.plan import OffloadPlan
-from hetrain.plan.offload.planner import default_cost, plain_peak_bytes, plan_offload
+from hetrain.train.offload_planning import default_cost, plain_peak_for, plan_offload_for
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
               pytest.mark.usefixtures("no_tf32")]
@@ -86,8 +86,8 @@ def test_max_memory_allocated_stays_within_the_budget_plus_transients(fraction):
     cfg = load_config(None, {"model.preset": "small", "train.dtype": "bf16", "train.micro_batch": "8",
                              "train.seq_len": "256", "train.grad_accum": "1"})
     cost = default_cost(cfg)
-    budget = int(fraction * plain_peak_bytes(cfg, cost))
-    plan = plan_offload(cfg, budget, None, cost)
+    budget = int(fraction * plain_peak_for(cfg, cost))
+    plan = plan_offload_for(cfg, budget, None, cost)
     B, T, V = 8, 256, cfg.model.vocab_size
     allowance = 2 * B * T * V * (2 + 4) + sum(block_act_bytes(cfg.model, B, T, 2).values())
     torch.manual_seed(0)

@@ -93,13 +93,13 @@ def plan_for(kind: str, path: str) -> OffloadPlan:
         return OffloadPlan.prefix_suffix(2, stream=2)
     if kind == "cpu_optim":
         return OffloadPlan.prefix_suffix(2, cpu_optim=2)
-    from hetrain.plan.offload.planner import default_cost, plain_peak_bytes, plan_offload
+    from hetrain.train.offload_planning import default_cost, plain_peak_for, plan_offload_for
 
     cfg = load_config(None, {"hf.path": path, "train.micro_batch": str(MICRO), "train.seq_len": str(SEQ),
                              "train.grad_accum": str(ACCUM), "hardware.device_kind": "cpu", "run.device": "cpu"})
     cost = default_cost(cfg)
-    budget = int(0.4 * plain_peak_bytes(cfg, cost))
-    plan = plan_offload(cfg, budget, None, cost)
+    budget = int(0.4 * plain_peak_for(cfg, cost))
+    plan = plan_offload_for(cfg, budget, None, cost)
     assert plan.device_budget_bytes == budget and plan.predicted_peak_device_bytes <= budget
     assert any(l.act == "recompute" or l.weights == "host" or l.optim == "host" for l in plan.layers)
     return plan

@@ -93,9 +93,9 @@ def records(run_dir) -> list[dict]:
 def write_hf_plan(path: Path, cluster: dict, pipelines: list[PipelinePlan], folder) -> Path:
     """A hand-written plan for the transformers model in `folder`, recorded as `hetrain plan
     --cluster FILE --hf.path folder` records it."""
-    from hetrain.plan.cluster.model import PlannedModel
+    from hetrain.model.spec import ModelSpec
 
-    model = PlannedModel.hf_folder(str(folder))
+    model = ModelSpec.hf_folder(str(folder))
     plan = ClusterPlan(model=model.record, hf=model.hf, cluster=cluster,
                        global_batch=sum(p.samples_per_step for p in pipelines), seq_len=SEQ_LEN, options={},
                        pipelines=pipelines, prediction={"step_s": 0.01, "stages": []})

@@ -21,7 +21,7 @@ from hetrain.config import load_config
 from hetrain.errors import ConfigError
 from hetrain.model.hf import load_hf_model
 from hetrain.model.stack import run_layers
-from hetrain.pipeline.launch import prepare
+from hetrain.train.cluster_launch import prepare
 from hetrain.pipeline.placement import place_plan
 from hetrain.pipeline.stages import HFStageModule, build_chunk, model_names, stage_loss
 from hetrain.plan.cluster.plan import ClusterPlan

@@ -101,7 +101,7 @@ def test_tensor_parallel_row_order_gives_each_rank_its_own_heads(mlp):
 
 def test_a_cluster_file_that_differs_from_the_plans_is_refused(tmp_path):
     from cluster_support import LOCAL_CPU
-    from hetrain.pipeline.launch import check_cluster
+    from hetrain.train.cluster_launch import check_cluster
 
     plan = plan_of(local_cpu(), [pipeline(["cpu-a", "cpu-b"], [3, 2], stage_groups=["cpu-a", "cpu-b"], dp=2)])
     check_cluster(plan, str(LOCAL_CPU))

@@ -10,8 +10,10 @@ from hetrain.hardware.catalog import get_kind
 from hetrain.model.describe import describe_model
 from hetrain.model.presets import get_preset
 from hetrain.predict.cost import (
-    LayerTiming, ModelProfile, Profile, ProfileCost, RooflineCost, UpdateTiming, cost_model, describe_for,
+    LayerTiming, ModelProfile, Profile, ProfileCost, RooflineCost, UpdateTiming, cost_model,
 )
+from hetrain.model.spec import ModelSpec
+from hetrain.train.job import describe, job_cost
 from hetrain.predict.profiler import machine_fingerprint
 
 
@@ -38,8 +40,8 @@ def _cfg(**values):
 
 def test_profile_cost_reads_the_measurements():
     cfg = _cfg()
-    desc = describe_for(cfg)
-    cost = cost_model(cfg, desc, _profile())
+    desc = describe(cfg)
+    cost = job_cost(cfg, _profile(), desc)
     assert isinstance(cost, ProfileCost)
     block, emb, head = desc.blocks[1], desc.embedding, desc.head
     assert (cost.fwd_s(block), cost.bwd_s(block), cost.recompute_s(block)) == (1e-3, 2e-3, 1.1e-3)
@@ -51,10 +53,20 @@ def test_profile_cost_reads_the_measurements():
     assert cost.grad_accumulate_s(1_000, 2) == pytest.approx(2 * 1e-6 + 1_000 / 5e8)
 
 
+def test_cost_model_takes_a_model_and_a_batch_not_the_config():
+    spec = ModelSpec.gpt(get_preset("tiny"))
+    desc = spec.describe(16, 2, 4)
+    cost = cost_model(spec, desc, "fp32", threads=2, profile=_profile())
+    assert isinstance(cost, ProfileCost) and cost.fwd_s(desc.blocks[0]) == 1e-3
+    with pytest.raises(ConfigError, match="threads=1"):
+        cost_model(spec, desc, "fp32", threads=1, profile=_profile())
+    assert isinstance(cost_model(spec, desc, "fp32", kind_name="H100-SXM", profile=_profile()), RooflineCost)
+
+
 def test_profile_cost_scales_linearly_with_micro_batch():
     cfg = _cfg(**{"train.micro_batch": 6})
-    cost = cost_model(cfg, describe_for(cfg), _profile(micro_batch=2))
-    block = describe_for(cfg).blocks[0]
+    cost = job_cost(cfg, _profile(micro_batch=2))
+    block = describe(cfg).blocks[0]
     assert cost.fwd_s(block) == pytest.approx(3e-3)
     assert cost.act_bytes(block) == 150_000
     assert "scaled from micro_batch=2" in cost.source
@@ -62,7 +74,7 @@ def test_profile_cost_scales_linearly_with_micro_batch():
 
 def test_profile_cost_collectives_and_missing_copies():
     cfg = _cfg()
-    cost = cost_model(cfg, describe_for(cfg), _profile())
+    cost = job_cost(cfg, _profile())
     # Halfway between 1 kB and 1 MB in log(bytes) is halfway between their times.
     assert cost.allreduce_s(31_623, 2) == pytest.approx(5.5e-4, rel=1e-4)
     assert cost.allreduce_s(2_000_000, 2) == pytest.approx(2e-3)        # largest size's bandwidth
@@ -73,15 +85,15 @@ def test_profile_cost_collectives_and_missing_copies():
 
 def test_factory_picks_catalog_or_profile_and_explains_gaps():
     cfg = _cfg(**{"hardware.device_kind": "H100-SXM"})
-    assert isinstance(cost_model(cfg, describe_for(cfg), _profile()), RooflineCost)
+    assert isinstance(job_cost(cfg, _profile()), RooflineCost)
     cfg = _cfg(**{"train.seq_len": 32})
     with pytest.raises(ConfigError, match="no measurements of model 'tiny'.*seq_len=32.*hetrain profile"):
-        cost_model(cfg, describe_for(cfg), _profile())
+        job_cost(cfg, _profile())
     cfg = _cfg(**{"run.threads": 1})
     with pytest.raises(ConfigError, match="threads=1"):
-        cost_model(cfg, describe_for(cfg), _profile())
+        job_cost(cfg, _profile())
     with pytest.raises(ConfigError, match="known kinds: V100"):
-        cost_model(_cfg(**{"hardware.device_kind": "Z9000"}), describe_for(_cfg()), None)
+        job_cost(_cfg(**{"hardware.device_kind": "Z9000"}), None, describe(_cfg()))
 
 
 def test_roofline_by_hand_on_h100():
@@ -129,7 +141,7 @@ def test_matmul_efficiency_rises_with_the_gemm_and_predicted_mfu_with_the_model(
     for preset in ("gpt3-1.3b", "gpt3-6.7b", "gpt3-13b", "gpt3-175b"):
         cfg = load_config(None, {"model.preset": preset, "train.micro_batch": "1", "train.seq_len": "2048",
                                  "train.dtype": "bf16", "hardware.device_kind": "H200"})
-        desc = describe_for(cfg)
+        desc = describe(cfg)
         cost = RooflineCost(desc, h200, "bf16")
         step_s = sum(cost.fwd_s(layer) + cost.bwd_s(layer) for layer in desc.layers())
         mfu.append(desc.train_flops_per_token() * desc.tokens_per_microbatch / step_s / h200.peak_flops_per_s("bf16"))

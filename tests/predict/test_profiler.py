@@ -11,9 +11,10 @@ from hetrain.errors import ConfigError
 from hetrain.model.describe import describe_model
 from hetrain.model.presets import get_preset
 from hetrain.predict.cost import Profile
+from hetrain.train.job import profile_job
 from hetrain.predict.profiler import (
     ProfileOptions, describe_machine, load_profile, machine_fingerprint, measure_collective,
-    profile_path, read_profile, require_profile, run_profile, save_profile,
+    profile_path, read_profile, require_profile, save_profile,
 )
 
 
@@ -35,11 +36,11 @@ def test_back_to_back_timing_counts_the_same_bytes_and_keeps_the_run_s_rng(tmp_p
     import torch
 
     cfg = load_config(None, _values(tmp_path))
-    single = run_profile(cfg, FAST)[1]
+    single = profile_job(cfg, FAST)[1]
     torch.manual_seed(7)
     expected = torch.rand(3)
     torch.manual_seed(7)
-    grouped = run_profile(cfg, ProfileOptions(reps=3, warmup=1, rounds=1, collectives=False, back_to_back=3))[1]
+    grouped = profile_job(cfg, ProfileOptions(reps=3, warmup=1, rounds=1, collectives=False, back_to_back=3))[1]
     assert torch.equal(torch.rand(3), expected)
     for a, b in ((single.embedding, grouped.embedding), (single.block, grouped.block), (single.head, grouped.head)):
         assert a.act_bytes == b.act_bytes
@@ -47,7 +48,7 @@ def test_back_to_back_timing_counts_the_same_bytes_and_keeps_the_run_s_rng(tmp_p
 
 
 def test_profile_measures_tiny_model_and_caches_it(tmp_path):
-    profile, entry, path = run_profile(load_config(None, _values(tmp_path)), FAST)
+    profile, entry, path = profile_job(load_config(None, _values(tmp_path)), FAST)
     assert path == profile_path(tmp_path / "profiles", machine_fingerprint()) and path.is_file()
     assert profile.device == "cpu"
     # A CPU-only machine records what it cannot measure as absent, with the reason.
@@ -71,7 +72,7 @@ def test_profile_measures_tiny_model_and_caches_it(tmp_path):
     # Round trip; a second shape joins the same machine file and the first stays.
     assert read_profile(path) == profile
     cfg = load_config(None, {**_values(tmp_path), "train.seq_len": "8"})
-    second, entry8, path2 = run_profile(cfg, FAST)
+    second, entry8, path2 = profile_job(cfg, FAST)
     assert path2 == path and len(second.models) == 2 and read_profile(path) == second
     assert second.find_model(cfg.model, 2, 8, "fp32", 2) == entry8
     assert second.find_model(cfg.model, 5, 8, "fp32", 2) == entry8   # nearest micro-batch
@@ -79,7 +80,7 @@ def test_profile_measures_tiny_model_and_caches_it(tmp_path):
 
 
 def test_profile_command_prints_the_table(tmp_path, capsys):
-    run_profile(load_config(None, _values(tmp_path)), FAST)   # machine-level figures now cached
+    profile_job(load_config(None, _values(tmp_path)), FAST)   # machine-level figures now cached
     assert main(["profile", "--no-collectives", *_args(tmp_path), "--train.dtype", "bf16"]) == 0
     out = capsys.readouterr().out
     assert "block" in out and "head+loss" in out and "dtype=bf16" in out
@@ -114,21 +115,21 @@ def test_a_hugging_face_model_is_profiled_one_block_through_the_block_interface(
     embedding), the cost model and the plain predictor read its entry, and the plain
     predictor's peak is hetrain.memory's count of a real step."""
     pytest.importorskip("transformers")
-    from hetrain.predict.cost import ProfileCost, cost_model, describe_for
+    from hetrain.predict.cost import ProfileCost
     from hetrain.predict.profiler import format_profile
-    from hetrain.predict.step_graph import predict_step
+    from hetrain.train.job import describe, job_cost, predict_job
     from tests_support import save_tiny_hf
 
     path = save_tiny_hf(tmp_path / "llama", "llama", num_hidden_layers=3)
     cfg = load_config(None, {**_values(tmp_path), "hf.path": str(path)})
-    profile, entry, _ = run_profile(cfg, FAST)
+    profile, entry, _ = profile_job(cfg, FAST)
     assert entry.model["hf_config"]["model_type"] == "llama"
-    desc = describe_for(dataclasses_replace_dtype(cfg, "fp32"))
+    desc = describe(dataclasses_replace_dtype(cfg, "fp32"))
     assert [entry.embedding.act_bytes, entry.block.act_bytes, entry.head.act_bytes] == \
         [desc.embedding.act_bytes_total, desc.blocks[0].act_bytes_total, desc.head.act_bytes_total]
-    assert isinstance(cost_model(cfg, describe_for(cfg), profile), ProfileCost)
+    assert isinstance(job_cost(cfg, profile), ProfileCost)
     assert "Hugging Face llama (one block of 3)" in format_profile(profile, entry)
-    pred = predict_step(cfg, profile)
+    pred = predict_job(cfg, profile)
     assert pred.step_s > 0
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("".join(f"def f{i}(x):\n    return x * {i}\n" for i in range(3000)))
@@ -155,7 +156,7 @@ def test_the_matmul_line_prices_a_kind_in_cluster_plans(tmp_path):
     from hetrain.predict.profiler import measured_curves
     from hetrain.predict.roofline import curve_for
 
-    profile, _, _ = run_profile(load_config(None, _values(tmp_path)), FAST)
+    profile, _, _ = profile_job(load_config(None, _values(tmp_path)), FAST)
     line = profile.matmul
     assert line["dtype"] == "float32" and line["s_per_flop"] > 0 and line["overhead_s"] >= 0
     assert len(line["points"]) == 5 and all(s > 0 for _, s in line["points"])

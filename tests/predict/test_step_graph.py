@@ -21,6 +21,7 @@ from hetrain.predict.step_graph import (
     StepGraphOptions, build_step_graph, build_step_tasks, param_tensors, predict_step, state_bytes,
 )
 from hetrain.trace import read_chrome_trace
+from hetrain.train.job import describe, job_cost, predict_job
 from hetrain.train.trainer import Trainer, make_optimizer
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -96,8 +97,8 @@ def test_predicted_peak_equals_the_trainer_accountant(tiny_config):
                          "hardware.device_kind": "cpu"})
     Trainer(cfg).fit()
     records = [json.loads(line) for line in (Path(cfg.run.dir) / "metrics.jsonl").read_text().splitlines()]
-    steady = predict_step(cfg)
-    first = predict_step(cfg, options=StepGraphOptions(grad_accum=2, steady_state=False))
+    steady = predict_job(cfg)
+    first = predict_step(describe(cfg), job_cost(cfg), StepGraphOptions(grad_accum=2, steady_state=False))
     assert steady.peak_device_bytes == records[-1]["peak_device_bytes"]
     assert first.peak_device_bytes == records[0]["peak_device_bytes"]
 
@@ -121,7 +122,7 @@ def test_96_block_model_predicts_in_well_under_a_second():
     cfg = load_config(None, {"model.preset": "gpt3-175b", "train.micro_batch": "1", "train.seq_len": "2048",
                              "train.grad_accum": "4", "train.dtype": "bf16", "hardware.device_kind": "H100-SXM"})
     t0 = time.perf_counter()
-    pred = predict_step(cfg)
+    pred = predict_job(cfg)
     assert time.perf_counter() - t0 < 1.0
     assert pred.device_memory_bytes == get_kind("H100-SXM").memory_bytes < pred.peak_device_bytes
 

@@ -6,8 +6,9 @@ each rank runs, from the plan's plain data), stages.py (stages cut from the mode
 plan's recomputation), tensor_parallel.py (torch.distributed.tensor.parallel inside a stage),
 schedule.py (torch.distributed.pipelining stages and schedules, traced), data_parallel.py
 (gradients across replicas and pipelines), communicator.py (process groups and the route
-between device kinds), checkpoint.py (torch.distributed.checkpoint in the one-process format),
-runner.py (the loop, which composes them in a documented order) and launch.py (the entry
-`hetrain train --plan.file` calls under torchrun). Nothing here imports a planner: the plan
-arrives as data. Decisions and measurements: docs/pipeline.md.
+between device kinds). Nothing here imports a planner, the trainer or the Config: the plan
+arrives as data, and hetrain.train wires the runtime (cluster_launch.py, the entry `hetrain
+train --plan.file` calls under torchrun; cluster_trainer.py, the loop that composes the
+techniques in a documented order; cluster_checkpoint.py, torch.distributed.checkpoint in the
+one-process format). Decisions and measurements: docs/pipeline.md.
 """

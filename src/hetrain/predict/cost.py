@@ -23,14 +23,13 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import math
-import os
 from dataclasses import dataclass, field
 
-from hetrain.config import Config
 from hetrain.errors import ConfigError
 from hetrain.hardware.catalog import DeviceKind, get_kind
-from hetrain.model.describe import LayerDescription, ModelDescription, describe_model
+from hetrain.model.describe import LayerDescription, ModelDescription
 from hetrain.model.gpt import ModelConfig
+from hetrain.model.spec import ModelSpec
 from hetrain.predict.roofline import Efficiency, LayerSeconds, MatmulCurve, curve_for, layer_seconds
 from hetrain.predict.state_bytes import (ACCUMULATE_TRAFFIC_BYTES_PER_PARAM, CLIP_TRAFFIC_BYTES_PER_PARAM,
                                          adam_traffic_bytes)
@@ -68,7 +67,7 @@ class ModelProfile:
     """Final norm, output projection and cross-entropy loss."""
 
     def matches(self, model_cfg: ModelConfig | dict, seq_len: int, dtype: str, threads: int | None) -> bool:
-        """Same layer shapes (a ModelConfig, or a model_key; any number of blocks: the profiler
+        """Same layer shapes (a ModelConfig, or a ModelSpec.key(); any number of blocks: the profiler
         times one), sequence length and dtype, and `threads` unless it is None."""
         key = model_cfg if isinstance(model_cfg, dict) else dataclasses.asdict(model_cfg)
         return (_shape(self.model) == _shape(key) and self.seq_len == seq_len and self.dtype == dtype
@@ -341,56 +340,22 @@ def compute_dtype_bytes(dtype: str) -> int:
     return 2 if dtype == "bf16" else 4
 
 
-def describe_for(cfg: Config) -> ModelDescription:
-    """The description of the model `cfg` trains: hetrain's preset, or the Hugging Face model at
-    hf.path (ConfigError for one hetrain cannot describe)."""
-    b = compute_dtype_bytes(cfg.train.dtype)
-    if cfg.hf.path:
-        from hetrain.model.hf import load_hf_config
-        from hetrain.model.hf_describe import describe_hf
-
-        return describe_hf(load_hf_config(cfg.hf.path), cfg.train.micro_batch, cfg.train.seq_len, b)
-    return describe_model(cfg.model, cfg.train.micro_batch, cfg.train.seq_len, b)
-
-
-def model_key(cfg: Config) -> dict:
-    """What a profile entry is keyed on: dataclasses.asdict of model.*, or for a Hugging Face
-    model {'hf_config': its config without volatile entries}."""
-    if cfg.hf.path:
-        from hetrain.model.hf import config_key, load_hf_config
-
-        return {"hf_config": config_key(load_hf_config(cfg.hf.path))}
-    return dataclasses.asdict(cfg.model)
-
-
-def model_label(cfg: Config) -> str:
-    """The model in words, for messages."""
-    if cfg.hf.path:
-        c = model_key(cfg)["hf_config"]
-        return f"Hugging Face model '{cfg.hf.path}' ({c.get('model_type')}, {c.get('num_hidden_layers', c.get('n_layer'))} layers)"
-    return f"model '{cfg.model.preset}' (n_layer={cfg.model.n_layer}, d_model={cfg.model.d_model})"
-
-
-def training_threads(cfg: Config) -> int:
-    return cfg.run.threads or os.cpu_count() or 1
-
-
-def cost_model(cfg: Config, desc: ModelDescription, profile: Profile | None = None,
-               efficiency: Efficiency = Efficiency()) -> CostModel:
-    """The cost model for `cfg`: the catalog kind when `hardware.device_kind` names one, else this
-    machine's profile (ConfigError when it has no entry for this model), else the catalog kind of
-    this machine's first GPU, or the catalog's 'cpu' kind on a CPU-only machine."""
-    kind_name = cfg.hardware.device_kind
+def cost_model(spec: ModelSpec, desc: ModelDescription, dtype: str, *, kind_name: str = "", threads: int = 1,
+               profile: Profile | None = None, efficiency: Efficiency = Efficiency()) -> CostModel:
+    """The cost model of `spec`'s model at `desc`'s batch: the catalog kind `kind_name` when it
+    names one, else `profile` (this machine's; ConfigError when it has no entry for this model at
+    `threads` threads), else the catalog kind of this machine's first GPU, or the catalog's 'cpu'
+    kind on a CPU-only machine."""
     if not kind_name and profile is not None:
         # On CPU the thread count is part of the measurement; on a GPU it hardly matters.
-        threads = training_threads(cfg) if profile.device == "cpu" else None
-        entry = profile.find_model(model_key(cfg), desc.micro_batch, desc.seq_len, cfg.train.dtype, threads)
+        on_cpu = profile.device == "cpu"
+        entry = profile.find_model(spec.key(), desc.micro_batch, desc.seq_len, dtype, threads if on_cpu else None)
         if entry is None:
             raise ConfigError(
-                f"the profile of {profile.machine.get('hostname')} has no measurements of {model_label(cfg)} at "
-                f"seq_len={desc.seq_len}, dtype={cfg.train.dtype}, threads={threads or 'any'}; run `hetrain profile` "
+                f"the profile of {profile.machine.get('hostname')} has no measurements of {spec.label()} at "
+                f"seq_len={desc.seq_len}, dtype={dtype}, threads={threads if on_cpu else 'any'}; run `hetrain profile` "
                 f"with the same --model.*, --train.seq_len, --train.dtype and --run.threads")
-        return ProfileCost(desc, profile, entry, training_threads(cfg))
+        return ProfileCost(desc, profile, entry, threads)
     curve = None
     if not kind_name:
         from hetrain.hardware.probe import probe
@@ -398,5 +363,5 @@ def cost_model(cfg: Config, desc: ModelDescription, profile: Profile | None = No
         kinds = [a.kind for a in probe().accelerators if a.kind]
         kind_name = kinds[0] if kinds else "cpu"
         if profile is not None and profile.matmul:  # this machine's own measured GEMM line
-            curve = curve_for(get_kind(kind_name), profile.matmul, cfg.train.dtype)
-    return RooflineCost(desc, get_kind(kind_name), cfg.train.dtype, efficiency, curve=curve)
+            curve = curve_for(get_kind(kind_name), profile.matmul, dtype)
+    return RooflineCost(desc, get_kind(kind_name), dtype, efficiency, curve=curve)

@@ -29,11 +29,11 @@ from typing import Callable
 
 import torch
 
-from hetrain.config import Config
 from hetrain.errors import ConfigError
 from hetrain.files import write_atomic
 from hetrain.memory import MemoryAccountant
-from hetrain.model.gpt import GPT, ModelConfig
+from hetrain.model.gpt import GPT
+from hetrain.model.spec import BatchShape, ModelSpec
 from hetrain.model.describe import ModelDescription
 from hetrain.predict.cost import LayerTiming, ModelProfile, Profile, UpdateTiming
 
@@ -268,24 +268,24 @@ class _Layer:
     act_bytes: int | None = None
 
 
-def profile_model(model_cfg: ModelConfig, micro_batch: int, seq_len: int, dtype: str,
-                  device: torch.device, options: ProfileOptions, hf_config=None) -> ModelProfile:
-    """Time the embedding, one block and the head of `model_cfg` (or of the transformers model
-    `hf_config`, when given) for one micro-batch.
+def profile_model(spec: ModelSpec, batch: BatchShape, device: torch.device, options: ProfileOptions) -> ModelProfile:
+    """Time the embedding, one block and the head of `spec`'s model for one micro-batch of `batch`.
 
     The layers take turns over `options.rounds` rounds, so that each figure's samples span the
     whole measurement and a burst of another process's work cannot take most of them. The model
     built for it has one block: the blocks are identical, so a model of any depth is profiled in
     the memory of one block, its embedding and its head. Layers run through the block interface
     (hetrain.model.stack), as the offload engine runs them."""
+    micro_batch, seq_len, dtype = batch.micro_batch, batch.seq_len, batch.dtype
     torch.manual_seed(0)
-    if hf_config is not None:
-        from hetrain.model.hf import build_hf_model, config_key
+    key = spec.key()
+    if spec.hf:
+        from hetrain.model.hf import build_hf_model, config_from_dict
 
-        model, key = build_hf_model(hf_config, n_layers=1).to(device), {"hf_config": config_key(hf_config)}
+        model = build_hf_model(config_from_dict(spec.hf["config"]), n_layers=1).to(device)
         model.check_stages()
     else:
-        model, key = GPT(dataclasses.replace(model_cfg, n_layer=1)).to(device), dataclasses.asdict(model_cfg)
+        model = GPT(dataclasses.replace(spec.model_config(), n_layer=1)).to(device)
     amp = torch.bfloat16 if dtype == "bf16" else None
     params = _held_parameters(model)
     idx = torch.randint(0, _vocab(model), (micro_batch, seq_len), device=device)
@@ -501,19 +501,18 @@ def measure_machine(profile: Profile, device: torch.device, options: ProfileOpti
     profile.measured_at = time.strftime("%Y-%m-%dT%H:%M:%S")
 
 
-def run_profile(cfg: Config, options: ProfileOptions | None = None) -> tuple[Profile, ModelProfile, Path]:
-    """Measure `cfg`'s model at its micro-batch, sequence length and dtype on this machine (and the
-    machine-level figures when the cache lacks them), merge into the cache, save it."""
-    from hetrain.train.distributed import pick_device
-
+def run_profile(spec: ModelSpec, batch: BatchShape, device: torch.device, threads: int, profile_dir: str,
+                options: ProfileOptions | None = None) -> tuple[Profile, ModelProfile, Path]:
+    """Measure `spec`'s model at `batch`'s micro-batch, sequence length and dtype on `device` with
+    `threads` CPU threads (and the machine-level figures when the cache in `profile_dir` lacks
+    them), merge into the cache, save it."""
     options = options or ProfileOptions()
-    device = pick_device(cfg.run.device)
     machine = machine_fingerprint()
     before = torch.get_num_threads()
     if device.type == "cpu":
-        torch.set_num_threads(cfg.run.threads or os.cpu_count() or 1)
+        torch.set_num_threads(threads)
     try:
-        profile = load_profile(cfg.hardware.profile_dir, machine)
+        profile = load_profile(profile_dir, machine)
         if profile is None:
             profile = Profile(machine=machine, device="cpu" if device.type == "cpu" else machine["gpu"])
         if options.remeasure_machine or profile.grad_accumulate is None or profile.matmul is None:
@@ -527,20 +526,14 @@ def run_profile(cfg: Config, options: ProfileOptions | None = None) -> tuple[Pro
             profile.unmeasured["collective.nccl"] = (f"needs 2 GPUs, this machine has {torch.cuda.device_count()}; "
                                                      "the all-reduce figure is gloo between host processes")
         # Its own RNG stream: a profile made mid-run (a resume with --trace) leaves the run's draws as they were.
-        hf_config = None
-        if cfg.hf.path:
-            from hetrain.model.hf import load_hf_config
-
-            hf_config = load_hf_config(cfg.hf.path)
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            entry = profile_model(cfg.model, cfg.train.micro_batch, cfg.train.seq_len, cfg.train.dtype, device,
-                                  options, hf_config)
+            entry = profile_model(spec, batch, device, options)
     finally:
         torch.set_num_threads(before)
     profile.models = [m for m in profile.models if not (
         m.matches(entry.model, entry.seq_len, entry.dtype, entry.threads) and m.micro_batch == entry.micro_batch)]
     profile.models.append(entry)
-    return profile, entry, save_profile(profile, cfg.hardware.profile_dir)
+    return profile, entry, save_profile(profile, profile_dir)
 
 
 def measured_curves(profile_dir: str | os.PathLike, dtype: str = "bf16") -> dict:

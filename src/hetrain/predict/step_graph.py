@@ -18,11 +18,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from hetrain.config import Config
 from hetrain.model import describe
 from hetrain.model.describe import LayerDescription, ModelDescription, head_backward_transient_bytes
 from hetrain.model.gpt import ModelConfig
-from hetrain.predict.cost import CostModel, Profile, RooflineCost, cost_model, describe_for
+from hetrain.predict.cost import CostModel, RooflineCost
 from hetrain.predict.simulator import SimResult, Task, simulate
 from hetrain.predict.state_bytes import GRAD_BYTES_PER_PARAM, MASTER_BYTES_PER_PARAM, adam_state_bytes
 from hetrain.trace import task_name
@@ -205,6 +204,8 @@ class Prediction:
     source: str
     """Where the durations come from: this machine's profile or a catalog kind."""
     graph: StepGraph
+    tokens: int
+    """Tokens of one step (micro-batch x sequence length x micro-batches)."""
     device_memory_bytes: int | None = None
     """The catalog kind's memory when predicting for one; None on the profile path."""
 
@@ -218,30 +219,20 @@ class Prediction:
                 "grads+activations": self.peak_device_bytes - base}
 
 
-def predict_step(cfg: Config, profile: Profile | None = None,
-                 options: StepGraphOptions | None = None) -> Prediction:
-    """Predicted steady-state step time and peak memory of `cfg` trained with the plain plan.
-
-    Durations come from `profile` (this machine's, see hetrain.predict.profiler.load_profile)
-    unless `cfg.hardware.device_kind` names a catalog kind; with neither, from the catalog kind
-    of this machine's GPU, or the catalog's 'cpu' placeholder. ConfigError when the profile has
-    no entry for this model, sequence length and dtype, or for a Hugging Face model hetrain
-    cannot describe.
-    """
-    desc = describe_for(cfg)
-    cost = cost_model(cfg, desc, profile)
-    graph = build_step_graph(desc, cost, options or StepGraphOptions(grad_accum=cfg.train.grad_accum))
+def predict_step(desc: ModelDescription, cost: CostModel, options: StepGraphOptions = StepGraphOptions()) -> Prediction:
+    """Predicted steady-state step time and peak memory of the plain plan of `desc`'s model and
+    micro-batch, priced by `cost` (a profile's or a catalog kind's, hetrain.predict.cost.cost_model)."""
+    graph = build_step_graph(desc, cost, options)
     sim = graph.simulate()
     return Prediction(step_s=sim.step_s, peak_device_bytes=sim.peak_bytes[DEVICE],
                       peak_host_bytes=sim.peak_bytes.get(HOST, 0), sim=sim, source=cost.source, graph=graph,
+                      tokens=desc.tokens_per_microbatch * options.grad_accum,
                       device_memory_bytes=cost.kind.memory_bytes if isinstance(cost, RooflineCost) else None)
 
 
-def format_prediction(pred: Prediction, cfg: Config) -> str:
+def format_prediction(pred: Prediction) -> str:
     """Step time, critical path by category, utilisation per resource and peak memory."""
-    t = cfg.train
-    tokens = t.micro_batch * t.seq_len * t.grad_accum
-    lines = [f"predicted step: {pred.step_s * 1e3:.2f} ms ({tokens / pred.step_s:,.0f} tokens/s); "
+    lines = [f"predicted step: {pred.step_s * 1e3:.2f} ms ({pred.tokens / pred.step_s:,.0f} tokens/s); "
              f"durations from {pred.source}"]
     by_name = {e.name: e for e in pred.sim.events}
     path = pred.sim.critical_path

@@ -18,10 +18,10 @@ from hetrain.train.distributed import Ranks
 
 def plan_shape(cfg: Config) -> dict:
     """The model and batch shape an offload plan must have been made for (OffloadPlan.made_for)."""
-    from hetrain.predict.cost import model_key
+    from hetrain.train.job import model_spec
 
     t = cfg.train
-    return shape_of(model_key(cfg), t.micro_batch, t.seq_len, t.dtype)
+    return shape_of(model_spec(cfg).key(), t.micro_batch, t.seq_len, t.dtype)
 
 
 def n_blocks(cfg: Config) -> int:
@@ -62,10 +62,10 @@ def unplannable(cfg: Config) -> str:
     kind = parse_device_budget(cfg.memory.device_budget)[0]
     if not cfg.hf.path or (kind == "none" and not cfg.plan.file):
         return ""
-    from hetrain.predict.cost import describe_for
+    from hetrain.train.job import describe
 
     try:
-        describe_for(cfg)
+        describe(cfg)
     except ConfigError as e:
         if cfg.plan.file or kind != "auto":
             raise
@@ -94,7 +94,7 @@ def choose_plan(cfg: Config, ranks: Ranks, resume: CheckpointMeta | None) -> Off
         plan = OffloadPlan.from_dict(resume.plan) if resume.plan is not None else None
         print(f"hetrain: resuming under the plan the checkpoint ran ({_describe(plan)})", flush=True)
     else:
-        from hetrain.plan.offload.planner import plan_for_config
+        from hetrain.train.offload_planning import plan_for_config
 
         plan = ranks.from_main(plan_for_config(cfg) if ranks.is_main else None)  # rank 0 plans for all
         if resume is not None:

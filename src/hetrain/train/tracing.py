@@ -135,37 +135,40 @@ def predicted_events(cfg, plan) -> list[TraceEvent]:
     graph. Priced by this machine's profile (profiled now if it lacks this model) or by the
     catalog kind that hardware.device_kind names."""
     from hetrain.errors import ConfigError
-    from hetrain.predict.profiler import load_profile, run_profile
+    from hetrain.predict.profiler import load_profile
+    from hetrain.train.job import profile_job
 
     profile = None
     if not cfg.hardware.device_kind:
         profile = load_profile(cfg.hardware.profile_dir)
         if profile is None or not _has_model(cfg, profile):
-            profile, _, _ = run_profile(cfg)
+            profile, _, _ = profile_job(cfg)
     if plan is None:
-        from hetrain.predict.step_graph import predict_step
+        from hetrain.train.job import predict_job
 
         try:
-            return predict_step(cfg, profile).sim.events
+            return predict_job(cfg, profile).sim.events
         except ConfigError:
             return []
     from hetrain.plan.offload.graph import choice_of, offload_prices, simulate_offload
     from hetrain.plan.offload.planner import PlannerOptions, step_settings
-    from hetrain.predict.cost import cost_model, describe_for
+    from hetrain.train.job import batch_shape, describe, job_cost
 
-    cost = cost_model(cfg, describe_for(cfg), profile)
-    prices = offload_prices(describe_for(cfg), cost, step_settings(cfg, cost, PlannerOptions()))
+    desc = describe(cfg)
+    cost = job_cost(cfg, profile, desc)
+    prices = offload_prices(desc, cost, step_settings(desc, batch_shape(cfg), cost, PlannerOptions(),
+                                                      cfg.train.grad_clip > 0))
     events = [e for e in simulate_offload(prices, choice_of(plan)).sim.events if e.args.get("step") == 1]
     t0 = min((e.start_s for e in events), default=0.0)
     return [TraceEvent(e.name, e.lane, e.start_s - t0, e.end_s - t0, e.cat, e.args) for e in events]
 
 
 def _has_model(cfg, profile) -> bool:
-    from hetrain.predict.cost import describe_for, model_key, training_threads
+    from hetrain.train.job import model_spec, training_threads
 
-    desc = describe_for(cfg)
+    t = cfg.train
     threads = training_threads(cfg) if profile.device == "cpu" else None
-    return profile.find_model(model_key(cfg), desc.micro_batch, desc.seq_len, cfg.train.dtype, threads) is not None
+    return profile.find_model(model_spec(cfg).key(), t.micro_batch, t.seq_len, t.dtype, threads) is not None
 
 
 def write_run_trace(run_dir, measured: list[TraceEvent], predicted: list[TraceEvent], title: str) -> list[dict]:

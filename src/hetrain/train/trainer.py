@@ -202,21 +202,21 @@ class Trainer:
             if not self.plan.predicted_step_s:
                 return None
             return Predicted(self.plan.predicted_step_s, self.plan.predicted_peak_device_bytes, "the offload plan")
-        from hetrain.predict.profiler import load_profile, run_profile
-        from hetrain.predict.step_graph import predict_step
+        from hetrain.predict.profiler import load_profile
+        from hetrain.train.job import predict_job, profile_job
 
         profile = load_profile(self.cfg.hardware.profile_dir) if not self.cfg.hardware.device_kind else None
         guess_only = profile is None and not self.cfg.hardware.device_kind and self.device.type == "cpu"
         if not guess_only:  # a profile, a named catalog kind, or this GPU's catalog figures
             try:
-                return predict_step(self.cfg, profile)
+                return predict_job(self.cfg, profile)
             except ConfigError:  # the profile has no entry for this model
                 pass
         if not self.cfg.log.trace:
             return None  # the catalog's CPU placeholder is no prediction worth printing
         try:
-            profile, _, _ = run_profile(self.cfg)
-            return predict_step(self.cfg, profile)
+            profile, _, _ = profile_job(self.cfg)
+            return predict_job(self.cfg, profile)
         except ConfigError as e:  # a Hugging Face model hetrain cannot describe trains all the same
             print(f"hetrain: no prediction: {e}")
             return None

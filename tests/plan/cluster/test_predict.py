@@ -10,9 +10,9 @@ from hetrain.hardware.cluster import parse_cluster
 from hetrain.model.describe import describe_model
 from hetrain.plan.cluster.planner import SearchOptions, plan_cluster
 from hetrain.plan.cluster.cost import CostContext, Path, PredictorOptions, dp_path, ring_allreduce_s
-from hetrain.predict.cost import RooflineCost, describe_for
+from hetrain.predict.cost import RooflineCost
 from hetrain.predict.roofline import Efficiency, layer_seconds
-from hetrain.predict.step_graph import predict_step
+from hetrain.train.job import describe, predict_job
 from hetrain.plan.cluster.predict import (PipelineShape, build_stages, context_for, one_f_one_b_end_s,
                                            one_f_one_b_orders, pipeline_step_s, predict_plan, shape_of)
 
@@ -92,8 +92,8 @@ def test_single_device_step_is_work_plus_optimizer():
     shape = {f"model.{k}": str(v) for k, v in dataclasses.asdict(model(1024, 4)).items() if k != "preset"}
     cfg = load_config(None, {**shape, "train.micro_batch": "2", "train.seq_len": "1024", "train.grad_accum": "5",
                              "train.dtype": "bf16", "hardware.device_kind": "H100-SXM"})
-    assert describe_for(cfg).total_params == desc.total_params
-    assert pipeline_step_s([st], [4], [0], 5) == pytest.approx(predict_step(cfg).step_s, rel=0.05)
+    assert describe(cfg).total_params == desc.total_params
+    assert pipeline_step_s([st], [4], [0], 5) == pytest.approx(predict_job(cfg).step_s, rel=0.05)
 
 
 def test_tensor_parallel_divides_compute_and_adds_allreduces():

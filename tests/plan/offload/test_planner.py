@@ -18,8 +18,10 @@ from hetrain.offload import OptimConfig, apply_plan
 from hetrain.plan.offload.graph import choice_of, offload_prices, simulate_offload
 from hetrain.plan.offload.milp import OffloadModel
 from hetrain.plan.offload.plan import OffloadPlan
-from hetrain.plan.offload.planner import PlannerOptions, candidates, plan_offload, run_offload_planning, step_settings
-from hetrain.predict.cost import RooflineCost, describe_for
+from hetrain.plan.offload.planner import PlannerOptions, candidates, step_settings
+from hetrain.predict.cost import RooflineCost
+from hetrain.train.job import batch_shape, describe
+from hetrain.train.offload_planning import plan_offload_for, run_offload_planning
 
 GIB = 2**30
 
@@ -36,12 +38,12 @@ def gpu_config(preset="gpt3-1.3b", n_layer=8, micro_batch=8, seq_len=1024, **ext
 
 
 def cost_for(cfg, kind):
-    return RooflineCost(describe_for(cfg), get_kind(kind), cfg.train.dtype)
+    return RooflineCost(describe(cfg), get_kind(kind), cfg.train.dtype)
 
 
 def model_for(cfg, kind, device_budget, host_budget, options=PlannerOptions()):
     cost = cost_for(cfg, kind)
-    prices = offload_prices(describe_for(cfg), cost, step_settings(cfg, cost, options))
+    prices = offload_prices(describe(cfg), cost, step_settings(describe(cfg), batch_shape(cfg), cost, options))
     return prices, OffloadModel(prices, device_budget, host_budget)
 
 
@@ -144,7 +146,7 @@ def test_plan_beats_the_best_prefix_suffix_plan_in_simulation():
     prices, model = model_for(cfg, "A100-40GB", None, None)
     budget, host = int(0.5 * resident_peak(prices, model)), 200 * GIB
     model = OffloadModel(prices, budget, host)
-    plan = plan_offload(cfg, budget, host, cost)
+    plan = plan_offload_for(cfg, budget, host, cost)
     n = len(prices.terms) - 2
     family = [choice_of(OffloadPlan.prefix_suffix(n, r, s, c)) for r, s, c in itertools.product(range(n + 1), repeat=3)]
     fits = model.feasible(model.values(family))
@@ -181,7 +183,7 @@ def test_budget_sweep_moves_toward_offloading_and_stays_within_budget():
     prices, model = model_for(cfg, "H100-SXM", None, None)
     peak = resident_peak(prices, model)
     host = 200 * GIB
-    plans = [plan_offload(cfg, int(f * peak), host, cost) for f in (1.0, 0.7, 0.5, 0.42, 0.36)]
+    plans = [plan_offload_for(cfg, int(f * peak), host, cost) for f in (1.0, 0.7, 0.5, 0.42, 0.36)]
     # Everything fits: nothing recomputes or streams; a CPU update only where it is faster.
     assert all(r == s == 0 for r, s, _ in choice_of(plans[0]))
     resident = simulate_offload(prices, ((0, 0, 0),) * 10).step_s
@@ -201,21 +203,21 @@ def test_no_plan_fits_names_the_smallest_budgets_that_do():
     cfg = gpu_config(n_layer=4)
     cost = cost_for(cfg, "H100-SXM")
     with pytest.raises(ConfigError) as err:
-        plan_offload(cfg, 64 * 2**20, 200 * GIB, cost)
+        plan_offload_for(cfg, 64 * 2**20, 200 * GIB, cost)
     msg = str(err.value)
     assert "smallest device budget any plan fits is" in msg and "raise --memory.device_budget" in msg
     min_device = int(msg.split("fits is ")[1].split("(")[1].split(" bytes")[0])
-    plan = plan_offload(cfg, min_device, 200 * GIB, cost)  # the stated minimum fits ...
+    plan = plan_offload_for(cfg, min_device, 200 * GIB, cost)  # the stated minimum fits ...
     assert plan.predicted_peak_device_bytes <= min_device
     with pytest.raises(ConfigError):  # ... and a little less does not
-        plan_offload(cfg, min_device - 2 * 2**20, 200 * GIB, cost)
+        plan_offload_for(cfg, min_device - 2 * 2**20, 200 * GIB, cost)
     # Host RAM too small for the device budget: the error gives the host RAM it needs.
     with pytest.raises(ConfigError) as err:
-        plan_offload(cfg, min_device, 2**30, cost)
+        plan_offload_for(cfg, min_device, 2**30, cost)
     msg = str(err.value)
     assert "raise --memory.host_budget" in msg
     need_host = int(msg.split("need at least ")[1].split("(")[1].split(" bytes")[0])
-    plan = plan_offload(cfg, min_device, need_host, cost)
+    plan = plan_offload_for(cfg, min_device, need_host, cost)
     assert plan.predicted_host_bytes <= need_host
 
 
@@ -231,7 +233,7 @@ def test_engine_stays_under_the_planned_peak(preset, dtype, fraction):
     cost = cost_for(cfg, "cpu")
     prices, model = model_for(cfg, "cpu", None, None)
     budget = int(fraction * resident_peak(prices, model))
-    plan = plan_offload(cfg, budget, 2**30, cost)
+    plan = plan_offload_for(cfg, budget, 2**30, cost)
     assert plan.predicted_peak_device_bytes <= budget
     assert any(layer.act == "recompute" or layer.weights == "host" or layer.optim == "host" for layer in plan.layers)
     torch.manual_seed(0)
@@ -266,9 +268,9 @@ def test_run_offload_planning_prints_the_table_and_writes_plan_json(tmp_path, ca
 def test_96_block_model_plans_within_a_second():
     cfg = config("gpt3-175b", 96, "bf16", micro_batch=1, seq_len=2048)
     cost = cost_for(cfg, "H100-SXM")
-    plan_offload(cfg, 40 * GIB, 4000 * GIB, cost)  # warm imports and caches
+    plan_offload_for(cfg, 40 * GIB, 4000 * GIB, cost)  # warm imports and caches
     start = time.perf_counter()
-    plan = plan_offload(cfg, 40 * GIB, 4000 * GIB, cost)
+    plan = plan_offload_for(cfg, 40 * GIB, 4000 * GIB, cost)
     elapsed_s = time.perf_counter() - start
     assert elapsed_s < 2.0, f"planning took {elapsed_s:.2f} s"
     assert plan.n_blocks == 96 and plan.predicted_peak_device_bytes <= 40 * GIB
@@ -278,12 +280,12 @@ def test_96_block_model_plans_within_a_second():
 
 
 def test_default_job_plan_mixes_every_kind_of_decision():
-    from hetrain.plan.offload.planner import plain_peak_bytes, plan_for_config
+    from hetrain.train.offload_planning import plain_peak_for, plan_for_config
 
     cfg = load_config(None, {"run.device": "cpu"})  # the default job, as on a machine without a GPU
     cost = cost_for(cfg, "cpu")
     plan = plan_for_config(cfg, cost)
-    assert plan.device_budget_bytes == int(0.5 * plain_peak_bytes(cfg, cost))
+    assert plan.device_budget_bytes == int(0.5 * plain_peak_for(cfg, cost))
     assert plan.predicted_peak_device_bytes <= plan.device_budget_bytes
     assert any(l.act == "recompute" for l in plan.layers)
     assert any(l.weights == "host" for l in plan.layers)
@@ -292,12 +294,12 @@ def test_default_job_plan_mixes_every_kind_of_decision():
 
 
 def test_device_budget_forms(monkeypatch):
-    from hetrain.plan.offload import planner as offload_planner
-    from hetrain.plan.offload.planner import plain_peak_bytes, plan_for_config
+    from hetrain.train import offload_planning as offload_planner
+    from hetrain.train.offload_planning import plain_peak_for, plan_for_config
 
     cfg = config(run__device="cpu")
     cost = cost_for(cfg, "cpu")
-    plain = plain_peak_bytes(cfg, cost)
+    plain = plain_peak_for(cfg, cost)
     assert plan_for_config(config(memory__device_budget="none"), cost) is None
     assert plan_for_config(config(memory__device_budget="70%"), cost).device_budget_bytes == int(0.7 * plain)
     assert plan_for_config(config(memory__device_budget="3MiB"), cost).device_budget_bytes == 3 * 2**20

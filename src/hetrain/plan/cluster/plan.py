@@ -83,7 +83,7 @@ class ClusterPlan:
     search: dict = field(default_factory=dict)
     """How the plan was found: search time, candidates examined."""
     hf: dict = field(default_factory=dict)
-    """For a transformers model: {"path", "config"} (hetrain.plan.cluster.model); empty for hetrain's GPT."""
+    """For a transformers model: {"path", "config"} (hetrain.model.spec); empty for hetrain's GPT."""
 
     def to_dict(self) -> dict:
         return {"format": PLAN_FORMAT, **dataclasses.asdict(self)}

@@ -21,7 +21,7 @@ from hetrain.model.gpt import ModelConfig
 from hetrain.plan.cluster.cost import CostContext, PredictorOptions
 from hetrain.plan.cluster.plan import ClusterPlan, PipelinePlan, StagePlan, interleave
 from hetrain.plan.cluster.predict import PipelineShape, build_stages, predict_plan
-from hetrain.plan.cluster.model import PlannedModel
+from hetrain.model.spec import ModelSpec
 from hetrain.plan.cluster.report import format_report, write_timeline
 from hetrain.plan.cluster.search import Candidate, Pins, SearchOptions, divisors, search
 from hetrain.plan.cluster.split import split_blocks
@@ -32,11 +32,11 @@ __all__ = ["ClusterPlan", "Pins", "PredictorOptions", "SearchOptions", "plan_clu
            "format_report", "load_plan", "repredict"]
 
 
-def _planned(model: ModelConfig | PlannedModel) -> PlannedModel:
-    return model if isinstance(model, PlannedModel) else PlannedModel.gpt(model)
+def _planned(model: ModelConfig | ModelSpec) -> ModelSpec:
+    return model if isinstance(model, ModelSpec) else ModelSpec.gpt(model)
 
 
-def _to_plan(cand: Candidate, ctx: CostContext, model: PlannedModel, global_batch: int) -> ClusterPlan:
+def _to_plan(cand: Candidate, ctx: CostContext, model: ModelSpec, global_batch: int) -> ClusterPlan:
     pipelines = []
     for p in cand.pipelines:
         stages, first = [], 0
@@ -117,7 +117,7 @@ def _search_or_explain(ctx: CostContext, global_batch: int, opts: SearchOptions)
         f"'{ctx.cluster.name}'; devices of one kind that would hold it: {_devices_to_fit(ctx)}")
 
 
-def plan_cluster(model: ModelConfig | PlannedModel, cluster: Cluster, global_batch: int, seq_len: int,
+def plan_cluster(model: ModelConfig | ModelSpec, cluster: Cluster, global_batch: int, seq_len: int,
                  options: PredictorOptions = PredictorOptions(),
                  search_options: SearchOptions = SearchOptions()) -> ClusterPlan:
     """The fastest plan found that fits every device; ConfigError when none exists.
@@ -222,7 +222,7 @@ def load_plan(path) -> ClusterPlan:
     return ClusterPlan.load(path)
 
 
-def run_cluster_planning(model: ModelConfig | PlannedModel, cluster_path, global_batch: int, seq_len: int, out_dir,
+def run_cluster_planning(model: ModelConfig | ModelSpec, cluster_path, global_batch: int, seq_len: int, out_dir,
                          search_options: SearchOptions = SearchOptions(), virtual_stages: int = 1,
                          options: PredictorOptions = PredictorOptions()) -> ClusterPlan:
     """Plan for the cluster file and write plan.json, report.txt and timeline.png to out_dir.

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from hetrain.hardware.cluster import Group, cluster_from_dict
-from hetrain.plan.cluster.model import PlannedModel
+from hetrain.model.spec import ModelSpec
 from hetrain.plan.cluster.cost import CostContext, Path, PredictorOptions, dp_path, pp_path, ring_allreduce_s
 from hetrain.plan.cluster.plan import ClusterPlan, PipelinePlan, StagePlan, fold
 from hetrain.predict.simulator import Task, simulate
@@ -309,7 +309,7 @@ class PlanPrediction:
 
 
 def context_for(plan: ClusterPlan) -> CostContext:
-    desc = PlannedModel.of_plan(plan).describe(plan.seq_len)
+    desc = ModelSpec.of_plan(plan).describe(plan.seq_len)
     known = {f.name for f in dataclasses.fields(PredictorOptions)}  # options since retired are ignored
     return CostContext(desc, cluster_from_dict(plan.cluster),
                        PredictorOptions(**{k: v for k, v in plan.options.items() if k in known}))

@@ -1,14 +1,14 @@
 """The offload planner: the fastest per-layer placement that fits the device and host budgets.
 
-`plan_offload(cfg, device_budget_bytes, host_budget_bytes)` prices every layer with the cost
+`plan_offload(spec, batch, cost, device_budget_bytes, host_budget_bytes)` prices every layer with the cost
 model (offload_graph.layer_terms), solves the linear model of offload_milp.py for its best
 few assignments (HiGHS through scipy.optimize.milp, each further one excluded by a no-good
 cut), simulates each candidate's step on the offload step graph, and returns the candidate
 the simulator finds fastest as an OffloadPlan, with the MILP's and the simulator's figures and
 a paragraph saying which constraint binds and what each choice buys. A model that fits no plan
 is a ConfigError giving the smallest device budget and host RAM that would fit.
-`run_offload_planning(cfg, out_dir)` is what `hetrain plan` runs: budgets from the config,
-the table printed, plan.json written. This module decides and explains; it must not execute
+It takes a model, a batch shape, a cost model and budgets; hetrain.train.offload_planning
+reads them from the Config (`hetrain plan`, `hetrain train`). This module decides and explains; it must not execute
 plans (the offload engine does) or price tasks itself (the cost model does).
 """
 
@@ -16,32 +16,20 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
-from hetrain.config import Config, parse_bytes, parse_device_budget
 from hetrain.errors import ConfigError
 from hetrain.plan.offload.graph import (Choice, OffloadPrices, OffloadSimulation, StepSettings, offload_prices,
                                         plan_of, simulate_offload)
 from hetrain.plan.offload.milp import BUDGET_MARGIN, OffloadModel, Solution
 from hetrain.plan.offload.plan import OffloadPlan, shape_of
-from hetrain.predict.cost import (CostModel, compute_dtype_bytes, cost_model, describe_for, model_key, model_label,
-                                  training_threads)
+from hetrain.model.describe import ModelDescription
+from hetrain.model.spec import BatchShape, ModelSpec
+from hetrain.predict.cost import CostModel
 from hetrain.units import KIB, fmt_bytes
-
-HOST_BUDGET_FRACTION = 0.8
-"""Default host budget: this share of the machine's RAM (config: memory.host_budget)."""
-GPU_BUDGET_FRACTION = 0.9
-"""memory.device_budget 'auto' on a GPU: this share of its memory; the rest is left to the CUDA
-context, the allocator's fragmentation and the kernels' workspaces, which the plan does not count."""
-AUTO_CPU_SHARE = 0.5
-"""memory.device_budget 'auto' on a CPU: this share of what plain training would hold. Small
-enough that the default job's plan mixes recomputation, streamed weights and CPU updates."""
-
 
 @dataclass(frozen=True)
 class PlannerOptions:
@@ -68,98 +56,31 @@ class PlannerOptions:
     """Copies on their own streams; None: yes on a GPU, no when the device is the CPU."""
 
 
-def default_cost(cfg: Config) -> CostModel:
-    """This machine's profile when it has the model, else the catalog kind (see cost_model). On
-    a CPU device with no profile of this model and no --hardware.device_kind, the model is
-    profiled now (seconds for small models, cached): the catalog's CPU entry is a placeholder
-    whose times are off by several fold, and a plan should be priced by what this machine does."""
-    from hetrain.predict.profiler import ProfileOptions, load_profile, run_profile
-
-    desc = describe_for(cfg)
-    if cfg.hardware.device_kind:
-        return cost_model(cfg, desc, None)
-    profile = load_profile(cfg.hardware.profile_dir)
-    if profile is not None:
-        try:
-            return cost_model(cfg, desc, profile)
-        except ConfigError:  # the profile has no entry for this model
-            pass
-    if _gpu_memory_bytes(cfg) is not None:
-        return cost_model(cfg, desc, None)  # the catalog's figures for this GPU
-    too_big = _profile_too_big(cfg)
-    if too_big:
-        print(f"hetrain: {too_big}; pricing the plan with the catalog's 'cpu' figures instead (a roofline, off by "
-              f"several fold on a CPU): run `hetrain profile` to measure anyway, or name --hardware.device_kind",
-              flush=True)
-        return cost_model(cfg, desc, None)
-    print("hetrain: profiling this model on this CPU for the planner (once; cached under hardware.profile_dir)",
-          flush=True)
-    profile, _, _ = run_profile(cfg, ProfileOptions(collectives=False))
-    return cost_model(cfg, desc, profile)
-
-
-PROFILE_MAX_S = 120.0
-"""The longest the planner profiles a model by itself before falling back to the catalog."""
-PROFILE_MAX_RAM_SHARE = 0.25
-"""The largest share of host RAM a profile the planner starts by itself may take."""
-
-
-def _profile_too_big(cfg: Config) -> str:
-    """Why profiling `cfg`'s model on this CPU is not worth it ('' when it is): the estimate of
-    hetrain.predict.profiler at this CPU's matmul rate (measured in a tenth of a second),
-    against PROFILE_MAX_S and PROFILE_MAX_RAM_SHARE of this machine's RAM."""
-    import torch
-
-    from hetrain.hardware.probe import probe
-    from hetrain.predict.profiler import estimate_profile
-    from hetrain.train.metrics import measure_matmul_flops
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(training_threads(cfg))
-    try:
-        rate = measure_matmul_flops(torch.device("cpu"), torch.float32, n=512, min_s=0.1)
-    finally:
-        torch.set_num_threads(before)
-    est = estimate_profile(_fp32_description(cfg), rate)
-    ram = probe().host_ram_bytes
-    if est.peak_bytes > PROFILE_MAX_RAM_SHARE * ram:
-        return (f"profiling one block of this model here would take {fmt_bytes(est.peak_bytes)}, over "
-                f"{PROFILE_MAX_RAM_SHARE:.0%} of this machine's {fmt_bytes(ram)} of RAM")
-    if est.seconds > PROFILE_MAX_S:
-        return f"profiling one block of this model here would take about {est.seconds / 60:.0f} min"
-    return ""
-
-
-def _fp32_description(cfg: Config):
-    """The description of `cfg`'s model and micro-batch in fp32 (what the profiler builds)."""
-    return describe_for(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, dtype="fp32")))
-
-
-def step_settings(cfg: Config, cost: CostModel, options: PlannerOptions) -> StepSettings:
-    tied = describe_for(cfg).tied_embeddings
+def step_settings(desc: ModelDescription, batch: BatchShape, cost: CostModel, options: PlannerOptions,
+                  clip: bool = True) -> StepSettings:
     async_copies = cost.on_gpu if options.async_copies is None else options.async_copies
-    return StepSettings(grad_accum=cfg.train.grad_accum, clip=cfg.train.grad_clip > 0, overlap=options.overlap,
+    return StepSettings(grad_accum=batch.grad_accum, clip=clip, overlap=options.overlap,
                         async_copies=async_copies, weight_buffers=options.weight_buffers,
-                        prefetch_depth=options.prefetch_depth,
-                        compute_dtype_bytes=compute_dtype_bytes(cfg.train.dtype),
-                        tied_embeddings=tied)
+                        prefetch_depth=options.prefetch_depth, compute_dtype_bytes=batch.dtype_bytes,
+                        tied_embeddings=desc.tied_embeddings)
 
 
-def plan_offload(cfg: Config, device_budget_bytes: int | None, host_budget_bytes: int | None,
-                 cost: CostModel | None = None, options: PlannerOptions = PlannerOptions()) -> OffloadPlan:
-    """The fastest plan for `cfg`'s model and batch within the budgets (None: no limit).
+def plan_offload(spec: ModelSpec, batch: BatchShape, cost: CostModel, device_budget_bytes: int | None,
+                 host_budget_bytes: int | None, options: PlannerOptions = PlannerOptions(),
+                 clip: bool = True) -> OffloadPlan:
+    """The fastest plan for `spec`'s model at `batch` within the budgets (None: no limit),
+    priced by `cost`; `clip`: the step clips the global gradient norm.
 
     ConfigError when no plan fits, naming the smallest device budget and host RAM that would.
     """
     start = time.perf_counter()
-    cost = cost or default_cost(cfg)
-    desc = describe_for(cfg)
-    prices = offload_prices(desc, cost, step_settings(cfg, cost, options))
+    desc = spec.describe_batch(batch)
+    prices = offload_prices(desc, cost, step_settings(desc, batch, cost, options, clip))
     model = OffloadModel(prices, device_budget_bytes, host_budget_bytes)
     found = candidates(model, options)
     solve_s = time.perf_counter() - start
     if not found:
-        raise ConfigError(_no_fit_message(cfg, prices, device_budget_bytes, host_budget_bytes))
+        raise ConfigError(_no_fit_message(spec, batch, prices, device_budget_bytes, host_budget_bytes))
     sims = [simulate_offload(prices, sol.choice) for sol in found]
     best = min(range(len(found)), key=lambda i: (sims[i].step_s, i))
     if sims[best].step_s >= sims[0].step_s * (1 - options.switch_margin):
@@ -189,8 +110,7 @@ def plan_offload(cfg: Config, device_budget_bytes: int | None, host_budget_bytes
                        for f, s in zip(found, sims)],
         "loads_s": sol.loads_s, "main_thread_waits_s": sol.waits_s,
     }
-    plan.made_for = shape_of(model_key(cfg), cfg.train.micro_batch, cfg.train.seq_len,
-                             cfg.train.dtype)
+    plan.made_for = shape_of(spec.key(), batch.micro_batch, batch.seq_len, batch.dtype)
     plan.validate(len(desc.blocks))
     plan.search["time_s"] = round(time.perf_counter() - start, 4)
     return plan
@@ -363,7 +283,7 @@ def explain(prices: OffloadPrices, sol: Solution, sim: OffloadSimulation, reside
     return " ".join(parts)
 
 
-def _no_fit_message(cfg: Config, prices: OffloadPrices, device_budget_bytes: int | None,
+def _no_fit_message(spec: ModelSpec, batch: BatchShape, prices: OffloadPrices, device_budget_bytes: int | None,
                     host_budget_bytes: int | None) -> str:
     """Why no plan fits, with the smallest device budget (and the host RAM it needs) and, when
     the device budget is enough, the smallest host RAM at that budget."""
@@ -372,8 +292,7 @@ def _no_fit_message(cfg: Config, prices: OffloadPrices, device_budget_bytes: int
     slack = 2 * BUDGET_MARGIN * least_model.byte_unit  # the solver keeps budgets this much tighter
     min_device = _round_up(least.peak_device_bytes + slack)
     host_at_min = OffloadModel(prices, min_device, None, objective="host").solve(mip_rel_gap=1e-6)
-    what = (f"{model_label(cfg)} at "
-            f"micro_batch={cfg.train.micro_batch}, seq_len={cfg.train.seq_len}, dtype={cfg.train.dtype}")
+    what = f"{spec.label()} at micro_batch={batch.micro_batch}, seq_len={batch.seq_len}, dtype={batch.dtype}"
     msg = (f"no offload plan fits {what} in a device budget of "
            f"{fmt_bytes(device_budget_bytes) if device_budget_bytes else 'no limit'} and a host budget of "
            f"{fmt_bytes(host_budget_bytes) if host_budget_bytes else 'no limit'}: the smallest device budget any plan "
@@ -393,99 +312,9 @@ def _round_up(n_bytes: float) -> int:
     return int(math.ceil(n_bytes / KIB) * KIB)
 
 
-def plain_peak_bytes(cfg: Config, cost: CostModel) -> int:
-    """What plain training of `cfg`'s model and batch holds on the device at its peak: the
+def plain_peak_bytes(spec: ModelSpec, batch: BatchShape, cost: CostModel, clip: bool = True) -> int:
+    """What plain training of `spec`'s model at `batch` holds on the device at its peak: the
     resident plan's peak under the planner's model (equal to hetrain.memory's count on CPU)."""
-    prices = offload_prices(describe_for(cfg), cost, step_settings(cfg, cost, PlannerOptions()))
+    desc = spec.describe_batch(batch)
+    prices = offload_prices(desc, cost, step_settings(desc, batch, cost, PlannerOptions(), clip))
     return math.ceil(OffloadModel(prices, None, None).evaluate(((0, 0, 0),) * len(prices.terms)).peak_device_bytes)
-
-
-def _gpu_memory_bytes(cfg: Config) -> int | None:
-    """The memory of the GPU the plan is for: the catalog kind's when hardware.device_kind names
-    one (None for the 'cpu' kind), else this machine's first GPU, if any."""
-    if cfg.hardware.device_kind:
-        from hetrain.hardware.catalog import get_kind
-
-        kind = get_kind(cfg.hardware.device_kind)
-        return None if kind.name == "cpu" else kind.memory_bytes
-    if cfg.run.device == "cpu":
-        return None
-    from hetrain.hardware.probe import probe
-
-    accelerators = probe().accelerators
-    return accelerators[0].memory_bytes if accelerators else None
-
-
-@dataclass(frozen=True)
-class ConfigBudgets:
-    """The budgets memory.* resolves to, and how the device budget was chosen."""
-
-    device_bytes: int | None
-    """None: no limit."""
-    host_bytes: int
-    how: str
-    plain_when_resident: bool
-    """'auto' on a GPU: plain training when the plan offloads nothing."""
-
-
-def resolve_budgets(cfg: Config, cost: CostModel | None = None) -> ConfigBudgets:
-    """The budgets of memory.* (see MemoryConfig); the host budget defaults to
-    HOST_BUDGET_FRACTION of the RAM. The cost model (default_cost when None) is used only for a
-    share of plain training's need."""
-    from hetrain.hardware.probe import probe
-
-    kind, value = parse_device_budget(cfg.memory.device_budget)
-    host = parse_bytes("memory.host_budget", cfg.memory.host_budget)
-    if host is None:
-        host = int(HOST_BUDGET_FRACTION * probe().host_ram_bytes)
-    if kind == "none":
-        return ConfigBudgets(None, host, "no device limit (memory.device_budget none)", False)
-    if kind == "bytes":
-        return ConfigBudgets(int(value), host, f"memory.device_budget {cfg.memory.device_budget}", False)
-    gpu = _gpu_memory_bytes(cfg)
-    if kind == "auto" and gpu is not None:
-        return ConfigBudgets(int(GPU_BUDGET_FRACTION * gpu), host,
-                             f"auto: {GPU_BUDGET_FRACTION:.0%} of the GPU's {fmt_bytes(gpu)}", True)
-    share = AUTO_CPU_SHARE if kind == "auto" else value
-    plain = plain_peak_bytes(cfg, cost or default_cost(cfg))
-    budget = int(share * plain)
-    how = f"{share:.0%} of the {fmt_bytes(plain)} plain training would hold"
-    if kind == "auto":
-        how = f"auto on a CPU: {how}; --memory.device_budget none trains plainly"
-    if gpu is not None and budget > GPU_BUDGET_FRACTION * gpu:
-        budget = int(GPU_BUDGET_FRACTION * gpu)
-        how += f", capped at {GPU_BUDGET_FRACTION:.0%} of the GPU's {fmt_bytes(gpu)}"
-    return ConfigBudgets(budget, host, how, False)
-
-
-def _plan_for_budgets(cfg: Config, budgets: ConfigBudgets, cost: CostModel | None) -> OffloadPlan:
-    plan = plan_offload(cfg, budgets.device_bytes, budgets.host_bytes, cost or default_cost(cfg))
-    device = fmt_bytes(budgets.device_bytes) if budgets.device_bytes else "unlimited"
-    plan.note = f"Device budget {device}: {budgets.how}. " + plan.note
-    return plan
-
-
-def plan_for_config(cfg: Config, cost: CostModel | None = None) -> OffloadPlan | None:
-    """The plan `hetrain train` runs for memory.*: None for plain training (device budget 'none',
-    or 'auto' on a GPU whose budget holds the whole model), else the planned OffloadPlan."""
-    if parse_device_budget(cfg.memory.device_budget)[0] == "none":
-        return None  # before any cost model: plain training needs no profile
-    cost = cost or default_cost(cfg)
-    budgets = resolve_budgets(cfg, cost)
-    plan = _plan_for_budgets(cfg, budgets, cost)
-    if budgets.plain_when_resident and not any(
-            l.act == "recompute" or l.weights == "host" or l.optim == "host" for l in plan.layers):
-        return None
-    return plan
-
-
-def run_offload_planning(cfg: Config, out_dir: str | os.PathLike, cost: CostModel | None = None) -> OffloadPlan:
-    """Plan for the budgets of `cfg.memory`, print the table, write `out_dir/plan.json`."""
-    cost = cost or default_cost(cfg)
-    plan = _plan_for_budgets(cfg, resolve_budgets(cfg, cost), cost)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    plan.save(out / "plan.json")
-    print(plan.table())
-    print(f"hetrain: plan written to {out / 'plan.json'} (planned in {plan.search['time_s']:.2f} s)")
-    return plan

@@ -5,7 +5,7 @@ checks, before any process group exists, that the plan can run here (its stage l
 world size torchrun launched, this rank's device kind), takes the model and sequence length
 from the plan, then starts torch.distributed with the configured timeout (run.dist_timeout_s),
 makes the plan's process groups (hetrain.pipeline.communicator) and runs the loop
-(hetrain.pipeline.runner). One node: `torchrun --standalone --nproc_per_node N`; several:
+(hetrain.train.cluster_trainer). One node: `torchrun --standalone --nproc_per_node N`; several:
 one torchrun per node with `--nnodes K --node-rank i --rdzv-backend c10d --rdzv-endpoint
 HOST:PORT` (docs/pipeline.md). This module wires; it must not train, plan or communicate itself.
 """
@@ -115,7 +115,7 @@ def prepare(cfg: Config) -> tuple[Config, ClusterPlan, Layout, int]:
 def train_cluster_plan(cfg: Config) -> int:
     """Run the cluster plan cfg.plan.file in this process (one of the plan's ranks). Exit code."""
     from hetrain.config import format_config
-    from hetrain.pipeline.runner import ClusterTrainer
+    from hetrain.train.cluster_trainer import ClusterTrainer
 
     cfg, plan, layout, rank = prepare(cfg)
     print(format_config(cfg), flush=True)

@@ -1,7 +1,7 @@
 """The training loop of one rank of a cluster plan: what hetrain.train.trainer does for one process.
 
 `ClusterTrainer` sets up (every input check first, then the process groups), and `fit()` runs
-the steps. Setting up composes the techniques on a plain model (hetrain's GPT, or a
+the steps (the runtime is hetrain.pipeline; this module wires it). Setting up composes the techniques on a plain model (hetrain's GPT, or a
 transformers causal LM from --hf.path at TP 1) in this order, and why:
 1. every rank builds the whole model from the seed (or loads it from the folder) on the CPU, as
    one process would, so each stage starts from exactly the one-process weights; it keeps its
@@ -18,7 +18,7 @@ sequences (what one process with --train.micro_batch read_unit --train.grad_accu
 reads), this replica's slice of it; the schedule's forward and backward; gradient sync; one
 all-reduce of (loss, squared norm) over all ranks; clipping as torch.nn.utils.clip_grad_norm_;
 the optimizer step. Rank 0 logs (metrics.jsonl with predicted_step_s), evaluates, and all ranks
-write checkpoints together (checkpoint.py). At the end rank 0 prints the plan's predicted step
+write checkpoints together (cluster_checkpoint.py). At the end rank 0 prints the plan's predicted step
 and per-stage times beside the measured ones and writes trace.json (every rank's stages and
 links). When a collective or a pipeline receive fails or times out (run.dist_timeout_s), each rank
 names the ranks that stop answering (communicator.wait_for_ranks) and exits at once.
@@ -41,7 +41,7 @@ import torch.nn as nn
 from hetrain.config import Config, save_config, to_dict
 from hetrain.data import build_data
 from hetrain.errors import ConfigError
-from hetrain.pipeline import checkpoint as pckpt
+from hetrain.train import cluster_checkpoint as pckpt
 from hetrain.liveness import roll_call, roll_call_s
 from hetrain.pipeline.communicator import Communicator, local_rank
 from hetrain.pipeline.data_parallel import GradientSync
