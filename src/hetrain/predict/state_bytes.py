@@ -68,6 +68,14 @@ def host_layer_bytes(numel: int, tensors: int, compute_dtype_bytes: int, pinned:
             + (0 if fp32 else compute) + (compute if pinned else 0))
 
 
+def distributed_state_bytes_per_param(compute_dtype_bytes: int, shards: int) -> float:
+    """Per parameter under a distributed optimizer (ZeRO-1, Megatron's distributed optimizer)
+    over `shards` data-parallel replicas: the compute-dtype weights and the fp32 gradient whole,
+    the fp32 master and the AdamW moments sharded."""
+    return (compute_dtype_bytes + GRAD_BYTES_PER_PARAM
+            + (MASTER_BYTES_PER_PARAM + ADAM_MOMENT_BYTES_PER_PARAM) / max(1, shards))
+
+
 def plain_state_bytes_per_param(compute_dtype_bytes: int, weights_copy: bool) -> int:
     """Per parameter, what plain data-resident training keeps on its device between steps:
     fp32 master (the weights), fp32 gradient, AdamW moments, and, when `weights_copy`, a

@@ -247,3 +247,13 @@ def test_interleaving_shrinks_the_predicted_bubble():
     chosen = plan_cluster(model, cluster, 8, 1024, search_options=dataclasses.replace(options, interleave=True))
     assert chosen.pipelines[0].virtual_stages > 1
     assert chosen.prediction["step_s"] <= inter["step_s"] * (1 + 1e-9)
+
+
+@pytest.mark.parametrize("options", [dict(distributed_optimizer=True), dict(overlap_grad_reduce=True)])
+@pytest.mark.parametrize("name", ["recompute", "16-devices", "separate-pipelines"])
+def test_search_equals_exhaustive_enumeration_with_priced_options(name, options):
+    """The pruning bounds stay bounds under a distributed optimizer or overlapped reduction."""
+    cfg, cluster, global_batch, seq_len = CASES[name]
+    ctx = CostContext(describe_model(cfg, 1, seq_len), cluster, dataclasses.replace(OPTIONS, **options))
+    cand = search(ctx, global_batch)[0]
+    assert cand.step_s == pytest.approx(exhaustive_best_step(ctx, global_batch), rel=1e-12)

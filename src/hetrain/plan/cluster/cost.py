@@ -24,7 +24,7 @@ from hetrain.model.describe import LayerDescription, ModelDescription
 from hetrain.predict.roofline import Efficiency, MatmulCurve, layer_seconds
 from hetrain.predict.state_bytes import (ACCUMULATE_TRAFFIC_BYTES_PER_PARAM, ADAM_TRAFFIC_BYTES_PER_PARAM,
                                          CLIP_TRAFFIC_BYTES_PER_PARAM, GRAD_BYTES_PER_PARAM,
-                                         plain_state_bytes_per_param)
+                                         distributed_state_bytes_per_param, plain_state_bytes_per_param)
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,16 @@ class PredictorOptions:
     """Extra latency of relaying a message through host memory (two copies and a handoff)."""
     max_micro_batch: int = 16
     """Largest micro-batch the search tries (powers of two up to it)."""
+    distributed_optimizer: bool = False
+    """ZeRO-1 (Megatron's distributed optimizer): a stage's fp32 master weights and AdamW moments
+    are sharded over its dp replicas; gradients are reduce-scattered in fp32, each replica updates
+    its shard, and the updated weights are all-gathered in the compute dtype. Priced only: the
+    pipeline runtime does not run it yet, so the search uses it only when asked
+    (--plan.distributed_optimizer true), and the runtime refuses such a plan."""
+    overlap_grad_reduce: bool = False
+    """Each block's gradients are reduced as soon as the stage's last backward of that block ends
+    (one bucket per block, as DDP and Megatron overlap them), instead of after the whole
+    backward. Priced only, as distributed_optimizer (--plan.overlap_grad_reduce true)."""
     matmul_curves: dict = field(default_factory=dict)
     """Measured matmul curves by kind name, [max_efficiency, overhead_s, attention_efficiency,
     source] (from profiles made on those kinds: hetrain.predict.profiler.measured_curves); a
@@ -65,6 +75,21 @@ class PredictorOptions:
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
+
+    @property
+    def compute_bytes(self) -> int:
+        return 2 if self.compute_dtype in ("bf16", "fp16") else 4
+
+    def state_bytes_at(self, dp: int) -> float:
+        """Bytes a device keeps per parameter of its stage between steps, with `dp` replicas."""
+        if self.distributed_optimizer:
+            return distributed_state_bytes_per_param(self.compute_bytes, dp)
+        return self.state_bytes_per_param
+
+    @property
+    def runtime_unsupported(self) -> list[str]:
+        """The priced choices the pipeline runtime cannot execute yet (empty: it runs the plan)."""
+        return [name for name in ("distributed_optimizer", "overlap_grad_reduce") if getattr(self, name)]
 
 
 @dataclass(frozen=True)
@@ -92,6 +117,21 @@ class Path:
 
     def time_s(self, n_bytes: float) -> float:
         return self.latency_s + n_bytes * self.s_per_byte if n_bytes > 0 else 0.0
+
+
+def ring_reduce_scatter_s(n_bytes: float, n_ranks: int, path: Path) -> float:
+    """Ring reduce-scatter (or all-gather) of n_bytes per rank: half a ring all-reduce."""
+    if n_ranks <= 1 or n_bytes <= 0:
+        return 0.0
+    return (n_ranks - 1) * (path.latency_s + n_bytes / n_ranks * path.s_per_byte)
+
+
+def grad_reduce_s(options: PredictorOptions, n_bytes: float, n_ranks: int, path: Path) -> float:
+    """Reducing n_bytes of gradients over a stage's replicas: an all-reduce, or a reduce-scatter
+    under the distributed optimizer."""
+    if options.distributed_optimizer:
+        return ring_reduce_scatter_s(n_bytes, n_ranks, path)
+    return ring_allreduce_s(n_bytes, n_ranks, path)
 
 
 def ring_allreduce_s(n_bytes: float, n_ranks: int, path: Path) -> float:

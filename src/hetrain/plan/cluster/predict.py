@@ -24,7 +24,8 @@ import numpy as np
 
 from hetrain.hardware.cluster import Group, cluster_from_dict
 from hetrain.model.spec import ModelSpec
-from hetrain.plan.cluster.cost import CostContext, Path, PredictorOptions, dp_path, pp_path, ring_allreduce_s
+from hetrain.plan.cluster.cost import (CostContext, Path, PredictorOptions, dp_path, grad_reduce_s, pp_path,
+                                      ring_allreduce_s, ring_reduce_scatter_s)
 from hetrain.plan.cluster.plan import ClusterPlan, PipelinePlan, StagePlan, fold
 from hetrain.predict.simulator import Task, simulate
 from hetrain.trace import TraceEvent, task_name
@@ -73,7 +74,12 @@ class StageModel:
     n_pipelines: int
     cross_path: Path | None
     grad_bytes_per_param: int
-    optim_s_per_param: float
+    update_s_per_param: float
+    """Clipping and AdamW, per parameter (at the memory bandwidth)."""
+    accumulate_s_per_param: float
+    """Adding every micro-batch's gradient after the first into the held one, per parameter."""
+    options: PredictorOptions
+    """Whether the optimizer is distributed and the reduction overlapped (PredictorOptions)."""
     block_model_flops: float
     fixed_model_flops: float
 
@@ -114,14 +120,28 @@ class StageModel:
         return self.fixed_params + n_blocks * self.block_params
 
     def sync_s(self, n_blocks: int) -> float:
-        grad_bytes = self.params(n_blocks) * self.grad_bytes_per_param
-        sync_s = ring_allreduce_s(grad_bytes, self.dp, self.dp_path)
+        """Gradient reduction after the stage's last backward ends: all of it, or with the
+        reduction overlapped, what is left once each block's bucket has been reduced behind the
+        backward of the blocks before it (the link takes one bucket at a time)."""
+        g, opts = self.grad_bytes_per_param, self.options
+        if opts.overlap_grad_reduce and n_blocks > 0:
+            r = grad_reduce_s(opts, self.block_params * g, self.dp, self.dp_path)
+            exposed = grad_reduce_s(opts, self.fixed_params * g, self.dp, self.dp_path)
+            exposed += max(r, n_blocks * r - (n_blocks - 1) * self.block_bwd_s)
+        else:
+            exposed = grad_reduce_s(opts, self.params(n_blocks) * g, self.dp, self.dp_path)
         if self.cross_path is not None:
-            sync_s += ring_allreduce_s(grad_bytes / self.dp, self.n_pipelines, self.cross_path)
-        return sync_s
+            exposed += ring_allreduce_s(self.params(n_blocks) * g / self.dp, self.n_pipelines, self.cross_path)
+        return exposed
 
     def optim_s(self, n_blocks: int) -> float:
-        return self.params(n_blocks) * self.optim_s_per_param
+        """Accumulation, clipping and AdamW (on a 1/dp shard under the distributed optimizer,
+        followed by the all-gather of the updated weights)."""
+        params = self.params(n_blocks)
+        if not self.options.distributed_optimizer:
+            return params * (self.update_s_per_param + self.accumulate_s_per_param)
+        gather = ring_reduce_scatter_s(params * self.options.compute_bytes, self.dp, self.dp_path)
+        return params * (self.update_s_per_param / self.dp + self.accumulate_s_per_param) + gather
 
 
 def stage_counts(ctx: CostContext, shape: PipelineShape) -> list[int]:
@@ -166,9 +186,9 @@ def build_stages(ctx: CostContext, shape: PipelineShape, n_microbatches: int,
             block_fwd_s=kit.block.fwd_s, block_bwd_s=kit.block.bwd_s,
             fixed_fwd_s=sum(layer.fwd_s for layer in fixed), fixed_bwd_s=sum(layer.bwd_s for layer in fixed),
             send_fwd_s=send_fwd, send_bwd_s=send_bwd,
-            block_state_bytes=kit.block.params * opts.state_bytes_per_param,
+            block_state_bytes=math.ceil(kit.block.params * opts.state_bytes_at(shape.dp)),
             block_act_bytes=kit.block.act_bytes, block_ckpt_bytes=kit.block.ckpt_bytes,
-            fixed_state_bytes=fixed_params * opts.state_bytes_per_param,
+            fixed_state_bytes=math.ceil(fixed_params * opts.state_bytes_at(shape.dp)),
             fixed_act_bytes=sum(layer.act_bytes for layer in fixed),
             # One layer's working set in backward (a recomputed block's activations, the
             # logits' gradient on the last stage) and the send/receive buffers.
@@ -179,8 +199,10 @@ def build_stages(ctx: CostContext, shape: PipelineShape, n_microbatches: int,
             dp=shape.dp, dp_path=dp_path(ctx, group, shape.dp, tp, j),
             n_pipelines=n_pipelines if others else 1, cross_path=cross,
             grad_bytes_per_param=opts.grad_reduce_bytes_per_param,
-            optim_s_per_param=(opts.optimizer_bytes_per_param + (n_microbatches - 1) * opts.accumulate_bytes_per_param)
+            update_s_per_param=opts.optimizer_bytes_per_param / (group.kind.mem_bw_bytes_per_s * opts.memory_bw_efficiency),
+            accumulate_s_per_param=(n_microbatches - 1) * opts.accumulate_bytes_per_param
             / (group.kind.mem_bw_bytes_per_s * opts.memory_bw_efficiency),
+            options=opts,
             block_model_flops=kit.block.model_flops,
             fixed_model_flops=sum(layer.model_flops for layer in fixed),
         ))

@@ -29,6 +29,12 @@ def format_report(plan: ClusterPlan) -> str:
         f"Predicted step {pred['step_s']:.3f} s, {_si(pred['tokens_per_s'])} tokens/s, "
         f"{_si(pred['model_tflops_per_s'])} model TFLOP/s in total",
     ]
+    priced = [what for key, what in (("distributed_optimizer", "a distributed optimizer (ZeRO-1)"),
+                                      ("overlap_grad_reduce", "gradient reduction overlapped with the backward"))
+              if (plan.options or {}).get(key)]
+    if priced:
+        lines.append(f"Priced with {' and '.join(priced)}, as asked: the pipeline runtime does not run "
+                     f"{'these' if len(priced) > 1 else 'it'} yet, so `hetrain train` refuses this plan")
     ub = plan.upper_bound
     if ub:
         parts = []

@@ -15,7 +15,7 @@ from __future__ import annotations
 import heapq
 import math
 
-from hetrain.plan.cluster.cost import CostContext, dp_path, ring_allreduce_s
+from hetrain.plan.cluster.cost import CostContext, dp_path, grad_reduce_s, ring_reduce_scatter_s
 from hetrain.plan.cluster.predict import PipelineShape, StageModel, stage_counts
 
 
@@ -36,7 +36,7 @@ def shape_lower_bound_s(ctx: CostContext, shape: PipelineShape, n_microbatches: 
     groups = [ctx.cluster.group(g) for g in shape.groups]
     kits = [ctx.kit(g, tp, shape.micro_batch) for g, tp in zip(groups, shape.tps)]
     opts = ctx.options
-    if sum(n * (k.capacity_bytes // max(1, k.block.params * opts.state_bytes_per_param))
+    if sum(n * (k.capacity_bytes // max(1, math.ceil(k.block.params * opts.state_bytes_at(shape.dp))))
            for n, k in zip(counts, kits)) < L:
         return math.inf
     first, last = kits[0], kits[-1]
@@ -59,10 +59,20 @@ def shape_lower_bound_s(ctx: CostContext, shape: PipelineShape, n_microbatches: 
             tau = max(tau, lo)
             break
     params = first.embedding.params + first.block.params
-    tail_s = ring_allreduce_s(params * opts.grad_reduce_bytes_per_param, shape.dp,
-                              dp_path(ctx, groups[0], shape.dp, shape.tps[0], 0))
-    tail_s += params * opts.optimizer_bytes_per_param / (groups[0].kind.mem_bw_bytes_per_s * opts.memory_bw_efficiency)
-    return m * tau + tail_s
+    return m * tau + _tail_s(ctx, shape, groups[0], params)
+
+
+def _tail_s(ctx: CostContext, shape: PipelineShape, group, params: float) -> float:
+    """The first stage's gradient reduction and optimizer step for `params` parameters, not
+    overlapped (at most what StageModel.sync_s + optim_s charge for them: a lower bound's tail)."""
+    opts = ctx.options
+    path = dp_path(ctx, group, shape.dp, shape.tps[0], 0)
+    tail_s = grad_reduce_s(opts, params * opts.grad_reduce_bytes_per_param, shape.dp, path)
+    shards = shape.dp if opts.distributed_optimizer else 1
+    tail_s += params * opts.optimizer_bytes_per_param / shards / (group.kind.mem_bw_bytes_per_s * opts.memory_bw_efficiency)
+    if opts.distributed_optimizer:
+        tail_s += ring_reduce_scatter_s(params * opts.compute_bytes, shape.dp, path)
+    return tail_s
 
 
 def bottleneck_lower_bound_s(ctx: CostContext, shape: PipelineShape) -> float:
@@ -173,7 +183,7 @@ def shape_estimate_s(ctx: CostContext, shape: PipelineShape, n_microbatches: int
     for k, n in zip(kits, counts):
         inflight = sum(min(m, n_stages - s) for s in range(start, start + n)) / n
         start += n
-        state = k.block.params * opts.state_bytes_per_param
+        state = k.block.params * opts.state_bytes_at(shape.dp)
         room = k.capacity_bytes - k.block.act_bytes - 2 * k.boundary_bytes
         alpha, rho = k.block.fwd_s + k.block.bwd_s, k.block.fwd_s
         y_free = room / (state + inflight * k.block.act_bytes)
@@ -205,7 +215,4 @@ def shape_estimate_s(ctx: CostContext, shape: PipelineShape, n_microbatches: int
         lo, hi = (mid, hi) if blocks_within(mid) < target else (lo, mid)
     tau = hi
     params = first.embedding.params + first.block.params * L / n_stages
-    tail_s = ring_allreduce_s(params * opts.grad_reduce_bytes_per_param, shape.dp,
-                              dp_path(ctx, groups[0], shape.dp, shape.tps[0], 0))
-    tail_s += params * opts.optimizer_bytes_per_param / (groups[0].kind.mem_bw_bytes_per_s * opts.memory_bw_efficiency)
-    return (m + n_stages - 1) * tau + tail_s
+    return (m + n_stages - 1) * tau + _tail_s(ctx, shape, groups[0], params)
