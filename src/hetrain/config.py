@@ -156,8 +156,8 @@ class PlanConfig:
     """Cluster planning: model chunks per pipeline stage; more than 1 runs interleaved 1F1B."""
     distributed_optimizer: bool = False
     """Cluster planning: price ZeRO-1 (fp32 masters and AdamW moments sharded over each stage's replicas, gradients reduce-scattered, weights all-gathered). The runtime cannot run it yet: such a plan is for comparison, and `hetrain train` refuses it."""
-    overlap_grad_reduce: bool = False
-    """Cluster planning: price each block's gradient reduction overlapped with the rest of the backward. The runtime cannot run it yet: such a plan is for comparison, and `hetrain train` refuses it."""
+    overlap_grad_reduce: bool = True
+    """Cluster planning: each block's gradients are all-reduced across replicas inside the backward, as soon as they are final (false: after the backward), priced and run so."""
     recompute: str = "heu"
     """Cluster planning, stages that must recompute: 'heu' (which tensors of each block to drop, recomputed inside the waits for gradients where they fit, with stages balanced for it), 'opt' (the same by an exact MILP; small models only) or 'whole' (whole blocks, on demand)."""
 

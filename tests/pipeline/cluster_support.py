@@ -56,9 +56,10 @@ def pipeline(groups: list[str], blocks: list[int], *, tp: int = 1, dp: int = 1, 
     return interleave(pipe, virtual_stages) if virtual_stages > 1 else pipe
 
 
-def write_plan(path: Path, cluster: dict, pipelines: list[PipelinePlan], **model_extra) -> Path:
+def write_plan(path: Path, cluster: dict, pipelines: list[PipelinePlan], options: dict | None = None,
+               **model_extra) -> Path:
     plan = ClusterPlan(model=model(**model_extra), cluster=cluster, global_batch=sum(p.samples_per_step for p in pipelines),
-                       seq_len=SEQ_LEN, options={}, pipelines=pipelines,
+                       seq_len=SEQ_LEN, options=options or {}, pipelines=pipelines,
                        prediction={"step_s": 0.01, "stages": []})
     plan.save(path)
     return path

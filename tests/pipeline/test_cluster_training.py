@@ -117,6 +117,28 @@ def test_tensor_parallel_and_an_uneven_pipeline_train_the_one_process_model(tmp_
               tmp_path / "run", reference)
 
 
+def test_gradient_reduction_inside_the_backward_equals_it_after_to_the_bit(tmp_path, corpus, reference):
+    """DP 2 x interleaved PP 2 (one block recomputed): each block's bucket is all-reduced as its last
+    backward ends, and the run is the one that reduces after the backward, bit for bit."""
+    pipe = pipeline(["cpu-a"], [3, 2], recompute=[1, 0], dp=2, n_microbatches=2, virtual_stages=2)
+    runs = {}
+    for overlap in (True, False):
+        plan = write_plan(tmp_path / f"plan-{overlap}.json", one_group_cluster(4), [pipe],
+                          options={"overlap_grad_reduce": overlap})
+        run_dir = tmp_path / f"overlap-{overlap}"
+        done = torchrun(4, ["--plan.file", plan] + run_args(run_dir, corpus), tmp_path)
+        check_run(done, run_dir, reference)
+        runs[overlap] = (run_dir, done.stdout)
+    on, off = runs[True], runs[False]
+    # Every chunk's units are buckets (blocks, the embedding, the head), all reduced inside the backward.
+    found = re.search(r"(\d+) of (\d+) buckets all-reduced inside the backward", on[1])
+    assert found and found.group(1) == found.group(2) and int(found.group(2)) >= 3
+    assert "inside the backward" not in off[1]
+    assert losses(on[0]) == losses(off[0])
+    a, b = load_file(Path(on[0]) / "model.safetensors"), load_file(Path(off[0]) / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 @pytest.fixture(scope="module")
 def cli_run(tmp_path_factory, corpus):
     """`hetrain plan --cluster local-cpu.toml --plan.pp 2 --plan.dp 2 ...`, then torchrun of its plan.json."""

@@ -111,7 +111,7 @@ def test_a_cluster_file_that_differs_from_the_plans_is_refused(tmp_path):
         check_cluster(plan, str(other))
 
 
-@pytest.mark.parametrize("priced", ["distributed_optimizer", "overlap_grad_reduce"])
+@pytest.mark.parametrize("priced", ["distributed_optimizer"])
 def test_a_plan_priced_with_what_the_runtime_cannot_run_is_refused(tmp_path, capsys, priced):
     path = write_plan(tmp_path / "plan.json", one_group_cluster(2), [pipeline(["cpu-a"], [3, 2])])
     plan = ClusterPlan.load(path)

@@ -5,7 +5,15 @@ After a schedule step each rank holds its chunks' gradients for its replica's mi
 
 1. replicas of a stage: a bucketed all-reduce over its DP group (the kind's native backend),
    scaled by share / dp, where share is the pipeline's part of the global batch (1 with one
-   pipeline). It runs after the backward, as the planner prices it (not overlapped);
+   pipeline). It runs after the backward, or, when the plan says so (plan.options
+   overlap_grad_reduce, as the planner priced it), overlapped with the backward by
+   `OverlappedReduce`: in each chunk's last backward of the step, a block's gradients are
+   all-reduced (asynchronously, one bucket per block, the embedding and the head each one
+   bucket) as soon as their accumulation ends, while the backward of the blocks before it
+   runs; `reduce` waits for them. The tied matrix and parameters a rank holds in several
+   chunks are reduced after the backward, as before. Each element is divided and summed as
+   when reducing afterwards (the same bits at 2 replicas; with more, gloo's ring may add an
+   element's parts in another order, depending on its place in the bucket);
 2. tied embeddings: the first and last stage of a lane each hold a copy of the shared matrix;
    their gradients are summed over the lane's tie group (host-staged across kinds);
 3. several pipelines (as the planner emits them for several kinds): every rank holding a part
@@ -21,13 +29,15 @@ not run the schedule or step the optimizer.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Replicate
 
 from hetrain.model.gpt import ModelConfig
-from hetrain.pipeline.communicator import Communicator, units_of
+from hetrain.pipeline.communicator import NATIVE, Communicator, units_of
 from hetrain.pipeline.stages import ModelNames
 from hetrain.pipeline.tensor_parallel import full_canonical, local_from_canonical
 
@@ -47,6 +57,8 @@ class GradientSync:
     """hetrain's GPT config, for the TP row order (unused at TP 1)."""
     share: float
     """This pipeline's part of the global batch."""
+    overlapped: "OverlappedReduce | None" = None
+    """Step 1 overlapped with the backward (None: after it)."""
 
     def unique(self) -> list[torch.nn.Parameter]:
         seen, out = set(), []
@@ -67,7 +79,8 @@ class GradientSync:
         comm, place = self.comm, self.comm.place
         grads = self._grads()
         if comm.dp is not None:
-            comm.reduce_sum(grads, comm.dp)
+            done = self.overlapped.finish() if self.overlapped is not None else set()
+            comm.reduce_sum([g for p, g in zip(self.unique(), grads) if id(p) not in done], comm.dp)
         scale = self.share / place.dp
         if scale != 1.0:
             torch._foreach_mul_(grads, scale)
@@ -117,3 +130,101 @@ class GradientSync:
                 continue
             total += _local(g).double().pow(2).sum().cpu()
         return float(total)
+
+
+@dataclass
+class OverlappedReduce:
+    """The replicas' all-reduce of step 1, bucket by bucket inside each chunk's last backward.
+
+    `arm(chunk)` is called right before a chunk's last backward of the step (hetrain.pipeline.
+    overlap); from then on each parameter's post-accumulate-grad hook counts down its bucket, and
+    a bucket whose parameters all hold their final gradient is divided by the micro-batch count
+    (what torch's schedule does to .grad after the last backward) and all-reduced asynchronously
+    from a flat copy. `finish()` waits, writes the sums back into .grad and returns the ids of the
+    parameters it reduced; the rest (the tied matrix, parameters in several chunks of this rank,
+    a bucket whose parameters got no gradient) GradientSync reduces after the backward."""
+
+    group: dist.ProcessGroup
+    buckets: dict[int, list[list[torch.nn.Parameter]]]
+    """Per chunk index, its buckets (one per unit: a block, the embedding, the head)."""
+    n_microbatches: int
+    _owner: dict[int, tuple[int, int]] = field(default_factory=dict)
+    _left: dict[tuple[int, int], int] = field(default_factory=dict)
+    _armed: set = field(default_factory=set)
+    _works: list = field(default_factory=list)
+    _hooks: list = field(default_factory=list)
+    last_step_buckets: int = 0
+    """Buckets all-reduced inside the backward in the last step (of n_buckets)."""
+
+    @property
+    def n_buckets(self) -> int:
+        return sum(len(b) for b in self.buckets.values())
+
+    @classmethod
+    def build(cls, sync: GradientSync, chunk_named: dict[int, list[tuple[str, torch.nn.Parameter]]],
+              n_microbatches: int) -> "OverlappedReduce | None":
+        """None when this rank has no replicas to reduce with, or reaches them through host memory."""
+        dp = sync.comm.dp
+        if dp is None or dp.route != NATIVE:
+            return None
+        holders = Counter(id(p) for named in chunk_named.values() for p in {id(p): p for _, p in named}.values())
+        tied = set(sync.names.tied or ())
+        buckets: dict[int, list[list[torch.nn.Parameter]]] = {}
+        for idx, named in chunk_named.items():
+            by_unit: dict[str, list[torch.nn.Parameter]] = {}
+            seen = set()
+            for name, p in named:
+                if name in tied or holders[id(p)] > 1 or id(p) in seen or not p.requires_grad:
+                    continue
+                seen.add(id(p))
+                by_unit.setdefault(sync.names.unit_of(name), []).append(p)
+            buckets[idx] = list(by_unit.values())
+        out = cls(dp.group, buckets, n_microbatches)
+        for idx, chunk_buckets in buckets.items():
+            for b, params in enumerate(chunk_buckets):
+                for p in params:
+                    out._owner[id(p)] = (idx, b)
+                    out._hooks.append(p.register_post_accumulate_grad_hook(out._ready))
+        return out
+
+    def arm(self, chunk: int) -> None:
+        for b, params in enumerate(self.buckets.get(chunk, ())):
+            self._left[chunk, b] = len(params)
+        self._armed.add(chunk)
+
+    def _ready(self, p: torch.nn.Parameter) -> None:
+        key = self._owner[id(p)]
+        if key[0] not in self._armed or key not in self._left:
+            return
+        self._left[key] -= 1
+        if self._left[key] == 0:
+            del self._left[key]
+            self._launch(self.buckets[key[0]][key[1]])
+
+    @torch.no_grad()
+    def _launch(self, params: list[torch.nn.Parameter]) -> None:
+        flat = torch.cat([_local(p.grad).reshape(-1) for p in params])
+        flat.div_(self.n_microbatches)  # torch's scale_grads, which runs on .grad after this backward
+        self._works.append((dist.all_reduce(flat, group=self.group, async_op=True), flat, params))
+
+    @torch.no_grad()
+    def finish(self) -> set[int]:
+        done = set()
+        for work, flat, params in self._works:
+            work.wait()
+            offset = 0
+            for p in params:
+                g = _local(p.grad)
+                g.copy_(flat[offset:offset + g.numel()].view_as(g))
+                offset += g.numel()
+                done.add(id(p))
+        self.last_step_buckets = len(self._works)
+        self._works.clear()
+        self._left.clear()
+        self._armed.clear()
+        return done
+
+    def close(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()

@@ -18,7 +18,8 @@ computation that needs it. hetrain registers its own FORWARD and FULL_BACKWARD f
 
 The last stage computes its loss right before its backward and so has no such wait; the waits
 for an activation (before a forward) and inside tensor-parallel collectives are not used (see
-docs/recompute.md). This module runs schedules; it must not choose policies or reduce gradients.
+docs/recompute.md). This module runs schedules; it must not choose policies or reduce gradients
+(it only tells the reduction when a chunk's last backward starts: `on_last_backward`).
 """
 
 from __future__ import annotations
@@ -67,6 +68,9 @@ class _Overlap:
         self.stages = {stage.stage_index: stage for stage in schedule._stages}
         self.stats = WaitStats()
         self._waiter: ThreadPoolExecutor | None = None
+        self.on_last_backward = None
+        """Called with a chunk's index right before its last backward of the step (the gradient
+        reduction that overlaps that backward arms itself: hetrain.pipeline.data_parallel)."""
 
     def close(self) -> None:
         if self._waiter is not None:
@@ -96,6 +100,8 @@ class _Overlap:
         loss = sched._maybe_get_loss(stage, m)
         sched.backward_counter[idx] += 1
         last = sched.backward_counter[idx] == sched._n_microbatches
+        if last and stage.has_backward and self.on_last_backward is not None:  # not in evaluation
+            self.on_last_backward(idx)
         with self.ledger.backward(idx, m):
             stage.backward_one_chunk(m, loss=loss, full_backward=True, last_backward=last)
         if idx - 1 in self.stages and stage.has_backward:

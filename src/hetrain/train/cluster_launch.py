@@ -25,7 +25,7 @@ from hetrain.pipeline.placement import Layout, check_device, check_world, place_
 from hetrain.plan.cluster.plan import PLAN_FORMAT, ClusterPlan
 
 
-PRICED_ONLY = ("distributed_optimizer", "overlap_grad_reduce")
+PRICED_ONLY = ("distributed_optimizer",)
 """Predictor options (plan.options) a plan may be priced with that the runtime cannot execute yet."""
 
 

@@ -44,7 +44,7 @@ from hetrain.errors import ConfigError
 from hetrain.train import cluster_checkpoint as pckpt
 from hetrain.liveness import roll_call, roll_call_s
 from hetrain.pipeline.communicator import Communicator, local_rank
-from hetrain.pipeline.data_parallel import GradientSync
+from hetrain.pipeline.data_parallel import GradientSync, OverlappedReduce
 from hetrain.pipeline.placement import Layout
 from hetrain.pipeline.schedule import StageClock, build_schedule
 from hetrain.pipeline.stages import apply_stage_recompute, build_chunk, model_names
@@ -54,6 +54,14 @@ from hetrain.plan.cluster.plan import ClusterPlan
 from hetrain.train import checkpoint as ckpt
 from hetrain.train.metrics import MetricsLogger, format_line
 from hetrain.train.trainer import TrainResult, build_model, lr_at, make_optimizer, train_flops_per_token
+
+
+def overlaps_grad_reduce(plan: ClusterPlan) -> bool:
+    """Whether the plan was priced with the replicas' gradient reduction inside the backward
+    (plan.options; a plan from before the option existed takes the planner's default)."""
+    from hetrain.plan.cluster.cost import PredictorOptions
+
+    return bool((plan.options or {}).get("overlap_grad_reduce", PredictorOptions.overlap_grad_reduce))
 
 
 class ClusterTrainer:
@@ -118,6 +126,12 @@ class ClusterTrainer:
         self.clock = StageClock(sync_cuda=self.device.type == "cuda")
         self.run = build_schedule(self.chunks, self.comm, (self.names.hidden_size, self.names.vocab_size),
                                   cfg.train.seq_len, self.clock, self.ledger, cfg.run.emulate_link_gbytes_per_s)
+        if overlaps_grad_reduce(plan):  # as the planner priced it: each block's reduction inside the backward
+            chunk_named = {c.index: list(chunk.named_parameters(remove_duplicate=False))
+                           for chunk, c in zip(self.chunks, place.chunks)}
+            self.sync.overlapped = OverlappedReduce.build(self.sync, chunk_named, place.n_microbatches)
+            if self.sync.overlapped is not None:
+                self.run.overlap.on_last_backward = self.sync.overlapped.arm
         self.step = 0
         if self.resume_path is not None:
             pckpt.load(self.resume_path, self.named, self.optimizer, self.names, cfg.model, place.tp)
@@ -245,6 +259,12 @@ class ClusterTrainer:
             path = ckpt.export_model(model, self.run_dir, hf_source=cfg.hf.path)
             if cfg.hf.path:
                 print(f"hetrain: wrote {path} (transformers' from_pretrained loads it)", flush=True)
+        overlapped = self.sync.overlapped
+        if self.is_main and overlapped is not None:
+            print(f"hetrain: gradient reduction across replicas: {overlapped.last_step_buckets} of "
+                  f"{overlapped.n_buckets} buckets all-reduced inside the backward in the last step (rank 0)", flush=True)
+        if overlapped is not None:
+            overlapped.close()
         if self.is_main:
             print(f"hetrain: done: step {self.step} in {result.wall_s:.1f} s; run dir {self.run_dir}", flush=True)
         for handle in self.recompute:

@@ -249,10 +249,11 @@ def test_interleaving_shrinks_the_predicted_bubble():
     assert chosen.prediction["step_s"] <= inter["step_s"] * (1 + 1e-9)
 
 
-@pytest.mark.parametrize("options", [dict(distributed_optimizer=True), dict(overlap_grad_reduce=True)])
+@pytest.mark.parametrize("options", [dict(distributed_optimizer=True), dict(overlap_grad_reduce=False)])
 @pytest.mark.parametrize("name", ["recompute", "16-devices", "separate-pipelines"])
 def test_search_equals_exhaustive_enumeration_with_priced_options(name, options):
-    """The pruning bounds stay bounds under a distributed optimizer or overlapped reduction."""
+    """The pruning bounds stay bounds under a distributed optimizer, and with the reduction after
+    the backward (the default overlaps it: test_search_equals_exhaustive_enumeration)."""
     cfg, cluster, global_batch, seq_len = CASES[name]
     ctx = CostContext(describe_model(cfg, 1, seq_len), cluster, dataclasses.replace(OPTIONS, **options))
     cand = search(ctx, global_batch)[0]

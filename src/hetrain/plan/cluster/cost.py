@@ -64,10 +64,11 @@ class PredictorOptions:
     its shard, and the updated weights are all-gathered in the compute dtype. Priced only: the
     pipeline runtime does not run it yet, so the search uses it only when asked
     (--plan.distributed_optimizer true), and the runtime refuses such a plan."""
-    overlap_grad_reduce: bool = False
+    overlap_grad_reduce: bool = True
     """Each block's gradients are reduced as soon as the stage's last backward of that block ends
     (one bucket per block, as DDP and Megatron overlap them), instead of after the whole
-    backward. Priced only, as distributed_optimizer (--plan.overlap_grad_reduce true)."""
+    backward; the runtime does so (hetrain.pipeline.data_parallel.OverlappedReduce).
+    --plan.overlap_grad_reduce false prices and runs the reduction after the backward."""
     matmul_curves: dict = field(default_factory=dict)
     """Measured matmul curves by kind name, [max_efficiency, overhead_s, attention_efficiency,
     source] (from profiles made on those kinds: hetrain.predict.profiler.measured_curves); a
@@ -89,7 +90,7 @@ class PredictorOptions:
     @property
     def runtime_unsupported(self) -> list[str]:
         """The priced choices the pipeline runtime cannot execute yet (empty: it runs the plan)."""
-        return [name for name in ("distributed_optimizer", "overlap_grad_reduce") if getattr(self, name)]
+        return [name for name in ("distributed_optimizer",) if getattr(self, name)]
 
 
 @dataclass(frozen=True)

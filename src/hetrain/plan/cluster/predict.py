@@ -69,6 +69,11 @@ class StageModel:
     capacity_bytes: int
     block_params: int
     fixed_params: int
+    lead_params: int
+    """Of fixed_params, those whose backward runs before the blocks' (the head's, on the last
+    stage; a tied matrix excepted): their bucket is reduced first, behind the blocks' backward."""
+    lead_bwd_s: float
+    """The backward of the layer holding lead_params (the head's)."""
     dp: int
     dp_path: Path
     n_pipelines: int
@@ -125,9 +130,17 @@ class StageModel:
         backward of the blocks before it (the link takes one bucket at a time)."""
         g, opts = self.grad_bytes_per_param, self.options
         if opts.overlap_grad_reduce and n_blocks > 0:
-            r = grad_reduce_s(opts, self.block_params * g, self.dp, self.dp_path)
-            exposed = grad_reduce_s(opts, self.fixed_params * g, self.dp, self.dp_path)
-            exposed += max(r, n_blocks * r - (n_blocks - 1) * self.block_bwd_s)
+            # Buckets in backward order on one link: the head's (ready after its backward), each
+            # block's (ready after its backward), then the rest (embedding, tied matrix) at the end.
+            def reduce_s(params: int) -> float:
+                return grad_reduce_s(opts, params * g, self.dp, self.dp_path) if params else 0.0
+
+            b, r = self.block_bwd_s, reduce_s(self.block_params)
+            lead = self.lead_bwd_s
+            link_free = lead + reduce_s(self.lead_params)
+            blocks_done = max(link_free + n_blocks * r, lead + b + n_blocks * r, lead + n_blocks * b + r)
+            end = self.fixed_bwd_s + n_blocks * b
+            exposed = max(blocks_done, end) + reduce_s(self.fixed_params - self.lead_params) - end
         else:
             exposed = grad_reduce_s(opts, self.params(n_blocks) * g, self.dp, self.dp_path)
         if self.cross_path is not None:
@@ -196,6 +209,7 @@ def build_stages(ctx: CostContext, shape: PipelineShape, n_microbatches: int,
             inflight=min(n_microbatches, n_stages - s),
             capacity_bytes=kit.capacity_bytes,
             block_params=kit.block.params, fixed_params=fixed_params,
+            lead_params=kit.head.params if last else 0, lead_bwd_s=kit.head.bwd_s if last else 0.0,
             dp=shape.dp, dp_path=dp_path(ctx, group, shape.dp, tp, j),
             n_pipelines=n_pipelines if others else 1, cross_path=cross,
             grad_bytes_per_param=opts.grad_reduce_bytes_per_param,

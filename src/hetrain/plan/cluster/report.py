@@ -29,12 +29,13 @@ def format_report(plan: ClusterPlan) -> str:
         f"Predicted step {pred['step_s']:.3f} s, {_si(pred['tokens_per_s'])} tokens/s, "
         f"{_si(pred['model_tflops_per_s'])} model TFLOP/s in total",
     ]
-    priced = [what for key, what in (("distributed_optimizer", "a distributed optimizer (ZeRO-1)"),
-                                      ("overlap_grad_reduce", "gradient reduction overlapped with the backward"))
-              if (plan.options or {}).get(key)]
-    if priced:
-        lines.append(f"Priced with {' and '.join(priced)}, as asked: the pipeline runtime does not run "
-                     f"{'these' if len(priced) > 1 else 'it'} yet, so `hetrain train` refuses this plan")
+    options = plan.options or {}
+    if options.get("distributed_optimizer"):
+        lines.append("Priced with a distributed optimizer (ZeRO-1), as asked: the pipeline runtime does not run it "
+                     "yet, so `hetrain train` refuses this plan")
+    lines.append("Gradients are all-reduced across replicas " + (
+        "block by block inside the backward (sync ms: what is left after it)"
+        if options.get("overlap_grad_reduce", True) else "after the backward"))
     ub = plan.upper_bound
     if ub:
         parts = []

@@ -284,6 +284,11 @@ class SearchOptions:
     """Single-pipeline shapes split at most (best estimate first; all of them on small clusters)."""
     refine_top: int = 4
     """Best predicted candidates refined by moving blocks."""
+    refine_within: float = 0.25
+    """Also refined: candidates predicted within this fraction of the best, up to refine_max in all
+    (the split balances the stages' work, not their gradient reductions: a stage on a slow
+    data-parallel path may want fewer blocks than its work allows)."""
+    refine_max: int = 16
     shapes_per_pipeline: int = 12
     """With several pipelines: shapes per pipeline kept (best estimated time per sample first)."""
     upper_bound: bool = True
@@ -410,6 +415,7 @@ def search(ctx: CostContext, global_batch: int, opts: SearchOptions = SearchOpti
         return None, stats
     stats.candidates_predicted = len(pool)
     pool.sort(key=lambda c: c.step_s)
-    for cand in pool[:opts.refine_top]:
+    near = [c for c in pool[opts.refine_top:] if c.step_s <= pool[0].step_s * (1 + opts.refine_within)]
+    for cand in (pool[:opts.refine_top] + near)[:max(opts.refine_top, opts.refine_max)]:
         refine(cand, ctx, stats=stats)
     return min(pool, key=lambda c: c.step_s), stats

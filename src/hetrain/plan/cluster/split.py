@@ -59,15 +59,17 @@ def shape_lower_bound_s(ctx: CostContext, shape: PipelineShape, n_microbatches: 
             tau = max(tau, lo)
             break
     params = first.embedding.params + first.block.params
-    return m * tau + _tail_s(ctx, shape, groups[0], params)
+    return m * tau + _tail_s(ctx, shape, groups[0], params, first.embedding.params)
 
 
-def _tail_s(ctx: CostContext, shape: PipelineShape, group, params: float) -> float:
-    """The first stage's gradient reduction and optimizer step for `params` parameters, not
-    overlapped (at most what StageModel.sync_s + optim_s charge for them: a lower bound's tail)."""
+def _tail_s(ctx: CostContext, shape: PipelineShape, group, params: float, after_params: float) -> float:
+    """The first stage's gradient reduction and optimizer step for `params` parameters
+    (`after_params` of them, the embedding's, reduced after the backward whether or not the
+    reduction overlaps it): at most what StageModel.sync_s + optim_s charge, a lower bound's tail."""
     opts = ctx.options
     path = dp_path(ctx, group, shape.dp, shape.tps[0], 0)
-    tail_s = grad_reduce_s(opts, params * opts.grad_reduce_bytes_per_param, shape.dp, path)
+    reduced = after_params if opts.overlap_grad_reduce else params
+    tail_s = grad_reduce_s(opts, reduced * opts.grad_reduce_bytes_per_param, shape.dp, path)
     shards = shape.dp if opts.distributed_optimizer else 1
     tail_s += params * opts.optimizer_bytes_per_param / shards / (group.kind.mem_bw_bytes_per_s * opts.memory_bw_efficiency)
     if opts.distributed_optimizer:
@@ -215,4 +217,4 @@ def shape_estimate_s(ctx: CostContext, shape: PipelineShape, n_microbatches: int
         lo, hi = (mid, hi) if blocks_within(mid) < target else (lo, mid)
     tau = hi
     params = first.embedding.params + first.block.params * L / n_stages
-    return (m + n_stages - 1) * tau + _tail_s(ctx, shape, groups[0], params)
+    return (m + n_stages - 1) * tau + _tail_s(ctx, shape, groups[0], params, first.embedding.params)
