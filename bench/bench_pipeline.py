@@ -38,7 +38,15 @@ CONFIGS: dict[str, tuple[str | int, int, list[str]]] = {
     "PP2xDP2 (two kinds)": ("local-cpu", 4, ["--plan.pp", "2", "--plan.dp", "2", "--plan.micro_batch", "2",
                                              "--plan.global_batch", "8"]),
     "PP4": (4, 4, ["--plan.pp", "4", "--plan.micro_batch", "1", "--plan.global_batch", "8"]),
+    "DP2 reduce after": (2, 2, ["--plan.dp", "2", "--plan.pp", "1", "--plan.micro_batch", "2",
+                                "--plan.global_batch", "8"]),
+    "DP2 reduce inside": (2, 2, ["--plan.dp", "2", "--plan.pp", "1", "--plan.micro_batch", "2",
+                                 "--plan.global_batch", "8"]),
 }
+"""The last two differ only in where the replicas' gradient all-reduce runs: after the backward (the
+plan's choice for CPU processes), or bucket by bucket inside it (forced with
+run.cpu_overlap_grad_reduce); the last line compares them when both ran."""
+TRAIN_EXTRA = {"DP2 reduce inside": ["--run.cpu_overlap_grad_reduce", "true"]}
 
 
 def one_group_cluster(path: Path, processes: int) -> Path:
@@ -58,7 +66,7 @@ def run(name: str, work: Path, steps: int) -> dict:
     cluster, nproc, pins = CONFIGS[name]
     cluster_file = (REPO / "configs/clusters/local-cpu.toml" if cluster == "local-cpu"
                     else one_group_cluster(work / f"cpu{cluster}.toml", int(cluster)))
-    tag = name.split()[0]
+    tag = name.split()[0] + ("-" + name.split()[-1] if name.startswith("DP2") else "")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
     hetrain = [sys.executable, "-m", "hetrain.cli"]
     subprocess.run(hetrain + ["plan", "--cluster", str(cluster_file), *MODEL, *pins, "--run.dir", str(work / tag)],
@@ -68,7 +76,7 @@ def run(name: str, work: Path, steps: int) -> dict:
              "--run.threads", "1", "--data.source", "text", "--data.path", str(text), "--data.cache_dir", "",
              "--train.steps", str(steps), "--train.eval_every", "0", "--train.ckpt_every", "0",
              "--train.log_every", "1", "--log.progress", "false", "--log.tensorboard", "false",
-             "--log.peak_flops", "1e11"]
+             "--log.peak_flops", "1e11", *TRAIN_EXTRA.get(name, [])]
     start = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
                            str(nproc), "-m", "hetrain.cli", "train", *train], capture_output=True, text=True, env=env)
@@ -102,6 +110,12 @@ def main() -> None:
             rows.append(row)
             print(f"{name:<22} {row['processes']:>5} {1000 * row['predicted_step_s']:>12.1f} "
                   f"{1000 * row['measured_step_s']:>12.1f} {row['ratio']:>9.2f}  {row['layout']}", flush=True)
+    by = {r["name"]: r for r in rows}
+    if "DP2 reduce after" in by and "DP2 reduce inside" in by:
+        after, inside = by["DP2 reduce after"], by["DP2 reduce inside"]
+        print(f"gradient reduction inside vs after the backward (DP2): measured "
+              f"{after['measured_step_s'] / inside['measured_step_s']:.2f}x, predicted "
+              f"{after['predicted_step_s'] / inside['predicted_step_s']:.2f}x")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
 

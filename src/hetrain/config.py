@@ -52,6 +52,8 @@ class RunConfig:
     """torch intra-op threads on CPU; 0 uses every core of this machine."""
     dist_timeout_s: float = 300.0
     """Under torchrun: how long any rank waits for the others in a collective before the job ends with a message naming the ranks that did not answer."""
+    cpu_overlap_grad_reduce: bool = False
+    """Cluster runs: also overlap the replicas' gradient all-reduce with the backward on CPU processes (gloo), where the planner prices it after the backward because the reduction runs on the cores the backward uses (measured slower on a 2-core machine: bench/bench_pipeline.py)."""
     emulate_link_gbytes_per_s: float = 0.0
     """Cluster runs, for benchmarks: hold every pipeline send for its bytes at this bandwidth (GB/s) before sending, as if the stages were joined by a link that slow (the cluster predictor prices a send the same way: the sender is busy for it); 0 sends at the real speed."""
 

@@ -119,14 +119,16 @@ def test_tensor_parallel_and_an_uneven_pipeline_train_the_one_process_model(tmp_
 
 def test_gradient_reduction_inside_the_backward_equals_it_after_to_the_bit(tmp_path, corpus, reference):
     """DP 2 x interleaved PP 2 (one block recomputed): each block's bucket is all-reduced as its last
-    backward ends, and the run is the one that reduces after the backward, bit for bit."""
+    backward ends, and the run is the one that reduces after the backward, bit for bit. (CPU
+    processes reduce after the backward unless told otherwise: run.cpu_overlap_grad_reduce.)"""
     pipe = pipeline(["cpu-a"], [3, 2], recompute=[1, 0], dp=2, n_microbatches=2, virtual_stages=2)
     runs = {}
     for overlap in (True, False):
         plan = write_plan(tmp_path / f"plan-{overlap}.json", one_group_cluster(4), [pipe],
                           options={"overlap_grad_reduce": overlap})
         run_dir = tmp_path / f"overlap-{overlap}"
-        done = torchrun(4, ["--plan.file", plan] + run_args(run_dir, corpus), tmp_path)
+        done = torchrun(4, ["--plan.file", plan] + run_args(run_dir, corpus, **{"run.cpu_overlap_grad_reduce": "true"}),
+                        tmp_path)
         check_run(done, run_dir, reference)
         runs[overlap] = (run_dir, done.stdout)
     on, off = runs[True], runs[False]

@@ -162,10 +162,12 @@ class OverlappedReduce:
 
     @classmethod
     def build(cls, sync: GradientSync, chunk_named: dict[int, list[tuple[str, torch.nn.Parameter]]],
-              n_microbatches: int) -> "OverlappedReduce | None":
-        """None when this rank has no replicas to reduce with, or reaches them through host memory."""
+              n_microbatches: int, on_cpu: bool = False) -> "OverlappedReduce | None":
+        """None when this rank has no replicas to reduce with, reaches them through host memory,
+        or is a CPU process (gloo would reduce on the cores the backward runs on, as the planner
+        prices it) unless `on_cpu`."""
         dp = sync.comm.dp
-        if dp is None or dp.route != NATIVE:
+        if dp is None or dp.route != NATIVE or (sync.comm.place.backend == "gloo" and not on_cpu):
             return None
         holders = Counter(id(p) for named in chunk_named.values() for p in {id(p): p for _, p in named}.values())
         tied = set(sync.names.tied or ())

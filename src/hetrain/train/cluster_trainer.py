@@ -129,7 +129,8 @@ class ClusterTrainer:
         if overlaps_grad_reduce(plan):  # as the planner priced it: each block's reduction inside the backward
             chunk_named = {c.index: list(chunk.named_parameters(remove_duplicate=False))
                            for chunk, c in zip(self.chunks, place.chunks)}
-            self.sync.overlapped = OverlappedReduce.build(self.sync, chunk_named, place.n_microbatches)
+            self.sync.overlapped = OverlappedReduce.build(self.sync, chunk_named, place.n_microbatches,
+                                                          on_cpu=cfg.run.cpu_overlap_grad_reduce)
             if self.sync.overlapped is not None:
                 self.run.overlap.on_last_backward = self.sync.overlapped.arm
         self.step = 0

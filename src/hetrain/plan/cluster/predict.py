@@ -85,6 +85,9 @@ class StageModel:
     """Adding every micro-batch's gradient after the first into the held one, per parameter."""
     options: PredictorOptions
     """Whether the optimizer is distributed and the reduction overlapped (PredictorOptions)."""
+    reduce_beside_compute: bool
+    """The kind's collectives run beside its compute (an accelerator's library), so a reduction
+    can hide behind the backward; False for CPU processes (gloo on the same cores)."""
     block_model_flops: float
     fixed_model_flops: float
 
@@ -129,7 +132,7 @@ class StageModel:
         reduction overlapped, what is left once each block's bucket has been reduced behind the
         backward of the blocks before it (the link takes one bucket at a time)."""
         g, opts = self.grad_bytes_per_param, self.options
-        if opts.overlap_grad_reduce and n_blocks > 0:
+        if opts.overlap_grad_reduce and self.reduce_beside_compute and n_blocks > 0:
             # Buckets in backward order on one link: the head's (ready after its backward), each
             # block's (ready after its backward), then the rest (embedding, tied matrix) at the end.
             def reduce_s(params: int) -> float:
@@ -216,7 +219,7 @@ def build_stages(ctx: CostContext, shape: PipelineShape, n_microbatches: int,
             update_s_per_param=opts.optimizer_bytes_per_param / (group.kind.mem_bw_bytes_per_s * opts.memory_bw_efficiency),
             accumulate_s_per_param=(n_microbatches - 1) * opts.accumulate_bytes_per_param
             / (group.kind.mem_bw_bytes_per_s * opts.memory_bw_efficiency),
-            options=opts,
+            options=opts, reduce_beside_compute=group.kind.collective_backend != "gloo",
             block_model_flops=kit.block.model_flops,
             fixed_model_flops=sum(layer.model_flops for layer in fixed),
         ))
