@@ -157,7 +157,7 @@ class PlanConfig:
     virtual_stages: int = 1
     """Cluster planning: model chunks per pipeline stage; more than 1 runs interleaved 1F1B."""
     distributed_optimizer: bool = False
-    """Cluster planning: price ZeRO-1 (fp32 masters and AdamW moments sharded over each stage's replicas, gradients reduce-scattered, weights all-gathered). The runtime cannot run it yet: such a plan is for comparison, and `hetrain train` refuses it."""
+    """Cluster planning: ZeRO-1, priced and run: each of a stage's replicas updates a share of its parameters and alone holds their AdamW moments, then broadcasts the updated weights."""
     overlap_grad_reduce: bool = True
     """Cluster planning: each block's gradients are all-reduced across replicas inside the backward, as soon as they are final (false: after the backward), priced and run so."""
     recompute: str = "heu"

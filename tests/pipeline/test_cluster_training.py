@@ -141,6 +141,40 @@ def test_gradient_reduction_inside_the_backward_equals_it_after_to_the_bit(tmp_p
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_zero1_shards_adamw_state_and_trains_the_same_model(tmp_path, corpus, reference):
+    """TP 2 x DP 2 with ZeRO-1: each replica holds AdamW state for its share only, the run is the one
+    without sharding (losses and weights, bit for bit), one process resumes its checkpoint, and it
+    resumes one process's."""
+    pipe = pipeline(["cpu-a"], [N_LAYER], tp=2, dp=2, n_microbatches=2)
+    runs = {}
+    for zero in (True, False):
+        plan = write_plan(tmp_path / f"plan-{zero}.json", one_group_cluster(4), [pipe],
+                          options={"distributed_optimizer": zero})
+        run_dir = tmp_path / f"zero-{zero}"
+        done = torchrun(4, ["--plan.file", plan] + run_args(run_dir, corpus), tmp_path)
+        check_run(done, run_dir, reference)
+        runs[zero] = run_dir
+        found = re.search(r"sharded over 2 replicas \(ZeRO-1\): this rank updates ([\d,]+) of its ([\d,]+)", done.stdout)
+        assert bool(found) == zero
+        if zero:  # about half each
+            mine, every = (int(g.replace(",", "")) for g in found.groups())
+            assert 0.4 * every < mine < 0.6 * every
+    assert losses(runs[True]) == losses(runs[False])
+    a, b = load_file(Path(runs[True]) / "model.safetensors"), load_file(Path(runs[False]) / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    step5 = runs[True] / "checkpoints" / "step_00000005"
+    Trainer(one_process_config(tmp_path / "one", corpus, **{"run.resume": step5})).fit()
+    assert_same_losses(tmp_path / "one", reference, steps=range(6, STEPS + 1))
+    assert_same_params(tmp_path / "one", reference)
+    # ... and the sharded run resumes one process's checkpoint, each replica loading its share.
+    plan = tmp_path / "plan-True.json"
+    ref5 = reference / "checkpoints" / "step_00000005"
+    done = torchrun(4, ["--plan.file", plan] + run_args(tmp_path / "resumed", corpus, **{"run.resume": ref5}), tmp_path)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert_same_losses(tmp_path / "resumed", reference, steps=range(6, STEPS + 1))
+    assert_same_params(tmp_path / "resumed", reference)
+
+
 @pytest.fixture(scope="module")
 def cli_run(tmp_path_factory, corpus):
     """`hetrain plan --cluster local-cpu.toml --plan.pp 2 --plan.dp 2 ...`, then torchrun of its plan.json."""

@@ -110,16 +110,3 @@ def test_a_cluster_file_that_differs_from_the_plans_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="the plan runs group 'cpu-a' as 2 x cpu-a but cluster file .* has 4 x cpu-a"):
         check_cluster(plan, str(other))
 
-
-@pytest.mark.parametrize("priced", ["distributed_optimizer"])
-def test_a_plan_priced_with_what_the_runtime_cannot_run_is_refused(tmp_path, capsys, priced):
-    path = write_plan(tmp_path / "plan.json", one_group_cluster(2), [pipeline(["cpu-a"], [3, 2])])
-    plan = ClusterPlan.load(path)
-    plan.options = {**plan.options, priced: True}
-    plan.save(path)
-    rc = main(["train", "--plan.file", str(path), "--run.dir", str(tmp_path / "run")])
-    err = capsys.readouterr().err
-    assert rc == 2
-    assert f"was priced with {priced}, which the pipeline runtime does not run yet" in err
-    assert f"re-plan without --plan.{priced} true" in err
-    assert not (tmp_path / "run").exists()

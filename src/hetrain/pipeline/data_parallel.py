@@ -230,3 +230,59 @@ class OverlappedReduce:
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
+
+
+@dataclass
+class ShardedUpdate:
+    """ZeRO-1 over a stage's replicas: each parameter is updated by one replica (`owner`), the only
+    one holding its AdamW moments; after the step every replica broadcasts the weights it updated.
+
+    Owners are given greedily by size over the parameters in name order, so every replica of a
+    stage (same chunks, same TP shard shapes) computes the same partition without talking. The
+    gradients stay whole on every replica (all-reduced as without sharding: the global norm and
+    clipping read them), and so do the fp32 weights the forward computes from; the moments are
+    what is sharded. Under TP each rank's DP group holds the same TP shard, so the broadcasts move
+    local shards."""
+
+    link: object
+    """The stage's DP link (hetrain.pipeline.communicator.Link)."""
+    owned_by: list[list[torch.nn.Parameter]]
+    """Per replica index in the DP group, the parameters it updates."""
+    index: int
+    """This rank's index in the DP group."""
+
+    @classmethod
+    def build(cls, sync: GradientSync) -> "ShardedUpdate | None":
+        """None without replicas (nothing to shard)."""
+        dp = sync.comm.dp
+        if dp is None or dp.size < 2:
+            return None
+        unique: dict[int, tuple[str, torch.nn.Parameter]] = {}
+        for name, p in sync.named:
+            unique.setdefault(id(p), (name, p))
+        owned_by: list[list[torch.nn.Parameter]] = [[] for _ in range(dp.size)]
+        load = [0] * dp.size
+        for name, p in sorted(unique.values(), key=lambda e: e[0]):
+            i = min(range(dp.size), key=lambda k: (load[k], k))
+            owned_by[i].append(p)
+            load[i] += _local(p).numel()
+        return cls(dp, owned_by, dp.ranks.index(dist.get_rank()))
+
+    @property
+    def owned(self) -> list[torch.nn.Parameter]:
+        return self.owned_by[self.index]
+
+    @torch.no_grad()
+    def broadcast(self) -> None:
+        """Every replica's updated weights to the others (one flat broadcast per owner)."""
+        for i, params in enumerate(self.owned_by):
+            if not params:
+                continue
+            locals_ = [_local(p) for p in params]
+            flat = torch.cat([t.reshape(-1) for t in locals_])
+            dist.broadcast(flat, src=self.link.ranks[i], group=self.link.group)
+            if i != self.index:
+                offset = 0
+                for t in locals_:
+                    t.copy_(flat[offset:offset + t.numel()].view_as(t))
+                    offset += t.numel()

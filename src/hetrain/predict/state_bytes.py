@@ -69,11 +69,11 @@ def host_layer_bytes(numel: int, tensors: int, compute_dtype_bytes: int, pinned:
 
 
 def distributed_state_bytes_per_param(compute_dtype_bytes: int, shards: int) -> float:
-    """Per parameter under a distributed optimizer (ZeRO-1, Megatron's distributed optimizer)
-    over `shards` data-parallel replicas: the compute-dtype weights and the fp32 gradient whole,
-    the fp32 master and the AdamW moments sharded."""
-    return (compute_dtype_bytes + GRAD_BYTES_PER_PARAM
-            + (MASTER_BYTES_PER_PARAM + ADAM_MOMENT_BYTES_PER_PARAM) / max(1, shards))
+    """Per parameter under ZeRO-1 over `shards` data-parallel replicas, as the cluster runtime
+    runs it: the fp32 weights (what the forward computes from), the fp32 gradient and the
+    compute-dtype copy whole, the AdamW moments sharded."""
+    return (MASTER_BYTES_PER_PARAM + GRAD_BYTES_PER_PARAM + compute_dtype_bytes
+            + ADAM_MOMENT_BYTES_PER_PARAM / max(1, shards))
 
 
 def plain_state_bytes_per_param(compute_dtype_bytes: int, weights_copy: bool) -> int:

@@ -81,7 +81,8 @@ def save(run_dir: Path, state: dict, meta: ckpt.CheckpointMeta, comm: Communicat
 @torch.no_grad()
 def load(path: Path, named: list[tuple[str, torch.nn.Parameter]], optimizer: torch.optim.Optimizer,
          names: ModelNames, cfg: ModelConfig, tp: int) -> None:
-    """Load this rank's parameters and AdamW state from a checkpoint of any layout (no collectives)."""
+    """Load this rank's parameters, and the AdamW state of those its optimizer updates (all of them,
+    or its share under ZeRO-1), from a checkpoint of any layout (no collectives)."""
     unique: dict[int, tuple[str, torch.nn.Parameter]] = {}
     for name, p in named:
         unique.setdefault(id(p), (name, p))
@@ -103,9 +104,12 @@ def load(path: Path, named: list[tuple[str, torch.nn.Parameter]], optimizer: tor
 
         raise ConfigError(f"checkpoint '{path}' could not be read ({type(e).__name__}: "
                           f"{str(e).splitlines()[0][:200]}); resume from another with --run.resume PATH") from None
+    updated = {id(q) for group in optimizer.param_groups for q in group["params"]}
     for name, p in unique.values():
         whole = want_model[name].to(p.device)
         _local(p).copy_(local_from_canonical(name, whole, p, cfg, tp))
+        if id(p) not in updated:
+            continue
         saved = want_optim[names.canonical(name)]
         optimizer.state[p] = {"step": saved["step"].to(p.device),
                               "exp_avg": _like(name, saved["exp_avg"].to(p.device), p, cfg, tp),

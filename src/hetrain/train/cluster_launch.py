@@ -25,10 +25,6 @@ from hetrain.pipeline.placement import Layout, check_device, check_world, place_
 from hetrain.plan.cluster.plan import PLAN_FORMAT, ClusterPlan
 
 
-PRICED_ONLY = ("distributed_optimizer",)
-"""Predictor options (plan.options) a plan may be priced with that the runtime cannot execute yet."""
-
-
 def is_cluster_plan(path: str) -> bool:
     """Whether the file is a plan from `hetrain plan --cluster` (not an offload plan)."""
     try:
@@ -102,11 +98,6 @@ def check_cluster(plan: ClusterPlan, path: str) -> None:
 def prepare(cfg: Config) -> tuple[Config, ClusterPlan, Layout, int]:
     """Everything that can fail on input, for this process: (config, plan, layout, rank)."""
     plan = load_cluster_plan(cfg.plan.file)
-    priced_only = [k for k in PRICED_ONLY if (plan.options or {}).get(k)]
-    if priced_only:
-        raise ConfigError(f"plan file '{cfg.plan.file}' was priced with {' and '.join(priced_only)}, which the "
-                          f"pipeline runtime does not run yet (such a plan is for comparison); re-plan without "
-                          + " and ".join(f"--plan.{k} true" for k in priced_only))
     cfg = config_for_plan(cfg, plan)
     layout = place_plan(plan)
     if cfg.plan.cluster:

@@ -44,7 +44,7 @@ from hetrain.errors import ConfigError
 from hetrain.train import cluster_checkpoint as pckpt
 from hetrain.liveness import roll_call, roll_call_s
 from hetrain.pipeline.communicator import Communicator, local_rank
-from hetrain.pipeline.data_parallel import GradientSync, OverlappedReduce
+from hetrain.pipeline.data_parallel import GradientSync, OverlappedReduce, ShardedUpdate
 from hetrain.pipeline.placement import Layout
 from hetrain.pipeline.schedule import StageClock, build_schedule
 from hetrain.pipeline.stages import apply_stage_recompute, build_chunk, model_names
@@ -119,10 +119,13 @@ class ClusterTrainer:
                 apply_tensor_parallel(chunk, mesh, cfg.model)
         self.ledger = Recomputations()
         self.recompute = [apply_stage_recompute(chunk, self.ledger) for chunk in self.chunks]
-        self.optimizer = _optimizer(self.chunks, cfg, self.device)
         self.named = [(n, p) for chunk in self.chunks for n, p in chunk.named_parameters(remove_duplicate=False)]
         share = layout.pipeline_samples[place.pipeline] / layout.global_batch
         self.sync = GradientSync(self.comm, self.named, self.names, cfg.model, share)
+        # ZeRO-1 when the plan was priced with it: this replica updates (and holds moments for) its share.
+        self.sharded = ShardedUpdate.build(self.sync) if (plan.options or {}).get("distributed_optimizer") else None
+        self.optimizer = _optimizer(self.chunks, cfg, self.device,
+                                    owned=self.sharded.owned if self.sharded is not None else None)
         self.clock = StageClock(sync_cuda=self.device.type == "cuda")
         self.run = build_schedule(self.chunks, self.comm, (self.names.hidden_size, self.names.vocab_size),
                                   cfg.train.seq_len, self.clock, self.ledger, cfg.run.emulate_link_gbytes_per_s)
@@ -170,7 +173,10 @@ class ClusterTrainer:
             coef = torch.clamp(self.cfg.train.grad_clip / (norm + 1e-6), max=1.0)
             torch._foreach_mul_(grads, coef.to(grads[0].device))
         self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        if self.sharded is not None:
+            self.sharded.broadcast()
+        for p in self.sync.unique():  # every parameter's, not only the optimizer's (ZeRO-1 updates a share)
+            p.grad = None
         self.step += 1
         return loss, grad_norm
 
@@ -297,6 +303,11 @@ class ClusterTrainer:
         print(f"hetrain: links: {self.comm.lane.route} pipeline lane; same as one process with "
               f"--train.micro_batch {self.layout.read_unit} --train.grad_accum "
               f"{self.layout.global_batch // self.layout.read_unit}", flush=True)
+        if self.sharded is not None:
+            mine = sum(p.numel() for p in self.sharded.owned)
+            every = sum(p.numel() for p in self.sync.unique())
+            print(f"hetrain: AdamW state sharded over {len(self.sharded.owned_by)} replicas (ZeRO-1): this rank "
+                  f"updates {mine:,} of its {every:,} parameters", flush=True)
         if self.predicted_step_s:
             print(f"hetrain: predicted step {1000 * self.predicted_step_s:.1f} ms (from the plan)", flush=True)
         if self.step:
@@ -391,18 +402,22 @@ def _cluster_peak_flops(cfg: Config, plan: ClusterPlan, layout: Layout) -> float
                if g.name in used)
 
 
-def _optimizer(chunks: list[nn.Module], cfg: Config, device: torch.device) -> torch.optim.Optimizer:
+def _optimizer(chunks: list[nn.Module], cfg: Config, device: torch.device,
+               owned: list[nn.Parameter] | None = None) -> torch.optim.Optimizer:
     """One process's AdamW (make_optimizer: groups, hyper-parameters, fused), each group split into
-    its DTensor and its plain parameters: a fused kernel takes one kind of tensor."""
+    its DTensor and its plain parameters: a fused kernel takes one kind of tensor. With `owned`
+    (ZeRO-1), over those parameters only."""
     from torch.distributed.tensor import DTensor
 
     base = make_optimizer(nn.ModuleList(chunks), cfg, device)
+    keep = None if owned is None else {id(p) for p in owned}
     groups = []
     for group in base.param_groups:
         hyper = {k: v for k, v in group.items() if k != "params"}
         for sharded in (False, True):
-            params = [p for p in group["params"] if isinstance(p, DTensor) == sharded]
-            if params:
+            params = [p for p in group["params"] if isinstance(p, DTensor) == sharded
+                      and (keep is None or id(p) in keep)]
+            if params or keep is not None:  # under ZeRO-1 empty groups keep the hyper-parameters
                 groups.append({**hyper, "params": params})
     return torch.optim.AdamW(groups, fused=True)
 

@@ -47,6 +47,8 @@ class PredictorOptions:
     optimizer_bytes_per_param: int = ADAM_TRAFFIC_BYTES_PER_PARAM + CLIP_TRAFFIC_BYTES_PER_PARAM
     """Bytes the step's tail moves per parameter: AdamW (grad, master, moments in; master, moments
     out) and the gradient clipping before it (predict/state_bytes.py)."""
+    adam_bytes_per_param: int = ADAM_TRAFFIC_BYTES_PER_PARAM
+    """Of optimizer_bytes_per_param, AdamW's (what ZeRO-1 shares among the replicas)."""
     accumulate_bytes_per_param: int = ACCUMULATE_TRAFFIC_BYTES_PER_PARAM
     """Bytes each micro-batch after a step's first moves per parameter, adding its gradient into
     the held one (predict/state_bytes.py)."""
@@ -59,11 +61,10 @@ class PredictorOptions:
     max_micro_batch: int = 16
     """Largest micro-batch the search tries (powers of two up to it)."""
     distributed_optimizer: bool = False
-    """ZeRO-1 (Megatron's distributed optimizer): a stage's fp32 master weights and AdamW moments
-    are sharded over its dp replicas; gradients are reduce-scattered in fp32, each replica updates
-    its shard, and the updated weights are all-gathered in the compute dtype. Priced only: the
-    pipeline runtime does not run it yet, so the search uses it only when asked
-    (--plan.distributed_optimizer true), and the runtime refuses such a plan."""
+    """ZeRO-1: each of a stage's parameters is updated by one of its dp replicas, which alone holds
+    its AdamW moments; gradients are all-reduced as without it, and each replica then broadcasts
+    the fp32 weights it updated (priced as an all-gather). The runtime runs it
+    (hetrain.pipeline.data_parallel.ShardedUpdate); --plan.distributed_optimizer true."""
     overlap_grad_reduce: bool = True
     """Each block's gradients are reduced as soon as the stage's last backward of that block ends
     (one bucket per block, as DDP and Megatron overlap them), instead of after the whole
@@ -77,20 +78,11 @@ class PredictorOptions:
     def to_dict(self) -> dict:
         return dict(self.__dict__)
 
-    @property
-    def compute_bytes(self) -> int:
-        return 2 if self.compute_dtype in ("bf16", "fp16") else 4
-
     def state_bytes_at(self, dp: int) -> float:
         """Bytes a device keeps per parameter of its stage between steps, with `dp` replicas."""
         if self.distributed_optimizer:
-            return distributed_state_bytes_per_param(self.compute_bytes, dp)
+            return distributed_state_bytes_per_param(2 if self.compute_dtype in ("bf16", "fp16") else 4, dp)
         return self.state_bytes_per_param
-
-    @property
-    def runtime_unsupported(self) -> list[str]:
-        """The priced choices the pipeline runtime cannot execute yet (empty: it runs the plan)."""
-        return [name for name in ("distributed_optimizer",) if getattr(self, name)]
 
 
 @dataclass(frozen=True)
@@ -120,19 +112,11 @@ class Path:
         return self.latency_s + n_bytes * self.s_per_byte if n_bytes > 0 else 0.0
 
 
-def ring_reduce_scatter_s(n_bytes: float, n_ranks: int, path: Path) -> float:
-    """Ring reduce-scatter (or all-gather) of n_bytes per rank: half a ring all-reduce."""
+def ring_all_gather_s(n_bytes: float, n_ranks: int, path: Path) -> float:
+    """Ring all-gather of n_bytes in all (n_bytes / n_ranks from each rank): half a ring all-reduce."""
     if n_ranks <= 1 or n_bytes <= 0:
         return 0.0
     return (n_ranks - 1) * (path.latency_s + n_bytes / n_ranks * path.s_per_byte)
-
-
-def grad_reduce_s(options: PredictorOptions, n_bytes: float, n_ranks: int, path: Path) -> float:
-    """Reducing n_bytes of gradients over a stage's replicas: an all-reduce, or a reduce-scatter
-    under the distributed optimizer."""
-    if options.distributed_optimizer:
-        return ring_reduce_scatter_s(n_bytes, n_ranks, path)
-    return ring_allreduce_s(n_bytes, n_ranks, path)
 
 
 def ring_allreduce_s(n_bytes: float, n_ranks: int, path: Path) -> float:

@@ -24,8 +24,9 @@ import numpy as np
 
 from hetrain.hardware.cluster import Group, cluster_from_dict
 from hetrain.model.spec import ModelSpec
-from hetrain.plan.cluster.cost import (CostContext, Path, PredictorOptions, dp_path, grad_reduce_s, pp_path,
-                                      ring_allreduce_s, ring_reduce_scatter_s)
+from hetrain.plan.cluster.cost import (CostContext, Path, PredictorOptions, dp_path, pp_path, ring_all_gather_s,
+                                      ring_allreduce_s)
+from hetrain.predict.state_bytes import MASTER_BYTES_PER_PARAM
 from hetrain.plan.cluster.plan import ClusterPlan, PipelinePlan, StagePlan, fold
 from hetrain.predict.simulator import Task, simulate
 from hetrain.trace import TraceEvent, task_name
@@ -79,10 +80,10 @@ class StageModel:
     n_pipelines: int
     cross_path: Path | None
     grad_bytes_per_param: int
-    update_s_per_param: float
-    """Clipping and AdamW, per parameter (at the memory bandwidth)."""
-    accumulate_s_per_param: float
-    """Adding every micro-batch's gradient after the first into the held one, per parameter."""
+    adam_s_per_param: float
+    """AdamW, per parameter it updates (at the memory bandwidth)."""
+    grad_pass_s_per_param: float
+    """Clipping, and adding every micro-batch's gradient after the first into the held one, per parameter."""
     options: PredictorOptions
     """Whether the optimizer is distributed and the reduction overlapped (PredictorOptions)."""
     reduce_beside_compute: bool
@@ -136,7 +137,7 @@ class StageModel:
             # Buckets in backward order on one link: the head's (ready after its backward), each
             # block's (ready after its backward), then the rest (embedding, tied matrix) at the end.
             def reduce_s(params: int) -> float:
-                return grad_reduce_s(opts, params * g, self.dp, self.dp_path) if params else 0.0
+                return ring_allreduce_s(params * g, self.dp, self.dp_path) if params else 0.0
 
             b, r = self.block_bwd_s, reduce_s(self.block_params)
             lead = self.lead_bwd_s
@@ -145,19 +146,19 @@ class StageModel:
             end = self.fixed_bwd_s + n_blocks * b
             exposed = max(blocks_done, end) + reduce_s(self.fixed_params - self.lead_params) - end
         else:
-            exposed = grad_reduce_s(opts, self.params(n_blocks) * g, self.dp, self.dp_path)
+            exposed = ring_allreduce_s(self.params(n_blocks) * g, self.dp, self.dp_path)
         if self.cross_path is not None:
             exposed += ring_allreduce_s(self.params(n_blocks) * g / self.dp, self.n_pipelines, self.cross_path)
         return exposed
 
     def optim_s(self, n_blocks: int) -> float:
-        """Accumulation, clipping and AdamW (on a 1/dp shard under the distributed optimizer,
-        followed by the all-gather of the updated weights)."""
+        """Accumulation, clipping and AdamW (on a 1/dp share under ZeRO-1, followed by the
+        replicas' broadcasts of the fp32 weights they updated)."""
         params = self.params(n_blocks)
         if not self.options.distributed_optimizer:
-            return params * (self.update_s_per_param + self.accumulate_s_per_param)
-        gather = ring_reduce_scatter_s(params * self.options.compute_bytes, self.dp, self.dp_path)
-        return params * (self.update_s_per_param / self.dp + self.accumulate_s_per_param) + gather
+            return params * (self.adam_s_per_param + self.grad_pass_s_per_param)
+        gather = ring_all_gather_s(params * MASTER_BYTES_PER_PARAM, self.dp, self.dp_path)
+        return params * (self.adam_s_per_param / self.dp + self.grad_pass_s_per_param) + gather
 
 
 def stage_counts(ctx: CostContext, shape: PipelineShape) -> list[int]:
@@ -216,8 +217,9 @@ def build_stages(ctx: CostContext, shape: PipelineShape, n_microbatches: int,
             dp=shape.dp, dp_path=dp_path(ctx, group, shape.dp, tp, j),
             n_pipelines=n_pipelines if others else 1, cross_path=cross,
             grad_bytes_per_param=opts.grad_reduce_bytes_per_param,
-            update_s_per_param=opts.optimizer_bytes_per_param / (group.kind.mem_bw_bytes_per_s * opts.memory_bw_efficiency),
-            accumulate_s_per_param=(n_microbatches - 1) * opts.accumulate_bytes_per_param
+            adam_s_per_param=opts.adam_bytes_per_param / (group.kind.mem_bw_bytes_per_s * opts.memory_bw_efficiency),
+            grad_pass_s_per_param=(opts.optimizer_bytes_per_param - opts.adam_bytes_per_param
+                                   + (n_microbatches - 1) * opts.accumulate_bytes_per_param)
             / (group.kind.mem_bw_bytes_per_s * opts.memory_bw_efficiency),
             options=opts, reduce_beside_compute=group.kind.collective_backend != "gloo",
             block_model_flops=kit.block.model_flops,

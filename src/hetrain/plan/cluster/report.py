@@ -31,8 +31,8 @@ def format_report(plan: ClusterPlan) -> str:
     ]
     options = plan.options or {}
     if options.get("distributed_optimizer"):
-        lines.append("Priced with a distributed optimizer (ZeRO-1), as asked: the pipeline runtime does not run it "
-                     "yet, so `hetrain train` refuses this plan")
+        lines.append("Optimizer state sharded over each stage's replicas (ZeRO-1): each replica updates its share "
+                     "of the stage's parameters and broadcasts it")
     lines.append("Gradients are all-reduced across replicas " + (
         "block by block inside the backward (sync ms: what is left after it)"
         if options.get("overlap_grad_reduce", True) else "after the backward"))

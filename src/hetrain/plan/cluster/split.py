@@ -15,7 +15,8 @@ from __future__ import annotations
 import heapq
 import math
 
-from hetrain.plan.cluster.cost import CostContext, dp_path, grad_reduce_s, ring_reduce_scatter_s
+from hetrain.plan.cluster.cost import CostContext, dp_path, ring_all_gather_s, ring_allreduce_s
+from hetrain.predict.state_bytes import MASTER_BYTES_PER_PARAM
 from hetrain.plan.cluster.predict import PipelineShape, StageModel, stage_counts
 
 
@@ -69,11 +70,11 @@ def _tail_s(ctx: CostContext, shape: PipelineShape, group, params: float, after_
     opts = ctx.options
     path = dp_path(ctx, group, shape.dp, shape.tps[0], 0)
     reduced = after_params if opts.overlap_grad_reduce else params
-    tail_s = grad_reduce_s(opts, reduced * opts.grad_reduce_bytes_per_param, shape.dp, path)
+    tail_s = ring_allreduce_s(reduced * opts.grad_reduce_bytes_per_param, shape.dp, path)
     shards = shape.dp if opts.distributed_optimizer else 1
     tail_s += params * opts.optimizer_bytes_per_param / shards / (group.kind.mem_bw_bytes_per_s * opts.memory_bw_efficiency)
     if opts.distributed_optimizer:
-        tail_s += ring_reduce_scatter_s(params * opts.compute_bytes, shape.dp, path)
+        tail_s += ring_all_gather_s(params * MASTER_BYTES_PER_PARAM, shape.dp, path)
     return tail_s
 
 
