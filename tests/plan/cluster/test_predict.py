@@ -260,3 +260,20 @@ def test_priced_options_predict_alike_in_recurrence_and_simulation(options):
         r = [s.n_recompute_blocks for s in pipe.stages]
         assert pipeline_step_s(stages, n, r, pipe.n_microbatches) == pytest.approx(pred.pipeline_step_s[p], rel=1e-12)
     assert max(e.end_s for e in events) == pytest.approx(pred.step_s, rel=1e-12)
+
+
+def test_the_report_says_where_gradients_are_reduced():
+    import pathlib
+
+    from hetrain.hardware.cluster import load_cluster
+    from hetrain.plan.cluster.report import format_report
+
+    accelerators = _plan("16-devices")
+    assert "block by block inside the backward" in format_report(accelerators)
+    cpus = plan_cluster(model(512, 4), load_cluster(pathlib.Path(__file__).parents[3] / "configs/clusters/local-cpu.toml"),
+                        8, 256, PredictorOptions(max_micro_batch=4), SearchOptions(upper_bound=False))
+    report = format_report(cpus)
+    assert "after the backward on CPU processes" in report and "inside the backward" not in report
+    assert "after the backward" in format_report(
+        plan_cluster(*CASES["recompute"], PredictorOptions(overlap_grad_reduce=False),
+                     SearchOptions(upper_bound=False, recompute="whole")))

@@ -19,6 +19,20 @@ def _si(x: float) -> str:
     return f"{x:,.0f}"
 
 
+def _where_reduced(plan: ClusterPlan) -> str:
+    """Where the replicas' gradient reduction runs, as the predictor priced it."""
+    from hetrain.hardware.catalog import get_kind
+
+    if not (plan.options or {}).get("overlap_grad_reduce", True):
+        return "after the backward"
+    gloo = {get_kind(g["kind"]).collective_backend == "gloo" for g in plan.cluster["group"]}
+    inside = "block by block inside the backward (sync ms: what is left after it)"
+    after = "after the backward on CPU processes (gloo reduces on the cores the backward uses)"
+    if gloo == {True}:
+        return after
+    return inside if gloo == {False} else f"{inside}; {after}"
+
+
 def format_report(plan: ClusterPlan) -> str:
     """The plan as text: pipelines, stages, per-kind throughput and memory, efficiency, search cost."""
     pred, model, cluster = plan.prediction, plan.model, plan.cluster
@@ -33,9 +47,7 @@ def format_report(plan: ClusterPlan) -> str:
     if options.get("distributed_optimizer"):
         lines.append("Optimizer state sharded over each stage's replicas (ZeRO-1): each replica updates its share "
                      "of the stage's parameters and broadcasts it")
-    lines.append("Gradients are all-reduced across replicas " + (
-        "block by block inside the backward (sync ms: what is left after it)"
-        if options.get("overlap_grad_reduce", True) else "after the backward"))
+    lines.append("Gradients are all-reduced across replicas " + _where_reduced(plan))
     ub = plan.upper_bound
     if ub:
         parts = []
