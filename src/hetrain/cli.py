@@ -147,9 +147,10 @@ def cmd_plan(args: list[str]) -> int:
     # A transformers model from --hf.path is planned from its config.json (hetrain.model.spec).
     model = ModelSpec.hf_folder(cfg.hf.path) if cfg.hf.path else cfg.model
     plan = run_cluster_planning(model, cfg.plan.cluster, cfg.plan.global_batch, cfg.train.seq_len, cfg.run.dir,
-                                SearchOptions(pins=pins, recompute=cfg.plan.recompute), cfg.plan.virtual_stages,
+                                SearchOptions(pins=pins, recompute=cfg.plan.recompute,
+                                              try_distributed_optimizer=cfg.plan.distributed_optimizer == "auto"), cfg.plan.virtual_stages,
                                 PredictorOptions(matmul_curves=curves,
-                                                 distributed_optimizer=cfg.plan.distributed_optimizer,
+                                                 distributed_optimizer=cfg.plan.distributed_optimizer == "true",
                                                  overlap_grad_reduce=cfg.plan.overlap_grad_reduce))
     print(format_report(plan))
     print(f"hetrain: wrote {cfg.run.dir}/plan.json, report.txt and timeline.png")

@@ -156,8 +156,8 @@ class PlanConfig:
     """Cluster planning: pin the micro-batch size (0: the search chooses)."""
     virtual_stages: int = 1
     """Cluster planning: model chunks per pipeline stage; more than 1 runs interleaved 1F1B."""
-    distributed_optimizer: bool = False
-    """Cluster planning: ZeRO-1, priced and run: each of a stage's replicas updates a share of its parameters and alone holds their AdamW moments, then broadcasts the updated weights."""
+    distributed_optimizer: str = "auto"
+    """Cluster planning, ZeRO-1 (each of a stage's replicas updates a share of its parameters and alone holds their AdamW moments, then broadcasts the updated weights): 'auto' plans with and without it and keeps the faster plan, 'true' or 'false' fixes it."""
     overlap_grad_reduce: bool = True
     """Cluster planning: each block's gradients are all-reduced across replicas inside the backward, as soon as they are final (false: after the backward), priced and run so."""
     recompute: str = "heu"
@@ -379,6 +379,9 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"plan.{key} must be 0 (the search chooses) or a positive degree, got {getattr(cfg.plan, key)}")
     if cfg.plan.virtual_stages < 1:
         raise ConfigError(f"plan.virtual_stages must be at least 1, got {cfg.plan.virtual_stages}")
+    if cfg.plan.distributed_optimizer not in ("auto", "true", "false"):
+        raise ConfigError(f"plan.distributed_optimizer must be 'auto', 'true' or 'false', got "
+                          f"'{cfg.plan.distributed_optimizer}'")
     if cfg.plan.recompute not in ("heu", "opt", "whole"):
         raise ConfigError(f"plan.recompute must be 'heu', 'opt' or 'whole', got '{cfg.plan.recompute}'")
     if not 0 <= cfg.model.dropout < 1:

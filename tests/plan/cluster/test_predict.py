@@ -277,3 +277,18 @@ def test_the_report_says_where_gradients_are_reduced():
     assert "after the backward" in format_report(
         plan_cluster(*CASES["recompute"], PredictorOptions(overlap_grad_reduce=False),
                      SearchOptions(upper_bound=False, recompute="whole")))
+
+
+def test_auto_keeps_the_faster_of_with_and_without_zero1():
+    cfg, cluster, global_batch, seq_len = CASES["16-devices"]
+    steps, bounds = {}, {}
+    for zero in (False, True):
+        p = plan_cluster(cfg, cluster, global_batch, seq_len, PredictorOptions(max_micro_batch=4, distributed_optimizer=zero),
+                         SearchOptions(recompute="whole"))
+        steps[zero], bounds[zero] = p.prediction["step_s"], p.upper_bound["tokens_per_s"]
+    auto = plan_cluster(cfg, cluster, global_batch, seq_len, PredictorOptions(max_micro_batch=4),
+                        SearchOptions(recompute="whole", try_distributed_optimizer=True))
+    assert auto.prediction["step_s"] == min(steps.values())
+    assert auto.options["distributed_optimizer"] == (steps[True] < steps[False])
+    assert auto.upper_bound["tokens_per_s"] == max(bounds.values())
+    assert any("planned with and without ZeRO-1" in n for n in auto.search["notes"])

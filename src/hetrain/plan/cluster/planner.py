@@ -128,6 +128,8 @@ def plan_cluster(model: ModelConfig | ModelSpec, cluster: Cluster, global_batch:
     """
     if global_batch < 1:
         raise ConfigError(f"global batch must be >= 1, got {global_batch}")
+    if search_options.try_distributed_optimizer:
+        return _faster_with_or_without_zero1(model, cluster, global_batch, seq_len, options, search_options)
     start = time.perf_counter()
     model = _planned(model)
     ctx = CostContext(model.describe(seq_len), cluster, options)
@@ -152,6 +154,35 @@ def plan_cluster(model: ModelConfig | ModelSpec, cluster: Cluster, global_batch:
         plan.upper_bound["efficiency"] = prediction.tokens_per_s / plan.upper_bound["tokens_per_s"]
         plan.search["upper_bound_s"] = time.perf_counter() - ub_start
     return plan
+
+
+def _faster_with_or_without_zero1(model, cluster: Cluster, global_batch: int, seq_len: int,
+                                  options: PredictorOptions, search_options: SearchOptions) -> ClusterPlan:
+    """The faster of the plans without and with ZeRO-1 (the one without on a tie), with the larger
+    of their upper bounds (each bounds the plans of its setting; together, the plans of both)."""
+    once = dataclasses.replace(search_options, try_distributed_optimizer=False)
+    plans, errors = [], []
+    for zero in (False, True):
+        try:
+            plans.append(plan_cluster(model, cluster, global_batch, seq_len,
+                                      dataclasses.replace(options, distributed_optimizer=zero), once))
+        except ConfigError as e:  # ZeRO-1 may fit where plain AdamW state does not
+            errors.append(e)
+    if not plans:
+        raise errors[0]
+    best = min(plans, key=lambda p: p.prediction["step_s"])
+    bounds = [p.upper_bound for p in plans if p.upper_bound]
+    if bounds:
+        best.upper_bound = dict(max(bounds, key=lambda b: b["tokens_per_s"]))
+        best.upper_bound["efficiency"] = best.prediction["tokens_per_s"] / best.upper_bound["tokens_per_s"]
+    if best.search is not None:
+        tried = ", ".join(f"{'with' if p.options.get('distributed_optimizer') else 'without'} "
+                          f"{p.prediction['step_s']:.3f} s" for p in plans)
+        best.search.setdefault("notes", []).append(f"planned with and without ZeRO-1: {tried}")
+        for key in ("search_s", "predict_s", "upper_bound_s"):
+            if all(key in (p.search or {}) for p in plans):
+                best.search[key] = sum(p.search[key] for p in plans)
+    return best
 
 
 INTERLEAVE_GAIN = 0.01

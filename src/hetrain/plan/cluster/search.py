@@ -289,6 +289,9 @@ class SearchOptions:
     (the split balances the stages' work, not their gradient reductions: a stage on a slow
     data-parallel path may want fewer blocks than its work allows)."""
     refine_max: int = 16
+    try_distributed_optimizer: bool = False
+    """Plan also with the other ZeRO-1 setting than PredictorOptions.distributed_optimizer and keep
+    the faster plan (hetrain.plan.cluster.planner.plan_cluster; `--plan.distributed_optimizer auto`)."""
     shapes_per_pipeline: int = 12
     """With several pipelines: shapes per pipeline kept (best estimated time per sample first)."""
     upper_bound: bool = True
