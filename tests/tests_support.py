@@ -52,3 +52,33 @@ def save_tiny_hf(folder, family: str, **overrides):
     """A folder holding only config.json of a tiny `family` model (random init); returns it."""
     tiny_hf_config(family, **overrides).save_pretrained(folder)
     return folder
+
+
+def textbook_training(model, batches, optim, lr_at, accum: int, clip: float = 1.0, dropout_seed: int | None = None):
+    """The loop every offload plan is checked against: fused AdamW over two parameter groups
+    (matrices decay), lr_at(step) each step, each step's micro-batches accumulated (loss / accum),
+    clip_grad_norm_ (inf when clip <= 0). `dropout_seed` seeds the draws of the forward passes.
+    Returns the per-step losses and the final state_dict."""
+    import torch
+
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    rest = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": optim.weight_decay},
+                             {"params": rest, "weight_decay": 0.0}], lr=1.0, betas=(optim.beta1, optim.beta2),
+                            fused=True)
+    if dropout_seed is not None:
+        torch.manual_seed(dropout_seed)
+    losses = []
+    for step, micro_batches in enumerate(batches):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step)
+        loss_sum = 0.0
+        for x, y in micro_batches:
+            loss = model(x, y) / accum
+            loss.backward()
+            loss_sum += loss.item()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip if clip > 0 else float("inf"))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss_sum)
+    return losses, {k: v.detach().clone() for k, v in model.state_dict().items()}

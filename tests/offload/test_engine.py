@@ -26,6 +26,7 @@ from hetrain.model.gpt import GPT
 from hetrain.model.presets import get_preset
 from hetrain.offload import DeviceBudgetError, OptimConfig, apply_plan
 from hetrain.plan.offload.plan import OffloadPlan
+from tests_support import textbook_training
 
 CFG = dataclasses.replace(get_preset("tiny"), n_layer=4)
 LLAMA = dataclasses.replace(get_preset("tiny-llama"), n_layer=4)
@@ -50,28 +51,9 @@ BATCHES = make_batches()
 
 
 def reference_run(cfg, clip=1.0, steps=STEPS, batches=BATCHES):
-    """The textbook loop: fused AdamW, two param groups, clip_grad_norm_ (inf when clip <= 0)."""
+    """The textbook loop (tests_support.textbook_training) on hetrain's GPT."""
     torch.manual_seed(0)
-    model = GPT(cfg)
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    rest = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": OPTIM.weight_decay},
-                             {"params": rest, "weight_decay": 0.0}], lr=1.0, betas=(OPTIM.beta1, OPTIM.beta2),
-                            fused=True)
-    losses = []
-    for step in range(steps):
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step)
-        loss_sum = 0.0
-        for x, y in batches[step]:
-            loss = model(x, y) / ACCUM
-            loss.backward()
-            loss_sum += loss.item()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), clip if clip > 0 else float("inf"))
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss_sum)
-    return losses, {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return textbook_training(GPT(cfg), batches[:steps], OPTIM, lr_at, ACCUM, clip)
 
 
 _REFERENCES = {}

@@ -17,7 +17,7 @@ import torch
 from hetrain.config import load_config
 from hetrain.offload import OptimConfig, apply_plan
 from hetrain.plan.offload.plan import OffloadPlan
-from tests_support import HF_FAMILIES, save_tiny_hf
+from tests_support import HF_FAMILIES, save_tiny_hf, textbook_training
 
 pytest.importorskip("transformers")
 
@@ -59,30 +59,12 @@ _REFERENCES = {}
 
 
 def reference(path):
-    """The textbook loop on the HF model (its own forward, dropout included)."""
+    """The textbook loop (tests_support.textbook_training) on the HF model (its own forward, dropout
+    included)."""
     if path not in _REFERENCES:
         torch.manual_seed(0)
-        model = load_hf_model(path)
-        decay = [p for p in model.parameters() if p.dim() >= 2]
-        rest = [p for p in model.parameters() if p.dim() < 2]
-        opt = torch.optim.AdamW([{"params": decay, "weight_decay": OPTIM.weight_decay},
-                                 {"params": rest, "weight_decay": 0.0}], lr=1.0, betas=(OPTIM.beta1, OPTIM.beta2),
-                                fused=True)
-        torch.manual_seed(7)  # dropout's draws
-        losses = []
-        for step in range(STEPS):
-            for group in opt.param_groups:
-                group["lr"] = lr_at(step)
-            loss_sum = 0.0
-            for x, y in BATCHES[step]:
-                loss = model(x, y) / ACCUM
-                loss.backward()
-                loss_sum += loss.item()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            losses.append(loss_sum)
-        _REFERENCES[path] = losses, {k: v.detach().clone() for k, v in model.state_dict().items()}
+        _REFERENCES[path] = textbook_training(load_hf_model(path), BATCHES[:STEPS], OPTIM, lr_at, ACCUM,
+                                              dropout_seed=7)
     return _REFERENCES[path]
 
 
