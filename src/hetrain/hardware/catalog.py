@@ -56,6 +56,12 @@ class DeviceKind:
     gives them (keys matmul_efficiency, matmul_overhead_us, attention_efficiency, all three);
     None: hetrain.predict.roofline's default for the kind's class of device."""
 
+    @property
+    def collectives_beside_compute(self) -> bool:
+        """Whether its collectives run beside its compute (an accelerator's library), so a reduction
+        can hide behind a backward; False for gloo, which reduces on the cores that compute."""
+        return self.collective_backend != "gloo"
+
     def peak_flops_per_s(self, dtype: str = "bf16") -> float:
         """Dense peak for `dtype`; bf16 falls back to fp16 on kinds without native bf16 (V100)."""
         if dtype in self.peak_flops:

@@ -169,8 +169,21 @@ def _all_groups(layout: Layout):
             yield "exchange", tuple(ranks), unit
 
 
+def flatten(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """One new 1-D tensor holding `tensors` one after another (what a bucketed collective sends)."""
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def unflatten_into(flat: torch.Tensor, tensors: list[torch.Tensor]) -> None:
+    """Copy `flat` (as `flatten(tensors)` laid it out) back into `tensors`."""
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset:offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
 def _reduce_bucket(tensors: list[torch.Tensor], link: Link) -> None:
-    flat = torch.cat([t.reshape(-1) for t in tensors])
+    flat = flatten(tensors)
     if link.route == HOST:  # device -> (pinned) host -> gloo -> host -> device
         staged = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=flat.is_cuda)
         staged.copy_(flat)
@@ -178,10 +191,7 @@ def _reduce_bucket(tensors: list[torch.Tensor], link: Link) -> None:
         flat.copy_(staged)
     else:
         dist.all_reduce(flat, group=link.group)
-    offset = 0
-    for t in tensors:
-        t.copy_(flat[offset:offset + t.numel()].view_as(t))
-        offset += t.numel()
+    unflatten_into(flat, tensors)
 
 
 def _to_host(t: torch.Tensor) -> torch.Tensor:

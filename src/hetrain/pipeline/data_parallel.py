@@ -37,7 +37,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Replicate
 
 from hetrain.model.gpt import ModelConfig
-from hetrain.pipeline.communicator import NATIVE, Communicator, units_of
+from hetrain.pipeline.communicator import NATIVE, Communicator, flatten, unflatten_into, units_of
 from hetrain.pipeline.stages import ModelNames
 from hetrain.pipeline.tensor_parallel import full_canonical, local_from_canonical
 
@@ -205,7 +205,7 @@ class OverlappedReduce:
 
     @torch.no_grad()
     def _launch(self, params: list[torch.nn.Parameter]) -> None:
-        flat = torch.cat([_local(p.grad).reshape(-1) for p in params])
+        flat = flatten([_local(p.grad) for p in params])
         flat.div_(self.n_microbatches)  # torch's scale_grads, which runs on .grad after this backward
         self._works.append((dist.all_reduce(flat, group=self.group, async_op=True), flat, params))
 
@@ -214,12 +214,8 @@ class OverlappedReduce:
         done = set()
         for work, flat, params in self._works:
             work.wait()
-            offset = 0
-            for p in params:
-                g = _local(p.grad)
-                g.copy_(flat[offset:offset + g.numel()].view_as(g))
-                offset += g.numel()
-                done.add(id(p))
+            unflatten_into(flat, [_local(p.grad) for p in params])
+            done.update(id(p) for p in params)
         self.last_step_buckets = len(self._works)
         self._works.clear()
         self._left.clear()
@@ -279,10 +275,7 @@ class ShardedUpdate:
             if not params:
                 continue
             locals_ = [_local(p) for p in params]
-            flat = torch.cat([t.reshape(-1) for t in locals_])
+            flat = flatten(locals_)
             dist.broadcast(flat, src=self.link.ranks[i], group=self.link.group)
             if i != self.index:
-                offset = 0
-                for t in locals_:
-                    t.copy_(flat[offset:offset + t.numel()].view_as(t))
-                    offset += t.numel()
+                unflatten_into(flat, locals_)

@@ -221,7 +221,7 @@ def build_stages(ctx: CostContext, shape: PipelineShape, n_microbatches: int,
             grad_pass_s_per_param=(opts.optimizer_bytes_per_param - opts.adam_bytes_per_param
                                    + (n_microbatches - 1) * opts.accumulate_bytes_per_param)
             / (group.kind.mem_bw_bytes_per_s * opts.memory_bw_efficiency),
-            options=opts, reduce_beside_compute=group.kind.collective_backend != "gloo",
+            options=opts, reduce_beside_compute=group.kind.collectives_beside_compute,
             block_model_flops=kit.block.model_flops,
             fixed_model_flops=sum(layer.model_flops for layer in fixed),
         ))

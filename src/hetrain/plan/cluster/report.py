@@ -25,7 +25,7 @@ def _where_reduced(plan: ClusterPlan) -> str:
 
     if not (plan.options or {}).get("overlap_grad_reduce", True):
         return "after the backward"
-    gloo = {get_kind(g["kind"]).collective_backend == "gloo" for g in plan.cluster["group"]}
+    gloo = {not get_kind(g["kind"]).collectives_beside_compute for g in plan.cluster["group"]}
     inside = "block by block inside the backward (sync ms: what is left after it)"
     after = "after the backward on CPU processes (gloo reduces on the cores the backward uses)"
     if gloo == {True}:
