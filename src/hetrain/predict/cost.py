@@ -336,10 +336,6 @@ class RooflineCost(CostModel):
         return volume / (link * self.eff.network) + 2 * (world_size - 1) * self.eff.collective_latency_s
 
 
-def compute_dtype_bytes(dtype: str) -> int:
-    return 2 if dtype == "bf16" else 4
-
-
 def cost_model(spec: ModelSpec, desc: ModelDescription, dtype: str, *, kind_name: str = "", threads: int = 1,
                profile: Profile | None = None, efficiency: Efficiency = Efficiency()) -> CostModel:
     """The cost model of `spec`'s model at `desc`'s batch: the catalog kind `kind_name` when it
