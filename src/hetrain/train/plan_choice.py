@@ -26,11 +26,9 @@ def plan_shape(cfg: Config) -> dict:
 
 def n_blocks(cfg: Config) -> int:
     """Blocks of the model `cfg` trains (hetrain's preset, or the Hugging Face model at hf.path)."""
-    if cfg.hf.path:
-        from hetrain.model.hf import load_hf_config
+    from hetrain.train.job import model_spec
 
-        return load_hf_config(cfg.hf.path).num_hidden_layers
-    return cfg.model.n_layer
+    return model_spec(cfg).n_blocks
 
 
 def same_memory_settings(cfg: Config, saved: dict) -> bool:
