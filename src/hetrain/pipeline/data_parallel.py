@@ -169,7 +169,7 @@ class OverlappedReduce:
         dp = sync.comm.dp
         if dp is None or dp.route != NATIVE or (sync.comm.place.backend == "gloo" and not on_cpu):
             return None
-        holders = Counter(id(p) for named in chunk_named.values() for p in {id(p): p for _, p in named}.values())
+        holders = Counter(pid for named in chunk_named.values() for pid in {id(p) for _, p in named})  # chunks per parameter
         tied = set(sync.names.tied or ())
         buckets: dict[int, list[list[torch.nn.Parameter]]] = {}
         for idx, named in chunk_named.items():
