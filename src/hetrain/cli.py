@@ -139,7 +139,7 @@ def cmd_plan(args: list[str]) -> int:
     from hetrain.plan.cluster.planner import Pins, SearchOptions, format_report, run_cluster_planning
     from hetrain.predict.profiler import measured_curves
 
-    pins = Pins(cfg.plan.tp, cfg.plan.pp, cfg.plan.dp, cfg.plan.micro_batch)
+    pins = Pins(cfg.plan.tp, cfg.plan.pp, cfg.plan.dp, cfg.plan.micro_batch, cfg.plan.mixed_tp)
     # A kind whose profile lies in hardware.profile_dir (made on such a device) is priced by its
     # measured matmul curve.
     curves = {kind: [c.max_efficiency, c.overhead_s, c.attention_efficiency, c.source]

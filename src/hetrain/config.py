@@ -156,6 +156,8 @@ class PlanConfig:
     """Cluster planning: pin the micro-batch size (0: the search chooses)."""
     virtual_stages: int = 1
     """Cluster planning: model chunks per pipeline stage; more than 1 runs interleaved 1F1B."""
+    mixed_tp: bool = False
+    """Cluster planning: let the groups of one pipeline take different tensor-parallel degrees. The pipeline runtime cannot run such a plan yet (it pairs neighbouring stages TP rank by TP rank): true plans for prediction only, and the report says so."""
     distributed_optimizer: str = "auto"
     """Cluster planning, ZeRO-1 (each of a stage's replicas updates a share of its parameters and alone holds their AdamW moments, then broadcasts the updated weights): 'auto' plans with and without it and keeps the faster plan, 'true' or 'false' fixes it."""
     overlap_grad_reduce: bool = True

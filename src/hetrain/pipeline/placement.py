@@ -140,7 +140,7 @@ def _check_pipeline(p: int, pipe, n_layer: int) -> None:
     tps = {st.tp for st in pipe.stages} | set(pipe.tp)
     if len(tps) != 1:
         raise ConfigError(f"{where} mixes tensor-parallel degrees {sorted(tps)}; the runtime pairs stages TP rank by "
-                          f"TP rank, so pin one degree with `hetrain plan --plan.tp N`")
+                          f"TP rank, so re-plan without --plan.mixed_tp (or pin one degree with --plan.tp N)")
     n_stages = len(pipe.stages) // v
     for c, st in enumerate(pipe.stages):
         if st.group != pipe.stages[c % n_stages].group:

@@ -32,7 +32,7 @@ def best_pipeline_step(ctx, shape, m, others, n_pipes):
     return best
 
 
-def exhaustive_best_step(ctx, global_batch: int) -> float:
+def exhaustive_best_step(ctx, global_batch: int, pins=None) -> float:
     """The best predicted step over every layout, shape, batch allocation and layer split."""
     best = math.inf
     for layout in pipeline_layouts([g.name for g in ctx.cluster.groups]):
@@ -40,7 +40,7 @@ def exhaustive_best_step(ctx, global_batch: int) -> float:
         for k, groups in enumerate(layout):
             others = tuple(g for j, gs in enumerate(layout) if j != k for g in gs)
             per_samples = {}
-            for shape in pipeline_shapes(ctx, groups):
+            for shape in pipeline_shapes(ctx, groups, pins):
                 unit = shape.dp * shape.micro_batch
                 for m in range(1, global_batch // unit + 1):
                     step = best_pipeline_step(ctx, shape, m, others, len(layout))
@@ -95,6 +95,9 @@ CASES = {
     "cross-kind-pipeline": (model(4096, 8), two_kinds(2, 2, 1, 4), 16, 2048),
     "16-devices": (model(2048, 6), two_kinds(2, 4, 2, 4, a_mem=6, b_mem=4), 32, 2048),
     "per-group-micro-batch": (model(512, 6), two_kinds(1, 2, 2, 4, link=True), 48, 2048),
+    # The b stage's replicas reduce gradients across nodes at 12.5 GB/s: the best split gives it
+    # one block (7 + 1), not the compute-balanced 5 + 3.
+    "slow-reduction-tail": (model(2048, 8), two_kinds(1, 4, 2, 2, a_mem=8, b_mem=64), 16, 2048),
 }
 
 
@@ -120,6 +123,37 @@ def test_exhaustive_cases_cover_the_space():
     assert len(chosen["cross-kind-pipeline"].pipelines[0].shape.groups) == 2
     mbs = {p.shape.micro_batch for p in chosen["per-group-micro-batch"].pipelines}
     assert len(mbs) == 2
+    (tail,) = chosen["slow-reduction-tail"].pipelines
+    assert tail.shape.groups == ("a", "b") and tail.n_blocks == [7, 1]
+    assert all(len(set(p.shape.tps)) == 1 for c in chosen.values() for p in c.pipelines)
+
+
+def test_one_tp_degree_per_pipeline_unless_asked(tmp_path):
+    """The pipeline runtime pairs neighbouring stages TP rank by TP rank: by default the search
+    gives a pipeline one TP degree. `mixed_tp` widens the space (here to a faster plan, found
+    exactly), and the report and the runtime's placement both say such a plan cannot run yet."""
+    from hetrain.errors import ConfigError
+    from hetrain.pipeline.placement import place_plan
+    from hetrain.plan.cluster.planner import Pins, SearchOptions, format_report, plan_cluster
+
+    cfg, cluster = model(4096, 8), two_kinds(1, 4, 1, 2, a_mem=8, b_mem=80)
+    ctx = CostContext(describe_model(cfg, 1, 2048), cluster, OPTIONS)
+    one, _ = search(ctx, 16)
+    mixed_pins = Pins(mixed_tp=True)
+    mixed, _ = search(ctx, 16, SearchOptions(pins=mixed_pins))
+    assert all(len(set(p.shape.tps)) == 1 for p in one.pipelines)
+    assert any(len(set(p.shape.tps)) > 1 for p in mixed.pipelines)
+    assert mixed.step_s < one.step_s
+    assert mixed.step_s == pytest.approx(exhaustive_best_step(ctx, 16, mixed_pins), rel=1e-12)
+    assert one.step_s == pytest.approx(exhaustive_best_step(ctx, 16), rel=1e-12)
+
+    plain = plan_cluster(cfg, cluster, 16, 2048, OPTIONS, SearchOptions(upper_bound=False))
+    place_plan(plain)  # runnable
+    assert "not runnable yet" not in format_report(plain)
+    plan = plan_cluster(cfg, cluster, 16, 2048, OPTIONS, SearchOptions(upper_bound=False, pins=mixed_pins))
+    assert "not runnable yet: P0 mix TP degrees" in format_report(plan)
+    with pytest.raises(ConfigError, match="re-plan without --plan.mixed_tp"):
+        place_plan(plan)
 
 
 def megatron_uniform_best(ctx, global_batch) -> float:

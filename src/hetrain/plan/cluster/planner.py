@@ -104,6 +104,13 @@ def _search_or_explain(ctx: CostContext, global_batch: int, opts: SearchOptions)
         hint = "; without them the planner finds a plan" if free is not None else ""
         raise ConfigError(f"no plan with {opts.pins.describe()} fits cluster '{ctx.cluster.name}' and divides the "
                           f"global batch {global_batch}{hint}; change or drop a pinned degree")
+    if not opts.pins.mixed_tp:
+        mixed, _ = search(ctx, global_batch, dataclasses.replace(opts, pins=Pins(mixed_tp=True)))
+        if mixed is not None:
+            raise ConfigError(f"no plan that the pipeline runtime can run fits cluster '{ctx.cluster.name}' with "
+                              f"global batch {global_batch}: every plan that fits gives the groups of one pipeline "
+                              f"different TP degrees, which the runtime cannot run yet; `--plan.mixed_tp true` "
+                              f"plans one for prediction only, or add devices")
     name = getattr(ctx.desc.config, "preset", None) or getattr(ctx.desc.config, "model_type", "model")
     params_b = ctx.desc.total_params / 1e9
     fitting = _fits_some_batch(ctx)

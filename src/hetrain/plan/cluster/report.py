@@ -67,6 +67,10 @@ def format_report(plan: ClusterPlan) -> str:
                      f"predicted {pred['pipeline_step_s'][p]:.3f} s")
     if plan.idle_groups:
         lines.append(f"  idle groups: {', '.join(plan.idle_groups)}")
+    mixed = [f"P{p}" for p, pipe in enumerate(plan.pipelines) if len(set(pipe.tp)) > 1]
+    if mixed:
+        lines.append(f"  not runnable yet: {', '.join(mixed)} mix TP degrees (--plan.mixed_tp true), and the "
+                     f"pipeline runtime pairs neighbouring stages TP rank by TP rank; this plan is a prediction")
     lines += ["", "Stages (one replica)",
               "  pipe stage  group        kind          tp  blocks       recomp  fwd ms   bwd ms   sync ms  "
               "peak GiB / usable"]

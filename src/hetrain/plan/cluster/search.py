@@ -1,9 +1,10 @@
 """Search for the fastest cluster plan that fits memory on every device.
 
 The space: the groups that take part (a group is used whole or not at all) are split into
-pipelines, each an ordered sequence of groups; a pipeline has one TP degree per group
-(dividing the node), a replica count dp that divides every member group evenly (each group
-contributes devices / (dp x tp) stages), a micro-batch size (powers of two) and a number of
+pipelines, each an ordered sequence of groups; a pipeline has one TP degree dividing the
+node of each of its groups (one per group with Pins.mixed_tp, which the runtime cannot run
+yet), a replica count dp that divides every member group evenly (each group contributes
+devices / (dp x tp) stages), a micro-batch size (powers of two) and a number of
 micro-batches; the global batch is shared among pipelines. Each stage takes a contiguous
 run of blocks (the first also the embedding, the last the head) and recomputes the fewest
 blocks its memory demands. The search:
@@ -31,7 +32,8 @@ import numpy as np
 
 from hetrain.plan.cluster.cost import CostContext
 from hetrain.plan.cluster.predict import PipelineShape, StageModel, build_stages, pipeline_step_s, stage_counts
-from hetrain.plan.cluster.split import bottleneck_lower_bound_s, closed_form_s, shape_estimate_s, shape_lower_bound_s, split_blocks
+from hetrain.plan.cluster.split import (bottleneck_lower_bound_s, closed_form_s, descend_split, shape_estimate_s,
+                                        shape_lower_bound_s, split_blocks)
 
 
 @dataclass
@@ -105,7 +107,8 @@ def micro_batches(ctx: CostContext) -> list[int]:
 
 @dataclass(frozen=True)
 class Pins:
-    """Degrees the user fixed (`hetrain plan --plan.tp N ...`); 0 leaves one to the search."""
+    """Degrees the user fixed (`hetrain plan --plan.tp N ...`; 0 leaves one to the search), and
+    whether a pipeline may mix TP degrees."""
 
     tp: int = 0
     """Tensor-parallel degree of every group of every pipeline."""
@@ -115,14 +118,20 @@ class Pins:
     """Replicas of every pipeline."""
     micro_batch: int = 0
     """Micro-batch size of every pipeline."""
+    mixed_tp: bool = False
+    """Let the groups of one pipeline take different TP degrees (`--plan.mixed_tp true`). The
+    pipeline runtime pairs neighbouring stages TP rank by TP rank, so it cannot run such a plan
+    yet: the search leaves them out unless asked, and the report marks one it chose."""
 
     def admit(self, shape: PipelineShape, n_stages: int) -> bool:
         return ((not self.tp or all(t == self.tp for t in shape.tps)) and (not self.pp or n_stages == self.pp)
                 and (not self.dp or shape.dp == self.dp)
-                and (not self.micro_batch or shape.micro_batch == self.micro_batch))
+                and (not self.micro_batch or shape.micro_batch == self.micro_batch)
+                and (self.mixed_tp or len(set(shape.tps)) == 1))
 
     def describe(self) -> str:
-        return " ".join(f"--plan.{k} {v}" for k, v in dataclasses.asdict(self).items() if v)
+        return " ".join(f"--plan.{k} {str(v).lower() if isinstance(v, bool) else v}"
+                        for k, v in dataclasses.asdict(self).items() if v)
 
 
 def pipeline_shapes(ctx: CostContext, groups: tuple[str, ...], pins: Pins | None = None) -> list[PipelineShape]:
@@ -154,12 +163,17 @@ _NO_PINS = Pins()
 # Bounds and the layer split.
 
 def choose_pipeline(ctx: CostContext, shape: PipelineShape, m: int, others: tuple[str, ...],
-                    n_pipelines: int) -> PipelineChoice | None:
+                    n_pipelines: int, descend: bool = True) -> PipelineChoice | None:
+    """The shape's stages for m micro-batches and their split: the compute-balanced one, then
+    (with `descend`) blocks moved off the stages that make the step's tail, kept when predicted faster."""
     stages = build_stages(ctx, shape, m, others, n_pipelines)
     split = split_blocks(stages, ctx.n_blocks)
     if split is None:
         return None
-    return PipelineChoice(shape, m, stages, *split)
+    n, r = descend_split(stages, split[0], m) if descend else split
+    if n != split[0] and pipeline_step_s(stages, n, r, m) > pipeline_step_s(stages, *split, m):
+        n, r = split  # the closed form misjudged the move; the prediction decides
+    return PipelineChoice(shape, m, stages, n, r)
 
 
 def predict_candidate(c: Candidate) -> float:
@@ -374,7 +388,9 @@ def _multi_pipeline_candidate(ctx: CostContext, layout, global_batch: int, opts:
             samples = shape.dp * shape.micro_batch
             n_stages = sum(stage_counts(ctx, shape))
             stats.shapes_split += 1
-            choice = choose_pipeline(ctx, shape, n_stages, others, n_pipes)  # worst-case in-flight memory
+            # Worst-case in-flight memory; the split balanced for compute, which the curve
+            # extends to every batch share (a tail-descended split suits only this m).
+            choice = choose_pipeline(ctx, shape, n_stages, others, n_pipes, descend=False)
             if choice is None:
                 continue
             work = [st.fwd_s(a) + st.bwd_s(a, b) for st, a, b in zip(choice.stages, choice.n_blocks, choice.n_recompute)]

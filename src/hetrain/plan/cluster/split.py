@@ -4,7 +4,8 @@ For a fixed pipeline shape (groups in order, TP degrees, replicas, micro-batch) 
 micro-batches, `split_blocks` gives each stage a contiguous run of blocks: it minimises the
 slowest stage exactly (each next block goes where the stage time after it is lowest) and
 then the sum of stage times at that bottleneck, recomputing on each stage the fewest blocks
-its memory demands. `shape_lower_bound_s` is a valid lower bound of the predicted step of
+its memory demands; `descend_split` then moves blocks off stages whose gradient reduction
+makes the step's tail. `shape_lower_bound_s` is a valid lower bound of the predicted step of
 any split (used to prune); `shape_estimate_s` is a quick group-level estimate with memory
 (used to rank). This module prices splits with parallel_predict's StageModel and must not
 search over shapes.
@@ -153,6 +154,54 @@ def split_blocks(stages: list[StageModel], n_blocks: int) -> tuple[list[int], li
     if sum(_work(st, k) for st, k in zip(stages, filled)) < sum(work):
         n = filled
     return n, [st.min_recompute(k) for st, k in zip(stages, n)]
+
+
+def descend_split(stages: list[StageModel], n: list[int], m: int) -> tuple[list[int], list[int]]:
+    """From a split, move single blocks between stages while closed_form_s falls.
+
+    split_blocks balances the stages' compute; a stage whose gradient reduction and optimizer
+    step are slow (a data-parallel path across slow links) is the step's tail, which is cheaper
+    with fewer blocks on it. Moves: from the stage with the most work or the longest tail to
+    the one with the least of either or to a neighbour; the best move each round.
+    """
+    n = list(n)
+    r = [st.min_recompute(k) for st, k in zip(stages, n)]
+    work = [st.fwd_s(k) + st.bwd_s(k, rk) for st, k, rk in zip(stages, n, r)]
+    tail = [st.sync_s(k) + st.optim_s(k) for st, k in zip(stages, n)]
+
+    def total(w: list[float], t: list[float]) -> float:
+        return sum(w) + (m - 1) * max(w) + max(t)
+
+    best = total(work, tail)
+    S = len(stages)
+    for _ in range(sum(n)):
+        sources = {max(range(S), key=work.__getitem__), max(range(S), key=tail.__getitem__)}
+        sinks = {min(range(S), key=work.__getitem__), min(range(S), key=tail.__getitem__)}
+        move = None
+        for i in sources:
+            if n[i] < 2:
+                continue
+            for j in sinks | {i - 1, i + 1}:
+                if not 0 <= j < S or j == i:
+                    continue
+                rj = stages[j].min_recompute(n[j] + 1)
+                if rj is None:
+                    continue
+                ri = stages[i].min_recompute(n[i] - 1)
+                w, t = list(work), list(tail)
+                w[i] = stages[i].fwd_s(n[i] - 1) + stages[i].bwd_s(n[i] - 1, ri)
+                w[j] = stages[j].fwd_s(n[j] + 1) + stages[j].bwd_s(n[j] + 1, rj)
+                t[i] = stages[i].sync_s(n[i] - 1) + stages[i].optim_s(n[i] - 1)
+                t[j] = stages[j].sync_s(n[j] + 1) + stages[j].optim_s(n[j] + 1)
+                value = total(w, t)
+                if value < best * (1 - 1e-12):
+                    best, move = value, (i, j, w, t, ri, rj)
+        if move is None:
+            break
+        i, j, work, tail, r[i], r[j] = move
+        n[i] -= 1
+        n[j] += 1
+    return n, r
 
 
 def closed_form_s(stages: list[StageModel], n: list[int], r: list[int], m: int) -> float:
