@@ -2,7 +2,8 @@
 
 Each rank takes one of the two micro-batches of every step of test_engine's reference run, so
 the averaged gradient equals the reference's accumulated one. Losses (averaged over ranks),
-parameters and the AdamW state gathered by state_dict must equal one process's, to 1e-6.
+parameters (tests_support.assert_params_match) and the AdamW state gathered by state_dict must
+equal one process's, to 1e-6.
 """
 
 import os
@@ -17,6 +18,7 @@ from hetrain.offload import apply_plan
 from hetrain.offload.sharded import DataParallel, ShardedHostLayer
 from hetrain.plan.offload.plan import OffloadPlan
 from test_engine import BATCHES, CFG, OPTIM, STEPS, lr_at, reference
+from tests_support import assert_params_match
 
 WORLD = 2
 
@@ -84,8 +86,7 @@ def test_two_gloo_ranks_with_sharded_host_state_match_one_process(tmp_path, clip
     got = run_two_ranks(tmp_path, plan, clip)
     ref_losses, ref_params = reference(CFG, clip)
     assert got["losses"] == pytest.approx(ref_losses, rel=1e-6)
-    for key, value in ref_params.items():
-        torch.testing.assert_close(got["params"][key], value, rtol=1e-6, atol=1e-7)
+    assert_params_match(got["params"], ref_params)
     one = single_process_state(plan, clip)
     for name, entries in one["optim"]["state"].items():
         for k, t in entries.items():

@@ -73,8 +73,9 @@ class ModelDescription:
     """The model's buffers (rotary tables), kept on the device beside the parameters."""
     tied_embeddings: bool
     tp_heads: int = 1
-    """Attention heads that tensor parallelism may split among ranks: n_head for hetrain's GPT; 1
-    for a transformers model, which hetrain's runtime does not shard (so TP 1 only)."""
+    """What a tensor-parallel degree must divide, as the runtime shards the model: for hetrain's
+    GPT the gcd of its heads, key/value heads and MLP width (1 with dropout on, which the runtime
+    refuses under TP); 1 for a transformers model, which the runtime does not shard."""
 
     def layers(self) -> list[LayerDescription]:
         return [self.embedding, *self.blocks, self.head]
@@ -226,4 +227,4 @@ def describe_model(cfg: ModelConfig, micro_batch: int, seq_len: int, compute_dty
     buffers = 2 * cfg.max_seq_len * (cfg.head_dim // 2) * FP32_BYTES if cfg.pos == "rope" else 0
     return ModelDescription(cfg, micro_batch, seq_len, b, embedding, blocks, head, total, hidden_size=C,
                             vocab_size=V, norm=cfg.norm, buffers_bytes=buffers, tied_embeddings=cfg.tie_embeddings,
-                            tp_heads=math.gcd(cfg.n_head, cfg.n_kv_head))
+                            tp_heads=1 if cfg.dropout > 0 else math.gcd(cfg.n_head, cfg.n_kv_head, cfg.d_ff))

@@ -292,3 +292,14 @@ def test_search_equals_exhaustive_enumeration_with_priced_options(name, options)
     ctx = CostContext(describe_model(cfg, 1, seq_len), cluster, dataclasses.replace(OPTIONS, **options))
     cand = search(ctx, global_batch)[0]
     assert cand.step_s == pytest.approx(exhaustive_best_step(ctx, global_batch), rel=1e-12)
+
+
+def test_tp_degrees_are_those_the_runtime_can_shard():
+    """The runtime shards heads, key/value heads and the MLP width, and refuses TP with dropout:
+    the search offers only degrees it can run."""
+    cfg, cluster, global_batch, seq_len = CASES["cross-kind-pipeline"]
+    base, _ = search(CostContext(describe_model(cfg, 1, seq_len), cluster, OPTIONS), global_batch)
+    assert max(t for p in base.pipelines for t in p.shape.tps) > 1
+    for changed in (dataclasses.replace(cfg, dropout=0.1), dataclasses.replace(cfg, d_ff=4097 * 3)):
+        cand, _ = search(CostContext(describe_model(changed, 1, seq_len), cluster, OPTIONS), global_batch)
+        assert cand is not None and all(t == 1 for p in cand.pipelines for t in p.shape.tps)
