@@ -68,8 +68,8 @@ def assert_same_losses(run_dir, ref_dir, steps=range(1, STEPS + 1)):
 
 
 def assert_same_params(run_dir, ref_dir):
-    """Every parameter equal to 1e-5 relative, with an absolute floor of 2e-5 (lr / 150), and all
-    but 1 in 5,000 elements to 1e-6 (tests_support.assert_params_match says why)."""
+    """Every element to 1e-5 relative or 1e-6 absolute, but 1 in 1,000 that may differ by up to
+    1e-4 (lr / 30; tests_support.assert_params_match says why)."""
     a, b = load_file(Path(ref_dir) / "model.safetensors"), load_file(Path(run_dir) / "model.safetensors")
     assert_params_match(b, a, rtol=1e-5, atol=1e-6)
 
