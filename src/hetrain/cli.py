@@ -149,7 +149,7 @@ def cmd_plan(args: list[str]) -> int:
     plan = run_cluster_planning(model, cfg.plan.cluster, cfg.plan.global_batch, cfg.train.seq_len, cfg.run.dir,
                                 SearchOptions(pins=pins, recompute=cfg.plan.recompute,
                                               try_distributed_optimizer=cfg.plan.distributed_optimizer == "auto"), cfg.plan.virtual_stages,
-                                PredictorOptions(matmul_curves=curves,
+                                PredictorOptions(matmul_curves=curves, compute_dtype=cfg.plan.dtype,
                                                  distributed_optimizer=cfg.plan.distributed_optimizer == "true",
                                                  overlap_grad_reduce=cfg.plan.overlap_grad_reduce))
     print(format_report(plan))

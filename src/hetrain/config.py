@@ -156,6 +156,8 @@ class PlanConfig:
     """Cluster planning: pin the micro-batch size (0: the search chooses)."""
     virtual_stages: int = 1
     """Cluster planning: model chunks per pipeline stage; more than 1 runs interleaved 1F1B."""
+    dtype: str = "bf16"
+    """Cluster planning: the compute dtype the plan is priced for and its accelerator ranks run in: 'bf16' (autocast, fp32 master weights and gradients) or 'fp32'. CPU ranks compute in fp32 unless --train.dtype bf16, which puts every rank in bf16."""
     mixed_tp: bool = False
     """Cluster planning: let the groups of one pipeline take different tensor-parallel degrees. The pipeline runtime cannot run such a plan yet (it pairs neighbouring stages TP rank by TP rank): true plans for prediction only, and the report says so."""
     distributed_optimizer: str = "auto"
@@ -381,6 +383,8 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"plan.{key} must be 0 (the search chooses) or a positive degree, got {getattr(cfg.plan, key)}")
     if cfg.plan.virtual_stages < 1:
         raise ConfigError(f"plan.virtual_stages must be at least 1, got {cfg.plan.virtual_stages}")
+    if cfg.plan.dtype not in ("fp32", "bf16"):
+        raise ConfigError(f"plan.dtype must be 'fp32' or 'bf16', got '{cfg.plan.dtype}'")
     if cfg.plan.distributed_optimizer not in ("auto", "true", "false"):
         raise ConfigError(f"plan.distributed_optimizer must be 'auto', 'true' or 'false', got "
                           f"'{cfg.plan.distributed_optimizer}'")

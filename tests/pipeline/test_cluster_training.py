@@ -14,6 +14,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -77,6 +78,7 @@ def assert_same_params(run_dir, ref_dir):
 def check_run(done: subprocess.CompletedProcess, run_dir, ref_dir):
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     assert done.stdout.count("hetrain: done") == 1  # rank 0 speaks for all
+    assert "compute: fp32 on every rank" in done.stdout  # CPU ranks of a plan priced for bf16
     assert_same_losses(run_dir, ref_dir)
     assert_same_params(run_dir, ref_dir)
 
@@ -96,6 +98,48 @@ def test_pipeline_1f1b_and_interleaved_1f1b_train_the_one_process_model(tmp_path
     val = {r["step"]: r["val_loss"] for r in records(tmp_path / "inter") if r["val_loss"] is not None}
     want = {r["step"]: r["val_loss"] for r in records(reference) if r["val_loss"] is not None}
     assert val == pytest.approx(want, rel=1e-5)
+
+
+def test_ranks_compute_in_the_planned_dtype_on_accelerators_and_fp32_on_cpus():
+    from hetrain.train.cluster_trainer import compute_dtype
+
+    plan_bf16, plan_fp32 = SimpleNamespace(options={"compute_dtype": "bf16"}), SimpleNamespace(options={"compute_dtype": "fp32"})
+    fp32_run = load_config(None, {"train.dtype": "fp32"})
+    bf16_run = load_config(None, {"train.dtype": "bf16"})
+    assert compute_dtype(fp32_run, plan_bf16, "cuda") == "bf16"
+    assert compute_dtype(fp32_run, plan_bf16, "cpu") == "fp32"
+    assert compute_dtype(fp32_run, plan_fp32, "cuda") == "fp32"
+    assert compute_dtype(bf16_run, plan_fp32, "cpu") == "bf16"
+
+
+@pytest.mark.parametrize("layout", ["pp2", "tp2"])
+def test_bf16_autocast_trains_the_one_process_bf16_model(tmp_path, corpus, reference, layout):
+    """--train.dtype bf16: every stage computes under autocast (fp32 weights, gradients and the
+    activations between stages), as one process does with --train.dtype bf16; recomputation
+    reruns under the forward's autocast.
+
+    Not bitwise: a pipeline adds the tied matrix's two gradients (and TP its shards' sums) in
+    another order, and bf16 turns those 1e-7 differences of the weights into different roundings
+    of their bf16 copies (TP also all-reduces its bf16 partial sums, one more rounding). Measured
+    over 10 steps: losses within 5e-4 (PP) and 1e-3 (TP) relative; all parameters together within
+    0.4% (PP) and 0.3-0.5% (TP) of their norm, single elements up to 7.7e-3 apart under TP. Held at
+    2e-3 relative for losses and 1% for the parameters' norm, and the run must differ from fp32
+    training (bf16 really ran)."""
+    bf16 = {"train.dtype": "bf16"}
+    Trainer(one_process_config(tmp_path / "one", corpus, **bf16)).fit()
+    pipe = pipeline(["cpu-a"], [3, 2], recompute=[1, 0]) if layout == "pp2" else pipeline(["cpu-a"], [N_LAYER], tp=2)
+    plan = write_plan(tmp_path / "plan.json", one_group_cluster(2), [pipe])
+    done = torchrun(2, ["--plan.file", plan] + run_args(tmp_path / "run", corpus, **bf16), tmp_path)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    assert "compute: bf16 on every rank (autocast" in done.stdout
+    got, want, fp32 = losses(tmp_path / "run"), losses(tmp_path / "one"), losses(reference)
+    assert sorted(got) == sorted(want) == list(range(1, STEPS + 1))
+    assert [got[s] for s in want] == pytest.approx([want[s] for s in want], rel=2e-3)
+    assert max(abs(got[s] - fp32[s]) / fp32[s] for s in got) > 1e-4  # bf16 really ran
+    a, b = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "run" / "model.safetensors")
+    assert sorted(a) == sorted(b)
+    want_all, got_all = torch.cat([a[k].flatten() for k in a]), torch.cat([b[k].flatten() for k in a])
+    assert float((got_all - want_all).norm() / want_all.norm()) < 1e-2
 
 
 @pytest.mark.parametrize("layout", ["tp2", "pp4-uneven"])
@@ -191,6 +235,20 @@ def test_planned_pp2_dp2_across_two_kinds_runs_like_one_process(cli_run, referen
     assert links and all("(host)" in lane for lane in links)  # one lane per link, over host memory
     assert all(e.args["bytes"] == 2 * SEQ_LEN * 64 * 4 for e in events if e.cat == "comm")
     assert len({e.lane for e in events if e.cat == "fwd"}) == 4  # every rank traced its stage
+
+
+@pytest.mark.parametrize("virtual_stages", [1, 2])
+def test_a_pipeline_against_the_cluster_files_group_order_runs_like_one_process(tmp_path, corpus, reference,
+                                                                               virtual_stages):
+    """Stage 0 on cpu-b (ranks 2-3), stage 1 on cpu-a (ranks 0-1): the lane's process-group ranks
+    run against the stage order, which torch's stage-to-rank map must be told (1F1B and
+    interleaved)."""
+    plan = write_plan(tmp_path / "ba.json", local_cpu(),
+                      [pipeline(["cpu-b", "cpu-a"], [3, 2], dp=2, n_microbatches=2, stage_groups=["cpu-b", "cpu-a"],
+                                virtual_stages=virtual_stages)])
+    done = torchrun(4, ["--plan.file", plan] + run_args(tmp_path / "run", corpus), tmp_path)
+    check_run(done, tmp_path / "run", reference)
+    assert "cpu-b -> cpu-a, 2 stages" in done.stdout
 
 
 def test_resume_under_another_layout_is_exact(tmp_path, cli_run, corpus, reference):

@@ -146,17 +146,26 @@ def one_f_one_b_actions(n_stages: int, n_microbatches: int) -> dict[int, list[_A
 
 
 def runtime_schedule(stages: list, n_microbatches: int, loss_fn, ledger: Recomputations, clock,
-                     compute_lane: str) -> tuple[_PipelineScheduleRuntime, _Overlap, str]:
+                     compute_lane: str, group_ranks: list[int]) -> tuple[_PipelineScheduleRuntime, _Overlap, str]:
     """torch's runtime for this rank's stages with hetrain's FORWARD and FULL_BACKWARD; also the
-    overlap object (its `stats`, `close()`) and the schedule's name."""
+    overlap object (its `stats`, `close()`) and the schedule's name.
+
+    group_ranks[s]: the rank, in the lane's process group, of the process that runs pipeline
+    stage s. torch numbers a group's members by global rank and assumes stage s on member s; a
+    pipeline whose stage order is not its ranks' order (kinds in another order than the
+    cluster file's groups) would send to the wrong process, so the action lists are keyed by
+    the holders' group ranks, from which torch takes its stage-to-rank map."""
     n_chunks = stages[0].num_stages
     if len(stages) > 1:
         schedule = ScheduleInterleaved1F1B(stages, n_microbatches, loss_fn=loss_fn)
         name = "interleaved 1F1B"
+        by_position = schedule.pipeline_order  # torch's order, keyed by stage position
     else:
         name = "1F1B" if n_microbatches >= n_chunks else "GPipe (fewer micro-batches than stages)"
         schedule = _PipelineScheduleRuntime(stages, n_microbatches, loss_fn=loss_fn)
-        schedule._prepare_schedule_with_comms(one_f_one_b_actions(n_chunks, n_microbatches))
+        by_position = one_f_one_b_actions(n_chunks, n_microbatches)
+    if len(stages) == 1 or list(group_ranks) != sorted(group_ranks):
+        schedule._prepare_schedule_with_comms({group_ranks[pos]: actions for pos, actions in by_position.items()})
     overlap = _Overlap(schedule, ledger, clock, compute_lane)
     schedule.register_custom_function(FORWARD, overlap.forward)
     schedule.register_custom_function(FULL_BACKWARD, overlap.backward)

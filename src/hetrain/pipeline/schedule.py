@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.pipelining import PipelineStage
 
@@ -196,5 +197,7 @@ def build_schedule(chunks: list[StageModule], comm: Communicator, model_dims: tu
             prev_link=comm.link_name(prev_stage), next_link=comm.link_name(next_stage),
             boundary_bytes=place.micro_batch * seq_len * d_model * 4,
             link_s_per_byte=1e-9 / emulate_link_gbytes_per_s if emulate_link_gbytes_per_s > 0 else 0.0))
-    schedule, overlap, name = runtime_schedule(stages, place.n_microbatches, stage_loss, ledger, clock, compute_lane)
+    group_ranks = [dist.get_group_rank(comm.lane.group, r) for r in comm.lane.ranks]  # by stage position
+    schedule, overlap, name = runtime_schedule(stages, place.n_microbatches, stage_loss, ledger, clock, compute_lane,
+                                               group_ranks)
     return PipelineRun(schedule, stages, clock, lane_device, name, ledger, overlap)

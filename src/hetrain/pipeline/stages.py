@@ -27,6 +27,7 @@ and wraps modules; it must not communicate or know about ranks.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -87,9 +88,9 @@ def model_names(model: nn.Module, seq_len: int) -> ModelNames:
 class StageModule(nn.Module):
     """Blocks [first_block, first_block + n_blocks) of a GPT, with its embedding and/or head."""
 
-    def __init__(self, gpt: GPT, chunk: Chunk):
+    def __init__(self, gpt: GPT, chunk: Chunk, autocast_dtype: torch.dtype | None = None):
         super().__init__()
-        self.chunk = chunk
+        self.chunk, self.autocast_dtype = chunk, autocast_dtype
         self.embedding, self.head = chunk.embedding, chunk.head
         if chunk.embedding:
             self.tok_emb = gpt.tok_emb
@@ -107,6 +108,10 @@ class StageModule(nn.Module):
         self.has_rope = rope is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with _autocast(x.device, self.autocast_dtype):
+            return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.embedding:  # token ids (B, T) -> (B, T, C), as GPT.embed
             idx = x
             x = self.tok_emb(idx)
@@ -135,9 +140,10 @@ def _hold(root: nn.Module, path: str, module: nn.Module) -> None:
 class HFStageModule(nn.Module):
     """A chunk of a model driven through the block interface (a transformers causal LM)."""
 
-    def __init__(self, model: nn.Module, chunk: Chunk, micro_batch: int, seq_len: int):
+    def __init__(self, model: nn.Module, chunk: Chunk, micro_batch: int, seq_len: int,
+                 autocast_dtype: torch.dtype | None = None):
         super().__init__()
-        self.chunk = chunk
+        self.chunk, self.autocast_dtype = chunk, autocast_dtype
         self.embedding, self.head = chunk.embedding, chunk.head
         n = len(model.blocks)
         blocks_at = {id(b): i for i, b in enumerate(model.blocks)}
@@ -171,6 +177,10 @@ class HFStageModule(nn.Module):
         return self._extras[device]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with _autocast(x.device, self.autocast_dtype):
+            return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         model = self._model
         if self.embedding:
             x, _ = model.embed_inputs(x)
@@ -187,10 +197,21 @@ def stage_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1).to(logits.device))
 
 
-def build_chunk(model: nn.Module, chunk: Chunk, micro_batch: int, seq_len: int) -> nn.Module:
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    """The one-process trainer's mixed precision (train.dtype bf16): matmuls in `dtype`, the
+    parameters, gradients and the activations between blocks in fp32. torch's checkpoint
+    recomputes under the autocast state of the forward, so recomputation matches."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def build_chunk(model: nn.Module, chunk: Chunk, micro_batch: int, seq_len: int,
+                autocast_dtype: torch.dtype | None = None) -> nn.Module:
+    """The chunk's stage module; with autocast_dtype its forward runs under torch.autocast."""
     if isinstance(model, GPT):
-        return StageModule(model, chunk)
-    return HFStageModule(model, chunk, micro_batch, seq_len)
+        return StageModule(model, chunk, autocast_dtype)
+    return HFStageModule(model, chunk, micro_batch, seq_len, autocast_dtype)
 
 
 def apply_stage_recompute(module: nn.Module, ledger: Recomputations) -> RecomputeHandle:

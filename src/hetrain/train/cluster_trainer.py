@@ -108,7 +108,8 @@ class ClusterTrainer:
         self.n_params = whole.num_params()
         self.flops_per_token = train_flops_per_token(whole, cfg)
         self.names = model_names(whole, cfg.train.seq_len)
-        self.chunks = [build_chunk(whole, c, place.micro_batch, cfg.train.seq_len).to(self.device)
+        autocast_dtype = torch.bfloat16 if compute_dtype(cfg, plan, place.device_type) == "bf16" else None
+        self.chunks = [build_chunk(whole, c, place.micro_batch, cfg.train.seq_len, autocast_dtype).to(self.device)
                        for c in place.chunks]
         del whole
         if place.tp > 1:
@@ -303,6 +304,7 @@ class ClusterTrainer:
         print(f"hetrain: links: {self.comm.lane.route} pipeline lane; same as one process with "
               f"--train.micro_batch {self.layout.read_unit} --train.grad_accum "
               f"{self.layout.global_batch // self.layout.read_unit}", flush=True)
+        print(f"hetrain: compute: {_describe_dtypes(self.cfg, self.plan, self.layout)}", flush=True)
         if self.sharded is not None:
             mine = sum(p.numel() for p in self.sharded.owned)
             every = sum(p.numel() for p in self.sync.unique())
@@ -390,16 +392,35 @@ class ClusterTrainer:
                   f"demand; {n_ahead} regions ahead, {n_left} left to their backward", flush=True)
 
 
+def compute_dtype(cfg: Config, plan: ClusterPlan, device_type: str) -> str:
+    """What a rank computes in: accelerators in the dtype the plan was priced for (--plan.dtype),
+    CPU ranks in fp32 (CPU autocast is rarely faster), every rank in bf16 under --train.dtype bf16."""
+    if cfg.train.dtype == "bf16":
+        return "bf16"
+    return (plan.options or {}).get("compute_dtype", "bf16") if device_type != "cpu" else "fp32"
+
+
+def _describe_dtypes(cfg: Config, plan: ClusterPlan, layout: Layout) -> str:
+    by = {}
+    for p in layout.places:
+        by.setdefault(compute_dtype(cfg, plan, p.device_type), []).append(p.rank)
+    if len(by) == 1:
+        return f"{next(iter(by))} on every rank" + (" (autocast, fp32 weights and gradients)" if "bf16" in by else "")
+    return "; ".join(f"{d} on ranks {', '.join(map(str, ranks))}" for d, ranks in by.items()) + \
+        " (bf16: autocast, fp32 weights and gradients)"
+
+
 def _cluster_peak_flops(cfg: Config, plan: ClusterPlan, layout: Layout) -> float:
     """The peak FLOP/s MFU counts against: log.peak_flops per process if declared, otherwise the
-    plan's cluster figures (catalog peaks with the cluster file's overrides) for fp32."""
+    plan's cluster figures (catalog peaks with the cluster file's overrides) for the dtype each
+    group computes in."""
     if cfg.log.peak_flops > 0:
         return cfg.log.peak_flops * layout.world
     from hetrain.hardware.cluster import cluster_from_dict
 
-    used = {p.group for p in layout.places}
-    return sum(g.devices * g.kind.peak_flops_per_s("fp32") for g in cluster_from_dict(plan.cluster).groups
-               if g.name in used)
+    device_of = {p.group: p.device_type for p in layout.places}
+    return sum(g.devices * g.kind.peak_flops_per_s(compute_dtype(cfg, plan, device_of[g.name]))
+               for g in cluster_from_dict(plan.cluster).groups if g.name in device_of)
 
 
 def _optimizer(chunks: list[nn.Module], cfg: Config, device: torch.device,
