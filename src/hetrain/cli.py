@@ -83,7 +83,8 @@ def cmd_estimate(args: list[str]) -> int:
 
 
 def cmd_profile(args: list[str]) -> int:
-    from hetrain.predict.profiler import ProfileOptions, format_profile
+    from hetrain.predict.profiler import ProfileOptions
+    from hetrain.predict.profile_store import format_profile
     from hetrain.train.job import profile_job
 
     flags = {"--no-collectives", "--remeasure"}
@@ -99,7 +100,7 @@ def cmd_profile(args: list[str]) -> int:
 def cmd_simulate(args: list[str]) -> int:
     from pathlib import Path
 
-    from hetrain.predict.profiler import require_profile
+    from hetrain.predict.profile_store import require_profile
     from hetrain.predict.step_graph import format_prediction
     from hetrain.train.job import model_spec, predict_job
     from hetrain.trace import plot_timeline, write_chrome_trace
@@ -137,7 +138,7 @@ def cmd_plan(args: list[str]) -> int:
     from hetrain.plan.cluster.cost import PredictorOptions
     from hetrain.model.spec import ModelSpec
     from hetrain.plan.cluster.planner import Pins, SearchOptions, format_report, run_cluster_planning
-    from hetrain.predict.profiler import measured_curves
+    from hetrain.predict.profile_store import measured_curves
 
     pins = Pins(cfg.plan.tp, cfg.plan.pp, cfg.plan.dp, cfg.plan.micro_batch, cfg.plan.mixed_tp)
     # A kind whose profile lies in hardware.profile_dir (made on such a device) is priced by its

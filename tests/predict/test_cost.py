@@ -14,7 +14,7 @@ from hetrain.predict.cost import (
 )
 from hetrain.model.spec import ModelSpec
 from hetrain.train.job import describe, job_cost
-from hetrain.predict.profiler import machine_fingerprint
+from hetrain.predict.profile_store import machine_fingerprint
 
 
 def _profile(micro_batch=2) -> Profile:

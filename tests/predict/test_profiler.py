@@ -12,10 +12,9 @@ from hetrain.model.describe import describe_model
 from hetrain.model.presets import get_preset
 from hetrain.predict.cost import Profile
 from hetrain.train.job import profile_job
-from hetrain.predict.profiler import (
-    ProfileOptions, describe_machine, load_profile, machine_fingerprint, measure_collective,
-    profile_path, read_profile, require_profile, save_profile,
-)
+from hetrain.predict.profiler import ProfileOptions, measure_collective
+from hetrain.predict.profile_store import (describe_machine, load_profile, machine_fingerprint, profile_path,
+                                           read_profile, require_profile, save_profile)
 
 
 def _values(tmp_path) -> dict[str, str]:
@@ -116,7 +115,7 @@ def test_a_hugging_face_model_is_profiled_one_block_through_the_block_interface(
     predictor's peak is hetrain.memory's count of a real step."""
     pytest.importorskip("transformers")
     from hetrain.predict.cost import ProfileCost
-    from hetrain.predict.profiler import format_profile
+    from hetrain.predict.profile_store import format_profile
     from hetrain.train.job import describe, job_cost, predict_job
     from tests_support import save_tiny_hf
 
@@ -153,7 +152,7 @@ def test_the_matmul_line_prices_a_kind_in_cluster_plans(tmp_path):
     """A profile measures the device's GEMM line; a profile made on a kind of device prices that
     kind in the roofline (the cluster planner reads hardware.profile_dir for it)."""
     from hetrain.hardware.catalog import get_kind
-    from hetrain.predict.profiler import measured_curves
+    from hetrain.predict.profile_store import measured_curves
     from hetrain.predict.roofline import curve_for
 
     profile, _, _ = profile_job(load_config(None, _values(tmp_path)), FAST)

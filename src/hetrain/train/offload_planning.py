@@ -39,7 +39,8 @@ def default_cost(cfg: Config) -> CostModel:
     a CPU device with no profile of this model and no --hardware.device_kind, the model is
     profiled now (seconds for small models, cached): the catalog's CPU entry is a placeholder
     whose times are off by several fold, and a plan should be priced by what this machine does."""
-    from hetrain.predict.profiler import ProfileOptions, load_profile
+    from hetrain.predict.profiler import ProfileOptions
+    from hetrain.predict.profile_store import load_profile
 
     desc = describe(cfg)
     if cfg.hardware.device_kind:

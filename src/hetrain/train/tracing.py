@@ -135,7 +135,7 @@ def predicted_events(cfg, plan) -> list[TraceEvent]:
     graph. Priced by this machine's profile (profiled now if it lacks this model) or by the
     catalog kind that hardware.device_kind names."""
     from hetrain.errors import ConfigError
-    from hetrain.predict.profiler import load_profile
+    from hetrain.predict.profile_store import load_profile
     from hetrain.train.job import profile_job
 
     profile = None

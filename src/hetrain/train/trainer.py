@@ -202,7 +202,7 @@ class Trainer:
             if not self.plan.predicted_step_s:
                 return None
             return Predicted(self.plan.predicted_step_s, self.plan.predicted_peak_device_bytes, "the offload plan")
-        from hetrain.predict.profiler import load_profile
+        from hetrain.predict.profile_store import load_profile
         from hetrain.train.job import predict_job, profile_job
 
         profile = load_profile(self.cfg.hardware.profile_dir) if not self.cfg.hardware.device_kind else None
