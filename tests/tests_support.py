@@ -87,21 +87,22 @@ def textbook_training(model, batches, optim, lr_at, accum: int, clip: float = 1.
 def assert_params_match(got: dict, want: dict, rtol: float = 1e-6, atol: float = 1e-7,
                         outlier_atol: float = 1e-4) -> None:
     """Parameters of a run that added the same gradients in another order (replicas, TP shards)
-    against the reference: every element within rtol / atol, except at most 1 in 1,000 that may
-    reach outlier_atol (lr / 30 at the tests' peak lr of 3e-3, where one AdamW step may move an
-    element by up to lr either way: measured outliers reach 2.3e-5).
+    against the reference: every element within rtol / atol, except at most 1 in 200 of each
+    tensor (and at least 1) that may reach outlier_atol (lr / 30 at the tests' peak lr of 3e-3,
+    where one AdamW step may move an element by up to lr either way: measured outliers reach
+    2.3e-5).
 
     Reordering a sum changes fp32 rounding at the 1e-7 level; where a gradient element is nearly
     zero that noise is large relative to it, and AdamW (eps 1e-8) turns it into a visibly
     different update of that one element. How many depends on the CPU's kernels: TP 2 runs of
     the tests' 267k-parameter model left 11 such elements on an AMD EPYC and 54-59 on an Intel
-    Xeon. A wrong reduction or scaling moves nearly every element."""
+    Xeon, up to 41 of them in one 16,384-element matrix (0.25%). Counting per tensor keeps a
+    whole small tensor (a bias, a norm's weight) from going wrong unseen."""
     import torch
 
     assert sorted(got) == sorted(want)
-    off = 0
     for key, ref in want.items():
         torch.testing.assert_close(got[key], ref, rtol=rtol, atol=outlier_atol, msg=lambda m: f"{key}: {m}")
-        off += int(((got[key] - ref).abs() > atol + rtol * ref.abs()).sum())
-    total = sum(v.numel() for v in want.values())
-    assert off <= total / 1000, f"{off} of {total} elements differ by more than {atol} + {rtol} x |reference|"
+        off = int(((got[key] - ref).abs() > atol + rtol * ref.abs()).sum())
+        assert off <= max(1, ref.numel() // 200), f"{key}: {off} of {ref.numel()} elements differ by more than " \
+                                                    f"{atol} + {rtol} x |reference|"

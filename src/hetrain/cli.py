@@ -144,7 +144,7 @@ def cmd_plan(args: list[str]) -> int:
     # A kind whose profile lies in hardware.profile_dir (made on such a device) is priced by its
     # measured matmul curve.
     curves = {kind: [c.max_efficiency, c.overhead_s, c.attention_efficiency, c.source]
-              for kind, c in measured_curves(cfg.hardware.profile_dir).items()}
+              for kind, c in measured_curves(cfg.hardware.profile_dir, cfg.plan.dtype).items()}
     # A transformers model from --hf.path is planned from its config.json (hetrain.model.spec).
     model = ModelSpec.hf_folder(cfg.hf.path) if cfg.hf.path else cfg.model
     plan = run_cluster_planning(model, cfg.plan.cluster, cfg.plan.global_batch, cfg.train.seq_len, cfg.run.dir,

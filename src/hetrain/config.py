@@ -157,7 +157,7 @@ class PlanConfig:
     virtual_stages: int = 1
     """Cluster planning: model chunks per pipeline stage; more than 1 runs interleaved 1F1B."""
     dtype: str = "bf16"
-    """Cluster planning: the compute dtype the plan is priced for and its accelerator ranks run in: 'bf16' (autocast, fp32 master weights and gradients) or 'fp32'. CPU ranks compute in fp32 unless --train.dtype bf16, which puts every rank in bf16."""
+    """Cluster planning: the compute dtype the plan is priced for: 'bf16' (Megatron's mixed precision: bf16 weights, activations and stage boundaries, fp32 masters and gradients) or 'fp32' (what a cluster run computes in unless --train.dtype bf16; see docs/pipeline.md)."""
     mixed_tp: bool = False
     """Cluster planning: let the groups of one pipeline take different tensor-parallel degrees. The pipeline runtime cannot run such a plan yet (it pairs neighbouring stages TP rank by TP rank): true plans for prediction only, and the report says so."""
     distributed_optimizer: str = "auto"

@@ -2,8 +2,8 @@
 
 Each rank takes one of the two micro-batches of every step of test_engine's reference run, so
 the averaged gradient equals the reference's accumulated one. Losses (averaged over ranks),
-parameters (tests_support.assert_params_match) and the AdamW state gathered by state_dict must
-equal one process's, to 1e-6.
+parameters (to 1e-6 but the few elements tests_support.assert_params_match allows) and the AdamW
+state gathered by state_dict must equal one process's.
 """
 
 import os

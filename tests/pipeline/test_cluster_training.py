@@ -14,7 +14,6 @@ import signal
 import subprocess
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -69,7 +68,7 @@ def assert_same_losses(run_dir, ref_dir, steps=range(1, STEPS + 1)):
 
 
 def assert_same_params(run_dir, ref_dir):
-    """Every element to 1e-5 relative or 1e-6 absolute, but 1 in 1,000 that may differ by up to
+    """Every element to 1e-5 relative or 1e-6 absolute, but 1 in 200 of each tensor that may differ by up to
     1e-4 (lr / 30; tests_support.assert_params_match says why)."""
     a, b = load_file(Path(ref_dir) / "model.safetensors"), load_file(Path(run_dir) / "model.safetensors")
     assert_params_match(b, a, rtol=1e-5, atol=1e-6)
@@ -78,7 +77,7 @@ def assert_same_params(run_dir, ref_dir):
 def check_run(done: subprocess.CompletedProcess, run_dir, ref_dir):
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     assert done.stdout.count("hetrain: done") == 1  # rank 0 speaks for all
-    assert "compute: fp32 on every rank" in done.stdout  # CPU ranks of a plan priced for bf16
+    assert "compute: fp32; the plan was priced for bf16" in done.stdout
     assert_same_losses(run_dir, ref_dir)
     assert_same_params(run_dir, ref_dir)
 
@@ -100,18 +99,6 @@ def test_pipeline_1f1b_and_interleaved_1f1b_train_the_one_process_model(tmp_path
     assert val == pytest.approx(want, rel=1e-5)
 
 
-def test_ranks_compute_in_the_planned_dtype_on_accelerators_and_fp32_on_cpus():
-    from hetrain.train.cluster_trainer import compute_dtype
-
-    plan_bf16, plan_fp32 = SimpleNamespace(options={"compute_dtype": "bf16"}), SimpleNamespace(options={"compute_dtype": "fp32"})
-    fp32_run = load_config(None, {"train.dtype": "fp32"})
-    bf16_run = load_config(None, {"train.dtype": "bf16"})
-    assert compute_dtype(fp32_run, plan_bf16, "cuda") == "bf16"
-    assert compute_dtype(fp32_run, plan_bf16, "cpu") == "fp32"
-    assert compute_dtype(fp32_run, plan_fp32, "cuda") == "fp32"
-    assert compute_dtype(bf16_run, plan_fp32, "cpu") == "bf16"
-
-
 @pytest.mark.parametrize("layout", ["pp2", "tp2"])
 def test_bf16_autocast_trains_the_one_process_bf16_model(tmp_path, corpus, reference, layout):
     """--train.dtype bf16: every stage computes under autocast (fp32 weights, gradients and the
@@ -131,7 +118,7 @@ def test_bf16_autocast_trains_the_one_process_bf16_model(tmp_path, corpus, refer
     plan = write_plan(tmp_path / "plan.json", one_group_cluster(2), [pipe])
     done = torchrun(2, ["--plan.file", plan] + run_args(tmp_path / "run", corpus, **bf16), tmp_path)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
-    assert "compute: bf16 on every rank (autocast" in done.stdout
+    assert "compute: bf16 autocast over fp32 weights" in done.stdout
     got, want, fp32 = losses(tmp_path / "run"), losses(tmp_path / "one"), losses(reference)
     assert sorted(got) == sorted(want) == list(range(1, STEPS + 1))
     assert [got[s] for s in want] == pytest.approx([want[s] for s in want], rel=2e-3)

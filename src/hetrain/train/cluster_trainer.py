@@ -108,7 +108,7 @@ class ClusterTrainer:
         self.n_params = whole.num_params()
         self.flops_per_token = train_flops_per_token(whole, cfg)
         self.names = model_names(whole, cfg.train.seq_len)
-        autocast_dtype = torch.bfloat16 if compute_dtype(cfg, plan, place.device_type) == "bf16" else None
+        autocast_dtype = torch.bfloat16 if compute_dtype(cfg) == "bf16" else None
         self.chunks = [build_chunk(whole, c, place.micro_batch, cfg.train.seq_len, autocast_dtype).to(self.device)
                        for c in place.chunks]
         del whole
@@ -304,7 +304,7 @@ class ClusterTrainer:
         print(f"hetrain: links: {self.comm.lane.route} pipeline lane; same as one process with "
               f"--train.micro_batch {self.layout.read_unit} --train.grad_accum "
               f"{self.layout.global_batch // self.layout.read_unit}", flush=True)
-        print(f"hetrain: compute: {_describe_dtypes(self.cfg, self.plan, self.layout)}", flush=True)
+        print(f"hetrain: compute: {_describe_dtypes(self.cfg, self.plan)}", flush=True)
         if self.sharded is not None:
             mine = sum(p.numel() for p in self.sharded.owned)
             every = sum(p.numel() for p in self.sync.unique())
@@ -392,35 +392,36 @@ class ClusterTrainer:
                   f"demand; {n_ahead} regions ahead, {n_left} left to their backward", flush=True)
 
 
-def compute_dtype(cfg: Config, plan: ClusterPlan, device_type: str) -> str:
-    """What a rank computes in: accelerators in the dtype the plan was priced for (--plan.dtype),
-    CPU ranks in fp32 (CPU autocast is rarely faster), every rank in bf16 under --train.dtype bf16."""
-    if cfg.train.dtype == "bf16":
-        return "bf16"
-    return (plan.options or {}).get("compute_dtype", "bf16") if device_type != "cpu" else "fp32"
+def compute_dtype(cfg: Config) -> str:
+    """What every rank computes in: bf16 autocast over fp32 weights under --train.dtype bf16,
+    fp32 otherwise. Not the plan's dtype by default: a plan priced for bf16 (--plan.dtype, the
+    planner's default) counts bf16 stage boundaries and one bf16 copy of the weights, while
+    autocast over fp32 weights keeps the boundaries in fp32 and a bf16 copy of the weights per
+    micro-batch in flight (docs/pipeline.md), so bf16 runs are the user's choice."""
+    return "bf16" if cfg.train.dtype == "bf16" else "fp32"
 
 
-def _describe_dtypes(cfg: Config, plan: ClusterPlan, layout: Layout) -> str:
-    by = {}
-    for p in layout.places:
-        by.setdefault(compute_dtype(cfg, plan, p.device_type), []).append(p.rank)
-    if len(by) == 1:
-        return f"{next(iter(by))} on every rank" + (" (autocast, fp32 weights and gradients)" if "bf16" in by else "")
-    return "; ".join(f"{d} on ranks {', '.join(map(str, ranks))}" for d, ranks in by.items()) + \
-        " (bf16: autocast, fp32 weights and gradients)"
+def _describe_dtypes(cfg: Config, plan: ClusterPlan) -> str:
+    ran = compute_dtype(cfg)
+    what = "bf16 autocast over fp32 weights and gradients" if ran == "bf16" else "fp32"
+    priced = (plan.options or {}).get("compute_dtype", "bf16")
+    if priced != ran:
+        what += (f"; the plan was priced for {priced} (--plan.dtype), so its predicted step and memory "
+                 f"describe another run than this one")
+    return what
 
 
 def _cluster_peak_flops(cfg: Config, plan: ClusterPlan, layout: Layout) -> float:
     """The peak FLOP/s MFU counts against: log.peak_flops per process if declared, otherwise the
-    plan's cluster figures (catalog peaks with the cluster file's overrides) for the dtype each
-    group computes in."""
+    plan's cluster figures (catalog peaks with the cluster file's overrides) for the dtype the
+    run computes in."""
     if cfg.log.peak_flops > 0:
         return cfg.log.peak_flops * layout.world
     from hetrain.hardware.cluster import cluster_from_dict
 
-    device_of = {p.group: p.device_type for p in layout.places}
-    return sum(g.devices * g.kind.peak_flops_per_s(compute_dtype(cfg, plan, device_of[g.name]))
-               for g in cluster_from_dict(plan.cluster).groups if g.name in device_of)
+    used = {p.group for p in layout.places}
+    return sum(g.devices * g.kind.peak_flops_per_s(compute_dtype(cfg)) for g in cluster_from_dict(plan.cluster).groups
+               if g.name in used)
 
 
 def _optimizer(chunks: list[nn.Module], cfg: Config, device: torch.device,

@@ -128,7 +128,7 @@ def test_exhaustive_cases_cover_the_space():
     assert all(len(set(p.shape.tps)) == 1 for c in chosen.values() for p in c.pipelines)
 
 
-def test_one_tp_degree_per_pipeline_unless_asked(tmp_path):
+def test_one_tp_degree_per_pipeline_unless_asked():
     """The pipeline runtime pairs neighbouring stages TP rank by TP rank: by default the search
     gives a pipeline one TP degree. `mixed_tp` widens the space (here to a faster plan, found
     exactly), and the report and the runtime's placement both say such a plan cannot run yet."""
@@ -303,3 +303,20 @@ def test_tp_degrees_are_those_the_runtime_can_shard():
     for changed in (dataclasses.replace(cfg, dropout=0.1), dataclasses.replace(cfg, d_ff=4097 * 3)):
         cand, _ = search(CostContext(describe_model(changed, 1, seq_len), cluster, OPTIONS), global_batch)
         assert cand is not None and all(t == 1 for p in cand.pipelines for t in p.shape.tps)
+
+
+def test_fp32_plans_price_fp32_activations_and_state():
+    """--plan.dtype fp32: 4-byte activations and stage boundaries, and no bf16 copy of the weights
+    (16 bytes a parameter, 8 + 8 / dp under ZeRO-1), as the runtime runs fp32."""
+    from hetrain.plan.cluster.planner import Pins, SearchOptions, plan_cluster
+
+    fp32 = dataclasses.replace(OPTIONS, compute_dtype="fp32")
+    assert (OPTIONS.state_bytes_at(4), fp32.state_bytes_at(4)) == (18, 16)
+    assert dataclasses.replace(fp32, distributed_optimizer=True).state_bytes_at(4) == 4 + 4 + 8 / 4
+    cfg, cluster, global_batch, seq_len = CASES["separate-pipelines"]
+    pins = SearchOptions(upper_bound=False, interleave=False, pins=Pins(tp=1, pp=2, dp=2, micro_batch=2))
+    plans = {o.compute_dtype: plan_cluster(cfg, cluster, global_batch, seq_len, o, pins) for o in (OPTIONS, fp32)}
+    shapes = {d: [(p.groups, [s.n_blocks for s in p.stages]) for p in plan.pipelines] for d, plan in plans.items()}
+    assert shapes["fp32"] == shapes["bf16"]  # the same plan, priced twice
+    peak = {d: [s["peak_bytes"] for s in plan.prediction["stages"]] for d, plan in plans.items()}
+    assert all(a > b for a, b in zip(peak["fp32"], peak["bf16"]))

@@ -72,8 +72,18 @@ class PredictorOptions:
     --plan.overlap_grad_reduce false prices and runs the reduction after the backward."""
     matmul_curves: dict = field(default_factory=dict)
     """Measured matmul curves by kind name, [max_efficiency, overhead_s, attention_efficiency,
-    source] (from profiles made on those kinds: hetrain.predict.profiler.measured_curves); a
+    source] (from profiles made on those kinds: hetrain.predict.profile_store.measured_curves); a
     kind without one takes the catalog's or the default curve (predict/roofline.py)."""
+
+    def __post_init__(self):
+        # fp32 compute reads the fp32 weights themselves: no compute-dtype copy to keep.
+        if self.compute_dtype == "fp32" and self.state_bytes_per_param == plain_state_bytes_per_param(2, True):
+            object.__setattr__(self, "state_bytes_per_param", plain_state_bytes_per_param(4, weights_copy=False))
+
+    @property
+    def dtype_bytes(self) -> int:
+        """Bytes of an activation in the compute dtype (the model description's unit)."""
+        return 4 if self.compute_dtype == "fp32" else 2
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -81,7 +91,8 @@ class PredictorOptions:
     def state_bytes_at(self, dp: int) -> float:
         """Bytes a device keeps per parameter of its stage between steps, with `dp` replicas."""
         if self.distributed_optimizer:
-            return distributed_state_bytes_per_param(2 if self.compute_dtype in ("bf16", "fp16") else 4, dp)
+            # The compute-dtype copy of the weights: none in fp32, which reads the fp32 weights.
+            return distributed_state_bytes_per_param(2 if self.compute_dtype in ("bf16", "fp16") else 0, dp)
         return self.state_bytes_per_param
 
 

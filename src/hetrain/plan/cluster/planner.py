@@ -99,8 +99,9 @@ def _search_or_explain(ctx: CostContext, global_batch: int, opts: SearchOptions)
     cand, stats = search(ctx, global_batch, opts)
     if cand is not None:
         return cand, stats
-    if opts.pins != SearchOptions().pins:
-        free, _ = search(ctx, global_batch, dataclasses.replace(opts, pins=SearchOptions().pins))
+    free_pins = Pins(mixed_tp=opts.pins.mixed_tp)  # mixing TP degrees widens the space: not a pin
+    if opts.pins != free_pins:
+        free, _ = search(ctx, global_batch, dataclasses.replace(opts, pins=free_pins))
         hint = "; without them the planner finds a plan" if free is not None else ""
         raise ConfigError(f"no plan with {opts.pins.describe()} fits cluster '{ctx.cluster.name}' and divides the "
                           f"global batch {global_batch}{hint}; change or drop a pinned degree")
@@ -139,7 +140,7 @@ def plan_cluster(model: ModelConfig | ModelSpec, cluster: Cluster, global_batch:
         return _faster_with_or_without_zero1(model, cluster, global_batch, seq_len, options, search_options)
     start = time.perf_counter()
     model = _planned(model)
-    ctx = CostContext(model.describe(seq_len), cluster, options)
+    ctx = CostContext(model.describe(seq_len, dtype_bytes=options.dtype_bytes), cluster, options)
     cand, stats = _search_or_explain(ctx, global_batch, search_options)
     search_s = time.perf_counter() - start
     plan = _to_plan(cand, ctx, model, global_batch)
@@ -157,7 +158,8 @@ def plan_cluster(model: ModelConfig | ModelSpec, cluster: Cluster, global_batch:
     if search_options.upper_bound:
         ub_start = time.perf_counter()
         # Each kind alone, searched freely: pinned degrees are a choice of this plan, not of the bound.
-        plan.upper_bound = _upper_bound(ctx, global_batch, dataclasses.replace(search_options, pins=SearchOptions().pins))
+        plan.upper_bound = _upper_bound(ctx, global_batch, dataclasses.replace(
+            search_options, pins=Pins(mixed_tp=search_options.pins.mixed_tp)))
         plan.upper_bound["efficiency"] = prediction.tokens_per_s / plan.upper_bound["tokens_per_s"]
         plan.search["upper_bound_s"] = time.perf_counter() - ub_start
     return plan

@@ -350,10 +350,10 @@ class PlanPrediction:
 
 
 def context_for(plan: ClusterPlan) -> CostContext:
-    desc = ModelSpec.of_plan(plan).describe(plan.seq_len)
     known = {f.name for f in dataclasses.fields(PredictorOptions)}  # options since retired are ignored
-    return CostContext(desc, cluster_from_dict(plan.cluster),
-                       PredictorOptions(**{k: v for k, v in plan.options.items() if k in known}))
+    options = PredictorOptions(**{k: v for k, v in plan.options.items() if k in known})
+    desc = ModelSpec.of_plan(plan).describe(plan.seq_len, dtype_bytes=options.dtype_bytes)
+    return CostContext(desc, cluster_from_dict(plan.cluster), options)
 
 
 def shape_of(pipe: PipelinePlan) -> PipelineShape:
