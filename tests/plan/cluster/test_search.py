@@ -320,3 +320,7 @@ def test_fp32_plans_price_fp32_activations_and_state():
     assert shapes["fp32"] == shapes["bf16"]  # the same plan, priced twice
     peak = {d: [s["peak_bytes"] for s in plan.prediction["stages"]] for d, plan in plans.items()}
     assert all(a > b for a, b in zip(peak["fp32"], peak["bf16"]))
+    from hetrain.plan.cluster.planner import format_report
+
+    assert "Priced in fp32, as hetrain's runtime runs" in format_report(plans["fp32"])
+    assert "--plan.dtype fp32 prices the fp32 run" in format_report(plans["bf16"])
