@@ -324,3 +324,17 @@ def test_fp32_plans_price_fp32_activations_and_state():
 
     assert "Priced in fp32, as hetrain's runtime runs" in format_report(plans["fp32"])
     assert "--plan.dtype fp32 prices the fp32 run" in format_report(plans["bf16"])
+
+
+def test_a_cluster_that_only_mixed_tp_fits_says_so():
+    """Every plan that fits gives the two groups different TP degrees: the error says the runtime
+    cannot run such plans and names --plan.mixed_tp, which then plans one."""
+    from hetrain.errors import ConfigError
+    from hetrain.plan.cluster.planner import Pins, SearchOptions, plan_cluster
+
+    cfg, cluster = model(4096, 4), two_kinds(1, 8, 1, 2, a_mem=2, b_mem=8)
+    with pytest.raises(ConfigError, match=r"different TP degrees, which the runtime cannot run yet; "
+                                          r"`--plan.mixed_tp true` plans one"):
+        plan_cluster(cfg, cluster, 16, 2048, OPTIONS, SearchOptions(upper_bound=False))
+    plan = plan_cluster(cfg, cluster, 16, 2048, OPTIONS, SearchOptions(upper_bound=False, pins=Pins(mixed_tp=True)))
+    assert sorted(plan.pipelines[0].tp) == [2, 8]
