@@ -115,8 +115,6 @@ def require_profile(profile_dir: str | os.PathLike) -> Profile:
                       f"catalog kind with --hardware.device_kind")
 
 
-
-
 def measured_curves(profile_dir: str | os.PathLike, dtype: str = "bf16") -> dict:
     """Matmul curves of the device kinds whose profiles `profile_dir` holds (any machine's: a
     profile made on a GPU prices that kind in cluster plans), by kind name."""

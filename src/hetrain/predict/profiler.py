@@ -6,9 +6,9 @@ memory accountant's hooks; the device optimizer step and gradient clipping), plu
 machine-level rates the planners need (copy bandwidth per direction, pinned and pageable;
 fused CPU AdamW parameters/s per thread count; collective bandwidth of the available
 backend). Results, in the `Profile` format of hetrain.predict.cost, live in one JSON file per
-machine under `hardware.profile_dir` (hetrain.predict.profile_store). It must not predict or plan, and it never
-invents a figure: what it cannot measure on this machine is recorded as absent, with the
-reason, in `Profile.unmeasured`.
+machine under `hardware.profile_dir` (hetrain.predict.profile_store). It must not predict or
+plan, and it never invents a figure: what it cannot measure on this machine is recorded as
+absent, with the reason, in `Profile.unmeasured`.
 """
 
 from __future__ import annotations

@@ -108,7 +108,7 @@ class ClusterTrainer:
         self.n_params = whole.num_params()
         self.flops_per_token = train_flops_per_token(whole, cfg)
         self.names = model_names(whole, cfg.train.seq_len)
-        autocast_dtype = torch.bfloat16 if compute_dtype(cfg) == "bf16" else None
+        autocast_dtype = torch.bfloat16 if cfg.train.dtype == "bf16" else None
         self.chunks = [build_chunk(whole, c, place.micro_batch, cfg.train.seq_len, autocast_dtype).to(self.device)
                        for c in place.chunks]
         del whole
@@ -392,20 +392,15 @@ class ClusterTrainer:
                   f"demand; {n_ahead} regions ahead, {n_left} left to their backward", flush=True)
 
 
-def compute_dtype(cfg: Config) -> str:
-    """What every rank computes in: bf16 autocast over fp32 weights under --train.dtype bf16,
-    fp32 otherwise. Not the plan's dtype by default: a plan priced for bf16 (--plan.dtype, the
-    planner's default) counts bf16 stage boundaries and one bf16 copy of the weights, while
-    autocast over fp32 weights keeps the boundaries in fp32 and a bf16 copy of the weights per
-    micro-batch in flight (docs/pipeline.md), so bf16 runs are the user's choice."""
-    return "bf16" if cfg.train.dtype == "bf16" else "fp32"
-
-
 def _describe_dtypes(cfg: Config, plan: ClusterPlan) -> str:
-    ran = compute_dtype(cfg)
-    what = "bf16 autocast over fp32 weights and gradients" if ran == "bf16" else "fp32"
+    """What the run computes in (train.dtype), and whether the plan was priced for it. bf16 is
+    not the default even for a plan priced in bf16 (--plan.dtype, the planner's default): that
+    plan counts bf16 stage boundaries and one bf16 copy of the weights, while autocast over fp32
+    weights keeps the boundaries in fp32 and a bf16 copy of the weights per micro-batch in
+    flight (docs/pipeline.md)."""
+    what = "bf16 autocast over fp32 weights and gradients" if cfg.train.dtype == "bf16" else "fp32"
     priced = (plan.options or {}).get("compute_dtype", "bf16")
-    if priced != ran:
+    if priced != cfg.train.dtype:
         what += (f"; the plan was priced for {priced} (--plan.dtype), so its predicted step and memory "
                  f"describe another run than this one")
     return what
@@ -420,7 +415,7 @@ def _cluster_peak_flops(cfg: Config, plan: ClusterPlan, layout: Layout) -> float
     from hetrain.hardware.cluster import cluster_from_dict
 
     used = {p.group for p in layout.places}
-    return sum(g.devices * g.kind.peak_flops_per_s(compute_dtype(cfg)) for g in cluster_from_dict(plan.cluster).groups
+    return sum(g.devices * g.kind.peak_flops_per_s(cfg.train.dtype) for g in cluster_from_dict(plan.cluster).groups
                if g.name in used)
 
 

@@ -39,9 +39,6 @@ class PredictorOptions:
     link_efficiency: float = Efficiency.network
     """Fraction of a link's nominal bandwidth that collectives and point-to-point reach
     (predict/roofline.Efficiency's, as every planner)."""
-    state_bytes_per_param: int = plain_state_bytes_per_param(2, weights_copy=True)
-    """fp32 master 4 + fp32 gradient 4 + Adam moments 8, and 2 for the bf16 copies of the
-    weights autocast keeps for a micro-batch's backward (predict/state_bytes.py)."""
     grad_reduce_bytes_per_param: int = GRAD_BYTES_PER_PARAM
     """Gradients are reduced across data-parallel replicas in fp32."""
     optimizer_bytes_per_param: int = ADAM_TRAFFIC_BYTES_PER_PARAM + CLIP_TRAFFIC_BYTES_PER_PARAM
@@ -75,11 +72,6 @@ class PredictorOptions:
     source] (from profiles made on those kinds: hetrain.predict.profile_store.measured_curves); a
     kind without one takes the catalog's or the default curve (predict/roofline.py)."""
 
-    def __post_init__(self):
-        # fp32 compute reads the fp32 weights themselves: no compute-dtype copy to keep.
-        if self.compute_dtype == "fp32" and self.state_bytes_per_param == plain_state_bytes_per_param(2, True):
-            object.__setattr__(self, "state_bytes_per_param", plain_state_bytes_per_param(4, weights_copy=False))
-
     @property
     def dtype_bytes(self) -> int:
         """Bytes of an activation in the compute dtype (the model description's unit)."""
@@ -89,11 +81,14 @@ class PredictorOptions:
         return dict(self.__dict__)
 
     def state_bytes_at(self, dp: int) -> float:
-        """Bytes a device keeps per parameter of its stage between steps, with `dp` replicas."""
+        """Bytes a device keeps per parameter of its stage between steps, with `dp` replicas: fp32
+        master 4 + fp32 gradient 4 + Adam moments 8 (sharded over the replicas under ZeRO-1), and
+        2 for the bf16 copy of the weights the forward reads; none in fp32, which reads the fp32
+        weights themselves (predict/state_bytes.py)."""
+        copy = 2 if self.compute_dtype in ("bf16", "fp16") else 0
         if self.distributed_optimizer:
-            # The compute-dtype copy of the weights: none in fp32, which reads the fp32 weights.
-            return distributed_state_bytes_per_param(2 if self.compute_dtype in ("bf16", "fp16") else 0, dp)
-        return self.state_bytes_per_param
+            return distributed_state_bytes_per_param(copy, dp)
+        return plain_state_bytes_per_param(copy, weights_copy=copy > 0)
 
 
 @dataclass(frozen=True)

@@ -94,6 +94,11 @@ def _work(st: StageModel, n: int) -> float | None:
     return None if r is None else st.fwd_s(n) + st.bwd_s(n, r)
 
 
+def _tail(st: StageModel, n: int) -> float:
+    """The stage's gradient reduction and optimizer step after the backward, with n blocks."""
+    return st.sync_s(n) + st.optim_s(n)
+
+
 def _most_blocks_within(st: StageModel, tau: float, n_max: int) -> int:
     """Largest n in [0, n_max] with work(n) <= tau (work grows with n)."""
     lo, hi = 0, n_max
@@ -162,14 +167,14 @@ def descend_split(stages: list[StageModel], n: list[int], m: int) -> tuple[list[
     split_blocks balances the stages' compute; a stage whose gradient reduction and optimizer
     step are slow (a data-parallel path across slow links) is the step's tail, which is cheaper
     with fewer blocks on it. Moves: from the stage with the most work or the longest tail to
-    the one with the least of either or to a neighbour; the best move each round.
+    the one with the least of either or to a neighbour; the best move each round. Stage times
+    are updated for the two stages a move touches, not recomputed for all.
     """
     n = list(n)
-    r = [st.min_recompute(k) for st, k in zip(stages, n)]
-    work = [st.fwd_s(k) + st.bwd_s(k, rk) for st, k, rk in zip(stages, n, r)]
-    tail = [st.sync_s(k) + st.optim_s(k) for st, k in zip(stages, n)]
+    work = [_work(st, k) for st, k in zip(stages, n)]
+    tail = [_tail(st, k) for st, k in zip(stages, n)]
 
-    def total(w: list[float], t: list[float]) -> float:
+    def total(w: list[float], t: list[float]) -> float:  # closed_form_s on these stage times
         return sum(w) + (m - 1) * max(w) + max(t)
 
     best = total(work, tail)
@@ -184,24 +189,21 @@ def descend_split(stages: list[StageModel], n: list[int], m: int) -> tuple[list[
             for j in sinks | {i - 1, i + 1}:
                 if not 0 <= j < S or j == i:
                     continue
-                rj = stages[j].min_recompute(n[j] + 1)
-                if rj is None:
+                gained = _work(stages[j], n[j] + 1)
+                if gained is None:  # stage j cannot hold another block
                     continue
-                ri = stages[i].min_recompute(n[i] - 1)
                 w, t = list(work), list(tail)
-                w[i] = stages[i].fwd_s(n[i] - 1) + stages[i].bwd_s(n[i] - 1, ri)
-                w[j] = stages[j].fwd_s(n[j] + 1) + stages[j].bwd_s(n[j] + 1, rj)
-                t[i] = stages[i].sync_s(n[i] - 1) + stages[i].optim_s(n[i] - 1)
-                t[j] = stages[j].sync_s(n[j] + 1) + stages[j].optim_s(n[j] + 1)
+                w[i], w[j] = _work(stages[i], n[i] - 1), gained  # fewer blocks always fit
+                t[i], t[j] = _tail(stages[i], n[i] - 1), _tail(stages[j], n[j] + 1)
                 value = total(w, t)
                 if value < best * (1 - 1e-12):
-                    best, move = value, (i, j, w, t, ri, rj)
+                    best, move = value, (i, j, w, t)
         if move is None:
             break
-        i, j, work, tail, r[i], r[j] = move
+        i, j, work, tail = move
         n[i] -= 1
         n[j] += 1
-    return n, r
+    return n, [st.min_recompute(k) for st, k in zip(stages, n)]
 
 
 def closed_form_s(stages: list[StageModel], n: list[int], r: list[int], m: int) -> float:
@@ -211,7 +213,7 @@ def closed_form_s(stages: list[StageModel], n: list[int], r: list[int], m: int) 
     and shares the batch among pipelines with it, and decides with the prediction.
     """
     work = [st.fwd_s(k) + st.bwd_s(k, rk) for st, k, rk in zip(stages, n, r)]
-    tail = max(st.sync_s(k) + st.optim_s(k) for st, k in zip(stages, n))
+    tail = max(_tail(st, k) for st, k in zip(stages, n))
     return sum(work) + (m - 1) * max(work) + tail
 
 
