@@ -379,8 +379,8 @@ def step_mixed(run: Run) -> dict:
     model = ["--model.preset", c["preset"], "--train.seq_len", str(c["seq_len"])]
     common = [*model, "--train.steps", str(c["steps"]), "--train.eval_every", "0", "--train.log_every", "1",
               "--train.ckpt_every", "0", "--log.progress", "false", "--log.tensorboard", "false"]
-    # Priced and run in fp32 (--plan.dtype fp32): the CUDA stage would otherwise compute in bf16
-    # and the losses would not be comparable with one fp32 process to rel_tol.
+    # Priced in fp32 (--plan.dtype fp32), as the run computes (the runtime's default), so the
+    # predicted step describes this run; its losses compare with one fp32 process to rel_tol.
     plan = run_limited(run, [PY, "-m", "hetrain.cli", "plan", "--cluster", str(cluster), *model, "--plan.dtype",
                              "fp32", "--plan.pp", "2", "--plan.dp", "1", "--plan.global_batch", str(c["global_batch"]),
                              "--plan.micro_batch", str(c["micro_batch"]), "--run.dir", str(work / "plan")], 60)

@@ -68,8 +68,8 @@ def assert_same_losses(run_dir, ref_dir, steps=range(1, STEPS + 1)):
 
 
 def assert_same_params(run_dir, ref_dir):
-    """Every element to 1e-5 relative or 1e-6 absolute, but 1 in 200 of each tensor that may differ by up to
-    1e-4 (lr / 30; tests_support.assert_params_match says why)."""
+    """Every element to 1e-5 relative or 1e-6 absolute, but 1 in 200 of each tensor that may
+    differ by up to 1e-4 (lr / 30; tests_support.assert_params_match says why)."""
     a, b = load_file(Path(ref_dir) / "model.safetensors"), load_file(Path(run_dir) / "model.safetensors")
     assert_params_match(b, a, rtol=1e-5, atol=1e-6)
 
