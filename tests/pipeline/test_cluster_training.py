@@ -100,28 +100,32 @@ def test_pipeline_1f1b_and_interleaved_1f1b_train_the_one_process_model(tmp_path
 
 
 @pytest.mark.parametrize("layout", ["pp2", "tp2"])
-def test_bf16_autocast_trains_the_one_process_bf16_model(tmp_path, corpus, reference, layout):
-    """--train.dtype bf16: every stage computes under autocast (fp32 weights, gradients and the
-    activations between stages), as one process does with --train.dtype bf16; recomputation
-    reruns under the forward's autocast.
+def test_bf16_trains_the_one_process_bf16_model(tmp_path, corpus, reference, layout):
+    """--train.dtype bf16: every stage reads one bf16 copy of its fp32 weights per step and computes
+    under autocast, bf16 activations crossing between stages, as one process does with --train.dtype
+    bf16 (hetrain.precision); recomputation reruns with the same copy and autocast state.
 
     Not bitwise: a pipeline adds the tied matrix's two gradients (and TP its shards' sums) in
     another order, and bf16 turns those 1e-7 differences of the weights into different roundings
-    of their bf16 copies (TP also all-reduces its bf16 partial sums, one more rounding). Measured
-    over 10 steps: losses within 5e-4 (PP) and 1e-3 (TP) relative; all parameters together within
-    0.4% (PP) and 0.3-0.5% (TP) of their norm, single elements up to 7.7e-3 apart under TP. Held at
-    2e-3 relative for losses and 1% for the parameters' norm, and the run must differ from fp32
-    training (bf16 really ran)."""
+    of their bf16 copies; TP also sums its ranks' bf16 partial outputs (one more rounding, into a
+    bf16 residual stream). Measured over 10 steps (2026-12-05): PP within 7e-5 relative for every
+    loss, parameters within 0.03% of their norm; TP within 2e-3 over the first 6 steps, then 1.1%
+    at step 7, where the one-process bf16 run's loss jumps 1.3% above fp32 training's and the TP
+    run's stays within 0.2% of it; parameters within 0.7% of their norm. Held at: PP 5e-4 for
+    every loss; TP 3e-3 for the first 6 and 2e-2 for all; 1% of the norm for the parameters; and
+    the run must differ from fp32 training (bf16 really ran)."""
     bf16 = {"train.dtype": "bf16"}
     Trainer(one_process_config(tmp_path / "one", corpus, **bf16)).fit()
     pipe = pipeline(["cpu-a"], [3, 2], recompute=[1, 0]) if layout == "pp2" else pipeline(["cpu-a"], [N_LAYER], tp=2)
     plan = write_plan(tmp_path / "plan.json", one_group_cluster(2), [pipe])
     done = torchrun(2, ["--plan.file", plan] + run_args(tmp_path / "run", corpus, **bf16), tmp_path)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
-    assert "compute: bf16 autocast over fp32 weights" in done.stdout
+    assert "compute: bf16 (one bf16 copy of the fp32 weights per step" in done.stdout
     got, want, fp32 = losses(tmp_path / "run"), losses(tmp_path / "one"), losses(reference)
     assert sorted(got) == sorted(want) == list(range(1, STEPS + 1))
-    assert [got[s] for s in want] == pytest.approx([want[s] for s in want], rel=2e-3)
+    early = [s for s in want if s <= 6]
+    assert [got[s] for s in early] == pytest.approx([want[s] for s in early], rel=5e-4 if layout == "pp2" else 3e-3)
+    assert [got[s] for s in want] == pytest.approx([want[s] for s in want], rel=5e-4 if layout == "pp2" else 2e-2)
     assert max(abs(got[s] - fp32[s]) / fp32[s] for s in got) > 1e-4  # bf16 really ran
     a, b = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "run" / "model.safetensors")
     assert sorted(a) == sorted(b)

@@ -63,8 +63,11 @@ def _wait_all(works) -> float:
 class _Overlap:
     """The custom FORWARD and FULL_BACKWARD of one rank's schedule."""
 
-    def __init__(self, schedule: _PipelineScheduleRuntime, ledger: Recomputations, clock, compute_lane: str):
+    def __init__(self, schedule: _PipelineScheduleRuntime, ledger: Recomputations, clock, compute_lane: str,
+                 weights: dict):
         self.schedule, self.ledger, self.clock, self.compute_lane = schedule, ledger, clock, compute_lane
+        self.weights = weights
+        """Per chunk index, its hetrain.precision.WeightCopies: every computation of a chunk reads them."""
         self.stages = {stage.stage_index: stage for stage in schedule._stages}
         self.stats = WaitStats()
         self._waiter: ThreadPoolExecutor | None = None
@@ -82,13 +85,17 @@ class _Overlap:
         stage = self.stages[idx]
         if not stage.is_first and idx - 1 not in self.stages:
             _wait_batch_p2p(sched.fwd_recv_ops.pop((idx, m)))
-        with self.ledger.forward(idx, m):
+        with self.ledger.forward(idx, m), self.weights[idx].active():
             output = stage.forward_one_chunk(m, ctx.arg_mbs[m], ctx.kwarg_mbs[m], save_forward_output=False)
         sched._maybe_compute_loss(stage, output, ctx.target_mbs, m)
         if idx + 1 in self.stages:  # torch's V-schedule case: the next chunk is on this rank
             self.stages[idx + 1].set_local_fwd_input(output, m)
 
     def backward(self, action, ctx: _PipelineContext) -> None:
+        with self.weights[action.stage_index].active():  # recomputation ahead and in the backward reads them
+            self._backward(action)
+
+    def _backward(self, action) -> None:
         sched, idx, m = self.schedule, action.stage_index, action.microbatch_index
         stage = self.stages[idx]
         if not stage.is_last and idx + 1 not in self.stages:
@@ -146,9 +153,11 @@ def one_f_one_b_actions(n_stages: int, n_microbatches: int) -> dict[int, list[_A
 
 
 def runtime_schedule(stages: list, n_microbatches: int, loss_fn, ledger: Recomputations, clock,
-                     compute_lane: str, group_ranks: list[int]) -> tuple[_PipelineScheduleRuntime, _Overlap, str]:
+                     compute_lane: str, group_ranks: list[int],
+                     weights: dict) -> tuple[_PipelineScheduleRuntime, _Overlap, str]:
     """torch's runtime for this rank's stages with hetrain's FORWARD and FULL_BACKWARD; also the
-    overlap object (its `stats`, `close()`) and the schedule's name.
+    overlap object (its `stats`, `close()`) and the schedule's name. weights[chunk index]: the
+    chunk's hetrain.precision.WeightCopies, active in each of its forwards and backwards.
 
     group_ranks[s]: the rank, in the lane's process group, of the process that runs pipeline
     stage s. torch numbers a group's members by global rank and assumes stage s on member s; a
@@ -166,7 +175,7 @@ def runtime_schedule(stages: list, n_microbatches: int, loss_fn, ledger: Recompu
         by_position = one_f_one_b_actions(n_chunks, n_microbatches)
     if len(stages) == 1 or list(group_ranks) != sorted(group_ranks):
         schedule._prepare_schedule_with_comms({group_ranks[pos]: actions for pos, actions in by_position.items()})
-    overlap = _Overlap(schedule, ledger, clock, compute_lane)
+    overlap = _Overlap(schedule, ledger, clock, compute_lane, weights)
     schedule.register_custom_function(FORWARD, overlap.forward)
     schedule.register_custom_function(FULL_BACKWARD, overlap.backward)
     return schedule, overlap, name

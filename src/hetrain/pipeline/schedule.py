@@ -30,6 +30,7 @@ from hetrain.pipeline.communicator import HOST, Communicator, HostStaged
 from hetrain.pipeline.overlap import WaitStats, runtime_schedule
 from hetrain.pipeline.stages import StageModule, stage_example, stage_loss
 from hetrain.pipeline.unit_recompute import Recomputations
+from hetrain.precision import WeightCopies
 from hetrain.trace import TraceEvent
 
 
@@ -140,6 +141,8 @@ class PipelineRun:
     ledger: Recomputations
     overlap: object
     """The schedule's forward/backward actions (hetrain.pipeline.overlap): `stats`, `close()`."""
+    weights: list[WeightCopies]
+    """Per chunk, the copies of its weights its computations read (hetrain.precision)."""
 
     @property
     def wait_stats(self) -> WaitStats:
@@ -157,47 +160,61 @@ class PipelineRun:
         the rank holding the last chunk, [] elsewhere. Gradients accumulate in .grad, scaled by
         1 / micro-batches."""
         losses: list[torch.Tensor] = []
-        self.schedule.step(x.to(self.input_device), target=y.to(self.input_device), losses=losses,
-                           return_outputs=False)
+        try:
+            self.schedule.step(x.to(self.input_device), target=y.to(self.input_device), losses=losses,
+                               return_outputs=False)
+        finally:
+            self._release()  # before the optimizer changes the masters
         return losses
+
+    def _release(self) -> None:
+        for w in self.weights:
+            w.release()
 
     @torch.no_grad()
     def evaluate(self, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
         losses: list[torch.Tensor] = []
         for stage in self.stages:
             stage.submod.eval()  # no dropout
+        self._release()
         try:
             self.schedule.eval(x.to(self.input_device), target=y.to(self.input_device), losses=losses,
                                return_outputs=False)
         finally:
+            self._release()  # copies made without autograd
             for stage in self.stages:
                 stage.submod.train()
         return losses
 
 
 def build_schedule(chunks: list[StageModule], comm: Communicator, model_dims: tuple[int, int], seq_len: int,
-                   clock: StageClock, ledger: Recomputations, emulate_link_gbytes_per_s: float = 0.0) -> PipelineRun:
-    """Stages for this rank's chunks on its lane, and the plan's schedule. model_dims = (d_model, vocab)."""
+                   clock: StageClock, ledger: Recomputations, emulate_link_gbytes_per_s: float = 0.0,
+                   dtype: torch.dtype | None = None) -> PipelineRun:
+    """Stages for this rank's chunks on its lane, and the plan's schedule. model_dims = (d_model,
+    vocab); dtype: the compute dtype of mixed precision (hetrain.precision; None: fp32), in which
+    the chunks read their weights and pass activations between them."""
     place = comm.place
     d_model, vocab = model_dims
     n_chunks = place.n_stages * place.virtual_stages
     lane_device = comm.lane_device
     stages = []
+    boundary_dtype = dtype or torch.float32
     compute_lane = f"rank {place.rank} P{place.pipeline}r{place.replica} S{place.stage} tp{place.tp_rank}"
     for module, chunk in zip(chunks, place.chunks):
         runnable: nn.Module = module
         if comm.lane.route == HOST:
             runnable = HostStaged(module, comm.device, stage_out=not chunk.head)
-        x, out = stage_example(chunk, place.micro_batch, seq_len, d_model, vocab, lane_device)
+        x, out = stage_example(chunk, place.micro_batch, seq_len, d_model, vocab, lane_device, boundary_dtype)
         prev_stage = (chunk.index - 1) % place.n_stages
         next_stage = (chunk.index + 1) % place.n_stages
         stages.append(TracedStage(
             runnable, chunk.index, n_chunks, lane_device, input_args=x, output_args=out, group=comm.lane.group,
             clock=clock, compute_lane=compute_lane,
             prev_link=comm.link_name(prev_stage), next_link=comm.link_name(next_stage),
-            boundary_bytes=place.micro_batch * seq_len * d_model * 4,
+            boundary_bytes=place.micro_batch * seq_len * d_model * boundary_dtype.itemsize,
             link_s_per_byte=1e-9 / emulate_link_gbytes_per_s if emulate_link_gbytes_per_s > 0 else 0.0))
     group_ranks = [dist.get_group_rank(comm.lane.group, r) for r in comm.lane.ranks]  # by stage position
+    weights = [WeightCopies(module, dtype) for module in chunks]
     schedule, overlap, name = runtime_schedule(stages, place.n_microbatches, stage_loss, ledger, clock, compute_lane,
-                                               group_ranks)
-    return PipelineRun(schedule, stages, clock, lane_device, name, ledger, overlap)
+                                               group_ranks, {c.index: w for c, w in zip(place.chunks, weights)})
+    return PipelineRun(schedule, stages, clock, lane_device, name, ledger, overlap, weights)

@@ -27,7 +27,6 @@ and wraps modules; it must not communicate or know about ranks.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -38,6 +37,7 @@ from torch.utils._pytree import tree_map
 from hetrain.model.gpt import GPT
 from hetrain.model.stack import layer_parameters
 from hetrain.pipeline.placement import Chunk
+from hetrain.precision import autocast
 from hetrain.pipeline.unit_recompute import (Recomputations, RecomputeHandle, apply_unit_recompute,
                                              apply_whole_recompute)
 
@@ -108,7 +108,7 @@ class StageModule(nn.Module):
         self.has_rope = rope is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with _autocast(x.device, self.autocast_dtype):
+        with autocast(x.device, self.autocast_dtype):
             return self._forward(x)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -170,21 +170,27 @@ class HFStageModule(nn.Module):
             _, extras = model.embed_inputs(torch.zeros(micro_batch, seq_len, dtype=torch.long))
         self.__dict__["_extras"] = {torch.device("cpu"): extras}
 
-    def _extras_on(self, device: torch.device):
-        if device not in self._extras:
-            self._extras[device] = tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t,
-                                            self._extras[torch.device("cpu")])
-        return self._extras[device]
+    def _extras_on(self, device: torch.device, dtype: torch.dtype):
+        """The extras on `device`, their floating tensors (rotary tables) in the hidden states'
+        dtype, as the model's own embedding step makes them."""
+        def move(t):
+            if not isinstance(t, torch.Tensor):
+                return t
+            return t.to(device, dtype=dtype) if t.is_floating_point() else t.to(device)
+
+        if (device, dtype) not in self._extras:
+            self._extras[device, dtype] = tree_map(move, self._extras[torch.device("cpu")])
+        return self._extras[device, dtype]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with _autocast(x.device, self.autocast_dtype):
+        with autocast(x.device, self.autocast_dtype):
             return self._forward(x)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         model = self._model
         if self.embedding:
             x, _ = model.embed_inputs(x)
-        extras = self._extras_on(x.device)
+        extras = self._extras_on(x.device, x.dtype)
         for block in self.blocks:
             x = model.block_forward(block, x, extras)
         if self.head:
@@ -195,15 +201,6 @@ class HFStageModule(nn.Module):
 def stage_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """The models' loss (GPT.head, HFCausalLM.head): mean cross-entropy over the micro-batch's tokens, in fp32."""
     return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1).to(logits.device))
-
-
-def _autocast(device: torch.device, dtype: torch.dtype | None):
-    """The one-process trainer's mixed precision (train.dtype bf16): matmuls in `dtype`, the
-    parameters, gradients and the activations between blocks in fp32. torch's checkpoint
-    recomputes under the autocast state of the forward, so recomputation matches."""
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
 
 
 def build_chunk(model: nn.Module, chunk: Chunk, micro_batch: int, seq_len: int,

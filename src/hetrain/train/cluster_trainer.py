@@ -129,7 +129,8 @@ class ClusterTrainer:
                                     owned=self.sharded.owned if self.sharded is not None else None)
         self.clock = StageClock(sync_cuda=self.device.type == "cuda")
         self.run = build_schedule(self.chunks, self.comm, (self.names.hidden_size, self.names.vocab_size),
-                                  cfg.train.seq_len, self.clock, self.ledger, cfg.run.emulate_link_gbytes_per_s)
+                                  cfg.train.seq_len, self.clock, self.ledger, cfg.run.emulate_link_gbytes_per_s,
+                                  autocast_dtype)
         if overlaps_grad_reduce(plan):  # as the planner priced it: each block's reduction inside the backward
             chunk_named = {c.index: list(chunk.named_parameters(remove_duplicate=False))
                            for chunk, c in zip(self.chunks, place.chunks)}
@@ -393,12 +394,12 @@ class ClusterTrainer:
 
 
 def _describe_dtypes(cfg: Config, plan: ClusterPlan) -> str:
-    """What the run computes in (train.dtype), and whether the plan was priced for it. bf16 is
-    not the default even for a plan priced in bf16 (--plan.dtype, the planner's default): that
-    plan counts bf16 stage boundaries and one bf16 copy of the weights, while autocast over fp32
-    weights keeps the boundaries in fp32 and a bf16 copy of the weights per micro-batch in
-    flight (docs/pipeline.md)."""
-    what = "bf16 autocast over fp32 weights and gradients" if cfg.train.dtype == "bf16" else "fp32"
+    """What the run computes in (train.dtype), and whether the plan was priced for it
+    (--plan.dtype, bf16 by default). bf16 runs as a bf16 plan is priced (hetrain.precision): one
+    bf16 copy of the weights per step, bf16 activations and stage boundaries, fp32 masters,
+    gradients and AdamW state. It is opt-in (--train.dtype bf16), as in every runtime."""
+    what = ("bf16 (one bf16 copy of the fp32 weights per step, bf16 activations, fp32 gradients and optimizer)"
+            if cfg.train.dtype == "bf16" else "fp32")
     priced = (plan.options or {}).get("compute_dtype", "bf16")
     if priced != cfg.train.dtype:
         what += (f"; the plan was priced for {priced} (--plan.dtype), so its predicted step and memory "

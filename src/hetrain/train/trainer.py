@@ -27,6 +27,7 @@ from hetrain.errors import ConfigError
 from hetrain.files import check_output_dir
 from hetrain.liveness import wait_s
 from hetrain.memory import MemoryAccountant
+from hetrain.precision import WeightCopies, autocast
 from hetrain.model.gpt import GPT
 from hetrain.trace import task_name
 from hetrain.train import checkpoint as ckpt
@@ -176,6 +177,8 @@ class Trainer:
         self.run_peak_bytes = 0
         self._warned_mfu = False
         self.amp_dtype = torch.bfloat16 if cfg.train.dtype == "bf16" and self.engine is None else None
+        # bf16 without the engine: one bf16 copy of the weights per step, under autocast (hetrain.precision)
+        self.weights = WeightCopies(self.model, self.amp_dtype)
         self.accountant = (MemoryAccountant(self.model, self.optimizer)
                            if self.device.type == "cpu" and self.engine is None else None)
         self.flops_per_token = train_flops_per_token(self.model, cfg)
@@ -235,11 +238,6 @@ class Trainer:
                     raise ConfigError(f"checkpoint '{self.resume_path}' was made with {section}.{key}={value!r}, "
                                       f"this run has {now[section].get(key)!r}; resume with the same --{section}.{key}")
 
-    def _autocast(self):
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
-
     def _track(self):
         return self.accountant.track_activations() if self.accountant else contextlib.nullcontext()
 
@@ -251,10 +249,11 @@ class Trainer:
                 return self.engine.evaluate(batches)
             total = 0.0
             for x, y in batches:
-                with self._autocast():
+                with self.weights.active(), autocast(self.device, self.amp_dtype):
                     total += self.model(x.to(self.device), y.to(self.device)).item()
             return total / len(batches)
         finally:
+            self.weights.release()  # copies made without autograd
             self.model.train()
 
     def _peak_bytes(self) -> int:
@@ -451,13 +450,14 @@ class Trainer:
             x, y = self.data.train.next_batch(t.micro_batch, t.seq_len)
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             tr.end(task_name("data", "", m))
-            with self._track():
-                with self._autocast():
+            with self._track(), self.weights.active():
+                with autocast(self.device, self.amp_dtype):
                     loss = self.model(x, y) / t.grad_accum
                 tr.begin(task_name("bwd", "head", m), "bwd")
                 loss.backward()
                 tr.end(task_name("bwd", "embedding", m))
             loss_sum += loss.item()
+        self.weights.release()  # before the update changes the masters
         tr.begin(task_name("optim"), "optim")
         max_norm = t.grad_clip if t.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm).item()
