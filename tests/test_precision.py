@@ -65,9 +65,12 @@ def test_one_copy_per_step_gives_the_gradients_of_a_cast_per_micro_batch_to_the_
             with copies.active():
                 loss.backward()
 
+    kept = []  # every micro-batch's casts stay alive, so that no two share an address
+
     def run_each():
         for x, y in _batches():
             casts = {n: p.to(BF16) for n, p in each.named_parameters()}
+            kept.append(casts)
             with autocast(CPU, BF16):
                 loss = functional_call(each, casts, (x, y)) / MICRO
             loss.backward()
