@@ -56,17 +56,22 @@ class WeightCopies:
         if self.dtype is None or self._depth:  # fp32, or already inside (a recomputation in a backward)
             yield
             return
-        if self._copies is None:
-            by_id: dict[int, torch.Tensor] = {}
-            self._copies = {name: by_id.setdefault(id(p), p.to(self.dtype))
-                            for name, p in self.module.named_parameters(remove_duplicate=False)
-                            if p.is_floating_point()}
+        self.make()
         self._depth += 1
         try:
             with _reparametrize_module(self.module, self._copies):
                 yield
         finally:
             self._depth -= 1
+
+    def make(self) -> None:
+        """Make the step's copies now if they are not made (`active()` does it when needed)."""
+        if self.dtype is None or self._copies is not None:
+            return
+        by_id: dict[int, torch.Tensor] = {}
+        self._copies = {name: by_id.setdefault(id(p), p.to(self.dtype))
+                        for name, p in self.module.named_parameters(remove_duplicate=False)
+                        if p.is_floating_point()}
 
     def release(self) -> None:
         """Drop the copies (their graph goes with the last backward that used them)."""

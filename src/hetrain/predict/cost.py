@@ -31,8 +31,9 @@ from hetrain.model.describe import LayerDescription, ModelDescription
 from hetrain.model.gpt import ModelConfig
 from hetrain.model.spec import ModelSpec
 from hetrain.predict.roofline import Efficiency, LayerSeconds, MatmulCurve, curve_for, layer_seconds
-from hetrain.predict.state_bytes import (ACCUMULATE_TRAFFIC_BYTES_PER_PARAM, CLIP_TRAFFIC_BYTES_PER_PARAM,
-                                         adam_traffic_bytes)
+from hetrain.predict.state_bytes import (ACCUMULATE_TRAFFIC_BYTES_PER_PARAM, ADAM_TRAFFIC_BYTES_PER_PARAM,
+                                         CLIP_TRAFFIC_BYTES_PER_PARAM, FP32_BYTES, adam_traffic_bytes,
+                                         weight_copy_traffic_bytes)
 
 
 
@@ -173,6 +174,10 @@ class CostModel:
         """One clip_grad_norm_ call over all gradients, including its host sync."""
         raise NotImplementedError
 
+    def weight_copy_s(self, params: int) -> float:
+        """The step's compute-dtype copy of `params` fp32 weights (hetrain.precision; 0 in fp32)."""
+        raise NotImplementedError
+
     def grad_accumulate_s(self, params: int, tensors: int) -> float:
         """Adding one micro-batch's gradients into held ones (every micro-batch after the first)."""
         raise NotImplementedError
@@ -224,6 +229,11 @@ class ProfileCost(CostModel):
     def optimizer_call_s(self, on="device"):
         return self.profile.optimizer.per_call_s
 
+    def weight_copy_s(self, params):
+        # Not timed by the profiler: the measured AdamW's rate per byte it moves, for the copy's bytes.
+        copy = weight_copy_traffic_bytes(2 if self.entry.dtype == "bf16" else FP32_BYTES)
+        return self.profile.optimizer.seconds(params, 1, calls=0) * copy / ADAM_TRAFFIC_BYTES_PER_PARAM
+
     def clip_s(self, params, tensors):
         return self.profile.clip.seconds(params, tensors)
 
@@ -274,7 +284,7 @@ class RooflineCost(CostModel):
         self.curve = curve or curve_for(kind)
         self.peak_flops_per_s = kind.peak_flops_per_s(dtype)
         self._on_gpu = kind.name != "cpu"
-        self.autocast = dtype == "bf16"  # the trainer's bf16 is autocast over fp32 master weights
+        self.autocast = dtype == "bf16"  # the trainer's bf16: one bf16 weight copy per step, under autocast
         self.host = host or get_kind("cpu")
         self._layer_s: dict[str, LayerSeconds] = {}
         self.source = f"catalog {kind.name} ({dtype} roofline)"
@@ -282,8 +292,7 @@ class RooflineCost(CostModel):
     def _seconds(self, layer: LayerDescription) -> LayerSeconds:
         key = layer.name if not layer.name.startswith("block.") else "block"
         if key not in self._layer_s:
-            self._layer_s[key] = layer_seconds(self.desc, layer, self.kind, self.dtype, self.eff, self.curve,
-                                               autocast=self.autocast)
+            self._layer_s[key] = layer_seconds(self.desc, layer, self.kind, self.dtype, self.eff, self.curve)
         return self._layer_s[key]
 
     def fwd_s(self, layer):
@@ -299,14 +308,19 @@ class RooflineCost(CostModel):
         return layer.act_bytes_total + (self._autocast_extra_bytes(layer) if self.autocast else 0)
 
     def _autocast_extra_bytes(self, layer: LayerDescription) -> int:
-        """What bf16 autocast over fp32 weights saves beyond the description's bf16-weight layout:
-        a bf16 copy of every matmul weight, and LayerNorm inputs and statistics in fp32 (the
-        residual stream stays fp32 and autocast runs layer_norm in fp32)."""
+        """What the trainer's bf16 (hetrain.precision) saves beyond the description's layout, as
+        its memory accountant counts it: the step's bf16 copy of every weight an operation saves
+        (the matmuls' and the normalisations'; embeddings save only their indices), and on a GPU
+        LayerNorm inputs, statistics and weights in fp32 (CUDA's autocast runs layer_norm in
+        fp32, the CPU's in bf16)."""
         d, tokens = self.desc, self.desc.tokens_per_microbatch
-        norm = tokens * d.hidden_size * 2 + tokens * 2 * 2 if d.norm == "layernorm" else 0
         if layer.name == "embedding":
             return 0
-        return layer.matmul_params * 2 + (norm if layer.name == "head" else 2 * norm)
+        n_norms = 1 if layer.name == "head" else 2
+        fp32_norms = d.norm == "layernorm" and self._on_gpu
+        norm = tokens * d.hidden_size * 2 + tokens * 2 * 2 if fp32_norms else 0
+        norm_weights = d.hidden_size * (4 if fp32_norms else 2)
+        return layer.matmul_params * 2 + n_norms * (norm + norm_weights)
 
     def optimizer_s(self, params, tensors, on="device"):
         kind = self.kind if on == "device" else self.host
@@ -314,6 +328,10 @@ class RooflineCost(CostModel):
 
     def optimizer_call_s(self, on="device"):
         return self.eff.optimizer_call_s
+
+    def weight_copy_s(self, params):
+        copy = weight_copy_traffic_bytes(2 if self.autocast else FP32_BYTES)
+        return params * copy / (self.kind.mem_bw_bytes_per_s * self.eff.memory)
 
     def clip_s(self, params, tensors):
         return (self.eff.optimizer_call_s

@@ -1,7 +1,7 @@
 """The profiler: measures this machine for the performance predictor and caches the figures.
 
 It times what a training step is made of, on the real device and the way the trainer runs
-it (per layer forward, backward and recompute under the trainer's autocast and, on CPU, its
+it (per layer forward, backward and recompute under the trainer's mixed precision and, on CPU, its
 memory accountant's hooks; the device optimizer step and gradient clipping), plus the
 machine-level rates the planners need (copy bandwidth per direction, pinned and pageable;
 fused CPU AdamW parameters/s per thread count; collective bandwidth of the available
@@ -26,6 +26,7 @@ from typing import Callable
 import torch
 
 from hetrain.memory import MemoryAccountant
+from hetrain.precision import WeightCopies
 from hetrain.model.gpt import GPT
 from hetrain.model.spec import BatchShape, ModelSpec
 from hetrain.model.describe import ModelDescription
@@ -193,9 +194,12 @@ def profile_model(spec: ModelSpec, batch: BatchShape, device: torch.device, opti
     amp = torch.bfloat16 if dtype == "bf16" else None
     params = _held_parameters(model)
     idx = torch.randint(0, _vocab(model), (micro_batch, seq_len), device=device)
-    with torch.no_grad():
+    # As the trainer computes: in bf16 from the step's one bf16 copy of the weights, made here
+    # before anything is timed (hetrain.precision), so the residual stream is bf16 too.
+    copies = WeightCopies(model, amp)
+    copies.make()
+    with torch.no_grad(), copies.active():
         h0, extras = model.embed_inputs(idx)
-        h0 = h0.float()
     # The extras (rotary tables, masks) are made once per micro-batch and read by every block:
     # the description counts them with the embedding, so the block's figure leaves them out.
     extra_tensors = [t for t in torch.utils._pytree.tree_leaves(extras) if isinstance(t, torch.Tensor)]
@@ -203,7 +207,7 @@ def profile_model(spec: ModelSpec, batch: BatchShape, device: torch.device, opti
     group = options.back_to_back or (4 if device.type == "cuda" else 1)
     bench = _Bench(device, amp, acct, device.type == "cpu", group)
     try:
-        h = h0.clone().requires_grad_()   # the residual stream stays fp32 under autocast
+        h = h0.clone().requires_grad_()
         grad_h = torch.randn_like(h0)
         block = model.blocks[0]
         layers = {
@@ -213,13 +217,14 @@ def profile_model(spec: ModelSpec, batch: BatchShape, device: torch.device, opti
         }
         samples: dict[str, dict[str, list[float]]] = {name: {} for name in layers}
         rounds = max(1, min(options.rounds, options.reps))
-        for r in range(rounds):
-            for name, layer in layers.items():
-                reps = options.reps // rounds + (1 if r < options.reps % rounds else 0)
-                bench.sample(layer, reps, options.warmup, samples[name])
+        with copies.active():
+            for r in range(rounds):
+                for name, layer in layers.items():
+                    reps = options.reps // rounds + (1 if r < options.reps % rounds else 0)
+                    bench.sample(layer, reps, options.warmup, samples[name])
         # What the block saves of the extras: they are stored once, so counted with the embedding.
         counted = MemoryAccountant(model)
-        with counted.track_activations(), bench.autocast():
+        with counted.track_activations(), bench.autocast(), copies.active():
             out = model.block_forward(block, h, extras)
         extras_bytes = counted.act_bytes - layers["block"].act_bytes
         del out

@@ -105,8 +105,7 @@ def _attention_flops_per_token(layer: LayerDescription) -> float:
 
 
 def layer_seconds(desc: ModelDescription, layer: LayerDescription, kind: DeviceKind, dtype: str,
-                  eff: Efficiency, curve: MatmulCurve | None = None, tp: int = 1, autocast: bool = False
-                  ) -> LayerSeconds:
+                  eff: Efficiency, curve: MatmulCurve | None = None, tp: int = 1) -> LayerSeconds:
     """Forward and backward of `layer` for one micro-batch of `desc` on one of `tp`
     tensor-parallel devices of `kind` (see the module docstring)."""
     curve = curve or curve_for(kind)
@@ -119,9 +118,9 @@ def layer_seconds(desc: ModelDescription, layer: LayerDescription, kind: DeviceK
     weights = layer.matmul_params * desc.compute_dtype_bytes / tp
     if layer.name == "embedding":  # a lookup reads only the rows of the batch's tokens
         weights = io_bytes
-    # Under autocast the fp32 weights are cast to the compute dtype on every use.
-    casts = layer.matmul_params * (FP32_BYTES + desc.compute_dtype_bytes) / tp if autocast else 0
-    elementwise = (layer.act_bytes_total / tp + 2 * io_bytes / tp + casts) / bandwidth
+    # The weights are read in the compute dtype: the engine streams them so, and the other
+    # runtimes cast them once per step (hetrain.precision; priced with the step, not here).
+    elementwise = (layer.act_bytes_total / tp + 2 * io_bytes / tp) / bandwidth
     weight_read = weights / bandwidth if not layer.gemms else 0.0  # a GEMM's own reads are in its curve
     fwd = gemm_fwd + attention + elementwise + weight_read + eff.layer_launch_s
     grads = 2 * FP32_BYTES * layer.params / tp / bandwidth  # fp32 gradients read-modify-written

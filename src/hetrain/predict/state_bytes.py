@@ -32,6 +32,12 @@ ACCUMULATE_TRAFFIC_BYTES_PER_PARAM = 12
 """Accumulating into a held fp32 gradient reads it and the new one, and writes it."""
 
 
+def weight_copy_traffic_bytes(compute_dtype_bytes: int) -> int:
+    """Per parameter, making the step's compute-dtype copy of the fp32 weights (hetrain.precision):
+    read the master, write the copy; nothing in fp32, which reads the masters themselves."""
+    return 0 if compute_dtype_bytes == FP32_BYTES else FP32_BYTES + compute_dtype_bytes
+
+
 def adam_state_bytes(params: int, tensors: int) -> int:
     """AdamW's state: both moments per parameter and a step counter per tensor."""
     return ADAM_MOMENT_BYTES_PER_PARAM * params + ADAM_STEP_BYTES_PER_TENSOR * tensors
@@ -79,7 +85,8 @@ def distributed_state_bytes_per_param(compute_dtype_bytes: int, shards: int) -> 
 def plain_state_bytes_per_param(compute_dtype_bytes: int, weights_copy: bool) -> int:
     """Per parameter, what plain data-resident training keeps on its device between steps:
     fp32 master (the weights), fp32 gradient, AdamW moments, and, when `weights_copy`, a
-    compute-dtype copy of the weights that the forward reads (the cluster runtime's bf16
-    weights; autocast's copies in plain training are activations, counted there)."""
+    compute-dtype copy of the weights that the forward reads (hetrain.precision's, made once
+    per step in bf16; the one-process trainer's memory accountant counts it among activations,
+    as the tensors autograd saves)."""
     return (MASTER_BYTES_PER_PARAM + GRAD_BYTES_PER_PARAM + ADAM_MOMENT_BYTES_PER_PARAM
             + (compute_dtype_bytes if weights_copy else 0))

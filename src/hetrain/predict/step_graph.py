@@ -1,8 +1,9 @@
 """The task graph of one training step, and the predictor that simulates it.
 
 `build_step_graph` turns a model description and a cost model into simulator Tasks for the
-plain plan (everything resident on the device), in the order the trainer runs a step: for
-each micro-batch the forward of every layer, then the backward in reverse; then gradient
+plain plan (everything resident on the device), in the order the trainer runs a step: in
+bf16 the step's copy of the weights (hetrain.precision); for each micro-batch the forward
+of every layer, then the backward in reverse; then gradient
 clipping, the optimizer update of every layer and zero_grad. Memory events mirror what
 hetrain.memory.MemoryAccountant counts, so the simulated peak is comparable with the
 trainer's `peak_device_bytes`: the base is parameters, buffers and (in the steady state,
@@ -152,6 +153,9 @@ def build_step_graph(desc: ModelDescription, cost: CostModel,
                           args=args))
         prev = name
 
+    copy_s = cost.weight_copy_s(desc.total_params)
+    if copy_s > 0:  # bf16: the step's one copy of the weights, made before its first forward
+        add(task_name("cast"), copy_s, "cast", params=desc.total_params)
     for mb in range(options.grad_accum):
         for layer in layers:
             act = cost.act_bytes(layer)

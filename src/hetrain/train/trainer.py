@@ -444,6 +444,10 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         loss_sum = 0.0
+        if self.amp_dtype is not None:  # the step's bf16 copy of the weights (hetrain.precision)
+            tr.begin(task_name("cast"), "cast")
+            self.weights.make()
+            tr.end(task_name("cast"))
         for m in range(t.grad_accum):
             tr.micro = m
             tr.begin(task_name("data", "", m), "data", "data")

@@ -102,7 +102,7 @@ def test_tensor_parallel_divides_compute_and_adds_allreduces():
     a = cluster.group("a")
     one, four = ctx.kit(a, 1, 1), ctx.kit(a, 4, 1)
     allreduce = ring_allreduce_s(ctx.desc.blocks[0].boundary_bytes, 4, ctx.intra_path(a))
-    compute = layer_seconds(ctx.desc, ctx.desc.blocks[0], a.kind, "bf16", Efficiency(), tp=4, autocast=True)
+    compute = layer_seconds(ctx.desc, ctx.desc.blocks[0], a.kind, "bf16", Efficiency(), tp=4)
     assert four.block.fwd_s == pytest.approx(compute.fwd_s + 2 * allreduce)
     # Each device runs a quarter of every matmul: a quarter of the time, but the fixed costs stay.
     assert one.block.fwd_s / 4 < compute.fwd_s < one.block.fwd_s / 2

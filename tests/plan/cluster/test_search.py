@@ -323,7 +323,7 @@ def test_fp32_plans_price_fp32_activations_and_state():
     from hetrain.plan.cluster.planner import format_report
 
     assert "Priced in fp32, as hetrain's runtime runs" in format_report(plans["fp32"])
-    assert "--plan.dtype fp32 prices the fp32 run" in format_report(plans["bf16"])
+    assert "run it with --train.dtype bf16" in format_report(plans["bf16"])
 
 
 def test_a_cluster_that_only_mixed_tp_fits_says_so():

@@ -24,7 +24,8 @@ from hetrain.model.describe import LayerDescription, ModelDescription
 from hetrain.predict.roofline import Efficiency, MatmulCurve, layer_seconds
 from hetrain.predict.state_bytes import (ACCUMULATE_TRAFFIC_BYTES_PER_PARAM, ADAM_TRAFFIC_BYTES_PER_PARAM,
                                          CLIP_TRAFFIC_BYTES_PER_PARAM, GRAD_BYTES_PER_PARAM,
-                                         distributed_state_bytes_per_param, plain_state_bytes_per_param)
+                                         distributed_state_bytes_per_param, plain_state_bytes_per_param,
+                                         weight_copy_traffic_bytes)
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,12 @@ class PredictorOptions:
     def dtype_bytes(self) -> int:
         """Bytes of an activation in the compute dtype (the model description's unit)."""
         return 4 if self.compute_dtype == "fp32" else 2
+
+    @property
+    def weight_copy_bytes_per_param(self) -> int:
+        """Bytes each step's compute-dtype copy of the weights moves per parameter (every replica
+        makes its own; hetrain.precision): 0 in fp32."""
+        return weight_copy_traffic_bytes(self.dtype_bytes)
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -212,11 +219,11 @@ def _layer_costs(ctx: CostContext, layer: LayerDescription, group: Group, tp: in
     desc = ctx.desc_at(micro_batch)
     scaled = dataclasses.replace(layer, act_bytes={k: v * micro_batch for k, v in layer.act_bytes.items()})
     eff = Efficiency(memory=opts.memory_bw_efficiency, network=opts.link_efficiency)
-    # bf16 is autocast over fp32 masters, as the trainer runs it (the weights cast on every use).
+    # In bf16 the layers read the step's one bf16 copy of the weights (hetrain.precision), made
+    # once per step and priced with the optimizer (PredictorOptions.weight_copy_bytes_per_param).
     measured = opts.matmul_curves.get(group.kind.name)
     curve = MatmulCurve(*measured) if measured else None
-    seconds = layer_seconds(desc, scaled, group.kind, opts.compute_dtype, eff, curve, tp=tp,
-                            autocast=opts.compute_dtype != "fp32")
+    seconds = layer_seconds(desc, scaled, group.kind, opts.compute_dtype, eff, curve, tp=tp)
     return LayerCosts(
         fwd_s=seconds.fwd_s + comm_s[0],
         bwd_s=seconds.bwd_s + comm_s[1],

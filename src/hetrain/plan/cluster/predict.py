@@ -83,7 +83,8 @@ class StageModel:
     adam_s_per_param: float
     """AdamW, per parameter it updates (at the memory bandwidth)."""
     grad_pass_s_per_param: float
-    """Clipping, and adding every micro-batch's gradient after the first into the held one, per parameter."""
+    """Clipping, adding every micro-batch's gradient after the first into the held one, and the
+    step's compute-dtype copy of the weights (bf16), per parameter."""
     options: PredictorOptions
     """Whether the optimizer is distributed and the reduction overlapped (PredictorOptions)."""
     reduce_beside_compute: bool
@@ -152,8 +153,8 @@ class StageModel:
         return exposed
 
     def optim_s(self, n_blocks: int) -> float:
-        """Accumulation, clipping and AdamW (on a 1/dp share under ZeRO-1, followed by the
-        replicas' broadcasts of the fp32 weights they updated)."""
+        """Accumulation, clipping, the weight copy and AdamW (on a 1/dp share under ZeRO-1,
+        followed by the replicas' broadcasts of the fp32 weights they updated)."""
         params = self.params(n_blocks)
         if not self.options.distributed_optimizer:
             return params * (self.adam_s_per_param + self.grad_pass_s_per_param)
@@ -219,7 +220,8 @@ def build_stages(ctx: CostContext, shape: PipelineShape, n_microbatches: int,
             grad_bytes_per_param=opts.grad_reduce_bytes_per_param,
             adam_s_per_param=opts.adam_bytes_per_param / (group.kind.mem_bw_bytes_per_s * opts.memory_bw_efficiency),
             grad_pass_s_per_param=(opts.optimizer_bytes_per_param - opts.adam_bytes_per_param
-                                   + (n_microbatches - 1) * opts.accumulate_bytes_per_param)
+                                   + (n_microbatches - 1) * opts.accumulate_bytes_per_param
+                                   + opts.weight_copy_bytes_per_param)
             / (group.kind.mem_bw_bytes_per_s * opts.memory_bw_efficiency),
             options=opts, reduce_beside_compute=group.kind.collectives_beside_compute,
             block_model_flops=kit.block.model_flops,

@@ -49,11 +49,11 @@ def format_report(plan: ClusterPlan) -> str:
                      "of the stage's parameters and broadcasts it")
     lines.append("Gradients are all-reduced across replicas " + _where_reduced(plan))
     if options.get("compute_dtype", "bf16") == "fp32":
-        lines.append("Priced in fp32, as hetrain's runtime runs a plan by default")
+        lines.append("Priced in fp32, as hetrain's runtime runs a plan by default (--train.dtype fp32)")
     else:
-        lines.append("Priced in bf16 with bf16 weights on the devices (Megatron's mixed precision); hetrain's runtime "
-                     "runs fp32 by default, and bf16 as autocast over fp32 weights, which holds more (fp32 stage "
-                     "boundaries, a bf16 weight copy per micro-batch in flight): --plan.dtype fp32 prices the fp32 run")
+        lines.append("Priced in bf16: one bf16 copy of the fp32 weights per step, bf16 activations, fp32 gradients "
+                     "and optimizer state; run it with --train.dtype bf16 (the runtime's default is fp32, which "
+                     "--plan.dtype fp32 prices)")
     ub = plan.upper_bound
     if ub:
         parts = []

@@ -308,6 +308,9 @@ class SearchOptions:
     the faster plan (hetrain.plan.cluster.planner.plan_cluster; `--plan.distributed_optimizer auto`)."""
     shapes_per_pipeline: int = 12
     """With several pipelines: shapes per pipeline kept (best estimated time per sample first)."""
+    shape_margin: float = 0.1
+    """With several pipelines, at each pipeline's batch share: the shapes whose closed-form time is
+    within this fraction of the best are predicted, and the fastest is kept."""
     upper_bound: bool = True
     """Also plan each device kind alone, for the efficiency against the upper bound."""
     interleave: bool = True
@@ -379,11 +382,11 @@ def _multi_pipeline_candidate(ctx: CostContext, layout, global_batch: int, opts:
         kept.append([shape for _, _, shape in rated[:opts.shapes_per_pipeline]])
     if global_batch / best_rate >= best_step:
         return None
-    curves, argmins = [], []
+    curves, per_shape = [], []
     for k, shapes in enumerate(kept):
         others = tuple(g for j, gs in enumerate(layout) if j != k for g in gs)
         curve = np.full(global_batch + 1, np.inf)
-        arg = np.full(global_batch + 1, -1, dtype=np.int64)
+        shape_curves = {}
         for i, shape in enumerate(shapes):
             samples = shape.dp * shape.micro_batch
             n_stages = sum(stage_counts(ctx, shape))
@@ -397,22 +400,33 @@ def _multi_pipeline_candidate(ctx: CostContext, layout, global_batch: int, opts:
             tail = max(st.sync_s(a) + st.optim_s(a) for st, a in zip(choice.stages, choice.n_blocks))
             xs = np.arange(samples, global_batch + 1, samples)
             times = sum(work) + (xs // samples - 1) * max(work) + tail
-            better = times < curve[xs]
-            curve[xs[better]], arg[xs[better]] = times[better], i
+            shape_curves[i] = np.full(global_batch + 1, np.inf)
+            shape_curves[i][xs] = times
+            curve[xs] = np.minimum(curve[xs], times)
         curves.append(curve)
-        argmins.append(arg)
+        per_shape.append(shape_curves)
     allocation = allocate_batch(curves, global_batch)
     if allocation is None:
         return None
     _, shares = allocation
     pipes = []
     for k, (groups, x) in enumerate(zip(layout, shares)):
-        shape = kept[k][int(argmins[k][x])]
+        # The curves are closed forms: every shape within `shape_margin` of the best at this
+        # share is split for it and predicted, and the fastest prediction is kept.
         others = tuple(g for j, gs in enumerate(layout) if j != k for g in gs)
-        choice = choose_pipeline(ctx, shape, x // (shape.dp * shape.micro_batch), others, n_pipes)
-        if choice is None:
+        best, best_s = None, math.inf
+        for i, times in per_shape[k].items():
+            if times[x] > curves[k][x] * (1 + opts.shape_margin):
+                continue
+            shape = kept[k][i]
+            choice = choose_pipeline(ctx, shape, x // (shape.dp * shape.micro_batch), others, n_pipes)
+            if choice is not None:
+                step = pipeline_step_s(choice.stages, choice.n_blocks, choice.n_recompute, choice.n_microbatches)
+                if step < best_s:
+                    best, best_s = choice, step
+        if best is None:
             return None
-        pipes.append(choice)
+        pipes.append(best)
     cand = Candidate(pipes, global_batch / best_rate)
     predict_candidate(cand)
     return cand
