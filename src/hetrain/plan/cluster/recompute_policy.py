@@ -308,11 +308,11 @@ def plan_pipeline(base: list[StageTimes], problem_of, n_microbatches: int, metho
     best: PipelineRecompute | None = None
     last = len(base) - 1
     seen: set = set()
+    sched = simulate(times, n_microbatches)
     for r in range(rounds):
-        sched = simulate(times, n_microbatches)
         choices = [choose(problem_of(s, tuple(sched.windows_s[s]) if s < last else ())) for s in range(len(base))]
         times = [StageTimes(b.fwd_s, b.bwd_s, ch.window_s, ch.demand_s) for b, ch in zip(base, choices)]
-        result = simulate(times, n_microbatches)
+        result = sched = simulate(times, n_microbatches)  # the next round's windows
         candidate = PipelineRecompute(choices, result.step_s, result.ends_s, result.hidden_s, result.exposed_s, r + 1)
         if best is None or candidate.schedule_s < best.schedule_s - 1e-12:
             best = candidate
