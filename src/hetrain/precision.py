@@ -69,19 +69,26 @@ class WeightCopies:
         if self.dtype is None or self._copies is not None:
             return
         by_id: dict[int, torch.Tensor] = {}
-        self._copies = {name: by_id.setdefault(id(p), p.to(self.dtype))
-                        for name, p in self.module.named_parameters(remove_duplicate=False)
-                        if p.is_floating_point()}
+        copies = {}
+        for name, p in self.module.named_parameters(remove_duplicate=False):
+            if p.is_floating_point():
+                if id(p) not in by_id:  # a tied matrix is cast once
+                    by_id[id(p)] = p.to(self.dtype)
+                copies[name] = by_id[id(p)]
+        self._copies = copies
 
     def release(self) -> None:
         """Drop the copies (their graph goes with the last backward that used them)."""
         self._copies = None
 
+    def tensors(self) -> list[torch.Tensor]:
+        """The copies made for this step (a tied matrix's once); [] when released."""
+        return list({id(t): t for t in (self._copies or {}).values()}.values())
+
     @property
     def bytes(self) -> int:
         """Bytes the copies hold now (0 when released)."""
-        seen = {id(t): t for t in (self._copies or {}).values()}
-        return sum(_local(t).numel() * _local(t).element_size() for t in seen.values())
+        return sum(_local(t).numel() * _local(t).element_size() for t in self.tensors())
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:

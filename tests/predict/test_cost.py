@@ -153,7 +153,9 @@ def test_matmul_efficiency_rises_with_the_gemm_and_predicted_mfu_with_the_model(
 
 def test_roofline_counts_the_bf16_weight_copies_as_the_trainer_saves_them():
     """The trainer's bf16 (hetrain.precision) saves, beyond the description's bf16 layout, the
-    step's bf16 copy of every matmul weight; on a GPU also LayerNorm inputs and statistics in fp32
+    step's bf16 copy of the weights its operations save, which the CPU's memory accountant counts
+    as activations; on a GPU the copy is one allocation for the step (the step graph's "cast"
+    task), and a block saves LayerNorm inputs, statistics and weights in fp32 beyond the layout
     (CUDA's autocast runs layer_norm in fp32, the CPU's in bf16). On this CPU the prediction is
     the block's bytes as the trainer's memory accountant counts them, to the byte."""
     desc = describe_model(get_preset("tiny"), 4, 32, compute_dtype_bytes=2)
@@ -162,11 +164,18 @@ def test_roofline_counts_the_bf16_weight_copies_as_the_trainer_saves_them():
     bf16 = RooflineCost(desc, get_kind("cpu"), "bf16")
     assert fp32.act_bytes(block) == block.act_bytes_total
     # tiny: d_model 64, d_ff 256: bf16 copies of 49,152 matmul weights and two LayerNorms' 64
-    # weights; on a GPU the LayerNorms' (128 tokens x 64) inputs, (mean, rstd) and weights are
-    # fp32 rather than bf16.
+    # weights; on a GPU the LayerNorms' (128 tokens x 64) inputs, (mean, rstd) and weights in
+    # fp32, and the whole model's copy held by the step graph from "cast" to "release".
     assert bf16.act_bytes(block) == block.act_bytes_total + 49_152 * 2 + 2 * 64 * 2
     gpu = RooflineCost(desc, get_kind("H100-SXM"), "bf16")
-    assert gpu.act_bytes(block) == block.act_bytes_total + 49_152 * 2 + 2 * (128 * 64 * 2 + 128 * 2 * 2 + 64 * 4)
+    assert gpu.act_bytes(block) == block.act_bytes_total + 2 * (128 * 64 * 2 + 128 * 2 * 2 + 64 * 4)
+    from hetrain.predict.step_graph import build_step_graph
+
+    tasks = {t.name: t for t in build_step_graph(desc, gpu).tasks}
+    assert tasks["cast"].alloc == {"device": 2 * desc.total_params}
+    assert tasks["release"].free == {"device": 2 * desc.total_params}
+    assert "cast" in {t.name for t in build_step_graph(desc, bf16).tasks}
+    assert "release" not in {t.name for t in build_step_graph(desc, bf16).tasks}
 
     from hetrain.memory import MemoryAccountant
     from hetrain.model.gpt import GPT

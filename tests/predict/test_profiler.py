@@ -168,3 +168,18 @@ def test_the_matmul_line_prices_a_kind_in_cluster_plans(tmp_path):
     flops = 2 * 512**3
     assert curve.gemm_s(flops, cpu.peak_flops_per_s("fp32")) == pytest.approx(
         flops * max(line["s_per_flop"], 1 / cpu.peak_flops_per_s("fp32")) + line["overhead_s"])
+
+
+def test_a_cached_profile_of_an_older_format_is_ignored_and_said_so(tmp_path, capsys):
+    """Format 1 timed bf16 as autocast over fp32 weights; this hetrain times the step's bf16 copy
+    (hetrain.precision). The cache is then as good as empty; a named file is refused."""
+    from hetrain.errors import ConfigError
+    from hetrain.predict.profile_store import load_profile, machine_fingerprint, profile_path, read_profile
+
+    path = profile_path(tmp_path, machine_fingerprint())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text('{"version": 1}')
+    assert load_profile(tmp_path) is None
+    assert "older hetrain" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="re-run `hetrain profile`"):
+        read_profile(path)

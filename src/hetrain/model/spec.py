@@ -34,7 +34,8 @@ class BatchShape:
     micro_batch: int
     seq_len: int
     dtype: str = "fp32"
-    """'fp32', or 'bf16' (autocast over fp32 masters, bf16 weights on the device)."""
+    """'fp32', or 'bf16' (fp32 masters, one bf16 copy of the weights per step read under autocast:
+    hetrain.precision; the offload engine streams bf16 weights)."""
     grad_accum: int = 1
 
     @property

@@ -171,12 +171,15 @@ class HFStageModule(nn.Module):
         self.__dict__["_extras"] = {torch.device("cpu"): extras}
 
     def _extras_on(self, device: torch.device, dtype: torch.dtype):
-        """The extras on `device`, their floating tensors (rotary tables) in the hidden states'
-        dtype, as the model's own embedding step makes them."""
+        """The extras on `device`, their floating tensors (rotary tables, additive masks) in the
+        hidden states' dtype, as the model's own embedding step makes them (a mask's fp32 minimum
+        becomes the dtype's minimum, not -inf)."""
         def move(t):
             if not isinstance(t, torch.Tensor):
                 return t
-            return t.to(device, dtype=dtype) if t.is_floating_point() else t.to(device)
+            if not t.is_floating_point():
+                return t.to(device)
+            return t.to(device, dtype=dtype).clamp_min(torch.finfo(dtype).min)
 
         if (device, dtype) not in self._extras:
             self._extras[device, dtype] = tree_map(move, self._extras[torch.device("cpu")])

@@ -14,8 +14,8 @@ does), build graphs or schedule (step_graph and the simulator do).
 Micro-batch scaling: a profile entry measured at micro-batch m prices micro-batch m' by
 multiplying its times and saved bytes by m'/m. Time is close to linear in the batch once
 the matmuls are large enough to fill the device; saved bytes are linear except a few
-batch-independent tensors (position ids, the loss scalar, bf16 weight copies under
-autocast). `hetrain profile` measures the configured micro-batch, where no scaling applies.
+batch-independent tensors (position ids, the loss scalar, the step's bf16 weight copies).
+`hetrain profile` measures the configured micro-batch, where no scaling applies.
 """
 
 from __future__ import annotations
@@ -308,19 +308,20 @@ class RooflineCost(CostModel):
         return layer.act_bytes_total + (self._autocast_extra_bytes(layer) if self.autocast else 0)
 
     def _autocast_extra_bytes(self, layer: LayerDescription) -> int:
-        """What the trainer's bf16 (hetrain.precision) saves beyond the description's layout, as
-        its memory accountant counts it: the step's bf16 copy of every weight an operation saves
-        (the matmuls' and the normalisations'; embeddings save only their indices), and on a GPU
-        LayerNorm inputs, statistics and weights in fp32 (CUDA's autocast runs layer_norm in
-        fp32, the CPU's in bf16)."""
+        """What the trainer's bf16 (hetrain.precision) saves beyond the description's layout.
+        On CPU, as its memory accountant counts it: the step's bf16 copy of every weight an
+        operation saves (the matmuls' and the normalisations'; embeddings save only their
+        indices). On a GPU the copy is one allocation for the whole step (the step graph's
+        "cast" task holds it), and what is saved beyond it are LayerNorm inputs, statistics and
+        weights in fp32 (CUDA's autocast runs layer_norm in fp32; the CPU's runs it in bf16)."""
         d, tokens = self.desc, self.desc.tokens_per_microbatch
         if layer.name == "embedding":
             return 0
         n_norms = 1 if layer.name == "head" else 2
-        fp32_norms = d.norm == "layernorm" and self._on_gpu
-        norm = tokens * d.hidden_size * 2 + tokens * 2 * 2 if fp32_norms else 0
-        norm_weights = d.hidden_size * (4 if fp32_norms else 2)
-        return layer.matmul_params * 2 + n_norms * (norm + norm_weights)
+        if self._on_gpu:
+            fp32_norm = tokens * d.hidden_size * 2 + tokens * 2 * 2 + d.hidden_size * 4
+            return n_norms * fp32_norm if d.norm == "layernorm" else 0
+        return layer.matmul_params * 2 + n_norms * d.hidden_size * 2
 
     def optimizer_s(self, params, tensors, on="device"):
         kind = self.kind if on == "device" else self.host

@@ -17,6 +17,7 @@ import json
 import os
 import platform
 import socket
+import sys
 from pathlib import Path
 
 import torch
@@ -25,7 +26,9 @@ from hetrain.errors import ConfigError
 from hetrain.files import write_atomic
 from hetrain.predict.cost import LayerTiming, ModelProfile, Profile, UpdateTiming
 
-PROFILE_VERSION = 1
+PROFILE_VERSION = 2
+"""2: bf16 layers are timed from the step's one bf16 weight copy (hetrain.precision), not autocast
+over fp32 weights; a version-1 file is refused with the command that remakes it."""
 
 
 def _cpu_model() -> str:
@@ -93,9 +96,18 @@ def read_profile(path: str | os.PathLike, machine: dict | None = None) -> Profil
 
 
 def load_profile(profile_dir: str | os.PathLike, machine: dict | None = None) -> Profile | None:
-    """This machine's cached profile, or None when it has none yet."""
+    """This machine's cached profile, or None when it has none yet or only one in an older format
+    (said on stderr; `hetrain profile` remakes it)."""
     path = profile_path(profile_dir, machine or machine_fingerprint())
-    return read_profile(path, machine) if path.is_file() else None
+    if not path.is_file():
+        return None
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        version = json.loads(path.read_text(encoding="utf-8")).get("version")
+        if isinstance(version, int) and version < PROFILE_VERSION:
+            print(f"hetrain: ignoring the cached profile '{path}' (format {version}, made by an older hetrain); "
+                  f"`hetrain profile` remakes it", file=sys.stderr)
+            return None
+    return read_profile(path, machine)
 
 
 def require_profile(profile_dir: str | os.PathLike) -> Profile:

@@ -203,7 +203,9 @@ def profile_model(spec: ModelSpec, batch: BatchShape, device: torch.device, opti
     # The extras (rotary tables, masks) are made once per micro-batch and read by every block:
     # the description counts them with the embedding, so the block's figure leaves them out.
     extra_tensors = [t for t in torch.utils._pytree.tree_leaves(extras) if isinstance(t, torch.Tensor)]
-    acct = MemoryAccountant(model, also_state=extra_tensors)
+    # On a GPU the step's weight copy is one allocation the step graph holds (not an activation).
+    copy_state = copies.tensors() if device.type == "cuda" else []
+    acct = MemoryAccountant(model, also_state=extra_tensors + copy_state)
     group = options.back_to_back or (4 if device.type == "cuda" else 1)
     bench = _Bench(device, amp, acct, device.type == "cpu", group)
     try:
@@ -223,7 +225,7 @@ def profile_model(spec: ModelSpec, batch: BatchShape, device: torch.device, opti
                     reps = options.reps // rounds + (1 if r < options.reps % rounds else 0)
                     bench.sample(layer, reps, options.warmup, samples[name])
         # What the block saves of the extras: they are stored once, so counted with the embedding.
-        counted = MemoryAccountant(model)
+        counted = MemoryAccountant(model, also_state=copy_state)
         with counted.track_activations(), bench.autocast(), copies.active():
             out = model.block_forward(block, h, extras)
         extras_bytes = counted.act_bytes - layers["block"].act_bytes

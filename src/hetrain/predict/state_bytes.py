@@ -76,8 +76,9 @@ def host_layer_bytes(numel: int, tensors: int, compute_dtype_bytes: int, pinned:
 
 def distributed_state_bytes_per_param(compute_dtype_bytes: int, shards: int) -> float:
     """Per parameter under ZeRO-1 over `shards` data-parallel replicas, as the cluster runtime
-    runs it: the fp32 weights (what the forward computes from), the fp32 gradient and the
-    compute-dtype copy whole, the AdamW moments sharded."""
+    runs it: the fp32 weights (the masters; in fp32 also what the forward computes from), the
+    fp32 gradient and the compute-dtype copy the forward reads in bf16 (hetrain.precision)
+    whole, the AdamW moments sharded."""
     return (MASTER_BYTES_PER_PARAM + GRAD_BYTES_PER_PARAM + compute_dtype_bytes
             + ADAM_MOMENT_BYTES_PER_PARAM / max(1, shards))
 

@@ -154,8 +154,12 @@ def build_step_graph(desc: ModelDescription, cost: CostModel,
         prev = name
 
     copy_s = cost.weight_copy_s(desc.total_params)
-    if copy_s > 0:  # bf16: the step's one copy of the weights, made before its first forward
-        add(task_name("cast"), copy_s, "cast", params=desc.total_params)
+    # bf16: the step's one copy of the weights, made before its first forward and dropped after
+    # its last backward. On a GPU it is one allocation for that whole time; on CPU the memory
+    # accountant counts it where operations save it, in their layers' activations.
+    copy_bytes = desc.compute_dtype_bytes * desc.total_params if copy_s > 0 and cost.on_gpu else 0
+    if copy_s > 0:
+        add(task_name("cast"), copy_s, "cast", alloc=copy_bytes, params=desc.total_params)
     for mb in range(options.grad_accum):
         for layer in layers:
             act = cost.act_bytes(layer)
@@ -174,6 +178,8 @@ def build_step_graph(desc: ModelDescription, cost: CostModel,
                 # gradients appear once the layer's activations are gone. Its duration is in bwd.
                 grads = state.grad_bytes_by_layer[layer.name]
                 add(grad_name(layer.name), 0.0, "bwd", alloc=grads, layer=layer.name, grad_bytes=grads)
+    if copy_bytes:
+        add(task_name("release"), 0.0, "cast", free=copy_bytes)
     total_tensors = sum(ly.tensors for ly in layers)
     # The trainer clips every step (an infinite max_norm when train.grad_clip is 0).
     add(task_name("norm"), cost.clip_s(desc.total_params, total_tensors), "sync",

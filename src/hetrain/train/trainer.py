@@ -443,25 +443,27 @@ class Trainer:
         t = self.cfg.train
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        loss_sum = 0.0
         if self.amp_dtype is not None:  # the step's bf16 copy of the weights (hetrain.precision)
             tr.begin(task_name("cast"), "cast")
             self.weights.make()
             tr.end(task_name("cast"))
-        for m in range(t.grad_accum):
-            tr.micro = m
-            tr.begin(task_name("data", "", m), "data", "data")
-            x, y = self.data.train.next_batch(t.micro_batch, t.seq_len)
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            tr.end(task_name("data", "", m))
-            with self._track(), self.weights.active():
-                with autocast(self.device, self.amp_dtype):
-                    loss = self.model(x, y) / t.grad_accum
-                tr.begin(task_name("bwd", "head", m), "bwd")
-                loss.backward()
-                tr.end(task_name("bwd", "embedding", m))
-            loss_sum += loss.item()
-        self.weights.release()  # before the update changes the masters
+        try:
+            loss_sum = 0.0
+            for m in range(t.grad_accum):
+                tr.micro = m
+                tr.begin(task_name("data", "", m), "data", "data")
+                x, y = self.data.train.next_batch(t.micro_batch, t.seq_len)
+                x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+                tr.end(task_name("data", "", m))
+                with self._track(), self.weights.active():
+                    with autocast(self.device, self.amp_dtype):
+                        loss = self.model(x, y) / t.grad_accum
+                    tr.begin(task_name("bwd", "head", m), "bwd")
+                    loss.backward()
+                    tr.end(task_name("bwd", "embedding", m))
+                loss_sum += loss.item()
+        finally:
+            self.weights.release()  # before the update changes the masters
         tr.begin(task_name("optim"), "optim")
         max_norm = t.grad_clip if t.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm).item()

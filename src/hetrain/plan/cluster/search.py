@@ -419,6 +419,7 @@ def _multi_pipeline_candidate(ctx: CostContext, layout, global_batch: int, opts:
             if times[x] > curves[k][x] * (1 + opts.shape_margin):
                 continue
             shape = kept[k][i]
+            stats.shapes_split += 1
             choice = choose_pipeline(ctx, shape, x // (shape.dp * shape.micro_batch), others, n_pipes)
             if choice is not None:
                 step = pipeline_step_s(choice.stages, choice.n_blocks, choice.n_recompute, choice.n_microbatches)
