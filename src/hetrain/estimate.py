@@ -17,12 +17,15 @@ from hetrain.units import fmt_bytes
 def memory_breakdown(desc: ModelDescription) -> dict[str, int]:
     """Bytes held at the peak of a plain training step (steady state, from step 2 on)."""
     params = desc.total_params
-    return {
+    out = {
         "parameters (fp32)": MASTER_BYTES_PER_PARAM * params,
         "gradients (fp32)": GRAD_BYTES_PER_PARAM * params,
         "adam state (fp32 m, v)": ADAM_MOMENT_BYTES_PER_PARAM * params,
-        "activations (one micro-batch)": sum(layer.act_bytes_total for layer in desc.layers()),
     }
+    if desc.compute_dtype_bytes < MASTER_BYTES_PER_PARAM:  # bf16: the step's copy (hetrain.precision)
+        out["weights, bf16 copy (a step)"] = desc.compute_dtype_bytes * params
+    out["activations (one micro-batch)"] = sum(layer.act_bytes_total for layer in desc.layers())
+    return out
 
 
 def estimate_report(spec: ModelSpec, t: BatchShape) -> str:
