@@ -51,7 +51,7 @@ from hetrain.config import Config, load_config  # noqa: E402
 from hetrain.model.gpt import GPT  # noqa: E402
 from hetrain.offload import OptimConfig, apply_plan  # noqa: E402
 from hetrain.plan.offload.plan import OffloadPlan  # noqa: E402
-from hetrain.train.trainer import make_optimizer  # noqa: E402
+from hetrain.train.recipe import make_optimizer  # noqa: E402
 
 # bench/ is on sys.path when this file runs as a script: share the load measurement.
 from bench_predictor import OtherLoad, wait_for_quiet, write_hf_models  # noqa: E402

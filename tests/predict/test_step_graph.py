@@ -22,7 +22,8 @@ from hetrain.predict.step_graph import (
 )
 from hetrain.trace import read_chrome_trace
 from hetrain.train.job import describe, job_cost, predict_job
-from hetrain.train.trainer import Trainer, make_optimizer
+from hetrain.train.recipe import make_optimizer
+from hetrain.train.trainer import Trainer
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -10,7 +10,8 @@ from hetrain.data import build_data
 from hetrain.model.describe import describe_model
 from hetrain.model.gpt import GPT
 from hetrain.train import checkpoint as ckpt
-from hetrain.train.trainer import Trainer, lr_at
+from hetrain.train.recipe import lr_at
+from hetrain.train.trainer import Trainer
 
 
 def plain_pytorch_losses(cfg, steps):

@@ -53,7 +53,8 @@ from hetrain.pipeline.unit_recompute import Recomputations
 from hetrain.plan.cluster.plan import ClusterPlan
 from hetrain.train import checkpoint as ckpt
 from hetrain.train.metrics import MetricsLogger, format_line
-from hetrain.train.trainer import TrainResult, build_model, lr_at, make_optimizer, train_flops_per_token
+from hetrain.train.recipe import build_model, lr_at, make_optimizer, train_flops_per_token
+from hetrain.train.trainer import TrainResult
 
 
 def overlaps_grad_reduce(plan: ClusterPlan) -> bool:

@@ -10,7 +10,6 @@ the model before the loop starts.
 from __future__ import annotations
 
 import contextlib
-import math
 import statistics
 import os
 import time
@@ -18,7 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 from tqdm import tqdm
 
 from hetrain.config import Config, save_config, to_dict
@@ -28,10 +26,10 @@ from hetrain.files import check_output_dir
 from hetrain.liveness import wait_s
 from hetrain.memory import MemoryAccountant
 from hetrain.precision import WeightCopies, autocast
-from hetrain.model.gpt import GPT
 from hetrain.trace import task_name
 from hetrain.train import checkpoint as ckpt
 from hetrain.train.plan_choice import choose_plan, unplannable
+from hetrain.train.recipe import build_model, hf_tokenizer, lr_at, make_optimizer, train_flops_per_token
 from hetrain.train.distributed import init_ranks, pick_device, processes_on_this_node
 from hetrain.train.metrics import MetricsLogger, device_peak_flops, format_line
 from hetrain.units import fmt_bytes
@@ -56,56 +54,6 @@ class TrainResult:
     step_times_s: list[float] = field(default_factory=list)  # every step of this process
     wall_s: float = 0.0
     checkpoint: Path | None = None
-
-
-def lr_at(step: int, cfg: Config) -> float:
-    """Linear warmup to train.lr, then cosine decay to train.min_lr at train.decay_steps (or
-    train.steps when that is 0); step counts from 0."""
-    t = cfg.train
-    if step < t.warmup_steps:
-        return t.lr * (step + 1) / t.warmup_steps
-    horizon = t.decay_steps or t.steps
-    progress = min(1.0, (step - t.warmup_steps) / max(1, horizon - t.warmup_steps))
-    return t.min_lr + 0.5 * (t.lr - t.min_lr) * (1 + math.cos(math.pi * progress))
-
-
-def build_model(cfg: Config, vocab_size: int) -> nn.Module:
-    if cfg.hf.path:
-        from hetrain.model.hf import load_hf_model
-
-        model = load_hf_model(cfg.hf.path)
-        if vocab_size > model.vocab_size:
-            raise ConfigError(f"the data has {vocab_size} token ids but the model at --hf.path has a vocabulary "
-                              f"of {model.vocab_size}; use a model whose vocab_size is at least {vocab_size}")
-        return model
-    if vocab_size > cfg.model.vocab_size:
-        raise ConfigError(f"the data has {vocab_size} token ids but model.vocab_size={cfg.model.vocab_size}; "
-                          f"set --model.vocab_size {vocab_size}")
-    return GPT(cfg.model)
-
-
-def _hf_tokenizer(cfg: Config):
-    """The tokenizer of the folder at hf.path, when it has one: text is then tokenized with it."""
-    from hetrain.model.hf_io import load_hf_tokenizer
-
-    return load_hf_tokenizer(cfg.hf.path) if cfg.hf.path else None
-
-
-def train_flops_per_token(model: nn.Module, cfg: Config) -> float:
-    """From the model's description (its weights may be the offload engine's by now)."""
-    try:
-        return model.describe(1, cfg.train.seq_len).train_flops_per_token()
-    except ConfigError:  # a Hugging Face model hetrain cannot describe: it trains plainly, weights in place
-        return model.train_flops_per_token(cfg.train.seq_len)
-
-
-def make_optimizer(model: nn.Module, cfg: Config, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW; weight decay on matrices only. Fused kernels on CPU and CUDA alike."""
-    t = cfg.train
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), fused=True)
 
 
 class Trainer:
@@ -136,7 +84,7 @@ class Trainer:
                                   f"{self.resume_meta.step} to continue the run")
         unplannable(cfg)  # a budget for a model no plan can drive fails here, before the data is read
         self.data = data if data is not None else build_data(cfg.data, cfg.run.seed, seq_len=cfg.train.seq_len,
-                                                             tokenizer=_hf_tokenizer(cfg))
+                                                             tokenizer=hf_tokenizer(cfg))
         self.plan = choose_plan(cfg, self.ranks, self.resume_meta)
         torch.manual_seed(cfg.run.seed)
         self.engine = None
