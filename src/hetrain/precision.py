@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 from torch.nn.utils.stateless import _reparametrize_module
 
+
 def autocast(device: torch.device, dtype: torch.dtype | None):
     """torch.autocast in `dtype` on the device's type (nothing for None: fp32). torch's
     checkpoint recomputes under the autocast state of the forward, so recomputation matches."""

@@ -37,9 +37,9 @@ from torch.utils._pytree import tree_map
 from hetrain.model.gpt import GPT
 from hetrain.model.stack import layer_parameters
 from hetrain.pipeline.placement import Chunk
-from hetrain.precision import autocast
 from hetrain.pipeline.unit_recompute import (Recomputations, RecomputeHandle, apply_unit_recompute,
                                              apply_whole_recompute)
+from hetrain.precision import autocast
 
 
 @dataclass(frozen=True)

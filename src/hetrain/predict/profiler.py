@@ -26,10 +26,10 @@ from typing import Callable
 import torch
 
 from hetrain.memory import MemoryAccountant
-from hetrain.precision import WeightCopies
 from hetrain.model.gpt import GPT
 from hetrain.model.spec import BatchShape, ModelSpec
 from hetrain.model.describe import ModelDescription
+from hetrain.precision import WeightCopies
 from hetrain.predict.cost import LayerTiming, ModelProfile, Profile, UpdateTiming
 from hetrain.predict.profile_store import load_profile, machine_fingerprint, save_profile
 
