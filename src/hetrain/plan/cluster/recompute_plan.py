@@ -3,14 +3,20 @@
 A block's forward is eight steps (hetrain.model.gpt): norm1, qkv, attn, proj, norm2, up, act,
 down. Unit k (UNITS[k]) is the output of step k, which step k + 1 saves for backward. A policy
 says, per unit of a block, whether it is kept, dropped and recomputed inside a wait of the
-pipeline schedule (WINDOW: while the stage waits for the micro-batch's gradient), or dropped and
-recomputed when the block's backward needs it (DEMAND). A run of adjacent dropped units is one
-checkpoint region over the steps around them, recomputed at once, so it has one place.
-Whole-block recomputation drops all seven units.
+pipeline schedule (WINDOW: while the stage waits for the micro-batch's gradient), dropped and
+recomputed inside the next block's tensor-parallel all-reduces in the backward (COLLECTIVE: the
+block after it in the stage reduces its input gradients while this block's units are
+recomputed), or dropped and recomputed when the block's backward needs it (DEMAND). A run of
+adjacent dropped units is one checkpoint region over the steps around them, recomputed at once,
+so it has one place. Whole-block recomputation drops all seven units. A COLLECTIVE region must
+not rerun a row-parallel step (proj, down), which would need an all-reduce of its own, so the
+unit `proj` is never COLLECTIVE; the stage's last block has no next block, so its COLLECTIVE
+regions are recomputed on demand.
 
 In plan.json a stage (StagePlan.recompute) reads, e.g.:
 
-    {"blocks": [{"first_block": 0, "n_blocks": 6, "window": ["norm1", "qkv"], "demand": ["act"]}],
+    {"blocks": [{"first_block": 0, "n_blocks": 6, "window": ["norm1", "qkv"], "demand": ["act"],
+                 "collective": ["norm2", "up"]}],
      "predicted": {...}}
 
 where every group names the blocks it covers (blocks not named keep everything) and
@@ -27,12 +33,15 @@ from dataclasses import dataclass
 STEPS = ("norm1", "qkv", "attn", "proj", "norm2", "up", "act", "down")
 UNITS = STEPS[:-1]
 """Unit k is the output of STEPS[k], saved by STEPS[k + 1] (down's output is saved by nobody)."""
-WINDOW, DEMAND = "window", "demand"
+WINDOW, DEMAND, COLLECTIVE = "window", "demand", "collective"
+PLACES = (WINDOW, COLLECTIVE, DEMAND)
+NOT_COLLECTIVE = ("proj",)
+"""Units whose recomputation reruns a row-parallel step (an all-reduce of its own)."""
 
 
 @dataclass(frozen=True)
 class BlockPolicy:
-    """Where each unit of one block goes, by UNITS index: None (kept), WINDOW or DEMAND."""
+    """Where each unit of one block goes, by UNITS index: None (kept), WINDOW, COLLECTIVE or DEMAND."""
 
     places: tuple[str | None, ...]
 
@@ -46,15 +55,21 @@ class BlockPolicy:
         return cls((place,) * len(UNITS))
 
     @classmethod
-    def of(cls, window=(), demand=()) -> "BlockPolicy":
-        """From unit names; ValueError for an unknown or doubly placed name, or a run of adjacent
-        dropped units with two places."""
-        window, demand = list(window), list(demand)
-        unknown = sorted(set(window + demand) - set(UNITS))
-        if unknown or set(window) & set(demand):
+    def of(cls, window=(), demand=(), collective=()) -> "BlockPolicy":
+        """From unit names; ValueError for an unknown or doubly placed name, a run of adjacent
+        dropped units with two places, or a COLLECTIVE unit in NOT_COLLECTIVE."""
+        window, demand, collective = list(window), list(demand), list(collective)
+        named = window + demand + collective
+        unknown = sorted(set(named) - set(UNITS))
+        if unknown or len(set(named)) != len(named):
             raise ValueError(f"recompute units must be distinct names among {', '.join(UNITS)}; got "
-                             f"window={window} demand={demand}")
-        places = {**dict.fromkeys(window, WINDOW), **dict.fromkeys(demand, DEMAND)}
+                             f"window={window} demand={demand} collective={collective}")
+        bad = [u for u in collective if u in NOT_COLLECTIVE]
+        if bad:
+            raise ValueError(f"unit {bad[0]} reruns a row-parallel projection (an all-reduce of its own), so it "
+                             f"cannot be recomputed inside another all-reduce; place it 'window' or 'demand'")
+        places = {**dict.fromkeys(window, WINDOW), **dict.fromkeys(demand, DEMAND),
+                  **dict.fromkeys(collective, COLLECTIVE)}
         policy = cls(tuple(places.get(u) for u in UNITS))
         policy.regions()
         return policy
@@ -92,7 +107,7 @@ class BlockPolicy:
         if self.is_keep:
             return "keep"
         parts = []
-        for place in (WINDOW, DEMAND):
+        for place in PLACES:
             names = self.units_at(place)
             if names:
                 parts.append(f"{'all' if len(names) == len(UNITS) else ','.join(names)} ({place})")
@@ -121,7 +136,7 @@ def block_policies(recompute: dict, first_block: int, n_blocks: int, n_recompute
         if count < 1 or first < first_block or first + count > first_block + n_blocks:
             raise ValueError(f"recompute group for blocks {first}..{first + count - 1} is outside the stage's "
                              f"blocks {first_block}..{first_block + n_blocks - 1}")
-        policy = BlockPolicy.of(g.get("window", []), g.get("demand", []))
+        policy = BlockPolicy.of(g.get("window", []), g.get("demand", []), g.get("collective", []))
         for b in range(first, first + count):
             if not policies[b - first_block].is_keep:
                 raise ValueError(f"block {b} is in two recompute groups")
@@ -136,9 +151,11 @@ def policy_groups(policies: list[BlockPolicy], first_block: int) -> list[dict]:
         if policy.is_keep:
             continue
         entry = {"window": policy.units_at(WINDOW), "demand": policy.units_at(DEMAND)}
+        if policy.units_at(COLLECTIVE):
+            entry["collective"] = policy.units_at(COLLECTIVE)
         last = groups[-1] if groups else None
         if last and last["first_block"] + last["n_blocks"] == first_block + i and \
-                (last["window"], last["demand"]) == (entry["window"], entry["demand"]):
+                {k: v for k, v in last.items() if k not in ("first_block", "n_blocks")} == entry:
             last["n_blocks"] += 1
         else:
             groups.append({"first_block": first_block + i, "n_blocks": 1, **entry})
