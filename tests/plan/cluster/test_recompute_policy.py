@@ -26,8 +26,9 @@ from hetrain.plan.cluster.cost import PredictorOptions
 from hetrain.plan.cluster.plan import ClusterPlan, PipelinePlan, StagePlan
 from hetrain.plan.cluster.predict import build_stages, context_for, predict_plan, shape_of
 from hetrain.plan.cluster.search import Pins, SearchOptions
-from hetrain.plan.cluster.recompute_plan import DEMAND, UNITS, WINDOW, BlockPolicy, block_policies, policy_groups
-from hetrain.plan.cluster.recompute_policy import StageProblem, heuristic, optimal
+from hetrain.plan.cluster.recompute_plan import (COLLECTIVE, DEMAND, UNITS, WINDOW, BlockPolicy, block_policies,
+                                               policy_groups)
+from hetrain.plan.cluster.recompute_policy import StageProblem, choice_of, heuristic, optimal
 from hetrain.plan.cluster.recompute_schedule import StageTimes, simulate
 from hetrain.plan.cluster.recompute_split import Pricer, stage_recompute
 from hetrain.plan.cluster.recompute_units import block_units, policy_cost
@@ -112,24 +113,53 @@ def test_windows_hide_recomputation_ahead_and_not_on_demand():
 
 
 def _problems():
-    """Small stage problems: two model shapes, tight and loose memory, short and long windows."""
-    for preset, n, frac, windows in itertools.product(["gpt2-small", "tiny-llama"], (3, 4), (0.3, 0.6),
-                                                      ((0.05,) * 6, (2.0, 0.4, 0.4, 0.4, 0.4, 1.0), ())):
+    """Small stage problems: two model shapes, tight and loose memory, short and long windows, with
+    and without tensor-parallel all-reduces to recompute in (their window per block)."""
+    for preset, n, frac, windows, collective in itertools.product(
+            ["gpt2-small", "tiny-llama"], (3, 4), (0.3, 0.6), ((0.05,) * 6, (2.0, 0.4, 0.4, 0.4, 0.4, 1.0), ()),
+            (0.0, 4.0)):
+        if collective and len(windows) == 6 and windows[0] == 2.0:
+            continue  # 40 cases are enough for the MILP's time
         cfg = get_preset(preset)
         units = block_units(cfg, 1, min(cfg.max_seq_len, 1024), 2)
         steps = tuple(i + 1.0 for i in range(8))
-        yield StageProblem(n, units, steps, 3, frac * 3 * n * units.total_bytes, len(windows) or 6, windows)
+        yield StageProblem(n, units, steps, 3, frac * 3 * n * units.total_bytes, len(windows) or 6, windows,
+                           collective)
+
+
+def test_collective_regions_hide_in_the_next_blocks_all_reduces():
+    units = block_units(get_preset("gpt2-small"), 1, 1024, 2)
+    steps = tuple(i + 1.0 for i in range(8))  # norm2, up, act rerun: 5 + 6 + 7 = 18 s
+    policy = BlockPolicy.of(collective=["norm2", "up", "act"])
+    alone = policy_cost(policy, units, list(steps))
+    assert alone.collective_s == 18 and alone.demand_s == 0 and alone.window_s == 0
+    problem = StageProblem(3, units, steps, 2, math.inf, 4, (), collective_window_s=10.0)
+    choice = choice_of(problem, [policy] * 3)
+    # blocks 0 and 1 hide 10 s each in the next block's all-reduces; the last block has no next block
+    assert choice.collective_s == 3 * 18 and choice.collective_hidden_s == 2 * 10
+    assert choice.demand_s == 2 * (18 - 10) + 18 and choice.cost_s == 4 * choice.demand_s
+    assert choice.held_bytes == alone.collective_freed_bytes == alone.freed_bytes > 0
+    without = choice_of(dataclasses.replace(problem, collective_window_s=0.0), [policy] * 3)  # no TP: on demand
+    assert without.demand_s == 3 * 18 and without.collective_hidden_s == 0 and without.held_bytes == 0
+    with pytest.raises(ValueError, match="row-parallel"):
+        BlockPolicy.of(collective=["proj"])
 
 
 def test_heu_is_close_to_the_milp_and_never_better():
-    worst = 1.0
+    worst, used = 1.0, 0
     for problem in _problems():
         heu, opt = heuristic(problem), optimal(problem)
         assert heu.fits and opt.fits
+        for choice in (heu, opt):
+            assert all(p.places[UNITS.index("proj")] != COLLECTIVE for p in choice.policies)
+            used += any(COLLECTIVE in p.places for p in choice.policies)
+            if not problem.collective_window_s:
+                assert not any(COLLECTIVE in p.places for p in choice.policies)
         assert heu.cost_s >= opt.cost_s - 1e-9  # OPT is optimal over a superset of HEU's choices
         total = problem.n_microbatches * problem.n_blocks * sum(problem.step_s) * 3  # stage work, roughly
         worst = max(worst, (total + heu.cost_s) / (total + opt.cost_s))
     assert worst < 1.03
+    assert used >= 8  # both search the collective place where there is one
 
 
 def test_heu_and_opt_predicted_steps_within_3_percent_on_a_pipeline():

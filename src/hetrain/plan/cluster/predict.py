@@ -368,7 +368,8 @@ def _pipeline_tasks(p: int, stages: list[StageModel], plans: list[StagePlan], m:
 
     `recompute[s]`, for a stage with a unit policy, is (ahead s, on-demand s, freed bytes, held bytes)
     per micro-batch (hetrain.plan.cluster.recompute_split.stage_recompute): the ahead part is a task before
-    the backward that does not wait for the gradient and holds its bytes until the backward ends."""
+    the backward that does not wait for the gradient and holds its bytes until the backward ends;
+    without it the backward holds them (collective regions) while it runs."""
     tasks: list[Task] = []
     lanes = [f"P{p} S{s} {st.group} tp{st.tp}" for s, st in enumerate(stages)]
     base = {lane: st.static_bytes(sp.n_blocks) for lane, st, sp in zip(lanes, stages, plans)}
@@ -412,8 +413,11 @@ def _pipeline_tasks(p: int, stages: list[StageModel], plans: list[StagePlan], m:
                         add(s, ("recompute", i), sp.n_recompute_blocks * st.block_fwd_s, dep, "recompute")
                         dep = []
                     compute = st.bwd_s(sp.n_blocks, 0) - st.send_bwd_s + demand_s
-                    free = {lanes[s]: act[lanes[s]] + (held if ahead_s > 0 else 0)}
-                    name = add(s, ("bwd", i), compute, dep, "bwd", free=free)
+                    # held: restored ahead (allocated by the task above), or only the collective
+                    # regions a backward restores for the block before the one it runs
+                    inside = {} if ahead_s > 0 else {lanes[s]: held}
+                    free = {lanes[s]: act[lanes[s]] + held}
+                    name = add(s, ("bwd", i), compute, dep, "bwd", alloc=inside, free=free)
                     if st.send_bwd_s > 0:
                         name = add(s, ("send_bwd", i), st.send_bwd_s, [], "comm")
                     done_b[(s, i)] = name

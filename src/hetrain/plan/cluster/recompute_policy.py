@@ -34,9 +34,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from hetrain.plan.cluster.recompute_plan import DEMAND, STEPS, UNITS, WINDOW, BlockPolicy
+from hetrain.plan.cluster.recompute_plan import COLLECTIVE, DEMAND, NOT_COLLECTIVE, STEPS, UNITS, WINDOW, BlockPolicy
 from hetrain.plan.cluster.recompute_schedule import StageTimes, simulate
-from hetrain.plan.cluster.recompute_units import BlockUnits, policy_cost, region_input_extra
+from hetrain.plan.cluster.recompute_units import BlockUnits, policy_cost, region_input_extra, stage_cost
 
 
 @dataclass(frozen=True)
@@ -53,6 +53,9 @@ class StageProblem:
     n_microbatches: int
     windows_s: tuple[float, ...] = ()
     """Wait before each backward; empty: the stage has no wait (the last stage)."""
+    collective_window_s: float = 0.0
+    """Per block, the all-reduces of its backward, inside which the block before it may recompute
+    (0 without tensor parallelism)."""
 
     @property
     def has_windows(self) -> bool:
@@ -65,15 +68,21 @@ class StageChoice:
     window_s: float
     """Recomputation ahead of each backward (all blocks, one micro-batch)."""
     demand_s: float
+    """Recomputation that lengthens each backward: on demand, and what collective regions leave
+    outside their windows."""
     freed_bytes: int
     """Per micro-batch, all blocks."""
     held_bytes: int
-    """Restored ahead of a backward and held until it."""
+    """Restored ahead of a backward and held until it, plus one block's collective regions."""
     cost_s: float
     """Exposed recomputation per step against the problem's windows."""
     fits: bool = True
     search_s: float = 0.0
     note: str = ""
+    collective_s: float = 0.0
+    """Collective regions' seconds per micro-batch, all blocks."""
+    collective_hidden_s: float = 0.0
+    """Of collective_s, what runs inside the all-reduces."""
 
 
 def _exposure(sorted_windows: list[float], prefix: list[float], ahead_s: float) -> float:
@@ -88,20 +97,19 @@ def _windows(problem: StageProblem) -> tuple[list[float], list[float]]:
 
 
 def choice_of(problem: StageProblem, policies: list[BlockPolicy]) -> StageChoice:
-    """Totals and cost of a given per-block policy list (the last stage recomputes everything on demand)."""
-    window = demand = 0.0
-    freed = held = 0
-    for policy in policies:
-        c = policy_cost(policy, problem.units, list(problem.step_s))
-        window, demand, freed, held = window + c.window_s, demand + c.demand_s, freed + c.freed_bytes, \
-            held + c.window_freed_bytes
+    """Totals and cost of a given per-block policy list (the last stage recomputes its window
+    regions on demand)."""
+    c = stage_cost(policies, problem.units, problem.step_s, problem.collective_window_s)
+    window, demand, held = c.window_s, c.backward_s, c.window_freed_bytes
     if not problem.has_windows:
         demand, window, held = demand + window, 0.0, 0
+    held += c.collective_held_bytes
     ws, prefix = _windows(problem)
     cost = _exposure(ws, prefix, window) + problem.n_microbatches * demand
-    kept = problem.n_blocks * problem.units.total_bytes - freed
+    kept = problem.n_blocks * problem.units.total_bytes - c.freed_bytes
     fits = problem.inflight * kept + held <= problem.act_budget_bytes
-    return StageChoice(list(policies), window, demand, freed, held, cost, fits)
+    return StageChoice(list(policies), window, demand, c.freed_bytes, held, cost, fits,
+                       collective_s=c.collective_s, collective_hidden_s=c.collective_hidden_s)
 
 
 def _lower_hull(points: list[tuple[int, float, int]]) -> list[tuple[int, float, int]]:
@@ -122,22 +130,26 @@ def _lower_hull(points: list[tuple[int, float, int]]) -> list[tuple[int, float, 
 def heuristic(problem: StageProblem) -> StageChoice:
     """HEU: the stage's identical blocks take at most two unit sets, `upper` on k of them and
     `lower` on the rest, and as many of them as memory allows recompute ahead (those that save the
-    most seconds per byte held first): ahead is never slower than on demand. The pairs tried: keep
-    with any of the 127 unit sets (one policy for every dropping block), neighbours on the lower
-    convex hull of (bytes freed, seconds) per block (what an exact split of identical blocks
+    most seconds per byte held first). A set not recomputed ahead is recomputed in the backward:
+    with tensor parallelism, its regions that need no all-reduce of their own inside the next
+    block's all-reduces (collective), the others on demand. The pairs tried: keep with any of the
+    127 unit sets (one policy for every dropping block), neighbours on the lower convex hull of
+    (bytes freed, seconds on the backward) per block (what an exact split of identical blocks
     between policies uses), and each hull point with the set that frees most. Each is priced in
-    closed form against the sorted windows."""
+    closed form against the sorted windows; the stage's last block, whose collective regions have
+    no window, is placed ahead when any block is."""
     t0 = time.perf_counter()
     n, m, inflight = problem.n_blocks, problem.n_microbatches, problem.inflight
     total, budget = problem.units.total_bytes, problem.act_budget_bytes
     if inflight * n * total <= budget:
         return StageChoice([BlockPolicy.keep()] * n, 0.0, 0.0, 0, 0, 0.0, True, time.perf_counter() - t0)
     ws, prefix = _windows(problem)
-    steps = list(problem.step_s)
-    options = [(0, 0.0, 0)]
+    steps, cw = list(problem.step_s), problem.collective_window_s
+    options, sets = [(0, 0.0, 0)], {0: _UnitSet(0, 0.0, 0.0, 0.0, 0, BlockPolicy.keep())}
     for mask in range(1, 2 ** len(UNITS)):
-        c = policy_cost(BlockPolicy(_places(mask, DEMAND)), problem.units, steps)
-        options.append((c.freed_bytes, c.demand_s, mask))
+        u = _unit_set(mask, problem.units, steps, cw)
+        sets[mask] = u
+        options.append((u.freed, u.backward_s, mask))
     hull = _lower_hull(options)
     most = max(options[1:])
     pairs = {(options[0], o) for o in options[1:]}
@@ -148,18 +160,23 @@ def heuristic(problem: StageProblem) -> StageChoice:
         for k in range(n + 1):  # blocks on `upper`
             freed = k * upper[0] + (n - k) * lower[0]
             room = budget - inflight * (n * total - freed)
+            room -= max(sets[mask].collective_held for (_, _, mask), c in ((upper, k), (lower, n - k)) if c)
             if room < 0:
                 continue
             groups = sorted(((upper, k), (lower, n - k)), key=lambda g: -(g[0][1] / g[0][0]) if g[0][0] else 0.0)
-            ahead, plan = 0.0, []
+            ahead = backward = 0.0
+            plan = []
             for (f, sec, mask), count in groups:
-                j = min(count, int(room // f)) if problem.has_windows and f > 0 else 0
+                j = min(count, int(room // f)) if problem.has_windows and f > 0 and sec > 0 else 0
                 room -= j * f
-                ahead += j * sec
+                ahead += j * sets[mask].raw_s
+                backward += (count - j) * sec
                 plan.append((mask, count, j))
-            recompute = k * upper[1] + (n - k) * lower[1]
-            cost = _exposure(ws, prefix, ahead) + m * (recompute - ahead)
-            key = (round(cost, 12), round(recompute, 12), -room)
+            last = [mask for mask, count, j in plan if count > j]
+            if last and not any(j for _, _, j in plan):  # the last block recomputes its collective units unhidden
+                backward += sets[last[-1]].last_extra_s
+            cost = _exposure(ws, prefix, ahead) + m * backward
+            key = (round(cost, 12), round(ahead + backward, 12), -room)
             if best_key is None or key < best_key:
                 best_key, best = key, plan
     if best is None:
@@ -167,11 +184,42 @@ def heuristic(problem: StageProblem) -> StageChoice:
         whole.fits, whole.note = False, "does not fit even with every block recomputed"
         whole.search_s = time.perf_counter() - t0
         return whole
-    policies = [BlockPolicy(_places(mask, WINDOW if i < ahead else DEMAND))
-                for mask, count, ahead in best for i in range(count)]
+    policies = [sets[mask].in_backward for mask, count, j in best for _ in range(count - j)]
+    policies += [BlockPolicy(_places(mask, WINDOW)) for mask, count, j in best for _ in range(j)]
     choice = choice_of(problem, policies)
     choice.search_s = time.perf_counter() - t0
     return choice
+
+
+@dataclass(frozen=True)
+class _UnitSet:
+    """One unit set of HEU's, per block and micro-batch."""
+
+    freed: int
+    raw_s: float
+    """Its recomputation, all of it (what it puts in a window ahead of the backward)."""
+    backward_s: float
+    """What it adds to the backward of a block with a block after it."""
+    last_extra_s: float
+    """What it adds more on the stage's last block (its collective regions have no window there)."""
+    collective_held: int
+    in_backward: BlockPolicy
+
+
+def _unit_set(mask: int, units: BlockUnits, steps: list[float], collective_window_s: float) -> _UnitSet:
+    demand = BlockPolicy(_places(mask, DEMAND))
+    c = policy_cost(demand, units, steps)
+    if collective_window_s <= 0:
+        return _UnitSet(c.freed_bytes, c.demand_s, c.demand_s, 0.0, 0, demand)
+    places = list(demand.places)
+    for a, b, _ in demand.regions():
+        if not any(UNITS[k] in NOT_COLLECTIVE for k in range(a, b)):
+            places[a:b] = [COLLECTIVE] * (b - a)
+    policy = BlockPolicy(tuple(places))
+    pc = policy_cost(policy, units, steps)
+    hidden = min(pc.collective_s, collective_window_s)
+    return _UnitSet(pc.freed_bytes, c.demand_s, pc.demand_s + pc.collective_s - hidden, hidden,
+                    pc.collective_freed_bytes, policy)
 
 
 def _places(mask: int, place: str) -> tuple[str | None, ...]:
@@ -188,7 +236,8 @@ def optimal(problem: StageProblem, time_limit_s: float = 60.0) -> StageChoice:
     K, J = len(UNITS), len(STEPS)
     out = [s.out_bytes for s in steps]
     internal = [s.int_bytes for s in steps]
-    places = (WINDOW, DEMAND) if problem.has_windows else (DEMAND,)
+    cw = problem.collective_window_s
+    places = ((WINDOW,) if problem.has_windows else ()) + (DEMAND,) + ((COLLECTIVE,) if cw > 0 else ())
     index: dict[tuple, int] = {}
 
     def var(*key) -> int:
@@ -208,6 +257,10 @@ def optimal(problem: StageProblem, time_limit_s: float = 60.0) -> StageChoice:
     windows = list(problem.windows_s) if problem.has_windows else []
     for w in range(len(windows)):
         var("e", w)
+    if cw > 0:
+        for b in range(n - 1):
+            var("c", b)  # collective seconds of block b outside the next block's all-reduces
+        var("h")  # bytes of the largest block's collective regions (restored one block early)
     nv = len(index)
     rows, lo, hi = [], [], []
 
@@ -236,6 +289,20 @@ def optimal(problem: StageProblem, time_limit_s: float = 60.0) -> StageChoice:
                 if 0 < j < K:  # s >= x_j - (x_{j-1} at any place)
                     row({var("s", b, p, j): 1, var("x", b, p, j): -1, **{var("x", b, q, j - 1): 1 for q in places}},
                         0, math.inf)
+    if cw > 0:  # nothing that reruns a row-parallel step (its own all-reduce) inside another all-reduce
+        for b in range(n):
+            for k, name in enumerate(UNITS):
+                if name in NOT_COLLECTIVE:
+                    row({var("x", b, COLLECTIVE, k): 1}, 0, 0)
+            for j, name in enumerate(STEPS):
+                if name in ("proj", "down"):
+                    row({var("r", b, COLLECTIVE, j): 1}, 0, 0)
+            if b == n - 1:
+                continue  # recomputed by its own backward: held no earlier than on demand
+            restored = {var("x", b, COLLECTIVE, k): out[k] for k in range(K)}
+            restored |= {var("i", b, COLLECTIVE, j): internal[j] for j in range(J)}
+            restored |= {var("s", b, COLLECTIVE, j): -region_input_extra(steps, j) for j in range(1, J)}
+            row({var("h"): 1, **{i: -v for i, v in restored.items()}}, 0, math.inf)
     # Memory: inflight x kept + held ahead <= budget.
     mem: dict[int, float] = {}
     for b in range(n):
@@ -247,6 +314,8 @@ def optimal(problem: StageProblem, time_limit_s: float = 60.0) -> StageChoice:
                 mem[var("i", b, p, j)] = -inflight * internal[j] + (internal[j] if p == WINDOW else 0)
                 mem[var("s", b, p, j)] = inflight * region_input_extra(steps, j) - \
                     (region_input_extra(steps, j) if p == WINDOW else 0)
+    if cw > 0:
+        mem[var("h")] = 1
     row(mem, -math.inf, problem.act_budget_bytes - inflight * n * problem.units.total_bytes)
     c = np.zeros(nv)
     eps = 1e-3
@@ -255,6 +324,11 @@ def optimal(problem: StageProblem, time_limit_s: float = 60.0) -> StageChoice:
             if problem.has_windows:
                 c[var("r", b, WINDOW, j)] += eps * t[j]
             c[var("r", b, DEMAND, j)] += (m + eps) * t[j]
+            if cw > 0:  # the last block's collective regions have no window
+                c[var("r", b, COLLECTIVE, j)] += ((m if b == n - 1 else 0) + eps) * t[j]
+    for b in range(n - 1 if cw > 0 else 0):  # c_b >= collective seconds of block b - window
+        c[var("c", b)] = m
+        row({var("c", b): 1, **{var("r", b, COLLECTIVE, j): -t[j] for j in range(J)}}, -cw, math.inf)
     for w, window in enumerate(windows):  # e_w >= ahead - window
         c[var("e", w)] = 1.0
         row({var("e", w): 1, **{var("r", b, WINDOW, j): -t[j] for b in range(n) for j in range(J)}},

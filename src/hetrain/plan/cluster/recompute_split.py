@@ -29,7 +29,7 @@ from hetrain.plan.cluster.predict import StageModel, build_stages, shape_of
 from hetrain.plan.cluster.recompute_plan import BlockPolicy, policy_groups
 from hetrain.plan.cluster.recompute_policy import PipelineRecompute, StageProblem, plan_pipeline
 from hetrain.plan.cluster.recompute_schedule import StageTimes, simulate
-from hetrain.plan.cluster.recompute_units import stage_policy_totals, stage_steps
+from hetrain.plan.cluster.recompute_units import stage_cost, stage_steps
 
 METHODS = ("whole", "heu", "opt")
 OPT_MAX_BLOCKS = 12
@@ -47,9 +47,9 @@ class Pricer:
 
     def problem(self, s: int, n: int, windows: tuple[float, ...]) -> StageProblem:
         st = self.stages[s]
-        units, steps = self.steps[s]
+        units, steps, collective_window = self.steps[s]
         budget = st.capacity_bytes - st.static_bytes(n) - st.inflight * st.fixed_act_bytes
-        return StageProblem(n, units, steps, st.inflight, budget, self.m, windows)
+        return StageProblem(n, units, steps, st.inflight, budget, self.m, windows, collective_window)
 
     def price(self, n_blocks: list[int]) -> tuple[float, PipelineRecompute | None]:
         """Predicted step of this split with the chosen policies (inf when a stage cannot fit)."""
@@ -92,10 +92,13 @@ def repartition(pricer: Pricer, n_blocks: list[int], max_moves: int = 64) -> tup
     return best_n, best_s
 
 
-def _account(choice, rec: PipelineRecompute, s: int, method: str) -> dict:
-    """The planner's figures for one stage, as plan.json shows them."""
+def _account(choice, rec: PipelineRecompute, s: int, method: str, n_microbatches: int) -> dict:
+    """The planner's figures for one stage, as plan.json shows them. demand_s_per_microbatch is what
+    lengthens the backward (on demand, and collective regions outside their all-reduces)."""
     return {"method": method, "window_s_per_microbatch": choice.window_s,
-            "demand_s_per_microbatch": choice.demand_s, "hidden_s_per_step": rec.hidden_s[s],
+            "collective_s_per_microbatch": choice.collective_s,
+            "demand_s_per_microbatch": choice.demand_s,
+            "hidden_s_per_step": rec.hidden_s[s] + n_microbatches * choice.collective_hidden_s,
             "exposed_s_per_step": rec.exposed_s[s], "freed_bytes_per_microbatch": choice.freed_bytes,
             "held_ahead_bytes": choice.held_bytes, "search_s": choice.search_s}
 
@@ -141,7 +144,8 @@ def _with_policies(pipe: PipelinePlan, n_blocks: list[int], rec: PipelineRecompu
     stages, first = [], 0
     for s, (st, n, choice) in enumerate(zip(pipe.stages, n_blocks, rec.choices)):
         groups = policy_groups(choice.policies, first)
-        recompute = {"blocks": groups, "predicted": _account(choice, rec, s, method)} if groups else {}
+        account = _account(choice, rec, s, method, pipe.n_microbatches)
+        recompute = {"blocks": groups, "predicted": account} if groups else {}
         stages.append(dataclasses.replace(st, first_block=first, n_blocks=n, n_recompute_blocks=0,
                                           recompute=recompute))
         first += n
@@ -150,13 +154,14 @@ def _with_policies(pipe: PipelinePlan, n_blocks: list[int], rec: PipelineRecompu
 
 def stage_recompute(ctx: CostContext, st: StageModel, micro_batch: int, policies: list[BlockPolicy], last: bool):
     """What a stage's policies cost and free per micro-batch, as the predictor prices them: (ahead
-    seconds, on-demand seconds, freed bytes, bytes held ahead of a backward). The last stage has no
-    wait, so everything it recomputes is on demand."""
-    units, steps = stage_steps(ctx, ctx.cluster.group(st.group), st.tp, micro_batch)
-    c = stage_policy_totals(policies, units, steps)
+    seconds, seconds that lengthen the backward, freed bytes, bytes held ahead of a backward and
+    for the collective regions). The last stage has no wait, so it recomputes its window regions
+    on demand."""
+    units, steps, collective_window = stage_steps(ctx, ctx.cluster.group(st.group), st.tp, micro_batch)
+    c = stage_cost(policies, units, steps, collective_window)
     if last:
-        return 0.0, c.window_s + c.demand_s, c.freed_bytes, 0
-    return c.window_s, c.demand_s, c.freed_bytes, c.window_freed_bytes
+        return 0.0, c.window_s + c.backward_s, c.freed_bytes, c.collective_held_bytes
+    return c.window_s, c.backward_s, c.freed_bytes, c.window_freed_bytes + c.collective_held_bytes
 
 
 def format_recompute(plan: ClusterPlan) -> list[str]:
@@ -187,13 +192,17 @@ def format_recompute(plan: ClusterPlan) -> list[str]:
             if a:
                 step_total = a["hidden_s_per_step"] + a["exposed_s_per_step"]
                 hidden = f"{100 * a['hidden_s_per_step'] / step_total:.0f}%" if step_total else "-"
+                collective = a.get("collective_s_per_microbatch", 0.0)
+                inside = (f" + {1e3 * collective:.2f} ms inside the next block's all-reduces" if collective else "")
                 lines.append(f"      per micro-batch {1e3 * a['window_s_per_microbatch']:.2f} ms ahead (in the wait "
-                             f"for its gradient) + {1e3 * a['demand_s_per_microbatch']:.2f} ms on demand; per step "
+                             f"for its gradient){inside}; {1e3 * a['demand_s_per_microbatch']:.2f} ms lengthen the "
+                             f"backward; per step "
                              f"{hidden} hidden, {1e3 * a['exposed_s_per_step']:.1f} ms exposed; frees "
                              f"{a['freed_bytes_per_microbatch'] / GIB:.3f} GiB per micro-batch, holds "
                              f"{a['held_ahead_bytes'] / GIB:.3f} GiB ahead of a backward ({a['method'].upper()}, "
                              f"{1e3 * a['search_s']:.1f} ms)")
     if lines:
         lines.insert(0, "Recomputation (what is dropped; 'window': recomputed while the stage waits for the "
-                        "micro-batch's gradient, 'demand': in its backward)")
+                        "micro-batch's gradient, 'collective': while the next block's tensor-parallel all-reduces "
+                        "run in the backward, 'demand': in its backward)")
     return lines

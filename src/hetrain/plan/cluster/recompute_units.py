@@ -21,7 +21,11 @@ runs it). What that frees and costs, exactly as torch's non-reentrant checkpoint
   step saves internals (they are saved after it computes); a last step that saves only its input
   is skipped (torch stops the recomputation once the last saved tensor is back).
 All units of one region are recomputed together, so a run of dropped units has one place:
-inside a wait ("window") or at the block's backward ("demand").
+inside a wait ("window"), inside the next block's tensor-parallel all-reduces in the backward
+("collective") or at the block's backward ("demand"). Collective regions of a stage's blocks
+hide in a window of their own, per block: the block after it reduces its two input gradients
+(before its up and qkv projections) for 2 all-reduces' time; what does not fit is exposed, and
+the stage's last block, which has no block after it, recomputes them on demand.
 
 Bytes come from hetrain.model.describe's per-tensor figures (mapped to steps below); recompute
 time splits the block's forward time by each step's roofline share on the device kind (FLOPs
@@ -35,7 +39,7 @@ from dataclasses import dataclass
 
 from hetrain.model.describe import block_act_bytes
 from hetrain.model.gpt import ModelConfig
-from hetrain.plan.cluster.recompute_plan import DEMAND, STEPS, UNITS, WINDOW, BlockPolicy
+from hetrain.plan.cluster.recompute_plan import COLLECTIVE, DEMAND, STEPS, UNITS, WINDOW, BlockPolicy
 
 
 # describe.block_act_bytes key -> (step, "out" | "int" | "root"). RMSNorm's fp32 copy of its input
@@ -148,12 +152,15 @@ class PolicyCost:
     """Of freed_bytes, what the window regions restore ahead of the backward (held until it)."""
     window_s: float
     demand_s: float
+    collective_s: float = 0.0
+    """Seconds of the regions placed inside the next block's all-reduces."""
+    collective_freed_bytes: int = 0
 
 
 def policy_cost(policy: BlockPolicy, units: BlockUnits, times_s: list[float]) -> PolicyCost:
     """Freed bytes and recompute seconds of `policy` on a block with these steps and step times."""
-    freed = {WINDOW: 0, DEMAND: 0}
-    cost = {WINDOW: 0.0, DEMAND: 0.0}
+    freed = {WINDOW: 0, DEMAND: 0, COLLECTIVE: 0}
+    cost = {WINDOW: 0.0, DEMAND: 0.0, COLLECTIVE: 0.0}
     steps = units.steps
     for a, b, place in policy.regions():  # steps a..b in one region, units a..b-1 dropped
         freed[place] += sum(steps[k].out_bytes for k in range(a, b))
@@ -162,7 +169,8 @@ def policy_cost(policy: BlockPolicy, units: BlockUnits, times_s: list[float]) ->
         cost[place] += sum(times_s[k] for k in range(a, b))
         if steps[b].int_bytes:  # the last step reruns to give back its internals
             cost[place] += times_s[b]
-    return PolicyCost(freed[WINDOW] + freed[DEMAND], freed[WINDOW], cost[WINDOW], cost[DEMAND])
+    return PolicyCost(sum(freed.values()), freed[WINDOW], cost[WINDOW], cost[DEMAND], cost[COLLECTIVE],
+                      freed[COLLECTIVE])
 
 
 def region_input_extra(steps: tuple[Step, ...], first: int) -> int:
@@ -189,11 +197,12 @@ def per_device(units: BlockUnits, tp: int) -> BlockUnits:
     return BlockUnits(steps, units.root_bytes // tp)
 
 
-def stage_steps(ctx, group, tp: int, micro_batch: int) -> tuple[BlockUnits, tuple[float, ...]]:
-    """One block's steps on a device of `group` at TP degree `tp` for one micro-batch, and each step's
-    recompute seconds: the cluster predictor's block forward time (hetrain.plan.cluster.cost) split
-    by the steps' roofline shares on the group's kind; with tensor parallelism, proj and down also
-    repeat their all-reduce. `ctx` is a parallel_cost.CostContext."""
+def stage_steps(ctx, group, tp: int, micro_batch: int) -> tuple[BlockUnits, tuple[float, ...], float]:
+    """One block's steps on a device of `group` at TP degree `tp` for one micro-batch, each step's
+    recompute seconds, and the collective window: the cluster predictor's block forward time
+    (hetrain.plan.cluster.cost) split by the steps' roofline shares on the group's kind; with tensor
+    parallelism, proj and down also repeat their all-reduce, and a block's backward reduces its two
+    input gradients (2 all-reduces: the window of the block before it). `ctx` is a CostContext."""
     from hetrain.plan.cluster.cost import ring_allreduce_s
 
     desc, opts = ctx.desc, ctx.options
@@ -210,15 +219,42 @@ def stage_steps(ctx, group, tp: int, micro_batch: int) -> tuple[BlockUnits, tupl
     times = step_times_s(units, compute_s, flops_per_s, bytes_per_s)
     for name in ("proj", "down"):
         times[STEPS.index(name)] += allreduce_s
-    return units, tuple(times)
+    return units, tuple(times), 2 * allreduce_s
 
 
-def stage_policy_totals(policies: list[BlockPolicy], units: BlockUnits, times_s) -> PolicyCost:
-    """The sum over a stage's blocks of what their policies free and cost, for one micro-batch."""
-    freed = window_freed = 0
-    window = demand = 0.0
-    for policy in policies:
+@dataclass(frozen=True)
+class StageCost:
+    """What a stage's policies free and cost for one micro-batch, all blocks, collective regions
+    priced against their windows."""
+
+    freed_bytes: int
+    window_s: float
+    """Recomputed ahead of the backward (in the wait for the gradient)."""
+    window_freed_bytes: int
+    """Restored ahead of the backward and held until it."""
+    backward_s: float
+    """Recomputation that lengthens the backward: on demand, and collective regions' overrun."""
+    collective_s: float
+    """All collective regions' seconds; collective_s - collective_hidden_s is in backward_s."""
+    collective_hidden_s: float
+    collective_held_bytes: int
+    """The largest block's collective regions (the last block's aside), restored while the block
+    after it runs its backward."""
+
+
+def stage_cost(policies: list[BlockPolicy], units: BlockUnits, times_s, collective_window_s: float) -> StageCost:
+    """The sum over a stage's blocks (in order) of what their policies free and cost."""
+    freed = window_freed = held = 0
+    window = backward = collective = hidden = 0.0
+    for b, policy in enumerate(policies):
         c = policy_cost(policy, units, list(times_s))
         freed, window_freed = freed + c.freed_bytes, window_freed + c.window_freed_bytes
-        window, demand = window + c.window_s, demand + c.demand_s
-    return PolicyCost(freed, window_freed, window, demand)
+        window, backward, collective = window + c.window_s, backward + c.demand_s, collective + c.collective_s
+        if c.collective_s and b + 1 < len(policies) and collective_window_s > 0:
+            shown = min(c.collective_s, collective_window_s)
+            hidden += shown
+            backward += c.collective_s - shown
+            held = max(held, c.collective_freed_bytes)
+        else:  # the last block (no block after it) or no tensor parallelism: its backward recomputes them
+            backward += c.collective_s
+    return StageCost(freed, window, window_freed, backward, collective, hidden, held)
