@@ -1,12 +1,19 @@
 """Overlapped recomputation against on-demand and none, at one memory limit, on CPU processes: one run.
 
-Configuration (why it is realistic, docs/recompute.md): a pipeline of P CPU processes (gloo, one
-thread each) whose stages are joined by a slow link, emulated by the runtime
-(run.emulate_link_gbytes_per_s: each send holds its stage for bytes / bandwidth, as the predictor
-prices a send), so that a stage waits for gradients: the situation of pipeline stages on
-different nodes joined by Ethernet, where a micro-batch's activation takes about as long to cross
-as a block's forward. Each process's memory limit (the cluster file's memory_gib) sits between
-what the most loaded stage needs with every block recomputed and without recomputation.
+Configurations (why they are realistic, docs/recompute.md):
+- pipeline (--tp 1): a pipeline of P CPU processes (gloo, one thread each) whose stages are joined
+  by a slow link, emulated by the runtime (run.emulate_link_gbytes_per_s: each send holds its
+  stage for bytes / bandwidth, as the predictor prices a send), so that a stage waits for
+  gradients: pipeline stages on different nodes joined by Ethernet, where a micro-batch's
+  activation takes about as long to cross as a block's forward.
+- tensor-parallel (--tp 2): P / tp stages of tp processes each, whose tensor-parallel all-reduces
+  go over a slow link too (run.emulate_tp_link_gbytes_per_s, priced as a ring all-reduce), set so
+  that one all-reduce takes --tp-share of a block's forward on this core: GPUs joined by PCIe
+  without NVLink (two 24 GB cards: a 16 MiB bf16 activation of a 7B model at 2,048 tokens takes
+  about 1.7 ms over ~10 GB/s, against about 4 ms of block forward per card at TP 2). A block's
+  backward waits for its two input-gradient all-reduces; the block before it recomputes there.
+Each process's memory limit (the cluster file's memory_gib) sits between what the most loaded
+stage needs with every block recomputed and without recomputation.
 
 Before planning, one core is measured (fp32 matmul GFLOP/s, elementwise GB/s) and declared in the
 cluster file, divided among the processes when they outnumber the cores. Then, at that limit:
@@ -17,10 +24,11 @@ cluster file, divided among the processes when they outnumber the cores. Then, a
       recomputed in the waits where they fit, stages balanced for it),
 each trained under torchrun for --steps steps; measured is the median step after the first two.
 Printed: per configuration the plan, predicted and measured step, and for (c) the share of its
-recomputation that ran while the stage waited for a gradient. The last line reads
+recomputation that ran while the stage waited (for a gradient, or for an all-reduce). The last line reads
 `overlapped vs on-demand: X.XXx; vs no recompute: Y.YYx` (measured step ratios).
 
     .venv/bin/python bench/bench_recompute_overlap.py [--processes 4] [--steps 8] [--json out.json]
+    .venv/bin/python bench/bench_recompute_overlap.py --processes 2 --tp 2 --d-model 512 --seq-len 512
 """
 
 from __future__ import annotations
@@ -67,31 +75,52 @@ def measure_core() -> tuple[float, float]:
     return 2 * 256 * 1024 * 1024 / best_mm, 2 * x.numel() * 4 / best_ew
 
 
-def cluster_text(processes: int, flops: float, bytes_per_s: float, link_gbytes_per_s: float, mem_gib: float) -> str:
+def cluster_text(processes: int, flops: float, bytes_per_s: float, link_gbytes_per_s: float, mem_gib: float,
+                 tp: int = 1, tp_link_gbytes_per_s: float = 0.0) -> str:
+    """One group of CPU processes; with tp > 1, nodes of tp processes (TP inside a node, over the
+    TP link; stages between nodes, over the pipeline link)."""
     share = min(1.0, (os.cpu_count() or 1) / processes)  # processes beyond the cores share them
     tflops = flops * share / 1e12
+    nodes, per_node = (processes // tp, tp) if tp > 1 else (1, processes)
+    intra = tp_link_gbytes_per_s if tp > 1 else link_gbytes_per_s
     # The predictor reaches link_efficiency (0.8) of a declared link: declare the emulated speed / 0.8.
-    return (f'name = "cpu{processes}-slow-link"\n[[group]]\nname = "cpu"\nkind = "cpu"\nnodes = 1\n'
-            f"devices_per_node = {processes}\nintra_node_gbytes_per_s = {link_gbytes_per_s / 0.8}\n"
+    return (f'name = "cpu{processes}-slow-link"\n[[group]]\nname = "cpu"\nkind = "cpu"\nnodes = {nodes}\n'
+            f"devices_per_node = {per_node}\nintra_node_gbytes_per_s = {intra / 0.8}\n"
             f"inter_node_gbytes_per_s = {link_gbytes_per_s / 0.8}\nintra_node_latency_us = 1\n"
             f"inter_node_latency_us = 1\nmemory_gib = {mem_gib}\nmem_bw_gbytes_per_s = {bytes_per_s * share / 1e9}\n"
             f"peak_fp32_tflops = {tflops}\npeak_bf16_tflops = {tflops}\npeak_fp16_tflops = {tflops}\n")
 
 
-def memory_limit_gib(cfg, args, flops, bytes_per_s) -> float:
-    """Between the most loaded stage's peak with every block recomputed (0) and with none (1)."""
+def roomy(cfg, args, flops, bytes_per_s, tp_link_gbytes_per_s: float):
+    """The plan with whole-block recomputation and no memory limit: its context, stage models and blocks."""
     work = Path(tempfile.mkdtemp())
     path = work / "roomy.toml"
-    path.write_text(cluster_text(args.processes, flops, bytes_per_s, args.link_gbytes_per_s, 64.0))
+    path.write_text(cluster_text(args.processes, flops, bytes_per_s, args.link_gbytes_per_s, 64.0, args.tp,
+                                 tp_link_gbytes_per_s))
+    pins = Pins(pp=args.processes // args.tp, tp=args.tp, micro_batch=args.micro_batch)
     plan = plan_cluster(cfg, load_cluster(path), args.global_batch, args.seq_len, PredictorOptions(compute_dtype="fp32"),
-                        SearchOptions(pins=Pins(pp=args.processes, micro_batch=args.micro_batch), upper_bound=False,
-                                      recompute="whole"))
+                        SearchOptions(pins=pins, upper_bound=False, recompute="whole"))
     ctx, pipe = context_for(plan), plan.pipelines[0]
-    stages = build_stages(ctx, shape_of(pipe), pipe.n_microbatches)
-    n = [st.n_blocks for st in pipe.stages]
+    return ctx, build_stages(ctx, shape_of(pipe), pipe.n_microbatches), [st.n_blocks for st in pipe.stages]
+
+
+def memory_limit_gib(cfg, args, flops, bytes_per_s) -> float:
+    """Between the most loaded stage's peak with every block recomputed (0) and with none (1)."""
+    ctx, stages, n = roomy(cfg, args, flops, bytes_per_s, args.tp_link_gbytes_per_s)
     low = max(st.peak_bytes(k, k) for st, k in zip(stages, n))
     high = max(st.peak_bytes(k, 0) for st, k in zip(stages, n))
     return (low + args.memory * (high - low)) / (1 - ctx.options.memory_reserve_fraction) / 2**30
+
+
+def tp_link_gbytes_per_s(cfg, args, flops: float, bytes_per_s: float) -> float:
+    """The emulated TP link at which one ring all-reduce of a block's output takes args.tp_share of
+    the block's forward compute, both as the predictor prices them on the declared core (the
+    runtime holds each all-reduce for 2 (tp - 1) / tp x its bytes / this rate, as the predictor
+    prices it)."""
+    ctx, stages, _ = roomy(cfg, args, flops, bytes_per_s, 1e4)  # a fast link: the block's compute alone
+    st = stages[0]
+    per_rank = ctx.kit(ctx.cluster.group(st.group), args.tp, args.micro_batch).boundary_bytes
+    return 2 * (args.tp - 1) * per_rank / (args.tp_share * st.block_fwd_s) / 1e9
 
 
 def corpus(path: Path) -> Path:
@@ -104,9 +133,8 @@ def layout(plan: dict) -> str:
     for st in plan["pipelines"][0]["stages"]:
         rec = st.get("recompute") or {}
         if rec.get("blocks"):
-            what = "; ".join(f"{g['n_blocks']}x[" + (f"win {','.join(g['window'])}" if g["window"] else "")
-                             + (" " if g["window"] and g["demand"] else "")
-                             + (f"dem {','.join(g['demand'])}" if g["demand"] else "") + "]" for g in rec["blocks"])
+            what = "; ".join(f"{g['n_blocks']}x[" + " ".join(f"{short} {','.join(g[key])}" for key, short in (
+                ("window", "win"), ("collective", "coll"), ("demand", "dem")) if g.get(key)) + "]" for g in rec["blocks"])
         else:
             what = f"{st['n_recompute_blocks']} whole" if st["n_recompute_blocks"] else "none"
         parts.append(f"{st['n_blocks']} blocks: {what}")
@@ -118,7 +146,8 @@ def train(name: str, plan_path: Path, work: Path, args) -> dict:
     run_dir = work / name / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.processes),
            "-m", "hetrain.cli", "train", "--plan.file", str(plan_path), "--run.dir", str(run_dir), "--run.threads", "1",
-           "--run.emulate_link_gbytes_per_s", str(args.link_gbytes_per_s), "--data.source", "text",
+           "--run.emulate_link_gbytes_per_s", str(args.link_gbytes_per_s),
+           "--run.emulate_tp_link_gbytes_per_s", str(args.tp_link_gbytes_per_s), "--data.source", "text",
            "--data.path", str(work / "corpus.txt"), "--data.cache_dir", "", "--train.steps", str(args.steps),
            "--train.eval_every", "0", "--train.ckpt_every", "0", "--train.log_every", "1", "--log.progress", "false",
            "--log.tensorboard", "false", "--log.peak_flops", "1e11", "--log.trace_steps", "2"]
@@ -146,19 +175,31 @@ def main() -> None:
     ap.add_argument("--micro-batch", type=int, default=1)
     ap.add_argument("--global-batch", type=int, default=16)
     ap.add_argument("--link-gbytes-per-s", type=float, default=0.03, help="the emulated link between stages")
+    ap.add_argument("--tp", type=int, default=1, help="tensor-parallel degree inside each stage")
+    ap.add_argument("--tp-share", type=float, default=0.5,
+                    help="with --tp > 1: one all-reduce on the emulated TP link takes this share of a block's forward")
+    ap.add_argument("--d-model", type=int, default=256, help="model width (heads of 64, MLP 4x)")
     ap.add_argument("--memory", type=float, default=0.4,
                     help="the limit between all blocks recomputed (0) and none (1) on the most loaded stage")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    cfg = dataclasses.replace(get_preset("small"), n_layer=args.layers, max_seq_len=max(256, args.seq_len))
+    if args.processes % args.tp:
+        ap.error(f"--processes {args.processes} must be a multiple of --tp {args.tp}")
+    d = args.d_model
+    cfg = dataclasses.replace(get_preset("small"), n_layer=args.layers, max_seq_len=max(256, args.seq_len), d_model=d,
+                              n_head=d // 64, n_kv_head=d // 64, d_ff=4 * d)
     flops, bytes_per_s = measure_core()
+    args.tp_link_gbytes_per_s = tp_link_gbytes_per_s(cfg, args, flops, bytes_per_s) if args.tp > 1 else 0.0
     mem_gib = memory_limit_gib(cfg, args, flops, bytes_per_s)
     load = os.getloadavg()[0]
     print(f"{time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} cores, load average {load:.2f} before the run; "
           f"one core: {flops / 1e9:.0f} GFLOP/s fp32 matmul, {bytes_per_s / 1e9:.1f} GB/s elementwise")
-    print(f"model small, {args.layers} blocks, seq {args.seq_len}; PP {args.processes}, {args.global_batch // args.micro_batch}"
-          f" micro-batches of {args.micro_batch}; emulated link {args.link_gbytes_per_s} GB/s between stages; "
+    tp_text = (f", TP {args.tp} over an emulated {args.tp_link_gbytes_per_s:.3f} GB/s link (an all-reduce takes "
+               f"{args.tp_share:.0%} of a block's forward)" if args.tp > 1 else "")
+    print(f"model small, width {d}, {args.layers} blocks, seq {args.seq_len}; PP {args.processes // args.tp}{tp_text}, "
+          f"{args.global_batch // args.micro_batch} micro-batches of {args.micro_batch}; emulated link "
+          f"{args.link_gbytes_per_s} GB/s between stages; "
           f"memory limit {mem_gib * 2**30 / 2**20:.1f} MiB per process ({args.memory:.0%} of the way from all blocks "
           f"recomputed to none on the most loaded stage); {args.steps} steps, median after {WARMUP_STEPS}")
     rows = {}
@@ -166,11 +207,13 @@ def main() -> None:
         work = Path(tmp)
         corpus(work / "corpus.txt")
         (work / "cluster.toml").write_text(cluster_text(args.processes, flops, bytes_per_s, args.link_gbytes_per_s,
-                                                        mem_gib))
+                                                        mem_gib, args.tp, args.tp_link_gbytes_per_s))
         model = ["--model.preset", "small", "--model.n_layer", str(args.layers), "--model.max_seq_len",
-                 str(cfg.max_seq_len), "--train.seq_len", str(args.seq_len)]
-        pins = ["--plan.pp", str(args.processes), "--plan.micro_batch", str(args.micro_batch),
-                "--plan.global_batch", str(args.global_batch), "--train.dtype", "fp32"]
+                 str(cfg.max_seq_len), "--train.seq_len", str(args.seq_len), "--model.d_model", str(d),
+                 "--model.n_head", str(cfg.n_head), "--model.n_kv_head", str(cfg.n_kv_head), "--model.d_ff", str(cfg.d_ff)]
+        pins = ["--plan.pp", str(args.processes // args.tp), "--plan.tp", str(args.tp),
+                "--plan.micro_batch", str(args.micro_batch),
+                "--plan.global_batch", str(args.global_batch), "--train.dtype", "fp32", "--plan.dtype", "fp32"]
         for name, method in (("b", "whole"), ("c", "heu")):
             subprocess.run([sys.executable, "-m", "hetrain.cli", "plan", "--cluster", str(work / "cluster.toml"),
                             *model, *pins, "--plan.recompute", method, "--run.dir", str(work / name)],

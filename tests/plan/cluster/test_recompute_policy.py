@@ -220,6 +220,12 @@ def test_policies_round_trip_through_plan_json_and_placement(tmp_path):
     groups = policy_groups(policies, 2)
     assert groups[0] == {"first_block": 2, "n_blocks": 2, "window": list(UNITS), "demand": []}
     assert block_policies({"blocks": groups}, 2, 4, 0) == policies
+    collective = [BlockPolicy.of(collective=["norm1", "qkv", "attn"], demand=["up"])] * 2 + [BlockPolicy.keep()]
+    assert policy_groups(collective, 0) == [{"first_block": 0, "n_blocks": 2, "window": [], "demand": ["up"],
+                                             "collective": ["norm1", "qkv", "attn"]}]
+    assert block_policies({"blocks": policy_groups(collective, 0)}, 0, 3, 0) == collective
+    with pytest.raises(ValueError, match="row-parallel"):
+        block_policies({"blocks": [{"first_block": 0, "n_blocks": 1, "collective": ["proj"]}]}, 0, 3, 0)
     assert block_policies({}, 0, 3, 2) == [BlockPolicy.whole(), BlockPolicy.whole(), BlockPolicy.keep()]
     model = dataclasses.asdict(dataclasses.replace(get_preset("tiny"), n_layer=6))
     cluster = cluster_to_dict(parse_cluster('name = "c"\n[[group]]\nname = "cpu"\nkind = "cpu"\nnodes = 1\n'

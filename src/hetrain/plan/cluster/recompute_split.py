@@ -85,6 +85,8 @@ def repartition(pricer: Pricer, n_blocks: list[int], max_moves: int = 64) -> tup
                 n[s] += delta
                 n[s + 1] -= delta
                 moves.append(n)
+        if not moves:  # one stage: nothing to move
+            break
         step, n = min(((pricer.price(n)[0], n) for n in moves), key=lambda x: x[0])
         if step >= best_s - 1e-12:
             break
