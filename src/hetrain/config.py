@@ -56,6 +56,8 @@ class RunConfig:
     """Cluster runs: also overlap the replicas' gradient all-reduce with the backward on CPU processes (gloo), where the planner prices it after the backward because the reduction runs on the cores the backward uses (measured slower on a 2-core machine: bench/bench_pipeline.py)."""
     emulate_link_gbytes_per_s: float = 0.0
     """Cluster runs, for benchmarks: hold every pipeline send for its bytes at this bandwidth (GB/s) before sending, as if the stages were joined by a link that slow (the cluster predictor prices a send the same way: the sender is busy for it); 0 sends at the real speed."""
+    emulate_tp_link_gbytes_per_s: float = 0.0
+    """Cluster runs, for benchmarks: make every tensor-parallel all-reduce (forward and backward) last at least as long as a ring all-reduce of its bytes at this bandwidth (GB/s) with no latency, 2 (tp - 1) / tp x bytes / bandwidth, as the cluster predictor prices it, sleeping for what remains after the real one; 0 reduces at the real speed."""
 
 
 @dataclass
@@ -359,6 +361,9 @@ def validate(cfg: Config) -> None:
     if cfg.run.emulate_link_gbytes_per_s < 0:
         raise ConfigError(f"run.emulate_link_gbytes_per_s must be 0 (off) or positive, got "
                           f"{cfg.run.emulate_link_gbytes_per_s}")
+    if cfg.run.emulate_tp_link_gbytes_per_s < 0:
+        raise ConfigError(f"run.emulate_tp_link_gbytes_per_s must be 0 (off) or positive, got "
+                          f"{cfg.run.emulate_tp_link_gbytes_per_s}")
     if cfg.run.dist_timeout_s <= 0:
         raise ConfigError(f"run.dist_timeout_s must be positive, got {cfg.run.dist_timeout_s}")
     if t.seq_len > cfg.model.max_seq_len and not cfg.hf.path:

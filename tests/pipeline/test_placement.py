@@ -56,6 +56,15 @@ def test_a_plan_that_cannot_run_is_one_clear_error(change, message):
         place_plan(plan)
 
 
+def test_units_inside_tensor_parallel_all_reduces_need_tensor_parallelism():
+    group = [{"first_block": 0, "n_blocks": 3, "window": [], "demand": [], "collective": ["norm2", "up", "act"]}]
+    with pytest.raises(ConfigError, match=r"chunk 0 recomputes units inside tensor-parallel all-reduces "
+                                          r"\('collective'\) but runs at tp 1.*place them 'window' or 'demand'"):
+        place_plan(plan_of(one_group_cluster(2), [pipeline(["cpu-a"], [3, 2], policies=[group, []])]))
+    layout = place_plan(plan_of(one_group_cluster(4), [pipeline(["cpu-a"], [3, 2], tp=2, policies=[group, []])]))
+    assert layout.places[0].chunks[0].policies[0].units_at("collective") == ["norm2", "up", "act"]
+
+
 def test_world_size_and_device_kind_are_checked_before_any_work(tmp_path, capsys):
     layout = place_plan(plan_of(local_cpu(), [pipeline(["cpu-a", "cpu-b"], [3, 2], stage_groups=["cpu-a", "cpu-b"],
                                                        dp=2)]))

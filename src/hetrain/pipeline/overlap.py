@@ -17,9 +17,11 @@ computation that needs it. hetrain registers its own FORWARD and FULL_BACKWARD f
   them. Seconds recomputed while the receive was still pending count as hidden.
 
 The last stage computes its loss right before its backward and so has no such wait; the waits
-for an activation (before a forward) and inside tensor-parallel collectives are not used (see
-docs/recompute.md). This module runs schedules; it must not choose policies or reduce gradients
-(it only tells the reduction when a chunk's last backward starts: `on_last_backward`).
+for an activation (before a forward) are not used, and those inside tensor-parallel all-reduces
+are used by the backward itself (COLLECTIVE regions: hetrain.pipeline.tensor_parallel calls
+the ledger; see docs/recompute.md). This module runs schedules; it must not choose policies or
+reduce gradients (it only tells the reduction when a chunk's last backward starts:
+`on_last_backward`).
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from hetrain.errors import ConfigError
 from hetrain.hardware.catalog import get_kind
 from hetrain.plan.cluster.plan import ClusterPlan
-from hetrain.plan.cluster.recompute_plan import BlockPolicy, block_policies
+from hetrain.plan.cluster.recompute_plan import COLLECTIVE, BlockPolicy, block_policies
 
 # The vendor library of a catalog kind -> (torch device type, torch.distributed backend).
 # ROCm builds of torch run RCCL behind the "nccl" backend name on "cuda" devices; HCCL needs
@@ -153,9 +153,13 @@ def _check_pipeline(p: int, pipe, n_layer: int) -> None:
                               f"{st.n_recompute_blocks}); chunks must cover the blocks in order from 0, at least "
                               f"one each")
         try:
-            block_policies(st.recompute, st.first_block, st.n_blocks, st.n_recompute_blocks)
+            policies = block_policies(st.recompute, st.first_block, st.n_blocks, st.n_recompute_blocks)
         except ValueError as err:
             raise ConfigError(f"{where}: chunk {c}: {err}; re-plan or fix its recompute entry") from None
+        if st.tp == 1 and any(p.units_at(COLLECTIVE) for p in policies):
+            raise ConfigError(f"{where}: chunk {c} recomputes units inside tensor-parallel all-reduces "
+                              f"('collective') but runs at tp 1, which has none; re-plan, or place them 'window' "
+                              f"or 'demand' in its recompute entry")
         if st.embedding != (c == 0) or st.head != (c == len(pipe.stages) - 1):
             raise ConfigError(f"{where}: the embedding must be on the first chunk and the head on the last")
         first += st.n_blocks

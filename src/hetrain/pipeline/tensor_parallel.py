@@ -1,12 +1,23 @@
-"""Tensor parallelism inside a pipeline stage, with torch.distributed.tensor.parallel on a DeviceMesh.
+"""Tensor parallelism inside a pipeline stage, Megatron style, with DTensor parameters on a DeviceMesh.
 
-`apply_tensor_parallel(stage, mesh)` shards every block of a StageModule over a 1-D mesh of the
-stage's TP ranks, Megatron style: the fused q/k/v projection and the MLP's up projection
-column-wise, the attention output projection and the MLP's down projection row-wise, so that a
-block needs one all-reduce in its forward after attention and one after the MLP (and their
-mirrors in backward). Each rank then runs n_head / tp heads (the Attention module's head
-counts are set to the local share). The embedding, final norm and head stay whole on every TP
-rank (each computes them; they are small beside the blocks for the models tested here).
+`apply_tensor_parallel(stage, mesh, cfg, ...)` shards every block of a StageModule over a 1-D
+mesh of the stage's TP ranks: the fused q/k/v projection and the MLP's up projection
+column-wise (weight and bias Shard(0)), the attention output projection and the MLP's down
+projection row-wise (weight Shard(1), bias Replicate()), so that a block needs one all-reduce in
+its forward after attention and one after the MLP, and one in its backward before each of the
+two column-parallel projections. Each rank then runs n_head / tp heads (the Attention module's
+head counts are set to the local share). The embedding, final norm and head stay whole on every
+TP rank (each computes them; they are small beside the blocks for the models tested here).
+
+The parameters are DTensors (checkpoints, the optimizer, clipping and the gradient reduction
+read them as such), but the layers compute on their local shards through two autograd
+functions, as Megatron-LM does: `_CopyToTP` before a column-parallel linear (identity forward;
+its backward starts the all-reduce of the input gradient asynchronously, lets a `window`
+callback compute while it is in flight, then waits) and `_ReduceFromTP` after a row-parallel one
+(all-reduce of the partial outputs; identity backward). DTensor's own layers would finish the
+input-gradient all-reduce inside their backward, leaving nothing to overlap (docs/recompute.md).
+With an emulated link (run.emulate_tp_link_gbytes_per_s) every all-reduce lasts at least as
+long as the planner prices a ring all-reduce of its bytes on that link with no latency.
 
 Fused projections cut into q|k|v (and gate|up for SwiGLU) would give a rank a slice that mixes
 them, so their output rows are first reordered to [q_0 k_0 v_0 | q_1 k_1 v_1 | ...], shard i
@@ -15,21 +26,143 @@ gradient or its Adam moments) between that order and the model's own, which is w
 checkpoints and cross-pipeline gradient exchange use. Not done: sequence parallelism and a
 vocabulary-parallel embedding (the planner assumes both; see docs/pipeline.md).
 
-This module changes modules and converts tensors; it must not create process groups or
-communicate outside the DTensor collectives that parallelize_module installs.
+This module changes modules and converts tensors; it must not create process groups, and it
+communicates only through the two functions, on the TP group of the mesh (`mesh.get_group()`),
+and DTensor's `full_tensor` in `full_canonical`. What runs inside a window is the caller's.
 """
 
 from __future__ import annotations
 
+import functools
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, distribute_tensor
-from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+from torch.distributed.tensor.parallel import ParallelStyle, parallelize_module
 
 from hetrain.model.gpt import ModelConfig
 
-_PLAN = {"attn.qkv": ColwiseParallel(), "attn.proj": RowwiseParallel(),
-         "mlp.up": ColwiseParallel(), "mlp.down": RowwiseParallel()}
+Window = Callable[[int, int, Callable[[], bool]], object]
+"""window(chunk index, block position in the chunk, in_flight): runs inside the backward all-reduce
+before a column-parallel linear of that block, and should return once in_flight() is False."""
+
+
+@dataclass(frozen=True)
+class TPLink:
+    """How a stage's two functions reach its other TP ranks."""
+
+    group: dist.ProcessGroup
+    size: int
+    s_per_byte: float = 0.0
+    """Emulated link (run.emulate_tp_link_gbytes_per_s): seconds per byte of each ring step; 0: off."""
+    window: Window | None = None
+
+    def all_reduce_s(self, n_bytes: int) -> float:
+        """The emulated ring all-reduce of n_bytes per rank: hetrain.plan.cluster.cost.ring_allreduce_s
+        with no latency (0 when not emulated)."""
+        return 2 * (self.size - 1) * n_bytes / self.size * self.s_per_byte
+
+
+def _bytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _hold_until(deadline: float) -> None:
+    left_s = deadline - time.perf_counter()
+    if left_s > 0:
+        time.sleep(left_s)
+
+
+class _CopyToTP(torch.autograd.Function):
+    """The input of a column-parallel linear: identity forward; the backward sums the TP ranks'
+    partial input gradients, computing `link.window` while the all-reduce is in flight."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, link: TPLink, where: tuple[int, int]) -> torch.Tensor:
+        ctx.link, ctx.where = link, where
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        link = ctx.link
+        grad = grad.contiguous()  # reduced in place: this backward's own buffer, read by nobody else
+        deadline = time.perf_counter() + link.all_reduce_s(_bytes(grad))
+        work = dist.all_reduce(grad, group=link.group, async_op=True)
+        if link.window is not None:
+            link.window(*ctx.where, lambda: not work.is_completed() or time.perf_counter() < deadline)
+        work.wait()
+        _hold_until(deadline)
+        return grad, None, None
+
+
+class _ReduceFromTP(torch.autograd.Function):
+    """The output of a row-parallel linear: the sum of the TP ranks' partial outputs; identity backward."""
+
+    @staticmethod
+    def forward(ctx, partial: torch.Tensor, link: TPLink) -> torch.Tensor:
+        deadline = time.perf_counter() + link.all_reduce_s(_bytes(partial))
+        dist.all_reduce(partial, group=link.group)  # in place: the linear's output, read by nobody else
+        _hold_until(deadline)
+        ctx.mark_dirty(partial)
+        return partial
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, None
+
+
+def _column_forward(module: nn.Linear, link: TPLink, where: tuple[int, int], x: torch.Tensor) -> torch.Tensor:
+    # module.weight at call time: hetrain.precision.WeightCopies may have put a bf16 copy there.
+    bias = module.bias
+    return F.linear(_CopyToTP.apply(x, link, where), module.weight.to_local(),
+                    None if bias is None else bias.to_local())  # (B, T, out / tp)
+
+
+def _row_forward(module: nn.Linear, link: TPLink, x: torch.Tensor) -> torch.Tensor:
+    out = _ReduceFromTP.apply(F.linear(x, module.weight.to_local()), link)  # (B, T, out), whole
+    return out if module.bias is None else out + module.bias.to_local()
+
+
+def _distribute(module: nn.Linear, mesh: DeviceMesh, placements: dict[str, list], src_data_rank: int | None) -> None:
+    """Replace the module's parameters by DTensors (src_data_rank None: no communication, every
+    rank takes its shard from the whole tensor it holds)."""
+    for name, placement in placements.items():
+        p = module._parameters.get(name)
+        if p is not None:
+            shards = distribute_tensor(p.detach(), mesh, placement, src_data_rank=src_data_rank)
+            module.register_parameter(name, nn.Parameter(shards, requires_grad=p.requires_grad))
+
+
+class ColumnParallel(ParallelStyle):
+    """An nn.Linear split by output rows: weight and bias Shard(0), the input gradient all-reduced
+    in the backward (with a window); its output is this rank's columns, a plain tensor."""
+
+    def __init__(self, link: TPLink, where: tuple[int, int]):
+        self.link, self.where = link, where
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        _distribute(module, device_mesh, {"weight": [Shard(0)], "bias": [Shard(0)]}, self.src_data_rank)
+        module.forward = functools.partial(_column_forward, module, self.link, self.where)
+        return module
+
+
+class RowParallel(ParallelStyle):
+    """An nn.Linear split by input columns: weight Shard(1), bias Replicate(), the output
+    all-reduced in the forward; its output is whole on every rank, a plain tensor."""
+
+    def __init__(self, link: TPLink):
+        self.link = link
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        _distribute(module, device_mesh, {"weight": [Shard(1)], "bias": [Replicate()]}, self.src_data_rank)
+        module.forward = functools.partial(_row_forward, module, self.link)
+        return module
 
 
 def check_tp(cfg: ModelConfig, tp: int) -> str | None:
@@ -75,21 +208,34 @@ def to_canonical(fqn: str, tensor: torch.Tensor, cfg: ModelConfig, tp: int) -> t
     return out
 
 
-def apply_tensor_parallel(stage: torch.nn.Module, mesh: DeviceMesh, cfg: ModelConfig) -> None:
-    """Shard the blocks of `stage` (a StageModule) over `mesh`, in place; names stay the same."""
+def apply_tensor_parallel(stage: torch.nn.Module, mesh: DeviceMesh, cfg: ModelConfig, link_gbytes_per_s: float = 0.0,
+                          window: Window | None = None) -> None:
+    """Shard the blocks of `stage` (a StageModule) over `mesh`, in place; names stay the same.
+    link_gbytes_per_s > 0 emulates a TP link of that bandwidth; `window` runs inside each
+    backward all-reduce before a column-parallel linear, told the chunk's index and the block's
+    position among the chunk's blocks."""
     tp = mesh.size()
     if tp == 1:
         return
-    for name, block in stage.blocks.items():
+    link = TPLink(mesh.get_group(), tp, 1e-9 / link_gbytes_per_s if link_gbytes_per_s > 0 else 0.0, window)
+    for position, (name, block) in enumerate(stage.blocks.items()):
         with torch.no_grad():
             for sub, param_name in (("attn.qkv", "weight"), ("attn.qkv", "bias"), ("mlp.up", "weight"),
                                     ("mlp.up", "bias")):
                 p = block.get_submodule(sub)._parameters.get(param_name)
                 if p is not None:
                     p.copy_(from_canonical(f"blocks.{name}.{sub}.{param_name}", p, cfg, tp))
-        parallelize_module(block, mesh, _PLAN)
-        block.attn.n_head //= tp  # this rank's heads; the module derives its widths from them
-        block.attn.n_kv_head //= tp
+        shard_block(block, mesh, link, (stage.chunk.index, position))
+
+
+def shard_block(block: torch.nn.Module, mesh: DeviceMesh, link: TPLink, where: tuple[int, int]) -> None:
+    """Shard one Block whose fused rows are already in shard order (from_canonical); `where` =
+    (chunk index, position of the block in the chunk), what the block's windows are told."""
+    parallelize_module(block, mesh, {"attn.qkv": ColumnParallel(link, where), "attn.proj": RowParallel(link),
+                                     "mlp.up": ColumnParallel(link, where), "mlp.down": RowParallel(link)},
+                       src_data_rank=None)  # every rank built the same whole model: no broadcast
+    block.attn.n_head //= mesh.size()  # this rank's heads; the module derives its widths from them
+    block.attn.n_kv_head //= mesh.size()
 
 
 def full_canonical(fqn: str, tensor: torch.Tensor, cfg: ModelConfig, tp: int) -> torch.Tensor:

@@ -1,6 +1,6 @@
-"""Selective recomputation inside blocks, and recomputation ahead of a backward (inside a wait).
+"""Selective recomputation inside blocks, and recomputation ahead of a backward (inside a wait or a collective).
 
-`apply_unit_recompute(blocks, policies, windows)` makes each block with a non-trivial policy
+`apply_unit_recompute(blocks, policies, ledger)` makes each block with a non-trivial policy
 (hetrain.plan.cluster.recompute_plan.BlockPolicy) run its forward as the model's eight steps
 (hetrain.model.gpt: norm1, qkv, attn, proj, norm2, up, act, down), each run of dropped units as
 one torch.utils.checkpoint region (non-reentrant, random state preserved, so dropout replays
@@ -8,18 +8,27 @@ its masks) and every other step plainly. The operations are exactly the block's 
 so results are bitwise those of the block. It overrides `forward` on the block instances only;
 the handle's `remove()` restores them.
 
-A region placed in a WINDOW also runs an `_Anchor` first: an autograd function that saves an
-empty tensor inside the region, off the data path (the backward graph stays the block's own, so
-gradients add up in the same order). `WindowRecompute` keeps the anchors
-of each micro-batch's forward; `recompute(...)` reads each anchor's saved tensor, which makes
-torch's checkpoint recompute the whole region at once, under a GraphExecGroup; the backward of
-that micro-batch then runs under the same group, so torch uses the recomputed tensors instead
-of recomputing again. A region not recomputed ahead (the wait ended first) is recomputed by
-the backward on demand, as any checkpoint. Recomputation forks the random state and restores
-it, so it never changes the masks of later forwards.
+A region placed in a WINDOW or COLLECTIVE also runs an `_Anchor` first: an autograd function
+that saves an empty tensor inside the region, off the data path (the backward graph stays the
+block's own, so gradients add up in the same order). `Recomputations` keeps the anchors of each
+micro-batch's forward; reading an anchor's saved tensor makes torch's checkpoint recompute the
+whole region at once, under a GraphExecGroup, and the backward of that micro-batch runs under
+the same group, so torch uses the recomputed tensors instead of recomputing again:
+- WINDOW regions, keyed by (stage, micro-batch): `recompute(...)` runs them ahead of the
+  backward, while the stage waits for the gradient (hetrain.pipeline.overlap calls it);
+- COLLECTIVE regions, keyed by (stage, micro-batch, block position in the chunk): `collective(...)`
+  runs block j - 1's inside the backward of block j, while one of block j's tensor-parallel
+  all-reduces is in flight (hetrain.pipeline.tensor_parallel calls it). The chunk's last block
+  has no next block: its COLLECTIVE regions are plain on-demand ones. Such regions never rerun a
+  row-parallel all-reduce: `proj` is never a COLLECTIVE unit, and a region ending at proj or down
+  stops recomputing once it has what the backward needs (torch's early stop), before the reduce.
+A region not recomputed in time is recomputed by the backward on demand, as any checkpoint.
+Recomputation forks the random state and restores it, so it never changes the masks of later
+forwards.
 
 This module wraps modules and triggers torch's recomputation; it must not communicate, choose
-policies or know about schedules (hetrain.pipeline.overlap decides when to call it).
+policies or know about schedules (hetrain.pipeline.overlap and tensor_parallel decide when to
+call it).
 """
 
 from __future__ import annotations
@@ -34,7 +43,7 @@ import torch.nn as nn
 from torch.utils.checkpoint import GraphExecGroup, checkpoint
 
 from hetrain.offload.checkpointing import RecomputeHandle, apply_recompute
-from hetrain.plan.cluster.recompute_plan import DEMAND, STEPS, WINDOW, BlockPolicy
+from hetrain.plan.cluster.recompute_plan import COLLECTIVE, DEMAND, STEPS, WINDOW, BlockPolicy
 
 _PROJ = STEPS.index("proj")
 
@@ -87,23 +96,37 @@ class _Timed(contextlib.AbstractContextManager):
 
 
 class Recomputations:
-    """One rank's ledger: the window regions of each (stage index, micro-batch) forward, their
-    GraphExecGroups, and the seconds spent recomputing ahead (in windows) and on demand."""
+    """One rank's ledger: the anchors of each (stage index, micro-batch) forward (its WINDOW
+    regions under that key, its COLLECTIVE regions under (stage index, micro-batch, block
+    position in the chunk)), their GraphExecGroups, and the seconds spent recomputing ahead of
+    backwards (in windows), inside tensor-parallel all-reduces, and on demand."""
 
     def __init__(self) -> None:
         self._forward: tuple[int, int] | None = None
-        self._anchors: dict[tuple[int, int], list] = {}
+        self._backward: tuple[tuple[int, int], GraphExecGroup | None] | None = None
+        """The (stage index, micro-batch) whose backward runs now, and its group."""
+        self._anchors: dict[tuple, list] = {}
         self._groups: dict[tuple[int, int], GraphExecGroup] = {}
-        self._ahead = False
+        self._place = DEMAND
+        """Where the recomputation running now is: WINDOW (ahead), COLLECTIVE or DEMAND."""
+        self._collective_ran_s = 0.0
         self.token = torch.zeros(0, requires_grad=True)
-        """What each window region's anchor saves (no bytes)."""
+        """What each anchor saves (no bytes)."""
         self.ahead_s = 0.0
         """Seconds of recomputation run ahead of a backward (in `recompute`)."""
         self.demand_s = 0.0
-        """Seconds of recomputation run inside backwards."""
+        """Seconds of recomputation run inside backwards, on demand."""
         self.regions_ahead = 0
         self.regions_left = 0
         """Window regions the backward recomputed because the wait ended first."""
+        self.collective_hidden_s = 0.0
+        """Seconds of COLLECTIVE regions recomputed while their all-reduce was still in flight at the region's end."""
+        self.collective_after_s = 0.0
+        """Seconds of COLLECTIVE regions during which the all-reduce ended (the region overran it)."""
+        self.regions_collective = 0
+        """COLLECTIVE regions recomputed inside all-reduces."""
+        self.collective_left = 0
+        """COLLECTIVE regions the backward recomputed on demand (the all-reduces ended first, or tp 1)."""
 
     @contextlib.contextmanager
     def forward(self, stage_index: int, micro_batch: int):
@@ -114,13 +137,20 @@ class Recomputations:
         finally:
             self._forward = None
 
-    def _note(self, node) -> None:
+    def _anchor(self, position: int | None) -> None:
+        """At the start of a region's forward (and of its recomputation, which must save what the
+        forward saved): an anchor, noted in a forward as a WINDOW region's (position None) or as a
+        COLLECTIVE region of the block at `position`."""
+        node = _Anchor.apply(self.token).grad_fn  # off the data path, so the backward graph is the block's own
         if self._forward is not None and node is not None:
-            self._anchors.setdefault(self._forward, []).append(node)
+            key = self._forward if position is None else (*self._forward, position)
+            self._anchors.setdefault(key, []).append(node)
 
     def _ran(self, seconds: float) -> None:
-        if self._ahead:
+        if self._place == WINDOW:
             self.ahead_s += seconds
+        elif self._place == COLLECTIVE:
+            self._collective_ran_s += seconds
         else:
             self.demand_s += seconds
 
@@ -138,7 +168,7 @@ class Recomputations:
             return 0
         group = self._groups.setdefault(key, GraphExecGroup())
         done = 0
-        self._ahead = True
+        self._place = WINDOW
         try:
             while anchors and not stop():
                 node = anchors.pop()
@@ -146,26 +176,66 @@ class Recomputations:
                     node.saved_tensors  # noqa: B018 - the read is what triggers the recomputation
                 done += 1
         finally:
-            self._ahead = False
+            self._place = DEMAND
         self.regions_ahead += done
+        return done
+
+    def collective(self, stage_index: int, position: int, in_flight: Callable[[], bool]) -> int:
+        """Called inside a tensor-parallel all-reduce of the backward of block `position` of chunk
+        `stage_index` (hetrain.pipeline.tensor_parallel's window): recompute the COLLECTIVE regions
+        of the block before it, for the micro-batch whose backward runs, last region first, while
+        in_flight(); the rest wait for the backward. A region's seconds count as hidden when the
+        all-reduce is still in flight at its end. Returns the regions recomputed."""
+        if self._backward is None or self._backward[0][0] != stage_index:
+            return 0
+        key, group = self._backward
+        anchors = self._anchors.get((*key, position - 1))
+        done = 0
+        self._place = COLLECTIVE
+        try:
+            while anchors and in_flight():
+                node = anchors.pop()
+                before_s = self._collective_ran_s
+                # The backward's group (autograd carries it into its threads); entered if not.
+                with contextlib.nullcontext() if GraphExecGroup._get_current_group() is group else group:
+                    node.saved_tensors  # noqa: B018 - the read is what triggers the recomputation
+                ran_s = self._collective_ran_s - before_s
+                if in_flight():
+                    self.collective_hidden_s += ran_s
+                else:
+                    self.collective_after_s += ran_s
+                done += 1
+        finally:
+            self._place = DEMAND
+        self.regions_collective += done
         return done
 
     @contextlib.contextmanager
     def backward(self, stage_index: int, micro_batch: int):
         """The backward of one micro-batch of one stage runs inside this: under the group its
-        regions were recomputed in, if any; its anchors are dropped after it."""
+        regions were recomputed in ahead, or a new one when it has COLLECTIVE regions (recomputed
+        inside it); its anchors are dropped after it."""
         key = (stage_index, micro_batch)
         self.regions_left += len(self._anchors.pop(key, ()))
+        collective = [k for k in self._anchors if len(k) == 3 and k[:2] == key]
         group = self._groups.pop(key, None)
-        with group if group is not None else contextlib.nullcontext():
-            yield
+        if group is None and collective:
+            group = GraphExecGroup()
+        self._backward = (key, group)
+        try:
+            with group if group is not None else contextlib.nullcontext():
+                yield
+        finally:
+            self._backward = None
+            for k in collective:
+                self.collective_left += len(self._anchors.pop(k))
 
 
-def _run_steps(block: nn.Module, first: int, last: int, rope, ledger: Recomputations | None,
+def _run_steps(block: nn.Module, first: int, last: int, rope, anchor: Callable[[], None] | None,
                h: torch.Tensor, x: torch.Tensor | None = None):
     """Steps first..last of `block`; returns h, or (h, proj's output) when proj is inside and not last."""
-    if ledger is not None:  # off the data path, so the backward graph is the block's own
-        ledger._note(_Anchor.apply(ledger.token).grad_fn)
+    if anchor is not None:
+        anchor()
     x2 = None
     for k in range(first, last + 1):
         h = _step(block, STEPS[k], h, x, rope)
@@ -175,8 +245,10 @@ def _run_steps(block: nn.Module, first: int, last: int, rope, ledger: Recomputat
 
 
 def _unit_forward(block: nn.Module, regions: dict[int, tuple[int, str]], ledger: Recomputations,
-                  x: torch.Tensor, rope=None) -> torch.Tensor:
-    """Block.forward, step by step, each region under torch.utils.checkpoint."""
+                  position: int | None, x: torch.Tensor, rope=None) -> torch.Tensor:
+    """Block.forward, step by step, each region under torch.utils.checkpoint. `position`: the
+    block's place in its chunk, None for the chunk's last block (no next block: its COLLECTIVE
+    regions are plain on-demand ones)."""
     contexts = functools.partial(_contexts, ledger)
     h, x2, k = x, None, 0
     while k < len(STEPS):
@@ -186,7 +258,12 @@ def _unit_forward(block: nn.Module, regions: dict[int, tuple[int, str]], ledger:
             k += 1
             continue
         last, place = regions[k]
-        fn = functools.partial(_run_steps, block, k, last, rope, ledger if place == WINDOW else None)
+        anchor = None
+        if place == WINDOW:
+            anchor = functools.partial(ledger._anchor, None)
+        elif place == COLLECTIVE and position is not None:
+            anchor = functools.partial(ledger._anchor, position)
+        fn = functools.partial(_run_steps, block, k, last, rope, anchor)
         args = (h, x) if k <= _PROJ <= last else (h,)
         out = checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=True, context_fn=contexts)
         if k <= _PROJ < last:
@@ -204,15 +281,18 @@ def _contexts(ledger: Recomputations):
 
 def apply_unit_recompute(blocks: list[nn.Module], policies: list[BlockPolicy],
                          ledger: Recomputations) -> RecomputeHandle:
-    """Run each block's forward under its policy (kept blocks are left alone)."""
+    """Run each block's forward under its policy (kept blocks are left alone). `blocks` are one
+    chunk's, in order: a block's COLLECTIVE regions are recomputed inside the next one's
+    all-reduces (`Recomputations.collective`), the last block's on demand."""
     wrapped = []
-    for block, policy in zip(blocks, policies, strict=True):
+    for position, (block, policy) in enumerate(zip(blocks, policies, strict=True)):
         if policy.is_keep:
             continue
         if "forward" in block.__dict__:
             raise ValueError("a block already has its forward replaced; apply recomputation once")
         regions = {a: (b, place) for a, b, place in policy.regions()}
-        block.forward = functools.partial(_unit_forward, block, regions, ledger)
+        block.forward = functools.partial(_unit_forward, block, regions, ledger,
+                                          position if position < len(blocks) - 1 else None)
         wrapped.append(block)
     return RecomputeHandle(wrapped)
 

@@ -7,7 +7,8 @@ transformers causal LM from --hf.path at TP 1) in this order, and why:
    one process would, so each stage starts from exactly the one-process weights; it keeps its
    chunks (stages.py);
 2. tensor parallelism shards the chunks' blocks (tensor_parallel.py) before anything holds
-   references to their parameters;
+   references to their parameters; its backward all-reduces recompute COLLECTIVE units through
+   the recomputation ledger of step 3;
 3. recomputation wraps the plan's blocks, whole or unit by unit (torch.utils.checkpoint,
    hetrain.pipeline.unit_recompute), around the sharded layers;
 4. the optimizer (fused AdamW, as one process) over the chunks' parameters;
@@ -113,13 +114,14 @@ class ClusterTrainer:
         self.chunks = [build_chunk(whole, c, place.micro_batch, cfg.train.seq_len, autocast_dtype).to(self.device)
                        for c in place.chunks]
         del whole
-        if place.tp > 1:
+        self.ledger = Recomputations()
+        if place.tp > 1:  # each block's backward all-reduces recompute the previous block's COLLECTIVE units
             from torch.distributed.device_mesh import DeviceMesh
 
             mesh = DeviceMesh.from_group(self.comm.tp.group, place.device_type)
             for chunk in self.chunks:
-                apply_tensor_parallel(chunk, mesh, cfg.model)
-        self.ledger = Recomputations()
+                apply_tensor_parallel(chunk, mesh, cfg.model, cfg.run.emulate_tp_link_gbytes_per_s,
+                                      window=self.ledger.collective)
         self.recompute = [apply_stage_recompute(chunk, self.ledger) for chunk in self.chunks]
         self.named = [(n, p) for chunk in self.chunks for n, p in chunk.named_parameters(remove_duplicate=False)]
         share = layout.pipeline_samples[place.pipeline] / layout.global_batch
@@ -349,8 +351,10 @@ class ClusterTrainer:
         measured = [self.place.pipeline, self.place.stage, self.place.replica, self.place.tp_rank, self.place.kind,
                     self.clock.fwd_s, self.clock.fwd_count, self.clock.bwd_s, self.clock.bwd_count,
                     len(self.place.chunks)]
-        recomputed = (self.ledger.ahead_s, self.run.wait_stats.hidden_s, self.ledger.demand_s,
-                      self.ledger.regions_ahead, self.ledger.regions_left, result.step - self.start_step)
+        lg = self.ledger
+        recomputed = (lg.ahead_s, self.run.wait_stats.hidden_s, lg.demand_s, lg.regions_ahead, lg.regions_left,
+                      result.step - self.start_step, lg.collective_hidden_s, lg.collective_after_s,
+                      lg.regions_collective, lg.collective_left)
         gathered = [None] * self.layout.world if self.is_main else None
         dist.gather_object((measured, self.clock.events, recomputed), gathered, dst=0, group=self.comm.control)
         if not self.is_main:
@@ -381,17 +385,25 @@ class ClusterTrainer:
 
     def _report_recompute(self, gathered: list) -> None:
         """Rank 0: per stage, the recomputation per step ahead of backwards (and how much of it ran
-        while the gradient was on its way) and on demand inside backwards (every step run)."""
-        rows = [(m[0], m[1], r) for m, _, r in gathered if not m[2] and not m[3] and (r[0] or r[2])]
+        while the gradient was on its way), inside tensor-parallel all-reduces (and how much of it
+        before they ended) and on demand inside backwards (every step run)."""
+        rows = [(m[0], m[1], r) for m, _, r in gathered if not m[2] and not m[3] and (r[0] or r[2] or r[6] or r[7])]
         if not rows:
             return
         print("hetrain: recomputation per step (replica 0, TP rank 0; every step of this run): ahead of backwards "
-              "(of it inside gradient waits), on demand inside backwards", flush=True)
-        for pipe, stage, (ahead_s, hidden_s, demand_s, n_ahead, n_left, steps) in rows:
+              "(of it inside gradient waits), inside TP all-reduces (of it before they ended), on demand inside "
+              "backwards", flush=True)
+        for pipe, stage, r in rows:
+            ahead_s, hidden_s, demand_s, n_ahead, n_left, steps, in_s, after_s, n_in, n_in_left = r
             per = 1000 / max(steps, 1)
             share = f" ({100 * hidden_s / ahead_s:.0f}% inside waits)" if ahead_s else ""
-            print(f"hetrain:   P{pipe} S{stage}: {per * ahead_s:.2f} ms ahead{share}, {per * demand_s:.2f} ms on "
-                  f"demand; {n_ahead} regions ahead, {n_left} left to their backward", flush=True)
+            inside, counts = "", ""
+            if in_s or after_s or n_in or n_in_left:
+                inside = f"{per * (in_s + after_s):.2f} ms inside all-reduces ({per * in_s:.2f} ms before they ended), "
+                counts = f"; {n_in} regions inside all-reduces, {n_in_left} left to their backward"
+            print(f"hetrain:   P{pipe} S{stage}: {per * ahead_s:.2f} ms ahead{share}, {inside}"
+                  f"{per * demand_s:.2f} ms on demand; {n_ahead} regions ahead, {n_left} left to their backward"
+                  f"{counts}", flush=True)
 
 
 def _describe_dtypes(cfg: Config, plan: ClusterPlan) -> str:
