@@ -156,15 +156,17 @@ def train(name: str, plan_path: Path, work: Path, args) -> dict:
         raise RuntimeError(f"{name}: torchrun failed:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
     records = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [r["step_s"] for r in records[WARMUP_STEPS:]]
-    ahead = hidden = demand = 0.0
-    for m in re.finditer(r"P\d+ S\d+: ([\d.]+) ms ahead(?: \((\d+)% inside waits\))?, ([\d.]+) ms on demand",
-                         done.stdout):
+    ahead = hidden = demand = inside = inside_hidden = 0.0
+    for m in re.finditer(r"P\d+ S\d+: ([\d.]+) ms ahead(?: \((\d+)% inside waits\))?, (?:([\d.]+) ms inside "
+                         r"all-reduces \(([\d.]+) ms before they ended\), )?([\d.]+) ms on demand", done.stdout):
         a = float(m.group(1))
         ahead += a
         hidden += a * float(m.group(2) or 0) / 100
-        demand += float(m.group(3))
+        inside += float(m.group(3) or 0)
+        inside_hidden += float(m.group(4) or 0)
+        demand += float(m.group(5))
     return {"measured_step_s": statistics.median(steps), "steps_s": steps, "ahead_ms": ahead, "hidden_ms": hidden,
-            "demand_ms": demand}
+            "collective_ms": inside, "collective_hidden_ms": inside_hidden, "demand_ms": demand}
 
 
 def main() -> None:
@@ -239,10 +241,13 @@ def main() -> None:
                   f"{row['measured_step_s'] / row['predicted_step_s']:>9.2f} {peak / 2**20:>10.1f}{fits:<5}  "
                   f"{row['layout']}", flush=True)
     c = rows["c"]
-    total = c["ahead_ms"] + c["demand_ms"]
-    print(f"(c) recomputation per step, all stages: {c['ahead_ms']:.1f} ms ahead of backwards, {c['hidden_ms']:.1f} "
-          f"ms of it while the gradient was on its way, {c['demand_ms']:.1f} ms on demand: "
-          f"{100 * c['hidden_ms'] / total if total else 0:.0f}% of the recompute time ran inside waits")
+    total = c["ahead_ms"] + c["collective_ms"] + c["demand_ms"]
+    hidden = c["hidden_ms"] + c["collective_hidden_ms"]
+    print(f"(c) recomputation per step, all stages (TP rank 0): {c['ahead_ms']:.1f} ms ahead of backwards, "
+          f"{c['hidden_ms']:.1f} ms of it while the gradient was on its way; {c['collective_ms']:.1f} ms inside "
+          f"tensor-parallel all-reduces, {c['collective_hidden_ms']:.1f} ms of it before they ended; "
+          f"{c['demand_ms']:.1f} ms on demand: {100 * hidden / total if total else 0:.0f}% of the recompute time ran "
+          f"inside waits")
     b_cost = (rows["b"]["measured_step_s"] - rows["a"]["measured_step_s"]) / rows["b"]["measured_step_s"]
     print(f"on-demand recomputation costs {100 * b_cost:.0f}% of (b)'s measured step (against (a))")
     if args.json:

@@ -65,6 +65,15 @@ def test_units_inside_tensor_parallel_all_reduces_need_tensor_parallelism():
     assert layout.places[0].chunks[0].policies[0].units_at("collective") == ["norm2", "up", "act"]
 
 
+def test_a_tensor_parallel_all_reduce_is_never_recomputed_ahead():
+    """Each TP rank stops recomputing ahead when its own gradient arrives: a region that reruns
+    proj's all-reduce there would leave the ranks' all-reduces paired wrongly."""
+    whole = [{"first_block": 0, "n_blocks": 1, "window": ["attn", "proj", "norm2"], "demand": []}]
+    with pytest.raises(ConfigError, match=r"recomputes proj ahead of a backward \('window'\) at tp 2"):
+        place_plan(plan_of(one_group_cluster(4), [pipeline(["cpu-a"], [3, 2], tp=2, policies=[whole, []])]))
+    place_plan(plan_of(one_group_cluster(2), [pipeline(["cpu-a"], [3, 2], policies=[whole, []])]))  # tp 1: fine
+
+
 def test_world_size_and_device_kind_are_checked_before_any_work(tmp_path, capsys):
     layout = place_plan(plan_of(local_cpu(), [pipeline(["cpu-a", "cpu-b"], [3, 2], stage_groups=["cpu-a", "cpu-b"],
                                                        dp=2)]))

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from hetrain.errors import ConfigError
 from hetrain.hardware.catalog import get_kind
 from hetrain.plan.cluster.plan import ClusterPlan
-from hetrain.plan.cluster.recompute_plan import COLLECTIVE, BlockPolicy, block_policies
+from hetrain.plan.cluster.recompute_plan import COLLECTIVE, NOT_COLLECTIVE, WINDOW, BlockPolicy, block_policies
 
 # The vendor library of a catalog kind -> (torch device type, torch.distributed backend).
 # ROCm builds of torch run RCCL behind the "nccl" backend name on "cuda" devices; HCCL needs
@@ -160,6 +160,11 @@ def _check_pipeline(p: int, pipe, n_layer: int) -> None:
             raise ConfigError(f"{where}: chunk {c} recomputes units inside tensor-parallel all-reduces "
                               f"('collective') but runs at tp 1, which has none; re-plan, or place them 'window' "
                               f"or 'demand' in its recompute entry")
+        if st.tp > 1 and any(u in NOT_COLLECTIVE for p in policies for u in p.units_at(WINDOW)):
+            raise ConfigError(f"{where}: chunk {c} recomputes {', '.join(NOT_COLLECTIVE)} ahead of a backward "
+                              f"('window') at tp {st.tp}: that reruns a tensor-parallel all-reduce, and each TP rank "
+                              f"stops recomputing ahead when its own gradient arrives, so the ranks' all-reduces "
+                              f"would pair up wrongly; re-plan, or place it 'demand' in its recompute entry")
         if st.embedding != (c == 0) or st.head != (c == len(pipe.stages) - 1):
             raise ConfigError(f"{where}: the embedding must be on the first chunk and the head on the last")
         first += st.n_blocks

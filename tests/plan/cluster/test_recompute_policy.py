@@ -124,7 +124,7 @@ def _problems():
         units = block_units(cfg, 1, min(cfg.max_seq_len, 1024), 2)
         steps = tuple(i + 1.0 for i in range(8))
         yield StageProblem(n, units, steps, 3, frac * 3 * n * units.total_bytes, len(windows) or 6, windows,
-                           collective)
+                           collective, tp=2 if collective else 1)
 
 
 def test_collective_regions_hide_in_the_next_blocks_all_reduces():
@@ -145,6 +145,20 @@ def test_collective_regions_hide_in_the_next_blocks_all_reduces():
         BlockPolicy.of(collective=["proj"])
 
 
+def test_no_tensor_parallel_all_reduce_is_recomputed_ahead():
+    """proj reruns a row-parallel all-reduce; each TP rank stops recomputing ahead when its own
+    gradient arrives, so at tp > 1 neither HEU nor OPT places it in a window (at tp 1 OPT does here)."""
+    units = block_units(get_preset("gpt2-small"), 1, 1024, 2)
+    problem = StageProblem(3, units, tuple(i + 1.0 for i in range(8)), 3, 0.2 * 3 * 3 * units.total_bytes, 6,
+                           (200.0,) * 6)
+    proj = UNITS.index("proj")
+    assert any(p.places[proj] == WINDOW for p in optimal(problem).policies)
+    tp2 = dataclasses.replace(problem, tp=2)
+    for choice in (heuristic(tp2), optimal(tp2)):
+        assert choice.fits and not any(p.places[proj] == WINDOW for p in choice.policies)
+        assert choice.window_s > 0  # what needs no all-reduce is still recomputed ahead
+
+
 def test_heu_is_close_to_the_milp_and_never_better():
     worst, used = 1.0, 0
     for problem in _problems():
@@ -152,6 +166,8 @@ def test_heu_is_close_to_the_milp_and_never_better():
         assert heu.fits and opt.fits
         for choice in (heu, opt):
             assert all(p.places[UNITS.index("proj")] != COLLECTIVE for p in choice.policies)
+            if problem.tp > 1:  # a TP all-reduce is never recomputed ahead (the ranks stop at different points)
+                assert all(p.places[UNITS.index("proj")] != WINDOW for p in choice.policies)
             used += any(COLLECTIVE in p.places for p in choice.policies)
             if not problem.collective_window_s:
                 assert not any(COLLECTIVE in p.places for p in choice.policies)

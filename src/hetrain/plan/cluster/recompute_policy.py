@@ -56,6 +56,9 @@ class StageProblem:
     collective_window_s: float = 0.0
     """Per block, the all-reduces of its backward, inside which the block before it may recompute
     (0 without tensor parallelism)."""
+    tp: int = 1
+    """With tensor parallelism, nothing that reruns an all-reduce (NOT_COLLECTIVE) is recomputed
+    ahead: each TP rank stops when its own gradient arrives, so their all-reduces would not pair up."""
 
     @property
     def has_windows(self) -> bool:
@@ -145,9 +148,9 @@ def heuristic(problem: StageProblem) -> StageChoice:
         return StageChoice([BlockPolicy.keep()] * n, 0.0, 0.0, 0, 0, 0.0, True, time.perf_counter() - t0)
     ws, prefix = _windows(problem)
     steps, cw = list(problem.step_s), problem.collective_window_s
-    options, sets = [(0, 0.0, 0)], {0: _UnitSet(0, 0.0, 0.0, 0.0, 0, BlockPolicy.keep())}
+    options, sets = [(0, 0.0, 0)], {0: _UnitSet(0, 0.0, 0.0, 0.0, 0, BlockPolicy.keep(), False)}
     for mask in range(1, 2 ** len(UNITS)):
-        u = _unit_set(mask, problem.units, steps, cw)
+        u = _unit_set(mask, problem.units, steps, cw, problem.tp)
         sets[mask] = u
         options.append((u.freed, u.backward_s, mask))
     hull = _lower_hull(options)
@@ -167,7 +170,8 @@ def heuristic(problem: StageProblem) -> StageChoice:
             ahead = backward = 0.0
             plan = []
             for (f, sec, mask), count in groups:
-                j = min(count, int(room // f)) if problem.has_windows and f > 0 and sec > 0 else 0
+                ok = problem.has_windows and f > 0 and sec > 0 and sets[mask].ahead_ok
+                j = min(count, int(room // f)) if ok else 0
                 room -= j * f
                 ahead += j * sets[mask].raw_s
                 backward += (count - j) * sec
@@ -204,13 +208,16 @@ class _UnitSet:
     """What it adds more on the stage's last block (its collective regions have no window there)."""
     collective_held: int
     in_backward: BlockPolicy
+    ahead_ok: bool
+    """May be recomputed ahead of the backward (nothing in it reruns a TP all-reduce)."""
 
 
-def _unit_set(mask: int, units: BlockUnits, steps: list[float], collective_window_s: float) -> _UnitSet:
+def _unit_set(mask: int, units: BlockUnits, steps: list[float], collective_window_s: float, tp: int) -> _UnitSet:
     demand = BlockPolicy(_places(mask, DEMAND))
     c = policy_cost(demand, units, steps)
+    ahead_ok = tp == 1 or not any(mask >> UNITS.index(u) & 1 for u in NOT_COLLECTIVE)
     if collective_window_s <= 0:
-        return _UnitSet(c.freed_bytes, c.demand_s, c.demand_s, 0.0, 0, demand)
+        return _UnitSet(c.freed_bytes, c.demand_s, c.demand_s, 0.0, 0, demand, ahead_ok)
     places = list(demand.places)
     for a, b, _ in demand.regions():
         if not any(UNITS[k] in NOT_COLLECTIVE for k in range(a, b)):
@@ -219,7 +226,7 @@ def _unit_set(mask: int, units: BlockUnits, steps: list[float], collective_windo
     pc = policy_cost(policy, units, steps)
     hidden = min(pc.collective_s, collective_window_s)
     return _UnitSet(pc.freed_bytes, c.demand_s, pc.demand_s + pc.collective_s - hidden, hidden,
-                    pc.collective_freed_bytes, policy)
+                    pc.collective_freed_bytes, policy, ahead_ok)
 
 
 def _places(mask: int, place: str) -> tuple[str | None, ...]:
@@ -289,6 +296,13 @@ def optimal(problem: StageProblem, time_limit_s: float = 60.0) -> StageChoice:
                 if 0 < j < K:  # s >= x_j - (x_{j-1} at any place)
                     row({var("s", b, p, j): 1, var("x", b, p, j): -1, **{var("x", b, q, j - 1): 1 for q in places}},
                         0, math.inf)
+    for b in range(n if problem.tp > 1 and problem.has_windows else 0):  # no TP all-reduce recomputed ahead
+        for k, name in enumerate(UNITS):
+            if name in NOT_COLLECTIVE:
+                row({var("x", b, WINDOW, k): 1}, 0, 0)
+        for j, name in enumerate(STEPS):
+            if name in ("proj", "down"):
+                row({var("r", b, WINDOW, j): 1}, 0, 0)
     if cw > 0:  # nothing that reruns a row-parallel step (its own all-reduce) inside another all-reduce
         for b in range(n):
             for k, name in enumerate(UNITS):

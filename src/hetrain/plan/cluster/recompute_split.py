@@ -49,7 +49,7 @@ class Pricer:
         st = self.stages[s]
         units, steps, collective_window = self.steps[s]
         budget = st.capacity_bytes - st.static_bytes(n) - st.inflight * st.fixed_act_bytes
-        return StageProblem(n, units, steps, st.inflight, budget, self.m, windows, collective_window)
+        return StageProblem(n, units, steps, st.inflight, budget, self.m, windows, collective_window, st.tp)
 
     def price(self, n_blocks: list[int]) -> tuple[float, PipelineRecompute | None]:
         """Predicted step of this split with the chosen policies (inf when a stage cannot fit)."""
