@@ -8,7 +8,7 @@ Configurations (why they are realistic, docs/recompute.md):
   activation takes about as long to cross as a block's forward.
 - tensor-parallel (--tp 2): P / tp stages of tp processes each, whose tensor-parallel all-reduces
   go over a slow link too (run.emulate_tp_link_gbytes_per_s, priced as a ring all-reduce), set so
-  that one all-reduce takes --tp-share of a block's forward on this core: GPUs joined by PCIe
+  that one all-reduce takes --tp-share of a block's forward as timed on this core: GPUs joined by PCIe
   without NVLink (two 24 GB cards: a 16 MiB bf16 activation of a 7B model at 2,048 tokens takes
   about 1.7 ms over ~10 GB/s, against about 4 ms of block forward per card at TP 2). A block's
   backward waits for its two input-gradient all-reduces; the block before it recomputes there.
@@ -16,7 +16,9 @@ Each process's memory limit (the cluster file's memory_gib) sits between what th
 stage needs with every block recomputed and without recomputation.
 
 Before planning, one core is measured (fp32 matmul GFLOP/s, elementwise GB/s) and declared in the
-cluster file, divided among the processes when they outnumber the cores. Then, at that limit:
+cluster file so that the predictor's default CPU roofline gives these rates back (the peak is the
+measured rate over the curve's efficiency), divided among the processes when they outnumber the
+cores. Then, at that limit:
   (a) no recomputation: (b)'s split with nothing recomputed (it exceeds the limit; its predicted
       peak is printed against the limit, since nothing on a CPU enforces it),
   (b) on-demand whole-block recomputation: `hetrain plan --plan.recompute whole`,
@@ -54,6 +56,7 @@ from hetrain.plan.cluster.cost import PredictorOptions
 from hetrain.plan.cluster.plan import ClusterPlan
 from hetrain.plan.cluster.predict import build_stages, context_for, shape_of
 from hetrain.plan.cluster.search import Pins, SearchOptions
+from hetrain.predict.roofline import CPU_CURVE
 
 WARMUP_STEPS = 2
 
@@ -80,7 +83,10 @@ def cluster_text(processes: int, flops: float, bytes_per_s: float, link_gbytes_p
     """One group of CPU processes; with tp > 1, nodes of tp processes (TP inside a node, over the
     TP link; stages between nodes, over the pipeline link)."""
     share = min(1.0, (os.cpu_count() or 1) / processes)  # processes beyond the cores share them
-    tflops = flops * share / 1e12
+    # Declared so that the predictor's default CPU roofline gives back the measured rates: it reaches
+    # CPU_CURVE.max_efficiency of the peak in large GEMMs and memory_bw_efficiency of the bandwidth.
+    tflops = flops * share / CPU_CURVE.max_efficiency / 1e12
+    bytes_per_s = bytes_per_s / PredictorOptions().memory_bw_efficiency
     nodes, per_node = (processes // tp, tp) if tp > 1 else (1, processes)
     intra = tp_link_gbytes_per_s if tp > 1 else link_gbytes_per_s
     # The predictor reaches link_efficiency (0.8) of a declared link: declare the emulated speed / 0.8.
@@ -112,15 +118,40 @@ def memory_limit_gib(cfg, args, flops, bytes_per_s) -> float:
     return (low + args.memory * (high - low)) / (1 - ctx.options.memory_reserve_fraction) / 2**30
 
 
-def tp_link_gbytes_per_s(cfg, args, flops: float, bytes_per_s: float) -> float:
-    """The emulated TP link at which one ring all-reduce of a block's output takes args.tp_share of
-    the block's forward compute, both as the predictor prices them on the declared core (the
-    runtime holds each all-reduce for 2 (tp - 1) / tp x its bytes / this rate, as the predictor
-    prices it)."""
-    ctx, stages, _ = roomy(cfg, args, flops, bytes_per_s, 1e4)  # a fast link: the block's compute alone
-    st = stages[0]
-    per_rank = ctx.kit(ctx.cluster.group(st.group), args.tp, args.micro_batch).boundary_bytes
-    return 2 * (args.tp - 1) * per_rank / (args.tp_share * st.block_fwd_s) / 1e9
+def block_forward_s(args) -> float:
+    """One TP rank's share of a block's forward for one micro-batch, timed on one thread: layer
+    norms, its q/k/v columns, attention over its heads, its rows of the output projection, its
+    MLP columns, GELU and its rows of the down projection (fp32, what the runs compute in)."""
+    torch.set_num_threads(1)
+    tp, d, mb, s = args.tp, args.d_model, args.micro_batch, args.seq_len
+    heads = d // 64 // tp
+    x = torch.randn(mb, s, d)
+    w_qkv, w_proj = torch.randn(3 * heads * 64, d), torch.randn(d, heads * 64)
+    w_up, w_down = torch.randn(4 * d // tp, d), torch.randn(d, 4 * d // tp)
+    fn = torch.nn.functional
+
+    def forward():
+        h = fn.layer_norm(x, (d,))
+        q, k, v = fn.linear(h, w_qkv).view(mb, s, 3, heads, 64).permute(2, 0, 3, 1, 4)
+        a = fn.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(mb, s, heads * 64)
+        h = x + fn.linear(a, w_proj)
+        return h + fn.linear(fn.gelu(fn.linear(fn.layer_norm(h, (d,)), w_up), approximate="tanh"), w_down)
+
+    best = float("inf")
+    with torch.no_grad():
+        for _ in range(7):
+            t0 = time.perf_counter()
+            forward()
+            best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def tp_link_gbytes_per_s(args) -> float:
+    """The emulated TP link at which one ring all-reduce of a block's output (fp32) takes
+    args.tp_share of the block's forward as measured on this core (block_forward_s); the runtime
+    holds each all-reduce for 2 (tp - 1) / tp x its bytes / this rate, as the predictor prices it."""
+    n_bytes = args.micro_batch * args.seq_len * args.d_model * 4
+    return 2 * (args.tp - 1) / args.tp * n_bytes / (args.tp_share * block_forward_s(args)) / 1e9
 
 
 def corpus(path: Path) -> Path:
@@ -165,7 +196,10 @@ def train(name: str, plan_path: Path, work: Path, args) -> dict:
         inside += float(m.group(3) or 0)
         inside_hidden += float(m.group(4) or 0)
         demand += float(m.group(5))
-    return {"measured_step_s": statistics.median(steps), "steps_s": steps, "ahead_ms": ahead, "hidden_ms": hidden,
+    per_stage = [ln.split("hetrain:", 1)[1].strip() for ln in done.stdout.splitlines()
+                 if re.match(r"hetrain:\s+P\d+ S\d+ \S+: [\d.]+ / [\d.]+ vs", ln)]
+    return {"measured_step_s": statistics.median(steps), "steps_s": steps, "per_stage": per_stage,
+            "ahead_ms": ahead, "hidden_ms": hidden,
             "collective_ms": inside, "collective_hidden_ms": inside_hidden, "demand_ms": demand}
 
 
@@ -192,13 +226,13 @@ def main() -> None:
     cfg = dataclasses.replace(get_preset("small"), n_layer=args.layers, max_seq_len=max(256, args.seq_len), d_model=d,
                               n_head=d // 64, n_kv_head=d // 64, d_ff=4 * d)
     flops, bytes_per_s = measure_core()
-    args.tp_link_gbytes_per_s = tp_link_gbytes_per_s(cfg, args, flops, bytes_per_s) if args.tp > 1 else 0.0
+    args.tp_link_gbytes_per_s = tp_link_gbytes_per_s(args) if args.tp > 1 else 0.0
     mem_gib = memory_limit_gib(cfg, args, flops, bytes_per_s)
     load = os.getloadavg()[0]
     print(f"{time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} cores, load average {load:.2f} before the run; "
           f"one core: {flops / 1e9:.0f} GFLOP/s fp32 matmul, {bytes_per_s / 1e9:.1f} GB/s elementwise")
     tp_text = (f", TP {args.tp} over an emulated {args.tp_link_gbytes_per_s:.3f} GB/s link (an all-reduce takes "
-               f"{args.tp_share:.0%} of a block's forward)" if args.tp > 1 else "")
+               f"{args.tp_share:.0%} of a block's forward timed on one core)" if args.tp > 1 else "")
     print(f"model small, width {d}, {args.layers} blocks, seq {args.seq_len}; PP {args.processes // args.tp}{tp_text}, "
           f"{args.global_batch // args.micro_batch} micro-batches of {args.micro_batch}; emulated link "
           f"{args.link_gbytes_per_s} GB/s between stages; "
@@ -240,6 +274,8 @@ def main() -> None:
             print(f"{labels[name]:<28} {1e3 * row['predicted_step_s']:>9.1f} {1e3 * row['measured_step_s']:>9.1f} "
                   f"{row['measured_step_s'] / row['predicted_step_s']:>9.2f} {peak / 2**20:>10.1f}{fits:<5}  "
                   f"{row['layout']}", flush=True)
+            print(f"{'':<28} per stage, one micro-batch, predicted fwd / bwd ms vs measured: "
+                  f"{'; '.join(row['per_stage'])}", flush=True)
     c = rows["c"]
     total = c["ahead_ms"] + c["collective_ms"] + c["demand_ms"]
     hidden = c["hidden_ms"] + c["collective_hidden_ms"]
