@@ -10,7 +10,8 @@ are the plain model's four per block and micro-batch (no recomputation reruns on
 Two processes under torchrun (slow): TP 2 on one stage, CPU fp32, no dropout, every block's
 units COLLECTIVE, against the same layout without recomputation: losses and final parameters
 bitwise equal, with the real all-reduces and with an emulated TP link slow enough that every
-region of every block but the stage's last is recomputed inside an all-reduce.
+region of every block but the stage's last, and the last block's attention side, is recomputed
+inside an all-reduce.
 """
 
 import dataclasses
@@ -66,17 +67,19 @@ def _one_region_then_none(ledger: Recomputations):
     """A window that recomputes one region in mlp.up's all-reduce and none in attn.qkv's."""
     calls = []
 
-    def window(chunk: int, position: int, in_flight) -> int:
+    def window(chunk: int, position: int, side: str, in_flight) -> int:
         calls.append(position)
-        allowed = iter([True] if len(calls) % 2 else [])
-        return ledger.collective(chunk, position, lambda: next(allowed, False))
+        allowed = iter([True] if side == "mlp" else [])
+        return ledger.collective(chunk, position, side, lambda: next(allowed, False))
     return window
 
 
-# window -> (regions recomputed inside all-reduces, regions left to the backward), for blocks 0 and 1
-# of both micro-batches (two regions each; block 2, the last, has no next block).
-WINDOWS = {"emulated link": (8, 0), "one region then none": (4, 4), "never in flight": (0, 8),
-           "no tensor parallelism": (0, 8)}
+# window -> (regions recomputed inside all-reduces, regions left to the backward), per step: blocks 0
+# and 1 two regions each, and block 2 (the last, no next block) its attention side inside its own
+# MLP all-reduce (its MLP side is on demand), for both micro-batches. "one region then none": block
+# 2's own attention, then one of block 0's.
+WINDOWS = {"emulated link": (10, 0), "one region then none": (4, 6), "never in flight": (0, 10),
+           "no tensor parallelism": (0, 10)}
 
 
 @pytest.mark.parametrize("window", list(WINDOWS))
@@ -88,8 +91,8 @@ def test_collective_regions_match_the_plain_model_bitwise(one_rank, monkeypatch,
     monkeypatch.setattr(dist, "all_reduce", lambda *a, **k: reduces.append(1) or real_all_reduce(*a, **k))
     if window != "no tensor parallelism":
         callback = {"emulated link": ledger.collective, "one region then none": _one_region_then_none(ledger),
-                    "never in flight": lambda chunk, position, in_flight: ledger.collective(chunk, position,
-                                                                                               lambda: False)}[window]
+                    "never in flight": lambda chunk, position, side, in_flight: ledger.collective(
+                        chunk, position, side, lambda: False)}[window]
         # 2 * (2 - 1) * (8 KiB / 2) * s_per_byte: 5 ms per all-reduce of a (2, 16, 64) fp32 tensor.
         link = TPLink(one_rank, 2, 5e-3 / 8192 if window == "emulated link" else 0.0, callback)
         mesh = DeviceMesh.from_group(one_rank, "cpu")
@@ -107,7 +110,7 @@ def test_collective_regions_match_the_plain_model_bitwise(one_rank, monkeypatch,
     # Each region recomputed once: inside an all-reduce, or by the backward (the backward reuses the former).
     assert (places.count(COLLECTIVE), places.count(DEMAND)) == (inside, 2 * BLOCKS * MICRO_BATCHES - inside)
     assert len(reduces) == (0 if window == "no tensor parallelism" else 4 * BLOCKS * MICRO_BATCHES)
-    assert ledger.demand_s > 0  # the last block's regions (and those left) on demand
+    assert ledger.demand_s > 0  # the last block's MLP side (and the regions left) on demand
     if window == "emulated link":
         assert ledger.collective_hidden_s > 0
 
@@ -145,7 +148,8 @@ def _collective_figures(out: str) -> tuple[float, float, int, int]:
 @pytest.mark.slow
 def test_tp2_recomputes_inside_its_all_reduces_and_trains_bitwise_the_model_without(tmp_path, corpus):
     ref, _ = _train(tmp_path, corpus, "none", collective=False)
-    every = 2 * (N_LAYER - 1) * 4 * STEPS  # two regions of every block but the last, 4 micro-batches a step
+    # two regions of every block but the last, the last's attention side, 4 micro-batches a step
+    every = (2 * (N_LAYER - 1) + 1) * 4 * STEPS
 
     run, out = _train(tmp_path, corpus, "real", collective=True)
     assert_bitwise(run, ref)

@@ -48,9 +48,10 @@ from torch.distributed.tensor.parallel import ParallelStyle, parallelize_module
 
 from hetrain.model.gpt import ModelConfig
 
-Window = Callable[[int, int, Callable[[], bool]], object]
-"""window(chunk index, block position in the chunk, in_flight): runs inside the backward all-reduce
-before a column-parallel linear of that block, and should return once in_flight() is False."""
+Window = Callable[[int, int, str, Callable[[], bool]], object]
+"""window(chunk index, block position in the chunk, "mlp" or "attn", in_flight): runs inside the
+backward all-reduce before that block's column-parallel linear (mlp.up's comes first in the
+backward, attn.qkv's second), and should return once in_flight() is False."""
 
 
 @dataclass(frozen=True)
@@ -84,7 +85,7 @@ class _CopyToTP(torch.autograd.Function):
     partial input gradients, computing `link.window` while the all-reduce is in flight."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, link: TPLink, where: tuple[int, int]) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, link: TPLink, where: tuple[int, int, str]) -> torch.Tensor:
         ctx.link, ctx.where = link, where
         return x.view_as(x)
 
@@ -117,7 +118,7 @@ class _ReduceFromTP(torch.autograd.Function):
         return grad, None
 
 
-def _column_forward(module: nn.Linear, link: TPLink, where: tuple[int, int], x: torch.Tensor) -> torch.Tensor:
+def _column_forward(module: nn.Linear, link: TPLink, where: tuple[int, int, str], x: torch.Tensor) -> torch.Tensor:
     # module.weight at call time: hetrain.precision.WeightCopies may have put a bf16 copy there.
     bias = module.bias
     return F.linear(_CopyToTP.apply(x, link, where), module.weight.to_local(),
@@ -143,7 +144,7 @@ class ColumnParallel(ParallelStyle):
     """An nn.Linear split by output rows: weight and bias Shard(0), the input gradient all-reduced
     in the backward (with a window); its output is this rank's columns, a plain tensor."""
 
-    def __init__(self, link: TPLink, where: tuple[int, int]):
+    def __init__(self, link: TPLink, where: tuple[int, int, str]):
         self.link, self.where = link, where
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
@@ -231,8 +232,8 @@ def apply_tensor_parallel(stage: torch.nn.Module, mesh: DeviceMesh, cfg: ModelCo
 def shard_block(block: torch.nn.Module, mesh: DeviceMesh, link: TPLink, where: tuple[int, int]) -> None:
     """Shard one Block whose fused rows are already in shard order (from_canonical); `where` =
     (chunk index, position of the block in the chunk), what the block's windows are told."""
-    parallelize_module(block, mesh, {"attn.qkv": ColumnParallel(link, where), "attn.proj": RowParallel(link),
-                                     "mlp.up": ColumnParallel(link, where), "mlp.down": RowParallel(link)},
+    parallelize_module(block, mesh, {"attn.qkv": ColumnParallel(link, (*where, "attn")), "attn.proj": RowParallel(link),
+                                     "mlp.up": ColumnParallel(link, (*where, "mlp")), "mlp.down": RowParallel(link)},
                        src_data_rank=None)  # every rank built the same whole model: no broadcast
     block.attn.n_head //= mesh.size()  # this rank's heads; the module derives its widths from them
     block.attn.n_kv_head //= mesh.size()

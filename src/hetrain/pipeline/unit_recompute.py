@@ -19,7 +19,9 @@ the same group, so torch uses the recomputed tensors instead of recomputing agai
 - COLLECTIVE regions, keyed by (stage, micro-batch, block position in the chunk): `collective(...)`
   runs block j - 1's inside the backward of block j, while one of block j's tensor-parallel
   all-reduces is in flight (hetrain.pipeline.tensor_parallel calls it). The chunk's last block
-  has no next block: its COLLECTIVE regions are plain on-demand ones. Such regions never rerun a
+  has no next block: its attention-side COLLECTIVE regions (norm1, qkv, attn) run inside its own
+  MLP's all-reduce (mlp.up's input gradient, reduced before the attention's backward starts),
+  its MLP-side ones are plain on-demand ones. Such regions never rerun a
   row-parallel all-reduce: `proj` is never a COLLECTIVE unit, and a region ending at proj or down
   stops recomputing once it has what the backward needs (torch's early stop), before the reduce.
 A region not recomputed in time is recomputed by the backward on demand, as any checkpoint.
@@ -46,6 +48,8 @@ from hetrain.offload.checkpointing import RecomputeHandle, apply_recompute
 from hetrain.plan.cluster.recompute_plan import COLLECTIVE, DEMAND, STEPS, WINDOW, BlockPolicy
 
 _PROJ = STEPS.index("proj")
+OWN = "own"
+"""Key suffix of the last block's attention-side COLLECTIVE regions (recomputed in its own MLP all-reduce)."""
 
 
 def _step(block: nn.Module, name: str, h: torch.Tensor, x: torch.Tensor, rope) -> torch.Tensor:
@@ -137,13 +141,14 @@ class Recomputations:
         finally:
             self._forward = None
 
-    def _anchor(self, position: int | None) -> None:
+    def _anchor(self, position: tuple | None) -> None:
         """At the start of a region's forward (and of its recomputation, which must save what the
         forward saved): an anchor, noted in a forward as a WINDOW region's (position None) or as a
-        COLLECTIVE region of the block at `position`."""
+        COLLECTIVE region of the block at `position`: (p,) for the next block's all-reduces, (p, OWN)
+        for the block's own MLP all-reduce (the chunk's last block's attention side)."""
         node = _Anchor.apply(self.token).grad_fn  # off the data path, so the backward graph is the block's own
         if self._forward is not None and node is not None:
-            key = self._forward if position is None else (*self._forward, position)
+            key = self._forward if position is None else (*self._forward, *position)
             self._anchors.setdefault(key, []).append(node)
 
     def _ran(self, seconds: float) -> None:
@@ -180,21 +185,24 @@ class Recomputations:
         self.regions_ahead += done
         return done
 
-    def collective(self, stage_index: int, position: int, in_flight: Callable[[], bool]) -> int:
+    def collective(self, stage_index: int, position: int, side: str, in_flight: Callable[[], bool]) -> int:
         """Called inside a tensor-parallel all-reduce of the backward of block `position` of chunk
-        `stage_index` (hetrain.pipeline.tensor_parallel's window): recompute the COLLECTIVE regions
-        of the block before it, for the micro-batch whose backward runs, last region first, while
-        in_flight(); the rest wait for the backward. A region's seconds count as hidden when the
-        all-reduce is still in flight at its end. Returns the regions recomputed."""
+        `stage_index` (hetrain.pipeline.tensor_parallel's window; `side` "mlp" for mlp.up's input
+        gradient, the first, "attn" for attn.qkv's): recompute, for the micro-batch whose backward
+        runs, the block's own attention-side regions when it noted any (mlp side only: they are
+        needed next), then the COLLECTIVE regions of the block before it, last region first,
+        while in_flight(); the rest wait for the backward. A region's seconds count as hidden when
+        the all-reduce is still in flight at its end. Returns the regions recomputed."""
         if self._backward is None or self._backward[0][0] != stage_index:
             return 0
         key, group = self._backward
-        anchors = self._anchors.get((*key, position - 1))
+        own = self._anchors.get((*key, position, OWN), []) if side == "mlp" else []
+        earlier = self._anchors.get((*key, position - 1), [])
         done = 0
         self._place = COLLECTIVE
         try:
-            while anchors and in_flight():
-                node = anchors.pop()
+            while (own or earlier) and in_flight():
+                node = (own or earlier).pop()
                 before_s = self._collective_ran_s
                 # The backward's group (autograd carries it into its threads); entered if not.
                 with contextlib.nullcontext() if GraphExecGroup._get_current_group() is group else group:
@@ -217,7 +225,7 @@ class Recomputations:
         inside it); its anchors are dropped after it."""
         key = (stage_index, micro_batch)
         self.regions_left += len(self._anchors.pop(key, ()))
-        collective = [k for k in self._anchors if len(k) == 3 and k[:2] == key]
+        collective = [k for k in self._anchors if len(k) >= 3 and k[:2] == key]
         group = self._groups.pop(key, None)
         if group is None and collective:
             group = GraphExecGroup()
@@ -245,10 +253,10 @@ def _run_steps(block: nn.Module, first: int, last: int, rope, anchor: Callable[[
 
 
 def _unit_forward(block: nn.Module, regions: dict[int, tuple[int, str]], ledger: Recomputations,
-                  position: int | None, x: torch.Tensor, rope=None) -> torch.Tensor:
+                  position: int, is_last: bool, x: torch.Tensor, rope=None) -> torch.Tensor:
     """Block.forward, step by step, each region under torch.utils.checkpoint. `position`: the
-    block's place in its chunk, None for the chunk's last block (no next block: its COLLECTIVE
-    regions are plain on-demand ones)."""
+    block's place in its chunk; the chunk's last block has no next block, so its attention-side
+    COLLECTIVE regions go to its own MLP all-reduce and its MLP-side ones are on demand."""
     contexts = functools.partial(_contexts, ledger)
     h, x2, k = x, None, 0
     while k < len(STEPS):
@@ -261,8 +269,10 @@ def _unit_forward(block: nn.Module, regions: dict[int, tuple[int, str]], ledger:
         anchor = None
         if place == WINDOW:
             anchor = functools.partial(ledger._anchor, None)
-        elif place == COLLECTIVE and position is not None:
-            anchor = functools.partial(ledger._anchor, position)
+        elif place == COLLECTIVE and not is_last:
+            anchor = functools.partial(ledger._anchor, (position,))
+        elif place == COLLECTIVE and last <= _PROJ:  # the last block's attention side
+            anchor = functools.partial(ledger._anchor, (position, OWN))
         fn = functools.partial(_run_steps, block, k, last, rope, anchor)
         args = (h, x) if k <= _PROJ <= last else (h,)
         out = checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=True, context_fn=contexts)
@@ -283,7 +293,8 @@ def apply_unit_recompute(blocks: list[nn.Module], policies: list[BlockPolicy],
                          ledger: Recomputations) -> RecomputeHandle:
     """Run each block's forward under its policy (kept blocks are left alone). `blocks` are one
     chunk's, in order: a block's COLLECTIVE regions are recomputed inside the next one's
-    all-reduces (`Recomputations.collective`), the last block's on demand."""
+    all-reduces (`Recomputations.collective`), the last block's inside its own MLP all-reduce
+    (attention side) or on demand (MLP side)."""
     wrapped = []
     for position, (block, policy) in enumerate(zip(blocks, policies, strict=True)):
         if policy.is_keep:
@@ -291,8 +302,8 @@ def apply_unit_recompute(blocks: list[nn.Module], policies: list[BlockPolicy],
         if "forward" in block.__dict__:
             raise ValueError("a block already has its forward replaced; apply recomputation once")
         regions = {a: (b, place) for a, b, place in policy.regions()}
-        block.forward = functools.partial(_unit_forward, block, regions, ledger,
-                                          position if position < len(blocks) - 1 else None)
+        block.forward = functools.partial(_unit_forward, block, regions, ledger, position,
+                                          position == len(blocks) - 1)
         wrapped.append(block)
     return RecomputeHandle(wrapped)
 

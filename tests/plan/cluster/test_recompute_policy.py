@@ -139,6 +139,12 @@ def test_collective_regions_hide_in_the_next_blocks_all_reduces():
     assert choice.collective_s == 3 * 18 and choice.collective_hidden_s == 2 * 10
     assert choice.demand_s == 2 * (18 - 10) + 18 and choice.cost_s == 4 * choice.demand_s
     assert choice.held_bytes == alone.collective_freed_bytes == alone.freed_bytes > 0
+    # the attention side (norm1, qkv, attn: 1 + 2 + 3 s) of the last block runs inside its own MLP's
+    # all-reduce, half the window
+    attention = BlockPolicy.of(collective=["norm1", "qkv", "attn"])
+    own = choice_of(problem, [attention] * 3)
+    assert own.collective_s == 18 and own.collective_hidden_s == 6 + 6 + 5 and own.demand_s == 1
+    assert own.held_bytes == policy_cost(attention, units, list(steps)).collective_freed_bytes
     without = choice_of(dataclasses.replace(problem, collective_window_s=0.0), [policy] * 3)  # no TP: on demand
     assert without.demand_s == 3 * 18 and without.collective_hidden_s == 0 and without.held_bytes == 0
     with pytest.raises(ValueError, match="row-parallel"):

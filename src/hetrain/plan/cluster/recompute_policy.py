@@ -38,6 +38,8 @@ from hetrain.plan.cluster.recompute_plan import COLLECTIVE, DEMAND, NOT_COLLECTI
 from hetrain.plan.cluster.recompute_schedule import StageTimes, simulate
 from hetrain.plan.cluster.recompute_units import BlockUnits, policy_cost, region_input_extra, stage_cost
 
+_PROJ = STEPS.index("proj")
+
 
 @dataclass(frozen=True)
 class StageProblem:
@@ -205,7 +207,8 @@ class _UnitSet:
     backward_s: float
     """What it adds to the backward of a block with a block after it."""
     last_extra_s: float
-    """What it adds more on the stage's last block (its collective regions have no window there)."""
+    """What it adds more on the stage's last block (no block after it: only its attention side
+    has a window, its own MLP's all-reduce)."""
     collective_held: int
     in_backward: BlockPolicy
     ahead_ok: bool
@@ -225,7 +228,8 @@ def _unit_set(mask: int, units: BlockUnits, steps: list[float], collective_windo
     policy = BlockPolicy(tuple(places))
     pc = policy_cost(policy, units, steps)
     hidden = min(pc.collective_s, collective_window_s)
-    return _UnitSet(pc.freed_bytes, c.demand_s, pc.demand_s + pc.collective_s - hidden, hidden,
+    last_hidden = min(pc.own_s, collective_window_s / 2)  # the last block: its attention side, in its own MLP's
+    return _UnitSet(pc.freed_bytes, c.demand_s, pc.demand_s + pc.collective_s - hidden, hidden - last_hidden,
                     pc.collective_freed_bytes, policy, ahead_ok)
 
 
@@ -265,8 +269,8 @@ def optimal(problem: StageProblem, time_limit_s: float = 60.0) -> StageChoice:
     for w in range(len(windows)):
         var("e", w)
     if cw > 0:
-        for b in range(n - 1):
-            var("c", b)  # collective seconds of block b outside the next block's all-reduces
+        for b in range(n):
+            var("c", b)  # collective seconds of block b outside its window
         var("h")  # bytes of the largest block's collective regions (restored one block early)
     nv = len(index)
     rows, lo, hi = [], [], []
@@ -311,11 +315,11 @@ def optimal(problem: StageProblem, time_limit_s: float = 60.0) -> StageChoice:
             for j, name in enumerate(STEPS):
                 if name in ("proj", "down"):
                     row({var("r", b, COLLECTIVE, j): 1}, 0, 0)
-            if b == n - 1:
-                continue  # recomputed by its own backward: held no earlier than on demand
-            restored = {var("x", b, COLLECTIVE, k): out[k] for k in range(K)}
-            restored |= {var("i", b, COLLECTIVE, j): internal[j] for j in range(J)}
-            restored |= {var("s", b, COLLECTIVE, j): -region_input_extra(steps, j) for j in range(1, J)}
+            # restored early: all of it (the last block: its attention side, steps up to proj)
+            ks, js = (range(K), range(J)) if b < n - 1 else (range(_PROJ), range(_PROJ + 1))
+            restored = {var("x", b, COLLECTIVE, k): out[k] for k in ks}
+            restored |= {var("i", b, COLLECTIVE, j): internal[j] for j in js}
+            restored |= {var("s", b, COLLECTIVE, j): -region_input_extra(steps, j) for j in js if j > 0}
             row({var("h"): 1, **{i: -v for i, v in restored.items()}}, 0, math.inf)
     # Memory: inflight x kept + held ahead <= budget.
     mem: dict[int, float] = {}
@@ -338,11 +342,15 @@ def optimal(problem: StageProblem, time_limit_s: float = 60.0) -> StageChoice:
             if problem.has_windows:
                 c[var("r", b, WINDOW, j)] += eps * t[j]
             c[var("r", b, DEMAND, j)] += (m + eps) * t[j]
-            if cw > 0:  # the last block's collective regions have no window
-                c[var("r", b, COLLECTIVE, j)] += ((m if b == n - 1 else 0) + eps) * t[j]
-    for b in range(n - 1 if cw > 0 else 0):  # c_b >= collective seconds of block b - window
+            if cw > 0:  # the last block's MLP side has no window
+                c[var("r", b, COLLECTIVE, j)] += ((m if b == n - 1 and j > _PROJ else 0) + eps) * t[j]
+    for b in range(n if cw > 0 else 0):  # c_b >= collective seconds of block b - window
         c[var("c", b)] = m
-        row({var("c", b): 1, **{var("r", b, COLLECTIVE, j): -t[j] for j in range(J)}}, -cw, math.inf)
+        if b < n - 1:  # inside the next block's two all-reduces
+            row({var("c", b): 1, **{var("r", b, COLLECTIVE, j): -t[j] for j in range(J)}}, -cw, math.inf)
+        else:  # the last block's attention side, inside its own MLP's all-reduce
+            row({var("c", b): 1, **{var("r", b, COLLECTIVE, j): -t[j] for j in range(_PROJ + 1)}}, -cw / 2,
+                math.inf)
     for w, window in enumerate(windows):  # e_w >= ahead - window
         c[var("e", w)] = 1.0
         row({var("e", w): 1, **{var("r", b, WINDOW, j): -t[j] for b in range(n) for j in range(J)}},

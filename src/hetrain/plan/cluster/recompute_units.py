@@ -24,8 +24,10 @@ All units of one region are recomputed together, so a run of dropped units has o
 inside a wait ("window"), inside the next block's tensor-parallel all-reduces in the backward
 ("collective") or at the block's backward ("demand"). Collective regions of a stage's blocks
 hide in a window of their own, per block: the block after it reduces its two input gradients
-(before its up and qkv projections) for 2 all-reduces' time; what does not fit is exposed, and
-the stage's last block, which has no block after it, recomputes them on demand.
+(before its up and qkv projections) for 2 all-reduces' time; what does not fit is exposed. The
+stage's last block, which has no block after it, recomputes its attention side (regions ending
+at proj at the latest) inside its own MLP's all-reduce (one all-reduce's time), its MLP side on
+demand.
 
 Bytes come from hetrain.model.describe's per-tensor figures (mapped to steps below); recompute
 time splits the block's forward time by each step's roofline share on the device kind (FLOPs
@@ -40,6 +42,8 @@ from dataclasses import dataclass
 from hetrain.model.describe import block_act_bytes
 from hetrain.model.gpt import ModelConfig
 from hetrain.plan.cluster.recompute_plan import COLLECTIVE, DEMAND, STEPS, UNITS, WINDOW, BlockPolicy
+
+_PROJ = STEPS.index("proj")
 
 
 # describe.block_act_bytes key -> (step, "out" | "int" | "root"). RMSNorm's fp32 copy of its input
@@ -155,22 +159,30 @@ class PolicyCost:
     collective_s: float = 0.0
     """Seconds of the regions placed inside the next block's all-reduces."""
     collective_freed_bytes: int = 0
+    own_s: float = 0.0
+    """Of collective_s, the attention side's (regions ending at proj at the latest): on a stage's
+    last block they run inside its own MLP all-reduce."""
+    own_freed_bytes: int = 0
 
 
 def policy_cost(policy: BlockPolicy, units: BlockUnits, times_s: list[float]) -> PolicyCost:
     """Freed bytes and recompute seconds of `policy` on a block with these steps and step times."""
     freed = {WINDOW: 0, DEMAND: 0, COLLECTIVE: 0}
     cost = {WINDOW: 0.0, DEMAND: 0.0, COLLECTIVE: 0.0}
+    own_s, own_freed = 0.0, 0
     steps = units.steps
     for a, b, place in policy.regions():  # steps a..b in one region, units a..b-1 dropped
-        freed[place] += sum(steps[k].out_bytes for k in range(a, b))
-        freed[place] += sum(steps[k].int_bytes for k in range(a, b + 1))
-        freed[place] -= region_input_extra(steps, a)
-        cost[place] += sum(times_s[k] for k in range(a, b))
+        f = sum(steps[k].out_bytes for k in range(a, b)) + sum(steps[k].int_bytes for k in range(a, b + 1))
+        f -= region_input_extra(steps, a)
+        c = sum(times_s[k] for k in range(a, b))
         if steps[b].int_bytes:  # the last step reruns to give back its internals
-            cost[place] += times_s[b]
+            c += times_s[b]
+        freed[place] += f
+        cost[place] += c
+        if place == COLLECTIVE and b <= _PROJ:
+            own_s, own_freed = own_s + c, own_freed + f
     return PolicyCost(sum(freed.values()), freed[WINDOW], cost[WINDOW], cost[DEMAND], cost[COLLECTIVE],
-                      freed[COLLECTIVE])
+                      freed[COLLECTIVE], own_s, own_freed)
 
 
 def region_input_extra(steps: tuple[Step, ...], first: int) -> int:
@@ -238,8 +250,8 @@ class StageCost:
     """All collective regions' seconds; collective_s - collective_hidden_s is in backward_s."""
     collective_hidden_s: float
     collective_held_bytes: int
-    """The largest block's collective regions (the last block's aside), restored while the block
-    after it runs its backward."""
+    """The largest block's collective regions restored early: while the block after it runs its
+    backward (the last block's attention side: while its own MLP's runs)."""
 
 
 def stage_cost(policies: list[BlockPolicy], units: BlockUnits, times_s, collective_window_s: float) -> StageCost:
@@ -255,6 +267,11 @@ def stage_cost(policies: list[BlockPolicy], units: BlockUnits, times_s, collecti
             hidden += shown
             backward += c.collective_s - shown
             held = max(held, c.collective_freed_bytes)
-        else:  # the last block (no block after it) or no tensor parallelism: its backward recomputes them
+        elif c.own_s and collective_window_s > 0:  # the last block: its attention side in its own MLP all-reduce
+            shown = min(c.own_s, collective_window_s / 2)
+            hidden += shown
+            backward += c.collective_s - shown
+            held = max(held, c.own_freed_bytes)
+        else:  # no tensor parallelism, or the last block's MLP side: its backward recomputes them
             backward += c.collective_s
     return StageCost(freed, window, window_freed, backward, collective, hidden, held)
