@@ -160,11 +160,13 @@ def _check_pipeline(p: int, pipe, n_layer: int) -> None:
             raise ConfigError(f"{where}: chunk {c} recomputes units inside tensor-parallel all-reduces "
                               f"('collective') but runs at tp 1, which has none; re-plan, or place them 'window' "
                               f"or 'demand' in its recompute entry")
-        if st.tp > 1 and any(u in NOT_COLLECTIVE for p in policies for u in p.units_at(WINDOW)):
-            raise ConfigError(f"{where}: chunk {c} recomputes {', '.join(NOT_COLLECTIVE)} ahead of a backward "
-                              f"('window') at tp {st.tp}: that reruns a tensor-parallel all-reduce, and each TP rank "
-                              f"stops recomputing ahead when its own gradient arrives, so the ranks' all-reduces "
-                              f"would pair up wrongly; re-plan, or place it 'demand' in its recompute entry")
+        ahead = sorted({u for p in policies for u in p.units_at(WINDOW) if u in NOT_COLLECTIVE})
+        if st.tp > 1 and ahead:
+            raise ConfigError(f"{where}: chunk {c} recomputes {', '.join(ahead)} ahead of a backward ('window') at "
+                              f"tp {st.tp}: that reruns a tensor-parallel all-reduce, and each TP rank stops "
+                              f"recomputing ahead when its own gradient arrives, so the ranks' all-reduces would pair "
+                              f"up wrongly; re-plan, or place {', '.join(ahead)} and the dropped units next to it "
+                              f"'demand' in its recompute entry")
         if st.embedding != (c == 0) or st.head != (c == len(pipe.stages) - 1):
             raise ConfigError(f"{where}: the embedding must be on the first chunk and the head on the last")
         first += st.n_blocks

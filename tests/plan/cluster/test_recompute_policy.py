@@ -31,7 +31,7 @@ from hetrain.plan.cluster.recompute_plan import (COLLECTIVE, DEMAND, UNITS, WIND
 from hetrain.plan.cluster.recompute_policy import StageProblem, choice_of, heuristic, optimal
 from hetrain.plan.cluster.recompute_schedule import StageTimes, simulate
 from hetrain.plan.cluster.recompute_split import Pricer, stage_recompute
-from hetrain.plan.cluster.recompute_units import block_units, policy_cost
+from hetrain.plan.cluster.recompute_units import block_units, policy_cost, reruns_row_parallel
 
 from .test_search import CASES, OPTIONS
 
@@ -77,6 +77,8 @@ def _heu_plan(name="recompute"):
 def test_schedule_recurrence_and_memory_equal_the_event_simulator():
     plan = _heu_plan()
     assert any(st.recompute for pipe in plan.pipelines for st in pipe.stages), "the case must use unit policies"
+    assert any(g.get("collective") for pipe in plan.pipelines for st in pipe.stages
+               for g in (st.recompute or {}).get("blocks", [])), "and collective regions (held by the backward)"
     ctx = context_for(plan)
     pred, events = predict_plan(plan, ctx)
     ahead = any(x.recompute_ahead_s for x in pred.stages)
@@ -135,8 +137,10 @@ def test_collective_regions_hide_in_the_next_blocks_all_reduces():
     assert alone.collective_s == 18 and alone.demand_s == 0 and alone.window_s == 0
     problem = StageProblem(3, units, steps, 2, math.inf, 4, (), collective_window_s=10.0)
     choice = choice_of(problem, [policy] * 3)
-    # blocks 0 and 1 hide 10 s each in the next block's all-reduces; the last block has no next block
-    assert choice.collective_s == 3 * 18 and choice.collective_hidden_s == 2 * 10
+    # blocks 0 and 1 hide 10 s each in the next block's all-reduces; the last block has no next
+    # block, so its MLP side is on demand (and written so)
+    assert choice.policies[-1] == BlockPolicy.of(demand=["norm2", "up", "act"]) and choice.policies[0] == policy
+    assert choice.collective_s == 2 * 18 and choice.collective_hidden_s == 2 * 10
     assert choice.demand_s == 2 * (18 - 10) + 18 and choice.cost_s == 4 * choice.demand_s
     assert choice.held_bytes == alone.collective_freed_bytes == alone.freed_bytes > 0
     # the attention side (norm1, qkv, attn: 1 + 2 + 3 s) of the last block runs inside its own MLP's
@@ -144,7 +148,8 @@ def test_collective_regions_hide_in_the_next_blocks_all_reduces():
     attention = BlockPolicy.of(collective=["norm1", "qkv", "attn"])
     own = choice_of(problem, [attention] * 3)
     assert own.collective_s == 18 and own.collective_hidden_s == 6 + 6 + 5 and own.demand_s == 1
-    assert own.held_bytes == policy_cost(attention, units, list(steps)).collective_freed_bytes
+    # a block's attention side waits for its backward while its MLP all-reduce restores the block before
+    assert own.held_bytes == 2 * policy_cost(attention, units, list(steps)).collective_freed_bytes
     without = choice_of(dataclasses.replace(problem, collective_window_s=0.0), [policy] * 3)  # no TP: on demand
     assert without.demand_s == 3 * 18 and without.collective_hidden_s == 0 and without.held_bytes == 0
     with pytest.raises(ValueError, match="row-parallel"):
@@ -163,6 +168,23 @@ def test_no_tensor_parallel_all_reduce_is_recomputed_ahead():
     for choice in (heuristic(tp2), optimal(tp2)):
         assert choice.fits and not any(p.places[proj] == WINDOW for p in choice.policies)
         assert choice.window_s > 0  # what needs no all-reduce is still recomputed ahead
+
+
+def test_with_dropout_nothing_reruns_a_row_parallel_all_reduce_inside_a_window():
+    """With dropout, a region ending at proj or down reruns that projection (for its mask), and so
+    its all-reduce under TP: never collective, never ahead at tp > 1."""
+    cfg = dataclasses.replace(get_preset("gpt2-small"), dropout=0.1)
+    units = block_units(cfg, 1, 1024, 2)
+    assert reruns_row_parallel(units, 2, 3) and not reruns_row_parallel(block_units(get_preset("gpt2-small"), 1,
+                                                                                      1024, 2), 2, 3)
+    for frac in (0.2, 0.4, 0.6):
+        problem = StageProblem(3, units, tuple(i + 1.0 for i in range(8)), 3, frac * 9 * units.total_bytes, 6,
+                               (200.0,) * 6, collective_window_s=10.0, tp=2)
+        heu, opt = heuristic(problem), optimal(problem)
+        assert heu.fits and opt.fits and heu.cost_s >= opt.cost_s - 1e-9
+        for choice in (heu, opt):
+            for p in choice.policies:
+                assert not any(reruns_row_parallel(units, a, b) for a, b, place in p.regions() if place != DEMAND)
 
 
 def test_heu_is_close_to_the_milp_and_never_better():

@@ -67,7 +67,8 @@ class BlockPolicy:
         bad = [u for u in collective if u in NOT_COLLECTIVE]
         if bad:
             raise ValueError(f"unit {bad[0]} reruns a row-parallel projection (an all-reduce of its own), so it "
-                             f"cannot be recomputed inside another all-reduce; place it 'window' or 'demand'")
+                             f"cannot be recomputed inside another all-reduce; place it, and the dropped units "
+                             f"next to it, 'demand'")
         places = {**dict.fromkeys(window, WINDOW), **dict.fromkeys(demand, DEMAND),
                   **dict.fromkeys(collective, COLLECTIVE)}
         policy = cls(tuple(places.get(u) for u in UNITS))

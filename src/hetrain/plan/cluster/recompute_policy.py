@@ -2,22 +2,26 @@
 
 A stage's problem (`StageProblem`): its identical blocks (their units' bytes and recompute times,
 hetrain.plan.cluster.recompute_units), the micro-batches it holds at its peak (`inflight`), the bytes its
-activations may take, and the waits before each of its backwards (the windows, from
-hetrain.plan.cluster.recompute_schedule; none on the last stage). A policy costs, per step,
-sum over micro-batches of max(0, ahead - window) + micro-batches x demand, where `ahead` is the
-recomputation placed in the window and `demand` the one inside each backward. Memory: every
-micro-batch in flight keeps what its blocks do not drop, and the micro-batch whose backward comes
-next also holds what was recomputed ahead of it.
+activations may take, the waits before each of its backwards (the windows, from
+hetrain.plan.cluster.recompute_schedule; none on the last stage) and, with tensor parallelism, each
+block's collective window (its backward's two input-gradient all-reduces). A policy costs, per
+step, sum over micro-batches of max(0, ahead - window) + micro-batches x what lengthens each
+backward: on-demand recomputation, and what collective regions overrun their window (a block's,
+inside the next block's all-reduces; the last block's attention side inside its own MLP's, its MLP
+side on demand). Memory: every micro-batch in flight keeps what its blocks do not drop, the
+micro-batch whose backward comes next also holds what was recomputed ahead of it, and a backward
+holds what its all-reduces restored early. At tp > 1 nothing that reruns a row-parallel
+projection (its all-reduce) is recomputed ahead or inside another all-reduce.
 
-- `heuristic` (HEU) picks one unit set and one rule for all the stage's identical blocks: the set
-  (any of the 2^7 subsets of units), how many blocks drop it (the fewest that fit, or more when
-  that lets more of it move into the windows) and how many of those recompute ahead (as many as
-  memory allows: ahead is never slower than on demand). Each choice is priced in closed form, so
-  a stage takes about a millisecond whatever its block count.
-- `optimal` (OPT) is a MILP over every block's every unit (keep, window, demand), with the exact
-  region rules (a run of adjacent dropped units is one recomputation, in one place; a region's
-  last step reruns when it saves tensors of its own), solved by HiGHS through scipy.optimize.milp.
-  It is meant for small cases: it measures how far HEU is from the optimum.
+- `heuristic` (HEU) picks at most two unit sets for the stage's identical blocks (any of the 2^7
+  subsets of units), how many blocks drop each and how many of those recompute ahead (as many as
+  memory allows, those saving most seconds per byte first); the others recompute in the backward,
+  inside the all-reduces where they can. Each choice is priced in closed form, so a stage takes
+  about a millisecond whatever its block count.
+- `optimal` (OPT) is a MILP over every block's every unit (keep, window, collective, demand), with
+  the exact region rules (a run of adjacent dropped units is one recomputation, in one place; a
+  region's last step reruns when it saves tensors of its own), solved by HiGHS through
+  scipy.optimize.milp. It is meant for small cases: it measures how far HEU is from the optimum.
 
 `plan_pipeline` chooses every stage's policy in rounds: windows from the schedule of the current
 choice, each stage's policy against them, until the predicted step stops improving. This module
@@ -36,7 +40,8 @@ import numpy as np
 
 from hetrain.plan.cluster.recompute_plan import COLLECTIVE, DEMAND, NOT_COLLECTIVE, STEPS, UNITS, WINDOW, BlockPolicy
 from hetrain.plan.cluster.recompute_schedule import StageTimes, simulate
-from hetrain.plan.cluster.recompute_units import BlockUnits, policy_cost, region_input_extra, stage_cost
+from hetrain.plan.cluster.recompute_units import (BlockUnits, policy_cost, region_input_extra, reruns_row_parallel,
+                                                  stage_cost)
 
 _PROJ = STEPS.index("proj")
 
@@ -104,6 +109,7 @@ def _windows(problem: StageProblem) -> tuple[list[float], list[float]]:
 def choice_of(problem: StageProblem, policies: list[BlockPolicy]) -> StageChoice:
     """Totals and cost of a given per-block policy list (the last stage recomputes its window
     regions on demand)."""
+    policies = _last_mlp_side_on_demand(policies)
     c = stage_cost(policies, problem.units, problem.step_s, problem.collective_window_s)
     window, demand, held = c.window_s, c.backward_s, c.window_freed_bytes
     if not problem.has_windows:
@@ -115,6 +121,18 @@ def choice_of(problem: StageProblem, policies: list[BlockPolicy]) -> StageChoice
     fits = problem.inflight * kept + held <= problem.act_budget_bytes
     return StageChoice(list(policies), window, demand, c.freed_bytes, held, cost, fits,
                        collective_s=c.collective_s, collective_hidden_s=c.collective_hidden_s)
+
+
+def _last_mlp_side_on_demand(policies: list[BlockPolicy]) -> list[BlockPolicy]:
+    """The stage's last block has no block after it: its MLP-side collective regions are recomputed
+    on demand (the same cost), so they are written so."""
+    if not policies or COLLECTIVE not in policies[-1].places:
+        return list(policies)
+    places = list(policies[-1].places)
+    for a, b, place in policies[-1].regions():
+        if place == COLLECTIVE and b > _PROJ:
+            places[a:b] = [DEMAND] * (b - a)
+    return [*policies[:-1], BlockPolicy(tuple(places))]
 
 
 def _lower_hull(points: list[tuple[int, float, int]]) -> list[tuple[int, float, int]]:
@@ -165,7 +183,8 @@ def heuristic(problem: StageProblem) -> StageChoice:
         for k in range(n + 1):  # blocks on `upper`
             freed = k * upper[0] + (n - k) * lower[0]
             room = budget - inflight * (n * total - freed)
-            room -= max(sets[mask].collective_held for (_, _, mask), c in ((upper, k), (lower, n - k)) if c)
+            used = [sets[mask] for (_, _, mask), c in ((upper, k), (lower, n - k)) if c]
+            room -= max(u.collective_held for u in used) + max(u.own_held for u in used)
             if room < 0:
                 continue
             groups = sorted(((upper, k), (lower, n - k)), key=lambda g: -(g[0][1] / g[0][0]) if g[0][0] else 0.0)
@@ -213,24 +232,27 @@ class _UnitSet:
     in_backward: BlockPolicy
     ahead_ok: bool
     """May be recomputed ahead of the backward (nothing in it reruns a TP all-reduce)."""
+    own_held: int = 0
+    """Its attention side's collective bytes (restored early, held with the previous block's)."""
 
 
 def _unit_set(mask: int, units: BlockUnits, steps: list[float], collective_window_s: float, tp: int) -> _UnitSet:
     demand = BlockPolicy(_places(mask, DEMAND))
     c = policy_cost(demand, units, steps)
-    ahead_ok = tp == 1 or not any(mask >> UNITS.index(u) & 1 for u in NOT_COLLECTIVE)
+    regions = demand.regions()
+    ahead_ok = tp == 1 or not any(reruns_row_parallel(units, a, b) for a, b, _ in regions)
     if collective_window_s <= 0:
         return _UnitSet(c.freed_bytes, c.demand_s, c.demand_s, 0.0, 0, demand, ahead_ok)
     places = list(demand.places)
-    for a, b, _ in demand.regions():
-        if not any(UNITS[k] in NOT_COLLECTIVE for k in range(a, b)):
+    for a, b, _ in regions:
+        if not reruns_row_parallel(units, a, b):
             places[a:b] = [COLLECTIVE] * (b - a)
     policy = BlockPolicy(tuple(places))
     pc = policy_cost(policy, units, steps)
     hidden = min(pc.collective_s, collective_window_s)
     last_hidden = min(pc.own_s, collective_window_s / 2)  # the last block: its attention side, in its own MLP's
     return _UnitSet(pc.freed_bytes, c.demand_s, pc.demand_s + pc.collective_s - hidden, hidden - last_hidden,
-                    pc.collective_freed_bytes, policy, ahead_ok)
+                    pc.collective_freed_bytes, policy, ahead_ok, pc.own_freed_bytes)
 
 
 def _places(mask: int, place: str) -> tuple[str | None, ...]:
@@ -315,12 +337,19 @@ def optimal(problem: StageProblem, time_limit_s: float = 60.0) -> StageChoice:
             for j, name in enumerate(STEPS):
                 if name in ("proj", "down"):
                     row({var("r", b, COLLECTIVE, j): 1}, 0, 0)
-            # restored early: all of it (the last block: its attention side, steps up to proj)
-            ks, js = (range(K), range(J)) if b < n - 1 else (range(_PROJ), range(_PROJ + 1))
-            restored = {var("x", b, COLLECTIVE, k): out[k] for k in ks}
-            restored |= {var("i", b, COLLECTIVE, j): internal[j] for j in js}
-            restored |= {var("s", b, COLLECTIVE, j): -region_input_extra(steps, j) for j in js if j > 0}
-            row({var("h"): 1, **{i: -v for i, v in restored.items()}}, 0, math.inf)
+
+        def restored(b: int, ks, js) -> dict[int, float]:
+            """Bytes of block b's collective regions over units ks and steps js."""
+            got = {var("x", b, COLLECTIVE, k): out[k] for k in ks}
+            got |= {var("i", b, COLLECTIVE, j): internal[j] for j in js}
+            got |= {var("s", b, COLLECTIVE, j): -region_input_extra(steps, j) for j in js if j > 0}
+            return got
+
+        for b in range(n):  # h >= block b's attention side + all of block b - 1's, restored at once
+            held = restored(b, range(_PROJ), range(_PROJ + 1))
+            if b > 0:
+                held |= restored(b - 1, range(K), range(J))
+            row({var("h"): 1, **{i: -v for i, v in held.items()}}, 0, math.inf)
     # Memory: inflight x kept + held ahead <= budget.
     mem: dict[int, float] = {}
     for b in range(n):

@@ -102,7 +102,7 @@ def _account(choice, rec: PipelineRecompute, s: int, method: str, n_microbatches
             "demand_s_per_microbatch": choice.demand_s,
             "hidden_s_per_step": rec.hidden_s[s] + n_microbatches * choice.collective_hidden_s,
             "exposed_s_per_step": rec.exposed_s[s], "freed_bytes_per_microbatch": choice.freed_bytes,
-            "held_ahead_bytes": choice.held_bytes, "search_s": choice.search_s}
+            "held_ahead_bytes": choice.held_bytes, "search_s": choice.search_s}  # ahead, and inside all-reduces
 
 
 def apply_recompute(plan: ClusterPlan, ctx: CostContext, method: str = "heu") -> dict:
@@ -201,7 +201,7 @@ def format_recompute(plan: ClusterPlan) -> list[str]:
                              f"backward; per step "
                              f"{hidden} hidden, {1e3 * a['exposed_s_per_step']:.1f} ms exposed; frees "
                              f"{a['freed_bytes_per_microbatch'] / GIB:.3f} GiB per micro-batch, holds "
-                             f"{a['held_ahead_bytes'] / GIB:.3f} GiB ahead of a backward ({a['method'].upper()}, "
+                             f"{a['held_ahead_bytes'] / GIB:.3f} GiB restored early ({a['method'].upper()}, "
                              f"{1e3 * a['search_s']:.1f} ms)")
     if lines:
         lines.insert(0, "Recomputation (what is dropped; 'window': recomputed while the stage waits for the "

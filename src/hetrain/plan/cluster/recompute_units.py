@@ -185,6 +185,14 @@ def policy_cost(policy: BlockPolicy, units: BlockUnits, times_s: list[float]) ->
                       freed[COLLECTIVE], own_s, own_freed)
 
 
+def reruns_row_parallel(units: BlockUnits, first: int, last: int) -> bool:
+    """Whether the region over steps first..last reruns proj or down (a row-parallel projection,
+    with its all-reduce under tensor parallelism): it drops proj's output, or ends at one of them
+    when that step saves tensors of its own (a dropout mask)."""
+    row = {STEPS.index("proj"), STEPS.index("down")}
+    return any(k in row for k in range(first, last)) or (last in row and units.steps[last].int_bytes > 0)
+
+
 def region_input_extra(steps: tuple[Step, ...], first: int) -> int:
     """Bytes a region starting at step `first` keeps beyond the previous unit: its input's storage,
     when the input is not otherwise saved."""
@@ -250,28 +258,29 @@ class StageCost:
     """All collective regions' seconds; collective_s - collective_hidden_s is in backward_s."""
     collective_hidden_s: float
     collective_held_bytes: int
-    """The largest block's collective regions restored early: while the block after it runs its
-    backward (the last block's attention side: while its own MLP's runs)."""
+    """Restored early and held at once, at most: when block b's MLP all-reduce restores block
+    b - 1's collective regions, block b's attention side (restored in the block after it, or in
+    this same window for the last block) waits for its backward too."""
 
 
 def stage_cost(policies: list[BlockPolicy], units: BlockUnits, times_s, collective_window_s: float) -> StageCost:
     """The sum over a stage's blocks (in order) of what their policies free and cost."""
     freed = window_freed = held = 0
     window = backward = collective = hidden = 0.0
+    before = 0  # the previous block's collective bytes, restored in this block's all-reduces
     for b, policy in enumerate(policies):
         c = policy_cost(policy, units, list(times_s))
         freed, window_freed = freed + c.freed_bytes, window_freed + c.window_freed_bytes
         window, backward, collective = window + c.window_s, backward + c.demand_s, collective + c.collective_s
-        if c.collective_s and b + 1 < len(policies) and collective_window_s > 0:
-            shown = min(c.collective_s, collective_window_s)
-            hidden += shown
-            backward += c.collective_s - shown
-            held = max(held, c.collective_freed_bytes)
-        elif c.own_s and collective_window_s > 0:  # the last block: its attention side in its own MLP all-reduce
-            shown = min(c.own_s, collective_window_s / 2)
-            hidden += shown
-            backward += c.collective_s - shown
-            held = max(held, c.own_freed_bytes)
-        else:  # no tensor parallelism, or the last block's MLP side: its backward recomputes them
+        if collective_window_s <= 0:  # no tensor parallelism: their backward recomputes them
             backward += c.collective_s
+            continue
+        held = max(held, before + c.own_freed_bytes)
+        before = c.collective_freed_bytes
+        if b + 1 < len(policies):  # inside the next block's two all-reduces
+            hidden_s = min(c.collective_s, collective_window_s)
+        else:  # the last block: its attention side in its own MLP's all-reduce, its MLP side on demand
+            hidden_s = min(c.own_s, collective_window_s / 2)
+        hidden += hidden_s
+        backward += c.collective_s - hidden_s
     return StageCost(freed, window, window_freed, backward, collective, hidden, held)
