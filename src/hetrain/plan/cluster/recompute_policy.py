@@ -322,21 +322,19 @@ def optimal(problem: StageProblem, time_limit_s: float = 60.0) -> StageChoice:
                 if 0 < j < K:  # s >= x_j - (x_{j-1} at any place)
                     row({var("s", b, p, j): 1, var("x", b, p, j): -1, **{var("x", b, q, j - 1): 1 for q in places}},
                         0, math.inf)
-    for b in range(n if problem.tp > 1 and problem.has_windows else 0):  # no TP all-reduce recomputed ahead
-        for k, name in enumerate(UNITS):
-            if name in NOT_COLLECTIVE:
-                row({var("x", b, WINDOW, k): 1}, 0, 0)
-        for j, name in enumerate(STEPS):
-            if name in ("proj", "down"):
-                row({var("r", b, WINDOW, j): 1}, 0, 0)
-    if cw > 0:  # nothing that reruns a row-parallel step (its own all-reduce) inside another all-reduce
+
+    def no_row_parallel(place: str) -> None:
+        """Nothing placed at `place` reruns a row-parallel step (proj, down: a TP all-reduce)."""
         for b in range(n):
-            for k, name in enumerate(UNITS):
-                if name in NOT_COLLECTIVE:
-                    row({var("x", b, COLLECTIVE, k): 1}, 0, 0)
-            for j, name in enumerate(STEPS):
-                if name in ("proj", "down"):
-                    row({var("r", b, COLLECTIVE, j): 1}, 0, 0)
+            for k in (UNITS.index(u) for u in NOT_COLLECTIVE):
+                row({var("x", b, place, k): 1}, 0, 0)
+            for j in (STEPS.index("proj"), STEPS.index("down")):
+                row({var("r", b, place, j): 1}, 0, 0)
+
+    if problem.tp > 1 and problem.has_windows:  # no TP all-reduce recomputed ahead
+        no_row_parallel(WINDOW)
+    if cw > 0:  # nor inside another all-reduce
+        no_row_parallel(COLLECTIVE)
 
         def restored(b: int, ks, js) -> dict[int, float]:
             """Bytes of block b's collective regions over units ks and steps js."""
