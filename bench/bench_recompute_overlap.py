@@ -89,10 +89,11 @@ def cluster_text(processes: int, flops: float, bytes_per_s: float, link_gbytes_p
     bytes_per_s = bytes_per_s / PredictorOptions().memory_bw_efficiency
     nodes, per_node = (processes // tp, tp) if tp > 1 else (1, processes)
     intra = tp_link_gbytes_per_s if tp > 1 else link_gbytes_per_s
-    # The predictor reaches link_efficiency (0.8) of a declared link: declare the emulated speed / 0.8.
+    # The predictor reaches link_efficiency of a declared link: declare the emulated speed / that.
+    eff = PredictorOptions().link_efficiency
     return (f'name = "cpu{processes}-slow-link"\n[[group]]\nname = "cpu"\nkind = "cpu"\nnodes = {nodes}\n'
-            f"devices_per_node = {per_node}\nintra_node_gbytes_per_s = {intra / 0.8}\n"
-            f"inter_node_gbytes_per_s = {link_gbytes_per_s / 0.8}\nintra_node_latency_us = 1\n"
+            f"devices_per_node = {per_node}\nintra_node_gbytes_per_s = {intra / eff}\n"
+            f"inter_node_gbytes_per_s = {link_gbytes_per_s / eff}\nintra_node_latency_us = 1\n"
             f"inter_node_latency_us = 1\nmemory_gib = {mem_gib}\nmem_bw_gbytes_per_s = {bytes_per_s * share / 1e9}\n"
             f"peak_fp32_tflops = {tflops}\npeak_bf16_tflops = {tflops}\npeak_fp16_tflops = {tflops}\n")
 

@@ -16,6 +16,7 @@ inside an all-reduce.
 
 import dataclasses
 import re
+import time
 
 import pytest
 import torch
@@ -25,7 +26,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from cluster_support import N_LAYER, one_group_cluster, pipeline, torchrun, write_plan
 from hetrain.model.gpt import GPT
 from hetrain.model.presets import get_preset
-from hetrain.pipeline.tensor_parallel import TPLink, shard_block
+from hetrain.pipeline.tensor_parallel import InFlight, TPLink, shard_block
 from hetrain.pipeline.unit_recompute import Recomputations, apply_unit_recompute
 from hetrain.plan.cluster.recompute_plan import COLLECTIVE, DEMAND, BlockPolicy
 from test_recompute_training import assert_bitwise
@@ -90,7 +91,9 @@ def test_collective_regions_match_the_plain_model_bitwise(one_rank, monkeypatch,
     real_all_reduce = dist.all_reduce
     monkeypatch.setattr(dist, "all_reduce", lambda *a, **k: reduces.append(1) or real_all_reduce(*a, **k))
     if window != "no tensor parallelism":
-        callback = {"emulated link": ledger.collective, "one region then none": _one_region_then_none(ledger),
+        callback = {"emulated link": lambda chunk, position, side, in_flight: ledger.collective(
+                        chunk, position, side, in_flight, in_flight.ended_s),
+                    "one region then none": _one_region_then_none(ledger),
                     "never in flight": lambda chunk, position, side, in_flight: ledger.collective(
                         chunk, position, side, lambda: False)}[window]
         # 2 * (2 - 1) * (8 KiB / 2) * s_per_byte: 5 ms per all-reduce of a (2, 16, 64) fp32 tensor.
@@ -99,8 +102,8 @@ def test_collective_regions_match_the_plain_model_bitwise(one_rank, monkeypatch,
         for j, block in enumerate(model.blocks):
             shard_block(block, mesh, link, (0, j))
     apply_unit_recompute(list(model.blocks), [POLICY] * BLOCKS, ledger)
-    places, ran = [], ledger._ran  # where each region's recomputation ran
-    ledger._ran = lambda seconds: (places.append(ledger._place), ran(seconds))
+    places, seconds, ran = [], [], ledger._ran  # where each region's recomputation ran, how long
+    ledger._ran = lambda s: (places.append(ledger._place), seconds.append(s), ran(s))
     got_losses, got_grads = _step(model, ledger)
     assert all(torch.equal(a, b) for a, b in zip(got_losses, want_losses))
     for name, g in want_grads.items():
@@ -111,8 +114,25 @@ def test_collective_regions_match_the_plain_model_bitwise(one_rank, monkeypatch,
     assert (places.count(COLLECTIVE), places.count(DEMAND)) == (inside, 2 * BLOCKS * MICRO_BATCHES - inside)
     assert len(reduces) == (0 if window == "no tensor parallelism" else 4 * BLOCKS * MICRO_BATCHES)
     assert ledger.demand_s > 0  # the last block's MLP side (and the regions left) on demand
+    # Every second recomputed inside an all-reduce counts once: before it ended (hidden) or after.
+    inside_s = sum(s for p, s in zip(places, seconds) if p == COLLECTIVE)
+    assert ledger.collective_hidden_s + ledger.collective_after_s == pytest.approx(inside_s)
     if window == "emulated link":
         assert ledger.collective_hidden_s > 0
+    else:  # in flight at no region's end, and no end time given: nothing counts as hidden
+        assert ledger.collective_hidden_s == 0
+
+
+def test_an_all_reduce_in_flight_says_when_it_ended(one_rank):
+    """InFlight: in flight until both the work and the emulated deadline are done; its end is
+    never before the deadline nor after it was seen ended."""
+    deadline = time.perf_counter() + 0.05
+    flight = InFlight(dist.all_reduce(torch.ones(4), group=one_rank, async_op=True), deadline)
+    assert flight() and flight.ended_s() is None
+    while flight():
+        time.sleep(0.005)
+    seen = time.perf_counter()
+    assert deadline <= flight.ended_s() <= seen
 
 
 # --- two processes -------------------------------------------------------------------------------

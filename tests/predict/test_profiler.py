@@ -149,25 +149,32 @@ def dataclasses_replace_dtype(cfg, dtype):
 
 
 def test_the_matmul_line_prices_a_kind_in_cluster_plans(tmp_path):
-    """A profile measures the device's GEMM line; a profile made on a kind of device prices that
-    kind in the roofline (the cluster planner reads hardware.profile_dir for it)."""
+    """A profile measures the device's GEMM line; a profile made on a kind of accelerator prices
+    that kind in the roofline (the cluster planner reads hardware.profile_dir for it). A profile
+    made on a CPU does not: it is the whole machine at its thread count, while a cluster file's
+    cpu devices are processes whose peak the file declares."""
     from hetrain.hardware.catalog import get_kind
     from hetrain.predict.profile_store import measured_curves
     from hetrain.predict.roofline import curve_for
 
-    profile, _, _ = profile_job(load_config(None, _values(tmp_path)), FAST)
+    profile, _, path = profile_job(load_config(None, _values(tmp_path)), FAST)
     line = profile.matmul
     assert line["dtype"] == "float32" and line["s_per_flop"] > 0 and line["overhead_s"] >= 0
     assert len(line["points"]) == 5 and all(s > 0 for _, s in line["points"])
-    cpu = get_kind("cpu")
-    curve = measured_curves(tmp_path / "profiles", "fp32")["cpu"]
-    assert curve == curve_for(cpu, line, "fp32")
-    assert curve.max_efficiency == pytest.approx(min(1.0, 1 / (line["s_per_flop"] * cpu.peak_flops_per_s("fp32"))))
+    assert measured_curves(tmp_path / "profiles", "fp32") == {}
+    # The same file as if made on an A100: that kind gets the measured curve.
+    raw = json.loads(path.read_text())
+    raw["device"] = "NVIDIA A100-SXM4-40GB"
+    (tmp_path / "profiles" / "profile-a100.json").write_text(json.dumps(raw))
+    a100 = get_kind("a100-40gb")
+    curve = measured_curves(tmp_path / "profiles", "fp32")[a100.name]
+    assert curve == curve_for(a100, line, "fp32")
+    assert curve.max_efficiency == pytest.approx(min(1.0, 1 / (line["s_per_flop"] * a100.peak_flops_per_s("fp32"))))
     assert curve.overhead_s == line["overhead_s"] and "measured" in curve.source
     # A GEMM priced on the measured curve takes the line's time.
     flops = 2 * 512**3
-    assert curve.gemm_s(flops, cpu.peak_flops_per_s("fp32")) == pytest.approx(
-        flops * max(line["s_per_flop"], 1 / cpu.peak_flops_per_s("fp32")) + line["overhead_s"])
+    assert curve.gemm_s(flops, a100.peak_flops_per_s("fp32")) == pytest.approx(
+        flops * max(line["s_per_flop"], 1 / a100.peak_flops_per_s("fp32")) + line["overhead_s"])
 
 
 def test_a_cached_profile_of_an_older_format_is_ignored_and_said_so(tmp_path, capsys):

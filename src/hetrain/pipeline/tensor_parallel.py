@@ -48,7 +48,31 @@ from torch.distributed.tensor.parallel import ParallelStyle, parallelize_module
 
 from hetrain.model.gpt import ModelConfig
 
-Window = Callable[[int, int, str, Callable[[], bool]], object]
+class InFlight:
+    """An asynchronous all-reduce (at least `deadline` long under an emulated link): calling it
+    says whether it is still in flight; `ended_s()` when it ended (time.perf_counter), None while
+    in flight. The end is stamped by the work's future; where the stamp is not there yet, the
+    emulated deadline stands for it (no earlier than the all-reduce's start: never later than
+    the real end, so time counted inside it is not overstated)."""
+
+    def __init__(self, work: dist.Work, deadline: float):
+        self._work, self._deadline = work, deadline
+        self._done_s: float | None = None
+        work.get_future().add_done_callback(self._stamp)
+
+    def _stamp(self, _future) -> None:
+        self._done_s = time.perf_counter()
+
+    def __call__(self) -> bool:
+        return not self._work.is_completed() or time.perf_counter() < self._deadline
+
+    def ended_s(self) -> float | None:
+        if self():
+            return None
+        return max(self._deadline, self._done_s if self._done_s is not None else self._deadline)
+
+
+Window = Callable[[int, int, str, InFlight], object]
 """window(chunk index, block position in the chunk, "mlp" or "attn", in_flight): runs inside the
 backward all-reduce before that block's column-parallel linear (mlp.up's comes first in the
 backward, attn.qkv's second), and should return once in_flight() is False."""
@@ -96,7 +120,7 @@ class _CopyToTP(torch.autograd.Function):
         deadline = time.perf_counter() + link.all_reduce_s(_bytes(grad))
         work = dist.all_reduce(grad, group=link.group, async_op=True)
         if link.window is not None:
-            link.window(*ctx.where, lambda: not work.is_completed() or time.perf_counter() < deadline)
+            link.window(*ctx.where, InFlight(work, deadline))
         work.wait()
         _hold_until(deadline)
         return grad, None, None

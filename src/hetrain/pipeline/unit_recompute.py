@@ -124,9 +124,9 @@ class Recomputations:
         self.regions_left = 0
         """Window regions the backward recomputed because the wait ended first."""
         self.collective_hidden_s = 0.0
-        """Seconds of COLLECTIVE regions recomputed while their all-reduce was still in flight at the region's end."""
+        """Seconds of COLLECTIVE regions recomputed while their all-reduce was in flight."""
         self.collective_after_s = 0.0
-        """Seconds of COLLECTIVE regions during which the all-reduce ended (the region overran it)."""
+        """Seconds of COLLECTIVE regions recomputed after their all-reduce ended (a region overran it)."""
         self.regions_collective = 0
         """COLLECTIVE regions recomputed inside all-reduces."""
         self.collective_left = 0
@@ -185,14 +185,17 @@ class Recomputations:
         self.regions_ahead += done
         return done
 
-    def collective(self, stage_index: int, position: int, side: str, in_flight: Callable[[], bool]) -> int:
+    def collective(self, stage_index: int, position: int, side: str, in_flight: Callable[[], bool],
+                   ended_s: Callable[[], float | None] | None = None) -> int:
         """Called inside a tensor-parallel all-reduce of the backward of block `position` of chunk
         `stage_index` (hetrain.pipeline.tensor_parallel's window; `side` "mlp" for mlp.up's input
         gradient, the first, "attn" for attn.qkv's): recompute, for the micro-batch whose backward
         runs, the block's own attention-side regions when it noted any (mlp side only: they are
         needed next), then the COLLECTIVE regions of the block before it, last region first,
-        while in_flight(); the rest wait for the backward. A region's seconds count as hidden when
-        the all-reduce is still in flight at its end. Returns the regions recomputed."""
+        while in_flight(); the rest wait for the backward. A region's seconds count as hidden while
+        the all-reduce is in flight: all of them when it still is at the region's end, else the
+        share before `ended_s()` (when the all-reduce ended; none of them without it). Returns the
+        regions recomputed."""
         if self._backward is None or self._backward[0][0] != stage_index:
             return 0
         key, group = self._backward
@@ -203,15 +206,15 @@ class Recomputations:
         try:
             while (own or earlier) and in_flight():
                 node = (own or earlier).pop()
-                before_s = self._collective_ran_s
+                before_s, start = self._collective_ran_s, time.perf_counter()
                 # The backward's group (autograd carries it into its threads); entered if not.
                 with contextlib.nullcontext() if GraphExecGroup._get_current_group() is group else group:
                     node.saved_tensors  # noqa: B018 - the read is what triggers the recomputation
-                ran_s = self._collective_ran_s - before_s
-                if in_flight():
-                    self.collective_hidden_s += ran_s
-                else:
-                    self.collective_after_s += ran_s
+                ran_s, end = self._collective_ran_s - before_s, time.perf_counter()
+                ended = None if in_flight() else (ended_s() if ended_s is not None else start)
+                inside = 1.0 if ended is None else min(1.0, max(0.0, ended - start) / max(end - start, 1e-12))
+                self.collective_hidden_s += ran_s * inside
+                self.collective_after_s += ran_s * (1.0 - inside)
                 done += 1
         finally:
             self._place = DEMAND

@@ -128,9 +128,14 @@ def require_profile(profile_dir: str | os.PathLike) -> Profile:
 
 
 def measured_curves(profile_dir: str | os.PathLike, dtype: str = "bf16") -> dict:
-    """Matmul curves of the device kinds whose profiles `profile_dir` holds (any machine's: a
-    profile made on a GPU prices that kind in cluster plans), by kind name."""
-    from hetrain.hardware.catalog import get_kind, match_torch_name
+    """Matmul curves of the accelerator kinds whose profiles `profile_dir` holds (any machine's: a
+    profile made on a GPU prices that kind in cluster plans), by kind name.
+
+    Profiles made on a CPU are left out: their GEMM line is the whole machine at the profile's
+    thread count, measured against the catalog's placeholder CPU peak, while a cluster file's cpu
+    devices are processes whose rates the file declares (peak_fp32_tflops, mem_bw_gbytes_per_s);
+    those are priced by the default CPU curve on the declared peak."""
+    from hetrain.hardware.catalog import match_torch_name
     from hetrain.predict.roofline import curve_for
 
     curves = {}
@@ -139,7 +144,7 @@ def measured_curves(profile_dir: str | os.PathLike, dtype: str = "bf16") -> dict
             profile = _from_dict(json.loads(path.read_text(encoding="utf-8")))
         except (OSError, ValueError, KeyError, TypeError):
             continue
-        kind = get_kind("cpu") if profile.device == "cpu" else match_torch_name(profile.device)
+        kind = None if profile.device == "cpu" else match_torch_name(profile.device)
         if kind is not None and profile.matmul:
             curves[kind.name] = curve_for(kind, profile.matmul, dtype)
     return curves

@@ -121,7 +121,7 @@ class ClusterTrainer:
             mesh = DeviceMesh.from_group(self.comm.tp.group, place.device_type)
             for chunk in self.chunks:
                 apply_tensor_parallel(chunk, mesh, cfg.model, cfg.run.emulate_tp_link_gbytes_per_s,
-                                      window=self.ledger.collective)
+                                      window=lambda c, at, side, f: self.ledger.collective(c, at, side, f, f.ended_s))
         self.recompute = [apply_stage_recompute(chunk, self.ledger) for chunk in self.chunks]
         self.named = [(n, p) for chunk in self.chunks for n, p in chunk.named_parameters(remove_duplicate=False)]
         share = layout.pipeline_samples[place.pipeline] / layout.global_batch
