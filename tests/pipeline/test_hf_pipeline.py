@@ -11,6 +11,7 @@ loads. In-process tests cover the cut itself and the refusals.
 
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -113,6 +114,41 @@ def test_two_pipelines_of_two_kinds_then_one_process_resumes_their_checkpoint(tm
     assert_same_params(tmp_path / "one", reference)
 
 
+def test_tensor_parallel_layers_train_the_one_process_model(tmp_path, corpus, folder, reference):
+    """TP 2 x PP 2 (q/k/v/gate/up column-wise, o/down row-wise, GQA with 2 key/value heads), a
+    block recomputed whole: the one-process model to 1e-5, and the export is whole again."""
+    plan = write_hf_plan(tmp_path / "tp2.json", one_group_cluster(4),
+                         [pipeline(["cpu-a"], [3, 1], tp=2, recompute=[1, 0])], folder)
+    done = torchrun(4, ["--plan.file", plan] + run_args(tmp_path / "run", corpus), tmp_path)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    local, whole = (int(n.replace(",", "")) for n in re.search(
+        r"tensor parallelism: 2 ranks per stage; this rank holds ([\d,]+) of its stage's ([\d,]+)", done.stdout).groups())
+    assert whole // 2 < local < whole  # the layers' linears split, the norms and the embedding whole
+    assert_same_losses(tmp_path / "run", reference)
+    assert_same_params(tmp_path / "run", reference)
+    reloaded = load_hf_model(str(tmp_path / "run" / "hf_model"))
+    assert reloaded.num_params() == load_hf_model(str(folder)).num_params()
+
+
+def test_which_transformers_models_split_tensor_parallel(tmp_path):
+    from hetrain.model.hf import load_hf_config
+    from hetrain.model.spec import ModelSpec
+    from hetrain.pipeline.tensor_parallel import check_hf_tp
+
+    for family in ("llama", "mistral", "qwen2"):
+        config = load_hf_config(str(save_tiny_hf(tmp_path / family, family)))
+        assert check_hf_tp(config, 2) is None, family
+        assert "num_key_value_heads=2 is not divisible by the tensor-parallel degree 4" in check_hf_tp(config, 4)
+        assert ModelSpec.hf_folder(str(tmp_path / family)).describe(SEQ_LEN).tp_heads == 2
+    for family in ("gpt2", "gpt_neox"):
+        config = load_hf_config(str(save_tiny_hf(tmp_path / family, family)))
+        assert f"this model is '{family}'" in check_hf_tp(config, 2)
+        assert ModelSpec.hf_folder(str(tmp_path / family)).describe(SEQ_LEN).tp_heads == 1
+    dropped = load_hf_config(str(save_tiny_hf(tmp_path / "drop", "llama", attention_dropout=0.1)))
+    assert "attention_dropout=0.1" in check_hf_tp(dropped, 2)
+    assert ModelSpec.hf_folder(str(tmp_path / "drop")).describe(SEQ_LEN).tp_heads == 1
+
+
 def test_the_planner_plans_a_transformers_model_at_tp_1_with_whole_blocks(tmp_path, folder, capsys):
     code = main(["plan", "--cluster", str(LOCAL_CPU), "--hf.path", str(folder), "--train.seq_len",
                  str(SEQ_LEN), "--plan.global_batch", "8", "--plan.pp", "2", "--run.dir", str(tmp_path / "plan")])
@@ -123,11 +159,17 @@ def test_the_planner_plans_a_transformers_model_at_tp_1_with_whole_blocks(tmp_pa
     assert doc["search"]["recompute"]["method"] == "whole"
     assert all(not st["recompute"] for p in doc["pipelines"] for st in p["stages"])
     assert doc["prediction"]["step_s"] > 0
-    # hetrain shards its own GPT only: tensor parallelism is not offered for a transformers model.
+    # Llama-style layers split tensor-parallel; GPT-2's fused projections do not.
     code = main(["plan", "--cluster", str(LOCAL_CPU), "--hf.path", str(folder), "--train.seq_len", str(SEQ_LEN),
                  "--plan.global_batch", "8", "--plan.tp", "2", "--run.dir", str(tmp_path / "tp2")])
+    assert code == 0
+    doc = json.loads((tmp_path / "tp2" / "plan.json").read_text())
+    assert all(st["tp"] == 2 for p in doc["pipelines"] for st in p["stages"])
+    gpt2 = save_tiny_hf(tmp_path / "gpt2", "gpt2", n_layer=N_BLOCKS)
+    code = main(["plan", "--cluster", str(LOCAL_CPU), "--hf.path", str(gpt2), "--train.seq_len", str(SEQ_LEN),
+                 "--plan.global_batch", "8", "--plan.tp", "2", "--run.dir", str(tmp_path / "gpt2-tp2")])
     assert code == 2 and "no plan with --plan.tp 2" in capsys.readouterr().err
-    assert not (tmp_path / "tp2" / "plan.json").exists()
+    assert not (tmp_path / "gpt2-tp2" / "plan.json").exists()
 
 
 def test_refusals_name_the_fix(tmp_path, corpus, folder, monkeypatch):
@@ -150,9 +192,10 @@ def test_refusals_name_the_fix(tmp_path, corpus, folder, monkeypatch):
     with pytest.raises(ConfigError, match="made for hetrain's GPT.*drop --hf.path"):
         prepare(load_config(None, {"plan.file": str(tmp_path / "gpt.json"), "hf.path": str(folder),
                                    "run.dir": str(tmp_path / "r")}))
-    tp2 = write_hf_plan(tmp_path / "tp2.json", one_group_cluster(2), [pipeline(["cpu-a"], [N_BLOCKS], tp=2)], folder)
+    gpt2 = save_tiny_hf(tmp_path / "gpt2", "gpt2", n_layer=N_BLOCKS)
+    tp2 = write_hf_plan(tmp_path / "tp2.json", one_group_cluster(2), [pipeline(["cpu-a"], [N_BLOCKS], tp=2)], gpt2)
     done = torchrun(2, ["--plan.file", tp2] + run_args(tmp_path / "tp", corpus), tmp_path)
-    assert done.returncode != 0 and "re-plan with another --plan.tp" in done.stdout + done.stderr
+    assert done.returncode != 0 and "this model is 'gpt2'; re-plan with another --plan.tp" in done.stdout + done.stderr
     assert not losses_exist(tmp_path / "tp")
 
 

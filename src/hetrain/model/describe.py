@@ -75,7 +75,8 @@ class ModelDescription:
     tp_heads: int = 1
     """What a tensor-parallel degree must divide, as the runtime shards the model: for hetrain's
     GPT the gcd of its heads, key/value heads and MLP width (1 with dropout on, which the runtime
-    refuses under TP); 1 for a transformers model, which the runtime does not shard."""
+    refuses under TP); the same for a Llama-style transformers model (heads, KV heads,
+    intermediate size; 1 with attention dropout), and 1 for the others, which it does not shard."""
 
     def layers(self) -> list[LayerDescription]:
         return [self.embedding, *self.blocks, self.head]

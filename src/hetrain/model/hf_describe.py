@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 
 from hetrain.errors import ConfigError
 from hetrain.model.describe import FP32_BYTES, INDEX_BYTES, LayerDescription, ModelDescription
@@ -244,6 +245,9 @@ def describe_hf(config, micro_batch: int, seq_len: int, compute_dtype_bytes: int
 
     total = e["params"] + n * blk["params"] + h["params"]
     buffers = counts["other_buffers"] + n * counts["block_buffers"]
+    # Tensor parallelism (hetrain.pipeline.tensor_parallel.shard_hf_block) splits Llama-style
+    # layers by whole heads, KV heads and MLP columns, and not with attention dropout.
+    tp_heads = math.gcd(s["nh"], s["nkv"], s["F"]) if family in LLAMA_LIKE and not s["attn_drop"] else 1
     return ModelDescription(config, micro_batch, seq_len, b, embedding, blocks, head, total, hidden_size=C,
                             vocab_size=V, norm="rmsnorm" if family in LLAMA_LIKE else "layernorm",
-                            buffers_bytes=buffers, tied_embeddings=counts["tied"])
+                            buffers_bytes=buffers, tied_embeddings=counts["tied"], tp_heads=tp_heads)

@@ -11,8 +11,9 @@ the runtime checks that the folder still holds the architecture the plan was mad
 record keys a profile entry (`key()`).
 
 What hetrain's cluster runtime runs of a transformers model differs from its GPT: tensor
-parallelism 1 (the description's tp_heads is 1) and whole-block recomputation only
-(`unit_recompute` False: the units inside a block are the GPT's steps). This module is data and
+parallelism for Llama-style layers only (the description's tp_heads is 1 for the others) and
+whole-block recomputation only (`unit_recompute` False: the units inside a block are the GPT's
+steps). This module is data and
 arithmetic: it must not search, price or run anything.
 """
 

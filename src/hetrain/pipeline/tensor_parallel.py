@@ -142,11 +142,12 @@ class _ReduceFromTP(torch.autograd.Function):
         return grad, None
 
 
-def _column_forward(module: nn.Linear, link: TPLink, where: tuple[int, int, str], x: torch.Tensor) -> torch.Tensor:
+def _column_forward(module: nn.Linear, link: TPLink, where: tuple[int, int, str] | None, x: torch.Tensor) -> torch.Tensor:
     # module.weight at call time: hetrain.precision.WeightCopies may have put a bf16 copy there.
     bias = module.bias
-    return F.linear(_CopyToTP.apply(x, link, where), module.weight.to_local(),
-                    None if bias is None else bias.to_local())  # (B, T, out / tp)
+    if where is not None:
+        x = _CopyToTP.apply(x, link, where)
+    return F.linear(x, module.weight.to_local(), None if bias is None else bias.to_local())  # (B, T, out / tp)
 
 
 def _row_forward(module: nn.Linear, link: TPLink, x: torch.Tensor) -> torch.Tensor:
@@ -166,9 +167,10 @@ def _distribute(module: nn.Linear, mesh: DeviceMesh, placements: dict[str, list]
 
 class ColumnParallel(ParallelStyle):
     """An nn.Linear split by output rows: weight and bias Shard(0), the input gradient all-reduced
-    in the backward (with a window); its output is this rank's columns, a plain tensor."""
+    in the backward (with a window); its output is this rank's columns, a plain tensor. `where`
+    None: the input is already behind a _CopyToTP shared with other linears (q, k, v)."""
 
-    def __init__(self, link: TPLink, where: tuple[int, int, str]):
+    def __init__(self, link: TPLink, where: tuple[int, int, str] | None):
         self.link, self.where = link, where
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
@@ -188,6 +190,55 @@ class RowParallel(ParallelStyle):
         _distribute(module, device_mesh, {"weight": [Shard(1)], "bias": [Replicate()]}, self.src_data_rank)
         module.forward = functools.partial(_row_forward, module, self.link)
         return module
+
+
+HF_COLUMNS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj")
+HF_ROWS = ("self_attn.o_proj", "mlp.down_proj")
+HF_NORMS = (("input_layernorm", "attn"), ("post_attention_layernorm", "mlp"))
+
+
+def check_hf_tp(config, tp: int) -> str | None:
+    """Why a transformers model (its config) cannot be split tp ways (a message), or None.
+    Llama-style layers (Llama, Mistral, Qwen2: separate q/k/v/o and gate/up/down linears, a norm
+    before each half) are split; fused projections (GPT-2, GPT-NeoX) are not."""
+    from hetrain.model.hf_describe import LLAMA_LIKE
+
+    family = getattr(config, "model_type", "")
+    if family not in LLAMA_LIKE:
+        return (f"tensor parallelism splits transformers models of types {', '.join(LLAMA_LIKE)} (separate "
+                f"q/k/v/o and gate/up/down projections); this model is '{family}'")
+    for name in ("num_attention_heads", "num_key_value_heads", "intermediate_size"):
+        n = getattr(config, name, None)
+        if n is not None and n % tp:
+            return f"the model's {name}={n} is not divisible by the tensor-parallel degree {tp}"
+    if getattr(config, "attention_dropout", 0.0):
+        return (f"attention_dropout={config.attention_dropout} with tensor parallelism: each rank would draw its own "
+                f"masks for its heads, so the run would not train the one-process model")
+    return None
+
+
+def _submodule(module: nn.Module, name: str) -> nn.Module | None:
+    try:
+        return module.get_submodule(name)
+    except AttributeError:
+        return None
+
+
+def shard_hf_block(block: nn.Module, mesh: DeviceMesh, link: TPLink, where: tuple[int, int]) -> None:
+    """Shard a Llama-style transformers decoder layer (check_hf_tp) in place: q, k, v, gate and up
+    column-wise, o and down row-wise; one _CopyToTP on each norm's output, which its column-parallel
+    linears share. The attention derives its local head count from the sharded widths (transformers
+    views q/k/v as (..., -1, head_dim)); no rows are reordered, so the canonical order is the model's."""
+    missing = [n for n in (*HF_COLUMNS, *HF_ROWS) if not isinstance(_submodule(block, n), nn.Linear)]
+    missing += [n for n, _ in HF_NORMS if _submodule(block, n) is None]
+    if missing:
+        raise ValueError(f"{type(block).__name__} is not a Llama-style layer: no nn.Linear or norm at {missing[0]}")
+    plan = {name: ColumnParallel(link, None) for name in HF_COLUMNS}
+    plan.update({name: RowParallel(link) for name in HF_ROWS})
+    parallelize_module(block, mesh, plan, src_data_rank=None)
+    for norm, side in HF_NORMS:
+        block.get_submodule(norm).register_forward_hook(
+            lambda _module, _args, out, side=side: _CopyToTP.apply(out, link, (*where, side)))
 
 
 def check_tp(cfg: ModelConfig, tp: int) -> str | None:
@@ -243,6 +294,10 @@ def apply_tensor_parallel(stage: torch.nn.Module, mesh: DeviceMesh, cfg: ModelCo
     if tp == 1:
         return
     link = TPLink(mesh.get_group(), tp, 1e-9 / link_gbytes_per_s if link_gbytes_per_s > 0 else 0.0, window)
+    if not isinstance(stage.blocks, nn.ModuleDict):  # a transformers model's layers (HFStageModule)
+        for position, block in enumerate(stage.blocks):
+            shard_hf_block(block, mesh, link, (stage.chunk.index, position))
+        return
     for position, (name, block) in enumerate(stage.blocks.items()):
         with torch.no_grad():
             for sub, param_name in (("attn.qkv", "weight"), ("attn.qkv", "bias"), ("mlp.up", "weight"),

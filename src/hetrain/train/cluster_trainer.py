@@ -2,7 +2,7 @@
 
 `ClusterTrainer` sets up (every input check first, then the process groups), and `fit()` runs
 the steps (the runtime is hetrain.pipeline; this module wires it). Setting up composes the techniques on a plain model (hetrain's GPT, or a
-transformers causal LM from --hf.path at TP 1) in this order, and why:
+transformers causal LM from --hf.path; TP splits Llama-style layers) in this order, and why:
 1. every rank builds the whole model from the seed (or loads it from the folder) on the CPU, as
    one process would, so each stage starts from exactly the one-process weights; it keeps its
    chunks (stages.py);
@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from torch.distributed.tensor import DTensor
 
 from hetrain.config import Config, save_config, to_dict
 from hetrain.data import build_data
@@ -49,7 +50,8 @@ from hetrain.pipeline.data_parallel import GradientSync, OverlappedReduce, Shard
 from hetrain.pipeline.placement import Layout
 from hetrain.pipeline.schedule import StageClock, build_schedule
 from hetrain.pipeline.stages import apply_stage_recompute, build_chunk, model_names
-from hetrain.pipeline.tensor_parallel import apply_tensor_parallel, check_tp
+from hetrain.model.hf import load_hf_config
+from hetrain.pipeline.tensor_parallel import apply_tensor_parallel, check_hf_tp, check_tp
 from hetrain.pipeline.unit_recompute import Recomputations
 from hetrain.plan.cluster.plan import ClusterPlan
 from hetrain.train import checkpoint as ckpt
@@ -83,10 +85,11 @@ class ClusterTrainer:
             self.device = torch.device(place.device_type)
 
         # --- everything that can fail on user input, before any group or file exists -------
-        why = check_tp(cfg.model, place.tp)
-        if place.tp > 1 and cfg.hf.path:
-            why = "tensor parallelism shards hetrain's GPT blocks only, not a transformers model's"
-        elif place.tp > 1 and cfg.model.dropout > 0:
+        if cfg.hf.path:
+            why = check_hf_tp(load_hf_config(cfg.hf.path), place.tp) if place.tp > 1 else None
+        else:
+            why = check_tp(cfg.model, place.tp)
+        if why is None and place.tp > 1 and not cfg.hf.path and cfg.model.dropout > 0:
             why = (f"model.dropout={cfg.model.dropout} with tensor parallelism: each rank would draw its own "
                    f"masks for its heads, so the run would not train the one-process model")
         if why:
@@ -314,6 +317,11 @@ class ClusterTrainer:
             every = sum(p.numel() for p in self.sync.unique())
             print(f"hetrain: AdamW state sharded over {len(self.sharded.owned_by)} replicas (ZeRO-1): this rank "
                   f"updates {mine:,} of its {every:,} parameters", flush=True)
+        if self.place.tp > 1:
+            local = sum((q.to_local() if isinstance(q, DTensor) else q).numel() for _, q in self.named)
+            whole = sum(q.numel() for _, q in self.named)
+            print(f"hetrain: tensor parallelism: {self.place.tp} ranks per stage; this rank holds {local:,} of its "
+                  f"stage's {whole:,} parameters", flush=True)
         if self.predicted_step_s:
             print(f"hetrain: predicted step {1000 * self.predicted_step_s:.1f} ms (from the plan)", flush=True)
         if self.step:
