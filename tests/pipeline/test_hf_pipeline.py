@@ -116,7 +116,8 @@ def test_two_pipelines_of_two_kinds_then_one_process_resumes_their_checkpoint(tm
 
 def test_tensor_parallel_layers_train_the_one_process_model(tmp_path, corpus, folder, reference):
     """TP 2 x PP 2 (q/k/v/gate/up column-wise, o/down row-wise, GQA with 2 key/value heads), a
-    block recomputed whole: the one-process model to 1e-5, and the export is whole again."""
+    block recomputed whole: the one-process model to 1e-5; the export is whole again, and one
+    process resumes its step-5 checkpoint."""
     plan = write_hf_plan(tmp_path / "tp2.json", one_group_cluster(4),
                          [pipeline(["cpu-a"], [3, 1], tp=2, recompute=[1, 0])], folder)
     done = torchrun(4, ["--plan.file", plan] + run_args(tmp_path / "run", corpus), tmp_path)
@@ -128,6 +129,10 @@ def test_tensor_parallel_layers_train_the_one_process_model(tmp_path, corpus, fo
     assert_same_params(tmp_path / "run", reference)
     reloaded = load_hf_model(str(tmp_path / "run" / "hf_model"))
     assert reloaded.num_params() == load_hf_model(str(folder)).num_params()
+    step5 = tmp_path / "run" / "checkpoints" / "step_00000005"
+    Trainer(one_process(tmp_path / "one", corpus, folder, **{"run.resume": step5})).fit()
+    assert_same_losses(tmp_path / "one", reference, steps=range(6, 11))
+    assert_same_params(tmp_path / "one", reference)
 
 
 def test_which_transformers_models_split_tensor_parallel(tmp_path):
