@@ -135,6 +135,16 @@ def test_an_all_reduce_in_flight_says_when_it_ended(one_rank):
     assert deadline <= flight.ended_s() <= seen
 
 
+def test_an_all_reduce_past_its_deadline_ends_when_its_work_did(one_rank):
+    """With the deadline long past, the end is the work future's stamp, not the deadline."""
+    before = time.perf_counter()
+    flight = InFlight(dist.all_reduce(torch.ones(4), group=one_rank, async_op=True), before - 1.0)
+    while flight():
+        time.sleep(0.001)
+    seen = time.perf_counter()
+    assert before <= flight.ended_s() <= seen
+
+
 # --- two processes -------------------------------------------------------------------------------
 
 STEPS = 4

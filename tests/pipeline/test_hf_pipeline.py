@@ -123,7 +123,7 @@ def test_tensor_parallel_layers_train_the_one_process_model(tmp_path, corpus, fo
     done = torchrun(4, ["--plan.file", plan] + run_args(tmp_path / "run", corpus), tmp_path)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     local, whole = (int(n.replace(",", "")) for n in re.search(
-        r"tensor parallelism: 2 ranks per stage; this rank holds ([\d,]+) of its stage's ([\d,]+)", done.stdout).groups())
+        r"tensor parallelism: 2 ranks per stage; rank 0 holds ([\d,]+) of its stage's ([\d,]+)", done.stdout).groups())
     assert whole // 2 < local < whole  # the layers' linears split, the norms and the embedding whole
     assert_same_losses(tmp_path / "run", reference)
     assert_same_params(tmp_path / "run", reference)
@@ -152,6 +152,21 @@ def test_which_transformers_models_split_tensor_parallel(tmp_path):
     dropped = load_hf_config(str(save_tiny_hf(tmp_path / "drop", "llama", attention_dropout=0.1)))
     assert "attention_dropout=0.1" in check_hf_tp(dropped, 2)
     assert ModelSpec.hf_folder(str(tmp_path / "drop")).describe(SEQ_LEN).tp_heads == 1
+
+
+def test_tensor_parallelism_refuses_a_transformers_release_that_reads_heads_from_the_config(tmp_path,
+                                                                                          monkeypatch):
+    """Before 4.48, Llama attention took its head count from the config, which a split leaves whole."""
+    import transformers
+
+    from hetrain.model.hf import load_hf_config
+    from hetrain.model.spec import ModelSpec
+    from hetrain.pipeline.tensor_parallel import check_hf_tp
+
+    config = load_hf_config(str(save_tiny_hf(tmp_path / "llama", "llama")))
+    monkeypatch.setattr(transformers, "__version__", "4.47.1")
+    assert "needs transformers >= 4.48 (installed: 4.47.1)" in check_hf_tp(config, 2)
+    assert ModelSpec.hf_folder(str(tmp_path / "llama")).describe(SEQ_LEN).tp_heads == 1
 
 
 def test_the_planner_plans_a_transformers_model_at_tp_1_with_whole_blocks(tmp_path, folder, capsys):

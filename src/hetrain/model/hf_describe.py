@@ -35,6 +35,18 @@ FAMILIES = (*LLAMA_LIKE, "gpt2", "gpt_neox")
 # the four intermediates of the tanh formula written out in Python (gelu_new).
 ACTIVATION_SAVES = {"silu": 1, "swish": 1, "gelu": 1, "gelu_pytorch_tanh": 1, "relu": 0, "gelu_new": 4}
 RELU_LIKE = ("relu",)
+# Since transformers 4.48, Llama-style attention takes its head count from the projections'
+# widths (views as (..., -1, head_dim)); before, from self.num_heads, which a column-wise split
+# leaves whole: tensor parallelism needs 4.48 or later.
+TP_MIN_TRANSFORMERS = "4.48"
+
+
+def transformers_splits_heads() -> bool:
+    """Whether the installed transformers runs a layer whose q/k/v were split by columns."""
+    import transformers
+    from packaging.version import Version
+
+    return Version(transformers.__version__) >= Version(TP_MIN_TRANSFORMERS)
 
 
 @functools.lru_cache(maxsize=32)
@@ -247,7 +259,8 @@ def describe_hf(config, micro_batch: int, seq_len: int, compute_dtype_bytes: int
     buffers = counts["other_buffers"] + n * counts["block_buffers"]
     # Tensor parallelism (hetrain.pipeline.tensor_parallel.shard_hf_block) splits Llama-style
     # layers by whole heads, KV heads and MLP columns, and not with attention dropout.
-    tp_heads = math.gcd(s["nh"], s["nkv"], s["F"]) if family in LLAMA_LIKE and not s["attn_drop"] else 1
+    splits = family in LLAMA_LIKE and not s["attn_drop"] and transformers_splits_heads()
+    tp_heads = math.gcd(s["nh"], s["nkv"], s["F"]) if splits else 1
     return ModelDescription(config, micro_batch, seq_len, b, embedding, blocks, head, total, hidden_size=C,
                             vocab_size=V, norm="rmsnorm" if family in LLAMA_LIKE else "layernorm",
                             buffers_bytes=buffers, tied_embeddings=counts["tied"], tp_heads=tp_heads)

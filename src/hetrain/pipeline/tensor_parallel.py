@@ -6,7 +6,10 @@ column-wise (weight and bias Shard(0)), the attention output projection and the 
 projection row-wise (weight Shard(1), bias Replicate()), so that a block needs one all-reduce in
 its forward after attention and one after the MLP, and one in its backward before each of the
 two column-parallel projections. Each rank then runs n_head / tp heads (the Attention module's
-head counts are set to the local share). The embedding, final norm and head stay whole on every
+head counts are set to the local share). A transformers Llama-style layer (Llama, Mistral,
+Qwen2; `shard_hf_block`) is split the same way with separate q/k/v and gate/up linears
+column-wise and o/down row-wise, a forward hook on each of its two norms applying `_CopyToTP` to
+the input the column-parallel linears share. The embedding, final norm and head stay whole on every
 TP rank (each computes them; they are small beside the blocks for the models tested here).
 
 The parameters are DTensors (checkpoints, the optimizer, clipping and the gradient reduction
@@ -48,12 +51,16 @@ from torch.distributed.tensor.parallel import ParallelStyle, parallelize_module
 
 from hetrain.model.gpt import ModelConfig
 
+
 class InFlight:
     """An asynchronous all-reduce (at least `deadline` long under an emulated link): calling it
     says whether it is still in flight; `ended_s()` when it ended (time.perf_counter), None while
     in flight. The end is stamped by the work's future; where the stamp is not there yet, the
     emulated deadline stands for it (no earlier than the all-reduce's start: never later than
-    the real end, so time counted inside it is not overstated)."""
+    the real end, so time counted inside it is not overstated). On gloo the future completes
+    with the all-reduce; on NCCL it completes once the collective is queued on its stream, so
+    there the stamp is the launch and only the deadline (under emulation) moves the end later:
+    time hidden inside a real NCCL all-reduce is understated, never overstated."""
 
     def __init__(self, work: dist.Work, deadline: float):
         self._work, self._deadline = work, deadline
@@ -201,8 +208,13 @@ def check_hf_tp(config, tp: int) -> str | None:
     """Why a transformers model (its config) cannot be split tp ways (a message), or None.
     Llama-style layers (Llama, Mistral, Qwen2: separate q/k/v/o and gate/up/down linears, a norm
     before each half) are split; fused projections (GPT-2, GPT-NeoX) are not."""
-    from hetrain.model.hf_describe import LLAMA_LIKE
+    import transformers
 
+    from hetrain.model.hf_describe import LLAMA_LIKE, TP_MIN_TRANSFORMERS, transformers_splits_heads
+
+    if not transformers_splits_heads():
+        return (f"tensor parallelism of transformers models needs transformers >= {TP_MIN_TRANSFORMERS} "
+                f"(installed: {transformers.__version__}); upgrade it, or plan without tensor parallelism")
     family = getattr(config, "model_type", "")
     if family not in LLAMA_LIKE:
         return (f"tensor parallelism splits transformers models of types {', '.join(LLAMA_LIKE)} (separate "

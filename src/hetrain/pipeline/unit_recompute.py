@@ -105,7 +105,10 @@ class Recomputations:
     position in the chunk)), their GraphExecGroups, and the seconds spent recomputing ahead of
     backwards (in windows), inside tensor-parallel all-reduces, and on demand."""
 
-    def __init__(self) -> None:
+    def __init__(self, full_rerun: bool = False) -> None:
+        self.full_rerun = full_rerun
+        """DEMAND regions rerun their whole forward (checkpoint's early_stop=False), all-reduces
+        included: run.recompute_full_rerun, a baseline for comparison."""
         self._forward: tuple[int, int] | None = None
         self._backward: tuple[tuple[int, int], GraphExecGroup | None] | None = None
         """The (stage index, micro-batch) whose backward runs now, and its group."""
@@ -278,7 +281,8 @@ def _unit_forward(block: nn.Module, regions: dict[int, tuple[int, str]], ledger:
             anchor = functools.partial(ledger._anchor, (position, OWN))
         fn = functools.partial(_run_steps, block, k, last, rope, anchor)
         args = (h, x) if k <= _PROJ <= last else (h,)
-        out = checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=True, context_fn=contexts)
+        out = checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=True, context_fn=contexts,
+                         early_stop=not (ledger.full_rerun and place == DEMAND))
         if k <= _PROJ < last:
             h, x2 = out
         else:

@@ -117,7 +117,7 @@ class ClusterTrainer:
         self.chunks = [build_chunk(whole, c, place.micro_batch, cfg.train.seq_len, autocast_dtype).to(self.device)
                        for c in place.chunks]
         del whole
-        self.ledger = Recomputations()
+        self.ledger = Recomputations(cfg.run.recompute_full_rerun)
         if place.tp > 1:  # each block's backward all-reduces recompute the previous block's COLLECTIVE units
             from torch.distributed.device_mesh import DeviceMesh
 
@@ -318,9 +318,10 @@ class ClusterTrainer:
             print(f"hetrain: AdamW state sharded over {len(self.sharded.owned_by)} replicas (ZeRO-1): this rank "
                   f"updates {mine:,} of its {every:,} parameters", flush=True)
         if self.place.tp > 1:
-            local = sum((q.to_local() if isinstance(q, DTensor) else q).numel() for _, q in self.named)
-            whole = sum(q.numel() for _, q in self.named)
-            print(f"hetrain: tensor parallelism: {self.place.tp} ranks per stage; this rank holds {local:,} of its "
+            mine = self.sync.unique()  # a tied matrix once
+            local = sum((q.to_local() if isinstance(q, DTensor) else q).numel() for q in mine)
+            whole = sum(q.numel() for q in mine)
+            print(f"hetrain: tensor parallelism: {self.place.tp} ranks per stage; rank 0 holds {local:,} of its "
                   f"stage's {whole:,} parameters", flush=True)
         if self.predicted_step_s:
             print(f"hetrain: predicted step {1000 * self.predicted_step_s:.1f} ms (from the plan)", flush=True)
