@@ -166,6 +166,8 @@ class CostContext:
     cluster: Cluster
     options: PredictorOptions
     kits: dict = field(default_factory=dict)
+    whole_recompute_s: dict = field(default_factory=dict)
+    """recompute_units.whole_block_recompute_s by (group, tp, micro_batch)."""
 
     @property
     def n_blocks(self) -> int:

@@ -116,7 +116,7 @@ def interleaved_tasks(p: int, stages: list, chunks: list, n_microbatches: int) -
                         break
                     deps = [done[False, c + 1, i]] if c < last else []
                     if chunks[c].n_recompute_blocks:
-                        add(s, f"R{i}c{c}", chunks[c].n_recompute_blocks * st.block_fwd_s, deps, "recompute")
+                        add(s, f"R{i}c{c}", chunks[c].n_recompute_blocks * st.block_recompute_s, deps, "recompute")
                         deps = []
                     name = add(s, f"B{i}c{c}", fixed(c, "bwd") + chunks[c].n_blocks * st.block_bwd_s, deps, "bwd",
                                free=act)

@@ -28,6 +28,7 @@ from hetrain.plan.cluster.cost import (CostContext, Path, PredictorOptions, dp_p
                                       ring_allreduce_s)
 from hetrain.predict.state_bytes import MASTER_BYTES_PER_PARAM
 from hetrain.plan.cluster.plan import ClusterPlan, PipelinePlan, StagePlan, fold
+from hetrain.plan.cluster.recompute_units import whole_block_recompute_s
 from hetrain.predict.simulator import Task, simulate
 from hetrain.trace import TraceEvent, task_name
 
@@ -53,6 +54,8 @@ class StageModel:
     head: bool
     block_fwd_s: float
     block_bwd_s: float
+    block_recompute_s: float
+    """A whole block recomputed on demand (recompute_units.whole_block_recompute_s: torch's early stop)."""
     fixed_fwd_s: float
     """Embedding/head forward."""
     fixed_bwd_s: float
@@ -124,7 +127,7 @@ class StageModel:
         return self.fixed_fwd_s + n_blocks * self.block_fwd_s + self.send_fwd_s
 
     def bwd_s(self, n_blocks: int, n_recompute: int) -> float:
-        return self.fixed_bwd_s + n_blocks * self.block_bwd_s + n_recompute * self.block_fwd_s + self.send_bwd_s
+        return self.fixed_bwd_s + n_blocks * self.block_bwd_s + n_recompute * self.block_recompute_s + self.send_bwd_s
 
     def params(self, n_blocks: int) -> int:
         return self.fixed_params + n_blocks * self.block_params
@@ -202,6 +205,7 @@ def build_stages(ctx: CostContext, shape: PipelineShape, n_microbatches: int,
         stages.append(StageModel(
             group=group.name, kind=group.kind.name, tp=tp, embedding=first, head=last,
             block_fwd_s=kit.block.fwd_s, block_bwd_s=kit.block.bwd_s,
+            block_recompute_s=whole_block_recompute_s(ctx, group, tp, shape.micro_batch),
             fixed_fwd_s=sum(layer.fwd_s for layer in fixed), fixed_bwd_s=sum(layer.bwd_s for layer in fixed),
             send_fwd_s=send_fwd, send_bwd_s=send_bwd,
             block_state_bytes=math.ceil(kit.block.params * opts.state_bytes_at(shape.dp)),
@@ -410,7 +414,7 @@ def _pipeline_tasks(p: int, stages: list[StageModel], plans: list[StagePlan], m:
                     if ahead_s > 0:
                         add(s, ("recompute ahead", i), ahead_s, [], "recompute", alloc={lanes[s]: held})
                     if sp.n_recompute_blocks:
-                        add(s, ("recompute", i), sp.n_recompute_blocks * st.block_fwd_s, dep, "recompute")
+                        add(s, ("recompute", i), sp.n_recompute_blocks * st.block_recompute_s, dep, "recompute")
                         dep = []
                     compute = st.bwd_s(sp.n_blocks, 0) - st.send_bwd_s + demand_s
                     # held: restored ahead (allocated by the task above), or only the collective
