@@ -106,3 +106,19 @@ def assert_params_match(got: dict, want: dict, rtol: float = 1e-6, atol: float =
         off = int(((got[key] - ref).abs() > atol + rtol * ref.abs()).sum())
         assert off <= max(1, ref.numel() // 200), f"{key}: {off} of {ref.numel()} elements differ by more than " \
                                                     f"{atol} + {rtol} x |reference|"
+
+
+def reruns_of_last_matmul(block, run) -> int:
+    """How often the block's last matmul module (its MLP down projection) runs again when the
+    block's output from `run()` (under torch.utils.checkpoint, non-reentrant, early stop) is
+    backpropagated: 0 when the early stop skips it."""
+    from torch.utils.checkpoint import checkpoint
+
+    last = [m for m in block.modules() if any(p.dim() == 2 for p in m.parameters(recurse=False))][-1]
+    calls = []
+    last.register_forward_hook(lambda *_: calls.append(1))
+    out = checkpoint(run, use_reentrant=False)
+    forward = len(calls)
+    out.float().sum().backward()
+    return len(calls) - forward
+

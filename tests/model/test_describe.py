@@ -10,6 +10,7 @@ from hetrain.memory import MemoryAccountant
 from hetrain.model.describe import describe_model
 from hetrain.model.gpt import GPT
 from hetrain.model.presets import get_preset, preset_names
+from tests_support import reruns_of_last_matmul
 
 
 @pytest.mark.parametrize("name", preset_names())
@@ -93,3 +94,17 @@ def test_flops_close_to_6n_rule():
 def test_sequence_longer_than_model_rejected():
     with pytest.raises(ValueError, match="max_seq_len"):
         describe_model(get_preset("tiny"), 1, 10_000)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+@pytest.mark.parametrize("mlp", ["gelu", "swiglu"])
+def test_early_stop_skips_what_the_description_says(dropout, mlp):
+    """LayerDescription.early_stop_skips (priced by the cost model) against what torch reruns."""
+    cfg = dataclasses.replace(get_preset("tiny"), mlp=mlp, dropout=dropout)
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    block = describe_model(cfg, 2, 16).blocks[0]
+    h = model.embed(torch.randint(0, cfg.vocab_size, (2, 16))).detach().requires_grad_()
+    reruns = reruns_of_last_matmul(model.blocks[0], lambda: model.blocks[0](h, model.rope()))
+    assert reruns == (0 if block.early_stop_skips else 1)
+    assert block.early_stop_skips == (0 if dropout else 1)

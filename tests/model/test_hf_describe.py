@@ -9,7 +9,7 @@ from torch.utils._pytree import tree_leaves
 from hetrain.errors import ConfigError
 from hetrain.memory import MemoryAccountant
 from hetrain.model.stack import layer_parameters
-from tests_support import HF_FAMILIES, tiny_hf_config
+from tests_support import HF_FAMILIES, reruns_of_last_matmul, tiny_hf_config
 
 pytest.importorskip("transformers")
 
@@ -103,3 +103,17 @@ def test_qwen2_mixing_full_and_sliding_layers_is_refused():
 def test_longer_than_the_config_allows_is_refused():
     with pytest.raises(ConfigError, match="max_position_embeddings=64"):
         build_hf_model(tiny_hf_config("llama")).describe(1, 65)
+
+
+@pytest.mark.parametrize("family,variant", CASES, ids=[f"{f}-{'-'.join(f'{k}={v}' for k, v in v.items()) or 'default'}"
+                                                      for f, v in CASES])
+def test_early_stop_skips_what_the_description_says(family, variant):
+    """LayerDescription.early_stop_skips (priced by the cost model) against what torch reruns."""
+    torch.manual_seed(0)
+    model = build_hf_model(tiny_hf_config(family, **variant))
+    desc = model.describe(B, T, compute_dtype_bytes=4)
+    with torch.no_grad():
+        h0, extras = model.embed_inputs(torch.randint(0, 256, (B, T)))
+    h = h0.detach().requires_grad_()
+    reruns = reruns_of_last_matmul(model.blocks[0], lambda: model.block_forward(model.blocks[0], h, extras))
+    assert reruns == (0 if desc.blocks[0].early_stop_skips else 1)

@@ -47,10 +47,20 @@ class LayerDescription:
     gemms: tuple[tuple[int, int], ...] = ()
     """The weight shape of each of its matmuls, as (inputs, outputs): per token a matmul costs
     2 x inputs x outputs FLOPs forward; the products sum to matmul_params."""
+    early_stop_skips: int = 0
+    """Trailing matmuls of `gemms` that a whole-layer recomputation does not rerun: torch's
+    checkpoint stops once the last saved tensor is back, so a block's MLP down projection reruns
+    only when something after it saves a tensor (a dropout mask)."""
 
     @property
     def act_bytes_total(self) -> int:
         return sum(self.act_bytes.values())
+
+    @property
+    def early_stop_flops_share(self) -> float:
+        """The share of the forward FLOPs that a whole-layer recomputation skips."""
+        skipped = self.gemms[len(self.gemms) - self.early_stop_skips:] if self.early_stop_skips else ()
+        return 2.0 * sum(k * n for k, n in skipped) / self.fwd_flops_per_token if skipped else 0.0
 
 
 @dataclass(frozen=True)
@@ -208,7 +218,8 @@ def describe_model(cfg: ModelConfig, micro_batch: int, seq_len: int, compute_dty
     act = block_act_bytes(cfg, micro_batch, seq_len, b)
     blocks = [
         LayerDescription(f"block.{i}", block_params(cfg), fwd_block, 2 * fwd_block, dict(act), boundary,
-                         tensors["block"], _matmul_params(cfg), _block_gemms(cfg))
+                         tensors["block"], _matmul_params(cfg), _block_gemms(cfg),
+                         early_stop_skips=0 if cfg.dropout > 0 else 1)  # the residual dropout's mask
         for i in range(cfg.n_layer)
     ]
 

@@ -245,7 +245,9 @@ def describe_hf(config, micro_batch: int, seq_len: int, compute_dtype_bytes: int
     fwd_block = 2.0 * blk["matmul"] + 2.0 * seq_len * s["nh"] * s["hd"]
     act = block_act_bytes(config, family, micro_batch, seq_len, b)
     blocks = [LayerDescription(f"block.{i}", blk["params"], fwd_block, 2 * fwd_block, dict(act), boundary,
-                               blk["tensors"], blk["matmul"], blk["gemms"]) for i in range(n)]
+                               blk["tensors"], blk["matmul"], blk["gemms"],
+                               early_stop_skips=0 if s["resid_drop"] > 0 else 1)  # the last gemm: the MLP's down
+              for i in range(n)]
 
     head_saved = _norm(family, "norm_f", BT, C, b)
     head_saved.update({"lm_head_in": BT * C * b, "log_probs": BT * V * FP32_BYTES, "targets": BT * INDEX_BYTES,

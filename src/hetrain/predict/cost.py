@@ -214,7 +214,9 @@ class ProfileCost(CostModel):
         return self._timing(layer).bwd_s * self.scale
 
     def recompute_s(self, layer):
-        return self._timing(layer).recompute_s * self.scale
+        # The profiler times the whole forward again; torch's early stop skips the trailing
+        # matmuls the description names, priced at their share of the forward FLOPs.
+        return self._timing(layer).recompute_s * self.scale * (1.0 - layer.early_stop_flops_share)
 
     def act_bytes(self, layer):
         return round(self._timing(layer).act_bytes * self.scale)
@@ -302,7 +304,7 @@ class RooflineCost(CostModel):
         return self._seconds(layer).bwd_s
 
     def recompute_s(self, layer):
-        return self.fwd_s(layer)
+        return self._seconds(layer).recompute_s
 
     def act_bytes(self, layer):
         return layer.act_bytes_total + (self._autocast_extra_bytes(layer) if self.autocast else 0)

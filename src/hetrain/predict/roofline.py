@@ -97,6 +97,8 @@ def curve_for(kind: DeviceKind, measured: dict | None = None, dtype: str = "bf16
 class LayerSeconds:
     fwd_s: float
     bwd_s: float
+    recompute_s: float
+    """The layer recomputed whole: its forward less the matmuls torch's early stop skips."""
 
 
 def _attention_flops_per_token(layer: LayerDescription) -> float:
@@ -112,7 +114,8 @@ def layer_seconds(desc: ModelDescription, layer: LayerDescription, kind: DeviceK
     peak = kind.peak_flops_per_s(dtype)
     bandwidth = kind.mem_bw_bytes_per_s * eff.memory
     tokens = desc.tokens_per_microbatch
-    gemm_fwd = sum(curve.gemm_s(2.0 * tokens * k * n / tp, peak) for k, n in layer.gemms)
+    gemm_each = [curve.gemm_s(2.0 * tokens * k * n / tp, peak) for k, n in layer.gemms]
+    gemm_fwd = sum(gemm_each)
     attention = _attention_flops_per_token(layer) * tokens / tp / (peak * curve.attention_efficiency)
     io_bytes = tokens * desc.hidden_size * desc.compute_dtype_bytes
     weights = layer.matmul_params * desc.compute_dtype_bytes / tp
@@ -125,4 +128,5 @@ def layer_seconds(desc: ModelDescription, layer: LayerDescription, kind: DeviceK
     fwd = gemm_fwd + attention + elementwise + weight_read + eff.layer_launch_s
     grads = 2 * FP32_BYTES * layer.params / tp / bandwidth  # fp32 gradients read-modify-written
     bwd = 2 * gemm_fwd + 2 * attention + 2 * elementwise + weight_read + grads + 2 * eff.layer_launch_s
-    return LayerSeconds(fwd, bwd)
+    skipped = sum(gemm_each[len(gemm_each) - layer.early_stop_skips:]) if layer.early_stop_skips else 0.0
+    return LayerSeconds(fwd, bwd, fwd - skipped)

@@ -104,6 +104,9 @@ class LayerCosts:
 
     fwd_s: float
     bwd_s: float
+    recompute_s: float
+    """The layer recomputed whole (torch's early stop: LayerDescription.early_stop_skips), with the
+    forward all-reduces it reruns."""
     params: int
     """Parameters one device holds."""
     act_bytes: int
@@ -166,8 +169,6 @@ class CostContext:
     cluster: Cluster
     options: PredictorOptions
     kits: dict = field(default_factory=dict)
-    whole_recompute_s: dict = field(default_factory=dict)
-    """recompute_units.whole_block_recompute_s by (group, tp, micro_batch)."""
 
     @property
     def n_blocks(self) -> int:
@@ -214,9 +215,9 @@ class CostContext:
 
 
 def _layer_costs(ctx: CostContext, layer: LayerDescription, group: Group, tp: int, micro_batch: int,
-                 comm_s: tuple[float, float]) -> LayerCosts:
+                 comm_s: tuple[float, float, float]) -> LayerCosts:
     """The shared roofline's times of `layer` (predict/roofline.layer_seconds) on one of `tp`
-    devices, plus `comm_s` = (forward, backward) tensor-parallel communication."""
+    devices, plus `comm_s` = (forward, backward, recomputation) tensor-parallel communication."""
     opts = ctx.options
     desc = ctx.desc_at(micro_batch)
     scaled = dataclasses.replace(layer, act_bytes={k: v * micro_batch for k, v in layer.act_bytes.items()})
@@ -229,6 +230,7 @@ def _layer_costs(ctx: CostContext, layer: LayerDescription, group: Group, tp: in
     return LayerCosts(
         fwd_s=seconds.fwd_s + comm_s[0],
         bwd_s=seconds.bwd_s + comm_s[1],
+        recompute_s=seconds.recompute_s + comm_s[2],
         params=-(-layer.params // tp),
         act_bytes=layer.act_bytes_total * micro_batch // tp,
         ckpt_bytes=ctx.desc.embedding.boundary_bytes * micro_batch // tp,
@@ -245,10 +247,13 @@ def _make_kit(ctx: CostContext, group: Group, tp: int, micro_batch: int) -> Stag
     tied = desc.tied_embeddings
     return StageKit(
         group=group, tp=tp, micro_batch=micro_batch,
-        block=_layer_costs(ctx, desc.blocks[0], group, tp, micro_batch, (2 * tp_allreduce_s, 2 * tp_allreduce_s)),
+        # A block recomputed whole reruns proj's all-reduce, and down's unless early stop skips down.
+        block=_layer_costs(ctx, desc.blocks[0], group, tp, micro_batch,
+                           (2 * tp_allreduce_s, 2 * tp_allreduce_s,
+                            (2 - min(desc.blocks[0].early_stop_skips, 1)) * tp_allreduce_s)),
         # Vocabulary-parallel embedding: its output is all-reduced; the head's input gradient too.
-        embedding=_layer_costs(ctx, desc.embedding, group, tp, micro_batch, (tp_allreduce_s, 0.0)),
-        head=_layer_costs(ctx, desc.head, group, tp, micro_batch, (0.0, tp_allreduce_s)),
+        embedding=_layer_costs(ctx, desc.embedding, group, tp, micro_batch, (tp_allreduce_s, 0.0, tp_allreduce_s)),
+        head=_layer_costs(ctx, desc.head, group, tp, micro_batch, (0.0, tp_allreduce_s, 0.0)),
         tied_head_params=-(-desc.vocab_size * desc.hidden_size // tp) if tied else 0,
         boundary_bytes=boundary_bytes // tp,
         capacity_bytes=(2**62 if ctx.options.unlimited_memory

@@ -28,7 +28,6 @@ from hetrain.plan.cluster.cost import (CostContext, Path, PredictorOptions, dp_p
                                       ring_allreduce_s)
 from hetrain.predict.state_bytes import MASTER_BYTES_PER_PARAM
 from hetrain.plan.cluster.plan import ClusterPlan, PipelinePlan, StagePlan, fold
-from hetrain.plan.cluster.recompute_units import whole_block_recompute_s
 from hetrain.predict.simulator import Task, simulate
 from hetrain.trace import TraceEvent, task_name
 
@@ -55,7 +54,7 @@ class StageModel:
     block_fwd_s: float
     block_bwd_s: float
     block_recompute_s: float
-    """A whole block recomputed on demand (recompute_units.whole_block_recompute_s: torch's early stop)."""
+    """A whole block recomputed on demand (torch's early stop: LayerDescription.early_stop_skips)."""
     fixed_fwd_s: float
     """Embedding/head forward."""
     fixed_bwd_s: float
@@ -205,7 +204,7 @@ def build_stages(ctx: CostContext, shape: PipelineShape, n_microbatches: int,
         stages.append(StageModel(
             group=group.name, kind=group.kind.name, tp=tp, embedding=first, head=last,
             block_fwd_s=kit.block.fwd_s, block_bwd_s=kit.block.bwd_s,
-            block_recompute_s=whole_block_recompute_s(ctx, group, tp, shape.micro_batch),
+            block_recompute_s=kit.block.recompute_s,
             fixed_fwd_s=sum(layer.fwd_s for layer in fixed), fixed_bwd_s=sum(layer.bwd_s for layer in fixed),
             send_fwd_s=send_fwd, send_bwd_s=send_bwd,
             block_state_bytes=math.ceil(kit.block.params * opts.state_bytes_at(shape.dp)),

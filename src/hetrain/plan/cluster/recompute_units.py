@@ -285,18 +285,3 @@ def stage_cost(policies: list[BlockPolicy], units: BlockUnits, times_s, collecti
         backward += c.collective_s - hidden_s
     return StageCost(freed, window, window_freed, backward, collective, hidden, held)
 
-
-def whole_block_recompute_s(ctx, group, tp: int, micro_batch: int) -> float:
-    """A whole block recomputed on demand, as the runtime runs it: BlockPolicy.whole's one region,
-    which torch's early stop ends at the block's last saved tensor, so `down` (and its all-reduce
-    under tensor parallelism) reruns only when its output saves a dropout mask. A transformers
-    model's blocks are priced as a whole forward (an upper bound: their early stop is not modelled).
-    `ctx` is a CostContext."""
-    key = (group.name, tp, micro_batch)
-    if key not in ctx.whole_recompute_s:
-        if isinstance(ctx.desc.config, ModelConfig):
-            units, times, _ = stage_steps(ctx, group, tp, micro_batch)
-            ctx.whole_recompute_s[key] = policy_cost(BlockPolicy.whole(DEMAND), units, times).demand_s
-        else:
-            ctx.whole_recompute_s[key] = ctx.kit(group, tp, micro_batch).block.fwd_s
-    return ctx.whole_recompute_s[key]
