@@ -23,18 +23,18 @@ cores. Then, at that limit:
       peak is printed against the limit, since nothing on a CPU enforces it),
   (b) on-demand whole-block recomputation: `hetrain plan --plan.recompute whole`,
   (b') (b)'s plan run with run.recompute_full_rerun: each recomputed block reruns its whole
-      forward, all-reduces included, as Megatron-LM's full recomputation and transformers'
-      reentrant gradient checkpointing do (the baseline Lynx measured against); (b) stops once
-      the last saved tensor is back (torch's early stop: without the down projection and its
-      all-reduce),
+      forward, all-reduces included, as Megatron-LM's full recomputation and other reentrant
+      checkpoints do (the baseline Lynx measured against); (b) stops once the last saved tensor
+      is back (torch's early stop: without the down projection and its all-reduce); (b') has no
+      prediction of its own (its plan prices (b)),
   (c) hetrain's overlapped policy: `hetrain plan --plan.recompute heu` (units per stage,
       recomputed in the waits where they fit, stages balanced for it),
 each trained under torchrun for --steps steps; measured is the median step after the first two.
 Printed: per configuration the plan, predicted and measured step, and for (c) the share of its
 recomputation that ran while the stage waited (for a gradient, or for an all-reduce); what
 on-demand recomputation costs in (b) and (b'); (c) against (b). The last line reads
-`overlapped vs on-demand: X.XXx; vs no recompute: Y.YYx` (measured step ratios (b') / (c) and
-(a) / (c)).
+`overlapped vs on-demand: X.XXx; vs no recompute: Y.YYx` (measured step ratios (b) / (c) and
+(a) / (c)); the line before it gives (b') / (c).
 
     .venv/bin/python bench/bench_recompute_overlap.py [--processes 4] [--steps 8] [--json out.json]
     .venv/bin/python bench/bench_recompute_overlap.py --processes 2 --tp 2 --d-model 512 --seq-len 512
@@ -273,7 +273,7 @@ def main() -> None:
               f"plan (per stage: blocks and what is recomputed)")
         (work / "f").mkdir()
         for name in ("a", "b", "f", "c"):
-            source = "b" if name == "f" else name  # (b')'s plan is (b)'s, priced as (b) runs (early stop)
+            source = "b" if name == "f" else name  # (b') runs (b)'s plan, which prices (b) (early stop): no prediction
             plan = json.loads((work / source / "plan.json").read_text())
             pred = plan["prediction"]
             peak = max(s["peak_bytes"] for s in pred["stages"])
@@ -283,11 +283,13 @@ def main() -> None:
                        fits=peak <= pred["stages"][0]["capacity_bytes"])
             rows[name] = row
             fits = "" if row["fits"] else " over"
-            print(f"{labels[name]:<28} {1e3 * row['predicted_step_s']:>9.1f} {1e3 * row['measured_step_s']:>9.1f} "
-                  f"{row['measured_step_s'] / row['predicted_step_s']:>9.2f} {peak / 2**20:>10.1f}{fits:<5}  "
-                  f"{row['layout']}", flush=True)
-            print(f"{'':<28} per stage, one micro-batch, predicted fwd / bwd ms vs measured: "
-                  f"{'; '.join(row['per_stage'])}", flush=True)
+            pred_ms, ratio = f"{1e3 * row['predicted_step_s']:.1f}", f"{row['measured_step_s'] / row['predicted_step_s']:.2f}"
+            if name == "f":
+                pred_ms = ratio = "-"
+            print(f"{labels[name]:<28} {pred_ms:>9} {1e3 * row['measured_step_s']:>9.1f} {ratio:>9} "
+                  f"{peak / 2**20:>10.1f}{fits:<5}  {row['layout']}", flush=True)
+            print(f"{'':<28} per stage, one micro-batch, {'(b)' + chr(39) + 's ' if name == 'f' else ''}predicted "
+                  f"fwd / bwd ms vs measured: {'; '.join(row['per_stage'])}", flush=True)
     c = rows["c"]
     total = c["ahead_ms"] + c["collective_ms"] + c["demand_ms"]
     hidden = c["hidden_ms"] + c["collective_hidden_ms"]
@@ -302,9 +304,9 @@ def main() -> None:
               f"measured step, {100 * cost / rows['a']['measured_step_s']:.0f}% of (a)'s")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
-    print(f"overlapped vs on-demand that stops early (b): {rows['b']['measured_step_s'] / c['measured_step_s']:.2f}x; "
-          f"below, on-demand is (b'), whole blocks rerun as Megatron-LM and transformers do")
-    x = rows["f"]["measured_step_s"] / c["measured_step_s"]
+    print(f"overlapped vs on-demand whole blocks rerun in full (b'), as Megatron-LM does: "
+          f"{rows['f']['measured_step_s'] / c['measured_step_s']:.2f}x; below, on-demand is hetrain's own (b)")
+    x = rows["b"]["measured_step_s"] / c["measured_step_s"]
     y = rows["a"]["measured_step_s"] / c["measured_step_s"]
     print(f"overlapped vs on-demand: {x:.2f}x; vs no recompute: {y:.2f}x")
 

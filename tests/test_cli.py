@@ -58,6 +58,7 @@ BAD = [
     ({"train.lr": "-1"}, "train.lr must be positive"),
     ({"hardware.device_kind": "FOO-9000"}, "unknown device kind 'FOO-9000'"),
     ({"run.dist_timeout_s": "0"}, "run.dist_timeout_s must be positive"),
+    ({"run.recompute_full_rerun": "true"}, "run.recompute_full_rerun applies to cluster runs (--plan.file)"),
 ]
 
 

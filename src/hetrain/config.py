@@ -59,7 +59,7 @@ class RunConfig:
     emulate_tp_link_gbytes_per_s: float = 0.0
     """Cluster runs, for benchmarks: make every tensor-parallel all-reduce (forward and backward) last at least as long as a ring all-reduce of its bytes at this bandwidth (GB/s) with no latency, 2 (tp - 1) / tp x bytes / bandwidth, as the cluster predictor prices it, sleeping for what remains after the real one; 0 reduces at the real speed."""
     recompute_full_rerun: bool = False
-    """Cluster runs of hetrain's own models, as a baseline to compare against: a block or unit the plan recomputes on demand reruns its whole forward, tensor-parallel all-reduces included (torch.utils.checkpoint with early_stop=False), as Megatron-LM's full recomputation and transformers' reentrant gradient checkpointing do, instead of stopping once its last saved tensor is back (the default, which the planner prices)."""
+    """Cluster runs of hetrain's own models, as a baseline to compare against: a block or unit the plan recomputes on demand reruns its whole forward, tensor-parallel all-reduces included (torch.utils.checkpoint with early_stop=False), as Megatron-LM's full recomputation and other reentrant checkpoints do, instead of stopping once its last saved tensor is back (the default, which the planner prices). Regions the plan places in waits or all-reduces keep the early stop (they must not rerun an all-reduce), so with unit policies the rerun is partial."""
 
 
 @dataclass
@@ -366,9 +366,9 @@ def validate(cfg: Config) -> None:
     if cfg.run.emulate_tp_link_gbytes_per_s < 0:
         raise ConfigError(f"run.emulate_tp_link_gbytes_per_s must be 0 (off) or positive, got "
                           f"{cfg.run.emulate_tp_link_gbytes_per_s}")
-    if cfg.run.recompute_full_rerun and cfg.hf.path:
-        raise ConfigError("run.recompute_full_rerun applies to hetrain's own models; a transformers model "
-                          "(hf.path) recomputes with torch's early stop: drop --run.recompute_full_rerun")
+    if cfg.run.recompute_full_rerun and (cfg.hf.path or not cfg.plan.file):
+        raise ConfigError("run.recompute_full_rerun applies to cluster runs (--plan.file) of hetrain's own models; "
+                          "drop --run.recompute_full_rerun")
     if cfg.run.dist_timeout_s <= 0:
         raise ConfigError(f"run.dist_timeout_s must be positive, got {cfg.run.dist_timeout_s}")
     if t.seq_len > cfg.model.max_seq_len and not cfg.hf.path:

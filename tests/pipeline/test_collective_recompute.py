@@ -123,6 +123,29 @@ def test_collective_regions_match_the_plain_model_bitwise(one_rank, monkeypatch,
         assert ledger.collective_hidden_s == 0
 
 
+
+@pytest.mark.parametrize("full_rerun", [False, True], ids=["early stop", "full rerun"])
+def test_whole_blocks_on_demand_rerun_the_all_reduces_they_reach(one_rank, monkeypatch, full_rerun):
+    """Whole blocks recomputed on demand under TP: torch's early stop reruns proj's all-reduce
+    only; run.recompute_full_rerun reruns down's too (the Megatron-LM baseline). Bitwise the
+    plain model either way."""
+    want_losses, want_grads = _step(_model(), None)
+    model, ledger = _model(), Recomputations(full_rerun)
+    reduces = []
+    real_all_reduce = dist.all_reduce
+    monkeypatch.setattr(dist, "all_reduce", lambda *a, **k: reduces.append(1) or real_all_reduce(*a, **k))
+    link = TPLink(one_rank, 2, 1e-3 / 8192, None)
+    mesh = DeviceMesh.from_group(one_rank, "cpu")
+    for j, block in enumerate(model.blocks):
+        shard_block(block, mesh, link, (0, j))
+    apply_unit_recompute(list(model.blocks), [BlockPolicy.whole(DEMAND)] * BLOCKS, ledger)
+    got_losses, got_grads = _step(model, ledger)
+    assert all(torch.equal(a, b) for a, b in zip(got_losses, want_losses))
+    for name, g in want_grads.items():
+        assert torch.equal(got_grads[name], g), name
+    reruns = 2 if full_rerun else 1
+    assert len(reduces) == (4 + reruns) * BLOCKS * MICRO_BATCHES
+
 def test_an_all_reduce_in_flight_says_when_it_ended(one_rank):
     """InFlight: in flight until both the work and the emulated deadline are done; its end is
     never before the deadline nor after it was seen ended."""

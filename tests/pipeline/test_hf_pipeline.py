@@ -205,6 +205,8 @@ def test_refusals_name_the_fix(tmp_path, corpus, folder, monkeypatch):
     other = save_tiny_hf(tmp_path / "other", "llama", num_hidden_layers=N_BLOCKS + 1)
     with pytest.raises(ConfigError, match="config.json differs.*re-plan"):
         prepared(**{"hf.path": str(other)})
+    with pytest.raises(ConfigError, match="recompute_full_rerun applies to hetrain's own models.*transformers"):
+        prepared(**{"run.recompute_full_rerun": "true"})
     gpt_plan = json.loads(plan_path.read_text())
     gpt_plan["hf"] = {}
     gpt_plan["model"] = {"preset": "tiny", "n_layer": N_BLOCKS}

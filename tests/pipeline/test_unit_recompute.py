@@ -116,21 +116,23 @@ def test_mixed_places_in_one_run_of_units_is_refused():
     assert len(UNITS) == 7
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
 @pytest.mark.parametrize("full_rerun", [False, True], ids=["early stop", "full rerun"])
-def test_a_full_rerun_recomputes_the_whole_block_and_trains_the_same(full_rerun):
+def test_a_full_rerun_recomputes_the_whole_block_and_trains_the_same(full_rerun, dropout):
     """run.recompute_full_rerun (the Megatron-LM / reentrant baseline): a block recomputed on
-    demand reruns its down projection too; torch's early stop (the default) does not, since
-    without dropout nothing after it is saved. Same losses and gradients either way."""
+    demand reruns its down projection too; torch's early stop (the default) does not, unless a
+    dropout mask after it is saved. Same losses, gradients and random state either way."""
     idx = torch.randint(0, 256, (2, 2, 16), generator=torch.Generator().manual_seed(3))
     targets = torch.roll(idx, -1, dims=-1)
-    want_losses, want_grads, _ = _run(_model({}, 0.0), idx, targets, None, False)
-    model = _model({}, 0.0)
+    want_losses, want_grads, want_after = _run(_model({}, dropout), idx, targets, None, False)
+    model = _model({}, dropout)
     ledger = Recomputations(full_rerun)
     apply_unit_recompute(list(model.blocks), [BlockPolicy.whole(DEMAND)] * 3, ledger)
     calls = []
     model.blocks[1].mlp.down.register_forward_hook(lambda *_: calls.append(1))
-    got_losses, got_grads, _ = _run(model, idx, targets, ledger, False)
-    assert len(calls) == (4 if full_rerun else 2)  # 2 micro-batches: forward, and the rerun or not
+    got_losses, got_grads, got_after = _run(model, idx, targets, ledger, False)
+    assert len(calls) == (4 if full_rerun or dropout else 2)  # 2 micro-batches: forward, and the rerun or not
+    assert torch.equal(got_after, want_after)
     assert all(torch.equal(a, b) for a, b in zip(got_losses, want_losses))
     for name, g in want_grads.items():
         assert torch.equal(got_grads[name], g), name

@@ -46,7 +46,7 @@ def transformers_splits_heads() -> bool:
     import transformers
     from packaging.version import Version
 
-    return Version(transformers.__version__) >= Version(TP_MIN_TRANSFORMERS)
+    return Version(transformers.__version__).release >= Version(TP_MIN_TRANSFORMERS).release
 
 
 @functools.lru_cache(maxsize=32)

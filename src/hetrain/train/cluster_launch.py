@@ -99,6 +99,9 @@ def prepare(cfg: Config) -> tuple[Config, ClusterPlan, Layout, int]:
     """Everything that can fail on input, for this process: (config, plan, layout, rank)."""
     plan = load_cluster_plan(cfg.plan.file)
     cfg = config_for_plan(cfg, plan)
+    if cfg.run.recompute_full_rerun and cfg.hf.path:  # hf.path may come from the plan file
+        raise ConfigError("run.recompute_full_rerun applies to hetrain's own models; this plan trains a "
+                          "transformers model: drop --run.recompute_full_rerun")
     layout = place_plan(plan)
     if cfg.plan.cluster:
         check_cluster(plan, cfg.plan.cluster)

@@ -89,6 +89,7 @@ def test_single_device_step_is_work_plus_optimizer():
     single = RooflineCost(desc, cluster.groups[0].kind, "bf16")
     for layer, costs in ((desc.blocks[0], kit.block), (desc.embedding, kit.embedding), (desc.head, kit.head)):
         assert costs.fwd_s == pytest.approx(single.fwd_s(layer)) and costs.bwd_s == pytest.approx(single.bwd_s(layer))
+    assert kit.block.recompute_s == pytest.approx(single.recompute_s(desc.blocks[0]))
     shape = {f"model.{k}": str(v) for k, v in dataclasses.asdict(model(1024, 4)).items() if k != "preset"}
     cfg = load_config(None, {**shape, "train.micro_batch": "2", "train.seq_len": "1024", "train.grad_accum": "5",
                              "train.dtype": "bf16", "hardware.device_kind": "H100-SXM"})
@@ -108,6 +109,13 @@ def test_tensor_parallel_divides_compute_and_adds_allreduces():
     assert one.block.fwd_s / 4 < compute.fwd_s < one.block.fwd_s / 2
     assert four.block.params == -(-one.block.params // 4)
     assert four.block.act_bytes == one.block.act_bytes // 4
+    # Recomputed whole, a block stops before its down projection (torch's early stop), so it
+    # reruns proj's all-reduce and not down's; with dropout both, and the whole forward.
+    assert four.block.recompute_s == pytest.approx(compute.recompute_s + allreduce)
+    assert compute.fwd_s - compute.recompute_s > 0.1 * compute.fwd_s  # down: a quarter of the matmuls
+    dropped = CostContext(describe_model(dataclasses.replace(model(4096, 4), dropout=0.1), 1, 2048), cluster,
+                          PredictorOptions())
+    assert dropped.kit(a, 4, 1).block.recompute_s == pytest.approx(dropped.kit(a, 4, 1).block.fwd_s)
 
 
 def test_links_direct_beats_host_staged_and_rings_leave_the_node():

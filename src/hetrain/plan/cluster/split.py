@@ -239,7 +239,7 @@ def shape_estimate_s(ctx: CostContext, shape: PipelineShape, n_microbatches: int
         start += n
         state = k.block.params * opts.state_bytes_at(shape.dp)
         room = k.capacity_bytes - k.block.act_bytes - 2 * k.boundary_bytes
-        alpha, rho = k.block.fwd_s + k.block.bwd_s, k.block.fwd_s
+        alpha, rho = k.block.fwd_s + k.block.bwd_s, k.block.recompute_s
         y_free = room / (state + inflight * k.block.act_bytes)
         y_max = room / (state + inflight * k.block.ckpt_bytes)
         saved = inflight * (k.block.act_bytes - k.block.ckpt_bytes)
