@@ -135,6 +135,18 @@ def test_tensor_parallel_layers_train_the_one_process_model(tmp_path, corpus, fo
     assert_same_params(tmp_path / "one", reference)
 
 
+def test_tensor_parallel_qwen2_with_its_biases_trains_the_one_process_model(tmp_path, corpus):
+    """Qwen2's q/k/v projections carry biases, which the column-wise split shards with them:
+    TP 2 in one stage against one process (Mistral shares Llama's and Qwen2's layer code)."""
+    qwen = save_tiny_hf(tmp_path / "qwen2", "qwen2", num_hidden_layers=2)
+    Trainer(one_process(tmp_path / "one", corpus, qwen)).fit()
+    plan = write_hf_plan(tmp_path / "tp2.json", one_group_cluster(2), [pipeline(["cpu-a"], [2], tp=2)], qwen)
+    done = torchrun(2, ["--plan.file", plan] + run_args(tmp_path / "run", corpus), tmp_path)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    assert_same_losses(tmp_path / "run", tmp_path / "one")
+    assert_same_params(tmp_path / "run", tmp_path / "one")
+
+
 def test_which_transformers_models_split_tensor_parallel(tmp_path):
     from hetrain.model.hf import load_hf_config
     from hetrain.model.spec import ModelSpec
