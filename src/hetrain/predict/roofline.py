@@ -99,6 +99,10 @@ class LayerSeconds:
     bwd_s: float
     recompute_s: float
     """The layer recomputed whole: its forward less the matmuls torch's early stop skips."""
+    gemm_s: tuple[float, ...] = ()
+    """Of fwd_s, each matmul of LayerDescription.gemms."""
+    attention_s: float = 0.0
+    """Of fwd_s, the attention kernel; the rest is elementwise traffic and launches."""
 
 
 def _attention_flops_per_token(layer: LayerDescription) -> float:
@@ -129,4 +133,4 @@ def layer_seconds(desc: ModelDescription, layer: LayerDescription, kind: DeviceK
     grads = 2 * FP32_BYTES * layer.params / tp / bandwidth  # fp32 gradients read-modify-written
     bwd = 2 * gemm_fwd + 2 * attention + 2 * elementwise + weight_read + grads + 2 * eff.layer_launch_s
     skipped = sum(gemm_each[len(gemm_each) - layer.early_stop_skips:]) if layer.early_stop_skips else 0.0
-    return LayerSeconds(fwd, bwd, fwd - skipped)
+    return LayerSeconds(fwd, bwd, fwd - skipped, tuple(gemm_each), attention)

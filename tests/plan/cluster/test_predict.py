@@ -10,6 +10,8 @@ from hetrain.hardware.cluster import parse_cluster
 from hetrain.model.describe import describe_model
 from hetrain.plan.cluster.planner import SearchOptions, plan_cluster
 from hetrain.plan.cluster.cost import CostContext, Path, PredictorOptions, dp_path, ring_allreduce_s
+from hetrain.plan.cluster.recompute_plan import DEMAND, BlockPolicy
+from hetrain.plan.cluster.recompute_units import policy_cost, stage_steps
 from hetrain.predict.cost import RooflineCost
 from hetrain.predict.roofline import Efficiency, layer_seconds
 from hetrain.train.job import describe, predict_job
@@ -116,6 +118,14 @@ def test_tensor_parallel_divides_compute_and_adds_allreduces():
     dropped = CostContext(describe_model(dataclasses.replace(model(4096, 4), dropout=0.1), 1, 2048), cluster,
                           PredictorOptions())
     assert dropped.kit(a, 4, 1).block.recompute_s == pytest.approx(dropped.kit(a, 4, 1).block.fwd_s)
+    # The unit model splits the same forward over a block's steps, so a whole block on demand is
+    # priced alike by `--plan.recompute whole` and by a unit policy.
+    for c in (ctx, dropped):
+        for tp in (1, 4):
+            units, times, _ = stage_steps(c, a, tp, 1)
+            assert sum(times) == pytest.approx(c.kit(a, tp, 1).block.fwd_s)
+            whole = policy_cost(BlockPolicy.whole(DEMAND), units, times).demand_s
+            assert whole == pytest.approx(c.kit(a, tp, 1).block.recompute_s)
 
 
 def test_links_direct_beats_host_staged_and_rings_leave_the_node():

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from hetrain.hardware.cluster import Cluster, Group
 from hetrain.model.describe import LayerDescription, ModelDescription
-from hetrain.predict.roofline import Efficiency, MatmulCurve, layer_seconds
+from hetrain.predict.roofline import Efficiency, LayerSeconds, MatmulCurve, layer_seconds
 from hetrain.predict.state_bytes import (ACCUMULATE_TRAFFIC_BYTES_PER_PARAM, ADAM_TRAFFIC_BYTES_PER_PARAM,
                                          CLIP_TRAFFIC_BYTES_PER_PARAM, GRAD_BYTES_PER_PARAM,
                                          distributed_state_bytes_per_param, plain_state_bytes_per_param,
@@ -107,6 +107,9 @@ class LayerCosts:
     recompute_s: float
     """The layer recomputed whole (torch's early stop: LayerDescription.early_stop_skips), with the
     forward all-reduces it reruns."""
+    seconds: LayerSeconds
+    """The shared roofline's terms, without communication (its matmuls and attention: the unit
+    model's step times, hetrain.plan.cluster.recompute_units.stage_steps)."""
     params: int
     """Parameters one device holds."""
     act_bytes: int
@@ -231,6 +234,7 @@ def _layer_costs(ctx: CostContext, layer: LayerDescription, group: Group, tp: in
         fwd_s=seconds.fwd_s + comm_s[0],
         bwd_s=seconds.bwd_s + comm_s[1],
         recompute_s=seconds.recompute_s + comm_s[2],
+        seconds=seconds,
         params=-(-layer.params // tp),
         act_bytes=layer.act_bytes_total * micro_batch // tp,
         ckpt_bytes=ctx.desc.embedding.boundary_bytes * micro_batch // tp,

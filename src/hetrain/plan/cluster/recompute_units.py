@@ -138,13 +138,22 @@ def block_units(cfg: ModelConfig, micro_batch: int, seq_len: int, dtype_bytes: i
     return BlockUnits(steps, root)
 
 
-def step_times_s(units: BlockUnits, block_fwd_s: float, flops_per_s: float, bytes_per_s: float) -> list[float]:
-    """The block's forward time split over its steps by their roofline times on the device:
-    each step's max(FLOPs / flops_per_s, bytes touched / bytes_per_s), scaled so the steps add
-    up to `block_fwd_s` (the profiled or catalog time of the whole block)."""
-    roof = [max(s.flops / flops_per_s, s.touched_bytes / bytes_per_s) for s in units.steps]
-    total = sum(roof)
-    return [block_fwd_s * r / total for r in roof]
+GEMM_STEPS = ("qkv", "proj", "up", "down")
+"""The steps that are the block's matmuls, in the order of LayerDescription.gemms."""
+
+
+def step_times_s(units: BlockUnits, seconds) -> list[float]:
+    """The block's forward on the shared roofline (`seconds`: predict.roofline.LayerSeconds)
+    split over its steps: each matmul step its GEMM's time, attn the attention kernel's, and the
+    rest (elementwise traffic and launches) over the other steps by the bytes they touch. A whole
+    block recomputed on demand then costs exactly the layer's recompute_s."""
+    times = [0.0] * len(STEPS)
+    for name, gemm_s in zip(GEMM_STEPS, seconds.gemm_s, strict=True):
+        times[STEPS.index(name)] = gemm_s
+    times[STEPS.index("attn")] += seconds.attention_s
+    rest = max(0.0, seconds.fwd_s - sum(seconds.gemm_s) - seconds.attention_s)
+    weights = [0.0 if s.name in GEMM_STEPS else s.touched_bytes for s in units.steps]
+    return [t + rest * w / sum(weights) for t, w in zip(times, weights)]
 
 
 @dataclass(frozen=True)
@@ -220,23 +229,16 @@ def per_device(units: BlockUnits, tp: int) -> BlockUnits:
 def stage_steps(ctx, group, tp: int, micro_batch: int) -> tuple[BlockUnits, tuple[float, ...], float]:
     """One block's steps on a device of `group` at TP degree `tp` for one micro-batch, each step's
     recompute seconds, and the collective window: the cluster predictor's block forward time
-    (hetrain.plan.cluster.cost) split by the steps' roofline shares on the group's kind; with tensor
+    (hetrain.plan.cluster.cost) split over the steps (step_times_s); with tensor
     parallelism, proj and down also repeat their all-reduce, and a block's backward reduces its two
     input gradients (2 all-reduces: the window of the block before it). `ctx` is a CostContext."""
     from hetrain.plan.cluster.cost import ring_allreduce_s
 
-    desc, opts = ctx.desc, ctx.options
+    desc = ctx.desc
     units = per_device(block_units(desc.config, micro_batch, desc.seq_len, desc.compute_dtype_bytes), tp)
     kit = ctx.kit(group, tp, micro_batch)
     allreduce_s = ring_allreduce_s(kit.boundary_bytes * tp, tp, ctx.intra_path(group)) if tp > 1 else 0.0
-    compute_s = kit.block.fwd_s - 2 * allreduce_s
-    from hetrain.predict.roofline import MatmulCurve, curve_for
-
-    measured = opts.matmul_curves.get(group.kind.name)
-    curve = MatmulCurve(*measured) if measured else curve_for(group.kind)
-    flops_per_s = group.kind.peak_flops_per_s(opts.compute_dtype) * curve.max_efficiency
-    bytes_per_s = group.kind.mem_bw_bytes_per_s * opts.memory_bw_efficiency
-    times = step_times_s(units, compute_s, flops_per_s, bytes_per_s)
+    times = step_times_s(units, kit.block.seconds)
     for name in ("proj", "down"):
         times[STEPS.index(name)] += allreduce_s
     return units, tuple(times), 2 * allreduce_s
