@@ -51,7 +51,8 @@ def cluster(devices: int, mem_gib: float, link_gbytes_per_s: float):
 
 def _plan(cfg, pp, mb, gb, seq, link, mem_gib):
     return plan_cluster(cfg, cluster(pp, mem_gib, link), gb, seq, PredictorOptions(),
-                        SearchOptions(pins=Pins(pp=pp, micro_batch=mb), upper_bound=False, recompute="whole"))
+                        SearchOptions(pins=Pins(pp=pp, micro_batch=mb), upper_bound=False, recompute="whole",
+                                      interleave=False))
 
 
 def compare(name: str) -> dict:
@@ -90,7 +91,8 @@ def heu_96_blocks() -> tuple[float, int]:
     text = ('name = "a100x8"\n[[group]]\nname = "a100"\nkind = "A100-40GB"\nnodes = 1\ndevices_per_node = 8\n'
             'intra_node_gbytes_per_s = 50\ninter_node_gbytes_per_s = 12.5\n')
     plan = plan_cluster(cfg, parse_cluster(text), 64, 2048, PredictorOptions(),
-                        SearchOptions(pins=Pins(pp=8, tp=1, micro_batch=2), upper_bound=False, recompute="whole"))
+                        SearchOptions(pins=Pins(pp=8, tp=1, micro_batch=2), upper_bound=False, recompute="whole",
+                                      interleave=False))
     pipe = plan.pipelines[0]
     ctx = context_for(plan)
     stages = build_stages(ctx, shape_of(pipe), pipe.n_microbatches)
