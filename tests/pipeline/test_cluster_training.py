@@ -142,6 +142,15 @@ def test_tensor_parallel_and_an_uneven_pipeline_train_the_one_process_model(tmp_
     plan = write_plan(tmp_path / "plan.json", one_group_cluster(nproc), [pipe])
     check_run(torchrun(nproc, ["--plan.file", plan] + run_args(tmp_path / "run", corpus), tmp_path),
               tmp_path / "run", reference)
+    if layout == "tp2":  # a TP 2 x PP 2 run resumes the TP 2 run's step 5: TP checkpoint into TP
+        step5 = tmp_path / "run" / "checkpoints" / "step_00000005"
+        other = write_plan(tmp_path / "tp2pp2.json", one_group_cluster(4), [pipeline(["cpu-a"], [3, 2], tp=2)])
+        done = torchrun(4, ["--plan.file", other] + run_args(tmp_path / "again", corpus, **{"run.resume": step5}),
+                        tmp_path)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+        assert "resumed from" in done.stdout
+        assert_same_losses(tmp_path / "again", reference, steps=range(6, STEPS + 1))
+        assert_same_params(tmp_path / "again", reference)
 
 
 def test_gradient_reduction_inside_the_backward_equals_it_after_to_the_bit(tmp_path, corpus, reference):
