@@ -27,6 +27,7 @@ import platform
 import statistics
 import time
 
+from hetrain.errors import ConfigError
 from hetrain.config import load_config
 from hetrain.hardware.catalog import get_kind
 from hetrain.plan.offload.graph import choice_of, offload_prices, simulate_offload
@@ -100,7 +101,11 @@ def family_comparison(kind: str) -> None:
     ratios = []
     for fraction in (0.8, 0.6, 0.5, 0.4, 0.3, 0.25):
         budget = int(fraction * resident)
-        plan = plan_offload_for(cfg, budget, host, cost)
+        try:
+            plan = plan_offload_for(cfg, budget, host, cost)
+        except ConfigError as e:  # below the smallest budget any plan fits
+            print(f"| {fraction:.0%} ({budget / GIB:.1f} GiB) | no plan fits: {str(e).split(': ', 1)[1].split(';')[0]} | - | - | - |")
+            continue
         _, model = prices_and_model(cfg, cost, budget, host)
         fits = model.feasible(model.values(family))
         members = [ch for ch, ok in zip(family, fits) if ok]
