@@ -200,7 +200,7 @@ def test_the_planner_plans_a_transformers_model_at_tp_1_with_whole_blocks(tmp_pa
     gpt2 = save_tiny_hf(tmp_path / "gpt2", "gpt2", n_layer=N_BLOCKS)
     code = main(["plan", "--cluster", str(LOCAL_CPU), "--hf.path", str(gpt2), "--train.seq_len", str(SEQ_LEN),
                  "--plan.global_batch", "8", "--plan.tp", "2", "--run.dir", str(tmp_path / "gpt2-tp2")])
-    assert code == 2 and "no plan with --plan.tp 2" in capsys.readouterr().err
+    assert code == 2 and "--plan.tp 2: this model splits tensor-parallel into divisors of 1 only" in capsys.readouterr().err
     assert not (tmp_path / "gpt2-tp2" / "plan.json").exists()
 
 

@@ -100,6 +100,11 @@ def _search_or_explain(ctx: CostContext, global_batch: int, opts: SearchOptions)
     if cand is not None:
         return cand, stats
     free_pins = Pins(mixed_tp=opts.pins.mixed_tp)  # mixing TP degrees widens the space: not a pin
+    if opts.pins.tp and ctx.desc.tp_heads % opts.pins.tp:
+        raise ConfigError(f"--plan.tp {opts.pins.tp}: this model splits tensor-parallel into divisors of "
+                          f"{ctx.desc.tp_heads} only (1: not at all; see ModelDescription.tp_heads: heads, key/value "
+                          f"heads and MLP width, none with dropout, transformers models of Llama's layout from "
+                          f"transformers 4.48); pin another --plan.tp or drop it")
     if opts.pins != free_pins:
         free, _ = search(ctx, global_batch, dataclasses.replace(opts, pins=free_pins))
         hint = "; without them the planner finds a plan" if free is not None else ""
