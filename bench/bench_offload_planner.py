@@ -104,7 +104,7 @@ def family_comparison(kind: str) -> None:
         try:
             plan = plan_offload_for(cfg, budget, host, cost)
         except ConfigError as e:  # below the smallest budget any plan fits
-            print(f"| {fraction:.0%} ({budget / GIB:.1f} GiB) | no plan fits: {str(e).split(': ', 1)[1].split(';')[0]} | - | - | - |")
+            print(f"| {fraction:.0%} ({budget / GIB:.1f} GiB) | no plan fits: the smallest is {str(e).partition('fits is ')[2].split(' (')[0] or e} | - | - | - |")
             continue
         _, model = prices_and_model(cfg, cost, budget, host)
         fits = model.feasible(model.values(family))
@@ -117,7 +117,8 @@ def family_comparison(kind: str) -> None:
         ratios.append(plan.predicted_step_s / family_best)
         print(f"| {fraction:.0%} ({budget / GIB:.1f} GiB) | {plan.predicted_step_s * 1e3:.1f} ms | "
               f"{family_best * 1e3:.1f} ms | {ratios[-1]:.3f} | {len(members)} of {len(family)} |")
-    print(f"median ratio {statistics.median(ratios):.3f}, worst {max(ratios):.3f}")
+    if ratios:
+        print(f"median ratio {statistics.median(ratios):.3f}, worst {max(ratios):.3f}")
 
 
 def main() -> None:

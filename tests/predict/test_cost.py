@@ -50,6 +50,12 @@ def test_profile_cost_reads_the_measurements():
     down = 2.0 * desc.config.d_ff * desc.config.d_model / block.fwd_flops_per_token
     assert block.early_stop_skips == 1 and block.early_stop_flops_share == pytest.approx(down)
     assert cost.recompute_s(block) == pytest.approx(1.1e-3 * (1 - down))
+    # With a measured GEMM line, the skipped down projection is priced on it instead.
+    line = {"dtype": "float32", "s_per_flop": 1e-11, "overhead_s": 2e-6, "points": []}
+    profiled = job_cost(cfg, dataclasses.replace(_profile(), matmul=line), desc)
+    tokens = desc.micro_batch * desc.seq_len
+    down_s = 2.0 * tokens * desc.config.d_ff * desc.config.d_model * 1e-11 + 2e-6
+    assert profiled.recompute_s(block) == pytest.approx(1.1e-3 - down_s)
     assert (cost.fwd_s(emb), cost.bwd_s(head), cost.act_bytes(head)) == (1e-4, 1e-3, 9_000)
     assert cost.optimizer_s(1_000, 2) == pytest.approx(2 * 1e-5 + 1_000 / 2e8)
     assert cost.optimizer_call_s() == 1e-4

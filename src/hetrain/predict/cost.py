@@ -215,8 +215,18 @@ class ProfileCost(CostModel):
 
     def recompute_s(self, layer):
         # The profiler times the whole forward again; torch's early stop skips the trailing
-        # matmuls the description names, priced at their share of the forward FLOPs.
-        return self._timing(layer).recompute_s * self.scale * (1.0 - layer.early_stop_flops_share)
+        # matmuls the description names: priced on this machine's measured GEMM line, or, in a
+        # profile without one, at their share of the forward FLOPs.
+        measured = self._timing(layer).recompute_s * self.scale
+        skipped = layer.gemms[len(layer.gemms) - layer.early_stop_skips:] if layer.early_stop_skips else ()
+        if not skipped:
+            return measured
+        line = self.profile.matmul
+        if not line:
+            return measured * (1.0 - layer.early_stop_flops_share)
+        tokens = self.desc.tokens_per_microbatch
+        skip_s = sum(2.0 * tokens * k * n * line["s_per_flop"] + line["overhead_s"] for k, n in skipped)
+        return max(0.0, measured - skip_s)
 
     def act_bytes(self, layer):
         return round(self._timing(layer).act_bytes * self.scale)

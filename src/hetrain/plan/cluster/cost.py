@@ -256,7 +256,7 @@ def _make_kit(ctx: CostContext, group: Group, tp: int, micro_batch: int) -> Stag
                            (2 * tp_allreduce_s, 2 * tp_allreduce_s,
                             (2 - min(desc.blocks[0].early_stop_skips, 1)) * tp_allreduce_s)),
         # Vocabulary-parallel embedding: its output is all-reduced; the head's input gradient too.
-        embedding=_layer_costs(ctx, desc.embedding, group, tp, micro_batch, (tp_allreduce_s, 0.0, tp_allreduce_s)),
+        embedding=_layer_costs(ctx, desc.embedding, group, tp, micro_batch, (tp_allreduce_s, 0.0, 0.0)),
         head=_layer_costs(ctx, desc.head, group, tp, micro_batch, (0.0, tp_allreduce_s, 0.0)),
         tied_head_params=-(-desc.vocab_size * desc.hidden_size // tp) if tied else 0,
         boundary_bytes=boundary_bytes // tp,

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from hetrain.hardware.cluster import Group, cluster_from_dict
+from hetrain.errors import ConfigError
+from hetrain.model.gpt import ModelConfig
 from hetrain.model.spec import ModelSpec
 from hetrain.plan.cluster.cost import (CostContext, Path, PredictorOptions, dp_path, pp_path, ring_all_gather_s,
                                       ring_allreduce_s)
@@ -443,6 +445,9 @@ def _unit_recompute(ctx: CostContext, stages: list[StageModel], pipe: PipelinePl
         if not sp.recompute:
             out.append(None)
             continue
+        if not isinstance(ctx.desc.config, ModelConfig):
+            raise ConfigError(f"pipeline stage {s} has recompute units, which apply to hetrain's own models; a "
+                              f"transformers model recomputes whole blocks (n_recompute_blocks): re-plan it")
         policies = block_policies(sp.recompute, sp.first_block, sp.n_blocks, sp.n_recompute_blocks)
         out.append(stage_recompute(ctx, st, pipe.micro_batch, policies, last=s == len(stages) - 1))
     return out

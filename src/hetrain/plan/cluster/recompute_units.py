@@ -30,8 +30,8 @@ at proj at the latest) inside its own MLP's all-reduce (one all-reduce's time), 
 demand.
 
 Bytes come from hetrain.model.describe's per-tensor figures (mapped to steps below); recompute
-time splits the block's forward time by each step's roofline share on the device kind (FLOPs
-against the peak, bytes touched against the memory bandwidth). This module is arithmetic over
+time splits the block's forward on the shared roofline by its terms (step_times_s: each matmul
+step its GEMM, attn the attention kernel, the rest over the other steps by bytes touched). This module is arithmetic over
 a ModelConfig: it must not build modules, touch tensors or choose policies.
 """
 
