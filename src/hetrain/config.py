@@ -366,7 +366,7 @@ def validate(cfg: Config) -> None:
     if cfg.run.emulate_tp_link_gbytes_per_s < 0:
         raise ConfigError(f"run.emulate_tp_link_gbytes_per_s must be 0 (off) or positive, got "
                           f"{cfg.run.emulate_tp_link_gbytes_per_s}")
-    if cfg.run.recompute_full_rerun and (cfg.hf.path or not cfg.plan.file):
+    if cfg.run.recompute_full_rerun and not cfg.plan.file:  # transformers plans: cluster_launch.prepare
         raise ConfigError("run.recompute_full_rerun applies to cluster runs (--plan.file) of hetrain's own models; "
                           "drop --run.recompute_full_rerun")
     if cfg.run.dist_timeout_s <= 0:

@@ -57,9 +57,14 @@ class LayerDescription:
         return sum(self.act_bytes.values())
 
     @property
+    def early_stop_gemms(self) -> tuple[tuple[int, int], ...]:
+        """The matmuls of `gemms` that a whole-layer recomputation skips (its last early_stop_skips)."""
+        return self.gemms[len(self.gemms) - self.early_stop_skips:]
+
+    @property
     def early_stop_flops_share(self) -> float:
         """The share of the forward FLOPs that a whole-layer recomputation skips."""
-        skipped = self.gemms[len(self.gemms) - self.early_stop_skips:] if self.early_stop_skips else ()
+        skipped = self.early_stop_gemms
         return 2.0 * sum(k * n for k, n in skipped) / self.fwd_flops_per_token if skipped else 0.0
 
 

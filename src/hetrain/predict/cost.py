@@ -218,7 +218,7 @@ class ProfileCost(CostModel):
         # matmuls the description names: priced on this machine's measured GEMM line, or, in a
         # profile without one, at their share of the forward FLOPs.
         measured = self._timing(layer).recompute_s * self.scale
-        skipped = layer.gemms[len(layer.gemms) - layer.early_stop_skips:] if layer.early_stop_skips else ()
+        skipped = layer.early_stop_gemms
         if not skipped:
             return measured
         line = self.profile.matmul

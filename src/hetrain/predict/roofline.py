@@ -132,5 +132,5 @@ def layer_seconds(desc: ModelDescription, layer: LayerDescription, kind: DeviceK
     fwd = gemm_fwd + attention + elementwise + weight_read + eff.layer_launch_s
     grads = 2 * FP32_BYTES * layer.params / tp / bandwidth  # fp32 gradients read-modify-written
     bwd = 2 * gemm_fwd + 2 * attention + 2 * elementwise + weight_read + grads + 2 * eff.layer_launch_s
-    skipped = sum(gemm_each[len(gemm_each) - layer.early_stop_skips:]) if layer.early_stop_skips else 0.0
+    skipped = sum(gemm_each[len(gemm_each) - len(layer.early_stop_gemms):])
     return LayerSeconds(fwd, bwd, fwd - skipped, tuple(gemm_each), attention)

@@ -254,7 +254,7 @@ def _make_kit(ctx: CostContext, group: Group, tp: int, micro_batch: int) -> Stag
         # A block recomputed whole reruns proj's all-reduce, and down's unless early stop skips down.
         block=_layer_costs(ctx, desc.blocks[0], group, tp, micro_batch,
                            (2 * tp_allreduce_s, 2 * tp_allreduce_s,
-                            (2 - min(desc.blocks[0].early_stop_skips, 1)) * tp_allreduce_s)),
+                            (1 if desc.blocks[0].early_stop_skips else 2) * tp_allreduce_s)),
         # Vocabulary-parallel embedding: its output is all-reduced; the head's input gradient too.
         embedding=_layer_costs(ctx, desc.embedding, group, tp, micro_batch, (tp_allreduce_s, 0.0, 0.0)),
         head=_layer_costs(ctx, desc.head, group, tp, micro_batch, (0.0, tp_allreduce_s, 0.0)),

@@ -31,8 +31,9 @@ demand.
 
 Bytes come from hetrain.model.describe's per-tensor figures (mapped to steps below); recompute
 time splits the block's forward on the shared roofline by its terms (step_times_s: each matmul
-step its GEMM, attn the attention kernel, the rest over the other steps by bytes touched). This module is arithmetic over
-a ModelConfig: it must not build modules, touch tensors or choose policies.
+step its GEMM, attn the attention kernel, the rest over the other steps by bytes touched). This
+module is arithmetic over a ModelConfig: it must not build modules, touch tensors or choose
+policies.
 """
 
 from __future__ import annotations
@@ -286,4 +287,3 @@ def stage_cost(policies: list[BlockPolicy], units: BlockUnits, times_s, collecti
         hidden += hidden_s
         backward += c.collective_s - hidden_s
     return StageCost(freed, window, window_freed, backward, collective, hidden, held)
-
