@@ -129,7 +129,8 @@ def memory_limit_gib(cfg, args, flops, bytes_per_s) -> float:
 def block_forward_s(args) -> float:
     """One TP rank's share of a block's forward for one micro-batch, timed on one thread: layer
     norms, its q/k/v columns, attention over its heads, its rows of the output projection, its
-    MLP columns, GELU and its rows of the down projection (fp32, what the runs compute in)."""
+    MLP columns, GELU and its rows of the down projection, and --dropout on the two residual
+    branches (fp32, what the runs compute in)."""
     torch.set_num_threads(1)
     tp, d, mb, s = args.tp, args.d_model, args.micro_batch, args.seq_len
     heads = d // 64 // tp
@@ -138,12 +139,15 @@ def block_forward_s(args) -> float:
     w_up, w_down = torch.randn(4 * d // tp, d), torch.randn(d, 4 * d // tp)
     fn = torch.nn.functional
 
+    p = args.dropout
+
     def forward():
         h = fn.layer_norm(x, (d,))
         q, k, v = fn.linear(h, w_qkv).view(mb, s, 3, heads, 64).permute(2, 0, 3, 1, 4)
-        a = fn.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(mb, s, heads * 64)
-        h = x + fn.linear(a, w_proj)
-        return h + fn.linear(fn.gelu(fn.linear(fn.layer_norm(h, (d,)), w_up), approximate="tanh"), w_down)
+        a = fn.scaled_dot_product_attention(q, k, v, is_causal=True)
+        h = x + fn.dropout(fn.linear(a.transpose(1, 2).reshape(mb, s, heads * 64), w_proj), p)
+        up = fn.gelu(fn.linear(fn.layer_norm(h, (d,)), w_up), approximate="tanh")
+        return h + fn.dropout(fn.linear(up, w_down), p)
 
     best = float("inf")
     with torch.no_grad():
@@ -225,6 +229,9 @@ def main() -> None:
     ap.add_argument("--d-model", type=int, default=256, help="model width (heads of 64, MLP 4x)")
     ap.add_argument("--memory", type=float, default=0.4,
                     help="the limit between all blocks recomputed (0) and none (1) on the most loaded stage")
+    ap.add_argument("--dropout", type=float, default=0.0,
+                    help="dropout on each block's two residual branches (model.dropout with model.dropout_attention false: "
+                         "Megatron-LM's --hidden-dropout, 0.1 by default there; attention dropout stays off)")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -232,7 +239,8 @@ def main() -> None:
         ap.error(f"--processes {args.processes} must be a multiple of --tp {args.tp}")
     d = args.d_model
     cfg = dataclasses.replace(get_preset("small"), n_layer=args.layers, max_seq_len=max(256, args.seq_len), d_model=d,
-                              n_head=d // 64, n_kv_head=d // 64, d_ff=4 * d)
+                              n_head=d // 64, n_kv_head=d // 64, d_ff=4 * d, dropout=args.dropout,
+                              dropout_attention=False)
     flops, bytes_per_s = measure_core()
     args.tp_link_gbytes_per_s = tp_link_gbytes_per_s(args) if args.tp > 1 else 0.0
     mem_gib = memory_limit_gib(cfg, args, flops, bytes_per_s)
@@ -241,7 +249,7 @@ def main() -> None:
           f"one core: {flops / 1e9:.0f} GFLOP/s fp32 matmul, {bytes_per_s / 1e9:.1f} GB/s elementwise")
     tp_text = (f", TP {args.tp} over an emulated {args.tp_link_gbytes_per_s:.3f} GB/s link (an all-reduce takes "
                f"{args.tp_share:.0%} of a block's forward timed on one core)" if args.tp > 1 else "")
-    print(f"model small, width {d}, {args.layers} blocks, seq {args.seq_len}; PP {args.processes // args.tp}{tp_text}, "
+    print(f"model small, width {d}, {args.layers} blocks, seq {args.seq_len}, residual dropout {args.dropout}; PP {args.processes // args.tp}{tp_text}, "
           f"{args.global_batch // args.micro_batch} micro-batches of {args.micro_batch}; emulated link "
           f"{args.link_gbytes_per_s} GB/s between stages; "
           f"memory limit {mem_gib * 2**30 / 2**20:.1f} MiB per process ({args.memory:.0%} of the way from all blocks "
@@ -254,7 +262,8 @@ def main() -> None:
                                                         mem_gib, args.tp, args.tp_link_gbytes_per_s))
         model = ["--model.preset", "small", "--model.n_layer", str(args.layers), "--model.max_seq_len",
                  str(cfg.max_seq_len), "--train.seq_len", str(args.seq_len), "--model.d_model", str(d),
-                 "--model.n_head", str(cfg.n_head), "--model.n_kv_head", str(cfg.n_kv_head), "--model.d_ff", str(cfg.d_ff)]
+                 "--model.n_head", str(cfg.n_head), "--model.n_kv_head", str(cfg.n_kv_head), "--model.d_ff", str(cfg.d_ff),
+                 "--model.dropout", str(args.dropout), "--model.dropout_attention", "false"]
         pins = ["--plan.pp", str(args.processes // args.tp), "--plan.tp", str(args.tp),
                 "--plan.micro_batch", str(args.micro_batch),
                 "--plan.global_batch", str(args.global_batch), "--train.dtype", "fp32", "--plan.dtype", "fp32"]

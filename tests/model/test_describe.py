@@ -52,10 +52,11 @@ VARIANTS = list(itertools.product(["learned", "rope"], ["layernorm", "rmsnorm"],
 
 @pytest.mark.parametrize("pos,norm,mlp,n_kv_head", VARIANTS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("dropout", [0.0, 0.1])
-def test_activation_bytes_match_measured_forward(pos, norm, mlp, n_kv_head, dtype, dropout):
+@pytest.mark.parametrize("dropout,on_attention", [(0.0, True), (0.1, True), (0.1, False)],
+                         ids=["no-dropout", "dropout", "residual-dropout"])
+def test_activation_bytes_match_measured_forward(pos, norm, mlp, n_kv_head, dtype, dropout, on_attention):
     cfg = dataclasses.replace(get_preset("tiny"), pos=pos, norm=norm, mlp=mlp, n_kv_head=n_kv_head, d_ff=96,
-                              dropout=dropout)
+                              dropout=dropout, dropout_attention=on_attention)
     torch.manual_seed(0)
     model = GPT(cfg).to(dtype)
     B, T = 3, 20
@@ -96,11 +97,12 @@ def test_sequence_longer_than_model_rejected():
         describe_model(get_preset("tiny"), 1, 10_000)
 
 
-@pytest.mark.parametrize("dropout", [0.0, 0.1])
+@pytest.mark.parametrize("dropout,on_attention", [(0.0, True), (0.1, True), (0.1, False)],
+                         ids=["no-dropout", "dropout", "residual-dropout"])
 @pytest.mark.parametrize("mlp", ["gelu", "swiglu"])
-def test_early_stop_skips_what_the_description_says(dropout, mlp):
+def test_early_stop_skips_what_the_description_says(dropout, on_attention, mlp):
     """LayerDescription.early_stop_skips (priced by the cost model) against what torch reruns."""
-    cfg = dataclasses.replace(get_preset("tiny"), mlp=mlp, dropout=dropout)
+    cfg = dataclasses.replace(get_preset("tiny"), mlp=mlp, dropout=dropout, dropout_attention=on_attention)
     torch.manual_seed(0)
     model = GPT(cfg)
     block = describe_model(cfg, 2, 16).blocks[0]
@@ -108,3 +110,12 @@ def test_early_stop_skips_what_the_description_says(dropout, mlp):
     reruns = reruns_of_last_matmul(model.blocks[0], lambda: model.blocks[0](h, model.rope()))
     assert reruns == (0 if block.early_stop_skips else 1)
     assert block.early_stop_skips == (0 if dropout else 1)
+
+
+def test_tensor_parallel_degrees_allow_residual_dropout_only():
+    """Dropout on the residual branches leaves the heads splittable (every TP rank draws the same
+    masks for the replicated activations); on the attention probabilities it does not."""
+    cfg = dataclasses.replace(get_preset("tiny"), n_head=4, n_kv_head=2, d_ff=96)
+    assert describe_model(cfg, 1, 16).tp_heads == 2
+    assert describe_model(dataclasses.replace(cfg, dropout=0.1), 1, 16).tp_heads == 1
+    assert describe_model(dataclasses.replace(cfg, dropout=0.1, dropout_attention=False), 1, 16).tp_heads == 2

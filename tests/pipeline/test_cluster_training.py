@@ -153,6 +153,24 @@ def test_tensor_parallel_and_an_uneven_pipeline_train_the_one_process_model(tmp_
         assert_same_params(tmp_path / "again", reference)
 
 
+def test_tensor_parallel_with_residual_dropout_trains_the_one_process_model(tmp_path, corpus, reference):
+    """Dropout on the residual branches only (--model.dropout_attention false) under TP 2: both
+    ranks seed alike and draw, for the replicated activations after each all-reduce, the masks one
+    process draws. Dropout on the attention probabilities is refused before any group exists,
+    naming that fix: a rank holds only its heads' probabilities."""
+    drop = {"model.dropout": 0.1, "model.dropout_attention": "false"}
+    Trainer(one_process_config(tmp_path / "one", corpus, **drop)).fit()
+    pipe = [pipeline(["cpu-a"], [N_LAYER], tp=2)]
+    plan = write_plan(tmp_path / "plan.json", one_group_cluster(2), pipe, dropout=0.1, dropout_attention=False)
+    check_run(torchrun(2, ["--plan.file", plan] + run_args(tmp_path / "run", corpus), tmp_path),
+              tmp_path / "run", tmp_path / "one")
+    assert losses(tmp_path / "run")[STEPS] != pytest.approx(losses(reference)[STEPS], rel=1e-3)  # dropout ran
+    both = write_plan(tmp_path / "both.json", one_group_cluster(2), pipe, dropout=0.1)
+    done = torchrun(2, ["--plan.file", both] + run_args(tmp_path / "refused", corpus), tmp_path)
+    assert done.returncode != 0 and "--model.dropout_attention false" in done.stdout + done.stderr
+    assert not (tmp_path / "refused" / "checkpoints").exists()
+
+
 def test_gradient_reduction_inside_the_backward_equals_it_after_to_the_bit(tmp_path, corpus, reference):
     """DP 2 x interleaved PP 2 (one block recomputed): each block's bucket is all-reduced as its last
     backward ends, and the run is the one that reduces after the backward, bit for bit. (CPU

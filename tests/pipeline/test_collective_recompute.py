@@ -4,8 +4,9 @@ One process (fast): a 3-block tiny GPT whose blocks are sharded by hetrain's Meg
 functions over a 1-rank gloo group (the all-reduces are real calls that sum one rank; the
 emulated link prices them as a 2-rank ring so that they last), with norm1,qkv,attn and
 norm2,up,act COLLECTIVE in every block: losses and every gradient bitwise those of the plain
-model, with windows long, cut short, absent, and without tensor parallelism; the all-reduces
-are the plain model's four per block and micro-batch (no recomputation reruns one).
+model, with windows long, cut short, absent, and without tensor parallelism, with and without
+residual dropout; the all-reduces are the plain model's four per block and micro-batch (no
+recomputation reruns one).
 
 Two processes under torchrun (slow): TP 2 on one stage, CPU fp32, no dropout, every block's
 units COLLECTIVE, against the same layout without recomputation: losses and final parameters
@@ -43,13 +44,15 @@ def one_rank():
     dist.destroy_process_group()
 
 
-def _model() -> GPT:
+def _model(dropout: float = 0.0) -> GPT:
+    """With dropout, on the residual branches only (what tensor parallelism allows)."""
     torch.manual_seed(0)
-    return GPT(dataclasses.replace(get_preset("tiny"), n_layer=BLOCKS))
+    return GPT(dataclasses.replace(get_preset("tiny"), n_layer=BLOCKS, dropout=dropout, dropout_attention=False))
 
 
 def _step(model: GPT, ledger: Recomputations | None):
     """Both micro-batches' forwards, then their backwards (as a pipeline stage holds them)."""
+    torch.manual_seed(1)
     idx = torch.randint(0, 256, (MICRO_BATCHES, 2, 16), generator=torch.Generator().manual_seed(3))
     targets = torch.roll(idx, -1, dims=-1)
     losses = []
@@ -83,10 +86,13 @@ WINDOWS = {"emulated link": (10, 0), "one region then none": (4, 6), "never in f
            "no tensor parallelism": (0, 10)}
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.2], ids=["no dropout", "residual dropout"])
 @pytest.mark.parametrize("window", list(WINDOWS))
-def test_collective_regions_match_the_plain_model_bitwise(one_rank, monkeypatch, window):
-    want_losses, want_grads = _step(_model(), None)
-    model, ledger = _model(), Recomputations()
+def test_collective_regions_match_the_plain_model_bitwise(one_rank, monkeypatch, window, dropout):
+    """With residual dropout too: the regions ending at proj and down keep its masks outside, so
+    none reruns a projection's all-reduce and the masks are those of the plain model."""
+    want_losses, want_grads = _step(_model(dropout), None)
+    model, ledger = _model(dropout), Recomputations()
     reduces = []
     real_all_reduce = dist.all_reduce
     monkeypatch.setattr(dist, "all_reduce", lambda *a, **k: reduces.append(1) or real_all_reduce(*a, **k))
@@ -124,13 +130,15 @@ def test_collective_regions_match_the_plain_model_bitwise(one_rank, monkeypatch,
 
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.2], ids=["no dropout", "residual dropout"])
 @pytest.mark.parametrize("full_rerun", [False, True], ids=["early stop", "full rerun"])
-def test_whole_blocks_on_demand_rerun_the_all_reduces_they_reach(one_rank, monkeypatch, full_rerun):
-    """Whole blocks recomputed on demand under TP: torch's early stop reruns proj's all-reduce
-    only; run.recompute_full_rerun reruns down's too (the Megatron-LM baseline). Bitwise the
-    plain model either way."""
-    want_losses, want_grads = _step(_model(), None)
-    model, ledger = _model(), Recomputations(full_rerun)
+def test_whole_blocks_on_demand_rerun_the_all_reduces_they_reach(one_rank, monkeypatch, full_rerun, dropout):
+    """Whole blocks recomputed on demand under TP (torch's checkpoint of the block): early stop
+    reruns proj's all-reduce only, and down's too with a residual dropout mask after it;
+    run.recompute_full_rerun reruns both (the Megatron-LM baseline). Bitwise the plain model
+    every way."""
+    want_losses, want_grads = _step(_model(dropout), None)
+    model, ledger = _model(dropout), Recomputations(full_rerun)
     reduces = []
     real_all_reduce = dist.all_reduce
     monkeypatch.setattr(dist, "all_reduce", lambda *a, **k: reduces.append(1) or real_all_reduce(*a, **k))
@@ -143,7 +151,7 @@ def test_whole_blocks_on_demand_rerun_the_all_reduces_they_reach(one_rank, monke
     assert all(torch.equal(a, b) for a, b in zip(got_losses, want_losses))
     for name, g in want_grads.items():
         assert torch.equal(got_grads[name], g), name
-    reruns = 2 if full_rerun else 1
+    reruns = 2 if full_rerun or dropout else 1
     assert len(reduces) == (4 + reruns) * BLOCKS * MICRO_BATCHES
 
 def test_an_all_reduce_in_flight_says_when_it_ended(one_rank):

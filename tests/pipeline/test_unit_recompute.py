@@ -1,6 +1,7 @@
 """Selective recomputation inside blocks, on demand and ahead of the backward, equals no recomputation.
 
-One process, CPU fp32, dropout on: a 3-block GPT's blocks run under unit policies of every family
+One process, CPU fp32, dropout on (on the attention probabilities too, or on the residual branches
+only, as under tensor parallelism): a 3-block GPT's blocks run under unit policies of every family
 (whole block, cheap units only, expensive units, mixed places, regions whose last step reruns) and
 the loss and every gradient must be bitwise those of the plain model with the same seed. The
 window path (recompute ahead of the backward under a GraphExecGroup) must be used by the backward
@@ -57,8 +58,9 @@ def _run(model: GPT, idx, targets, ledger: Recomputations | None, ahead: bool, m
     return [v.detach() for v in losses], _grads(model), after
 
 
-@pytest.mark.parametrize("variant", [{}, {"pos": "rope", "norm": "rmsnorm", "mlp": "swiglu", "n_kv_head": 2}],
-                         ids=["gpt", "llama"])
+@pytest.mark.parametrize("variant", [{}, {"pos": "rope", "norm": "rmsnorm", "mlp": "swiglu", "n_kv_head": 2},
+                                     {"dropout_attention": False}],
+                         ids=["gpt", "llama", "gpt-residual-dropout"])
 @pytest.mark.parametrize("family", list(FAMILIES))
 @pytest.mark.parametrize("ahead", [False, True], ids=["backward only", "ahead"])
 def test_policy_matches_plain_training_bitwise(variant, family, ahead):

@@ -89,8 +89,8 @@ class ModelDescription:
     tied_embeddings: bool
     tp_heads: int = 1
     """What a tensor-parallel degree must divide, as the runtime shards the model: for hetrain's
-    GPT the gcd of its heads, key/value heads and MLP width (1 with dropout on, which the runtime
-    refuses under TP); the same for a Llama-style transformers model (heads, KV heads,
+    GPT the gcd of its heads, key/value heads and MLP width (1 with dropout on the attention
+    probabilities, which the runtime refuses under TP); the same for a Llama-style transformers model (heads, KV heads,
     intermediate size; 1 with attention dropout), and 1 for the others, which it does not shard."""
 
     def layers(self) -> list[LayerDescription]:
@@ -152,7 +152,7 @@ def block_act_bytes(cfg: ModelConfig, micro_batch: int, seq_len: int, b: int) ->
     kv = cfg.n_kv_head * cfg.head_dim
     saved = _norm_saved(cfg, "norm1", BT, b)
     saved["attn.qkv_in"] = BT * C * b                   # norm1 output, input of the qkv matmul
-    if cfg.dropout > 0:
+    if cfg.attn_dropout > 0:
         saved.update(_math_attention_saved(cfg, micro_batch, seq_len, b))
     else:
         saved["attn.qkv"] = BT * (C + 2 * kv) * b       # one storage; q, k, v are views of it
@@ -244,4 +244,4 @@ def describe_model(cfg: ModelConfig, micro_batch: int, seq_len: int, compute_dty
     buffers = 2 * cfg.max_seq_len * (cfg.head_dim // 2) * FP32_BYTES if cfg.pos == "rope" else 0
     return ModelDescription(cfg, micro_batch, seq_len, b, embedding, blocks, head, total, hidden_size=C,
                             vocab_size=V, norm=cfg.norm, buffers_bytes=buffers, tied_embeddings=cfg.tie_embeddings,
-                            tp_heads=1 if cfg.dropout > 0 else math.gcd(cfg.n_head, cfg.n_kv_head, cfg.d_ff))
+                            tp_heads=1 if cfg.attn_dropout > 0 else math.gcd(cfg.n_head, cfg.n_kv_head, cfg.d_ff))

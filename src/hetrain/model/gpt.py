@@ -63,6 +63,13 @@ class ModelConfig:
     """Epsilon of the normalisation layers."""
     dropout: float = 0.0
     """Dropout probability in training, as nanoGPT applies it: on the attention probabilities and on the output of each block's attention and MLP branch before the residual add. 0 disables it (no random numbers are drawn)."""
+    dropout_attention: bool = True
+    """Apply model.dropout to the attention probabilities too (nanoGPT); false keeps it on the residual branches only (Megatron-LM's --hidden-dropout p with --attention-dropout 0), which tensor parallelism needs: a rank holds only its heads' probabilities."""
+
+    @property
+    def attn_dropout(self) -> float:
+        """The dropout probability on the attention probabilities."""
+        return self.dropout if self.dropout_attention else 0.0
 
     @property
     def head_dim(self) -> int:
@@ -117,7 +124,7 @@ class Attention(nn.Module):
         kv_dim = cfg.n_kv_head * cfg.head_dim
         self.qkv = nn.Linear(cfg.d_model, cfg.d_model + 2 * kv_dim, bias=cfg.bias)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
-        self.dropout = cfg.dropout
+        self.dropout = cfg.attn_dropout
         self.resid_drop = nn.Dropout(cfg.dropout)
 
     def attend(self, qkv: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:

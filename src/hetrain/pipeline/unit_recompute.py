@@ -23,7 +23,8 @@ the same group, so torch uses the recomputed tensors instead of recomputing agai
   MLP's all-reduce (mlp.up's input gradient, reduced before the attention's backward starts),
   its MLP-side ones are plain on-demand ones. Such regions never rerun a
   row-parallel all-reduce: `proj` is never a COLLECTIVE unit, and a region ending at proj or down
-  stops recomputing once it has what the backward needs (torch's early stop), before the reduce.
+  ends after the projection, its residual dropout and add running outside (keeps_tail), so
+  torch's early stop ends the recomputation before the projection.
 A region not recomputed in time is recomputed by the backward on demand, as any checkpoint.
 Recomputation forks the random state and restores it, so it never changes the masks of later
 forwards.
@@ -45,7 +46,7 @@ import torch.nn as nn
 from torch.utils.checkpoint import GraphExecGroup, checkpoint
 
 from hetrain.offload.checkpointing import RecomputeHandle, apply_recompute
-from hetrain.plan.cluster.recompute_plan import COLLECTIVE, DEMAND, STEPS, WINDOW, BlockPolicy
+from hetrain.plan.cluster.recompute_plan import COLLECTIVE, DEMAND, STEPS, WINDOW, BlockPolicy, keeps_tail
 
 _PROJ = STEPS.index("proj")
 OWN = "own"
@@ -54,21 +55,32 @@ OWN = "own"
 
 def _step(block: nn.Module, name: str, h: torch.Tensor, x: torch.Tensor, rope) -> torch.Tensor:
     """One step of Block.forward; `x` is the block input (the proj step adds it back)."""
+    if name in ("proj", "down"):
+        return _tail(block, name, _head(block, name, h), x)
     if name == "norm1":
         return block.norm1(h)
     if name == "qkv":
         return block.attn.qkv(h)
     if name == "attn":
         return block.attn.attend(h, rope)
-    if name == "proj":
-        return x + block.attn.resid_drop(block.attn.proj(h))
     if name == "norm2":
         return block.norm2(h)
     if name == "up":
         return block.mlp.up(h)
-    if name == "act":
-        return block.mlp.activate(h)
-    return block.mlp.resid_drop(block.mlp.down(h))  # down; Block adds its branch input back
+    return block.mlp.activate(h)  # act
+
+
+def _head(block: nn.Module, name: str, h: torch.Tensor) -> torch.Tensor:
+    """A row-parallel step's projection (its all-reduce under tensor parallelism)."""
+    return block.attn.proj(h) if name == "proj" else block.mlp.down(h)
+
+
+def _tail(block: nn.Module, name: str, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """What follows the projection in that step: its residual dropout, and for proj the residual
+    add (for down, Block adds its branch input back)."""
+    if name == "proj":
+        return x + block.attn.resid_drop(out)
+    return block.mlp.resid_drop(out)
 
 
 class _Anchor(torch.autograd.Function):
@@ -245,14 +257,15 @@ class Recomputations:
                 self.collective_left += len(self._anchors.pop(k))
 
 
-def _run_steps(block: nn.Module, first: int, last: int, rope, anchor: Callable[[], None] | None,
+def _run_steps(block: nn.Module, first: int, last: int, rope, anchor: Callable[[], None] | None, cut: bool,
                h: torch.Tensor, x: torch.Tensor | None = None):
-    """Steps first..last of `block`; returns h, or (h, proj's output) when proj is inside and not last."""
+    """Steps first..last of `block`, the last without its tail when `cut`; returns h, or (h,
+    proj's output) when proj is inside and not last."""
     if anchor is not None:
         anchor()
     x2 = None
     for k in range(first, last + 1):
-        h = _step(block, STEPS[k], h, x, rope)
+        h = _head(block, STEPS[k], h) if cut and k == last else _step(block, STEPS[k], h, x, rope)
         if k == _PROJ:
             x2 = h
     return (h, x2) if first <= _PROJ < last else h
@@ -279,8 +292,12 @@ def _unit_forward(block: nn.Module, regions: dict[int, tuple[int, str]], ledger:
             anchor = functools.partial(ledger._anchor, (position,))
         elif place == COLLECTIVE and last <= _PROJ:  # the last block's attention side
             anchor = functools.partial(ledger._anchor, (position, OWN))
-        fn = functools.partial(_run_steps, block, k, last, rope, anchor)
-        args = (h, x) if k <= _PROJ <= last else (h,)
+        # A region ending at proj or down leaves that step's dropout and residual add outside
+        # (keeps_tail): the mask is saved outside the region, so recomputing it never reruns
+        # the projection and its all-reduce. A whole block on demand is torch's plain checkpoint.
+        cut = keeps_tail(k, last, place)
+        fn = functools.partial(_run_steps, block, k, last, rope, anchor, cut)
+        args = (h, x) if k <= _PROJ <= last and not (cut and last == _PROJ) else (h,)
         # Only DEMAND regions may rerun their whole forward: every TP rank recomputes them at
         # the same point of its backward, so the row-parallel all-reduces they rerun line up.
         # WINDOW and COLLECTIVE regions run when a wait or an all-reduce lets them, which
@@ -288,11 +305,10 @@ def _unit_forward(block: nn.Module, regions: dict[int, tuple[int, str]], ledger:
         # clear of proj's and down's all-reduces (recompute_units.reruns_row_parallel).
         out = checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=True, context_fn=contexts,
                          early_stop=not (ledger.full_rerun and place == DEMAND))
-        if k <= _PROJ < last:
-            h, x2 = out
-        else:
-            h = out
-            x2 = h if last == _PROJ else x2
+        h, x2 = out if k <= _PROJ < last else (out, x2)
+        if cut:
+            h = _tail(block, STEPS[last], h, x)
+        x2 = h if last == _PROJ else x2
         k = last + 1
     return x2 + h  # the MLP branch's residual add
 

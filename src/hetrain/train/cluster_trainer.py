@@ -89,9 +89,12 @@ class ClusterTrainer:
             why = check_hf_tp(load_hf_config(cfg.hf.path), place.tp) if place.tp > 1 else None
         else:
             why = check_tp(cfg.model, place.tp)
-        if why is None and place.tp > 1 and not cfg.hf.path and cfg.model.dropout > 0:
-            why = (f"model.dropout={cfg.model.dropout} with tensor parallelism: each rank would draw its own "
-                   f"masks for its heads, so the run would not train the one-process model")
+        if why is None and place.tp > 1 and not cfg.hf.path and cfg.model.attn_dropout > 0:
+            # Residual dropout is fine: every TP rank seeds alike and draws the same masks for the
+            # replicated activations (after the all-reduces); attention dropout is not.
+            why = (f"model.dropout={cfg.model.dropout} on the attention probabilities with tensor parallelism: each "
+                   f"rank would draw its own masks for its heads, so the run would not train the one-process "
+                   f"model (--model.dropout_attention false keeps dropout on the residual branches only)")
         if why:
             raise ConfigError(f"plan pipeline {place.pipeline}: {why}; re-plan with another --plan.tp")
         self.resume_path = ckpt.resolve_resume(self.run_dir, cfg.run.resume)

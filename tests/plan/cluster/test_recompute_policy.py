@@ -26,7 +26,7 @@ from hetrain.plan.cluster.cost import PredictorOptions
 from hetrain.plan.cluster.plan import ClusterPlan, PipelinePlan, StagePlan
 from hetrain.plan.cluster.predict import build_stages, context_for, predict_plan, shape_of
 from hetrain.plan.cluster.search import Pins, SearchOptions
-from hetrain.plan.cluster.recompute_plan import (COLLECTIVE, DEMAND, UNITS, WINDOW, BlockPolicy, block_policies,
+from hetrain.plan.cluster.recompute_plan import (COLLECTIVE, DEMAND, STEPS, UNITS, WINDOW, BlockPolicy, block_policies,
                                                policy_groups)
 from hetrain.plan.cluster.recompute_policy import StageProblem, choice_of, heuristic, optimal
 from hetrain.plan.cluster.recompute_schedule import StageTimes, simulate
@@ -37,8 +37,11 @@ from .test_search import CASES, OPTIONS
 
 
 @pytest.mark.parametrize("variant", [{}, {"pos": "rope", "norm": "rmsnorm", "mlp": "swiglu", "n_kv_head": 2},
-                                     {"dropout": 0.1}, {"pos": "rope", "dropout": 0.1, "mlp": "swiglu"}],
-                         ids=["gpt", "llama", "gpt-dropout", "rope-swiglu-dropout"])
+                                     {"dropout": 0.1}, {"pos": "rope", "dropout": 0.1, "mlp": "swiglu"},
+                                     {"dropout": 0.1, "dropout_attention": False},
+                                     {"pos": "rope", "dropout": 0.1, "dropout_attention": False}],
+                         ids=["gpt", "llama", "gpt-dropout", "rope-swiglu-dropout", "gpt-residual-dropout",
+                              "rope-residual-dropout"])
 def test_unit_bytes_are_what_the_block_keeps_under_every_unit_set(variant):
     cfg = dataclasses.replace(get_preset("tiny"), n_layer=1, **variant)
     torch.manual_seed(0)
@@ -65,8 +68,18 @@ def test_recompute_cost_follows_the_region_rules():
     assert policy_cost(BlockPolicy.whole(), units, t).demand_s == 127  # down skipped: it saves only its input
     assert policy_cost(BlockPolicy.of(demand=["qkv"]), units, t).demand_s == 2 + 4  # attn reruns for its lse
     assert policy_cost(BlockPolicy.of(demand=["act"]), units, t).demand_s == 64
+    # With dropout a region ending at proj or down keeps that step's mask (keeps_tail) and does
+    # not rerun it; a whole block on demand is torch's checkpoint of the block and does.
     with_dropout = block_units(dataclasses.replace(get_preset("gpt2-small"), dropout=0.1), 1, 1024, 2)
-    assert policy_cost(BlockPolicy.of(demand=["act"]), with_dropout, t).demand_s == 64 + 128  # down's mask
+    mask = with_dropout.steps[STEPS.index("down")].int_bytes
+    assert mask > 0
+    act, act_plain = (policy_cost(BlockPolicy.of(demand=["act"]), u, t) for u in (with_dropout, units))
+    assert act.demand_s == 64 and act.freed_bytes == act_plain.freed_bytes
+    assert policy_cost(BlockPolicy.of(demand=["attn"]), with_dropout, t).demand_s == 4
+    assert policy_cost(BlockPolicy.whole(), with_dropout, t).demand_s == 127 + 128
+    assert policy_cost(BlockPolicy.whole(WINDOW), with_dropout, t).window_s == 127
+    assert (policy_cost(BlockPolicy.whole(), with_dropout, t).freed_bytes
+            == policy_cost(BlockPolicy.whole(WINDOW), with_dropout, t).freed_bytes + mask)
 
 
 def _heu_plan(name="recompute"):
@@ -170,21 +183,27 @@ def test_no_tensor_parallel_all_reduce_is_recomputed_ahead():
         assert choice.window_s > 0  # what needs no all-reduce is still recomputed ahead
 
 
-def test_with_dropout_nothing_reruns_a_row_parallel_all_reduce_inside_a_window():
-    """With dropout, a region ending at proj or down reruns that projection (for its mask), and so
-    its all-reduce under TP: never collective, never ahead at tp > 1."""
+def test_with_dropout_the_mlp_side_may_still_hide_inside_all_reduces():
+    """With dropout, a region ending at proj or down keeps that projection's mask outside it and
+    does not rerun the projection (its all-reduce under TP), so MLP-side units may be recomputed
+    inside all-reduces as without dropout; only dropping proj's output reruns one."""
     cfg = dataclasses.replace(get_preset("gpt2-small"), dropout=0.1)
     units = block_units(cfg, 1, 1024, 2)
-    assert reruns_row_parallel(units, 2, 3) and not reruns_row_parallel(block_units(get_preset("gpt2-small"), 1,
-                                                                                      1024, 2), 2, 3)
-    for frac in (0.2, 0.4, 0.6):
-        problem = StageProblem(3, units, tuple(i + 1.0 for i in range(8)), 3, frac * 9 * units.total_bytes, 6,
+    assert reruns_row_parallel(3, 4) and reruns_row_parallel(0, 7)
+    assert not reruns_row_parallel(2, 3) and not reruns_row_parallel(4, 7)
+    placed = set()
+    # Matmul steps slow, the others fast (as on a GPU): GELU's large output is the cheapest to drop.
+    for frac, steps in itertools.product((0.2, 0.4, 0.6), [tuple(i + 1.0 for i in range(8)),
+                                                          (0.5, 8.0, 4.0, 8.0, 0.5, 8.0, 0.5, 8.0)]):
+        problem = StageProblem(3, units, steps, 3, frac * 9 * units.total_bytes, 6,
                                (200.0,) * 6, collective_window_s=10.0, tp=2)
         heu, opt = heuristic(problem), optimal(problem)
         assert heu.fits and opt.fits and heu.cost_s >= opt.cost_s - 1e-9
         for choice in (heu, opt):
             for p in choice.policies:
-                assert not any(reruns_row_parallel(units, a, b) for a, b, place in p.regions() if place != DEMAND)
+                assert not any(reruns_row_parallel(a, b) for a, b, place in p.regions() if place != DEMAND)
+                placed |= set(p.units_at(COLLECTIVE))
+    assert "act" in placed  # a region ending at down, inside an all-reduce
 
 
 def test_heu_is_close_to_the_milp_and_never_better():

@@ -103,7 +103,8 @@ def _search_or_explain(ctx: CostContext, global_batch: int, opts: SearchOptions)
     if opts.pins.tp and ctx.desc.tp_heads % opts.pins.tp:
         raise ConfigError(f"--plan.tp {opts.pins.tp}: this model splits tensor-parallel into divisors of "
                           f"{ctx.desc.tp_heads} only (1: not at all; see ModelDescription.tp_heads: heads, key/value "
-                          f"heads and MLP width, none with dropout, transformers models of Llama's layout from "
+                          f"heads and MLP width, none with attention dropout (--model.dropout_attention false keeps "
+                          f"residual dropout only), transformers models of Llama's layout from "
                           f"transformers 4.48); pin another --plan.tp or drop it")
     if opts.pins != free_pins:
         free, _ = search(ctx, global_batch, dataclasses.replace(opts, pins=free_pins))

@@ -11,7 +11,10 @@ adjacent dropped units is one checkpoint region over the steps around them, reco
 so it has one place. Whole-block recomputation drops all seven units. A COLLECTIVE region must
 not rerun a row-parallel step (proj, down), which would need an all-reduce of its own, so the
 unit `proj` is never COLLECTIVE; the stage's last block has no next block, so its COLLECTIVE
-regions are recomputed on demand.
+regions are recomputed on demand. A region ending at proj or down stops after the projection:
+that projection's residual dropout (its mask) and residual add run outside the region, so the
+mask is kept and nothing reruns the projection for it (`keeps_tail`); a whole block recomputed
+on demand is the exception, torch's checkpoint of the block.
 
 In plan.json a stage (StagePlan.recompute) reads, e.g.:
 
@@ -37,6 +40,21 @@ WINDOW, DEMAND, COLLECTIVE = "window", "demand", "collective"
 PLACES = (WINDOW, COLLECTIVE, DEMAND)
 NOT_COLLECTIVE = ("proj",)
 """Units whose recomputation reruns a row-parallel step (an all-reduce of its own)."""
+
+
+ROW_STEPS = (STEPS.index("proj"), STEPS.index("down"))
+"""The row-parallel projections: each ends with an all-reduce under tensor parallelism."""
+
+
+def keeps_tail(first: int, last: int, place: str) -> bool:
+    """Whether the region over steps first..last ends before its last step's residual dropout: a
+    region ending at proj or down stops after the projection (its all-reduce included), and the
+    dropout (its mask) and residual add run outside it, so the mask is kept and the projection is
+    not rerun for it. The exception is a whole block recomputed on demand, which is torch's
+    checkpoint of the block (the runtime's whole-block baseline, priced by the layer's
+    recompute_s): it frees the mask and reruns the last projection to give it back."""
+    whole_on_demand = first == 0 and last == len(STEPS) - 1 and place == DEMAND
+    return last in ROW_STEPS and not whole_on_demand
 
 
 @dataclass(frozen=True)

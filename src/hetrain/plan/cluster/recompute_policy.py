@@ -20,7 +20,8 @@ projection (its all-reduce) is recomputed ahead or inside another all-reduce.
   about a millisecond whatever its block count.
 - `optimal` (OPT) is a MILP over every block's every unit (keep, window, collective, demand), with
   the exact region rules (a run of adjacent dropped units is one recomputation, in one place; a
-  region's last step reruns when it saves tensors of its own), solved by HiGHS through
+  region's last step reruns when it saves tensors of its own, but for a projection's dropout
+  mask, which stays outside unless the block is recomputed whole on demand), solved by HiGHS through
   scipy.optimize.milp. It is meant for small cases: it measures how far HEU is from the optimum.
 
 `plan_pipeline` chooses every stage's policy in rounds: windows from the schedule of the current
@@ -38,7 +39,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from hetrain.plan.cluster.recompute_plan import COLLECTIVE, DEMAND, NOT_COLLECTIVE, STEPS, UNITS, WINDOW, BlockPolicy
+from hetrain.plan.cluster.recompute_plan import (COLLECTIVE, DEMAND, NOT_COLLECTIVE, ROW_STEPS, STEPS, UNITS, WINDOW,
+                                                 BlockPolicy)
 from hetrain.plan.cluster.recompute_schedule import StageTimes, simulate
 from hetrain.plan.cluster.recompute_units import (BlockUnits, policy_cost, region_input_extra, reruns_row_parallel,
                                                   stage_cost)
@@ -240,12 +242,12 @@ def _unit_set(mask: int, units: BlockUnits, steps: list[float], collective_windo
     demand = BlockPolicy(_places(mask, DEMAND))
     c = policy_cost(demand, units, steps)
     regions = demand.regions()
-    ahead_ok = tp == 1 or not any(reruns_row_parallel(units, a, b) for a, b, _ in regions)
+    ahead_ok = tp == 1 or not any(reruns_row_parallel(a, b) for a, b, _ in regions)
     if collective_window_s <= 0:
         return _UnitSet(c.freed_bytes, c.demand_s, c.demand_s, 0.0, 0, demand, ahead_ok)
     places = list(demand.places)
     for a, b, _ in regions:
-        if not reruns_row_parallel(units, a, b):
+        if not reruns_row_parallel(a, b):
             places[a:b] = [COLLECTIVE] * (b - a)
     policy = BlockPolicy(tuple(places))
     pc = policy_cost(policy, units, steps)
@@ -286,6 +288,7 @@ def optimal(problem: StageProblem, time_limit_s: float = 60.0) -> StageChoice:
                 var("i", b, p, j)  # step j's own tensors freed by a region at p
                 var("r", b, p, j)  # step j reruns at p
                 var("s", b, p, j)  # a region at p starts at step j (it keeps its input)
+        var("w", b)  # block b recomputed whole on demand: torch's checkpoint of the block (keeps_tail)
     n_bin = len(index)
     windows = list(problem.windows_s) if problem.has_windows else []
     for w in range(len(windows)):
@@ -306,6 +309,9 @@ def optimal(problem: StageProblem, time_limit_s: float = 60.0) -> StageChoice:
         hi.append(upper)
 
     for b in range(n):
+        w = var("w", b)  # w = 1 exactly when every unit of block b is dropped on demand
+        row({w: 1, **{var("x", b, DEMAND, k): -1 / K for k in range(K)}}, -math.inf, 0)
+        row({w: 1, **{var("x", b, DEMAND, k): -1 for k in range(K)}}, 1 - K, math.inf)
         for k in range(K):
             row({var("x", b, p, k): 1 for p in places}, 0, 1)
             if k + 1 < K:  # adjacent dropped units share a place
@@ -313,12 +319,20 @@ def optimal(problem: StageProblem, time_limit_s: float = 60.0) -> StageChoice:
                     row({var("x", b, p, k): 1, var("x", b, q, k + 1): 1}, 0, 1)
         for p in places:
             for j in range(J):
-                around = {var("x", b, p, k): -1 for k in (j - 1, j) if 0 <= k < K}
-                row({var("i", b, p, j): 1, **around}, -math.inf, 0)  # freed only inside a region
+                # Freed only inside a region; a region ending at a row-parallel step keeps that
+                # step's own tensors (its dropout mask) outside it, unless it is the whole block
+                # on demand (keeps_tail).
+                tail = j in ROW_STEPS
+                around = {var("x", b, p, k): -1 for k in ((j,) if tail else (j - 1, j)) if 0 <= k < K}
+                if tail and p == DEMAND and j == J - 1:
+                    around[var("w", b)] = -1
+                row({var("i", b, p, j): 1, **around}, -math.inf, 0)
                 if j < K:
                     row({var("r", b, p, j): 1, var("x", b, p, j): -1}, 0, math.inf)
-                if j > 0 and internal[j]:
+                if j > 0 and internal[j] and not tail:  # the last step reruns to give back its internals
                     row({var("r", b, p, j): 1, var("x", b, p, j - 1): -1}, 0, math.inf)
+                elif tail and internal[j] and p == DEMAND and j == J - 1:
+                    row({var("r", b, p, j): 1, var("w", b): -1}, 0, math.inf)
                 if 0 < j < K:  # s >= x_j - (x_{j-1} at any place)
                     row({var("s", b, p, j): 1, var("x", b, p, j): -1, **{var("x", b, q, j - 1): 1 for q in places}},
                         0, math.inf)

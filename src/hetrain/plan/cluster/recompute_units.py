@@ -5,8 +5,8 @@ attention kernel), proj (output projection, residual dropout and the residual ad
 act (GELU or SwiGLU), down (down projection and residual dropout; the last residual add saves
 nothing). Unit k is the output of step k, which step k+1 saves for backward; the down step's
 output is saved by nobody, so there are seven units. A step may also save tensors of its own
-making ("internal" bytes: normalisation statistics, attention's log-sum-exp or, with dropout on
-CPU, its quadratic probabilities and mask, dropout masks, SwiGLU's gated half). The block input
+making ("internal" bytes: normalisation statistics, attention's log-sum-exp or, with attention dropout
+on CPU, its quadratic probabilities and mask, dropout masks, SwiGLU's gated half). The block input
 (the residual stream) is never dropped: recomputation starts from it. With fused attention the
 quadratic attention tensors are never stored at all.
 
@@ -42,7 +42,8 @@ from dataclasses import dataclass
 
 from hetrain.model.describe import block_act_bytes
 from hetrain.model.gpt import ModelConfig
-from hetrain.plan.cluster.recompute_plan import COLLECTIVE, DEMAND, STEPS, UNITS, WINDOW, BlockPolicy
+from hetrain.plan.cluster.recompute_plan import (COLLECTIVE, DEMAND, ROW_STEPS, STEPS, UNITS, WINDOW, BlockPolicy,
+                                                 keeps_tail)
 
 _PROJ = STEPS.index("proj")
 
@@ -110,21 +111,21 @@ def block_units(cfg: ModelConfig, micro_batch: int, seq_len: int, dtype_bytes: i
             out[step] += nbytes
         else:
             internal[step] += nbytes
-    if cfg.dropout == 0 and cfg.pos == "learned":
+    if cfg.attn_dropout == 0 and cfg.pos == "learned":
         # The attention output is a view of the kernel's own saved output: one storage, freed
         # only when both attn and proj drop it, i.e. when the attn unit is dropped.
         out["attn"] += saved["attn.out"]
     elif "attn.out" in saved:  # rope: the kernel's output is internal, proj saves its copy
         internal["attn"] += saved["attn.out"]
         out["attn"] += saved["attn.proj_in"]
-    else:  # dropout (math kernel): proj saves the output's copy
+    else:  # attention dropout (math kernel): proj saves the output's copy
         out["attn"] += saved["attn.proj_in"]
     BT, C, F, b = micro_batch * seq_len, cfg.d_model, cfg.d_ff, dtype_bytes
     kv = cfg.n_kv_head * cfg.head_dim
     up_w = F * (2 if cfg.mlp == "swiglu" else 1)
     act = BT * C * b
-    attn_flops = 2.0 * BT * seq_len * C * (2 if cfg.dropout > 0 else 1)  # the math kernel skips no masked half
-    attn_bytes = BT * (C + 2 * kv) * b + act + (3 * internal["attn"] if cfg.dropout > 0 else 0)
+    attn_flops = 2.0 * BT * seq_len * C * (2 if cfg.attn_dropout > 0 else 1)  # the math kernel skips no masked half
+    attn_bytes = BT * (C + 2 * kv) * b + act + (3 * internal["attn"] if cfg.attn_dropout > 0 else 0)
     norm_flops = 8.0 * BT * C
     flops = {"norm1": norm_flops, "qkv": 2.0 * BT * C * (C + 2 * kv), "attn": attn_flops, "proj": 2.0 * BT * C * C,
              "norm2": norm_flops, "up": 2.0 * BT * C * up_w, "act": 10.0 * BT * F, "down": 2.0 * BT * F * C}
@@ -182,10 +183,11 @@ def policy_cost(policy: BlockPolicy, units: BlockUnits, times_s: list[float]) ->
     own_s, own_freed = 0.0, 0
     steps = units.steps
     for a, b, place in policy.regions():  # steps a..b in one region, units a..b-1 dropped
-        f = sum(steps[k].out_bytes for k in range(a, b)) + sum(steps[k].int_bytes for k in range(a, b + 1))
+        last_int = 0 if keeps_tail(a, b, place) else steps[b].int_bytes
+        f = sum(steps[k].out_bytes for k in range(a, b)) + sum(steps[k].int_bytes for k in range(a, b)) + last_int
         f -= region_input_extra(steps, a)
         c = sum(times_s[k] for k in range(a, b))
-        if steps[b].int_bytes:  # the last step reruns to give back its internals
+        if last_int:  # the last step reruns to give back its internals
             c += times_s[b]
         freed[place] += f
         cost[place] += c
@@ -195,12 +197,12 @@ def policy_cost(policy: BlockPolicy, units: BlockUnits, times_s: list[float]) ->
                       freed[COLLECTIVE], own_s, own_freed)
 
 
-def reruns_row_parallel(units: BlockUnits, first: int, last: int) -> bool:
-    """Whether the region over steps first..last reruns proj or down (a row-parallel projection,
-    with its all-reduce under tensor parallelism): it drops proj's output, or ends at one of them
-    when that step saves tensors of its own (a dropout mask)."""
-    row = {STEPS.index("proj"), STEPS.index("down")}
-    return any(k in row for k in range(first, last)) or (last in row and units.steps[last].int_bytes > 0)
+def reruns_row_parallel(first: int, last: int) -> bool:
+    """Whether the region over steps first..last (at a place other than a whole block on demand)
+    reruns proj or down (a row-parallel projection, with its all-reduce under tensor
+    parallelism): only when it drops proj's output, since a region ending at one of them keeps
+    its tail outside (keeps_tail)."""
+    return any(k in ROW_STEPS for k in range(first, last))
 
 
 def region_input_extra(steps: tuple[Step, ...], first: int) -> int:
