@@ -85,7 +85,7 @@ def textbook_training(model, batches, optim, lr_at, accum: int, clip: float = 1.
 
 
 def assert_params_match(got: dict, want: dict, rtol: float = 1e-6, atol: float = 1e-7,
-                        outlier_atol: float = 1e-4) -> None:
+                        outlier_atol: float = 1e-4, small_gradient: tuple[str, ...] = ()) -> None:
     """Parameters of a run that added the same gradients in another order (replicas, TP shards)
     against the reference: every element within rtol / atol, except at most 1 in 200 of each
     tensor (and at least 1) that may reach outlier_atol (lr / 30 at the tests' peak lr of 3e-3,
@@ -97,12 +97,20 @@ def assert_params_match(got: dict, want: dict, rtol: float = 1e-6, atol: float =
     different update of that one element. How many depends on the CPU's kernels: TP 2 runs of
     the tests' 267k-parameter model left 11 such elements on an AMD EPYC and 54-59 on an Intel
     Xeon, up to 41 of them in one 16,384-element matrix (0.25%). Counting per tensor keeps a
-    whole small tensor (a bias, a norm's weight) from going wrong unseen."""
+    whole small tensor (a bias, a norm's weight) from going wrong unseen.
+
+    `small_gradient`: name endings of small tensors whose whole gradient is tiny beside the others,
+    so that any of their elements may be such a one; they are held to outlier_atol only. Qwen2's
+    key bias moves the scores only through the rotary rotation (without it, q.b would be the same
+    for every key of a query, which the softmax ignores): its gradient is about a thousandth of the
+    value bias's, and a TP 2 run on an AMD EPYC left 3 of its 32 elements past the tight bound."""
     import torch
 
     assert sorted(got) == sorted(want)
     for key, ref in want.items():
         torch.testing.assert_close(got[key], ref, rtol=rtol, atol=outlier_atol, msg=lambda m: f"{key}: {m}")
+        if small_gradient and key.endswith(small_gradient):
+            continue
         off = int(((got[key] - ref).abs() > atol + rtol * ref.abs()).sum())
         assert off <= max(1, ref.numel() // 200), f"{key}: {off} of {ref.numel()} elements differ by more than " \
                                                     f"{atol} + {rtol} x |reference|"

@@ -111,9 +111,12 @@ def test_bf16_trains_the_one_process_bf16_model(tmp_path, corpus, reference, lay
     bf16 residual stream). Measured over 10 steps (2026-12-05): PP within 7e-5 relative for every
     loss, parameters within 0.03% of their norm; TP within 2e-3 over the first 6 steps, then 1.1%
     at step 7, where the one-process bf16 run's loss jumps 1.3% above fp32 training's and the TP
-    run's stays within 0.2% of it; parameters within 0.7% of their norm. Held at: PP 5e-4 for
-    every loss; TP 3e-3 for the first 6 and 2e-2 for all; 1% of the norm for the parameters; and
-    the run must differ from fp32 training (bf16 really ran)."""
+    run's stays within 0.2% of it; parameters within 0.7% of their norm. On an AMD EPYC
+    (2026-12-06; other bf16 kernels) PP within 3.1e-4 over the first 6 steps and 5.8e-4 over all
+    (bf16 itself moved the losses up to 6.6e-3 from fp32's there), TP within 2.4e-3 and 7.9e-3.
+    Held at: PP 5e-4 for the first 6 and 2e-3 for all; TP 3e-3 for the first 6 and 2e-2 for all;
+    1% of the norm for the parameters; and the run must differ from fp32 training (bf16 really
+    ran)."""
     bf16 = {"train.dtype": "bf16"}
     Trainer(one_process_config(tmp_path / "one", corpus, **bf16)).fit()
     pipe = pipeline(["cpu-a"], [3, 2], recompute=[1, 0]) if layout == "pp2" else pipeline(["cpu-a"], [N_LAYER], tp=2)
@@ -125,7 +128,7 @@ def test_bf16_trains_the_one_process_bf16_model(tmp_path, corpus, reference, lay
     assert sorted(got) == sorted(want) == list(range(1, STEPS + 1))
     early = [s for s in want if s <= 6]
     assert [got[s] for s in early] == pytest.approx([want[s] for s in early], rel=5e-4 if layout == "pp2" else 3e-3)
-    assert [got[s] for s in want] == pytest.approx([want[s] for s in want], rel=5e-4 if layout == "pp2" else 2e-2)
+    assert [got[s] for s in want] == pytest.approx([want[s] for s in want], rel=2e-3 if layout == "pp2" else 2e-2)
     assert max(abs(got[s] - fp32[s]) / fp32[s] for s in got) > 1e-4  # bf16 really ran
     a, b = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "run" / "model.safetensors")
     assert sorted(a) == sorted(b)

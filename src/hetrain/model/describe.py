@@ -24,6 +24,7 @@ from hetrain.model.gpt import ModelConfig
 
 INDEX_BYTES = 8  # token ids and position ids are int64
 FP32_BYTES = 4
+BOOL_BYTES = 1  # a residual dropout's mask (gpt.ResidualDropout)
 
 
 @dataclass(frozen=True)
@@ -166,7 +167,7 @@ def block_act_bytes(cfg: ModelConfig, micro_batch: int, seq_len: int, b: int) ->
             # is a copy that the output projection saves.
             saved["attn.proj_in"] = BT * C * b
     if cfg.dropout > 0:
-        saved["attn.resid_mask"] = BT * C * b           # dropout scales by a saved mask tensor
+        saved["attn.resid_mask"] = BT * C * BOOL_BYTES  # the dropout's one-byte mask
     saved.update(_norm_saved(cfg, "norm2", BT, b))
     saved["mlp.up_in"] = BT * C * b
     if cfg.mlp == "swiglu":
@@ -176,7 +177,7 @@ def block_act_bytes(cfg: ModelConfig, micro_batch: int, seq_len: int, b: int) ->
         saved["mlp.up_out"] = BT * F * b                # GELU input
     saved["mlp.down_in"] = BT * F * b
     if cfg.dropout > 0:
-        saved["mlp.resid_mask"] = BT * C * b
+        saved["mlp.resid_mask"] = BT * C * BOOL_BYTES
     return saved
 
 

@@ -117,6 +117,24 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
+class ResidualDropout(nn.Module):
+    """Dropout on a residual branch that saves a one-byte mask for its backward on every device:
+    torch.native_dropout, which F.dropout runs on CUDA; on CPU F.dropout would save the scaled
+    mask in the activations' dtype. Nothing is drawn outside training or at p = 0."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        return torch.native_dropout(x, self.p, True)[0]
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -125,7 +143,7 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(cfg.d_model, cfg.d_model + 2 * kv_dim, bias=cfg.bias)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
         self.dropout = cfg.attn_dropout
-        self.resid_drop = nn.Dropout(cfg.dropout)
+        self.resid_drop = ResidualDropout(cfg.dropout)
 
     def attend(self, qkv: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
         """Causal attention of the fused projections (B, T, C + 2 kv) -> (B, T, nh * hs)."""
@@ -156,7 +174,7 @@ class MLP(nn.Module):
         # SwiGLU fuses gate and up projections into one matmul of width 2*d_ff.
         self.up = nn.Linear(cfg.d_model, (2 if self.swiglu else 1) * cfg.d_ff, bias=cfg.bias)
         self.down = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
-        self.resid_drop = nn.Dropout(cfg.dropout)
+        self.resid_drop = ResidualDropout(cfg.dropout)
 
     def activate(self, h: torch.Tensor) -> torch.Tensor:
         """(B, T, d_ff or 2 d_ff) -> (B, T, d_ff)."""

@@ -132,8 +132,8 @@ def block_units(cfg: ModelConfig, micro_batch: int, seq_len: int, dtype_bytes: i
     touched = {"norm1": 2 * act, "qkv": act + C * (C + 2 * kv) * b + BT * (C + 2 * kv) * b, "attn": attn_bytes,
                "proj": 3 * act + C * C * b, "norm2": 2 * act, "up": act + (C + BT) * up_w * b,
                "act": BT * (up_w + F) * b, "down": BT * F * b + F * C * b + act}
-    for step in ("proj", "down"):  # dropout draws and applies a mask of the output's size
-        touched[step] += (2 * act if cfg.dropout > 0 else 0)
+    for step in ("proj", "down"):  # dropout reads and writes the output and writes a one-byte mask
+        touched[step] += (2 * act + BT * C if cfg.dropout > 0 else 0)
     inputs = [root] + [out[s] for s in STEPS[:-1]]
     inputs[STEPS.index("attn")] = BT * (C + 2 * kv) * b  # the fused qkv storage
     steps = tuple(Step(s, out[s], internal[s], flops[s], float(touched[s]), inputs[k]) for k, s in enumerate(STEPS))
