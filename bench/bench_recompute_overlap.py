@@ -25,8 +25,9 @@ cores. Then, at that limit:
   (b') (b)'s plan run with run.recompute_full_rerun: each recomputed block reruns its whole
       forward, all-reduces included, as Megatron-LM's full recomputation and other reentrant
       checkpoints do (the baseline Lynx measured against); (b) stops once the last saved tensor
-      is back (torch's early stop: without the down projection and its all-reduce); (b') has no
-      prediction of its own (its plan prices (b)),
+      is back (torch's early stop: without the down projection and its all-reduce, unless
+      --dropout saves a mask after them, when (b) reruns the whole forward as (b') does); (b')
+      has no prediction of its own (its plan prices (b)),
   (c) hetrain's overlapped policy: `hetrain plan --plan.recompute heu` (units per stage,
       recomputed in the waits where they fit, stages balanced for it),
 each trained under torchrun for --steps steps; measured is the median step after the first two.
@@ -38,6 +39,8 @@ on-demand recomputation costs in (b) and (b'); (c) against (b). The last line re
 
     .venv/bin/python bench/bench_recompute_overlap.py [--processes 4] [--steps 8] [--json out.json]
     .venv/bin/python bench/bench_recompute_overlap.py --processes 2 --tp 2 --d-model 512 --seq-len 512
+    .venv/bin/python bench/bench_recompute_overlap.py --processes 2 --tp 2 --d-model 512 --seq-len 512 \
+        --global-batch 4 --tp-share 0.7 --memory 0.25 --steps 10 --dropout 0.1   # docs/recompute.md
 """
 
 from __future__ import annotations
