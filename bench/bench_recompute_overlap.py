@@ -142,15 +142,16 @@ def block_forward_s(args) -> float:
     w_up, w_down = torch.randn(4 * d // tp, d), torch.randn(d, 4 * d // tp)
     fn = torch.nn.functional
 
-    p = args.dropout
+    def drop(t: torch.Tensor) -> torch.Tensor:  # as gpt.ResidualDropout runs it
+        return torch.native_dropout(t, args.dropout, True)[0] if args.dropout else t
 
     def forward():
         h = fn.layer_norm(x, (d,))
         q, k, v = fn.linear(h, w_qkv).view(mb, s, 3, heads, 64).permute(2, 0, 3, 1, 4)
         a = fn.scaled_dot_product_attention(q, k, v, is_causal=True)
-        h = x + fn.dropout(fn.linear(a.transpose(1, 2).reshape(mb, s, heads * 64), w_proj), p)
+        h = x + drop(fn.linear(a.transpose(1, 2).reshape(mb, s, heads * 64), w_proj))
         up = fn.gelu(fn.linear(fn.layer_norm(h, (d,)), w_up), approximate="tanh")
-        return h + fn.dropout(fn.linear(up, w_down), p)
+        return h + drop(fn.linear(up, w_down))
 
     best = float("inf")
     with torch.no_grad():

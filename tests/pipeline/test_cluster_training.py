@@ -157,9 +157,9 @@ def test_tensor_parallel_and_an_uneven_pipeline_train_the_one_process_model(tmp_
 
 
 def test_tensor_parallel_with_residual_dropout_trains_the_one_process_model(tmp_path, corpus, reference):
-    """Dropout on the residual branches only (--model.dropout_attention false) under TP 2: both
-    ranks seed alike and draw, for the replicated activations after each all-reduce, the masks one
-    process draws. Dropout on the attention probabilities is refused before any group exists,
+    """Dropout on the residual branches only (--model.dropout_attention false) under TP 2 in one
+    stage and one replica: both ranks seed alike and draw, for the replicated activations after
+    each all-reduce, the masks one process draws. Dropout on the attention probabilities is refused before any group exists,
     naming that fix: a rank holds only its heads' probabilities."""
     drop = {"model.dropout": 0.1, "model.dropout_attention": "false"}
     Trainer(one_process_config(tmp_path / "one", corpus, **drop)).fit()

@@ -26,7 +26,7 @@ FAMILIES = {
     "qkv alone (attn reruns)": BlockPolicy.of(demand=["qkv"]),
     "attention and residual": BlockPolicy.of(window=["attn", "proj"]),
     "mlp on demand, attention in window": BlockPolicy.of(window=["norm1", "qkv", "attn"], demand=["norm2", "up", "act"]),
-    "activation alone (down's dropout outside the region)": BlockPolicy.of(window=["act"]),
+    "activation alone": BlockPolicy.of(window=["act"]),
 }
 
 

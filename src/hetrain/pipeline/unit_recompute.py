@@ -301,8 +301,9 @@ def _unit_forward(block: nn.Module, regions: dict[int, tuple[int, str]], ledger:
         # Only DEMAND regions may rerun their whole forward: every TP rank recomputes them at
         # the same point of its backward, so the row-parallel all-reduces they rerun line up.
         # WINDOW and COLLECTIVE regions run when a wait or an all-reduce lets them, which
-        # differs between ranks; the planner allows them only because early stop keeps them
-        # clear of proj's and down's all-reduces (recompute_units.reruns_row_parallel).
+        # differs between ranks; the planner allows them only where they do not drop proj's
+        # output: their tail outside (keeps_tail) and early stop then keep them clear of proj's
+        # and down's all-reduces (recompute_units.reruns_row_parallel).
         out = checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=True, context_fn=contexts,
                          early_stop=not (ledger.full_rerun and place == DEMAND))
         h, x2 = out if k <= _PROJ < last else (out, x2)

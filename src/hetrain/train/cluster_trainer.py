@@ -91,7 +91,8 @@ class ClusterTrainer:
             why = check_tp(cfg.model, place.tp)
         if why is None and place.tp > 1 and not cfg.hf.path and cfg.model.attn_dropout > 0:
             # Residual dropout is fine: every TP rank seeds alike and draws the same masks for the
-            # replicated activations (after the all-reduces); attention dropout is not.
+            # replicated activations (after the all-reduces), those of one process when the run
+            # has one stage and one replica; attention dropout is not.
             why = (f"model.dropout={cfg.model.dropout} on the attention probabilities with tensor parallelism: each "
                    f"rank would draw its own masks for its heads, so the run would not train the one-process "
                    f"model (--model.dropout_attention false keeps dropout on the residual branches only)")

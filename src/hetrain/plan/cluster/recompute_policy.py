@@ -46,6 +46,7 @@ from hetrain.plan.cluster.recompute_units import (BlockUnits, policy_cost, regio
                                                   stage_cost)
 
 _PROJ = STEPS.index("proj")
+MIB = 2.0 ** 20
 
 
 @dataclass(frozen=True)
@@ -170,7 +171,7 @@ def heuristic(problem: StageProblem) -> StageChoice:
         return StageChoice([BlockPolicy.keep()] * n, 0.0, 0.0, 0, 0, 0.0, True, time.perf_counter() - t0)
     ws, prefix = _windows(problem)
     steps, cw = list(problem.step_s), problem.collective_window_s
-    options, sets = [(0, 0.0, 0)], {0: _UnitSet(0, 0.0, 0.0, 0.0, 0, BlockPolicy.keep(), False)}
+    options, sets = [(0, 0.0, 0)], {0: _UnitSet(0, 0.0, 0.0, 0.0, 0, BlockPolicy.keep(), False, 0)}
     for mask in range(1, 2 ** len(UNITS)):
         u = _unit_set(mask, problem.units, steps, cw, problem.tp)
         sets[mask] = u
@@ -193,10 +194,15 @@ def heuristic(problem: StageProblem) -> StageChoice:
             ahead = backward = 0.0
             plan = []
             for (f, sec, mask), count in groups:
-                ok = problem.has_windows and f > 0 and sec > 0 and sets[mask].ahead_ok
-                j = min(count, int(room // f)) if ok else 0
-                room -= j * f
-                ahead += j * sets[mask].raw_s
+                u = sets[mask]
+                # A block recomputed ahead holds what it restores until its backward, and frees
+                # f - u.ahead_freed less in every micro-batch in flight (a whole block ahead
+                # keeps its last dropout mask, keeps_tail).
+                per_block = u.ahead_freed + inflight * (f - u.ahead_freed)
+                ok = problem.has_windows and f > 0 and sec > 0 and u.ahead_ok and per_block > 0
+                j = min(count, int(room // per_block)) if ok else 0
+                room -= j * per_block
+                ahead += j * u.ahead_s
                 backward += (count - j) * sec
                 plan.append((mask, count, j))
             last = [mask for mask, count, j in plan if count > j]
@@ -223,8 +229,9 @@ class _UnitSet:
     """One unit set of HEU's, per block and micro-batch."""
 
     freed: int
-    raw_s: float
-    """Its recomputation, all of it (what it puts in a window ahead of the backward)."""
+    """Bytes it frees per micro-batch, recomputed in the backward."""
+    ahead_s: float
+    """Its recomputation ahead of the backward, all of it (what it puts in a window)."""
     backward_s: float
     """What it adds to the backward of a block with a block after it."""
     last_extra_s: float
@@ -234,6 +241,9 @@ class _UnitSet:
     in_backward: BlockPolicy
     ahead_ok: bool
     """May be recomputed ahead of the backward (nothing in it reruns a TP all-reduce)."""
+    ahead_freed: int
+    """Bytes it frees recomputed ahead: `freed`, less a whole block's last dropout mask, which a
+    whole block in a window keeps (keeps_tail) and one on demand frees."""
     own_held: int = 0
     """Its attention side's collective bytes (restored early, held with the previous block's)."""
 
@@ -243,8 +253,9 @@ def _unit_set(mask: int, units: BlockUnits, steps: list[float], collective_windo
     c = policy_cost(demand, units, steps)
     regions = demand.regions()
     ahead_ok = tp == 1 or not any(reruns_row_parallel(a, b) for a, b, _ in regions)
+    ahead = policy_cost(BlockPolicy(_places(mask, WINDOW)), units, steps)
     if collective_window_s <= 0:
-        return _UnitSet(c.freed_bytes, c.demand_s, c.demand_s, 0.0, 0, demand, ahead_ok)
+        return _UnitSet(c.freed_bytes, ahead.window_s, c.demand_s, 0.0, 0, demand, ahead_ok, ahead.freed_bytes)
     places = list(demand.places)
     for a, b, _ in regions:
         if not reruns_row_parallel(a, b):
@@ -253,8 +264,8 @@ def _unit_set(mask: int, units: BlockUnits, steps: list[float], collective_windo
     pc = policy_cost(policy, units, steps)
     hidden = min(pc.collective_s, collective_window_s)
     last_hidden = min(pc.own_s, collective_window_s / 2)  # the last block: its attention side, in its own MLP's
-    return _UnitSet(pc.freed_bytes, c.demand_s, pc.demand_s + pc.collective_s - hidden, hidden - last_hidden,
-                    pc.collective_freed_bytes, policy, ahead_ok, pc.own_freed_bytes)
+    return _UnitSet(pc.freed_bytes, ahead.window_s, pc.demand_s + pc.collective_s - hidden, hidden - last_hidden,
+                    pc.collective_freed_bytes, policy, ahead_ok, ahead.freed_bytes, pc.own_freed_bytes)
 
 
 def _places(mask: int, place: str) -> tuple[str | None, ...]:
@@ -269,8 +280,14 @@ def optimal(problem: StageProblem, time_limit_s: float = 60.0) -> StageChoice:
     n, m, inflight = problem.n_blocks, problem.n_microbatches, problem.inflight
     steps, t = problem.units.steps, problem.step_s
     K, J = len(UNITS), len(STEPS)
-    out = [s.out_bytes for s in steps]
-    internal = [s.int_bytes for s in steps]
+    # Bytes in MiB: coefficients of 1e8 beside binaries and seconds made HiGHS stop at a
+    # solution it called optimal that a feasible one beat by 3x (a TP 2 case with attention dropout).
+    out = [s.out_bytes / MIB for s in steps]
+    internal = [s.int_bytes / MIB for s in steps]
+
+    def extra(j: int) -> float:
+        return region_input_extra(steps, j) / MIB
+
     cw = problem.collective_window_s
     places = ((WINDOW,) if problem.has_windows else ()) + (DEMAND,) + ((COLLECTIVE,) if cw > 0 else ())
     index: dict[tuple, int] = {}
@@ -296,7 +313,7 @@ def optimal(problem: StageProblem, time_limit_s: float = 60.0) -> StageChoice:
     if cw > 0:
         for b in range(n):
             var("c", b)  # collective seconds of block b outside its window
-        var("h")  # bytes of the largest block's collective regions (restored one block early)
+        var("h")  # MiB of the largest block's collective regions (restored one block early)
     nv = len(index)
     rows, lo, hi = [], [], []
 
@@ -354,7 +371,7 @@ def optimal(problem: StageProblem, time_limit_s: float = 60.0) -> StageChoice:
             """Bytes of block b's collective regions over units ks and steps js."""
             got = {var("x", b, COLLECTIVE, k): out[k] for k in ks}
             got |= {var("i", b, COLLECTIVE, j): internal[j] for j in js}
-            got |= {var("s", b, COLLECTIVE, j): -region_input_extra(steps, j) for j in js if j > 0}
+            got |= {var("s", b, COLLECTIVE, j): -extra(j) for j in js if j > 0}
             return got
 
         for b in range(n):  # h >= block b's attention side + all of block b - 1's, restored at once
@@ -371,11 +388,10 @@ def optimal(problem: StageProblem, time_limit_s: float = 60.0) -> StageChoice:
                     (out[k] if p == WINDOW else 0)
             for j in range(J):
                 mem[var("i", b, p, j)] = -inflight * internal[j] + (internal[j] if p == WINDOW else 0)
-                mem[var("s", b, p, j)] = inflight * region_input_extra(steps, j) - \
-                    (region_input_extra(steps, j) if p == WINDOW else 0)
+                mem[var("s", b, p, j)] = inflight * extra(j) - (extra(j) if p == WINDOW else 0)
     if cw > 0:
         mem[var("h")] = 1
-    row(mem, -math.inf, problem.act_budget_bytes - inflight * n * problem.units.total_bytes)
+    row(mem, -math.inf, (problem.act_budget_bytes - inflight * n * problem.units.total_bytes) / MIB)
     c = np.zeros(nv)
     eps = 1e-3
     for b in range(n):

@@ -19,7 +19,11 @@ runs it). What that frees and costs, exactly as torch's non-reentrant checkpoint
   CPU the fused qkv tensor is saved by nobody, so a region starting at attn keeps it);
 - recomputation reruns step k when unit k is dropped, and also the region's last step when that
   step saves internals (they are saved after it computes); a last step that saves only its input
-  is skipped (torch stops the recomputation once the last saved tensor is back).
+  is skipped (torch stops the recomputation once the last saved tensor is back);
+- except that a region ending at proj or down ends after the projection: that step's dropout
+  and residual add run outside it, so its internals (the dropout mask) are kept and it is not
+  rerun for them (recompute_plan.keeps_tail); a whole block recomputed on demand, torch's
+  checkpoint of the block, frees them and reruns down for its mask.
 All units of one region are recomputed together, so a run of dropped units has one place:
 inside a wait ("window"), inside the next block's tensor-parallel all-reduces in the backward
 ("collective") or at the block's backward ("demand"). Collective regions of a stage's blocks
