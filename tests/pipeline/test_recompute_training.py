@@ -82,3 +82,28 @@ def test_every_recompute_policy_trains_bitwise_the_model_without_recomputation(t
     chunks, out = train(tmp_path, corpus, "interleaved", pipe)
     assert_bitwise(chunks, ref_chunks)
     assert "schedule interleaved 1F1B" in out  # (its random numbers come in another order than 1F1B's)
+
+
+def test_a_resume_with_dropout_draws_the_masks_of_the_run_it_resumes(tmp_path, corpus):
+    """Every rank saves its random state under its place and layout: resuming step 3 under the same
+    plan gives bitwise the losses and parameters of the uninterrupted run; under another layout
+    the run says its masks differ (each rank re-seeds)."""
+    plan = write_plan(tmp_path / "plan.json", one_group_cluster(2), [pipeline(["cpu-a"], [3, 2], recompute=[1, 0])],
+                      dropout=0.1)
+    full = tmp_path / "full"
+    done = torchrun(2, ["--plan.file", str(plan)] + args(full, corpus) + ["--train.ckpt_every", "3"], tmp_path)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    step3 = full / "checkpoints" / "step_00000003"
+    again = tmp_path / "again"
+    done = torchrun(2, ["--plan.file", str(plan)] + args(again, corpus) + ["--run.resume", str(step3)], tmp_path)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    assert "random state restored" in done.stdout
+    want = losses(full)
+    assert losses(again) == {s: want[s] for s in (4, 5, 6)}
+    a, b = load_file(full / "model.safetensors"), load_file(again / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    other = write_plan(tmp_path / "other.json", one_group_cluster(2), [pipeline(["cpu-a"], [2, 3])], dropout=0.1)
+    done = torchrun(2, ["--plan.file", str(other)] + args(tmp_path / "other", corpus) + ["--run.resume", str(step3)],
+                    tmp_path)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    assert "random state re-seeded" in done.stdout

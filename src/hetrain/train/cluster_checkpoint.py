@@ -5,7 +5,9 @@ qualified names, as whole tensors in the model's own row order (TP shards gather
 back in order): exactly the keys a one-process run writes (`model.<fqn>`,
 `optim.state.<fqn>.{step,exp_avg,exp_avg_sq}`, `optim.param_groups`, `rng`;
 hetrain.train.checkpoint). So any layout resumes any other: another PP/TP/DP split, another
-plan, or one process with `hetrain train --run.resume`. Ranks holding the same tensor (replicas,
+plan, or one process with `hetrain train --run.resume`. Each rank also writes its random state
+under `rng_by_place.<its place and layout>` (`rng_key`); a resume under the same layout restores
+it, so dropout draws the masks the uninterrupted run would have drawn. Ranks holding the same tensor (replicas,
 TP ranks, the two copies of a tied matrix) write it once: DCP keeps one writer per key.
 Directories follow hetrain.train.checkpoint: written under a temporary name by all ranks
 together, meta.json last, then renamed by rank 0, so a failed save never looks complete.
@@ -54,11 +56,47 @@ def training_state(named: list[tuple[str, torch.nn.Parameter]], optimizer: torch
             optim_state[key] = {"step": state["step"].detach().cpu(),
                                 "exp_avg": full_canonical(name, state["exp_avg"], cfg, tp),
                                 "exp_avg_sq": full_canonical(name, state["exp_avg_sq"], cfg, tp)}
-    out = {"model": model, "optim": {"state": optim_state}}
+    out = {"model": model, "optim": {"state": optim_state}, "rng_by_place": {rng_key(comm.place): _rng_state()}}
     if comm.place.rank == 0:
         out["optim"]["param_groups"] = _param_groups(optimizer, names)
         out["rng"] = {"cpu": torch.get_rng_state()}
     return out
+
+
+def _rng_state() -> dict[str, torch.Tensor]:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def rng_key(place) -> str:
+    """The key of a rank's random state in a checkpoint: its place and what it runs (blocks,
+    micro-batches, samples), so that only a rank of the same layout finds it on resume. Under
+    another layout a rank draws other masks than the run it resumes would have anyway."""
+    blocks = "_".join(f"b{c.first_block}-{c.first_block + c.n_blocks - 1}{'e' if c.embedding else ''}"
+                      f"{'h' if c.head else ''}" for c in place.chunks)
+    return (f"P{place.pipeline}R{place.replica}S{place.stage}T{place.tp_rank}of{place.tp}_{blocks}_"
+            f"mb{place.micro_batch}x{place.n_microbatches}_at{place.sample_start}")
+
+
+def load_rng(path: Path, place) -> bool:
+    """Restore this rank's random state (dropout masks) from the checkpoint when it holds one for
+    a rank of this same place and layout; False, and nothing changed, when it does not."""
+    key = rng_key(place)
+    saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    if f"rng_by_place.{key}.cpu" not in saved:
+        return False
+    state = {"cpu": torch.empty_like(torch.get_rng_state())}
+    has_cuda = f"rng_by_place.{key}.cuda" in saved and torch.cuda.is_available()
+    if has_cuda:
+        state["cuda"] = torch.empty_like(torch.cuda.get_rng_state())
+    with ckpt._quiet_single_process():
+        dcp.load({"rng_by_place": {key: state}}, checkpoint_id=str(path), no_dist=True)
+    torch.set_rng_state(state["cpu"])
+    if has_cuda:
+        torch.cuda.set_rng_state(state["cuda"])
+    return True
 
 
 def save(run_dir: Path, state: dict, meta: ckpt.CheckpointMeta, comm: Communicator, keep: int) -> Path:

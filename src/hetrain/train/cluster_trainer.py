@@ -149,10 +149,12 @@ class ClusterTrainer:
             if self.sync.overlapped is not None:
                 self.run.overlap.on_last_backward = self.sync.overlapped.arm
         self.step = 0
+        self.rng_restored = False
         if self.resume_path is not None:
             pckpt.load(self.resume_path, self.named, self.optimizer, self.names, cfg.model, place.tp)
             self.data.train.load_state_dict(meta.data_state)
             self.step = meta.step
+            self.rng_restored = pckpt.load_rng(self.resume_path, place)
         self.start_step = self.step
         self.predicted_step_s = float(plan.prediction.get("step_s") or 0.0)
         self.peak_flops = _cluster_peak_flops(cfg, plan, layout)
@@ -331,6 +333,11 @@ class ClusterTrainer:
             print(f"hetrain: predicted step {1000 * self.predicted_step_s:.1f} ms (from the plan)", flush=True)
         if self.step:
             print(f"hetrain: resumed from {self.resume_path} at step {self.step}", flush=True)
+            if self.cfg.model.dropout > 0:
+                print("hetrain: dropout: random state " + (
+                    "restored (same layout): the masks of the run resumed" if self.rng_restored else
+                    "re-seeded from run.seed: the checkpoint's layout differs, so the masks differ from the run resumed"),
+                      flush=True)
 
     def _save(self, data_state: dict) -> Path:
         meta = ckpt.CheckpointMeta(step=self.step, data_state=data_state, config=to_dict(self.cfg),
