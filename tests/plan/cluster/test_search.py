@@ -10,7 +10,8 @@ from hetrain.model.describe import describe_model
 from hetrain.model.gpt import ModelConfig
 from hetrain.plan.cluster.cost import CostContext, PredictorOptions
 from hetrain.plan.cluster.predict import PipelineShape, build_stages, pipeline_step_s
-from hetrain.plan.cluster.search import divisors, pipeline_layouts, pipeline_shapes, search
+from hetrain.plan.cluster.planner import plan_cluster
+from hetrain.plan.cluster.search import SearchOptions, divisors, pipeline_layouts, pipeline_shapes, search
 
 
 # Exhaustive enumeration of the planner's space: the oracle of the search tests.
@@ -105,6 +106,17 @@ def _search_case(name):
     cfg, cluster, global_batch, seq_len = CASES[name]
     ctx = CostContext(describe_model(cfg, 1, seq_len), cluster, OPTIONS)
     return ctx, global_batch, search(ctx, global_batch)[0]
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_no_plan_beats_the_pooled_memory_bound(name):
+    """The upper bound (each kind alone with the cluster's memory pooled over its devices) is at
+    least the throughput of the plan, which the test below holds equal to the exhaustive optimum;
+    every kind fits the model alone with that memory."""
+    cfg, cluster, global_batch, seq_len = CASES[name]
+    plan = plan_cluster(cfg, cluster, global_batch, seq_len, OPTIONS, SearchOptions())
+    assert 0.3 < plan.upper_bound["efficiency"] <= 1.0
+    assert all(v["fits"] for v in plan.upper_bound["kinds"].values())
 
 
 @pytest.mark.parametrize("name", list(CASES))

@@ -52,8 +52,6 @@ class PredictorOptions:
     the held one (predict/state_bytes.py)."""
     memory_reserve_fraction: float = 0.08
     """Device memory kept free for the runtime, communication buffers and fragmentation."""
-    unlimited_memory: bool = False
-    """Every device holds whatever it is given: how the upper bound plans each kind alone."""
     host_staging_latency_s: float = 20e-6
     """Extra latency of relaying a message through host memory (two copies and a handoff)."""
     max_micro_batch: int = 16
@@ -260,8 +258,7 @@ def _make_kit(ctx: CostContext, group: Group, tp: int, micro_batch: int) -> Stag
         head=_layer_costs(ctx, desc.head, group, tp, micro_batch, (0.0, tp_allreduce_s, 0.0)),
         tied_head_params=-(-desc.vocab_size * desc.hidden_size // tp) if tied else 0,
         boundary_bytes=boundary_bytes // tp,
-        capacity_bytes=(2**62 if ctx.options.unlimited_memory
-                        else int(group.kind.memory_bytes * (1.0 - ctx.options.memory_reserve_fraction))),
+        capacity_bytes=int(group.kind.memory_bytes * (1.0 - ctx.options.memory_reserve_fraction)),
     )
 
 

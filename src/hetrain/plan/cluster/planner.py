@@ -232,20 +232,26 @@ def _try_interleaving(plan: ClusterPlan, prediction, ctx: CostContext):
 
 def _upper_bound(ctx: CostContext, global_batch: int, search_options: SearchOptions) -> dict:
     """The sum over kinds of the tokens/s of the best plan of each kind's devices alone (same
-    model and batch) with their memory unconstrained. No plan of the whole cluster can beat
-    it: a kind's share of any plan is work its devices could do alone, and alone with
-    unlimited memory they may choose any split, recomputation and micro-batch the shared plan
-    gives them (the bound of an earlier version planned each kind within its memory, which a
-    kind that cannot hold the model alone made no bound at all)."""
+    model and batch) with the pooled memory: the whole cluster's memory, shared evenly by that
+    kind's devices. No plan of the whole cluster can beat it: a kind's share of any plan is
+    work its devices could do alone, and alone with all the memory any plan may use (each of
+    its devices has at least its own) they may hold the whole model and choose any split,
+    recomputation and micro-batch the shared plan gives them. (Until 2026-12-04 each kind was
+    planned within its own memory, which a kind that cannot hold the model alone made no bound
+    at all; until 2026-12-06 with unlimited memory, a valid but looser bound: each kind trained
+    as plain data parallelism, which no memory that plans share allows.)"""
     kinds: dict[str, list[str]] = {}
     for g in ctx.cluster.groups:
         kinds.setdefault(g.kind.name, []).append(g.name)
     tokens = global_batch * ctx.seq_len
+    pooled_bytes = sum(g.devices * g.kind.memory_bytes for g in ctx.cluster.groups)
     per_kind = {}
-    unlimited = dataclasses.replace(ctx.options, unlimited_memory=True)
     for kind, names in kinds.items():
         sub = ctx.cluster.subcluster(names)
-        cand, _ = search(CostContext(ctx.desc, sub, unlimited), global_batch, search_options)
+        per_device = pooled_bytes // sum(g.devices for g in sub.groups)
+        sub = dataclasses.replace(sub, groups=[dataclasses.replace(g, kind=dataclasses.replace(
+            g.kind, memory_bytes=per_device)) for g in sub.groups])
+        cand, _ = search(CostContext(ctx.desc, sub, ctx.options), global_batch, search_options)
         if cand is not None:
             per_kind[kind] = {"tokens_per_s": tokens / cand.step_s, "fits": True, "step_s": cand.step_s}
         else:
