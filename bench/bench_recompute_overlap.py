@@ -60,6 +60,7 @@ from pathlib import Path
 import torch
 
 from hetrain.hardware.cluster import load_cluster
+from hetrain.model.gpt import ResidualDropout
 from hetrain.model.presets import get_preset
 from hetrain.plan.cluster.planner import plan_cluster, repredict
 from hetrain.plan.cluster.cost import PredictorOptions
@@ -142,8 +143,7 @@ def block_forward_s(args) -> float:
     w_up, w_down = torch.randn(4 * d // tp, d), torch.randn(d, 4 * d // tp)
     fn = torch.nn.functional
 
-    def drop(t: torch.Tensor) -> torch.Tensor:  # as gpt.ResidualDropout runs it
-        return torch.native_dropout(t, args.dropout, True)[0] if args.dropout else t
+    drop = ResidualDropout(args.dropout)  # in training mode, as the runs apply it
 
     def forward():
         h = fn.layer_norm(x, (d,))

@@ -297,7 +297,7 @@ def _unit_forward(block: nn.Module, regions: dict[int, tuple[int, str]], ledger:
         # the projection and its all-reduce. A whole block on demand is torch's plain checkpoint.
         cut = keeps_tail(k, last, place)
         fn = functools.partial(_run_steps, block, k, last, rope, anchor, cut)
-        args = (h, x) if k <= _PROJ <= last and not (cut and last == _PROJ) else (h,)
+        args = (h, x) if k <= _PROJ <= last else (h,)
         # Only DEMAND regions may rerun their whole forward: every TP rank recomputes them at
         # the same point of its backward, so the row-parallel all-reduces they rerun line up.
         # WINDOW and COLLECTIVE regions run when a wait or an all-reduce lets them, which

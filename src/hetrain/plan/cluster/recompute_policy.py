@@ -340,15 +340,16 @@ def optimal(problem: StageProblem, time_limit_s: float = 60.0) -> StageChoice:
                 # step's own tensors (its dropout mask) outside it, unless it is the whole block
                 # on demand (keeps_tail).
                 tail = j in ROW_STEPS
+                whole_tail = tail and p == DEMAND and j == J - 1  # down, freed by a whole block on demand
                 around = {var("x", b, p, k): -1 for k in ((j,) if tail else (j - 1, j)) if 0 <= k < K}
-                if tail and p == DEMAND and j == J - 1:
+                if whole_tail:
                     around[var("w", b)] = -1
                 row({var("i", b, p, j): 1, **around}, -math.inf, 0)
                 if j < K:
                     row({var("r", b, p, j): 1, var("x", b, p, j): -1}, 0, math.inf)
                 if j > 0 and internal[j] and not tail:  # the last step reruns to give back its internals
                     row({var("r", b, p, j): 1, var("x", b, p, j - 1): -1}, 0, math.inf)
-                elif tail and internal[j] and p == DEMAND and j == J - 1:
+                elif whole_tail and internal[j]:
                     row({var("r", b, p, j): 1, var("w", b): -1}, 0, math.inf)
                 if 0 < j < K:  # s >= x_j - (x_{j-1} at any place)
                     row({var("s", b, p, j): 1, var("x", b, p, j): -1, **{var("x", b, q, j - 1): 1 for q in places}},
