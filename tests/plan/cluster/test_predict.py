@@ -261,6 +261,27 @@ def test_distributed_optimizer_and_overlapped_reduction_are_priced():
     assert over.lead_params > 0 and over.sync_s(n) < plain.sync_s(n)
 
 
+def test_gradient_accumulation_is_priced_inside_each_backward():
+    """AccumulateGrad runs inside every backward after a step's first, as in the runtime and the
+    single-device step graph: each backward carries (m - 1) / m of one accumulation of its
+    stage's parameters (12 bytes each at the memory bandwidth), and the step's tail none of it."""
+    from hetrain.predict.state_bytes import ACCUMULATE_TRAFFIC_BYTES_PER_PARAM
+
+    cluster = two_kinds(2, 4, 1, 4)
+    desc = describe_model(model(2048, 8), 1, 2048)
+    ctx = CostContext(desc, cluster, PredictorOptions())
+    shape = PipelineShape(("a", "b"), (1, 1), 2, 1)
+    for m in (2, 8):
+        one, many = build_stages(ctx, shape, 1), build_stages(ctx, shape, m)
+        assert {st.group for st in many} == {"a", "b"}
+        for st1, stm in zip(one, many):
+            kind = cluster.group(stm.group).kind
+            per_param = ACCUMULATE_TRAFFIC_BYTES_PER_PARAM / (kind.mem_bw_bytes_per_s * ctx.options.memory_bw_efficiency)
+            assert stm.block_bwd_s - st1.block_bwd_s == pytest.approx((m - 1) / m * stm.block_params * per_param)
+            assert stm.bwd_s(3, 1) - st1.bwd_s(3, 1) == pytest.approx((m - 1) / m * stm.params(3) * per_param)
+            assert stm.optim_s(3) == pytest.approx(st1.optim_s(3)) and stm.fwd_s(3) == st1.fwd_s(3)
+
+
 @pytest.mark.parametrize("options", [dict(distributed_optimizer=True), dict(overlap_grad_reduce=False),
                                      dict(distributed_optimizer=True, overlap_grad_reduce=False)])
 def test_priced_options_predict_alike_in_recurrence_and_simulation(options):

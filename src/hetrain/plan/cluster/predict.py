@@ -55,6 +55,7 @@ class StageModel:
     head: bool
     block_fwd_s: float
     block_bwd_s: float
+    """With its share of gradient accumulation: (m - 1) / m of one AccumulateGrad of its parameters."""
     block_recompute_s: float
     """A whole block recomputed on demand (torch's early stop: LayerDescription.early_stop_skips)."""
     fixed_fwd_s: float
@@ -87,8 +88,9 @@ class StageModel:
     adam_s_per_param: float
     """AdamW, per parameter it updates (at the memory bandwidth)."""
     grad_pass_s_per_param: float
-    """Clipping, adding every micro-batch's gradient after the first into the held one, and the
-    step's compute-dtype copy of the weights (bf16), per parameter."""
+    """Clipping and the step's compute-dtype copy of the weights (bf16), per parameter. (Adding a
+    micro-batch's gradients into the held ones is in block_bwd_s and fixed_bwd_s: it runs inside
+    each backward after the step's first.)"""
     options: PredictorOptions
     """Whether the optimizer is distributed and the reduction overlapped (PredictorOptions)."""
     reduce_beside_compute: bool
@@ -187,6 +189,10 @@ def build_stages(ctx: CostContext, shape: PipelineShape, n_microbatches: int,
     stages = []
     for s, (group, tp, j) in enumerate(slots):
         kit = ctx.kit(group, tp, shape.micro_batch)
+        mem_bw = group.kind.mem_bw_bytes_per_s * opts.memory_bw_efficiency
+        # Every backward after a step's first adds its gradients into the held ones (AccumulateGrad,
+        # inside that backward): priced in each backward, (m - 1) / m of one accumulation apiece.
+        accumulate_s = (n_microbatches - 1) / n_microbatches * opts.accumulate_bytes_per_param / mem_bw
         first, last = s == 0, s == n_stages - 1
         send_fwd = send_bwd = 0.0
         if not last:
@@ -200,14 +206,15 @@ def build_stages(ctx: CostContext, shape: PipelineShape, n_microbatches: int,
         fixed = [layer for layer, on in ((kit.embedding, first), (kit.head, last)) if on]
         head_params = kit.tied_head_params if (last and n_stages > 1) else 0
         fixed_params = sum(layer.params for layer in fixed) + head_params
+        fixed_bwd = sum(layer.bwd_s for layer in fixed) + fixed_params * accumulate_s
         cross = None
         if others:
             cross = max((ctx.cross_path(group, o) for o in others), key=lambda p: (p.s_per_byte, p.latency_s))
         stages.append(StageModel(
             group=group.name, kind=group.kind.name, tp=tp, embedding=first, head=last,
-            block_fwd_s=kit.block.fwd_s, block_bwd_s=kit.block.bwd_s,
+            block_fwd_s=kit.block.fwd_s, block_bwd_s=kit.block.bwd_s + kit.block.params * accumulate_s,
             block_recompute_s=kit.block.recompute_s,
-            fixed_fwd_s=sum(layer.fwd_s for layer in fixed), fixed_bwd_s=sum(layer.bwd_s for layer in fixed),
+            fixed_fwd_s=sum(layer.fwd_s for layer in fixed), fixed_bwd_s=fixed_bwd,
             send_fwd_s=send_fwd, send_bwd_s=send_bwd,
             block_state_bytes=math.ceil(kit.block.params * opts.state_bytes_at(shape.dp)),
             block_act_bytes=kit.block.act_bytes, block_ckpt_bytes=kit.block.ckpt_bytes,
@@ -223,11 +230,9 @@ def build_stages(ctx: CostContext, shape: PipelineShape, n_microbatches: int,
             dp=shape.dp, dp_path=dp_path(ctx, group, shape.dp, tp, j),
             n_pipelines=n_pipelines if others else 1, cross_path=cross,
             grad_bytes_per_param=opts.grad_reduce_bytes_per_param,
-            adam_s_per_param=opts.adam_bytes_per_param / (group.kind.mem_bw_bytes_per_s * opts.memory_bw_efficiency),
+            adam_s_per_param=opts.adam_bytes_per_param / mem_bw,
             grad_pass_s_per_param=(opts.optimizer_bytes_per_param - opts.adam_bytes_per_param
-                                   + (n_microbatches - 1) * opts.accumulate_bytes_per_param
-                                   + opts.weight_copy_bytes_per_param)
-            / (group.kind.mem_bw_bytes_per_s * opts.memory_bw_efficiency),
+                                   + opts.weight_copy_bytes_per_param) / mem_bw,
             options=opts, reduce_beside_compute=group.kind.collectives_beside_compute,
             block_model_flops=kit.block.model_flops,
             fixed_model_flops=sum(layer.model_flops for layer in fixed),
