@@ -15,7 +15,7 @@ from hetrain.plan.cluster.recompute_units import policy_cost, stage_steps
 from hetrain.predict.cost import RooflineCost
 from hetrain.predict.roofline import Efficiency, layer_seconds
 from hetrain.train.job import describe, predict_job
-from hetrain.plan.cluster.predict import (PipelineShape, build_stages, context_for, one_f_one_b_end_s,
+from hetrain.plan.cluster.predict import (TIME_USES, PipelineShape, build_stages, context_for, one_f_one_b_end_s,
                                            one_f_one_b_orders, pipeline_step_s, predict_plan, shape_of)
 
 from .test_search import CASES, model, two_kinds
@@ -40,6 +40,29 @@ def _plan(name, recompute="whole"):
     cfg, cluster, global_batch, seq_len = CASES[name]
     return plan_cluster(cfg, cluster, global_batch, seq_len, PredictorOptions(max_micro_batch=4),
                         SearchOptions(upper_bound=False, recompute=recompute))
+
+
+@pytest.mark.parametrize("name", ["separate-pipelines", "16-devices"])
+def test_device_time_adds_up_to_the_step_on_every_device(name):
+    """device_s splits step_s x devices: each stage's busy seconds by category, weighted by its
+    devices (dp x tp), and the rest idle; in a 1F1B pipeline each stage idles at least its
+    (S - 1) fill-and-drain slots' worth of the other stages' work."""
+    plan = _plan(name)
+    ctx = context_for(plan)
+    pred, events = predict_plan(plan, ctx)
+    n_devices = sum(g.devices for g in ctx.cluster.groups)
+    assert sum(pred.device_s.values()) == pytest.approx(pred.step_s * n_devices, rel=1e-9)
+    devices_of = {f"P{p} S{s} {st.group} tp{st.tp}": pipe.dp * st.tp
+                  for p, pipe in enumerate(plan.pipelines) for s, st in enumerate(pipe.stages)}
+    busy = sum(e.dur_s * devices_of[e.lane] for e in events)
+    assert pred.device_s["idle"] == pytest.approx(pred.step_s * n_devices - busy, rel=1e-9)
+    for pipe, step in zip(plan.pipelines, pred.pipeline_step_s):
+        stages = [sp for sp in pred.stages if sp.group in pipe.groups]
+        slots = min(sp.fwd_s + sp.bwd_s for sp in stages) * (len(stages) - 1)
+        lanes = {sp.stage: sum(e.dur_s for e in events if e.lane.startswith(f"P{sp.pipeline} S{sp.stage} "))
+                 for sp in stages}
+        assert all(pred.step_s - b >= slots - 1e-12 for b in lanes.values())
+    assert set(pred.device_s) <= set(TIME_USES) and pred.device_s["idle"] > 0
 
 
 @pytest.mark.parametrize("name", ["separate-pipelines", "recompute", "16-devices"])

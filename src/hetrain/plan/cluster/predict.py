@@ -356,9 +356,19 @@ class PlanPrediction:
     pipeline_step_s: list[float]
     stages: list[StagePrediction] = field(default_factory=list)
     kinds: dict[str, KindPrediction] = field(default_factory=dict)
+    device_s: dict[str, float] = field(default_factory=dict)
+    """Where the devices' time goes: device-seconds of one step by what the device does (the
+    simulator's categories, TIME_USES), summed over every device of the cluster; "idle" is the rest of
+    step_s x devices (pipeline fill and drain, waits for a slower stage or pipeline, idle groups)."""
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+TIME_USES = {"fwd": "forward", "bwd": "backward", "recompute": "recomputation", "comm": "pipeline sends",
+             "sync": "gradient reduction after the backward", "optim": "optimizer step", "idle": "idle"}
+"""The categories of PlanPrediction.device_s, and how the report names them. Forward and backward
+include their tensor-parallel all-reduces, the backward its gradient accumulation."""
 
 
 def context_for(plan: ClusterPlan) -> CostContext:
@@ -469,6 +479,7 @@ def predict_plan(plan: ClusterPlan, ctx: CostContext | None = None) -> tuple[Pla
     flops_by_kind: dict[str, float] = {}
     busy_by_kind: dict[str, int] = {}
     peak_by_kind: dict[str, tuple[int, int]] = {}
+    busy_s: dict[str, float] = {}  # device-seconds by category
     for p, chunked in enumerate(plan.pipelines):
         pipe = fold(chunked)  # device stages (the chunks of each summed, for interleaved pipelines)
         others = tuple(g for g in all_groups if g not in pipe.groups)
@@ -484,6 +495,9 @@ def predict_plan(plan: ClusterPlan, ctx: CostContext | None = None) -> tuple[Pla
         result = simulate(tasks, base_bytes=base)
         pipe_steps.append(result.step_s)
         events.extend(result.events)
+        devices_on = {f"P{p} S{s} {st.group} tp{st.tp}": pipe.dp * st.tp for s, st in enumerate(stages)}
+        for e in result.events:
+            busy_s[e.cat] = busy_s.get(e.cat, 0.0) + e.dur_s * devices_on[e.lane]
         for s, (st, sp) in enumerate(zip(stages, pipe.stages)):
             peak = result.peak_bytes[f"P{p} S{s} {st.group} tp{st.tp}"]
             ahead_s, demand_s = recompute[s][:2] if recompute[s] else (0.0, 0.0)
@@ -512,7 +526,13 @@ def predict_plan(plan: ClusterPlan, ctx: CostContext | None = None) -> tuple[Pla
         kinds[kind] = KindPrediction(kind, busy, total - busy, per_device / 1e12, per_device / peak_flops, peak, cap)
     tokens = plan.global_batch * plan.seq_len
     total_flops = sum(flops_by_kind.values())
-    prediction = PlanPrediction(step_s, tokens / step_s, total_flops / step_s / 1e12, pipe_steps, stage_preds, kinds)
+    device_s = {cat: busy_s.get(cat, 0.0) for cat in TIME_USES if cat != "idle"}
+    unknown = set(busy_s) - set(device_s)
+    if unknown:
+        raise ValueError(f"simulator categories {sorted(unknown)} missing from TIME_USES")
+    device_s["idle"] = step_s * sum(devices_by_kind.values()) - sum(device_s.values())
+    prediction = PlanPrediction(step_s, tokens / step_s, total_flops / step_s / 1e12, pipe_steps, stage_preds, kinds,
+                                device_s)
     if not math.isfinite(step_s):
         raise ValueError("plan predicts a non-finite step time")
     return prediction, events

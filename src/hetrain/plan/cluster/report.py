@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from hetrain.units import GIB
 from hetrain.plan.cluster.plan import ClusterPlan, device_stages
-from hetrain.plan.cluster.predict import predict_plan
+from hetrain.plan.cluster.predict import TIME_USES, predict_plan
 from hetrain.plan.cluster.recompute_split import format_recompute
 
 
@@ -62,6 +62,10 @@ def format_report(plan: ClusterPlan) -> str:
             parts.append(f"{kind} alone {_si(v['tokens_per_s'])}{how}")
         lines.append(f"Efficiency against the upper bound: {100 * ub['efficiency']:.1f}% "
                      f"(upper bound {_si(ub['tokens_per_s'])} tokens/s = {' + '.join(parts)})")
+    if pred.get("device_s"):  # plan files written before 2026-12-06 lack it
+        total = sum(pred["device_s"].values())
+        uses = ", ".join(f"{TIME_USES[cat]} {100 * v / total:.1f}%" for cat, v in pred["device_s"].items() if v > 0)
+        lines.append(f"Where the devices' time goes (all devices, one step): {uses}")
     lines += ["", "Pipelines (each replicated dp times; stages in order)"]
     for p, pipe in enumerate(plan.pipelines):
         tps = ", ".join(f"{g} tp {t}" for g, t in zip(pipe.groups, pipe.tp))
