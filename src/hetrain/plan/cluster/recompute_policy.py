@@ -32,6 +32,7 @@ chooses; it must not run policies (hetrain.pipeline.unit_recompute) or write pla
 from __future__ import annotations
 
 import bisect
+import functools
 import itertools
 import math
 import time
@@ -170,48 +171,35 @@ def heuristic(problem: StageProblem) -> StageChoice:
     if inflight * n * total <= budget:
         return StageChoice([BlockPolicy.keep()] * n, 0.0, 0.0, 0, 0, 0.0, True, time.perf_counter() - t0)
     ws, prefix = _windows(problem)
-    steps, cw = list(problem.step_s), problem.collective_window_s
-    options, sets = [(0, 0.0, 0)], {0: _UnitSet(0, 0.0, 0.0, 0.0, 0, BlockPolicy.keep(), False, 0)}
-    for mask in range(1, 2 ** len(UNITS)):
-        u = _unit_set(mask, problem.units, steps, cw, problem.tp)
-        sets[mask] = u
-        options.append((u.freed, u.backward_s, mask))
-    hull = _lower_hull(options)
-    most = max(options[1:])
-    pairs = {(options[0], o) for o in options[1:]}
-    pairs |= {(lo, up) for lo, up in zip(hull, hull[1:])}
-    pairs |= {(h, most) for h in hull if h[0] < most[0]}
+    sets, pairs = _menu(problem.units, problem.step_s, problem.collective_window_s, problem.tp)
+    windows = problem.has_windows
     best_key, best = None, None
-    for lower, upper in pairs:
+    for first, second, upper_first, held_upper, held_lower, held_both in pairs:
+        f_a, sec_a, mask_a, u_a, ok_a = first
+        f_b, sec_b, mask_b, u_b, ok_b = second
+        # A block recomputed ahead holds what it restores until its backward, and frees
+        # f - u.ahead_freed less in every micro-batch in flight (a whole block ahead keeps its
+        # last dropout mask, keeps_tail).
+        per_a = u_a.ahead_freed + inflight * (f_a - u_a.ahead_freed) if windows and ok_a else 0
+        per_b = u_b.ahead_freed + inflight * (f_b - u_b.ahead_freed) if windows and ok_b else 0
         for k in range(n + 1):  # blocks on `upper`
-            freed = k * upper[0] + (n - k) * lower[0]
-            room = budget - inflight * (n * total - freed)
-            used = [sets[mask] for (_, _, mask), c in ((upper, k), (lower, n - k)) if c]
-            room -= max(u.collective_held for u in used) + max(u.own_held for u in used)
+            count_a, count_b = (k, n - k) if upper_first else (n - k, k)
+            held = held_both if 0 < k < n else (held_upper if k else held_lower)
+            room = budget - inflight * (n * total - count_a * f_a - count_b * f_b) - held
             if room < 0:
                 continue
-            groups = sorted(((upper, k), (lower, n - k)), key=lambda g: -(g[0][1] / g[0][0]) if g[0][0] else 0.0)
-            ahead = backward = 0.0
-            plan = []
-            for (f, sec, mask), count in groups:
-                u = sets[mask]
-                # A block recomputed ahead holds what it restores until its backward, and frees
-                # f - u.ahead_freed less in every micro-batch in flight (a whole block ahead
-                # keeps its last dropout mask, keeps_tail).
-                per_block = u.ahead_freed + inflight * (f - u.ahead_freed)
-                ok = problem.has_windows and f > 0 and sec > 0 and u.ahead_ok and per_block > 0
-                j = min(count, int(room // per_block)) if ok else 0
-                room -= j * per_block
-                ahead += j * u.ahead_s
-                backward += (count - j) * sec
-                plan.append((mask, count, j))
-            last = [mask for mask, count, j in plan if count > j]
-            if last and not any(j for _, _, j in plan):  # the last block recomputes its collective units unhidden
-                backward += sets[last[-1]].last_extra_s
+            j_a = min(count_a, int(room // per_a)) if per_a > 0 else 0
+            room -= j_a * per_a
+            j_b = min(count_b, int(room // per_b)) if per_b > 0 else 0
+            room -= j_b * per_b
+            ahead = j_a * u_a.ahead_s + j_b * u_b.ahead_s
+            backward = (count_a - j_a) * sec_a + (count_b - j_b) * sec_b
+            if not j_a and not j_b:  # the last block recomputes its collective units unhidden
+                backward += (u_b if count_b else u_a).last_extra_s
             cost = _exposure(ws, prefix, ahead) + m * backward
             key = (round(cost, 12), round(ahead + backward, 12), -room)
             if best_key is None or key < best_key:
-                best_key, best = key, plan
+                best_key, best = key, ((mask_a, count_a, j_a), (mask_b, count_b, j_b))
     if best is None:
         whole = choice_of(problem, [BlockPolicy.whole()] * n)
         whole.fits, whole.note = False, "does not fit even with every block recomputed"
@@ -222,6 +210,45 @@ def heuristic(problem: StageProblem) -> StageChoice:
     choice = choice_of(problem, policies)
     choice.search_s = time.perf_counter() - t0
     return choice
+
+
+@functools.lru_cache(maxsize=256)
+def _menu(units: BlockUnits, step_s: tuple[float, ...], collective_window_s: float,
+          tp: int) -> tuple[dict[int, "_UnitSet"], list]:
+    """HEU's unit sets by mask and the (lower, upper) pairs it tries, each as its two groups in the
+    order they go ahead ((bytes freed, backward s, mask, unit set, may go ahead) each), whether
+    upper comes first, and the bytes held with upper only, lower only and both: what does not
+    depend on the stage's block count, budget or windows, so the stages of one kind and TP degree
+    share it (a recomputation-aware split prices the same stage kind for every split and round)."""
+    options, sets = [(0, 0.0, 0)], {0: _UnitSet(0, 0.0, 0.0, 0.0, 0, BlockPolicy.keep(), False, 0)}
+    for mask in range(1, 2 ** len(UNITS)):
+        u = _unit_set(mask, units, list(step_s), collective_window_s, tp)
+        sets[mask] = u
+        options.append((u.freed, u.backward_s, mask))
+    hull = _lower_hull(options)
+    most = max(options[1:])
+    pairs = {(options[0], o) for o in options[1:]}
+    pairs |= {(lo, up) for lo, up in zip(hull, hull[1:])}
+    pairs |= {(h, most) for h in hull if h[0] < most[0]}
+    menu = []
+    for lower, upper in pairs:  # the set's own order, as HEU always walked it (ties keep the first)
+        def group(option):
+            f, sec, mask = option
+            return f, sec, mask, sets[mask], f > 0 and sec > 0 and sets[mask].ahead_ok
+        u_up, u_lo = sets[upper[2]], sets[lower[2]]
+        # The group that saves the most seconds per byte goes ahead first (upper on a tie).
+        upper_first = _per_byte(upper) <= _per_byte(lower)
+        ordered = (group(upper), group(lower)) if upper_first else (group(lower), group(upper))
+        menu.append((*ordered, upper_first, u_up.collective_held + u_up.own_held,
+                     u_lo.collective_held + u_lo.own_held,
+                     max(u_up.collective_held, u_lo.collective_held) + max(u_up.own_held, u_lo.own_held)))
+    return sets, menu
+
+
+def _per_byte(option: tuple[int, float, int]) -> float:
+    """HEU's order of recomputing ahead: most seconds saved per byte first (the lowest key)."""
+    f, sec, _ = option
+    return -(sec / f) if f else 0.0
 
 
 @dataclass(frozen=True)

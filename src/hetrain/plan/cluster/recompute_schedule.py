@@ -12,16 +12,17 @@ stage has no such wait (its loss comes right before its backward), so its ahead 
 
 `simulate` returns the end of each stage and, per stage and micro-batch, the wait before its
 backward as it would be without recomputation ahead (the window), and the hidden and exposed
-seconds. It is a direct recurrence over the operations (no event queue), fast enough to sit inside
-searches; tests hold it equal to the discrete-event simulator that the predictor uses. This module
-computes times; it must not choose policies or know about units.
+seconds (the last stage's windows are 0: its ahead work is exposed). It is a direct recurrence
+over the rounds of the schedule, vectorised over the stages, fast enough to sit inside searches;
+tests hold it equal to the discrete-event simulator that the predictor uses. This module computes
+times; it must not choose policies or know about units.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from hetrain.plan.cluster.predict import one_f_one_b_orders
+import numpy as np
 
 
 @dataclass(frozen=True)
@@ -56,50 +57,37 @@ class ScheduleTimes:
 
 
 def simulate(stages: list[StageTimes], n_microbatches: int) -> ScheduleTimes:
-    """The 1F1B step of these stages (see the module docstring)."""
+    """The 1F1B step of these stages (see the module docstring).
+
+    Round by round over all stages at once, as hetrain.plan.cluster.predict.one_f_one_b_end_s:
+    warm-up forward j runs down the stages that have it; round i runs each stage's next forward
+    (after its predecessor's forward of that micro-batch), then backward i from the last stage to
+    the first, x_s = max(clock_s + window_s, x_{s+1}) + bwd_s + demand_s, a cumulative maximum
+    over suffix sums; the wait of stage s before it is x_{s+1} - clock_s."""
     n_stages, m = len(stages), n_microbatches
-    orders = one_f_one_b_orders(n_stages, m)
-    fwd_end = [[0.0] * m for _ in range(n_stages)]
-    bwd_end = [[0.0] * m for _ in range(n_stages)]
-    done_f = [[False] * m for _ in range(n_stages)]
-    done_b = [[False] * m for _ in range(n_stages)]
-    clock = [0.0] * n_stages
-    pos = [0] * n_stages
-    windows = [[0.0] * m for _ in range(n_stages)]
-    hidden = [0.0] * n_stages
-    exposed = [0.0] * n_stages
-    last = n_stages - 1
-    remaining = sum(len(o) for o in orders)
-    while remaining:
-        progressed = False
-        for s in range(n_stages):
-            st, order = stages[s], orders[s]
-            while pos[s] < len(order):
-                is_fwd, i = order[pos[s]]
-                if is_fwd:
-                    if s > 0 and not done_f[s - 1][i]:
-                        break
-                    start = max(clock[s], fwd_end[s - 1][i] if s > 0 else 0.0)
-                    clock[s] = fwd_end[s][i] = start + st.fwd_s
-                    done_f[s][i] = True
-                else:
-                    if s < last and not done_b[s + 1][i]:
-                        break
-                    if s < last:
-                        arrival = bwd_end[s + 1][i]
-                        window = max(0.0, arrival - clock[s])
-                        windows[s][i] = window
-                        hidden[s] += min(window, st.window_s)
-                        exposed[s] += max(0.0, st.window_s - window) + st.demand_s
-                        start = max(clock[s] + st.window_s, arrival)
-                        clock[s] = bwd_end[s][i] = start + st.bwd_s + st.demand_s
-                    else:  # the last stage: nothing to wait for, everything on demand
-                        exposed[s] += st.window_s + st.demand_s
-                        clock[s] = bwd_end[s][i] = clock[s] + st.window_s + st.bwd_s + st.demand_s
-                    done_b[s][i] = True
-                pos[s] += 1
-                remaining -= 1
-                progressed = True
-        if not progressed:
-            raise AssertionError("1F1B order deadlocked; the orders are malformed")
-    return ScheduleTimes(clock, windows, hidden, exposed)
+    fwd = np.array([st.fwd_s for st in stages], dtype=float)
+    ahead = np.array([st.window_s for st in stages], dtype=float)
+    demand = np.array([st.demand_s for st in stages], dtype=float)
+    cost = np.array([st.bwd_s for st in stages], dtype=float) + demand
+    warmup = np.minimum(n_stages - 1 - np.arange(n_stages), m)
+    clock = np.zeros(n_stages)
+    last_fwd = np.zeros(n_stages)
+    fwd_through = np.cumsum(fwd)
+    fwd_before = fwd_through - fwd
+    cost_from = np.cumsum(cost[::-1])[::-1]
+    cost_after = cost_from - cost
+    windows = np.zeros((n_stages, m))
+    for j in range(int(warmup[0]) if n_stages else 0):
+        k = int(np.count_nonzero(warmup > j))
+        clock[:k] = last_fwd[:k] = fwd_through[:k] + np.maximum.accumulate(clock[:k] - fwd_before[:k])
+    for i in range(m):
+        has_fwd = i + warmup < m
+        after_prev = np.maximum(clock, np.concatenate(([0.0], last_fwd[:-1]))) + fwd
+        clock = np.where(has_fwd, after_prev, clock)
+        last_fwd = np.where(has_fwd, after_prev, last_fwd)
+        ends = cost_from + np.maximum.accumulate((clock + ahead - cost_after)[::-1])[::-1]
+        windows[:-1, i] = np.maximum(0.0, ends[1:] - clock[:-1])
+        clock = ends
+    hidden = np.minimum(windows, ahead[:, None]).sum(axis=1)
+    exposed = np.maximum(0.0, ahead[:, None] - windows).sum(axis=1) + m * demand
+    return ScheduleTimes(clock.tolist(), windows.tolist(), hidden.tolist(), exposed.tolist())
