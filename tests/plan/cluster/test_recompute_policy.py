@@ -9,6 +9,7 @@ plan's policies through plan.json and placement.
 import dataclasses
 import itertools
 import math
+import random
 import time
 
 import pytest
@@ -117,6 +118,56 @@ def test_schedule_recurrence_and_memory_equal_the_event_simulator():
             got = next(x for x in pred.stages if x.pipeline == p and x.stage == s).peak_bytes
             assert got == st.peak_bytes(sp.n_blocks, sp.n_recompute_blocks) - st.inflight * freed + held
             assert got <= st.capacity_bytes
+
+
+def _walk(stages: list[StageTimes], m: int):
+    """The schedule of recompute_schedule.simulate, walked operation by operation in 1F1B order."""
+    from hetrain.plan.cluster.predict import one_f_one_b_orders
+
+    S, orders = len(stages), one_f_one_b_orders(len(stages), m)
+    fwd_end, bwd_end = {}, {}
+    clock, pos = [0.0] * S, [0] * S
+    windows = [[0.0] * m for _ in range(S)]
+    hidden, exposed = [0.0] * S, [0.0] * S
+    while any(p < len(o) for p, o in zip(pos, orders)):
+        for s, st in enumerate(stages):
+            while pos[s] < len(orders[s]):
+                fwd, i = orders[s][pos[s]]
+                if fwd:
+                    if s > 0 and (s - 1, i) not in fwd_end:
+                        break
+                    clock[s] = fwd_end[s, i] = max(clock[s], fwd_end.get((s - 1, i), 0.0)) + st.fwd_s
+                elif s == S - 1:
+                    exposed[s] += st.window_s + st.demand_s
+                    clock[s] = bwd_end[s, i] = clock[s] + st.window_s + st.bwd_s + st.demand_s
+                else:
+                    if (s + 1, i) not in bwd_end:
+                        break
+                    arrival = bwd_end[s + 1, i]
+                    windows[s][i] = max(0.0, arrival - clock[s])
+                    hidden[s] += min(windows[s][i], st.window_s)
+                    exposed[s] += max(0.0, st.window_s - windows[s][i]) + st.demand_s
+                    clock[s] = bwd_end[s, i] = max(clock[s] + st.window_s, arrival) + st.bwd_s + st.demand_s
+                pos[s] += 1
+    return clock, windows, hidden, exposed
+
+
+def test_schedule_rounds_equal_the_walk_of_the_operations():
+    """simulate works round by round over all stages at once; a walk of each stage's operations
+    in 1F1B order gives the same ends, windows, hidden and exposed seconds (fewer micro-batches than
+    stages included)."""
+    rng = random.Random(7)
+    for _ in range(300):
+        S, m = rng.randint(1, 8), rng.randint(1, 12)
+        stages = [StageTimes(rng.uniform(0.1, 2.0), rng.uniform(0.1, 4.0), rng.choice([0.0, rng.uniform(0, 1.5)]),
+                             rng.choice([0.0, rng.uniform(0, 0.5)])) for _ in range(S)]
+        got = simulate(stages, m)
+        ends, windows, hidden, exposed = _walk(stages, m)
+        assert got.ends_s == pytest.approx(ends, rel=1e-12, abs=1e-12)
+        assert got.hidden_s == pytest.approx(hidden, rel=1e-12, abs=1e-12)
+        assert got.exposed_s == pytest.approx(exposed, rel=1e-12, abs=1e-12)
+        for row, want in zip(got.windows_s, windows):
+            assert row == pytest.approx(want, rel=1e-12, abs=1e-12)
 
 
 def test_windows_hide_recomputation_ahead_and_not_on_demand():
