@@ -15,8 +15,9 @@ from hetrain.plan.cluster.recompute_units import policy_cost, stage_steps
 from hetrain.predict.cost import RooflineCost
 from hetrain.predict.roofline import Efficiency, layer_seconds
 from hetrain.train.job import describe, predict_job
-from hetrain.plan.cluster.predict import (TIME_USES, PipelineShape, build_stages, context_for, one_f_one_b_end_s,
-                                           one_f_one_b_orders, pipeline_step_s, predict_plan, shape_of)
+from hetrain.plan.cluster.one_f_one_b import one_f_one_b_end_s, one_f_one_b_orders
+from hetrain.plan.cluster.predict import (TIME_USES, PipelineShape, build_stages, context_for, pipeline_step_s,
+                                           predict_plan, shape_of)
 
 from .test_search import CASES, model, two_kinds
 

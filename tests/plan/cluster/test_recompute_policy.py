@@ -30,7 +30,7 @@ from hetrain.plan.cluster.search import Pins, SearchOptions
 from hetrain.plan.cluster.recompute_plan import (COLLECTIVE, DEMAND, STEPS, UNITS, WINDOW, BlockPolicy, block_policies,
                                                policy_groups)
 from hetrain.plan.cluster.recompute_policy import StageProblem, choice_of, heuristic, optimal
-from hetrain.plan.cluster.recompute_schedule import StageTimes, simulate
+from hetrain.plan.cluster.one_f_one_b import StageTimes, simulate
 from hetrain.plan.cluster.recompute_split import Pricer, stage_recompute
 from hetrain.plan.cluster.recompute_units import block_units, policy_cost, reruns_row_parallel
 
@@ -121,8 +121,8 @@ def test_schedule_recurrence_and_memory_equal_the_event_simulator():
 
 
 def _walk(stages: list[StageTimes], m: int):
-    """The schedule of recompute_schedule.simulate, walked operation by operation in 1F1B order."""
-    from hetrain.plan.cluster.predict import one_f_one_b_orders
+    """The schedule of one_f_one_b.simulate, walked operation by operation in 1F1B order."""
+    from hetrain.plan.cluster.one_f_one_b import one_f_one_b_orders
 
     S, orders = len(stages), one_f_one_b_orders(len(stages), m)
     fwd_end, bwd_end = {}, {}

@@ -29,6 +29,7 @@ from hetrain.model.spec import ModelSpec
 from hetrain.plan.cluster.cost import (CostContext, Path, PredictorOptions, dp_path, pp_path, ring_all_gather_s,
                                       ring_allreduce_s)
 from hetrain.predict.state_bytes import MASTER_BYTES_PER_PARAM
+from hetrain.plan.cluster.one_f_one_b import one_f_one_b_end_s, one_f_one_b_orders
 from hetrain.plan.cluster.plan import ClusterPlan, PipelinePlan, StagePlan, fold
 from hetrain.predict.simulator import Task, simulate
 from hetrain.trace import TraceEvent, task_name
@@ -238,66 +239,6 @@ def build_stages(ctx: CostContext, shape: PipelineShape, n_microbatches: int,
             fixed_model_flops=sum(layer.model_flops for layer in fixed),
         ))
     return stages
-
-
-def one_f_one_b_orders(n_stages: int, n_microbatches: int) -> list[list[tuple[bool, int]]]:
-    """Per stage, its operations in 1F1B order as (is_forward, micro-batch)."""
-    orders = []
-    for s in range(n_stages):
-        warmup = min(n_stages - s - 1, n_microbatches)
-        ops = [(True, i) for i in range(warmup)]
-        for i in range(n_microbatches - warmup):
-            ops.append((True, warmup + i))
-            ops.append((False, i))
-        ops.extend((False, i) for i in range(n_microbatches - warmup, n_microbatches))
-        orders.append(ops)
-    return orders
-
-
-def one_f_one_b_end_s(fwd_s: list[float], bwd_s: list[float], n_microbatches: int) -> list[float]:
-    """End time of each stage's last operation under 1F1B (sends inside fwd/bwd), from time 0.
-
-    The schedule of `one_f_one_b_orders`, computed round by round over all stages at once.
-    Warm-up forward j runs down the stages that have it, each after its predecessor's.
-    Round i runs each stage's next forward (after its predecessor's previous one: no chain
-    within the round) and then backward i from the last stage to the first; a chain
-    x_s = max(a_s, x_{s+1}) + B_s is a cumulative maximum over suffix sums. Rounds in which
-    every stage has a forward apply the same max-plus map, so once a round shifts every
-    time by the same amount, all later such rounds do too, and they are skipped to the last.
-    """
-    m = n_microbatches
-    fwd, bwd = np.asarray(fwd_s, dtype=float), np.asarray(bwd_s, dtype=float)
-    n_stages = len(fwd)
-    warmup = np.minimum(n_stages - 1 - np.arange(n_stages), m)
-    clock = np.zeros(n_stages)          # end of the latest operation of each stage
-    last_fwd = np.zeros(n_stages)       # end of its latest forward
-    fwd_through = np.cumsum(fwd)        # forward times of stages 0..s
-    fwd_before = fwd_through - fwd
-    bwd_from = np.cumsum(bwd[::-1])[::-1]  # backward times of stages s..S-1
-    bwd_after = bwd_from - bwd
-    for j in range(int(warmup[0])):
-        k = int(np.count_nonzero(warmup > j))  # stages 0..k-1 run warm-up forward j
-        clock[:k] = last_fwd[:k] = fwd_through[:k] + np.maximum.accumulate(clock[:k] - fwd_before[:k])
-    full_rounds = m - int(warmup[0])
-    previous = None
-    i = 0
-    while i < m:
-        has_fwd = i + warmup < m
-        after_prev = np.maximum(clock, np.concatenate(([0.0], last_fwd[:-1]))) + fwd
-        clock = np.where(has_fwd, after_prev, clock)
-        last_fwd = np.where(has_fwd, after_prev, last_fwd)
-        clock = bwd_from + np.maximum.accumulate((clock - bwd_after)[::-1])[::-1]
-        if i < full_rounds - 1:
-            state = np.concatenate((clock, last_fwd))
-            if previous is not None and np.ptp(state - previous) <= 1e-13 * state.max():
-                skip = full_rounds - 1 - i
-                shift = skip * (state[0] - previous[0])
-                clock, last_fwd = clock + shift, last_fwd + shift
-                i += skip
-                state = None
-            previous = state
-        i += 1
-    return clock.tolist()
 
 
 def pipeline_step_s(stages: list[StageModel], n_blocks: list[int], n_recompute: list[int], n_microbatches: int) -> float:

@@ -3,7 +3,7 @@
 A stage's problem (`StageProblem`): its identical blocks (their units' bytes and recompute times,
 hetrain.plan.cluster.recompute_units), the micro-batches it holds at its peak (`inflight`), the bytes its
 activations may take, the waits before each of its backwards (the windows, from
-hetrain.plan.cluster.recompute_schedule; none on the last stage) and, with tensor parallelism, each
+hetrain.plan.cluster.one_f_one_b; none on the last stage) and, with tensor parallelism, each
 block's collective window (its backward's two input-gradient all-reduces). A policy costs, per
 step, sum over micro-batches of max(0, ahead - window) + micro-batches x what lengthens each
 backward: on-demand recomputation, and what collective regions overrun their window (a block's,
@@ -42,7 +42,7 @@ import numpy as np
 
 from hetrain.plan.cluster.recompute_plan import (COLLECTIVE, DEMAND, NOT_COLLECTIVE, ROW_STEPS, STEPS, UNITS, WINDOW,
                                                  BlockPolicy)
-from hetrain.plan.cluster.recompute_schedule import StageTimes, simulate
+from hetrain.plan.cluster.one_f_one_b import StageTimes, simulate
 from hetrain.plan.cluster.recompute_units import (BlockUnits, policy_cost, region_input_extra, reruns_row_parallel,
                                                   stage_cost)
 

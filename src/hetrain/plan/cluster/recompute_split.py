@@ -5,7 +5,7 @@ whole-block recomputation on demand, the fewest blocks each stage's memory deman
 recomputes anything, `apply_recompute` revisits every 1F1B pipeline of it: for a split, each
 stage's policy (hetrain.plan.cluster.recompute_policy: HEU, or the MILP on small cases) is chosen against
 the waits of the schedule and the stage's memory; the split's step is the schedule's
-(hetrain.plan.cluster.recompute_schedule: recomputation ahead of a backward hides in the wait for its
+(hetrain.plan.cluster.one_f_one_b: recomputation ahead of a backward hides in the wait for its
 gradient, on-demand recomputation lengthens the backward) plus the gradient sync and optimizer
 step. Starting from the search's split, single blocks move across stage boundaries while the
 predicted step improves, so the stages balance with their recomputation as it will run: a stage
@@ -28,7 +28,7 @@ from hetrain.plan.cluster.plan import ClusterPlan, PipelinePlan
 from hetrain.plan.cluster.predict import StageModel, build_stages, shape_of
 from hetrain.plan.cluster.recompute_plan import BlockPolicy, policy_groups
 from hetrain.plan.cluster.recompute_policy import PipelineRecompute, StageProblem, plan_pipeline
-from hetrain.plan.cluster.recompute_schedule import StageTimes, simulate
+from hetrain.plan.cluster.one_f_one_b import StageTimes, simulate
 from hetrain.plan.cluster.recompute_units import stage_cost, stage_steps
 
 METHODS = ("whole", "heu", "opt")
