@@ -120,7 +120,7 @@ def test_single_device_step_is_work_plus_optimizer():
     cfg = load_config(None, {**shape, "train.micro_batch": "2", "train.seq_len": "1024", "train.grad_accum": "5",
                              "train.dtype": "bf16", "hardware.device_kind": "H100-SXM"})
     assert describe(cfg).total_params == desc.total_params
-    assert pipeline_step_s([st], [4], [0], 5) == pytest.approx(predict_job(cfg).step_s, rel=0.05)
+    assert pipeline_step_s([st], [4], [0], 5) == pytest.approx(predict_job(cfg).step_s, rel=0.02)  # 1.3% on 2026-12-06
 
 
 def test_tensor_parallel_divides_compute_and_adds_allreduces():
