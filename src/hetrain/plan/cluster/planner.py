@@ -20,7 +20,7 @@ from hetrain.hardware.cluster import Cluster, cluster_to_dict, load_cluster
 from hetrain.model.gpt import ModelConfig
 from hetrain.plan.cluster.cost import CostContext, PredictorOptions
 from hetrain.plan.cluster.plan import ClusterPlan, PipelinePlan, StagePlan, interleave
-from hetrain.plan.cluster.predict import PipelineShape, build_stages, predict_plan
+from hetrain.plan.cluster.predict import PipelineShape, build_stages, context_for, predict_plan, shape_of
 from hetrain.model.spec import ModelSpec
 from hetrain.plan.cluster.report import format_report, write_timeline
 from hetrain.plan.cluster.search import Candidate, Pins, SearchOptions, divisors, search
@@ -148,14 +148,8 @@ def plan_cluster(model: ModelConfig | ModelSpec, cluster: Cluster, global_batch:
     model = _planned(model)
     ctx = CostContext(model.describe(seq_len, dtype_bytes=options.dtype_bytes), cluster, options)
     cand, stats = _search_or_explain(ctx, global_batch, search_options)
-    search_s = time.perf_counter() - start
-    plan = _to_plan(cand, ctx, model, global_batch)
-    # Units inside blocks are hetrain's GPT's steps: other models recompute whole blocks.
-    recompute = apply_recompute(plan, ctx, search_options.recompute if model.unit_recompute else "whole")
-    search_s = time.perf_counter() - start
-    prediction, _ = predict_plan(plan, ctx)
-    if search_options.interleave:
-        plan, prediction = _try_interleaving(plan, prediction, ctx)
+    plan, prediction, recompute, searched_at = _finish(cand, ctx, model, global_batch, search_options)
+    search_s = searched_at - start
     plan.prediction = prediction.to_dict()
     plan.search = {"search_s": search_s, "predict_s": time.perf_counter() - start - search_s,
                    "layouts": stats.layouts, "shapes": stats.shapes, "shapes_split": stats.shapes_split,
@@ -164,11 +158,24 @@ def plan_cluster(model: ModelConfig | ModelSpec, cluster: Cluster, global_batch:
     if search_options.upper_bound:
         ub_start = time.perf_counter()
         # Each kind alone, searched freely: pinned degrees are a choice of this plan, not of the bound.
-        plan.upper_bound = _upper_bound(ctx, global_batch, dataclasses.replace(
-            search_options, pins=Pins(mixed_tp=search_options.pins.mixed_tp)))
+        plan.upper_bound = _upper_bound(ctx, model, global_batch, _bound_options(search_options, plan))
         plan.upper_bound["efficiency"] = prediction.tokens_per_s / plan.upper_bound["tokens_per_s"]
         plan.search["upper_bound_s"] = time.perf_counter() - ub_start
     return plan
+
+
+def _finish(cand: Candidate, ctx: CostContext, model: ModelSpec, global_batch: int, search_options: SearchOptions):
+    """The search's candidate as a plan with its recomputation policies (apply_recompute) and, where
+    faster, interleaved; its prediction; what apply_recompute did; and the perf_counter when the
+    recomputation was chosen (where the search's time ends and the prediction's begins)."""
+    plan = _to_plan(cand, ctx, model, global_batch)
+    # Units inside blocks are hetrain's GPT's steps: other models recompute whole blocks.
+    recompute = apply_recompute(plan, ctx, search_options.recompute if model.unit_recompute else "whole")
+    searched_at = time.perf_counter()
+    prediction, _ = predict_plan(plan, ctx)
+    if search_options.interleave:
+        plan, prediction = _try_interleaving(plan, prediction, ctx)
+    return plan, prediction, recompute, searched_at
 
 
 def _faster_with_or_without_zero1(model, cluster: Cluster, global_batch: int, seq_len: int,
@@ -213,7 +220,12 @@ def _try_interleaving(plan: ClusterPlan, prediction, ctx: CostContext):
     stage (interleaved 1F1B, which the runtime runs; torch's schedule needs the micro-batches
     in whole rounds of the stage count), when the simulator finds that at least
     INTERLEAVE_GAIN faster and every stage still within its memory (interleaving keeps more
-    micro-batches in flight); else the plan as it was."""
+    micro-batches in flight); else the plan as it was. Not tried when no schedule could gain that
+    much: a stage works m x (forward + backward without recomputation) + reduction + optimizer
+    seconds under any schedule of its blocks (interleaving only adds sends), so the slowest
+    pipeline cannot end before its busiest stage does."""
+    if _busiest_stage_s(plan, ctx) >= prediction.step_s * (1 - INTERLEAVE_GAIN):
+        return plan, prediction
     best, best_pred = plan, prediction
     for v in (2, 3, 4):
         try:
@@ -230,16 +242,42 @@ def _try_interleaving(plan: ClusterPlan, prediction, ctx: CostContext):
     return best, best_pred
 
 
-def _upper_bound(ctx: CostContext, global_batch: int, search_options: SearchOptions) -> dict:
+def _bound_options(search_options: SearchOptions, plan: ClusterPlan) -> SearchOptions:
+    """What each kind alone may choose: every degree (pins are a choice of this plan, not of the
+    bound), and interleaving when this plan interleaves (simulating interleaved 1F1B for every
+    kind costs seconds on small clusters, where a step has hundreds of micro-batches)."""
+    return dataclasses.replace(search_options, pins=Pins(mixed_tp=search_options.pins.mixed_tp),
+                               interleave=any(p.virtual_stages > 1 for p in plan.pipelines))
+
+
+def _busiest_stage_s(plan: ClusterPlan, ctx: CostContext) -> float:
+    """The work of the busiest stage of the slowest pipeline, which no schedule of the same stages
+    hides: a lower bound of the step under any schedule (1F1B, interleaved, zero-bubble)."""
+    all_groups = [g for pipe in plan.pipelines for g in pipe.groups]
+    slowest = 0.0
+    for pipe in plan.pipelines:
+        others = tuple(g for g in all_groups if g not in pipe.groups)
+        stages = build_stages(ctx, shape_of(pipe), pipe.n_microbatches, others, len(plan.pipelines))
+        busiest = max(pipe.n_microbatches * (st.fwd_s(sp.n_blocks) + st.bwd_s(sp.n_blocks, 0))
+                      + st.sync_s(sp.n_blocks) + st.optim_s(sp.n_blocks) for st, sp in zip(stages, pipe.stages))
+        slowest = max(slowest, busiest)
+    return slowest
+
+
+def _upper_bound(ctx: CostContext, model: ModelSpec, global_batch: int, search_options: SearchOptions) -> dict:
     """The sum over kinds of the tokens/s of the best plan of each kind's devices alone (same
     model and batch) with the pooled memory: the whole cluster's memory, shared evenly by that
     kind's devices. No plan of the whole cluster can beat it: a kind's share of any plan is
     work its devices could do alone, and alone with all the memory any plan may use (each of
     its devices has at least its own) they may hold the whole model and choose any split,
-    recomputation and micro-batch the shared plan gives them. (Until 2026-12-04 each kind was
-    planned within its own memory, which a kind that cannot hold the model alone made no bound
-    at all; until 2026-12-06 with unlimited memory, a valid but looser bound: each kind trained
-    as plain data parallelism, which no memory that plans share allows.)"""
+    recomputation and micro-batch the shared plan gives them. Each kind's plan is finished as
+    the plan is (unit recomputation policies; interleaving where faster, with
+    search_options.interleave, which _bound_options sets when the plan interleaves), so the bound
+    has every choice the plan has. (Until 2026-12-04 each kind was planned within its own memory, which a kind
+    that cannot hold the model alone made no bound at all; until 2026-12-06 with unlimited
+    memory, a valid but looser bound: each kind trained as plain data parallelism, which no
+    memory that plans share allows; until later that day each kind's plan was the search's
+    candidate, without the recomputation policies and interleaving the plan may get.)"""
     kinds: dict[str, list[str]] = {}
     for g in ctx.cluster.groups:
         kinds.setdefault(g.kind.name, []).append(g.name)
@@ -251,9 +289,12 @@ def _upper_bound(ctx: CostContext, global_batch: int, search_options: SearchOpti
         per_device = pooled_bytes // sum(g.devices for g in sub.groups)
         sub = dataclasses.replace(sub, groups=[dataclasses.replace(g, kind=dataclasses.replace(
             g.kind, memory_bytes=per_device)) for g in sub.groups])
-        cand, _ = search(CostContext(ctx.desc, sub, ctx.options), global_batch, search_options)
+        alone = CostContext(ctx.desc, sub, ctx.options)
+        cand, _ = search(alone, global_batch, search_options)
         if cand is not None:
-            per_kind[kind] = {"tokens_per_s": tokens / cand.step_s, "fits": True, "step_s": cand.step_s}
+            _, prediction, _, _ = _finish(cand, alone, model, global_batch, search_options)
+            step_s = min(cand.step_s, prediction.step_s)
+            per_kind[kind] = {"tokens_per_s": tokens / step_s, "fits": True, "step_s": step_s}
         else:
             # The kind cannot train the model alone: count what its compute could do at the
             # largest efficiency its matmul curve allows, so that the sum stays an upper bound.
@@ -289,7 +330,11 @@ def run_cluster_planning(model: ModelConfig | ModelSpec, cluster_path, global_ba
         except ValueError as e:
             raise ConfigError(f"--plan.virtual_stages {virtual_stages}: {e}") from None
         plan.prediction = repredict(plan).prediction
-        if plan.upper_bound:
+        if plan.upper_bound:  # the kinds alone may interleave too
+            ctx = context_for(plan)
+            bound = _upper_bound(ctx, _planned(model), global_batch, _bound_options(search_options, plan))
+            if bound["tokens_per_s"] > plan.upper_bound["tokens_per_s"]:
+                plan.upper_bound = bound
             plan.upper_bound["efficiency"] = plan.prediction["tokens_per_s"] / plan.upper_bound["tokens_per_s"]
     out_dir = os.fspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
