@@ -295,6 +295,47 @@ def test_interleaving_shrinks_the_predicted_bubble():
     assert chosen.prediction["step_s"] <= inter["step_s"] * (1 + 1e-9)
 
 
+def test_the_busiest_stage_bounds_every_schedule_and_an_interleaved_plan_bounds_its_kinds_interleaved():
+    """No schedule of a plan's stages ends before its busiest stage's work (the planner skips
+    trying interleaving when that leaves under 1% to gain); when the plan interleaves, each kind
+    alone may interleave too (and the plan stays under its bound)."""
+    from hetrain.model.presets import get_preset
+    from hetrain.plan.cluster.plan import interleave
+    from hetrain.plan.cluster.planner import Pins, _bound_options, _busiest_stage_s, repredict
+    from hetrain.plan.cluster.predict import context_for
+
+    cluster = parse_cluster(textwrap.dedent("""\
+        [[group]]
+        name = "a"
+        kind = "A100-80GB"
+        nodes = 1
+        devices_per_node = 4
+        intra_node_gbytes_per_s = 300
+        inter_node_gbytes_per_s = 100
+        [[group]]
+        name = "b"
+        kind = "H100-SXM"
+        nodes = 1
+        devices_per_node = 4
+        intra_node_gbytes_per_s = 450
+        inter_node_gbytes_per_s = 100
+        """))
+    model = dataclasses.replace(get_preset("gpt2-medium"), n_layer=16, vocab_size=256)
+    plain = plan_cluster(model, cluster, 8, 1024, search_options=SearchOptions(
+        upper_bound=False, pins=Pins(tp=1, pp=4, dp=1, micro_batch=1), interleave=False))
+    floor = _busiest_stage_s(plain, context_for(plain))
+    for v in (1, 2, 4):
+        trial = dataclasses.replace(plain, pipelines=[interleave(p, v) for p in plain.pipelines])
+        assert repredict(trial).prediction["step_s"] >= floor * (1 - 1e-12)
+    pins = Pins(tp=1, pp=4, dp=1, micro_batch=1)
+    chosen = plan_cluster(model, cluster, 8, 1024, search_options=SearchOptions(pins=pins))
+    assert any(p.virtual_stages > 1 for p in chosen.pipelines)
+    assert chosen.upper_bound["efficiency"] <= 1.0
+    # The kinds alone search every degree, and interleave when the plan does.
+    assert _bound_options(SearchOptions(pins=pins), chosen) == SearchOptions(interleave=True)
+    assert _bound_options(SearchOptions(pins=pins), plain) == SearchOptions(interleave=False)
+
+
 @pytest.mark.parametrize("options", [dict(distributed_optimizer=True), dict(overlap_grad_reduce=False)])
 @pytest.mark.parametrize("name", ["recompute", "16-devices", "separate-pipelines"])
 def test_search_equals_exhaustive_enumeration_with_priced_options(name, options):
