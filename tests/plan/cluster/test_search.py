@@ -267,11 +267,9 @@ def test_interleaved_order_is_torchs(n_stages, n_chunks, m):
         assert ours[rank] == theirs
 
 
-def test_interleaving_shrinks_the_predicted_bubble():
-    """Same stages and micro-batches: 2 interleaved chunks per stage cut the 1F1B bubble on fast links."""
+def _a100_node_and_model():
+    """One node of 4 A100-80GB and a 16-block GPT-2 medium: with PP 4 pinned, interleaving pays."""
     from hetrain.model.presets import get_preset
-    from hetrain.plan.cluster.planner import Pins, SearchOptions, plan_cluster, repredict
-    from hetrain.plan.cluster.plan import interleave
 
     cluster = parse_cluster(textwrap.dedent("""\
         [[group]]
@@ -282,7 +280,15 @@ def test_interleaving_shrinks_the_predicted_bubble():
         intra_node_gbytes_per_s = 300
         inter_node_gbytes_per_s = 100
         """))
-    model = dataclasses.replace(get_preset("gpt2-medium"), n_layer=16, vocab_size=256)
+    return cluster, dataclasses.replace(get_preset("gpt2-medium"), n_layer=16, vocab_size=256)
+
+
+def test_interleaving_shrinks_the_predicted_bubble():
+    """Same stages and micro-batches: 2 interleaved chunks per stage cut the 1F1B bubble on fast links."""
+    from hetrain.plan.cluster.planner import Pins, SearchOptions, plan_cluster, repredict
+    from hetrain.plan.cluster.plan import interleave
+
+    cluster, model = _a100_node_and_model()
     options = SearchOptions(upper_bound=False, pins=Pins(tp=1, pp=4, dp=1, micro_batch=1), interleave=False)
     plan = plan_cluster(model, cluster, 8, 1024, search_options=options)
     interleaved = dataclasses.replace(plan, pipelines=[interleave(p, 2) for p in plan.pipelines])
@@ -299,28 +305,11 @@ def test_the_busiest_stage_bounds_every_schedule_and_an_interleaved_plan_bounds_
     """No schedule of a plan's stages ends before its busiest stage's work (the planner skips
     trying interleaving when that leaves under 1% to gain); when the plan interleaves, each kind
     alone may interleave too (and the plan stays under its bound)."""
-    from hetrain.model.presets import get_preset
     from hetrain.plan.cluster.plan import interleave
     from hetrain.plan.cluster.planner import Pins, _bound_options, _busiest_stage_s, repredict
     from hetrain.plan.cluster.predict import context_for
 
-    cluster = parse_cluster(textwrap.dedent("""\
-        [[group]]
-        name = "a"
-        kind = "A100-80GB"
-        nodes = 1
-        devices_per_node = 4
-        intra_node_gbytes_per_s = 300
-        inter_node_gbytes_per_s = 100
-        [[group]]
-        name = "b"
-        kind = "H100-SXM"
-        nodes = 1
-        devices_per_node = 4
-        intra_node_gbytes_per_s = 450
-        inter_node_gbytes_per_s = 100
-        """))
-    model = dataclasses.replace(get_preset("gpt2-medium"), n_layer=16, vocab_size=256)
+    cluster, model = _a100_node_and_model()
     plain = plan_cluster(model, cluster, 8, 1024, search_options=SearchOptions(
         upper_bound=False, pins=Pins(tp=1, pp=4, dp=1, micro_batch=1), interleave=False))
     floor = _busiest_stage_s(plain, context_for(plain))
