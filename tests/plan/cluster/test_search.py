@@ -380,3 +380,32 @@ def test_a_cluster_that_only_mixed_tp_fits_says_so():
         plan_cluster(cfg, cluster, 16, 2048, OPTIONS, SearchOptions(upper_bound=False))
     plan = plan_cluster(cfg, cluster, 16, 2048, OPTIONS, SearchOptions(upper_bound=False, pins=Pins(mixed_tp=True)))
     assert sorted(plan.pipelines[0].tp) == [2, 8]
+
+
+def test_the_bound_of_an_opt_plan_falls_back_to_heu_for_stages_too_large_for_the_milp():
+    """--plan.recompute opt solves a MILP per stage of at most OPT_MAX_BLOCKS blocks; a kind alone
+    may need larger stages that recompute (here 2 devices, 13 blocks a stage): its plan in the
+    bound then takes HEU's policies instead of failing the planning."""
+    from hetrain.model.presets import get_preset
+    from hetrain.model.spec import ModelSpec
+    from hetrain.plan.cluster.planner import _upper_bound
+    from hetrain.plan.cluster.recompute_split import OPT_MAX_BLOCKS
+
+    cluster = parse_cluster(textwrap.dedent("""\
+        [[group]]
+        name = "a"
+        kind = "A100-80GB"
+        nodes = 1
+        devices_per_node = 2
+        intra_node_gbytes_per_s = 8
+        inter_node_gbytes_per_s = 10
+        memory_gib = 2
+        """))
+    model = ModelSpec.gpt(dataclasses.replace(get_preset("gpt2-small"), n_layer=26, vocab_size=256))
+    ctx = CostContext(model.describe(1024, dtype_bytes=2), cluster, PredictorOptions())
+    cand, _ = search(ctx, 8, SearchOptions())
+    (pipe,) = cand.pipelines
+    assert max(pipe.n_blocks) > OPT_MAX_BLOCKS and sum(pipe.n_recompute) > 0
+    opt = _upper_bound(ctx, model, 8, SearchOptions(recompute="opt"))
+    heu = _upper_bound(ctx, model, 8, SearchOptions(recompute="heu"))
+    assert opt["kinds"]["A100-80GB"]["fits"] and opt["tokens_per_s"] == heu["tokens_per_s"]

@@ -19,7 +19,7 @@ from hetrain.errors import ConfigError
 from hetrain.hardware.cluster import Cluster, cluster_to_dict, load_cluster
 from hetrain.model.gpt import ModelConfig
 from hetrain.plan.cluster.cost import CostContext, PredictorOptions
-from hetrain.plan.cluster.plan import ClusterPlan, PipelinePlan, StagePlan, interleave
+from hetrain.plan.cluster.plan import ClusterPlan, PipelinePlan, StagePlan, fold, interleave
 from hetrain.plan.cluster.predict import PipelineShape, build_stages, context_for, predict_plan, shape_of
 from hetrain.model.spec import ModelSpec
 from hetrain.plan.cluster.report import format_report, write_timeline
@@ -255,7 +255,7 @@ def _busiest_stage_s(plan: ClusterPlan, ctx: CostContext) -> float:
     hides: a lower bound of the step under any schedule (1F1B, interleaved, zero-bubble)."""
     all_groups = [g for pipe in plan.pipelines for g in pipe.groups]
     slowest = 0.0
-    for pipe in plan.pipelines:
+    for pipe in map(fold, plan.pipelines):  # device stages, whatever the chunks
         others = tuple(g for g in all_groups if g not in pipe.groups)
         stages = build_stages(ctx, shape_of(pipe), pipe.n_microbatches, others, len(plan.pipelines))
         busiest = max(pipe.n_microbatches * (st.fwd_s(sp.n_blocks) + st.bwd_s(sp.n_blocks, 0))
@@ -292,7 +292,11 @@ def _upper_bound(ctx: CostContext, model: ModelSpec, global_batch: int, search_o
         alone = CostContext(ctx.desc, sub, ctx.options)
         cand, _ = search(alone, global_batch, search_options)
         if cand is not None:
-            _, prediction, _, _ = _finish(cand, alone, model, global_batch, search_options)
+            try:
+                _, prediction, _, _ = _finish(cand, alone, model, global_batch, search_options)
+            except ConfigError:  # OPT's MILP takes stages of at most OPT_MAX_BLOCKS blocks; HEU any
+                _, prediction, _, _ = _finish(cand, alone, model, global_batch,
+                                              dataclasses.replace(search_options, recompute="heu"))
             step_s = min(cand.step_s, prediction.step_s)
             per_kind[kind] = {"tokens_per_s": tokens / step_s, "fits": True, "step_s": step_s}
         else:
@@ -331,11 +335,14 @@ def run_cluster_planning(model: ModelConfig | ModelSpec, cluster_path, global_ba
             raise ConfigError(f"--plan.virtual_stages {virtual_stages}: {e}") from None
         plan.prediction = repredict(plan).prediction
         if plan.upper_bound:  # the kinds alone may interleave too
-            ctx = context_for(plan)
-            bound = _upper_bound(ctx, _planned(model), global_batch, _bound_options(search_options, plan))
+            start = time.perf_counter()
+            bound = _upper_bound(context_for(plan), _planned(model), global_batch,
+                                 _bound_options(search_options, plan))
             if bound["tokens_per_s"] > plan.upper_bound["tokens_per_s"]:
                 plan.upper_bound = bound
             plan.upper_bound["efficiency"] = plan.prediction["tokens_per_s"] / plan.upper_bound["tokens_per_s"]
+            if plan.search is not None:
+                plan.search["upper_bound_s"] = plan.search.get("upper_bound_s", 0.0) + time.perf_counter() - start
     out_dir = os.fspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     plan.save(os.path.join(out_dir, "plan.json"))

@@ -20,8 +20,6 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from hetrain.hardware.cluster import Group, cluster_from_dict
 from hetrain.errors import ConfigError
 from hetrain.model.gpt import ModelConfig
@@ -160,8 +158,8 @@ class StageModel:
         return exposed
 
     def optim_s(self, n_blocks: int) -> float:
-        """Accumulation, clipping, the weight copy and AdamW (on a 1/dp share under ZeRO-1,
-        followed by the replicas' broadcasts of the fp32 weights they updated)."""
+        """Clipping, the weight copy and AdamW (on a 1/dp share under ZeRO-1, followed by the
+        replicas' broadcasts of the fp32 weights they updated); accumulation is in the backwards."""
         params = self.params(n_blocks)
         if not self.options.distributed_optimizer:
             return params * (self.adam_s_per_param + self.grad_pass_s_per_param)
@@ -227,7 +225,8 @@ def build_stages(ctx: CostContext, shape: PipelineShape, n_microbatches: int,
             inflight=min(n_microbatches, n_stages - s),
             capacity_bytes=kit.capacity_bytes,
             block_params=kit.block.params, fixed_params=fixed_params,
-            lead_params=kit.head.params if last else 0, lead_bwd_s=kit.head.bwd_s if last else 0.0,
+            lead_params=kit.head.params if last else 0,
+            lead_bwd_s=kit.head.bwd_s + kit.head.params * accumulate_s if last else 0.0,
             dp=shape.dp, dp_path=dp_path(ctx, group, shape.dp, tp, j),
             n_pipelines=n_pipelines if others else 1, cross_path=cross,
             grad_bytes_per_param=opts.grad_reduce_bytes_per_param,
