@@ -267,20 +267,25 @@ def test_interleaved_order_is_torchs(n_stages, n_chunks, m):
         assert ours[rank] == theirs
 
 
-def _a100_node_and_model():
-    """One node of 4 A100-80GB and a 16-block GPT-2 medium: with PP 4 pinned, interleaving pays."""
-    from hetrain.model.presets import get_preset
-
-    cluster = parse_cluster(textwrap.dedent("""\
+def _a100_node(devices: int = 4, intra_gbytes_per_s: int = 300, inter_gbytes_per_s: int = 100, memory: str = ""):
+    """One node of A100-80GB (memory: an extra `memory_gib = N` line)."""
+    return parse_cluster(textwrap.dedent(f"""\
         [[group]]
         name = "a"
         kind = "A100-80GB"
         nodes = 1
-        devices_per_node = 4
-        intra_node_gbytes_per_s = 300
-        inter_node_gbytes_per_s = 100
+        devices_per_node = {devices}
+        intra_node_gbytes_per_s = {intra_gbytes_per_s}
+        inter_node_gbytes_per_s = {inter_gbytes_per_s}
+        {memory}
         """))
-    return cluster, dataclasses.replace(get_preset("gpt2-medium"), n_layer=16, vocab_size=256)
+
+
+def _a100_node_and_model():
+    """One node of 4 A100-80GB and a 16-block GPT-2 medium: with PP 4 pinned, interleaving pays."""
+    from hetrain.model.presets import get_preset
+
+    return _a100_node(), dataclasses.replace(get_preset("gpt2-medium"), n_layer=16, vocab_size=256)
 
 
 def test_interleaving_shrinks_the_predicted_bubble():
@@ -391,16 +396,7 @@ def test_the_bound_of_an_opt_plan_falls_back_to_heu_for_stages_too_large_for_the
     from hetrain.plan.cluster.planner import _upper_bound
     from hetrain.plan.cluster.recompute_split import OPT_MAX_BLOCKS
 
-    cluster = parse_cluster(textwrap.dedent("""\
-        [[group]]
-        name = "a"
-        kind = "A100-80GB"
-        nodes = 1
-        devices_per_node = 2
-        intra_node_gbytes_per_s = 8
-        inter_node_gbytes_per_s = 10
-        memory_gib = 2
-        """))
+    cluster = _a100_node(devices=2, intra_gbytes_per_s=8, inter_gbytes_per_s=10, memory="memory_gib = 2")
     model = ModelSpec.gpt(dataclasses.replace(get_preset("gpt2-small"), n_layer=26, vocab_size=256))
     ctx = CostContext(model.describe(1024, dtype_bytes=2), cluster, PredictorOptions())
     cand, _ = search(ctx, 8, SearchOptions())
