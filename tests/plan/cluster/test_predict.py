@@ -66,6 +66,30 @@ def test_device_time_adds_up_to_the_step_on_every_device(name):
     assert set(pred.device_s) <= set(TIME_USES) and pred.device_s["idle"] > 0
 
 
+def test_the_report_explains_fill_and_drain_with_the_textbook_share():
+    """Each pipeline whose 1F1B fill and drain is 5% of the step or more gets a line with
+    (S - 1) / (m + S - 1); interleaving V chunks divides S - 1 by V."""
+    from hetrain.plan.cluster.plan import interleave
+    from hetrain.plan.cluster.report import FILL_AND_DRAIN_NOTE, fill_and_drain, format_report
+
+    plan = _plan("per-group-micro-batch")  # one pipeline of one stage (no fill), one of 2 stages
+    for want in (1, 2):
+        chunks = [want if min(st.n_blocks for st in p.stages) >= want else 1 for p in plan.pipelines]
+        trial = dataclasses.replace(plan, pipelines=[interleave(p, v) for p, v in zip(plan.pipelines, chunks)])
+        lines = fill_and_drain(trial)
+        expected = []
+        for p, (pipe, v) in enumerate(zip(plan.pipelines, chunks)):
+            S, m = len(pipe.stages), pipe.n_microbatches
+            share = (S - 1) / v / (m + (S - 1) / v)
+            if share >= FILL_AND_DRAIN_NOTE:
+                expected.append(f"P{p}: {'interleaved 1F1B' if v > 1 else '1F1B'} over {S} stages and {m} "
+                                f"micro-batches idles about {100 * share:.0f}%")
+        assert len(lines) == len(expected) and all(line.startswith(e) for line, e in zip(lines, expected))
+        assert want == 1 or any("interleaved 1F1B" in line for line in lines)
+    assert fill_and_drain(plan), "the case must have a pipeline that fills and drains"
+    assert fill_and_drain(plan)[0] in format_report(plan)
+
+
 @pytest.mark.parametrize("name", ["separate-pipelines", "recompute", "16-devices"])
 def test_recurrence_equals_event_simulation(name):
     plan = _plan(name)

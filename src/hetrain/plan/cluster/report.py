@@ -33,6 +33,28 @@ def _where_reduced(plan: ClusterPlan) -> str:
     return inside if gloo == {False} else f"{inside}; {after}"
 
 
+FILL_AND_DRAIN_NOTE = 0.05
+"""The report explains a pipeline's fill and drain when it is at least this share of the step."""
+
+
+def fill_and_drain(plan: ClusterPlan) -> list[str]:
+    """Per pipeline whose fill and drain is FILL_AND_DRAIN_NOTE of its time or more, a line saying so:
+    S stages of equal time and m micro-batches idle (S - 1) / (m + S - 1) of a 1F1B step, and
+    interleaving V chunks divides the S - 1 by V (the textbook figures, which stages that differ in
+    time or tail only approach)."""
+    lines = []
+    for p, pipe in enumerate(plan.pipelines):
+        n_stages, v, m = len(pipe.stages) // pipe.virtual_stages, pipe.virtual_stages, pipe.n_microbatches
+        share = (n_stages - 1) / v / (m + (n_stages - 1) / v)
+        if share < FILL_AND_DRAIN_NOTE:
+            continue
+        how = "interleaved 1F1B" if v > 1 else "1F1B"
+        lines.append(f"P{p}: {how} over {n_stages} stages and {m} micro-batches idles about {100 * share:.0f}% "
+                     f"of the step filling and draining the pipeline; more micro-batches (a larger global batch, "
+                     f"fewer replicas) or fewer stages lower it")
+    return lines
+
+
 def format_report(plan: ClusterPlan) -> str:
     """The plan as text: pipelines, stages, per-kind throughput and memory, efficiency, search cost."""
     pred, model, cluster = plan.prediction, plan.model, plan.cluster
@@ -66,6 +88,7 @@ def format_report(plan: ClusterPlan) -> str:
         total = sum(pred["device_s"].values())
         uses = ", ".join(f"{TIME_USES[cat]} {100 * v / total:.1f}%" for cat, v in pred["device_s"].items() if v > 0)
         lines.append(f"Where the devices' time goes (all devices, one step): {uses}")
+        lines += [f"  {line}" for line in fill_and_drain(plan)]
     lines += ["", "Pipelines (each replicated dp times; stages in order)"]
     for p, pipe in enumerate(plan.pipelines):
         tps = ", ".join(f"{g} tp {t}" for g, t in zip(pipe.groups, pipe.tp))
