@@ -17,7 +17,7 @@ from hetrain.predict.roofline import Efficiency, layer_seconds
 from hetrain.train.job import describe, predict_job
 from hetrain.plan.cluster.one_f_one_b import one_f_one_b_end_s, one_f_one_b_orders
 from hetrain.plan.cluster.predict import (TIME_USES, PipelineShape, build_stages, context_for, pipeline_step_s,
-                                           predict_plan, shape_of)
+                                           plan_stages, predict_plan, shape_of)
 
 from .test_search import CASES, model, two_kinds
 
@@ -95,10 +95,8 @@ def test_recurrence_equals_event_simulation(name):
     plan = _plan(name)
     ctx = context_for(plan)
     pred, events = predict_plan(plan, ctx)
-    all_groups = [g for p in plan.pipelines for g in p.groups]
     for p, pipe in enumerate(plan.pipelines):
-        others = tuple(g for g in all_groups if g not in pipe.groups)
-        stages = build_stages(ctx, shape_of(pipe), pipe.n_microbatches, others, len(plan.pipelines))
+        stages = plan_stages(ctx, plan, pipe)
         n = [s.n_blocks for s in pipe.stages]
         r = [s.n_recompute_blocks for s in pipe.stages]
         assert pipeline_step_s(stages, n, r, pipe.n_microbatches) == pytest.approx(pred.pipeline_step_s[p], rel=1e-12)

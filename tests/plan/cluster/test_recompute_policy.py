@@ -25,7 +25,7 @@ from hetrain.pipeline.unit_recompute import Recomputations, apply_unit_recompute
 from hetrain.plan.cluster.planner import plan_cluster
 from hetrain.plan.cluster.cost import PredictorOptions
 from hetrain.plan.cluster.plan import ClusterPlan, PipelinePlan, StagePlan
-from hetrain.plan.cluster.predict import build_stages, context_for, predict_plan, shape_of
+from hetrain.plan.cluster.predict import build_stages, context_for, plan_stages, predict_plan, shape_of
 from hetrain.plan.cluster.search import Pins, SearchOptions
 from hetrain.plan.cluster.recompute_plan import (COLLECTIVE, DEMAND, STEPS, UNITS, WINDOW, BlockPolicy, block_policies,
                                                policy_groups)
@@ -100,10 +100,8 @@ def test_schedule_recurrence_and_memory_equal_the_event_simulator():
     pred, events = predict_plan(plan, ctx)
     ahead = any(x.recompute_ahead_s for x in pred.stages)
     assert ahead == ("recompute" in {e.cat for e in events})  # ahead of a backward: a task of its own
-    all_groups = [g for p in plan.pipelines for g in p.groups]
     for p, pipe in enumerate(plan.pipelines):
-        others = tuple(g for g in all_groups if g not in pipe.groups)
-        stages = build_stages(ctx, shape_of(pipe), pipe.n_microbatches, others, len(plan.pipelines))
+        stages = plan_stages(ctx, plan, pipe)
         times, extra = [], []
         for s, (st, sp) in enumerate(zip(stages, pipe.stages)):
             policies = block_policies(sp.recompute, sp.first_block, sp.n_blocks, sp.n_recompute_blocks)

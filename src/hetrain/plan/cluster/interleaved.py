@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 
+from hetrain.plan.cluster.predict import stage_lanes
 from hetrain.predict.simulator import Task
 
 
@@ -59,7 +60,7 @@ def interleaved_tasks(p: int, stages: list, chunks: list, n_microbatches: int) -
     device stages, `chunks` its StagePlans in model order (chunk c on stage c mod S)."""
     S = len(stages)
     V = len(chunks) // S
-    lanes = [f"P{p} S{s} {st.group} tp{st.tp}" for s, st in enumerate(stages)]
+    lanes = stage_lanes(p, stages)
     totals = [(sum(c.n_blocks for c in chunks[s::S]), sum(c.n_recompute_blocks for c in chunks[s::S]))
               for s in range(S)]
     base = {lane: st.static_bytes(n) for lane, st, (n, _) in zip(lanes, stages, totals)}

@@ -20,7 +20,7 @@ from hetrain.hardware.cluster import Cluster, cluster_to_dict, load_cluster
 from hetrain.model.gpt import ModelConfig
 from hetrain.plan.cluster.cost import CostContext, PredictorOptions
 from hetrain.plan.cluster.plan import ClusterPlan, PipelinePlan, StagePlan, fold, interleave
-from hetrain.plan.cluster.predict import PipelineShape, build_stages, context_for, predict_plan, shape_of
+from hetrain.plan.cluster.predict import PipelineShape, build_stages, context_for, plan_stages, predict_plan
 from hetrain.model.spec import ModelSpec
 from hetrain.plan.cluster.report import format_report, write_timeline
 from hetrain.plan.cluster.search import Candidate, Pins, SearchOptions, divisors, search
@@ -253,11 +253,9 @@ def _bound_options(search_options: SearchOptions, plan: ClusterPlan) -> SearchOp
 def _busiest_stage_s(plan: ClusterPlan, ctx: CostContext) -> float:
     """The work of the busiest stage of the slowest pipeline, which no schedule of the same stages
     hides: a lower bound of the step under any schedule (1F1B, interleaved, zero-bubble)."""
-    all_groups = [g for pipe in plan.pipelines for g in pipe.groups]
     slowest = 0.0
     for pipe in map(fold, plan.pipelines):  # device stages, whatever the chunks
-        others = tuple(g for g in all_groups if g not in pipe.groups)
-        stages = build_stages(ctx, shape_of(pipe), pipe.n_microbatches, others, len(plan.pipelines))
+        stages = plan_stages(ctx, plan, pipe)
         busiest = max(pipe.n_microbatches * (st.fwd_s(sp.n_blocks) + st.bwd_s(sp.n_blocks, 0))
                       + st.sync_s(sp.n_blocks) + st.optim_s(sp.n_blocks) for st, sp in zip(stages, pipe.stages))
         slowest = max(slowest, busiest)

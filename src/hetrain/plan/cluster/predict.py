@@ -167,6 +167,18 @@ class StageModel:
         return params * (self.adam_s_per_param / self.dp + self.grad_pass_s_per_param) + gather
 
 
+def stage_lanes(p: int, stages: list[StageModel]) -> list[str]:
+    """The simulator lane of each stage of pipeline p: one device of the stage's TP group."""
+    return [f"P{p} S{s} {st.group} tp{st.tp}" for s, st in enumerate(stages)]
+
+
+def plan_stages(ctx: CostContext, plan: ClusterPlan, pipe: PipelinePlan) -> list[StageModel]:
+    """The StageModels of one of plan's pipelines (its device stages: fold an interleaved one
+    first), exchanging gradients with the plan's other pipelines."""
+    others = tuple(g for other in plan.pipelines for g in other.groups if g not in pipe.groups)
+    return build_stages(ctx, shape_of(pipe), pipe.n_microbatches, others, len(plan.pipelines))
+
+
 def stage_counts(ctx: CostContext, shape: PipelineShape) -> list[int]:
     """Stages each group of the shape contributes (its devices / (dp x tp))."""
     return [ctx.cluster.group(g).devices // (shape.dp * tp) for g, tp in zip(shape.groups, shape.tps)]
@@ -331,7 +343,7 @@ def _pipeline_tasks(p: int, stages: list[StageModel], plans: list[StagePlan], m:
     the backward that does not wait for the gradient and holds its bytes until the backward ends;
     without it the backward holds them (collective regions) while it runs."""
     tasks: list[Task] = []
-    lanes = [f"P{p} S{s} {st.group} tp{st.tp}" for s, st in enumerate(stages)]
+    lanes = stage_lanes(p, stages)
     base = {lane: st.static_bytes(sp.n_blocks) for lane, st, sp in zip(lanes, stages, plans)}
     done_f: dict[tuple[int, int], str] = {}  # (stage, mb) -> task the next stage waits for
     done_b: dict[tuple[int, int], str] = {}
@@ -412,7 +424,6 @@ def predict_plan(plan: ClusterPlan, ctx: CostContext | None = None) -> tuple[Pla
     """Simulate every pipeline of the plan; the step ends when the slowest pipeline's optimizer does."""
     ctx = ctx or context_for(plan)
     opts = ctx.options
-    all_groups = [g for pipe in plan.pipelines for g in pipe.groups]
     events: list[TraceEvent] = []
     stage_preds: list[StagePrediction] = []
     pipe_steps: list[float] = []
@@ -422,8 +433,7 @@ def predict_plan(plan: ClusterPlan, ctx: CostContext | None = None) -> tuple[Pla
     busy_s: dict[str, float] = {}  # device-seconds by category
     for p, chunked in enumerate(plan.pipelines):
         pipe = fold(chunked)  # device stages (the chunks of each summed, for interleaved pipelines)
-        others = tuple(g for g in all_groups if g not in pipe.groups)
-        stages = build_stages(ctx, shape_of(pipe), pipe.n_microbatches, others, len(plan.pipelines))
+        stages = plan_stages(ctx, plan, pipe)
         if chunked.virtual_stages > 1:
             from hetrain.plan.cluster.interleaved import interleaved_tasks
 
@@ -435,11 +445,12 @@ def predict_plan(plan: ClusterPlan, ctx: CostContext | None = None) -> tuple[Pla
         result = simulate(tasks, base_bytes=base)
         pipe_steps.append(result.step_s)
         events.extend(result.events)
-        devices_on = {f"P{p} S{s} {st.group} tp{st.tp}": pipe.dp * st.tp for s, st in enumerate(stages)}
+        lanes = stage_lanes(p, stages)
+        devices_on = {lane: pipe.dp * st.tp for lane, st in zip(lanes, stages)}
         for e in result.events:
             busy_s[e.cat] = busy_s.get(e.cat, 0.0) + e.dur_s * devices_on[e.lane]
-        for s, (st, sp) in enumerate(zip(stages, pipe.stages)):
-            peak = result.peak_bytes[f"P{p} S{s} {st.group} tp{st.tp}"]
+        for s, (st, sp, lane) in enumerate(zip(stages, pipe.stages, lanes)):
+            peak = result.peak_bytes[lane]
             ahead_s, demand_s = recompute[s][:2] if recompute[s] else (0.0, 0.0)
             stage_preds.append(StagePrediction(
                 p, s, st.group, st.kind, st.tp, pipe.dp, sp.n_blocks, sp.n_recompute_blocks,

@@ -25,7 +25,7 @@ import time
 
 from hetrain.plan.cluster.cost import CostContext
 from hetrain.plan.cluster.plan import ClusterPlan, PipelinePlan
-from hetrain.plan.cluster.predict import StageModel, build_stages, shape_of
+from hetrain.plan.cluster.predict import StageModel, plan_stages
 from hetrain.plan.cluster.recompute_plan import BlockPolicy, policy_groups
 from hetrain.plan.cluster.recompute_policy import PipelineRecompute, StageProblem, plan_pipeline
 from hetrain.plan.cluster.one_f_one_b import StageTimes, simulate
@@ -115,7 +115,6 @@ def apply_recompute(plan: ClusterPlan, ctx: CostContext, method: str = "heu") ->
     notes = {"method": method, "pipelines": []}
     if method == "whole":
         return notes
-    all_groups = [g for pipe in plan.pipelines for g in pipe.groups]
     for p, pipe in enumerate(plan.pipelines):
         if pipe.virtual_stages != 1 or not any(st.n_recompute_blocks for st in pipe.stages):
             continue
@@ -125,8 +124,7 @@ def apply_recompute(plan: ClusterPlan, ctx: CostContext, method: str = "heu") ->
             raise ConfigError(f"--plan.recompute opt solves a MILP per stage and is meant for small cases (at most "
                               f"{OPT_MAX_BLOCKS} blocks per stage, this plan has "
                               f"{max(st.n_blocks for st in pipe.stages)}); use --plan.recompute heu")
-        others = tuple(g for g in all_groups if g not in pipe.groups)
-        stages = build_stages(ctx, shape_of(pipe), pipe.n_microbatches, others, len(plan.pipelines))
+        stages = plan_stages(ctx, plan, pipe)
         pricer = Pricer(ctx, stages, pipe.n_microbatches, pipe.micro_batch, method)
         n_old = [st.n_blocks for st in pipe.stages]
         old_s = pricer.whole_block_s(n_old, [st.n_recompute_blocks for st in pipe.stages])
