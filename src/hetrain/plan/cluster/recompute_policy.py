@@ -230,11 +230,12 @@ def _menu(units: BlockUnits, step_s: tuple[float, ...], collective_window_s: flo
     pairs = {(options[0], o) for o in options[1:]}
     pairs |= {(lo, up) for lo, up in zip(hull, hull[1:])}
     pairs |= {(h, most) for h in hull if h[0] < most[0]}
+    def group(option):
+        f, sec, mask = option
+        return f, sec, mask, sets[mask], f > 0 and sec > 0 and sets[mask].ahead_ok
+
     menu = []
     for lower, upper in pairs:  # the set's own order, as HEU always walked it (ties keep the first)
-        def group(option):
-            f, sec, mask = option
-            return f, sec, mask, sets[mask], f > 0 and sec > 0 and sets[mask].ahead_ok
         u_up, u_lo = sets[upper[2]], sets[lower[2]]
         # The group that saves the most seconds per byte goes ahead first (upper on a tie).
         upper_first = _per_byte(upper) <= _per_byte(lower)
