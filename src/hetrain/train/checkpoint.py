@@ -62,11 +62,20 @@ def _quiet_single_process():
         yield
 
 
-def _rng_state() -> dict[str, torch.Tensor]:
+def rng_state(cuda_if_initialized: bool = False) -> dict[str, torch.Tensor]:
+    """The CPU random state, and CUDA's where CUDA is available (with `cuda_if_initialized`, only
+    where this process has initialised it: a CPU rank on a GPU machine leaves CUDA alone)."""
     state = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() and (torch.cuda.is_initialized() or not cuda_if_initialized):
         state["cuda"] = torch.cuda.get_rng_state()
     return state
+
+
+def restore_rng(state: dict[str, torch.Tensor]) -> None:
+    """Set the random state `rng_state` returned (CUDA's where it holds one and CUDA is available)."""
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 def training_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
@@ -119,7 +128,7 @@ def save_checkpoint(run_dir: str | os.PathLike, state: dict, meta: CheckpointMet
     shutil.rmtree(tmp, ignore_errors=True)
     with _quiet_single_process():
         # One writer (rank 0 under data parallelism, which holds the full state): no collectives.
-        dcp.save({**state, "rng": _rng_state()}, checkpoint_id=str(tmp), no_dist=True)
+        dcp.save({**state, "rng": rng_state()}, checkpoint_id=str(tmp), no_dist=True)
     return publish(run_dir, tmp, final, meta, keep)
 
 
@@ -187,16 +196,14 @@ def load_checkpoint(path: Path, state: dict) -> CheckpointMeta:
     """Load a checkpoint resolved by resolve_resume into `state`'s tensors in place (the dict
     training_state or an engine's state_dict returns) and restore the RNG."""
     meta = read_meta(path)
-    state = {**state, "rng": _rng_state()}
+    state = {**state, "rng": rng_state()}
     try:
         with _quiet_single_process():
             dcp.load(state, checkpoint_id=str(path), no_dist=True)  # every rank reads the whole state
     except (Exception, CheckpointException) as e:  # DCP's own exception derives from BaseException
         raise ConfigError(f"checkpoint '{path}' could not be read ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
                           f"resume from an earlier checkpoint with --run.resume PATH") from None
-    torch.set_rng_state(state["rng"]["cpu"])
-    if "cuda" in state["rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["rng"]["cuda"])
+    restore_rng(state["rng"])
     return meta
 
 

@@ -56,18 +56,12 @@ def training_state(named: list[tuple[str, torch.nn.Parameter]], optimizer: torch
             optim_state[key] = {"step": state["step"].detach().cpu(),
                                 "exp_avg": full_canonical(name, state["exp_avg"], cfg, tp),
                                 "exp_avg_sq": full_canonical(name, state["exp_avg_sq"], cfg, tp)}
-    out = {"model": model, "optim": {"state": optim_state}, "rng_by_place": {rng_key(comm.place): _rng_state()}}
+    out = {"model": model, "optim": {"state": optim_state},
+           "rng_by_place": {rng_key(comm.place): ckpt.rng_state(cuda_if_initialized=True)}}
     if comm.place.rank == 0:
         out["optim"]["param_groups"] = _param_groups(optimizer, names)
         out["rng"] = {"cpu": torch.get_rng_state()}
     return out
-
-
-def _rng_state() -> dict[str, torch.Tensor]:
-    state = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
 
 
 def rng_key(place) -> str:
@@ -93,9 +87,7 @@ def load_rng(path: Path, place) -> bool:
         state["cuda"] = torch.empty_like(torch.cuda.get_rng_state())
     with ckpt._quiet_single_process():
         dcp.load({"rng_by_place": {key: state}}, checkpoint_id=str(path), no_dist=True)
-    torch.set_rng_state(state["cpu"])
-    if has_cuda:
-        torch.cuda.set_rng_state(state["cuda"])
+    ckpt.restore_rng(state)
     return True
 
 
