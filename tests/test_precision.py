@@ -115,3 +115,36 @@ def test_copies_follow_the_masters_after_release_and_nothing_changes_in_fp32():
     with plain.active():
         assert model.blocks[0].attn.qkv.weight.dtype == torch.float32
     assert plain.bytes == 0
+
+
+def test_held_weights_train_like_the_masters_they_came_from_whose_storage_is_freed():
+    """ZeRO-1 in bf16 (ShardedUpdate.hold_masters): for the parameters another replica owns, a replica
+    keeps bf16 weights cast from the masters and frees the fp32 storage; the step's copies of those
+    are the held weights, and three micro-batches (a block recomputed) give the losses and the fp32
+    gradients of casting the masters, to the bit, the tied matrix included."""
+    from hetrain.pipeline.data_parallel import ShardedUpdate
+
+    sharded_model, plain_model = _gpt(), _gpt()
+    params = list(sharded_model.parameters())
+    others = params[1::2]  # what "the other replica" owns; the tied matrix (first) stays here
+    update = ShardedUpdate(link=None, owned_by=[params[0::2], others], index=0)
+    sharded, plain = WeightCopies(sharded_model, BF16), WeightCopies(plain_model, BF16)
+    freed = update.hold_masters([sharded], BF16)
+    assert freed == 4 * sum(p.numel() for p in others)
+    assert all(p.untyped_storage().nbytes() == 0 for p in others)
+    assert all(p.untyped_storage().nbytes() == 4 * p.numel() for p in params[0::2])
+    assert sharded.held is update.held and set(update.held) == {id(p) for p in others}
+    losses = {}
+    for name, model, copies in (("sharded", sharded_model, sharded), ("plain", plain_model, plain)):
+        losses[name] = []
+        for x, y in _batches():
+            with copies.active(), autocast(CPU, BF16):
+                loss = _loss_recomputing(model, x, y) / MICRO
+            with copies.active():
+                loss.backward()
+            losses[name].append(float(loss.detach()))
+        copies.release()
+    assert losses["sharded"] == losses["plain"]
+    for (name, a), b in zip(sharded_model.named_parameters(), plain_model.parameters()):
+        assert a.grad.dtype == torch.float32 and a.grad.shape == a.shape, name
+        torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0, msg=name)

@@ -16,6 +16,12 @@ gradients and AdamW state (hetrain.predict.state_bytes). Autocast alone over fp3
 cast every weight again in each micro-batch's forward and keep each micro-batch's copies saved
 until its backward: 1F1B's S - s micro-batches in flight on stage s would hold S - s copies.
 
+Under ZeRO-1 in bf16 (hetrain.pipeline.data_parallel.ShardedUpdate) a replica keeps the fp32
+masters of its own share only; for the rest it holds persistent bf16 weights that the owners
+broadcast after each step, and `WeightCopies.held` gives those as the step's copies (the same
+bits as casting the owner's master): the forward reads them and the gradient still reaches the
+fp32 parameter, whose storage is freed, as an fp32 `.grad`.
+
 Used by the one-process trainer and the pipeline runtime; the offload engine streams its own
 bf16 weights. This module casts and swaps tensors; it must not communicate or step an optimizer.
 """
@@ -37,6 +43,21 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype)
 
 
+class _HeldCopy(torch.autograd.Function):
+    """`held` (the compute-dtype weights of `master`, kept elsewhere than in `master`) as the copy the
+    forward reads, with the backward of `master.to(dtype)`: the gradient cast to the master's dtype
+    reaches `master`, whose data is never read (it may have no storage)."""
+
+    @staticmethod
+    def forward(ctx, master: torch.Tensor, held: torch.Tensor) -> torch.Tensor:
+        ctx.master_dtype = master.dtype
+        return held.view_as(held)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad.to(ctx.master_dtype), None
+
+
 class WeightCopies:
     """A module's floating-point parameters as `dtype` copies, made once per step.
 
@@ -45,10 +66,13 @@ class WeightCopies:
     outside it): run each forward, backward and recomputation of the step inside it. The copies
     are made at the first `active()` after `release()`, under the grad mode of that moment, so
     call `release()` after every step and every evaluation. A matrix tied under two names gets
-    one copy. With dtype None (fp32 training) `active()` does nothing."""
+    one copy. With dtype None (fp32 training) `active()` does nothing. A parameter whose id is in
+    `held` is not cast: its copy is that held `dtype` tensor (ZeRO-1's, updated in place between
+    steps), and its gradient still accumulates into the parameter's fp32 `.grad`."""
 
     def __init__(self, module: nn.Module, dtype: torch.dtype | None):
         self.module, self.dtype = module, dtype
+        self.held: dict[int, torch.Tensor] = {}
         self._copies: dict[str, torch.Tensor] | None = None
         self._depth = 0
 
@@ -74,7 +98,8 @@ class WeightCopies:
         for name, p in self.module.named_parameters(remove_duplicate=False):
             if p.is_floating_point():
                 if id(p) not in by_id:  # a tied matrix is cast once
-                    by_id[id(p)] = p.to(self.dtype)
+                    held = self.held.get(id(p))
+                    by_id[id(p)] = p.to(self.dtype) if held is None else _HeldCopy.apply(p, held)
                 copies[name] = by_id[id(p)]
         self._copies = copies
 

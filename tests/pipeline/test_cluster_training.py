@@ -232,6 +232,46 @@ def test_zero1_shards_adamw_state_and_trains_the_same_model(tmp_path, corpus, re
     assert_same_params(tmp_path / "resumed", reference)
 
 
+@pytest.mark.parametrize("layout", ["tp2", "pp2"])
+def test_zero1_in_bf16_shards_the_fp32_masters_and_trains_the_same_model(tmp_path, corpus, layout):
+    """bf16 with ZeRO-1 over 2 replicas, under TP 2 (DTensor masters) and PP 2 (the tied matrix on two
+    stages): each replica keeps the fp32 masters of its share only and bf16 weights of the rest,
+    broadcast in bf16 by their owners; the run is the bf16 run without sharding, bit for bit (every
+    loss, every weight), and that run resumes the sharded run's checkpoint (written by the owners)
+    as if it had not stopped."""
+    if layout == "tp2":
+        pipe = pipeline(["cpu-a"], [N_LAYER], tp=2, dp=2, n_microbatches=2)
+    else:
+        pipe = pipeline(["cpu-a"], [3, 2], recompute=[1, 0], dp=2, n_microbatches=2)
+    bf16 = {"train.dtype": "bf16"}
+    runs = {}
+    for zero in (True, False):
+        plan = write_plan(tmp_path / f"plan-{zero}.json", one_group_cluster(4), [pipe],
+                          options={"distributed_optimizer": zero})
+        run_dir = tmp_path / f"zero-{zero}"
+        done = torchrun(4, ["--plan.file", plan] + run_args(run_dir, corpus, **bf16), tmp_path)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+        found = re.search(r"this rank updates ([\d,]+) of its ([\d,]+) parameters; it keeps the fp32 masters of "
+                          r"those only .* \(([\d,]+) bytes of fp32 weights freed\)", done.stdout)
+        assert bool(found) == zero
+        if zero:  # rank 0 freed the fp32 weights of what the other replica updates: about half of its own
+            mine, every, freed = (int(g.replace(",", "")) for g in found.groups())
+            local = every // 2 if layout == "tp2" else every  # TP 2 halves the matrices, not the norms
+            assert 0.4 * local * 4 < freed < 0.6 * every * 4
+        runs[zero] = run_dir
+    assert losses(runs[True]) == losses(runs[False])
+    a, b = load_file(runs[True] / "model.safetensors"), load_file(runs[False] / "model.safetensors")
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    step5 = runs[True] / "checkpoints" / "step_00000005"
+    done = torchrun(4, ["--plan.file", tmp_path / "plan-False.json"]
+                    + run_args(tmp_path / "resumed", corpus, **bf16, **{"run.resume": step5}), tmp_path)
+    assert done.returncode == 0, done.stderr[-4000:]
+    got, want = losses(tmp_path / "resumed"), losses(runs[False])
+    assert [got[s] for s in range(6, STEPS + 1)] == [want[s] for s in range(6, STEPS + 1)]
+    c = load_file(tmp_path / "resumed" / "model.safetensors")
+    assert all(torch.equal(c[k], b[k]) for k in b)
+
+
 @pytest.fixture(scope="module")
 def cli_run(tmp_path_factory, corpus):
     """`hetrain plan --cluster local-cpu.toml --plan.pp 2 --plan.dp 2 ...`, then torchrun of its plan.json."""

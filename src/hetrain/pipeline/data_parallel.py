@@ -236,9 +236,13 @@ class ShardedUpdate:
     Owners are given greedily by size over the parameters in name order, so every replica of a
     stage (same chunks, same TP shard shapes) computes the same partition without talking. The
     gradients stay whole on every replica (all-reduced as without sharding: the global norm and
-    clipping read them), and so do the fp32 weights the forward computes from; the moments are
-    what is sharded. Under TP each rank's DP group holds the same TP shard, so the broadcasts move
-    local shards."""
+    clipping read them). In fp32 the weights stay whole too (the forward computes from them), and
+    the moments are what is sharded. In bf16, after `hold_masters`, the fp32 masters are sharded as
+    well: a replica keeps the fp32 weights of its own share, and for the others only the bf16
+    weights the forward reads (hetrain.precision.WeightCopies.held), which the owners broadcast
+    in bf16 after each step: 2 bytes a parameter plus the fp32 gradient's 4, and 12 (master and
+    moments) over the replicas, as Megatron's distributed optimizer keeps them. Under TP each
+    rank's DP group holds the same TP shard, so the broadcasts move local shards."""
 
     link: object
     """The stage's DP link (hetrain.pipeline.communicator.Link)."""
@@ -246,6 +250,10 @@ class ShardedUpdate:
     """Per replica index in the DP group, the parameters it updates."""
     index: int
     """This rank's index in the DP group."""
+    held: dict[int, torch.Tensor] = field(default_factory=dict)
+    """After `hold_masters`: by parameter id, the bf16 weights of the parameters other replicas own."""
+    held_dtype: torch.dtype | None = None
+    """What `hold_masters` holds them in (None: it was not called; the fp32 weights are broadcast)."""
 
     @classmethod
     def build(cls, sync: GradientSync) -> "ShardedUpdate | None":
@@ -269,13 +277,44 @@ class ShardedUpdate:
         return self.owned_by[self.index]
 
     @torch.no_grad()
+    def hold_masters(self, weights: list, dtype: torch.dtype) -> int:
+        """Keep fp32 masters for this replica's share only: for every parameter another replica owns,
+        hold `dtype` weights cast from it, give them to each chunk's WeightCopies (`weights`), and free
+        the parameter's fp32 storage (its shape stays; its gradient still accumulates in fp32).
+        Call it once the weights are final (after a resume's load). Returns the bytes freed."""
+        mine = {id(p) for p in self.owned}
+        self.held_dtype = dtype
+        freed = 0
+        for params in self.owned_by:
+            for p in params:
+                if id(p) in mine or id(p) in self.held:
+                    continue
+                self.held[id(p)] = p.detach().to(dtype)
+                local = _local(p)
+                storage = local.untyped_storage()
+                if storage.nbytes() == local.numel() * local.element_size():  # it alone uses the storage
+                    if not storage.resizable():  # e.g. memory-mapped from a file: give it its own first
+                        p.data = torch.empty_like(p.data)
+                        storage = _local(p).untyped_storage()
+                    freed += storage.nbytes()
+                    storage.resize_(0)
+        for w in weights:
+            w.held = self.held
+        return freed
+
+    @torch.no_grad()
     def broadcast(self) -> None:
-        """Every replica's updated weights to the others (one flat broadcast per owner)."""
+        """Every replica's updated weights to the others (one flat broadcast per owner): the fp32
+        weights, or the bf16 ones after `hold_masters`."""
         for i, params in enumerate(self.owned_by):
             if not params:
                 continue
-            locals_ = [_local(p) for p in params]
-            flat = flatten(locals_)
+            cast = self.held_dtype
+            if i == self.index:
+                flat = flatten([_local(p) if cast is None else _local(p).to(cast) for p in params])
+            else:
+                targets = [_local(p) if cast is None else _local(self.held[id(p)]) for p in params]
+                flat = torch.empty(sum(t.numel() for t in targets), dtype=targets[0].dtype, device=targets[0].device)
             dist.broadcast(flat, src=self.link.ranks[i], group=self.link.group)
             if i != self.index:
-                unflatten_into(flat, locals_)
+                unflatten_into(flat, targets)

@@ -1,6 +1,7 @@
 """Checkpoints of a multi-process cluster run, in the one-process format, with torch.distributed.checkpoint.
 
-Every rank contributes its chunks' parameters and AdamW state under the whole model's fully
+Every rank contributes its chunks' parameters (under ZeRO-1 in bf16, the fp32 masters of its
+share: the replica that owns a parameter writes it) and AdamW state under the whole model's fully
 qualified names, as whole tensors in the model's own row order (TP shards gathered and put
 back in order): exactly the keys a one-process run writes (`model.<fqn>`,
 `optim.state.<fqn>.{step,exp_avg,exp_avg_sq}`, `optim.param_groups`, `rng`;
@@ -44,11 +45,16 @@ def _param_groups(optimizer: torch.optim.Optimizer, names: ModelNames) -> list[d
 
 @torch.no_grad()
 def training_state(named: list[tuple[str, torch.nn.Parameter]], optimizer: torch.optim.Optimizer,
-                   names: ModelNames, cfg: ModelConfig, comm: Communicator) -> dict:
-    """This rank's part of a checkpoint (collective over each stage's TP ranks)."""
+                   names: ModelNames, cfg: ModelConfig, comm: Communicator,
+                   held_elsewhere: set[int] = frozenset()) -> dict:
+    """This rank's part of a checkpoint (collective over each stage's TP ranks). Parameters whose
+    ids are in `held_elsewhere` (ZeRO-1's masters kept by another replica: the TP ranks of a
+    replica own the same names) are written by their owners."""
     tp = comm.place.tp
     model, optim_state = {}, {}
     for name, p in sorted(named, key=lambda e: e[0]):
+        if id(p) in held_elsewhere:
+            continue
         model[name] = full_canonical(name, p.detach(), cfg, tp)
         state = optimizer.state.get(p)
         key = names.canonical(name)

@@ -155,6 +155,9 @@ class ClusterTrainer:
             self.data.train.load_state_dict(meta.data_state)
             self.step = meta.step
             self.rng_restored = pckpt.load_rng(self.resume_path, place)
+        self.masters_freed_bytes = 0
+        if self.sharded is not None and autocast_dtype is not None:  # the weights are final: shard the masters too
+            self.masters_freed_bytes = self.sharded.hold_masters(self.run.weights, autocast_dtype)
         self.start_step = self.step
         self.predicted_step_s = float(plan.prediction.get("step_s") or 0.0)
         self.peak_flops = _cluster_peak_flops(cfg, plan, layout)
@@ -321,8 +324,11 @@ class ClusterTrainer:
         if self.sharded is not None:
             mine = sum(p.numel() for p in self.sharded.owned)
             every = sum(p.numel() for p in self.sync.unique())
+            masters = (f"; it keeps the fp32 masters of those only and bf16 weights of the rest, which the owners "
+                       f"broadcast after each step ({self.masters_freed_bytes:,} bytes of fp32 weights freed)"
+                       if self.sharded.held_dtype is not None else "")
             print(f"hetrain: AdamW state sharded over {len(self.sharded.owned_by)} replicas (ZeRO-1): this rank "
-                  f"updates {mine:,} of its {every:,} parameters", flush=True)
+                  f"updates {mine:,} of its {every:,} parameters{masters}", flush=True)
         if self.place.tp > 1:
             mine = self.sync.unique()  # a tied matrix once
             local = sum((q.to_local() if isinstance(q, DTensor) else q).numel() for q in mine)
@@ -342,7 +348,8 @@ class ClusterTrainer:
     def _save(self, data_state: dict) -> Path:
         meta = ckpt.CheckpointMeta(step=self.step, data_state=data_state, config=to_dict(self.cfg),
                                    plan=self.plan.to_dict(), saved_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
-        state = pckpt.training_state(self.named, self.optimizer, self.names, self.cfg.model, self.comm)
+        held_elsewhere = set(self.sharded.held) if self.sharded is not None else set()
+        state = pckpt.training_state(self.named, self.optimizer, self.names, self.cfg.model, self.comm, held_elsewhere)
         return pckpt.save(self.run_dir, state, meta, self.comm, self.cfg.train.keep_checkpoints)
 
     def _fail(self, error: Exception, saved_at: int) -> None:
