@@ -118,9 +118,9 @@ def test_copies_follow_the_masters_after_release_and_nothing_changes_in_fp32():
 
 
 def test_held_weights_train_like_the_masters_they_came_from_whose_storage_is_freed():
-    """ZeRO-1 in bf16 (ShardedUpdate.hold_masters): for the parameters another replica owns, a replica
-    keeps bf16 weights cast from the masters and frees the fp32 storage; the step's copies of those
-    are the held weights, and three micro-batches (a block recomputed) give the losses and the fp32
+    """ZeRO-1 in bf16 (ShardedUpdate.hold_masters): a replica holds bf16 weights of every parameter
+    (one flat buffer per owner) cast from the masters and frees the fp32 storage of those another
+    replica owns; the step's copies are the held weights, and three micro-batches (a block recomputed) give the losses and the fp32
     gradients of casting the masters, to the bit, the tied matrix included."""
     from hetrain.pipeline.data_parallel import ShardedUpdate
 
@@ -133,7 +133,8 @@ def test_held_weights_train_like_the_masters_they_came_from_whose_storage_is_fre
     assert freed == 4 * sum(p.numel() for p in others)
     assert all(p.untyped_storage().nbytes() == 0 for p in others)
     assert all(p.untyped_storage().nbytes() == 4 * p.numel() for p in params[0::2])
-    assert sharded.held is update.held and set(update.held) == {id(p) for p in others}
+    assert sharded.held is update.held and set(update.held) == {id(p) for p in params}
+    assert [f.numel() for f in update.flats] == [sum(p.numel() for p in params[0::2]), sum(p.numel() for p in others)]
     losses = {}
     for name, model, copies in (("sharded", sharded_model, sharded), ("plain", plain_model, plain)):
         losses[name] = []

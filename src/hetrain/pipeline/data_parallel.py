@@ -238,11 +238,13 @@ class ShardedUpdate:
     gradients stay whole on every replica (all-reduced as without sharding: the global norm and
     clipping read them). In fp32 the weights stay whole too (the forward computes from them), and
     the moments are what is sharded. In bf16, after `hold_masters`, the fp32 masters are sharded as
-    well: a replica keeps the fp32 weights of its own share, and for the others only the bf16
-    weights the forward reads (hetrain.precision.WeightCopies.held), which the owners broadcast
-    in bf16 after each step: 2 bytes a parameter plus the fp32 gradient's 4, and 12 (master and
-    moments) over the replicas, as Megatron's distributed optimizer keeps them. Under TP each
-    rank's DP group holds the same TP shard, so the broadcasts move local shards."""
+    well: a replica keeps the fp32 weights of its own share, and the bf16 weights the forward reads
+    of every parameter (hetrain.precision.WeightCopies.held), one flat buffer per owner, which the
+    owner fills by casting its masters after each step and broadcasts in bf16 straight into the
+    others' buffers: 2 bytes a parameter plus the fp32 gradient's 4, and 12 (master and moments)
+    over the replicas, as Megatron's distributed optimizer keeps them; the cast runs on a 1/dp
+    share. Under TP each rank's DP group holds the same TP shard, so the broadcasts move local
+    shards."""
 
     link: object
     """The stage's DP link (hetrain.pipeline.communicator.Link)."""
@@ -251,9 +253,9 @@ class ShardedUpdate:
     index: int
     """This rank's index in the DP group."""
     held: dict[int, torch.Tensor] = field(default_factory=dict)
-    """After `hold_masters`: by parameter id, the bf16 weights of the parameters other replicas own."""
-    held_dtype: torch.dtype | None = None
-    """What `hold_masters` holds them in (None: it was not called; the fp32 weights are broadcast)."""
+    """After `hold_masters`: by parameter id, the bf16 weights the forward reads (views of `flats`)."""
+    flats: list[torch.Tensor] = field(default_factory=list)
+    """After `hold_masters`: per replica index, the flat bf16 buffer of the weights it owns."""
 
     @classmethod
     def build(cls, sync: GradientSync) -> "ShardedUpdate | None":
@@ -276,28 +278,41 @@ class ShardedUpdate:
     def owned(self) -> list[torch.nn.Parameter]:
         return self.owned_by[self.index]
 
+    @property
+    def held_dtype(self) -> torch.dtype | None:
+        """The dtype `hold_masters` holds the weights in (None: not called; fp32 weights are broadcast)."""
+        return self.flats[0].dtype if self.flats else None
+
+    @property
+    def masters_elsewhere(self) -> set[int]:
+        """Ids of the parameters whose fp32 masters other replicas keep (none before `hold_masters`)."""
+        if not self.flats:
+            return set()
+        return {id(p) for i, params in enumerate(self.owned_by) if i != self.index for p in params}
+
     @torch.no_grad()
     def hold_masters(self, weights: list, dtype: torch.dtype) -> int:
-        """Keep fp32 masters for this replica's share only: for every parameter another replica owns,
-        hold `dtype` weights cast from it, give them to each chunk's WeightCopies (`weights`), and free
-        the parameter's fp32 storage (its shape stays; its gradient still accumulates in fp32).
-        Call it once the weights are final (after a resume's load). Returns the bytes freed."""
-        mine = {id(p) for p in self.owned}
-        self.held_dtype = dtype
+        """Keep fp32 masters for this replica's share only: hold `dtype` weights of every parameter
+        (one flat buffer per owner, cast from the masters now), give them to each chunk's
+        WeightCopies (`weights`), and free the fp32 storage of the parameters other replicas own
+        (their shapes stay; their gradients still accumulate in fp32). Call it once the weights
+        are final (after a resume's load). Returns the bytes freed."""
         freed = 0
-        for params in self.owned_by:
-            for p in params:
-                if id(p) in mine or id(p) in self.held:
-                    continue
-                self.held[id(p)] = p.detach().to(dtype)
-                local = _local(p)
-                storage = local.untyped_storage()
-                if storage.nbytes() == local.numel() * local.element_size():  # it alone uses the storage
-                    if not storage.resizable():  # e.g. memory-mapped from a file: give it its own first
-                        p.data = torch.empty_like(p.data)
-                        storage = _local(p).untyped_storage()
-                    freed += storage.nbytes()
-                    storage.resize_(0)
+        for i, params in enumerate(self.owned_by):
+            locals_ = [_local(p) for p in params]
+            flat = torch.empty(sum(t.numel() for t in locals_), dtype=dtype,
+                               device=locals_[0].device if locals_ else None)
+            offset = 0
+            for p, local in zip(params, locals_):
+                view = flat[offset:offset + local.numel()].view(local.shape)
+                offset += local.numel()
+                view.copy_(local)
+                self.held[id(p)] = (view if not isinstance(p, DTensor) else
+                                    DTensor.from_local(view, p.device_mesh, p.placements, run_check=False,
+                                                       shape=p.shape, stride=p.stride()))
+                if i != self.index:
+                    freed += _free(p)
+            self.flats.append(flat)
         for w in weights:
             w.held = self.held
         return freed
@@ -305,16 +320,36 @@ class ShardedUpdate:
     @torch.no_grad()
     def broadcast(self) -> None:
         """Every replica's updated weights to the others (one flat broadcast per owner): the fp32
-        weights, or the bf16 ones after `hold_masters`."""
+        weights, or after `hold_masters` the bf16 ones, cast by their owner into its flat buffer and
+        received straight into the others'."""
         for i, params in enumerate(self.owned_by):
             if not params:
                 continue
-            cast = self.held_dtype
-            if i == self.index:
-                flat = flatten([_local(p) if cast is None else _local(p).to(cast) for p in params])
-            else:
-                targets = [_local(p) if cast is None else _local(self.held[id(p)]) for p in params]
-                flat = torch.empty(sum(t.numel() for t in targets), dtype=targets[0].dtype, device=targets[0].device)
+            if self.flats:
+                flat = self.flats[i]
+                if i == self.index:
+                    for p in params:
+                        _local(self.held[id(p)]).copy_(_local(p))
+                dist.broadcast(flat, src=self.link.ranks[i], group=self.link.group)
+                continue
+            locals_ = [_local(p) for p in params]
+            flat = flatten(locals_) if i == self.index else torch.empty(
+                sum(t.numel() for t in locals_), dtype=locals_[0].dtype, device=locals_[0].device)
             dist.broadcast(flat, src=self.link.ranks[i], group=self.link.group)
             if i != self.index:
-                unflatten_into(flat, targets)
+                unflatten_into(flat, locals_)
+
+
+def _free(p: torch.nn.Parameter) -> int:
+    """Free a parameter's storage, keeping its shape (autograd still accumulates its .grad); the
+    bytes freed (0, and nothing done, when the storage also holds other tensors)."""
+    local = _local(p)
+    storage = local.untyped_storage()
+    if storage.nbytes() != local.numel() * local.element_size():
+        return 0
+    if not storage.resizable():  # e.g. memory-mapped from a file: give it a storage of its own first
+        p.data = torch.empty_like(p.data)
+        storage = _local(p).untyped_storage()
+    n = storage.nbytes()
+    storage.resize_(0)
+    return n

@@ -75,12 +75,21 @@ def host_layer_bytes(numel: int, tensors: int, compute_dtype_bytes: int, pinned:
 
 
 def distributed_state_bytes_per_param(compute_dtype_bytes: int, shards: int) -> float:
-    """Per parameter under ZeRO-1 over `shards` data-parallel replicas, as the cluster runtime
-    runs it: the fp32 weights (the masters; in fp32 also what the forward computes from), the
-    fp32 gradient and the compute-dtype copy the forward reads in bf16 (hetrain.precision)
-    whole, the AdamW moments sharded."""
-    return (MASTER_BYTES_PER_PARAM + GRAD_BYTES_PER_PARAM + compute_dtype_bytes
-            + ADAM_MOMENT_BYTES_PER_PARAM / max(1, shards))
+    """Per parameter under ZeRO-1 over `shards` data-parallel replicas, as the cluster runtime runs
+    it (hetrain.pipeline.data_parallel.ShardedUpdate). In bf16 (`compute_dtype_bytes` 2): the bf16
+    weights the forward reads and the fp32 gradient whole, the fp32 master and AdamW moments
+    sharded. In fp32 (0 or 4: no copy): the fp32 weights (the masters, which the forward reads)
+    and the gradient whole, the moments sharded."""
+    if compute_dtype_bytes in (0, FP32_BYTES):
+        return MASTER_BYTES_PER_PARAM + GRAD_BYTES_PER_PARAM + ADAM_MOMENT_BYTES_PER_PARAM / max(1, shards)
+    return (compute_dtype_bytes + GRAD_BYTES_PER_PARAM
+            + (MASTER_BYTES_PER_PARAM + ADAM_MOMENT_BYTES_PER_PARAM) / max(1, shards))
+
+
+def distributed_broadcast_bytes_per_param(compute_dtype_bytes: int) -> int:
+    """Per parameter, what ZeRO-1's owners broadcast after the step: the bf16 weights in bf16
+    (the masters stay with their owners), the fp32 weights in fp32 (0 or 4)."""
+    return MASTER_BYTES_PER_PARAM if compute_dtype_bytes in (0, FP32_BYTES) else compute_dtype_bytes
 
 
 def plain_state_bytes_per_param(compute_dtype_bytes: int, weights_copy: bool) -> int:

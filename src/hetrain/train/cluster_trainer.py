@@ -348,7 +348,7 @@ class ClusterTrainer:
     def _save(self, data_state: dict) -> Path:
         meta = ckpt.CheckpointMeta(step=self.step, data_state=data_state, config=to_dict(self.cfg),
                                    plan=self.plan.to_dict(), saved_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
-        held_elsewhere = set(self.sharded.held) if self.sharded is not None else set()
+        held_elsewhere = self.sharded.masters_elsewhere if self.sharded is not None else set()
         state = pckpt.training_state(self.named, self.optimizer, self.names, self.cfg.model, self.comm, held_elsewhere)
         return pckpt.save(self.run_dir, state, meta, self.comm, self.cfg.train.keep_checkpoints)
 

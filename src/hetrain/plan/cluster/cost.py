@@ -24,7 +24,8 @@ from hetrain.model.describe import LayerDescription, ModelDescription
 from hetrain.predict.roofline import Efficiency, LayerSeconds, MatmulCurve, layer_seconds
 from hetrain.predict.state_bytes import (ACCUMULATE_TRAFFIC_BYTES_PER_PARAM, ADAM_TRAFFIC_BYTES_PER_PARAM,
                                          CLIP_TRAFFIC_BYTES_PER_PARAM, GRAD_BYTES_PER_PARAM,
-                                         distributed_state_bytes_per_param, plain_state_bytes_per_param,
+                                         distributed_broadcast_bytes_per_param, distributed_state_bytes_per_param,
+                                         plain_state_bytes_per_param,
                                          weight_copy_traffic_bytes)
 
 
@@ -58,8 +59,9 @@ class PredictorOptions:
     """Largest micro-batch the search tries (powers of two up to it)."""
     distributed_optimizer: bool = False
     """ZeRO-1: each of a stage's parameters is updated by one of its dp replicas, which alone holds
-    its AdamW moments; gradients are all-reduced as without it, and each replica then broadcasts
-    the fp32 weights it updated (priced as an all-gather). The runtime runs it
+    its AdamW moments and, in bf16, its fp32 master (the others hold its bf16 weights); gradients
+    are all-reduced as without it, and each replica then broadcasts the weights it updated, in the
+    compute dtype (priced as an all-gather). The runtime runs it
     (hetrain.pipeline.data_parallel.ShardedUpdate); --plan.distributed_optimizer true."""
     overlap_grad_reduce: bool = True
     """Each block's gradients are reduced as soon as the stage's last backward of that block ends
@@ -87,13 +89,23 @@ class PredictorOptions:
 
     def state_bytes_at(self, dp: int) -> float:
         """Bytes a device keeps per parameter of its stage between steps, with `dp` replicas: fp32
-        master 4 + fp32 gradient 4 + Adam moments 8 (sharded over the replicas under ZeRO-1), and
-        2 for the bf16 copy of the weights the forward reads; none in fp32, which reads the fp32
-        weights themselves (predict/state_bytes.py)."""
-        copy = 2 if self.compute_dtype in ("bf16", "fp16") else 0
+        master 4 + fp32 gradient 4 + Adam moments 8, and 2 for the bf16 copy of the weights the
+        forward reads (none in fp32, which reads the fp32 weights themselves); under ZeRO-1 the
+        moments, and in bf16 the masters, are sharded over the replicas (predict/state_bytes.py)."""
+        copy = self.weight_copy_dtype_bytes
         if self.distributed_optimizer:
             return distributed_state_bytes_per_param(copy, dp)
         return plain_state_bytes_per_param(copy, weights_copy=copy > 0)
+
+    @property
+    def weight_copy_dtype_bytes(self) -> int:
+        """Bytes per parameter of the compute-dtype copy of the weights (0 in fp32: none)."""
+        return 2 if self.compute_dtype in ("bf16", "fp16") else 0
+
+    @property
+    def broadcast_bytes_per_param(self) -> int:
+        """Bytes per parameter ZeRO-1's owners broadcast after the step (predict/state_bytes.py)."""
+        return distributed_broadcast_bytes_per_param(self.weight_copy_dtype_bytes)
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,6 @@ from hetrain.model.gpt import ModelConfig
 from hetrain.model.spec import ModelSpec
 from hetrain.plan.cluster.cost import (CostContext, Path, PredictorOptions, dp_path, pp_path, ring_all_gather_s,
                                       ring_allreduce_s)
-from hetrain.predict.state_bytes import MASTER_BYTES_PER_PARAM
 from hetrain.plan.cluster.one_f_one_b import one_f_one_b_end_s, one_f_one_b_orders
 from hetrain.plan.cluster.plan import ClusterPlan, PipelinePlan, StagePlan, fold
 from hetrain.predict.simulator import Task, simulate
@@ -87,9 +86,11 @@ class StageModel:
     adam_s_per_param: float
     """AdamW, per parameter it updates (at the memory bandwidth)."""
     grad_pass_s_per_param: float
-    """Clipping and the step's compute-dtype copy of the weights (bf16), per parameter. (Adding a
-    micro-batch's gradients into the held ones is in block_bwd_s and fixed_bwd_s: it runs inside
-    each backward after the step's first.)"""
+    """Clipping, per parameter. (Adding a micro-batch's gradients into the held ones is in
+    block_bwd_s and fixed_bwd_s: it runs inside each backward after the step's first.)"""
+    weight_copy_s_per_param: float
+    """The step's compute-dtype copy of the weights (bf16; 0 in fp32), per parameter a replica
+    casts: all of them, or under ZeRO-1 its share (it holds the others' bf16 weights)."""
     options: PredictorOptions
     """Whether the optimizer is distributed and the reduction overlapped (PredictorOptions)."""
     reduce_beside_compute: bool
@@ -158,13 +159,15 @@ class StageModel:
         return exposed
 
     def optim_s(self, n_blocks: int) -> float:
-        """Clipping, the weight copy and AdamW (on a 1/dp share under ZeRO-1, followed by the
-        replicas' broadcasts of the fp32 weights they updated); accumulation is in the backwards."""
+        """Clipping, the weight copy and AdamW (AdamW and the copy on a 1/dp share under ZeRO-1,
+        followed by the replicas' broadcasts of the weights they updated, in the compute dtype);
+        accumulation is in the backwards."""
         params = self.params(n_blocks)
+        own = self.adam_s_per_param + self.weight_copy_s_per_param
         if not self.options.distributed_optimizer:
-            return params * (self.adam_s_per_param + self.grad_pass_s_per_param)
-        gather = ring_all_gather_s(params * MASTER_BYTES_PER_PARAM, self.dp, self.dp_path)
-        return params * (self.adam_s_per_param / self.dp + self.grad_pass_s_per_param) + gather
+            return params * (own + self.grad_pass_s_per_param)
+        gather = ring_all_gather_s(params * self.options.broadcast_bytes_per_param, self.dp, self.dp_path)
+        return params * (own / self.dp + self.grad_pass_s_per_param) + gather
 
 
 def stage_lanes(p: int, stages: list[StageModel]) -> list[str]:
@@ -243,8 +246,8 @@ def build_stages(ctx: CostContext, shape: PipelineShape, n_microbatches: int,
             n_pipelines=n_pipelines if others else 1, cross_path=cross,
             grad_bytes_per_param=opts.grad_reduce_bytes_per_param,
             adam_s_per_param=opts.adam_bytes_per_param / mem_bw,
-            grad_pass_s_per_param=(opts.optimizer_bytes_per_param - opts.adam_bytes_per_param
-                                   + opts.weight_copy_bytes_per_param) / mem_bw,
+            grad_pass_s_per_param=(opts.optimizer_bytes_per_param - opts.adam_bytes_per_param) / mem_bw,
+            weight_copy_s_per_param=opts.weight_copy_bytes_per_param / mem_bw,
             options=opts, reduce_beside_compute=group.kind.collectives_beside_compute,
             block_model_flops=kit.block.model_flops,
             fixed_model_flops=sum(layer.model_flops for layer in fixed),

@@ -17,7 +17,6 @@ import heapq
 import math
 
 from hetrain.plan.cluster.cost import CostContext, dp_path, ring_all_gather_s, ring_allreduce_s
-from hetrain.predict.state_bytes import MASTER_BYTES_PER_PARAM
 from hetrain.plan.cluster.predict import PipelineShape, StageModel, stage_counts
 
 
@@ -75,7 +74,7 @@ def _tail_s(ctx: CostContext, shape: PipelineShape, group, params: float, after_
     shards = shape.dp if opts.distributed_optimizer else 1
     tail_s += params * opts.optimizer_bytes_per_param / shards / (group.kind.mem_bw_bytes_per_s * opts.memory_bw_efficiency)
     if opts.distributed_optimizer:
-        tail_s += ring_all_gather_s(params * MASTER_BYTES_PER_PARAM, shape.dp, path)
+        tail_s += ring_all_gather_s(params * opts.broadcast_bytes_per_param, shape.dp, path)
     return tail_s
 
 
