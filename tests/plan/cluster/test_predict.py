@@ -260,10 +260,10 @@ def test_lower_bound_behind_the_pruning_holds():
 
 
 def test_distributed_optimizer_and_overlapped_reduction_are_priced():
-    """ZeRO-1 (as the runtime runs it) shards the AdamW moments over the replicas, keeps the
-    all-reduce, shares AdamW's work and adds the broadcast of the updated fp32 weights (an
-    all-gather); overlapping leaves exposed only what the backward of the blocks before a bucket
-    cannot hide."""
+    """ZeRO-1 in bf16 (as the runtime runs it) shards the fp32 masters and AdamW moments over the
+    replicas, keeps the all-reduce, shares AdamW's work and the weight copy, and adds the broadcast
+    of the updated bf16 weights (an all-gather); overlapping leaves exposed only what the backward
+    of the blocks before a bucket cannot hide."""
     from hetrain.plan.cluster.cost import ring_all_gather_s
 
     cluster = two_kinds(2, 4, 1, 4)
@@ -277,17 +277,28 @@ def test_distributed_optimizer_and_overlapped_reduction_are_priced():
     (over,) = build_stages(over_ctx, shape, 4)
     n = 8
     params = plain.params(n)
-    # Memory: 18 bytes per parameter, against 4 + 4 + 2 + 8 / 8 (and nothing else changes).
+    # Memory: 18 bytes per parameter, against bf16 weights 2 + fp32 gradient 4 + (master 4 + moments 8) / 8
+    # (and nothing else changes).
     assert plain.block_state_bytes == 18 * plain.block_params
-    assert zero.block_state_bytes == math.ceil(plain.block_params * (10 + 8 / 8))
-    assert plain.peak_bytes(n, 0) - zero.peak_bytes(n, 0) == pytest.approx(params * 8 * 7 / 8, rel=1e-6)
-    # Communication: the same all-reduce, then each replica's share of the fp32 weights to the others.
+    assert zero.block_state_bytes == math.ceil(plain.block_params * (6 + 12 / 8))
+    assert plain.peak_bytes(n, 0) - zero.peak_bytes(n, 0) == pytest.approx(params * 12 * 7 / 8, rel=1e-6)
+    # Communication: the same all-reduce, then each replica's share of the bf16 weights to the others.
     path = plain.dp_path
     assert zero.sync_s(n) == plain.sync_s(n)
-    gather = ring_all_gather_s(params * 4, 8, path)
-    assert zero.optim_s(n) == pytest.approx(params * (plain.adam_s_per_param / 8 + plain.grad_pass_s_per_param)
-                                            + gather)
-    assert plain.optim_s(n) == pytest.approx(params * (plain.adam_s_per_param + plain.grad_pass_s_per_param))
+    gather = ring_all_gather_s(params * 2, 8, path)
+    own = plain.adam_s_per_param + plain.weight_copy_s_per_param  # what each replica does for its share
+    assert plain.weight_copy_s_per_param > 0
+    assert zero.optim_s(n) == pytest.approx(params * (own / 8 + plain.grad_pass_s_per_param) + gather)
+    assert plain.optim_s(n) == pytest.approx(params * (own + plain.grad_pass_s_per_param))
+    # In fp32 the forward reads the masters: they stay whole, the moments are sharded, the fp32
+    # weights are broadcast and there is no copy.
+    fp32_ctx = CostContext(desc, cluster, PredictorOptions(distributed_optimizer=True, overlap_grad_reduce=False,
+                                                           compute_dtype="fp32"))
+    (fp32,) = build_stages(fp32_ctx, shape, 4)
+    assert fp32.block_state_bytes == math.ceil(fp32.block_params * (8 + 8 / 8))
+    assert fp32.weight_copy_s_per_param == 0
+    assert fp32.optim_s(n) == pytest.approx(params * (fp32.adam_s_per_param / 8 + fp32.grad_pass_s_per_param)
+                                            + ring_all_gather_s(params * 4, 8, fp32.dp_path))
     # Overlap: a walk of the backward, bucket by bucket on one link (the head's first, then each
     # block's, the embedding's after the backward), against the closed form.
     def reduce_s(params):

@@ -354,12 +354,14 @@ def test_tp_degrees_are_those_the_runtime_can_shard():
 
 def test_fp32_plans_price_fp32_activations_and_state():
     """--plan.dtype fp32: 4-byte activations and stage boundaries, and no bf16 copy of the weights
-    (16 bytes a parameter, 8 + 8 / dp under ZeRO-1), as the runtime runs fp32."""
+    (16 bytes a parameter, 8 + 8 / dp under ZeRO-1, where bf16 keeps 6 + 12 / dp), as the runtime
+    runs fp32."""
     from hetrain.plan.cluster.planner import Pins, SearchOptions, plan_cluster
 
     fp32 = dataclasses.replace(OPTIONS, compute_dtype="fp32")
     assert (OPTIONS.state_bytes_at(4), fp32.state_bytes_at(4)) == (18, 16)
     assert dataclasses.replace(fp32, distributed_optimizer=True).state_bytes_at(4) == 4 + 4 + 8 / 4
+    assert dataclasses.replace(OPTIONS, distributed_optimizer=True).state_bytes_at(4) == 2 + 4 + 12 / 4
     cfg, cluster, global_batch, seq_len = CASES["separate-pipelines"]
     pins = SearchOptions(upper_bound=False, interleave=False, pins=Pins(tp=1, pp=2, dp=2, micro_batch=2))
     plans = {o.compute_dtype: plan_cluster(cfg, cluster, global_batch, seq_len, o, pins) for o in (OPTIONS, fp32)}
