@@ -67,8 +67,12 @@ def format_report(plan: ClusterPlan) -> str:
     ]
     options = plan.options or {}
     if options.get("distributed_optimizer"):
-        lines.append("Optimizer state sharded over each stage's replicas (ZeRO-1): each replica updates its share "
-                     "of the stage's parameters and broadcasts it")
+        if options.get("compute_dtype", "bf16") == "fp32":
+            lines.append("AdamW state sharded over each stage's replicas (ZeRO-1): each replica updates its share "
+                         "of the stage's parameters and broadcasts the fp32 weights")
+        else:
+            lines.append("fp32 masters and AdamW state sharded over each stage's replicas (ZeRO-1): each replica keeps "
+                         "and updates its share of the stage's parameters and broadcasts its bf16 weights")
     lines.append("Gradients are all-reduced across replicas " + _where_reduced(plan))
     if options.get("compute_dtype", "bf16") == "fp32":
         lines.append("Priced in fp32, as hetrain's runtime runs a plan by default (--train.dtype fp32)")
