@@ -235,10 +235,11 @@ def test_zero1_shards_adamw_state_and_trains_the_same_model(tmp_path, corpus, re
 @pytest.mark.parametrize("layout", ["tp2", "pp2"])
 def test_zero1_in_bf16_shards_the_fp32_masters_and_trains_the_same_model(tmp_path, corpus, layout):
     """bf16 with ZeRO-1 over 2 replicas, under TP 2 (DTensor masters) and PP 2 (the tied matrix on two
-    stages): each replica keeps the fp32 masters of its share only and bf16 weights of the rest,
-    broadcast in bf16 by their owners; the run is the bf16 run without sharding, bit for bit (every
-    loss, every weight), and that run resumes the sharded run's checkpoint (written by the owners)
-    as if it had not stopped."""
+    stages; the reduction inside the backward): each replica keeps the fp32 masters of its share
+    only and bf16 weights of the rest, broadcast in bf16 by their owners, and each gradient is
+    reduced to its owner; the run is the bf16 run without sharding (all-reduced after the
+    backward), bit for bit (every loss, every weight), and that run resumes the sharded run's
+    checkpoint (written by the owners) as if it had not stopped."""
     if layout == "tp2":
         pipe = pipeline(["cpu-a"], [N_LAYER], tp=2, dp=2, n_microbatches=2)
     else:
@@ -249,11 +250,15 @@ def test_zero1_in_bf16_shards_the_fp32_masters_and_trains_the_same_model(tmp_pat
         plan = write_plan(tmp_path / f"plan-{zero}.json", one_group_cluster(4), [pipe],
                           options={"distributed_optimizer": zero})
         run_dir = tmp_path / f"zero-{zero}"
-        done = torchrun(4, ["--plan.file", plan] + run_args(run_dir, corpus, **bf16), tmp_path)
+        overlap = {"run.cpu_overlap_grad_reduce": "true"} if zero and layout == "pp2" else {}
+        done = torchrun(4, ["--plan.file", plan] + run_args(run_dir, corpus, **bf16, **overlap), tmp_path)
         assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
         found = re.search(r"this rank updates ([\d,]+) of its ([\d,]+) parameters; it keeps the fp32 masters of "
-                          r"those only .* \(([\d,]+) bytes of fp32 weights freed\)", done.stdout)
+                          r"those only .* \(([\d,]+) bytes of fp32 weights freed\); gradients are reduced to the "
+                          r"replica that updates them", done.stdout)
         assert bool(found) == zero
+        inside = re.search(r"(\d+) of (\d+) buckets reduced to their owners inside the backward", done.stdout)
+        assert bool(inside) == bool(overlap) and (not inside or inside.group(1) == inside.group(2))
         if zero:  # rank 0 freed the fp32 weights of what the other replica updates: about half of its own
             mine, every, freed = (int(g.replace(",", "")) for g in found.groups())
             local = every // 2 if layout == "tp2" else every  # TP 2 halves the matrices, not the norms

@@ -5,7 +5,11 @@ After a schedule step each rank holds its chunks' gradients for its replica's mi
 
 1. replicas of a stage: a bucketed all-reduce over its DP group (the kind's native backend),
    scaled by share / dp, where share is the pipeline's part of the global batch (1 with one
-   pipeline). It runs after the backward, or, when the plan says so (plan.options
+   pipeline). Under ZeRO-1 with one pipeline (`GradientSync.owner_of`), each parameter's
+   gradient is reduced to the replica that updates it instead, one reduce per owner and bucket:
+   a ring reduce moves about half the bytes of an all-reduce, and the others' copies of that
+   gradient are left partial (nothing reads them: the norm counts each parameter on its owner).
+   The tied matrix is all-reduced, as its tie sum needs it whole. It runs after the backward, or, when the plan says so (plan.options
    overlap_grad_reduce, as the planner priced it), overlapped with the backward by
    `OverlappedReduce`: in each chunk's last backward of the step, a block's gradients are
    all-reduced (asynchronously, one bucket per block, the embedding and the head each one
@@ -22,9 +26,9 @@ After a schedule step each rank holds its chunks' gradients for its replica's mi
    group, through host memory between kinds; each rank keeps its own shard of the sum.
 
 `local_sq_norm` is this rank's share of the squared global gradient norm: the runtime sums it
-over all ranks with the step's loss and clips like torch.nn.utils.clip_grad_norm_. Data
-parallelism here is an all-reduce of gradients (no sharded optimizer state). This module must
-not run the schedule or step the optimizer.
+over all ranks with the step's loss and clips like torch.nn.utils.clip_grad_norm_.
+`ShardedUpdate` is ZeRO-1's sharing out of the update. This module must not run the schedule or
+step the optimizer.
 """
 
 from __future__ import annotations
@@ -59,6 +63,10 @@ class GradientSync:
     """This pipeline's part of the global batch."""
     overlapped: "OverlappedReduce | None" = None
     """Step 1 overlapped with the backward (None: after it)."""
+    owner_of: dict[int, int] | None = None
+    """ZeRO-1 with one pipeline: by parameter id, the global rank of the replica that updates it,
+    to which step 1 reduces its gradient (a parameter absent from it is all-reduced); None:
+    every gradient is all-reduced."""
 
     def unique(self) -> list[torch.nn.Parameter]:
         seen, out = set(), []
@@ -80,7 +88,13 @@ class GradientSync:
         grads = self._grads()
         if comm.dp is not None:
             done = self.overlapped.finish() if self.overlapped is not None else set()
-            comm.reduce_sum([g for p, g in zip(self.unique(), grads) if id(p) not in done], comm.dp)
+            rest = [(p, g) for p, g in zip(self.unique(), grads) if id(p) not in done]
+            owner_of = self.owner_of or {}
+            comm.reduce_sum([g for p, g in rest if id(p) not in owner_of], comm.dp)
+            for work, flat, targets, dst in reduce_to_owners([(p, g) for p, g in rest if id(p) in owner_of],
+                                                             owner_of, comm.dp.group):
+                if dst == dist.get_rank():
+                    unflatten_into(flat, targets)
         scale = self.share / place.dp
         if scale != 1.0:
             torch._foreach_mul_(grads, scale)
@@ -114,15 +128,19 @@ class GradientSync:
     def local_sq_norm(self) -> float:
         """This rank's part of the squared global norm: its TP shards, its whole tensors on TP rank
         0 only, the tied matrix once (on the embedding's stage); 0 on every replica but the first
-        of the first pipeline (the others hold the same gradients)."""
+        of the first pipeline (the others hold the same gradients), except that a gradient
+        reduced to its owner (`owner_of`) counts on that replica only."""
         place = self.comm.place
-        if place.pipeline != 0 or place.replica != 0:
+        owner_of, me = self.owner_of or {}, dist.get_rank()
+        if place.pipeline != 0 or (place.replica != 0 and not owner_of):
             return 0.0
         total = torch.zeros((), dtype=torch.float64)
         seen = set()
         for name, p in self.named:
             if id(p) in seen or (self.names.tied and name == self.names.tied[1]):
                 continue
+            if (owner_of[id(p)] != me) if id(p) in owner_of else place.replica != 0:
+                continue  # its owner counts it, or replica 0 does
             seen.add(id(p))
             g = p.grad
             sharded = isinstance(g, DTensor) and any(not isinstance(pl, Replicate) for pl in g.placements)
@@ -148,10 +166,14 @@ class OverlappedReduce:
     buckets: dict[int, list[list[torch.nn.Parameter]]]
     """Per chunk index, its buckets (one per unit: a block, the embedding, the head)."""
     n_microbatches: int
+    owner_of: dict[int, int] | None = None
+    """GradientSync.owner_of: reduce each parameter's gradient to its owner instead of all-reducing."""
     _owner: dict[int, tuple[int, int]] = field(default_factory=dict)
     _left: dict[tuple[int, int], int] = field(default_factory=dict)
     _armed: set = field(default_factory=set)
     _works: list = field(default_factory=list)
+    _params: list = field(default_factory=list)
+    _launched: int = 0
     _hooks: list = field(default_factory=list)
     last_step_buckets: int = 0
     """Buckets all-reduced inside the backward in the last step (of n_buckets)."""
@@ -181,7 +203,7 @@ class OverlappedReduce:
                 seen.add(id(p))
                 by_unit.setdefault(sync.names.unit_of(name), []).append(p)
             buckets[idx] = list(by_unit.values())
-        out = cls(dp.group, buckets, n_microbatches)
+        out = cls(dp.group, buckets, n_microbatches, sync.owner_of)
         for idx, chunk_buckets in buckets.items():
             for b, params in enumerate(chunk_buckets):
                 for p in params:
@@ -205,18 +227,28 @@ class OverlappedReduce:
 
     @torch.no_grad()
     def _launch(self, params: list[torch.nn.Parameter]) -> None:
-        flat = flatten([_local(p.grad) for p in params])
-        flat.div_(self.n_microbatches)  # torch's scale_grads, which runs on .grad after this backward
-        self._works.append((dist.all_reduce(flat, group=self.group, async_op=True), flat, params))
+        grads = [_local(p.grad) for p in params]
+        # Divided by the micro-batch count in the flat copy: torch's scale_grads does it to .grad
+        # after this backward, before finish() writes the sums back.
+        if self.owner_of is None:
+            flat = flatten(grads).div_(self.n_microbatches)
+            self._works.append((dist.all_reduce(flat, group=self.group, async_op=True), flat, grads, None))
+        else:
+            self._works += reduce_to_owners(list(zip(params, grads)), self.owner_of, self.group, async_op=True,
+                                            divide_by=self.n_microbatches)
+        self._params.extend(params)
+        self._launched += 1
 
     @torch.no_grad()
     def finish(self) -> set[int]:
-        done = set()
-        for work, flat, params in self._works:
+        me = dist.get_rank()
+        for work, flat, grads, dst in self._works:
             work.wait()
-            unflatten_into(flat, [_local(p.grad) for p in params])
-            done.update(id(p) for p in params)
-        self.last_step_buckets = len(self._works)
+            if dst is None or dst == me:
+                unflatten_into(flat, grads)
+        done = {id(p) for p in self._params}
+        self._params.clear()
+        self.last_step_buckets, self._launched = self._launched, 0
         self._works.clear()
         self._left.clear()
         self._armed.clear()
@@ -283,6 +315,11 @@ class ShardedUpdate:
         """The dtype `hold_masters` holds the weights in (None: not called; fp32 weights are broadcast)."""
         return self.flats[0].dtype if self.flats else None
 
+    def owner_ranks(self, skip: set[int] = frozenset()) -> dict[int, int]:
+        """By parameter id (but those in `skip`), the global rank of the replica that updates it."""
+        return {id(p): self.link.ranks[i] for i, params in enumerate(self.owned_by) for p in params
+                if id(p) not in skip}
+
     @property
     def masters_elsewhere(self) -> set[int]:
         """Ids of the parameters whose fp32 masters other replicas keep (none before `hold_masters`)."""
@@ -338,6 +375,24 @@ class ShardedUpdate:
             dist.broadcast(flat, src=self.link.ranks[i], group=self.link.group)
             if i != self.index:
                 unflatten_into(flat, locals_)
+
+
+def reduce_to_owners(pairs: list[tuple[torch.nn.Parameter, torch.Tensor]], owner_of: dict[int, int],
+                     group: dist.ProcessGroup, async_op: bool = False, divide_by: int = 1) -> list[tuple]:
+    """Sum each (parameter, local gradient) over `group` onto the rank `owner_of` names for it: one
+    reduce of a flat copy (divided by `divide_by` first) per owner, in the order owners first
+    appear (the same on every replica). Returns (work, flat, gradients, owner) per reduce, done
+    unless `async_op`; the owner copies `flat` back into the gradients once the work is done."""
+    by_owner: dict[int, list[torch.Tensor]] = {}
+    for p, g in pairs:
+        by_owner.setdefault(owner_of[id(p)], []).append(g)
+    out = []
+    for dst, grads in by_owner.items():
+        flat = flatten(grads)
+        if divide_by != 1:
+            flat.div_(divide_by)
+        out.append((dist.reduce(flat, dst=dst, group=group, async_op=async_op), flat, grads, dst))
+    return out
 
 
 def _free(p: torch.nn.Parameter) -> int:

@@ -45,7 +45,7 @@ from hetrain.data import build_data
 from hetrain.errors import ConfigError
 from hetrain.train import cluster_checkpoint as pckpt
 from hetrain.liveness import roll_call, roll_call_s
-from hetrain.pipeline.communicator import Communicator, local_rank
+from hetrain.pipeline.communicator import NATIVE, Communicator, local_rank
 from hetrain.pipeline.data_parallel import GradientSync, OverlappedReduce, ShardedUpdate
 from hetrain.pipeline.placement import Layout
 from hetrain.pipeline.schedule import StageClock, build_schedule
@@ -135,6 +135,11 @@ class ClusterTrainer:
         self.sync = GradientSync(self.comm, self.named, self.names, cfg.model, share)
         # ZeRO-1 when the plan was priced with it: this replica updates (and holds moments for) its share.
         self.sharded = ShardedUpdate.build(self.sync) if (plan.options or {}).get("distributed_optimizer") else None
+        if self.sharded is not None and not self.comm.exchange and self.comm.dp.route == NATIVE:
+            # One pipeline: each gradient is reduced to its owner (the tied matrix, summed over its
+            # tie group too, stays all-reduced).
+            tied = {id(p) for n, p in self.named if self.names.tied and n in self.names.tied}
+            self.sync.owner_of = self.sharded.owner_ranks(skip=tied)
         self.optimizer = _optimizer(self.chunks, cfg, self.device,
                                     owned=self.sharded.owned if self.sharded is not None else None)
         self.clock = StageClock(sync_cuda=self.device.type == "cuda")
@@ -285,8 +290,9 @@ class ClusterTrainer:
                 print(f"hetrain: wrote {path} (transformers' from_pretrained loads it)", flush=True)
         overlapped = self.sync.overlapped
         if self.is_main and overlapped is not None:
+            how = "reduced to their owners" if overlapped.owner_of else "all-reduced"
             print(f"hetrain: gradient reduction across replicas: {overlapped.last_step_buckets} of "
-                  f"{overlapped.n_buckets} buckets all-reduced inside the backward in the last step (rank 0)", flush=True)
+                  f"{overlapped.n_buckets} buckets {how} inside the backward in the last step (rank 0)", flush=True)
         if overlapped is not None:
             overlapped.close()
         if self.is_main:
@@ -327,8 +333,10 @@ class ClusterTrainer:
             masters = (f"; it keeps the fp32 masters of those only and bf16 weights of the rest, which the owners "
                        f"broadcast after each step ({self.masters_freed_bytes:,} bytes of fp32 weights freed)"
                        if self.sharded.held_dtype is not None else "")
+            reduced = ("; gradients are reduced to the replica that updates them" if self.sync.owner_of else
+                       "; gradients are all-reduced")
             print(f"hetrain: AdamW state sharded over {len(self.sharded.owned_by)} replicas (ZeRO-1): this rank "
-                  f"updates {mine:,} of its {every:,} parameters{masters}", flush=True)
+                  f"updates {mine:,} of its {every:,} parameters{masters}{reduced}", flush=True)
         if self.place.tp > 1:
             mine = self.sync.unique()  # a tied matrix once
             local = sum((q.to_local() if isinstance(q, DTensor) else q).numel() for q in mine)
