@@ -261,10 +261,11 @@ def test_lower_bound_behind_the_pruning_holds():
 
 def test_distributed_optimizer_and_overlapped_reduction_are_priced():
     """ZeRO-1 in bf16 (as the runtime runs it) shards the fp32 masters and AdamW moments over the
-    replicas, keeps the all-reduce, shares AdamW's work and the weight copy, and adds the broadcast
-    of the updated bf16 weights (an all-gather); overlapping leaves exposed only what the backward
-    of the blocks before a bucket cannot hide."""
-    from hetrain.plan.cluster.cost import ring_all_gather_s
+    replicas, reduces each gradient to its owner instead of all-reducing it, shares AdamW's work
+    and the weight copy, and adds the broadcast of the updated bf16 weights (an all-gather);
+    overlapping leaves exposed only what the backward of the blocks before a bucket cannot hide,
+    with either reduction."""
+    from hetrain.plan.cluster.cost import ring_all_gather_s, ring_reduce_s
 
     cluster = two_kinds(2, 4, 1, 4)
     desc = describe_model(model(2048, 8), 1, 2048)
@@ -282,9 +283,21 @@ def test_distributed_optimizer_and_overlapped_reduction_are_priced():
     assert plain.block_state_bytes == 18 * plain.block_params
     assert zero.block_state_bytes == math.ceil(plain.block_params * (6 + 12 / 8))
     assert plain.peak_bytes(n, 0) - zero.peak_bytes(n, 0) == pytest.approx(params * 12 * 7 / 8, rel=1e-6)
-    # Communication: the same all-reduce, then each replica's share of the bf16 weights to the others.
+    # Communication: each gradient reduced to its owner (one ring reduce per owner, at most one per
+    # tensor; a tied matrix all-reduced), about half the all-reduce; then each replica's share of
+    # the bf16 weights to the others.
     path = plain.dp_path
-    assert zero.sync_s(n) == plain.sync_s(n)
+    tensors = zero.fixed_tensors + n * zero.block_tensors
+    assert tensors >= 8 and zero.tied_params == 0  # every replica owns something; model() is untied
+    assert zero.sync_s(n) == pytest.approx(ring_reduce_s(params * 4, 8, path, 8), rel=1e-12)
+    assert 0.45 < zero.sync_s(n) / plain.sync_s(n) < 0.65
+    # With tied embeddings the tied matrix is all-reduced (its tie sum needs it whole), the rest reduced.
+    tied_desc = describe_model(dataclasses.replace(model(2048, 8), tie_embeddings=True), 1, 2048)
+    (tied,) = build_stages(CostContext(tied_desc, cluster, zero_ctx.options), shape, 4)
+    whole = tied.tied_params
+    assert whole == tied_desc.vocab_size * 2048
+    assert tied.sync_s(n) == pytest.approx(ring_reduce_s((tied.params(n) - whole) * 4, 8, path, 8)
+                                           + ring_allreduce_s(whole * 4, 8, path), rel=1e-12)
     gather = ring_all_gather_s(params * 2, 8, path)
     own = plain.adam_s_per_param + plain.weight_copy_s_per_param  # what each replica does for its share
     assert plain.weight_copy_s_per_param > 0
@@ -300,22 +313,31 @@ def test_distributed_optimizer_and_overlapped_reduction_are_priced():
     assert fp32.optim_s(n) == pytest.approx(params * (fp32.adam_s_per_param / 8 + fp32.grad_pass_s_per_param)
                                             + ring_all_gather_s(params * 4, 8, fp32.dp_path))
     # Overlap: a walk of the backward, bucket by bucket on one link (the head's first, then each
-    # block's, the embedding's after the backward), against the closed form.
-    def reduce_s(params):
-        return ring_allreduce_s(params * 4, 8, path) if params else 0.0
+    # block's, the embedding's after the backward), against the closed form; all-reduced, and
+    # under ZeRO-1 reduced to the owners of each bucket's tensors.
+    zero_over_ctx = CostContext(desc, cluster, PredictorOptions(distributed_optimizer=True))
+    (zero_over,) = build_stages(zero_over_ctx, shape, 4)
+    for st, to_owners in ((over, False), (zero_over, True)):
+        def reduce_s(params, tensors):
+            if not params:
+                return 0.0
+            return ring_reduce_s(params * 4, 8, path, min(8, tensors)) if to_owners else ring_allreduce_s(params * 4, 8, path)
 
-    for blocks in (1, 2, n):
-        link_free, clock = 0.0, 0.0
-        layers = [(over.lead_bwd_s, over.lead_params)] + [(over.block_bwd_s, over.block_params)] * blocks
-        for bwd_s, params in layers:
-            clock += bwd_s
-            link_free = max(link_free, clock) + reduce_s(params)
-        end = over.fixed_bwd_s + blocks * over.block_bwd_s
-        walked = max(link_free, end) + reduce_s(over.fixed_params - over.lead_params) - end
-        assert over.sync_s(blocks) == pytest.approx(walked, rel=1e-12)
-        assert over.sync_s(blocks) >= reduce_s(over.fixed_params - over.lead_params)
+        for blocks in (1, 2, n):
+            link_free, clock = 0.0, 0.0
+            layers = ([(st.lead_bwd_s, st.lead_params, st.lead_tensors)]
+                      + [(st.block_bwd_s, st.block_params, st.block_tensors)] * blocks)
+            for bwd_s, params, tensors in layers:
+                clock += bwd_s
+                link_free = max(link_free, clock) + reduce_s(params, tensors)
+            end = st.fixed_bwd_s + blocks * st.block_bwd_s
+            rest = reduce_s(st.fixed_params - st.lead_params, st.fixed_tensors - st.lead_tensors)
+            walked = max(link_free, end) + rest - end
+            assert st.sync_s(blocks) == pytest.approx(walked, rel=1e-12)
+            assert st.sync_s(blocks) >= rest
     # This link is slow next to a block's backward: a part is hidden (the head's bucket, some blocks').
     assert over.lead_params > 0 and over.sync_s(n) < plain.sync_s(n)
+    assert zero_over.sync_s(n) < over.sync_s(n)
 
 
 def test_gradient_accumulation_is_priced_inside_each_backward():

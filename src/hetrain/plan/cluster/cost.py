@@ -59,10 +59,11 @@ class PredictorOptions:
     """Largest micro-batch the search tries (powers of two up to it)."""
     distributed_optimizer: bool = False
     """ZeRO-1: each of a stage's parameters is updated by one of its dp replicas, which alone holds
-    its AdamW moments and, in bf16, its fp32 master (the others hold its bf16 weights); gradients
-    are all-reduced as without it, and each replica then broadcasts the weights it updated, in the
-    compute dtype (priced as an all-gather). The runtime runs it
-    (hetrain.pipeline.data_parallel.ShardedUpdate); --plan.distributed_optimizer true."""
+    its AdamW moments and, in bf16, its fp32 master (the others hold its bf16 weights); with one
+    pipeline each gradient is reduced to its owner (a ring reduce per owner and bucket; the tied
+    matrix and plans of several pipelines all-reduce), and each replica then broadcasts the
+    weights it updated, in the compute dtype (priced as an all-gather). The runtime runs it
+    (hetrain.pipeline.data_parallel); --plan.distributed_optimizer true."""
     overlap_grad_reduce: bool = True
     """Each block's gradients are reduced as soon as the stage's last backward of that block ends
     (one bucket per block, as DDP and Megatron overlap them), instead of after the whole
@@ -146,6 +147,15 @@ def ring_all_gather_s(n_bytes: float, n_ranks: int, path: Path) -> float:
     if n_ranks <= 1 or n_bytes <= 0:
         return 0.0
     return (n_ranks - 1) * (path.latency_s + n_bytes / n_ranks * path.s_per_byte)
+
+
+def ring_reduce_s(n_bytes: float, n_ranks: int, path: Path, n_roots: int = 1) -> float:
+    """n_bytes in all summed over n_ranks onto n_roots ranks, one ring reduce per root (each pipelines
+    its message around the ring, so every rank sends about its bytes once: half an all-reduce's
+    traffic), each paying the ring's latency."""
+    if n_ranks <= 1 or n_bytes <= 0:
+        return 0.0
+    return max(1, n_roots) * (n_ranks - 1) * path.latency_s + n_bytes * path.s_per_byte
 
 
 def ring_allreduce_s(n_bytes: float, n_ranks: int, path: Path) -> float:

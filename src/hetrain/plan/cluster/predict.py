@@ -25,7 +25,7 @@ from hetrain.errors import ConfigError
 from hetrain.model.gpt import ModelConfig
 from hetrain.model.spec import ModelSpec
 from hetrain.plan.cluster.cost import (CostContext, Path, PredictorOptions, dp_path, pp_path, ring_all_gather_s,
-                                      ring_allreduce_s)
+                                      ring_allreduce_s, ring_reduce_s)
 from hetrain.plan.cluster.one_f_one_b import one_f_one_b_end_s, one_f_one_b_orders
 from hetrain.plan.cluster.plan import ClusterPlan, PipelinePlan, StagePlan, fold
 from hetrain.predict.simulator import Task, simulate
@@ -78,6 +78,14 @@ class StageModel:
     stage; a tied matrix excepted): their bucket is reduced first, behind the blocks' backward."""
     lead_bwd_s: float
     """The backward of the layer holding lead_params (the head's)."""
+    block_tensors: int
+    fixed_tensors: int
+    lead_tensors: int
+    """Parameter tensors of a block, of fixed_params and of lead_params: under ZeRO-1 each bucket
+    takes one reduce per owner, at most one per tensor."""
+    tied_params: int
+    """Of fixed_params, the tied matrix's (0 when untied): all-reduced under ZeRO-1 too, since its
+    sum over the tie group needs it whole."""
     dp: int
     dp_path: Path
     n_pipelines: int
@@ -140,20 +148,28 @@ class StageModel:
         reduction overlapped, what is left once each block's bucket has been reduced behind the
         backward of the blocks before it (the link takes one bucket at a time)."""
         g, opts = self.grad_bytes_per_param, self.options
+        to_owners = opts.distributed_optimizer and self.cross_path is None  # ZeRO-1, one pipeline
+
+        def reduce_s(params: int, tensors: int, tied: int = 0) -> float:
+            """One bucket: all-reduced, or reduced to its owners (the tied matrix all-reduced)."""
+            if not to_owners:
+                return ring_allreduce_s(params * g, self.dp, self.dp_path)
+            return (ring_reduce_s((params - tied) * g, self.dp, self.dp_path, min(self.dp, tensors))
+                    + ring_allreduce_s(tied * g, self.dp, self.dp_path))
+
         if opts.overlap_grad_reduce and self.reduce_beside_compute and n_blocks > 0:
             # Buckets in backward order on one link: the head's (ready after its backward), each
             # block's (ready after its backward), then the rest (embedding, tied matrix) at the end.
-            def reduce_s(params: int) -> float:
-                return ring_allreduce_s(params * g, self.dp, self.dp_path) if params else 0.0
-
-            b, r = self.block_bwd_s, reduce_s(self.block_params)
+            b, r = self.block_bwd_s, reduce_s(self.block_params, self.block_tensors)
             lead = self.lead_bwd_s
-            link_free = lead + reduce_s(self.lead_params)
+            link_free = lead + reduce_s(self.lead_params, self.lead_tensors)
             blocks_done = max(link_free + n_blocks * r, lead + b + n_blocks * r, lead + n_blocks * b + r)
             end = self.fixed_bwd_s + n_blocks * b
-            exposed = max(blocks_done, end) + reduce_s(self.fixed_params - self.lead_params) - end
-        else:
-            exposed = ring_allreduce_s(self.params(n_blocks) * g, self.dp, self.dp_path)
+            exposed = max(blocks_done, end) + reduce_s(self.fixed_params - self.lead_params,
+                                                       self.fixed_tensors - self.lead_tensors, self.tied_params) - end
+        else:  # one reduce per owner over the stage's gradients (the runtime's reduction after the backward)
+            exposed = reduce_s(self.params(n_blocks), self.fixed_tensors + n_blocks * self.block_tensors,
+                               self.tied_params)
         if self.cross_path is not None:
             exposed += ring_allreduce_s(self.params(n_blocks) * g / self.dp, self.n_pipelines, self.cross_path)
         return exposed
@@ -242,6 +258,11 @@ def build_stages(ctx: CostContext, shape: PipelineShape, n_microbatches: int,
             block_params=kit.block.params, fixed_params=fixed_params,
             lead_params=kit.head.params if last else 0,
             lead_bwd_s=kit.head.bwd_s + kit.head.params * accumulate_s if last else 0.0,
+            block_tensors=ctx.desc.blocks[0].tensors,
+            fixed_tensors=((ctx.desc.embedding.tensors if first else 0) + (ctx.desc.head.tensors if last else 0)
+                           + (1 if head_params else 0)),
+            lead_tensors=ctx.desc.head.tensors if last else 0,
+            tied_params=kit.tied_head_params if (first or last) else 0,
             dp=shape.dp, dp_path=dp_path(ctx, group, shape.dp, tp, j),
             n_pipelines=n_pipelines if others else 1, cross_path=cross,
             grad_bytes_per_param=opts.grad_reduce_bytes_per_param,
