@@ -108,15 +108,7 @@ class Communicator:
 
     def reduce_sum(self, tensors: list[torch.Tensor], link: Link) -> None:
         """All-reduce (sum) `tensors` in place over `link`, in buckets; host-staged on a host route."""
-        bucket: list[torch.Tensor] = []
-        size = 0
-        for t in tensors:
-            bucket.append(t)
-            size += t.numel() * t.element_size()
-            if size >= _BUCKET_BYTES:
-                _reduce_bucket(bucket, link)
-                bucket, size = [], 0
-        if bucket:
+        for bucket in buckets(tensors):
             _reduce_bucket(bucket, link)
 
     def sum_scalars(self, values: list[float]) -> list[float]:
@@ -167,6 +159,20 @@ def _all_groups(layout: Layout):
                 holders.setdefault(unit, []).append(place.rank)
         for unit, ranks in holders.items():  # one group per holder set; several units may share it
             yield "exchange", tuple(ranks), unit
+
+
+def buckets(tensors: list[torch.Tensor]):
+    """`tensors` in consecutive groups of about _BUCKET_BYTES (what one collective sends)."""
+    bucket: list[torch.Tensor] = []
+    size = 0
+    for t in tensors:
+        bucket.append(t)
+        size += t.numel() * t.element_size()
+        if size >= _BUCKET_BYTES:
+            yield bucket
+            bucket, size = [], 0
+    if bucket:
+        yield bucket
 
 
 def flatten(tensors: list[torch.Tensor]) -> torch.Tensor:

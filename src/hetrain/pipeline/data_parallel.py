@@ -41,7 +41,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Replicate
 
 from hetrain.model.gpt import ModelConfig
-from hetrain.pipeline.communicator import NATIVE, Communicator, flatten, unflatten_into, units_of
+from hetrain.pipeline.communicator import NATIVE, Communicator, buckets, flatten, unflatten_into, units_of
 from hetrain.pipeline.stages import ModelNames
 from hetrain.pipeline.tensor_parallel import full_canonical, local_from_canonical
 
@@ -378,21 +378,21 @@ class ShardedUpdate:
 
 
 def reduce_to_owners(pairs: list[tuple[torch.nn.Parameter, torch.Tensor]], owner_of: dict[int, int],
-                     group: dist.ProcessGroup, async_op: bool = False, divide_by: int = 1) -> list[tuple]:
+                     group: dist.ProcessGroup, async_op: bool = False, divide_by: int = 1):
     """Sum each (parameter, local gradient) over `group` onto the rank `owner_of` names for it: one
-    reduce of a flat copy (divided by `divide_by` first) per owner, in the order owners first
-    appear (the same on every replica). Returns (work, flat, gradients, owner) per reduce, done
-    unless `async_op`; the owner copies `flat` back into the gradients once the work is done."""
+    reduce of a flat copy (divided by `divide_by` first) per owner and bucket, owners in the order
+    they first appear (the same on every replica). Yields (work, flat, gradients, owner) per
+    reduce, done unless `async_op`; the owner copies `flat` back into the gradients once the work
+    is done (synchronously, before the next is made: one bucket's copy at a time)."""
     by_owner: dict[int, list[torch.Tensor]] = {}
     for p, g in pairs:
         by_owner.setdefault(owner_of[id(p)], []).append(g)
-    out = []
     for dst, grads in by_owner.items():
-        flat = flatten(grads)
-        if divide_by != 1:
-            flat.div_(divide_by)
-        out.append((dist.reduce(flat, dst=dst, group=group, async_op=async_op), flat, grads, dst))
-    return out
+        for bucket in buckets(grads):
+            flat = flatten(bucket)
+            if divide_by != 1:
+                flat.div_(divide_by)
+            yield dist.reduce(flat, dst=dst, group=group, async_op=async_op), flat, bucket, dst
 
 
 def _free(p: torch.nn.Parameter) -> int:
