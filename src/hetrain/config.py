@@ -165,7 +165,7 @@ class PlanConfig:
     mixed_tp: bool = False
     """Cluster planning: let the groups of one pipeline take different tensor-parallel degrees. The pipeline runtime cannot run such a plan yet (it pairs neighbouring stages TP rank by TP rank): true plans for prediction only, and the report says so."""
     distributed_optimizer: str = "auto"
-    """Cluster planning, ZeRO-1 (each of a stage's replicas updates a share of its parameters and alone holds their AdamW moments, then broadcasts the updated weights): 'auto' plans with and without it and keeps the faster plan, 'true' or 'false' fixes it."""
+    """Cluster planning, ZeRO-1 (each of a stage's replicas updates a share of its parameters and alone holds their AdamW moments, and in bf16 their fp32 masters; with one pipeline gradients are reduced to the replica that updates them; it then broadcasts the updated weights): 'auto' plans with and without it and keeps the faster plan, 'true' or 'false' fixes it."""
     overlap_grad_reduce: bool = True
     """Cluster planning: each block's gradients are all-reduced across replicas inside the backward, as soon as they are final (false: after the backward), priced and run so."""
     recompute: str = "heu"
