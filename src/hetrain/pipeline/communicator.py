@@ -38,9 +38,9 @@ import torch.nn as nn
 
 from hetrain.liveness import wait_s
 from hetrain.pipeline.placement import Layout, Place
+from hetrain.predict.state_bytes import GRADIENT_BUCKET_BYTES
 
 NATIVE, HOST = "native", "host"
-_BUCKET_BYTES = 25 * 2**20
 
 
 @dataclass(frozen=True)
@@ -162,13 +162,13 @@ def _all_groups(layout: Layout):
 
 
 def buckets(tensors: list[torch.Tensor]):
-    """`tensors` in consecutive groups of about _BUCKET_BYTES (what one collective sends)."""
+    """`tensors` in consecutive groups of about GRADIENT_BUCKET_BYTES (what one collective sends)."""
     bucket: list[torch.Tensor] = []
     size = 0
     for t in tensors:
         bucket.append(t)
         size += t.numel() * t.element_size()
-        if size >= _BUCKET_BYTES:
+        if size >= GRADIENT_BUCKET_BYTES:
             yield bucket
             bucket, size = [], 0
     if bucket:

@@ -6,18 +6,19 @@ After a schedule step each rank holds its chunks' gradients for its replica's mi
 1. replicas of a stage: a bucketed all-reduce over its DP group (the kind's native backend),
    scaled by share / dp, where share is the pipeline's part of the global batch (1 with one
    pipeline). Under ZeRO-1 with one pipeline (`GradientSync.owner_of`), each parameter's
-   gradient is reduced to the replica that updates it instead, one reduce per owner and bucket:
-   a ring reduce moves about half the bytes of an all-reduce, and the others' copies of that
-   gradient are left partial (nothing reads them: the norm counts each parameter on its owner).
-   The tied matrix is all-reduced, as its tie sum needs it whole. It runs after the backward, or, when the plan says so (plan.options
-   overlap_grad_reduce, as the planner priced it), overlapped with the backward by
-   `OverlappedReduce`: in each chunk's last backward of the step, a block's gradients are
-   all-reduced (asynchronously, one bucket per block, the embedding and the head each one
-   bucket) as soon as their accumulation ends, while the backward of the blocks before it
-   runs; `reduce` waits for them. The tied matrix and parameters a rank holds in several
-   chunks are reduced after the backward, as before. Each element is divided and summed as
-   when reducing afterwards (the same bits at 2 replicas; with more, gloo's ring may add an
-   element's parts in another order, depending on its place in the bucket);
+   gradient is reduced to the replica that updates it instead (`reduce_to_owners`: one reduce
+   per owner and bucket): a ring reduce moves about half the bytes of an all-reduce, and the
+   others' copies of that gradient are left partial (nothing reads them: the norm counts each
+   parameter on its owner). The tied matrix is all-reduced, as its tie sum needs it whole.
+   It runs after the backward, or, when the plan says so (plan.options overlap_grad_reduce, as
+   the planner priced it), overlapped with the backward by `OverlappedReduce`: in each chunk's
+   last backward of the step, a block's gradients (the embedding's and the head's each one
+   bucket too) are divided and reduced in place, asynchronously, one collective per tensor,
+   as soon as their accumulation ends, while the backward of the blocks before it runs;
+   `reduce` waits for them. The tied matrix and parameters a rank holds in several chunks are
+   reduced after the backward, as before. Each element is divided and summed as when reducing
+   afterwards (the same bits at 2 replicas; with more, gloo's ring may add an element's parts in
+   another order, depending on its place in the bucket);
 2. tied embeddings: the first and last stage of a lane each hold a copy of the shared matrix;
    their gradients are summed over the lane's tie group (host-staged across kinds);
 3. several pipelines (as the planner emits them for several kinds): every rank holding a part
@@ -91,10 +92,7 @@ class GradientSync:
             rest = [(p, g) for p, g in zip(self.unique(), grads) if id(p) not in done]
             owner_of = self.owner_of or {}
             comm.reduce_sum([g for p, g in rest if id(p) not in owner_of], comm.dp)
-            for work, flat, targets, dst in reduce_to_owners([(p, g) for p, g in rest if id(p) in owner_of],
-                                                             owner_of, comm.dp.group):
-                if dst == dist.get_rank():
-                    unflatten_into(flat, targets)
+            reduce_to_owners([(p, g) for p, g in rest if id(p) in owner_of], owner_of, comm.dp.group)
         scale = self.share / place.dp
         if scale != 1.0:
             torch._foreach_mul_(grads, scale)
@@ -152,15 +150,17 @@ class GradientSync:
 
 @dataclass
 class OverlappedReduce:
-    """The replicas' all-reduce of step 1, bucket by bucket inside each chunk's last backward.
+    """The replicas' reduction of step 1, bucket by bucket inside each chunk's last backward.
 
     `arm(chunk)` is called right before a chunk's last backward of the step (hetrain.pipeline.
     overlap); from then on each parameter's post-accumulate-grad hook counts down its bucket, and
     a bucket whose parameters all hold their final gradient is divided by the micro-batch count
-    (what torch's schedule does to .grad after the last backward) and all-reduced asynchronously
-    from a flat copy. `finish()` waits, writes the sums back into .grad and returns the ids of the
-    parameters it reduced; the rest (the tied matrix, parameters in several chunks of this rank,
-    a bucket whose parameters got no gradient) GradientSync reduces after the backward."""
+    in place (what torch's schedule would do to .grad after the last backward: `scaled` names
+    them, and the stages' scale_grads skips them) and reduced asynchronously in place, one
+    collective per gradient tensor: all-reduced, or reduced to its owner under ZeRO-1
+    (`owner_of`). No copies: the memory is the gradients'. `finish()` waits and returns the ids
+    of the parameters it reduced; the rest (the tied matrix, parameters in several chunks of this
+    rank, a bucket whose parameters got no gradient) GradientSync reduces after the backward."""
 
     group: dist.ProcessGroup
     buckets: dict[int, list[list[torch.nn.Parameter]]]
@@ -171,12 +171,14 @@ class OverlappedReduce:
     _owner: dict[int, tuple[int, int]] = field(default_factory=dict)
     _left: dict[tuple[int, int], int] = field(default_factory=dict)
     _armed: set = field(default_factory=set)
+    scaled: set = field(default_factory=set)
+    """Ids of the parameters whose gradients this step's reduction divided already (the stages'
+    scale_grads must not divide them again; cleared by finish())."""
     _works: list = field(default_factory=list)
-    _params: list = field(default_factory=list)
     _launched: int = 0
     _hooks: list = field(default_factory=list)
     last_step_buckets: int = 0
-    """Buckets all-reduced inside the backward in the last step (of n_buckets)."""
+    """Buckets reduced inside the backward in the last step (of n_buckets)."""
 
     @property
     def n_buckets(self) -> int:
@@ -227,27 +229,23 @@ class OverlappedReduce:
 
     @torch.no_grad()
     def _launch(self, params: list[torch.nn.Parameter]) -> None:
-        grads = [_local(p.grad) for p in params]
-        # Divided by the micro-batch count in the flat copy: torch's scale_grads does it to .grad
-        # after this backward, before finish() writes the sums back.
-        if self.owner_of is None:
-            flat = flatten(grads).div_(self.n_microbatches)
-            self._works.append((dist.all_reduce(flat, group=self.group, async_op=True), flat, grads, None))
-        else:
-            self._works += reduce_to_owners(list(zip(params, grads)), self.owner_of, self.group, async_op=True,
-                                            divide_by=self.n_microbatches)
-        self._params.extend(params)
+        for p in params:
+            g = _local(p.grad)
+            g.div_(self.n_microbatches)
+            if self.owner_of is None:
+                work = dist.all_reduce(g, group=self.group, async_op=True)
+            else:
+                work = dist.reduce(g, dst=self.owner_of[id(p)], group=self.group, async_op=True)
+            self._works.append(work)
+            self.scaled.add(id(p))
         self._launched += 1
 
     @torch.no_grad()
     def finish(self) -> set[int]:
-        me = dist.get_rank()
-        for work, flat, grads, dst in self._works:
+        for work in self._works:
             work.wait()
-            if dst is None or dst == me:
-                unflatten_into(flat, grads)
-        done = {id(p) for p in self._params}
-        self._params.clear()
+        done = set(self.scaled)
+        self.scaled.clear()  # in place: the stages hold this set
         self.last_step_buckets, self._launched = self._launched, 0
         self._works.clear()
         self._left.clear()
@@ -266,10 +264,10 @@ class ShardedUpdate:
     one holding its AdamW moments; after the step every replica broadcasts the weights it updated.
 
     Owners are given greedily by size over the parameters in name order, so every replica of a
-    stage (same chunks, same TP shard shapes) computes the same partition without talking. The
-    gradients stay whole on every replica (all-reduced as without sharding: the global norm and
-    clipping read them). In fp32 the weights stay whole too (the forward computes from them), and
-    the moments are what is sharded. In bf16, after `hold_masters`, the fp32 masters are sharded as
+    stage (same chunks, same TP shard shapes) computes the same partition without talking. Each
+    gradient is whole on its owner: reduced to it with one pipeline (GradientSync.owner_of),
+    all-reduced to every replica with several. In fp32 the weights stay whole (the forward
+    computes from them), and the moments are what is sharded. In bf16, after `hold_masters`, the fp32 masters are sharded as
     well: a replica keeps the fp32 weights of its own share, and the bf16 weights the forward reads
     of every parameter (hetrain.precision.WeightCopies.held), one flat buffer per owner, which the
     owner fills by casting its masters after each step and broadcasts in bf16 straight into the
@@ -378,21 +376,21 @@ class ShardedUpdate:
 
 
 def reduce_to_owners(pairs: list[tuple[torch.nn.Parameter, torch.Tensor]], owner_of: dict[int, int],
-                     group: dist.ProcessGroup, async_op: bool = False, divide_by: int = 1):
+                     group: dist.ProcessGroup):
     """Sum each (parameter, local gradient) over `group` onto the rank `owner_of` names for it: one
-    reduce of a flat copy (divided by `divide_by` first) per owner and bucket, owners in the order
-    they first appear (the same on every replica). Yields (work, flat, gradients, owner) per
-    reduce, done unless `async_op`; the owner copies `flat` back into the gradients once the work
-    is done (synchronously, before the next is made: one bucket's copy at a time)."""
+    reduce of a flat copy per owner and bucket of about GRADIENT_BUCKET_BYTES, owners in the order
+    they first appear (the same on every replica); the owner copies each sum back into the
+    gradients before the next copy is made."""
     by_owner: dict[int, list[torch.Tensor]] = {}
     for p, g in pairs:
         by_owner.setdefault(owner_of[id(p)], []).append(g)
+    me = dist.get_rank()
     for dst, grads in by_owner.items():
         for bucket in buckets(grads):
             flat = flatten(bucket)
-            if divide_by != 1:
-                flat.div_(divide_by)
-            yield dist.reduce(flat, dst=dst, group=group, async_op=async_op), flat, bucket, dst
+            dist.reduce(flat, dst=dst, group=group)
+            if dst == me:
+                unflatten_into(flat, bucket)
 
 
 def _free(p: torch.nn.Parameter) -> int:

@@ -76,6 +76,16 @@ class TracedStage(PipelineStage):
         self.link_s_per_byte = link_s_per_byte
         """Emulated link (run.emulate_link_gbytes_per_s): each send holds this stage for its bytes first."""
         self._posted: dict[tuple[str, int], float] = {}
+        self.scaled_elsewhere: set[int] = set()
+        """Ids of parameters whose gradients were divided already (the replicas' reduction inside the
+        backward, hetrain.pipeline.data_parallel.OverlappedReduce.scaled): scale_grads skips them."""
+
+    def scale_grads(self, grad_scale_factor: int) -> None:
+        """torch's PipelineStage.scale_grads, but for the parameters in scaled_elsewhere."""
+        if grad_scale_factor != 1:
+            for p in self.submod.parameters():
+                if p.grad is not None and id(p) not in self.scaled_elsewhere:
+                    p.grad.div_(grad_scale_factor)
 
     def _hold(self, ops, what: str, mb: int, link: str):
         if ops and self.link_s_per_byte > 0:

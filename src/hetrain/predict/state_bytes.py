@@ -22,6 +22,10 @@ ADAM_MOMENT_BYTES_PER_PARAM = 2 * FP32_BYTES
 ADAM_STEP_BYTES_PER_TENSOR = FP32_BYTES
 """fused torch.optim.AdamW keeps one fp32 step counter per parameter tensor."""
 
+GRADIENT_BUCKET_BYTES = 25 * 2**20
+"""The cluster runtime reduces gradients after the backward in buckets of about this many bytes
+(hetrain.pipeline.communicator.buckets), one collective each; the cluster predictor counts them."""
+
 # What an update moves through memory, per parameter (read + write), for pricing its time.
 ADAM_TRAFFIC_BYTES_PER_PARAM = 28
 """Fused AdamW over fp32 masters reads param, grad, exp_avg, exp_avg_sq (16 bytes) and writes

@@ -153,6 +153,8 @@ class ClusterTrainer:
                                                           on_cpu=cfg.run.cpu_overlap_grad_reduce)
             if self.sync.overlapped is not None:
                 self.run.overlap.on_last_backward = self.sync.overlapped.arm
+                for stage in self.run.stages:  # it divides what it reduces itself
+                    stage.scaled_elsewhere = self.sync.overlapped.scaled
         self.step = 0
         self.rng_restored = False
         if self.resume_path is not None:
@@ -446,8 +448,8 @@ def _describe_dtypes(cfg: Config, plan: ClusterPlan) -> str:
     (--plan.dtype, bf16 by default). bf16 runs as a bf16 plan is priced (hetrain.precision): one
     bf16 copy of the weights per step, bf16 activations and stage boundaries, fp32 masters,
     gradients and AdamW state. It is opt-in (--train.dtype bf16), as in every runtime."""
-    what = ("bf16 (one bf16 copy of the fp32 weights per step, bf16 activations, fp32 gradients and optimizer)"
-            if cfg.train.dtype == "bf16" else "fp32")
+    what = ("bf16 (one bf16 copy of the fp32 weights per step, or under ZeRO-1 bf16 weights held between steps; "
+            "bf16 activations, fp32 gradients and optimizer)" if cfg.train.dtype == "bf16" else "fp32")
     priced = (plan.options or {}).get("compute_dtype", "bf16")
     if priced != cfg.train.dtype:
         what += (f"; the plan was priced for {priced} (--plan.dtype), so its predicted step and memory "

@@ -262,10 +262,11 @@ def test_lower_bound_behind_the_pruning_holds():
 def test_distributed_optimizer_and_overlapped_reduction_are_priced():
     """ZeRO-1 in bf16 (as the runtime runs it) shards the fp32 masters and AdamW moments over the
     replicas, reduces each gradient to its owner instead of all-reducing it, shares AdamW's work
-    and the weight copy, and adds the broadcast of the updated bf16 weights (an all-gather);
-    overlapping leaves exposed only what the backward of the blocks before a bucket cannot hide,
-    with either reduction."""
-    from hetrain.plan.cluster.cost import ring_all_gather_s, ring_reduce_s
+    and the weight copy, and adds the owners' broadcasts of the updated bf16 weights, one after
+    another; overlapping leaves exposed only what the backward of the blocks before a bucket cannot
+    hide, with either reduction. Every collective pays the ring's latency: inside the backward one
+    per gradient tensor, after it one per 25 MB bucket (under ZeRO-1 per owner)."""
+    from hetrain.predict.state_bytes import GRADIENT_BUCKET_BYTES as BUCKET
 
     cluster = two_kinds(2, 4, 1, 4)
     desc = describe_model(model(2048, 8), 1, 2048)
@@ -283,25 +284,32 @@ def test_distributed_optimizer_and_overlapped_reduction_are_priced():
     assert plain.block_state_bytes == 18 * plain.block_params
     assert zero.block_state_bytes == math.ceil(plain.block_params * (6 + 12 / 8))
     assert plain.peak_bytes(n, 0) - zero.peak_bytes(n, 0) == pytest.approx(params * 12 * 7 / 8, rel=1e-6)
-    # Communication: each gradient reduced to its owner (one ring reduce per owner, at most one per
-    # tensor; a tied matrix all-reduced), about half the all-reduce; then each replica's share of
-    # the bf16 weights to the others.
+    # Communication after the backward, 8 replicas on one ring (latency lat, s seconds a byte):
+    # all-reduced, 2 x 7 hops of an eighth per 25 MB bucket; reduced to the owners, each rank sends
+    # every byte once and each owner's buckets pay the ring's 7 hops: about half.
     path = plain.dp_path
+    lat, sec = path.latency_s, path.s_per_byte
+    grad_bytes = params * 4
+    assert plain.sync_s(n) == pytest.approx(2 * 7 * (math.ceil(grad_bytes / BUCKET) * lat + grad_bytes / 8 * sec))
     tensors = zero.fixed_tensors + n * zero.block_tensors
     assert tensors >= 8 and zero.tied_params == 0  # every replica owns something; model() is untied
-    assert zero.sync_s(n) == pytest.approx(ring_reduce_s(params * 4, 8, path, 8), rel=1e-12)
+    owner_reduces = 8 + grad_bytes // BUCKET
+    assert zero.sync_s(n) == pytest.approx(owner_reduces * 7 * lat + grad_bytes * sec, rel=1e-12)
     assert 0.45 < zero.sync_s(n) / plain.sync_s(n) < 0.65
     # With tied embeddings the tied matrix is all-reduced (its tie sum needs it whole), the rest reduced.
     tied_desc = describe_model(dataclasses.replace(model(2048, 8), tie_embeddings=True), 1, 2048)
     (tied,) = build_stages(CostContext(tied_desc, cluster, zero_ctx.options), shape, 4)
-    whole = tied.tied_params
-    assert whole == tied_desc.vocab_size * 2048
-    assert tied.sync_s(n) == pytest.approx(ring_reduce_s((tied.params(n) - whole) * 4, 8, path, 8)
-                                           + ring_allreduce_s(whole * 4, 8, path), rel=1e-12)
-    gather = ring_all_gather_s(params * 2, 8, path)
+    whole = tied.tied_params * 4
+    assert whole == tied_desc.vocab_size * 2048 * 4
+    rest = tied.params(n) * 4 - whole
+    assert tied.sync_s(n) == pytest.approx(2 * 7 * (math.ceil(whole / BUCKET) * lat + whole / 8 * sec)
+                                           + (8 + rest // BUCKET) * 7 * lat + rest * sec, rel=1e-12)
+    # The optimizer: each replica's share of AdamW and of the cast, then 8 broadcasts of a share of
+    # the bf16 weights, one after another.
     own = plain.adam_s_per_param + plain.weight_copy_s_per_param  # what each replica does for its share
     assert plain.weight_copy_s_per_param > 0
-    assert zero.optim_s(n) == pytest.approx(params * (own / 8 + plain.grad_pass_s_per_param) + gather)
+    broadcasts = 8 * 7 * lat + params * 2 * sec
+    assert zero.optim_s(n) == pytest.approx(params * (own / 8 + plain.grad_pass_s_per_param) + broadcasts)
     assert plain.optim_s(n) == pytest.approx(params * (own + plain.grad_pass_s_per_param))
     # In fp32 the forward reads the masters: they stay whole, the moments are sharded, the fp32
     # weights are broadcast and there is no copy.
@@ -311,17 +319,25 @@ def test_distributed_optimizer_and_overlapped_reduction_are_priced():
     assert fp32.block_state_bytes == math.ceil(fp32.block_params * (8 + 8 / 8))
     assert fp32.weight_copy_s_per_param == 0
     assert fp32.optim_s(n) == pytest.approx(params * (fp32.adam_s_per_param / 8 + fp32.grad_pass_s_per_param)
-                                            + ring_all_gather_s(params * 4, 8, fp32.dp_path))
+                                            + 8 * 7 * lat + params * 4 * sec)
     # Overlap: a walk of the backward, bucket by bucket on one link (the head's first, then each
-    # block's, the embedding's after the backward), against the closed form; all-reduced, and
-    # under ZeRO-1 reduced to the owners of each bucket's tensors.
+    # block's, one collective per gradient tensor; the embedding's after the backward), against the
+    # closed form; all-reduced, and under ZeRO-1 reduced to the owners.
     zero_over_ctx = CostContext(desc, cluster, PredictorOptions(distributed_optimizer=True))
     (zero_over,) = build_stages(zero_over_ctx, shape, 4)
     for st, to_owners in ((over, False), (zero_over, True)):
-        def reduce_s(params, tensors):
+        def inside_s(params, tensors):
             if not params:
                 return 0.0
-            return ring_reduce_s(params * 4, 8, path, min(8, tensors)) if to_owners else ring_allreduce_s(params * 4, 8, path)
+            if to_owners:
+                return tensors * 7 * lat + params * 4 * sec
+            return 2 * 7 * (tensors * lat + params * 4 / 8 * sec)
+
+        def after_s(params, tensors):
+            b = params * 4
+            if to_owners:
+                return (min(8, tensors) + b // BUCKET) * 7 * lat + b * sec if b else 0.0
+            return 2 * 7 * (math.ceil(b / BUCKET) * lat + b / 8 * sec) if b else 0.0
 
         for blocks in (1, 2, n):
             link_free, clock = 0.0, 0.0
@@ -329,9 +345,9 @@ def test_distributed_optimizer_and_overlapped_reduction_are_priced():
                       + [(st.block_bwd_s, st.block_params, st.block_tensors)] * blocks)
             for bwd_s, params, tensors in layers:
                 clock += bwd_s
-                link_free = max(link_free, clock) + reduce_s(params, tensors)
+                link_free = max(link_free, clock) + inside_s(params, tensors)
             end = st.fixed_bwd_s + blocks * st.block_bwd_s
-            rest = reduce_s(st.fixed_params - st.lead_params, st.fixed_tensors - st.lead_tensors)
+            rest = after_s(st.fixed_params - st.lead_params, st.fixed_tensors - st.lead_tensors)
             walked = max(link_free, end) + rest - end
             assert st.sync_s(blocks) == pytest.approx(walked, rel=1e-12)
             assert st.sync_s(blocks) >= rest

@@ -81,8 +81,8 @@ class PredictorOptions:
 
     @property
     def weight_copy_bytes_per_param(self) -> int:
-        """Bytes each step's compute-dtype copy of the weights moves per parameter (every replica
-        makes its own; hetrain.precision): 0 in fp32."""
+        """Bytes each step's compute-dtype copy of the weights moves per parameter it casts
+        (hetrain.precision; every replica casts all of them, or under ZeRO-1 its share): 0 in fp32."""
         return weight_copy_traffic_bytes(self.dtype_bytes)
 
     def to_dict(self) -> dict:
@@ -149,20 +149,22 @@ def ring_all_gather_s(n_bytes: float, n_ranks: int, path: Path) -> float:
     return (n_ranks - 1) * (path.latency_s + n_bytes / n_ranks * path.s_per_byte)
 
 
-def ring_reduce_s(n_bytes: float, n_ranks: int, path: Path, n_roots: int = 1) -> float:
-    """n_bytes in all summed over n_ranks onto n_roots ranks, one ring reduce per root (each pipelines
-    its message around the ring, so every rank sends about its bytes once: half an all-reduce's
-    traffic), each paying the ring's latency."""
+def ring_rooted_s(n_bytes: float, n_ranks: int, path: Path, n_roots: int = 1) -> float:
+    """n_roots rooted ring collectives (a reduce onto a root, or a broadcast from one) over n_ranks,
+    moving n_bytes in all: each pipelines its message around the ring, so every rank sends about
+    n_bytes once (an all-reduce sends twice (n_ranks - 1) / n_ranks of it), and each pays the
+    ring's latency."""
     if n_ranks <= 1 or n_bytes <= 0:
         return 0.0
     return max(1, n_roots) * (n_ranks - 1) * path.latency_s + n_bytes * path.s_per_byte
 
 
-def ring_allreduce_s(n_bytes: float, n_ranks: int, path: Path) -> float:
-    """Ring all-reduce of n_bytes per rank over n_ranks whose slowest edge is `path`."""
+def ring_allreduce_s(n_bytes: float, n_ranks: int, path: Path, n_ops: int = 1) -> float:
+    """Ring all-reduce of n_bytes per rank over n_ranks whose slowest edge is `path`, sent as n_ops
+    collectives (each pays the ring's latency)."""
     if n_ranks <= 1 or n_bytes <= 0:
         return 0.0
-    return 2 * (n_ranks - 1) * (path.latency_s + n_bytes / n_ranks * path.s_per_byte)
+    return 2 * (n_ranks - 1) * (max(1, n_ops) * path.latency_s + n_bytes / n_ranks * path.s_per_byte)
 
 
 @dataclass(frozen=True)

@@ -24,11 +24,12 @@ from hetrain.hardware.cluster import Group, cluster_from_dict
 from hetrain.errors import ConfigError
 from hetrain.model.gpt import ModelConfig
 from hetrain.model.spec import ModelSpec
-from hetrain.plan.cluster.cost import (CostContext, Path, PredictorOptions, dp_path, pp_path, ring_all_gather_s,
-                                      ring_allreduce_s, ring_reduce_s)
+from hetrain.plan.cluster.cost import (CostContext, Path, PredictorOptions, dp_path, pp_path, ring_allreduce_s,
+                                      ring_rooted_s)
 from hetrain.plan.cluster.one_f_one_b import one_f_one_b_end_s, one_f_one_b_orders
 from hetrain.plan.cluster.plan import ClusterPlan, PipelinePlan, StagePlan, fold
 from hetrain.predict.simulator import Task, simulate
+from hetrain.predict.state_bytes import GRADIENT_BUCKET_BYTES
 from hetrain.trace import TraceEvent, task_name
 
 
@@ -81,8 +82,8 @@ class StageModel:
     block_tensors: int
     fixed_tensors: int
     lead_tensors: int
-    """Parameter tensors of a block, of fixed_params and of lead_params: under ZeRO-1 each bucket
-    takes one reduce per owner, at most one per tensor."""
+    """Parameter tensors of a block, of fixed_params and of lead_params: inside the backward each
+    gradient tensor is one collective; after it, under ZeRO-1, each owner takes at least one."""
     tied_params: int
     """Of fixed_params, the tied matrix's (0 when untied): all-reduced under ZeRO-1 too, since its
     sum over the tie group needs it whole."""
@@ -149,40 +150,50 @@ class StageModel:
         backward of the blocks before it (the link takes one bucket at a time)."""
         g, opts = self.grad_bytes_per_param, self.options
         to_owners = opts.distributed_optimizer and self.cross_path is None  # ZeRO-1, one pipeline
+        dp, path = self.dp, self.dp_path
 
-        def reduce_s(params: int, tensors: int, tied: int = 0) -> float:
-            """One bucket: all-reduced, or reduced to its owners (the tied matrix all-reduced)."""
-            if not to_owners:
-                return ring_allreduce_s(params * g, self.dp, self.dp_path)
-            return (ring_reduce_s((params - tied) * g, self.dp, self.dp_path, min(self.dp, tensors))
-                    + ring_allreduce_s(tied * g, self.dp, self.dp_path))
+        def inside(params: int, tensors: int) -> float:
+            """A bucket reduced inside the backward: one collective per gradient tensor, in place."""
+            if to_owners:
+                return ring_rooted_s(params * g, dp, path, tensors)
+            return ring_allreduce_s(params * g, dp, path, tensors)
+
+        def after(params: int, tensors: int, tied: int) -> float:
+            """Gradients reduced after the backward, in buckets of GRADIENT_BUCKET_BYTES (under ZeRO-1
+            per owner; the tied matrix all-reduced)."""
+            whole = tied if to_owners else params
+            out = ring_allreduce_s(whole * g, dp, path, -(-whole * g // GRADIENT_BUCKET_BYTES))
+            if to_owners and params > tied:
+                n_bytes = (params - tied) * g
+                out += ring_rooted_s(n_bytes, dp, path, min(dp, tensors) + int(n_bytes // GRADIENT_BUCKET_BYTES))
+            return out
 
         if opts.overlap_grad_reduce and self.reduce_beside_compute and n_blocks > 0:
             # Buckets in backward order on one link: the head's (ready after its backward), each
             # block's (ready after its backward), then the rest (embedding, tied matrix) at the end.
-            b, r = self.block_bwd_s, reduce_s(self.block_params, self.block_tensors)
+            b, r = self.block_bwd_s, inside(self.block_params, self.block_tensors)
             lead = self.lead_bwd_s
-            link_free = lead + reduce_s(self.lead_params, self.lead_tensors)
+            link_free = lead + inside(self.lead_params, self.lead_tensors)
             blocks_done = max(link_free + n_blocks * r, lead + b + n_blocks * r, lead + n_blocks * b + r)
             end = self.fixed_bwd_s + n_blocks * b
-            exposed = max(blocks_done, end) + reduce_s(self.fixed_params - self.lead_params,
-                                                       self.fixed_tensors - self.lead_tensors, self.tied_params) - end
-        else:  # one reduce per owner over the stage's gradients (the runtime's reduction after the backward)
-            exposed = reduce_s(self.params(n_blocks), self.fixed_tensors + n_blocks * self.block_tensors,
-                               self.tied_params)
+            exposed = max(blocks_done, end) + after(self.fixed_params - self.lead_params,
+                                                    self.fixed_tensors - self.lead_tensors, self.tied_params) - end
+        else:
+            exposed = after(self.params(n_blocks), self.fixed_tensors + n_blocks * self.block_tensors, self.tied_params)
         if self.cross_path is not None:
             exposed += ring_allreduce_s(self.params(n_blocks) * g / self.dp, self.n_pipelines, self.cross_path)
         return exposed
 
     def optim_s(self, n_blocks: int) -> float:
         """Clipping, the weight copy and AdamW (AdamW and the copy on a 1/dp share under ZeRO-1,
-        followed by the replicas' broadcasts of the weights they updated, in the compute dtype);
-        accumulation is in the backwards."""
+        followed by the replicas' broadcasts of the weights they updated, in the compute dtype, one
+        after another); accumulation is in the backwards."""
         params = self.params(n_blocks)
         own = self.adam_s_per_param + self.weight_copy_s_per_param
         if not self.options.distributed_optimizer:
             return params * (own + self.grad_pass_s_per_param)
-        gather = ring_all_gather_s(params * self.options.broadcast_bytes_per_param, self.dp, self.dp_path)
+        owners = min(self.dp, self.fixed_tensors + n_blocks * self.block_tensors)  # one broadcast each
+        gather = ring_rooted_s(params * self.options.broadcast_bytes_per_param, self.dp, self.dp_path, owners)
         return params * (own / self.dp + self.grad_pass_s_per_param) + gather
 
 

@@ -73,7 +73,9 @@ def format_report(plan: ClusterPlan) -> str:
         else:
             lines.append("fp32 masters and AdamW state sharded over each stage's replicas (ZeRO-1): each replica keeps "
                          "and updates its share of the stage's parameters and broadcasts its bf16 weights")
-    lines.append("Gradients are all-reduced across replicas " + _where_reduced(plan))
+    to_owners = options.get("distributed_optimizer") and len(plan.pipelines) == 1
+    lines.append(("Gradients are reduced to the replica that updates them " if to_owners else
+                  "Gradients are all-reduced across replicas ") + _where_reduced(plan))
     if options.get("compute_dtype", "bf16") == "fp32":
         lines.append("Priced in fp32, as hetrain's runtime runs a plan by default (--train.dtype fp32)")
     else:

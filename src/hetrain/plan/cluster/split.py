@@ -16,7 +16,7 @@ from __future__ import annotations
 import heapq
 import math
 
-from hetrain.plan.cluster.cost import CostContext, dp_path, ring_all_gather_s, ring_allreduce_s, ring_reduce_s
+from hetrain.plan.cluster.cost import CostContext, dp_path, ring_all_gather_s, ring_allreduce_s, ring_rooted_s
 from hetrain.plan.cluster.predict import PipelineShape, StageModel, stage_counts
 
 
@@ -70,7 +70,7 @@ def _tail_s(ctx: CostContext, shape: PipelineShape, group, params: float, after_
     opts = ctx.options
     path = dp_path(ctx, group, shape.dp, shape.tps[0], 0)
     reduced = after_params if opts.overlap_grad_reduce else params
-    reduce = ring_reduce_s if opts.distributed_optimizer else ring_allreduce_s  # ZeRO-1: at most to the owners
+    reduce = ring_rooted_s if opts.distributed_optimizer else ring_allreduce_s  # ZeRO-1: at most to the owners
     tail_s = reduce(reduced * opts.grad_reduce_bytes_per_param, shape.dp, path)
     shards = shape.dp if opts.distributed_optimizer else 1
     tail_s += params * opts.optimizer_bytes_per_param / shards / (group.kind.mem_bw_bytes_per_s * opts.memory_bw_efficiency)
