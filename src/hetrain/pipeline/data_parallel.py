@@ -321,9 +321,8 @@ class ShardedUpdate:
     @property
     def masters_elsewhere(self) -> set[int]:
         """Ids of the parameters whose fp32 masters other replicas keep (none before `hold_masters`)."""
-        if not self.flats:
-            return set()
-        return {id(p) for i, params in enumerate(self.owned_by) if i != self.index for p in params}
+        return {id(p) for i, params in enumerate(self.owned_by) if i != self.index for p in params
+                if id(p) in self.held}
 
     @torch.no_grad()
     def hold_masters(self, weights: list, dtype: torch.dtype) -> int:
@@ -334,6 +333,7 @@ class ShardedUpdate:
         are final (after a resume's load). Returns the bytes freed."""
         freed = 0
         for i, params in enumerate(self.owned_by):
+            params = [p for p in params if p.is_floating_point()]  # WeightCopies casts these only
             locals_ = [_local(p) for p in params]
             flat = torch.empty(sum(t.numel() for t in locals_), dtype=dtype,
                                device=locals_[0].device if locals_ else None)
@@ -364,7 +364,8 @@ class ShardedUpdate:
                 flat = self.flats[i]
                 if i == self.index:
                     for p in params:
-                        _local(self.held[id(p)]).copy_(_local(p))
+                        if id(p) in self.held:
+                            _local(self.held[id(p)]).copy_(_local(p))
                 dist.broadcast(flat, src=self.link.ranks[i], group=self.link.group)
                 continue
             locals_ = [_local(p) for p in params]
