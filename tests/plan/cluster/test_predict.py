@@ -16,8 +16,9 @@ from hetrain.predict.cost import RooflineCost
 from hetrain.predict.roofline import Efficiency, layer_seconds
 from hetrain.train.job import describe, predict_job
 from hetrain.plan.cluster.one_f_one_b import one_f_one_b_end_s, one_f_one_b_orders
-from hetrain.plan.cluster.predict import (TIME_USES, PipelineShape, build_stages, context_for, pipeline_step_s,
-                                           plan_stages, predict_plan, shape_of)
+from hetrain.plan.cluster.plan_prediction import TIME_USES, predict_plan
+from hetrain.plan.cluster.predict import (PipelineShape, build_stages, context_for, pipeline_step_s, plan_stages,
+                                           shape_of)
 
 from .test_search import CASES, model, two_kinds
 

@@ -25,7 +25,8 @@ from hetrain.pipeline.unit_recompute import Recomputations, apply_unit_recompute
 from hetrain.plan.cluster.planner import plan_cluster
 from hetrain.plan.cluster.cost import PredictorOptions
 from hetrain.plan.cluster.plan import ClusterPlan, PipelinePlan, StagePlan
-from hetrain.plan.cluster.predict import build_stages, context_for, plan_stages, predict_plan, shape_of
+from hetrain.plan.cluster.plan_prediction import predict_plan
+from hetrain.plan.cluster.predict import build_stages, context_for, plan_stages, shape_of
 from hetrain.plan.cluster.search import Pins, SearchOptions
 from hetrain.plan.cluster.recompute_plan import (COLLECTIVE, DEMAND, STEPS, UNITS, WINDOW, BlockPolicy, block_policies,
                                                policy_groups)

@@ -20,7 +20,8 @@ from hetrain.hardware.cluster import Cluster, cluster_to_dict, load_cluster
 from hetrain.model.gpt import ModelConfig
 from hetrain.plan.cluster.cost import CostContext, PredictorOptions
 from hetrain.plan.cluster.plan import ClusterPlan, PipelinePlan, StagePlan, fold, interleave
-from hetrain.plan.cluster.predict import PipelineShape, build_stages, context_for, plan_stages, predict_plan
+from hetrain.plan.cluster.plan_prediction import predict_plan
+from hetrain.plan.cluster.predict import PipelineShape, build_stages, context_for, plan_stages
 from hetrain.model.spec import ModelSpec
 from hetrain.plan.cluster.report import format_report, write_timeline
 from hetrain.plan.cluster.search import Candidate, Pins, SearchOptions, divisors, search

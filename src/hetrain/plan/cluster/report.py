@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from hetrain.units import GIB
 from hetrain.plan.cluster.plan import ClusterPlan, device_stages
-from hetrain.plan.cluster.predict import TIME_USES, predict_plan
+from hetrain.plan.cluster.plan_prediction import TIME_USES, predict_plan
 from hetrain.plan.cluster.recompute_split import format_recompute
 
 
