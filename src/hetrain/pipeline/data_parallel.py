@@ -267,14 +267,14 @@ class ShardedUpdate:
     stage (same chunks, same TP shard shapes) computes the same partition without talking. Each
     gradient is whole on its owner: reduced to it with one pipeline (GradientSync.owner_of),
     all-reduced to every replica with several. In fp32 the weights stay whole (the forward
-    computes from them), and the moments are what is sharded. In bf16, after `hold_masters`, the fp32 masters are sharded as
-    well: a replica keeps the fp32 weights of its own share, and the bf16 weights the forward reads
-    of every parameter (hetrain.precision.WeightCopies.held), one flat buffer per owner, which the
-    owner fills by casting its masters after each step and broadcasts in bf16 straight into the
-    others' buffers: 2 bytes a parameter plus the fp32 gradient's 4, and 12 (master and moments)
-    over the replicas, as Megatron's distributed optimizer keeps them; the cast runs on a 1/dp
-    share. Under TP each rank's DP group holds the same TP shard, so the broadcasts move local
-    shards."""
+    computes from them), and the moments are what is sharded. In bf16, after `hold_masters`, the
+    fp32 masters are sharded as well: a replica keeps the fp32 weights of its own share, and the
+    bf16 weights the forward reads of every parameter (hetrain.precision.WeightCopies.held), one
+    flat buffer per owner, which the owner fills by casting its masters after each step and
+    broadcasts in bf16 straight into the others' buffers: 2 bytes a parameter plus the fp32
+    gradient's 4, and 12 (master and moments) over the replicas, as Megatron's distributed
+    optimizer keeps them; the cast runs on a 1/dp share. Under TP each rank's DP group holds the
+    same TP shard, so the broadcasts move local shards."""
 
     link: object
     """The stage's DP link (hetrain.pipeline.communicator.Link)."""

@@ -60,10 +60,11 @@ class PredictorOptions:
     distributed_optimizer: bool = False
     """ZeRO-1: each of a stage's parameters is updated by one of its dp replicas, which alone holds
     its AdamW moments and, in bf16, its fp32 master (the others hold its bf16 weights); with one
-    pipeline each gradient is reduced to its owner (a ring reduce per owner and bucket; the tied
-    matrix and plans of several pipelines all-reduce), and each replica then broadcasts the
-    weights it updated, in the compute dtype (priced as an all-gather). The runtime runs it
-    (hetrain.pipeline.data_parallel); --plan.distributed_optimizer true."""
+    pipeline each gradient is reduced to its owner (a ring reduce per tensor inside the backward,
+    per owner and bucket after it; the tied matrix and plans of several pipelines all-reduce),
+    and each replica then broadcasts the weights it updated, in the compute dtype (a ring
+    broadcast per owner, one after another). The runtime runs it (hetrain.pipeline.data_parallel);
+    --plan.distributed_optimizer true."""
     overlap_grad_reduce: bool = True
     """Each block's gradients are reduced as soon as the stage's last backward of that block ends
     (one bucket per block, as DDP and Megatron overlap them), instead of after the whole
@@ -101,7 +102,7 @@ class PredictorOptions:
     @property
     def weight_copy_dtype_bytes(self) -> int:
         """Bytes per parameter of the compute-dtype copy of the weights (0 in fp32: none)."""
-        return 2 if self.compute_dtype in ("bf16", "fp16") else 0
+        return 0 if self.compute_dtype == "fp32" else self.dtype_bytes
 
     @property
     def broadcast_bytes_per_param(self) -> int:
